@@ -1,0 +1,1 @@
+"""One module per technique; each registers its pass with ``service.engine.registry.register``."""

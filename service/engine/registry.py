@@ -1,0 +1,142 @@
+"""The pass registry: one frozen pydantic config and one class per technique.
+
+A pass declares ``name``, ``config_model`` (a frozen pydantic model with defaults and field
+descriptions) and ``run(model, config, ctx) -> model``. Registering a pass never edits the
+pipeline: ``run_pipeline`` looks passes up here by name. Heavy libraries (onnxruntime, torch)
+are imported inside ``run`` so that the API can validate recipes without them.
+
+``ctx`` (``PassContext``) stands where STYLE.md says ``workdir``: besides the working
+directory a pass needs the calibration/training data, a progress hook and a cancel check.
+"""
+
+from __future__ import annotations
+
+import importlib
+import pkgutil
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar, Generic, TypeVar
+
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from service.engine.errors import EngineError
+
+if TYPE_CHECKING:  # pragma: no cover
+    import numpy as np
+    import onnx
+
+
+class PassConfig(BaseModel):
+    """Base for every pass config: frozen, unknown fields refused."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    # Optional restriction of a pass to part of the graph (by op type or node name).
+    # Passes that support it read these; the others ignore them.
+
+
+ConfigT = TypeVar("ConfigT", bound=PassConfig)
+
+
+@dataclass
+class PassContext:
+    """What a pass may use besides the model and its config.
+
+    - ``workdir``: a private scratch directory (exists, writable, removed by the caller).
+    - ``dataset``: input arrays keyed by model input name (first axis = samples), or None.
+    - ``labels``: optional integer labels aligned with the dataset's first axis.
+    - ``original``: the model as ingested, before any pass (teacher for distillation).
+    - ``progress(fraction, message)``: report progress inside the pass (0..1).
+    - ``check_cancelled()``: raises if the job was cancelled; call it between steps.
+    - ``notes``: the pass writes what it did here (JSON-able); it lands in report.json.
+    """
+
+    workdir: Path
+    dataset: dict[str, np.ndarray] | None = None
+    labels: np.ndarray | None = None
+    original: onnx.ModelProto | None = None
+    progress: Callable[[float, str], None] = lambda fraction, message: None
+    check_cancelled: Callable[[], None] = lambda: None
+    notes: dict[str, Any] = field(default_factory=dict)
+
+
+class Pass(Generic[ConfigT]):
+    """A compression technique. Subclasses set ``name``, ``config_model`` and ``run``."""
+
+    name: ClassVar[str]
+    config_model: ClassVar[type[PassConfig]]
+    description: ClassVar[str] = ""
+
+    def run(self, model: onnx.ModelProto, config: ConfigT, ctx: PassContext) -> onnx.ModelProto:
+        raise NotImplementedError
+
+
+_REGISTRY: dict[str, type[Pass[Any]]] = {}
+
+
+def register(cls: type[Pass[Any]]) -> type[Pass[Any]]:
+    """Class decorator: add a pass to the registry under ``cls.name``."""
+    if cls.name in _REGISTRY and _REGISTRY[cls.name] is not cls:
+        raise ValueError(f"pass {cls.name!r} registered twice")
+    _REGISTRY[cls.name] = cls
+    return cls
+
+
+def _load_all() -> None:
+    import service.engine.passes as pkg
+
+    for info in pkgutil.iter_modules(pkg.__path__):
+        importlib.import_module(f"{pkg.__name__}.{info.name}")
+
+
+def registered_passes() -> dict[str, type[Pass[Any]]]:
+    """All passes, by name (imports every module of ``service.engine.passes`` once)."""
+    _load_all()
+    return dict(_REGISTRY)
+
+
+def get_pass(name: str) -> type[Pass[Any]]:
+    passes = registered_passes()
+    try:
+        return passes[name]
+    except KeyError:
+        raise EngineError(
+            "unknown_pass",
+            f"unknown pass {name!r}; known passes: {', '.join(sorted(passes))}",
+        ) from None
+
+
+def parse_step(step: dict[str, Any]) -> tuple[type[Pass[Any]], PassConfig]:
+    """Turn one recipe step ``{"pass": name, **params}`` into (pass class, validated config)."""
+    if not isinstance(step, dict) or not isinstance(step.get("pass"), str):
+        raise EngineError("invalid_recipe", 'each recipe step must be an object with a "pass" name')
+    params = {k: v for k, v in step.items() if k != "pass"}
+    cls = get_pass(step["pass"])
+    try:
+        config = cls.config_model.model_validate(params)
+    except ValidationError as exc:
+        errors = [
+            {"field": ".".join(str(p) for p in e["loc"]), "message": e["msg"]}
+            for e in exc.errors()
+        ]
+        raise EngineError(
+            "invalid_recipe",
+            f"invalid parameters for pass {step['pass']!r}",
+            {"pass": step["pass"], "errors": errors},
+        ) from None
+    return cls, config
+
+
+def parse_recipe(recipe: list[dict[str, Any]]) -> list[tuple[type[Pass[Any]], PassConfig]]:
+    """Validate a whole recipe; raises ``EngineError('invalid_recipe')`` naming the bad step."""
+    if not isinstance(recipe, list) or not recipe:
+        raise EngineError("invalid_recipe", "a recipe is a non-empty list of steps")
+    out = []
+    for index, step in enumerate(recipe):
+        try:
+            out.append(parse_step(step))
+        except EngineError as exc:
+            exc.details.setdefault("step", index)
+            raise
+    return out
