@@ -49,6 +49,8 @@ class PassContext:
     - ``original``: the model as ingested, before any pass (teacher for distillation).
     - ``progress(fraction, message)``: report progress inside the pass (0..1).
     - ``check_cancelled()``: raises if the job was cancelled; call it between steps.
+    - ``resolve_model(model_id)``: a local path for another uploaded model (a student or an
+      extra teacher named in a config), or None where the caller offers no such lookup.
     - ``notes``: the pass writes what it did here (JSON-able); it lands in report.json.
     """
 
@@ -58,6 +60,7 @@ class PassContext:
     original: onnx.ModelProto | None = None
     progress: Callable[[float, str], None] = lambda fraction, message: None
     check_cancelled: Callable[[], None] = lambda: None
+    resolve_model: Callable[[str], Path] | None = None
     notes: dict[str, Any] = field(default_factory=dict)
 
 
