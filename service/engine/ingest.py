@@ -1,0 +1,1096 @@
+"""Ingest: read an untrusted upload, refuse what is unsafe or broken, and describe the model.
+
+Accepted: a single ``.onnx`` file, or a ``.zip``/``.tar`` (optionally gzip/bz2/xz) archive holding
+one ``.onnx`` file and its external-data files. Everything whose loading runs code is refused
+(pickled checkpoints, ``torch.save`` zips, TorchScript, ``torch.export`` ``.pt2``): PyTorch users
+convert on their side with ``edgepress export``. Nothing is ever unpickled.
+
+This module imports only onnx and numpy (the API calls ``inspect_upload`` on upload).
+
+Public entry points:
+
+- ``inspect_upload(path, filename=None, limits=None) -> dict``: validate and describe (API).
+- ``load_model(path, workdir, filename=None, limits=None) -> IngestedModel``: the same checks,
+  returning the model with its external data inlined (worker / pipeline).
+- ``describe(model) -> dict`` and ``detect_quantization(model) -> list[str]``.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import shutil
+import stat
+import tarfile
+import tempfile
+import zipfile
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper
+
+from service.engine.errors import EngineError
+from service.engine.limits import EngineLimits
+
+EXPORT_HINT = (
+    "send an ONNX model instead: convert it on your side with `edgepress export` "
+    "(PyTorch module + example inputs -> .onnx), then upload the .onnx file"
+)
+
+# Highest opset per domain that the worker's ONNX Runtime (1.20+) loads; a test keeps these
+# honest against the installed onnxruntime. Known domains only: an op in any other domain has no
+# kernel on the worker and is refused up front instead of failing later in a pass.
+MAX_OPSET: dict[str, int] = {"": 26, "ai.onnx.ml": 5, "com.microsoft": 1}
+_DOMAIN_ALIASES = {"ai.onnx": ""}
+
+_CHUNK = 1 << 20
+
+# Quantized-format markers (op type -> format name).
+_QUANT_OPS: dict[str, str] = {
+    "QuantizeLinear": "qdq",
+    "DequantizeLinear": "qdq",
+    "DynamicQuantizeLinear": "dynamic_quantize_linear",
+    "MatMulNBits": "matmul_nbits",
+    "GatherBlockQuantized": "matmul_nbits",
+    "MatMulInteger": "integer_ops",
+    "ConvInteger": "integer_ops",
+    "DynamicQuantizeMatMul": "integer_ops",
+    "DynamicQuantizeLSTM": "integer_ops",
+    "MatMulIntegerToFloat": "integer_ops",
+    "QAttention": "qlinear",
+    "QGemm": "qlinear",
+    "QOrderedMatMul": "qlinear",
+}
+_LOW_BIT_TYPES = {
+    TensorProto.INT8: "int8_initializers",
+    TensorProto.UINT8: "int8_initializers",
+    TensorProto.INT4: "int4_initializers",
+    TensorProto.UINT4: "int4_initializers",
+}
+# uint8/int8 tensors this small are lookup tables or flags, not quantized weights.
+_MIN_QUANT_WEIGHT_ELEMENTS = 64
+
+_CONTROL_FLOW = {"If", "Loop", "Scan"}
+# (op type, input index) where an initializer is a learned weight (Inf there is a broken export;
+# -Inf elsewhere is legitimately used as an attention mask).
+_WEIGHT_SLOTS = {
+    ("Conv", 1),
+    ("ConvTranspose", 1),
+    ("MatMul", 1),
+    ("MatMul", 0),
+    ("Gemm", 1),
+    ("Gemm", 0),
+    ("LSTM", 1),
+    ("LSTM", 2),
+    ("GRU", 1),
+    ("GRU", 2),
+    ("RNN", 1),
+    ("RNN", 2),
+}
+
+
+@dataclass
+class IngestedModel:
+    """A validated model with its external data inlined (a self-contained ``ModelProto``)."""
+
+    model: onnx.ModelProto
+    description: dict
+    format: str  # "onnx" | "onnx_archive"
+    upload_bytes: int
+    notes: list[str] = field(default_factory=list)
+
+
+# --------------------------------------------------------------------------------------------
+# Public API
+
+
+def inspect_upload(
+    path: Path, filename: str | None = None, limits: EngineLimits | None = None
+) -> dict:
+    """Validate an uploaded model and describe it (no onnxruntime, no torch).
+
+    Returns ``{format, opset, ir_version, producer, inputs, outputs, parameter_count,
+    node_count, external_data, already_quantized, quantization, op_types, ...}``.
+    Raises ``EngineError`` with code not_onnx, unsafe_format, invalid_archive, invalid_model,
+    model_too_large or unsupported_model.
+    """
+    with tempfile.TemporaryDirectory(prefix="edgepress-inspect-") as tmp:
+        ingested = load_model(Path(path), Path(tmp), filename=filename, limits=limits)
+    return ingested.description
+
+
+def load_model(
+    path: Path,
+    workdir: Path,
+    *,
+    filename: str | None = None,
+    limits: EngineLimits | None = None,
+) -> IngestedModel:
+    """Read, check and validate an upload; archives are extracted under ``workdir``.
+
+    The returned model holds all its weights in memory (external data read, confined to the
+    upload's directory, and inlined), so later stages never follow a path from the upload.
+    """
+    limits = limits or EngineLimits()
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+    except OSError:
+        raise EngineError("not_onnx", "the upload could not be read") from None
+    name = filename or path.name
+    kind = sniff(path, name)
+    if kind == "archive_zip" or kind == "archive_tar":
+        if size > limits.max_uncompressed_bytes:
+            raise EngineError(
+                "model_too_large",
+                "the archive is larger than the limit",
+                {"bytes": size, "limit": limits.max_uncompressed_bytes},
+            )
+        workdir.mkdir(parents=True, exist_ok=True)
+        root = Path(tempfile.mkdtemp(prefix="archive-", dir=workdir))
+        if kind == "archive_zip":
+            _extract_zip(path, root, limits)
+        else:
+            _extract_tar(path, root, limits)
+        onnx_file = _pick_archive_model(root)
+        fmt = "onnx_archive"
+    else:
+        onnx_file = path
+        fmt = "onnx"
+    if onnx_file.stat().st_size > limits.max_model_bytes:
+        raise EngineError(
+            "model_too_large",
+            "the model file is larger than the limit",
+            {"bytes": onnx_file.stat().st_size, "limit": limits.max_model_bytes},
+        )
+    model = _parse_onnx(onnx_file, name)
+    notes: list[str] = []
+    # A lone .onnx upload has no data files of its own: whatever sits next to it on the server
+    # is not the user's, so external data is only read from inside an uploaded archive.
+    external = _inline_external_data(
+        model, onnx_file.parent if fmt == "onnx_archive" else None, limits
+    )
+    validate(model, limits)
+    description = describe(model)
+    description["format"] = fmt
+    description["external_data"] = external
+    description["upload_bytes"] = size
+    return IngestedModel(
+        model=model, description=description, format=fmt, upload_bytes=size, notes=notes
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Format sniffing
+
+
+def sniff(path: Path, filename: str | None = None) -> str:
+    """Classify an upload by its bytes: "onnx", "archive_zip" or "archive_tar"; refuse the rest.
+
+    The file name only sharpens messages: a pickle named ``model.onnx`` is still a pickle.
+    """
+    name = (filename or path.name).lower()
+    with open(path, "rb") as fh:
+        head = fh.read(512)
+    if not head:
+        raise EngineError("not_onnx", "the upload is empty; " + EXPORT_HINT)
+    if head.startswith(b"version https://git-lfs.github.com/spec/"):
+        raise EngineError(
+            "not_onnx",
+            "the upload is a Git LFS pointer, not the model: fetch the real file "
+            "(`git lfs pull`) and upload that",
+        )
+    if head[0] == 0x80 and len(head) > 1 and 2 <= head[1] <= 5:
+        raise EngineError(
+            "unsafe_format",
+            "the upload is a Python pickle (e.g. a torch checkpoint); loading it would run "
+            "code, so it is refused; " + EXPORT_HINT,
+        )
+    if head.startswith(b"PK\x03\x04") or head.startswith(b"PK\x05\x06"):
+        _refuse_code_zip(path, name)
+        return "archive_zip"
+    if head.startswith(b"\x93NUMPY"):
+        raise EngineError("not_onnx", "the upload is a NumPy array, not a model; " + EXPORT_HINT)
+    if head.startswith(b"\x89HDF"):
+        raise EngineError("not_onnx", "the upload is an HDF5 (Keras) file; " + EXPORT_HINT)
+    if head[4:8] == b"TFL3":
+        raise EngineError("not_onnx", "the upload is a TensorFlow Lite model; send ONNX instead")
+    if _looks_like_safetensors(head):
+        raise EngineError(
+            "not_onnx",
+            "the upload is a safetensors file: it holds weights but no graph; " + EXPORT_HINT,
+        )
+    if (
+        head[257:262] == b"ustar"
+        or head[:2] in (b"\x1f\x8b", b"BZ")
+        or head[:6] == (b"\xfd7zXZ\x00")
+    ):
+        if _is_tar(path):
+            return "archive_tar"
+        raise EngineError(
+            "not_onnx",
+            "the upload is a compressed file but not a tar archive holding an ONNX model",
+        )
+    return "onnx"
+
+
+def _looks_like_safetensors(head: bytes) -> bool:
+    if len(head) < 10:
+        return False
+    n = int.from_bytes(head[:8], "little")
+    return 0 < n < (1 << 27) and head[8:9] == b"{"
+
+
+def _is_tar(path: Path) -> bool:
+    try:
+        return tarfile.is_tarfile(path)
+    except (OSError, EOFError, tarfile.TarError):
+        return False
+
+
+def _refuse_code_zip(path: Path, name: str) -> None:
+    """Refuse zips written by torch.save / torch.jit.save / torch.export.save."""
+    try:
+        with zipfile.ZipFile(path) as zf:
+            names = zf.namelist()
+    except (zipfile.BadZipFile, OSError, ValueError):
+        raise EngineError(
+            "invalid_archive", "the upload looks like a zip archive but cannot be read"
+        ) from None
+    has_onnx = any(n.lower().endswith(".onnx") for n in names)
+    markers = (
+        "data.pkl",
+        "constants.pkl",
+        ".pkl",
+        "archive_format",
+        "serialized_exported_program",
+        "serialized_model.json",
+        "/code/",
+        "byteorder",
+    )
+    code_like = [n for n in names if any(m in n for m in markers)]
+    if (code_like and not has_onnx) or name.endswith((".pt", ".pth", ".pt2")):
+        what = (
+            "a torch.export .pt2 archive"
+            if (
+                name.endswith(".pt2")
+                or any("archive_format" in n or "exported_program" in n for n in names)
+            )
+            else (
+                "a TorchScript archive"
+                if any("/code/" in n or "constants.pkl" in n for n in names)
+                else "a torch.save checkpoint (zip with pickled data)"
+            )
+        )
+        raise EngineError(
+            "unsafe_format",
+            f"the upload is {what}; loading it unpickles Python objects, which runs code, so it "
+            "is refused; " + EXPORT_HINT,
+        )
+
+
+# --------------------------------------------------------------------------------------------
+# Archives
+
+
+def _safe_member_path(raw: str) -> PurePosixPath:
+    """A member name as a relative path without ``..``; refuse anything else."""
+    name = raw.replace("\\", "/")
+    p = PurePosixPath(name)
+    if (
+        not name
+        or name.startswith("/")
+        or re.match(r"^[A-Za-z]:", name)
+        or any(part == ".." for part in p.parts)
+        or "\x00" in name
+    ):
+        raise EngineError(
+            "invalid_archive",
+            "the archive has a member outside the archive (absolute path or '..')",
+            {"member": raw[:200]},
+        )
+    return p
+
+
+def _check_totals(count: int, total: int, packed: int, limits: EngineLimits) -> None:
+    if count > limits.max_archive_members:
+        raise EngineError(
+            "invalid_archive",
+            "the archive has too many members",
+            {"members": count, "limit": limits.max_archive_members},
+        )
+    if total > limits.max_uncompressed_bytes:
+        raise EngineError(
+            "invalid_archive",
+            "the archive expands beyond the size limit",
+            {"bytes": total, "limit": limits.max_uncompressed_bytes},
+        )
+    if packed > 0 and total / packed > limits.max_compression_ratio:
+        raise EngineError(
+            "invalid_archive",
+            "the archive's compression ratio is implausible for a model (zip bomb guard)",
+            {"ratio": round(total / packed, 1), "limit": limits.max_compression_ratio},
+        )
+
+
+def _extract_zip(path: Path, root: Path, limits: EngineLimits) -> None:
+    packed = path.stat().st_size
+    try:
+        zf = zipfile.ZipFile(path)
+    except (zipfile.BadZipFile, OSError, ValueError):
+        raise EngineError("invalid_archive", "the zip archive cannot be read") from None
+    with zf:
+        infos = zf.infolist()
+        total = sum(i.file_size for i in infos)
+        _check_totals(len(infos), total, packed, limits)
+        written = 0
+        for info in infos:
+            rel = _safe_member_path(info.filename)
+            mode = (info.external_attr >> 16) & 0o170000
+            if mode and mode not in (stat.S_IFREG, stat.S_IFDIR):
+                raise EngineError(
+                    "invalid_archive",
+                    "the archive contains a link or special file; only regular files are accepted",
+                    {"member": info.filename[:200]},
+                )
+            target = root.joinpath(*rel.parts)
+            if info.is_dir():
+                target.mkdir(parents=True, exist_ok=True)
+                continue
+            target.parent.mkdir(parents=True, exist_ok=True)
+            # Headers can lie: count what actually comes out of the decompressor.
+            budget = info.file_size
+            try:
+                with zf.open(info) as src, open(target, "xb") as dst:
+                    while chunk := src.read(_CHUNK):
+                        budget -= len(chunk)
+                        written += len(chunk)
+                        if budget < 0 or written > limits.max_uncompressed_bytes:
+                            raise EngineError(
+                                "invalid_archive",
+                                "an archive member expands "
+                                "beyond its declared size (zip bomb guard)",
+                            )
+                        dst.write(chunk)
+            except FileExistsError:
+                raise EngineError(
+                    "invalid_archive",
+                    "the archive has duplicate members",
+                    {"member": info.filename[:200]},
+                ) from None
+            except (zipfile.BadZipFile, OSError, ValueError, EOFError, NotImplementedError):
+                raise EngineError(
+                    "invalid_archive",
+                    "an archive member cannot be extracted (corrupt or unsupported compression)",
+                    {"member": info.filename[:200]},
+                ) from None
+
+
+def _extract_tar(path: Path, root: Path, limits: EngineLimits) -> None:
+    packed = path.stat().st_size
+    try:
+        tf = tarfile.open(path, mode="r:*")  # noqa: SIM115 - closed by the `with` below
+    except (tarfile.TarError, OSError, EOFError):
+        raise EngineError("invalid_archive", "the tar archive cannot be read") from None
+    with tf:
+        members: list[tarfile.TarInfo] = []
+        total = 0
+        try:
+            for m in tf:  # streaming: stop early on a member flood
+                members.append(m)
+                total += max(m.size, 0)
+                _check_totals(len(members), total, packed, limits)
+        except (tarfile.TarError, OSError, EOFError):
+            raise EngineError("invalid_archive", "the tar archive is corrupt") from None
+        for m in members:
+            rel = _safe_member_path(m.name)
+            if not (m.isfile() or m.isdir()):
+                raise EngineError(
+                    "invalid_archive",
+                    "the archive contains a link or special file; only regular files are accepted",
+                    {"member": m.name[:200]},
+                )
+            target = root.joinpath(*rel.parts)
+            if m.isdir():
+                target.mkdir(parents=True, exist_ok=True)
+                continue
+            target.parent.mkdir(parents=True, exist_ok=True)
+            src = tf.extractfile(m)
+            if src is None:
+                raise EngineError(
+                    "invalid_archive", "an archive member cannot be read", {"member": m.name[:200]}
+                )
+            try:
+                with src, open(target, "xb") as dst:
+                    shutil.copyfileobj(src, dst, _CHUNK)
+            except FileExistsError:
+                raise EngineError(
+                    "invalid_archive", "the archive has duplicate members", {"member": m.name[:200]}
+                ) from None
+            except (tarfile.TarError, OSError, EOFError):
+                raise EngineError("invalid_archive", "the tar archive is corrupt") from None
+
+
+def _pick_archive_model(root: Path) -> Path:
+    found = [
+        p
+        for p in root.rglob("*.onnx")
+        if p.is_file()
+        and not any(part.startswith((".", "__MACOSX")) for part in p.relative_to(root).parts)
+    ]
+    if not found:
+        raise EngineError("invalid_archive", "the archive holds no .onnx file; " + EXPORT_HINT)
+    if len(found) > 1:
+        raise EngineError(
+            "invalid_archive",
+            "the archive holds more than one .onnx file; send one model per upload",
+            {"models": sorted(str(p.relative_to(root)) for p in found)[:20]},
+        )
+    return found[0]
+
+
+# --------------------------------------------------------------------------------------------
+# Parsing and external data
+
+
+_CODE_SUFFIXES = (".pt", ".pth", ".pt2", ".ckpt", ".pkl", ".pickle", ".jit", ".joblib")
+
+
+def _parse_onnx(path: Path, filename: str) -> onnx.ModelProto:
+    data = path.read_bytes()
+    model = onnx.ModelProto()
+    ok = True
+    try:
+        model.ParseFromString(data)
+    except Exception:  # protobuf's DecodeError and friends
+        ok = False
+    if ok and model.HasField("graph") and model.ir_version > 0:
+        return model
+    if filename.lower().endswith(_CODE_SUFFIXES):
+        # Content decides; the name only tells us what the user probably sent.
+        raise EngineError(
+            "unsafe_format",
+            f"{PurePosixPath(filename).suffix!r} files are "
+            "PyTorch/pickle formats whose loading runs code; " + EXPORT_HINT,
+        )
+    raise EngineError(
+        "not_onnx",
+        "the upload is not an ONNX model (it does not parse as an "
+        "ONNX protobuf with a graph); " + EXPORT_HINT,
+    )
+
+
+def iter_graphs(graph: onnx.GraphProto, depth: int = 0) -> Iterator[tuple[onnx.GraphProto, int]]:
+    """Yield ``(graph, depth)`` for a graph and every subgraph below it (If/Loop/Scan bodies)."""
+    yield graph, depth
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.type == onnx.AttributeProto.GRAPH:
+                yield from iter_graphs(attr.g, depth + 1)
+            elif attr.type == onnx.AttributeProto.GRAPHS:
+                for g in attr.graphs:
+                    yield from iter_graphs(g, depth + 1)
+
+
+def _max_depth(graph: onnx.GraphProto, depth: int, limit: int) -> int:
+    """Deepest nesting, stopping as soon as ``limit`` is passed (protects the recursion)."""
+    deepest = depth
+    if depth > limit:
+        return depth
+    for node in graph.node:
+        for attr in node.attribute:
+            subs = (
+                [attr.g]
+                if attr.type == onnx.AttributeProto.GRAPH
+                else (list(attr.graphs) if attr.type == onnx.AttributeProto.GRAPHS else [])
+            )
+            for g in subs:
+                deepest = max(deepest, _max_depth(g, depth + 1, limit))
+                if deepest > limit:
+                    return deepest
+    return deepest
+
+
+def _all_tensors(model: onnx.ModelProto) -> Iterator[tuple[TensorProto, str]]:
+    """Every stored tensor: initializers and Constant/attribute tensors, in every graph."""
+    for g, _ in iter_graphs(model.graph):
+        for t in g.initializer:
+            yield t, "initializer"
+        for node in g.node:
+            for attr in node.attribute:
+                if attr.type == onnx.AttributeProto.TENSOR:
+                    yield attr.t, "attribute"
+                elif attr.type == onnx.AttributeProto.TENSORS:
+                    for t in attr.tensors:
+                        yield t, "attribute"
+    for fn in model.functions:
+        for node in fn.node:
+            for attr in node.attribute:
+                if attr.type == onnx.AttributeProto.TENSOR:
+                    yield attr.t, "attribute"
+
+
+def _expected_nbytes(t: TensorProto) -> int | None:
+    if t.data_type in (TensorProto.STRING, TensorProto.UNDEFINED):
+        return None
+    n = math.prod(t.dims)
+    if t.data_type in (TensorProto.INT4, TensorProto.UINT4, TensorProto.FLOAT4E2M1):
+        return (n + 1) // 2
+    try:
+        itemsize = np.dtype(helper.tensor_dtype_to_np_dtype(t.data_type)).itemsize
+    except (KeyError, TypeError, ValueError):
+        return None
+    return n * itemsize
+
+
+def _inline_external_data(model: onnx.ModelProto, base: Path | None, limits: EngineLimits) -> bool:
+    """Read every external tensor from files confined to ``base`` and inline it.
+
+    Location rules (ONNX >= 1.21 semantics, enforced here ourselves): relative path, no ``..``,
+    no absolute or drive path, no symlink anywhere on the way, resolved inside ``base``;
+    offset/length inside the file; length equal to what dims x dtype need.
+    """
+    if base is None:
+        if any(t.data_location == TensorProto.EXTERNAL for t, _ in _all_tensors(model)):
+            raise EngineError(
+                "invalid_model",
+                "the model keeps weights in external data files; "
+                "send the .onnx file and its data files together in a .zip or "
+                ".tar archive",
+            )
+        return False
+    base = base.resolve()
+    found = False
+    total = 0
+    handles: dict[Path, int] = {}
+    for t, _ in _all_tensors(model):
+        if t.data_location != TensorProto.EXTERNAL:
+            continue
+        found = True
+        info = {e.key: e.value for e in t.external_data}
+        loc = info.get("location", "")
+        name = t.name or "<unnamed>"
+        rel = loc.replace("\\", "/")
+        if (
+            not rel
+            or rel.startswith("/")
+            or re.match(r"^[A-Za-z]:", rel)
+            or ".." in PurePosixPath(rel).parts
+            or "\x00" in rel
+        ):
+            raise EngineError(
+                "invalid_model",
+                f"tensor {name!r} points at external data outside "
+                "the upload (absolute path or '..'); external data files must "
+                "sit next to the .onnx file",
+            )
+        candidate = base.joinpath(*PurePosixPath(rel).parts)
+        # Walk each component: refuse symlinks (they could lead anywhere).
+        cur = base
+        for part in PurePosixPath(rel).parts:
+            cur = cur / part
+            if cur.is_symlink():
+                raise EngineError(
+                    "invalid_model",
+                    f"external data of tensor {name!r} is a link; send regular files",
+                )
+        resolved = candidate.resolve()
+        if base not in resolved.parents or not resolved.is_file():
+            raise EngineError(
+                "invalid_model",
+                f"external data file {rel!r} of tensor {name!r} "
+                "is missing from the upload; send the .onnx file and its data "
+                "files together in a .zip or .tar archive",
+            )
+        try:
+            offset = int(info.get("offset", "0"))
+            length = int(info["length"]) if "length" in info else None
+        except ValueError:
+            raise EngineError(
+                "invalid_model", f"tensor {name!r} has a malformed external data offset/length"
+            ) from None
+        fsize = resolved.stat().st_size
+        if length is None:
+            length = fsize - offset
+        if offset < 0 or length < 0 or offset + length > fsize:
+            raise EngineError(
+                "invalid_model",
+                f"tensor {name!r} reads beyond its external data file (bad offset or length)",
+                {"offset": offset, "length": length, "file_bytes": fsize},
+            )
+        expected = _expected_nbytes(t)
+        if expected is not None and expected != length:
+            raise EngineError(
+                "invalid_model",
+                f"tensor {name!r} declares {expected} bytes "
+                f"(dims x dtype) but its external data holds {length}",
+            )
+        total += length
+        if total > limits.max_model_bytes:
+            raise EngineError(
+                "model_too_large",
+                "the model's weights exceed the size limit",
+                {"limit": limits.max_model_bytes},
+            )
+        if resolved not in handles:
+            handles[resolved] = os.open(resolved, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+        data = os.pread(handles[resolved], length, offset)
+        t.raw_data = data
+        del t.external_data[:]
+        t.data_location = TensorProto.DEFAULT
+    for fd in handles.values():
+        os.close(fd)
+    return found
+
+
+# --------------------------------------------------------------------------------------------
+# Validation
+
+
+def validate(model: onnx.ModelProto, limits: EngineLimits | None = None) -> None:
+    """Refuse models that are malformed, hostile or unloadable on the worker.
+
+    Own checks first (they give precise messages and catch what the checker misses), then the
+    ONNX checker and strict shape inference, then bounds on every inferred tensor size.
+    """
+    limits = limits or EngineLimits()
+    if model.ir_version > onnx.IR_VERSION:
+        raise EngineError(
+            "unsupported_model",
+            f"IR version {model.ir_version} is newer than "
+            f"this service supports ({onnx.IR_VERSION})",
+        )
+    depth = _max_depth(model.graph, 0, limits.max_subgraph_depth)
+    if depth > limits.max_subgraph_depth:
+        raise EngineError(
+            "unsupported_model",
+            "subgraphs (If/Loop/Scan) are nested too deeply",
+            {"limit": limits.max_subgraph_depth},
+        )
+    _check_opsets(model)
+    graphs = list(iter_graphs(model.graph))
+    n_nodes = sum(len(g.node) for g, _ in graphs)
+    if n_nodes > limits.max_nodes:
+        raise EngineError(
+            "model_too_large",
+            "the graph has too many nodes",
+            {"nodes": n_nodes, "limit": limits.max_nodes},
+        )
+    if not model.graph.node or not model.graph.output:
+        raise EngineError("invalid_model", "the graph is empty (no nodes or no outputs)")
+    _check_domains(model, graphs)
+    _check_names_and_order(model.graph, set())
+    _check_tensors(model, limits)
+    _check_declared_shapes(model, limits)
+    try:
+        onnx.checker.check_model(model, full_check=False)
+    except onnx.checker.ValidationError as exc:
+        raise EngineError(
+            "invalid_model", "the ONNX checker refused the model: " + _clean_message(str(exc))
+        ) from None
+    try:
+        inferred = onnx.shape_inference.infer_shapes(
+            model, check_type=True, strict_mode=True, data_prop=True
+        )
+    except (onnx.shape_inference.InferenceError, onnx.checker.ValidationError, RuntimeError) as exc:
+        raise EngineError(
+            "invalid_model", "shape inference failed: " + _clean_message(str(exc))
+        ) from None
+    _check_declared_shapes(inferred, limits)
+
+
+def _clean_message(msg: str) -> str:
+    """Checker messages can embed the whole node and paths: keep the first lines, no paths."""
+    msg = re.sub(r"(/[\w.\-]+)+", "<path>", msg)
+    lines = [ln.strip() for ln in msg.strip().splitlines() if ln.strip()]
+    return " ".join(lines[:3])[:500]
+
+
+def _check_opsets(model: onnx.ModelProto) -> None:
+    seen = set()
+    for op in model.opset_import:
+        domain = _DOMAIN_ALIASES.get(op.domain, op.domain)
+        if domain in seen:
+            raise EngineError("invalid_model", f"opset for domain {op.domain!r} imported twice")
+        seen.add(domain)
+        if domain in MAX_OPSET and op.version > MAX_OPSET[domain]:
+            raise EngineError(
+                "unsupported_model",
+                f"opset {op.version} of domain "
+                f"{op.domain or 'ai.onnx'!r} is newer than the runtime supports "
+                f"(max {MAX_OPSET[domain]}); export with a lower opset",
+                {"domain": op.domain, "opset": op.version, "max": MAX_OPSET[domain]},
+            )
+        if domain in MAX_OPSET and op.version < 1:
+            raise EngineError("invalid_model", f"invalid opset {op.version}")
+    if "" not in seen:
+        raise EngineError("invalid_model", "the model imports no ai.onnx opset")
+
+
+def _check_domains(model: onnx.ModelProto, graphs: list[tuple[onnx.GraphProto, int]]) -> None:
+    functions = {(f.domain, f.name) for f in model.functions}
+    unknown: Counter[str] = Counter()
+    for g, _ in graphs:
+        for node in g.node:
+            domain = _DOMAIN_ALIASES.get(node.domain, node.domain)
+            if domain in MAX_OPSET or (node.domain, node.op_type) in functions:
+                continue
+            unknown[f"{node.domain}::{node.op_type}"] += 1
+    if unknown:
+        raise EngineError(
+            "unsupported_model",
+            "the model uses operators from domains the "
+            "runtime does not know (custom ops): " + ", ".join(sorted(unknown)[:10]),
+            {"operators": sorted(unknown)[:50]},
+        )
+
+
+def _check_names_and_order(graph: onnx.GraphProto, outer: set[str]) -> None:
+    """SSA names, no duplicates, no cycles: every input defined before its use.
+
+    A graph whose nodes are out of order but acyclic is sorted in place (some exporters do
+    that); a cycle is refused.
+    """
+    defined: set[str] = set()
+    for v in graph.input:
+        if v.name in defined:
+            raise EngineError("invalid_model", f"duplicate graph input name {v.name!r}")
+        defined.add(v.name)
+    init_names = set()
+    for t in graph.initializer:
+        if t.name in init_names:
+            raise EngineError("invalid_model", f"duplicate initializer name {t.name!r}")
+        init_names.add(t.name)
+    for t in graph.sparse_initializer:
+        init_names.add(t.values.name)
+    defined |= init_names
+    produced: dict[str, int] = {}
+    for i, node in enumerate(graph.node):
+        for o in node.output:
+            if not o:
+                continue
+            if o in produced or o in defined:
+                raise EngineError(
+                    "invalid_model", f"tensor name {o!r} is produced twice (names must be unique)"
+                )
+            produced[o] = i
+    available = defined | outer
+    # Kahn's algorithm on node dependencies (outer-scope names used by subgraphs count too).
+    deps: list[set[int]] = []
+    for node in graph.node:
+        needed = set(node.input) | _subgraph_free_names(node)
+        d = set()
+        for name in needed:
+            if not name or name in available and name not in produced:
+                continue
+            if name in produced:
+                d.add(produced[name])
+            elif name not in available:
+                raise EngineError(
+                    "invalid_model",
+                    f"node {node.name or node.op_type!r} reads {name!r}, which nothing defines",
+                )
+        deps.append(d)
+    order: list[int] = []
+    remaining = {i: set(d) for i, d in enumerate(deps)}
+    users: dict[int, list[int]] = {}
+    for i, d in remaining.items():
+        for j in d:
+            users.setdefault(j, []).append(i)
+    ready = [i for i, d in remaining.items() if not d]
+    while ready:
+        i = ready.pop(0)
+        order.append(i)
+        for u in users.get(i, []):
+            remaining[u].discard(i)
+            if not remaining[u]:
+                ready.append(u)
+    if len(order) != len(graph.node):
+        raise EngineError("invalid_model", "the graph has a cycle")
+    if order != sorted(order):
+        nodes = [graph.node[i] for i in order]
+        copies = [onnx.NodeProto() for _ in nodes]
+        for c, n in zip(copies, nodes, strict=True):
+            c.CopyFrom(n)
+        del graph.node[:]
+        graph.node.extend(copies)
+    scope = available | set(produced)
+    for node in graph.node:
+        for attr in node.attribute:
+            subs = [attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)
+            for sub in subs:
+                _check_names_and_order(sub, scope)
+
+
+def _subgraph_free_names(node: onnx.NodeProto) -> set[str]:
+    """Names a node's subgraphs read from the enclosing scope."""
+    free: set[str] = set()
+    for attr in node.attribute:
+        subs = (
+            [attr.g]
+            if attr.type == onnx.AttributeProto.GRAPH
+            else (list(attr.graphs) if attr.type == onnx.AttributeProto.GRAPHS else [])
+        )
+        for g in subs:
+            local = {v.name for v in g.input} | {t.name for t in g.initializer}
+            for n in g.node:
+                local |= set(n.output)
+            for n in g.node:
+                free |= {i for i in n.input if i and i not in local}
+                free |= {i for i in _subgraph_free_names(n) if i not in local}
+            free |= {o.name for o in g.output if o.name not in local}
+    return free
+
+
+def _check_tensors(model: onnx.ModelProto, limits: EngineLimits) -> None:
+    weight_inits: set[str] = set()
+    for g, _ in iter_graphs(model.graph):
+        for node in g.node:
+            for idx, name in enumerate(node.input):
+                if (node.op_type, idx) in _WEIGHT_SLOTS:
+                    weight_inits.add(name)
+    total = 0
+    for t, where in _all_tensors(model):
+        n = math.prod(t.dims) if t.dims else 1
+        if any(d < 0 for d in t.dims):
+            raise EngineError("invalid_model", f"tensor {t.name!r} has a negative dimension")
+        if n > limits.max_tensor_elements:
+            raise EngineError(
+                "model_too_large",
+                f"tensor {t.name!r} has {n} elements",
+                {"limit": limits.max_tensor_elements},
+            )
+        expected = _expected_nbytes(t)
+        if t.HasField("raw_data") and expected is not None and len(t.raw_data) != expected:
+            raise EngineError(
+                "invalid_model",
+                f"tensor {t.name!r} declares {expected} bytes "
+                f"(dims x dtype) but holds {len(t.raw_data)}",
+            )
+        if not t.HasField("raw_data") and t.data_location != TensorProto.EXTERNAL:
+            held = _typed_field_len(t)
+            if (
+                held is not None
+                and held not in (0, n)
+                and not (
+                    t.data_type in (TensorProto.COMPLEX64, TensorProto.COMPLEX128) and held == 2 * n
+                )
+                and not (
+                    t.data_type in (TensorProto.INT4, TensorProto.UINT4) and held == (n + 1) // 2
+                )
+            ):
+                raise EngineError(
+                    "invalid_model", f"tensor {t.name!r} declares {n} elements but holds {held}"
+                )
+            if held == 0 and n > 0 and t.data_type != TensorProto.STRING:
+                raise EngineError(
+                    "invalid_model", f"tensor {t.name!r} declares {n} elements but holds no data"
+                )
+        total += expected or 0
+        if (
+            t.data_type
+            in (TensorProto.FLOAT, TensorProto.DOUBLE, TensorProto.FLOAT16, TensorProto.BFLOAT16)
+            and n
+        ):
+            arr = _to_array(t)
+            if arr is not None:
+                if np.isnan(arr).any():
+                    raise EngineError(
+                        "invalid_model",
+                        f"tensor {t.name!r} contains NaN values; the exported weights are broken",
+                    )
+                if t.name in weight_inits and where == "initializer" and np.isinf(arr).any():
+                    raise EngineError(
+                        "invalid_model",
+                        f"weight {t.name!r} contains infinite "
+                        "values; the exported weights are broken",
+                    )
+    if total > limits.max_model_bytes:
+        raise EngineError(
+            "model_too_large",
+            "the model's tensors exceed the size limit",
+            {"bytes": total, "limit": limits.max_model_bytes},
+        )
+
+
+def _typed_field_len(t: TensorProto) -> int | None:
+    for f in (
+        "float_data",
+        "int32_data",
+        "int64_data",
+        "double_data",
+        "uint64_data",
+        "string_data",
+    ):
+        vals = getattr(t, f)
+        if len(vals):
+            return len(vals)
+    return 0
+
+
+def _to_array(t: TensorProto) -> np.ndarray | None:
+    try:
+        return onnx.numpy_helper.to_array(t)
+    except Exception:  # malformed typed fields; the checker reports them precisely
+        return None
+
+
+def _check_declared_shapes(model: onnx.ModelProto, limits: EngineLimits) -> None:
+    for g, _ in iter_graphs(model.graph):
+        for v in list(g.input) + list(g.output) + list(g.value_info):
+            tt = v.type.tensor_type if v.type.HasField("tensor_type") else None
+            if tt is None or not tt.HasField("shape"):
+                continue
+            n = 1
+            for d in tt.shape.dim:
+                if d.HasField("dim_value"):
+                    if d.dim_value < 0:
+                        raise EngineError(
+                            "invalid_model", f"{v.name!r} declares a negative dimension"
+                        )
+                    if d.dim_value > limits.max_dim:
+                        raise EngineError(
+                            "model_too_large",
+                            f"{v.name!r} declares a dimension of {d.dim_value}",
+                            {"limit": limits.max_dim},
+                        )
+                    n *= d.dim_value
+            if n > limits.max_tensor_elements:
+                raise EngineError(
+                    "model_too_large",
+                    f"{v.name!r} would hold {n} elements",
+                    {"limit": limits.max_tensor_elements},
+                )
+
+
+# --------------------------------------------------------------------------------------------
+# Description
+
+
+def dtype_name(elem_type: int) -> str:
+    """``TensorProto`` element type as a NumPy-style name ("float32", "int64", ...)."""
+    try:
+        return str(np.dtype(helper.tensor_dtype_to_np_dtype(elem_type)))
+    except (KeyError, TypeError, ValueError):
+        return TensorProto.DataType.Name(elem_type).lower()
+
+
+def _value_desc(v: onnx.ValueInfoProto) -> dict:
+    tt = v.type.tensor_type
+    shape: list[int | str | None] | None = None
+    if tt.HasField("shape"):
+        shape = []
+        for d in tt.shape.dim:
+            if d.HasField("dim_value"):
+                shape.append(d.dim_value)
+            elif d.HasField("dim_param"):
+                shape.append(d.dim_param)
+            else:
+                shape.append(None)
+    kind = v.type.WhichOneof("value")
+    return {
+        "name": v.name,
+        "dtype": dtype_name(tt.elem_type) if kind == "tensor_type" else kind,
+        "shape": shape,
+    }
+
+
+def graph_inputs(model: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
+    """Real inputs of the main graph (initializers listed as inputs by old exporters excluded)."""
+    inits = {t.name for t in model.graph.initializer}
+    return [v for v in model.graph.input if v.name not in inits]
+
+
+def parameter_count(model: onnx.ModelProto) -> int:
+    """Stored weight elements in every graph: float and low-bit integer tensors.
+
+    int32/int64 tensors (shapes, indices) are not parameters. 4-bit weights packed two per
+    uint8 byte (MatMulNBits ``B``) count two per byte.
+    """
+    nbits_packed = set()
+    for g, _ in iter_graphs(model.graph):
+        for node in g.node:
+            if node.op_type in ("MatMulNBits", "GatherBlockQuantized") and len(node.input) > 1:
+                bits = next((a.i for a in node.attribute if a.name == "bits"), 4)
+                if bits == 4:
+                    nbits_packed.add(node.input[1 if node.op_type == "MatMulNBits" else 0])
+    counted = {
+        TensorProto.FLOAT,
+        TensorProto.FLOAT16,
+        TensorProto.BFLOAT16,
+        TensorProto.DOUBLE,
+        TensorProto.INT8,
+        TensorProto.UINT8,
+        TensorProto.INT4,
+        TensorProto.UINT4,
+        TensorProto.FLOAT8E4M3FN,
+        TensorProto.FLOAT8E5M2,
+    }
+    total = 0
+    for t, _ in _all_tensors(model):
+        if t.data_type in counted:
+            n = math.prod(t.dims) if t.dims else 1
+            total += 2 * n if t.name in nbits_packed else n
+    return total
+
+
+def detect_quantization(model: onnx.ModelProto) -> list[str]:
+    """Quantized formats present: qdq, qlinear, dynamic_quantize_linear, integer_ops,
+    matmul_nbits, int8_initializers, int4_initializers (sorted, unique)."""
+    found: set[str] = set()
+    for g, _ in iter_graphs(model.graph):
+        for node in g.node:
+            if node.op_type in _QUANT_OPS:
+                found.add(_QUANT_OPS[node.op_type])
+            elif node.op_type.startswith("QLinear"):
+                found.add("qlinear")
+        for t in g.initializer:
+            fmt = _LOW_BIT_TYPES.get(t.data_type)
+            if fmt and (math.prod(t.dims) if t.dims else 1) >= _MIN_QUANT_WEIGHT_ELEMENTS:
+                found.add(fmt)
+    return sorted(found)
+
+
+def describe(model: onnx.ModelProto) -> dict:
+    """A JSON-able description of a (validated) model."""
+    ops: Counter[str] = Counter()
+    n_nodes = 0
+    depth = 0
+    control_flow = False
+    for g, d in iter_graphs(model.graph):
+        depth = max(depth, d)
+        for node in g.node:
+            n_nodes += 1
+            key = (
+                node.op_type if node.domain in ("", "ai.onnx") else f"{node.domain}.{node.op_type}"
+            )
+            ops[key] += 1
+            control_flow = control_flow or node.op_type in _CONTROL_FLOW
+    quant = detect_quantization(model)
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
+    weight_bytes: Counter[str] = Counter()
+    for t, _ in _all_tensors(model):
+        weight_bytes[dtype_name(t.data_type)] += _expected_nbytes(t) or 0
+    return {
+        "format": "onnx",
+        "opset": opset,
+        "opsets": {o.domain or "ai.onnx": o.version for o in model.opset_import},
+        "ir_version": model.ir_version,
+        "producer": " ".join(x for x in (model.producer_name, model.producer_version) if x),
+        "inputs": [_value_desc(v) for v in graph_inputs(model)],
+        "outputs": [_value_desc(v) for v in model.graph.output],
+        "parameter_count": parameter_count(model),
+        "node_count": n_nodes,
+        "subgraph_depth": depth,
+        "control_flow": control_flow,
+        "external_data": False,
+        "already_quantized": bool(quant),
+        "quantization": quant,
+        "op_types": dict(sorted(ops.items())),
+        "tensor_bytes_by_dtype": dict(sorted(weight_bytes.items())),
+    }

@@ -1,0 +1,426 @@
+"""Edge-case ONNX models crafted with ``onnx.helper``: what real exports look like, and hostile input.
+
+Each builder is deterministic (fixed seeds) and cheap. Models are returned as ``ModelProto``;
+builders of files (external data, archives, hostile uploads) write into a directory and return
+the path. Nothing here loads a pickle: the pickle-shaped files are written as bytes only.
+"""
+
+from __future__ import annotations
+
+import io
+import pickle
+import tarfile
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import TensorProto as T
+from onnx import helper as h
+from onnx import numpy_helper as nh
+
+RNG_SEED = 1234
+
+
+def _rng() -> np.random.Generator:
+    return np.random.default_rng(RNG_SEED)
+
+
+def _w(rng: np.random.Generator, *shape: int, scale: float = 0.1) -> np.ndarray:
+    return (rng.standard_normal(shape) * scale).astype(np.float32)
+
+
+def _const(name: str, arr: np.ndarray) -> onnx.NodeProto:
+    return h.make_node("Constant", [], [name], value=nh.from_array(arr, name + "_value"),
+                       name=name + "_const")
+
+
+def _model(graph: onnx.GraphProto, opset: int = 17, ir: int = 8,
+           extra: list[onnx.OperatorSetIdProto] | None = None) -> onnx.ModelProto:
+    m = h.make_model(graph, opset_imports=[h.make_opsetid("", opset), *(extra or [])],
+                     ir_version=ir, producer_name="edgepress-tests")
+    return m
+
+
+# ---------------------------------------------------------------------------------------------
+# Shapes of real exports
+
+
+def constant_weights_opset11() -> onnx.ModelProto:
+    """Opset 11, IR 6: conv and matmul weights held in ``Constant`` nodes (old exporters).
+
+    x[N,1,8,8] -> Conv(8 filters) -> Relu -> Flatten -> MatMul(Transpose(W)) -> Add -> logits[N,64].
+    The MatMul weight is stored transposed behind a ``Transpose`` of a constant (folded by
+    normalisation). Weights dominate (~100k floats).
+    """
+    rng = _rng()
+    nodes = [
+        _const("conv_w", _w(rng, 8, 1, 3, 3)),
+        _const("conv_b", _w(rng, 8)),
+        h.make_node("Conv", ["x", "conv_w", "conv_b"], ["c"], name="conv", pads=[1, 1, 1, 1]),
+        h.make_node("Relu", ["c"], ["r"], name="relu"),
+        h.make_node("Flatten", ["r"], ["f"], name="flatten", axis=1),
+        _const("fc_wt", _w(rng, 192, 512)),  # stored as [out, in]
+        h.make_node("Transpose", ["fc_wt"], ["fc_w"], name="fc_transpose", perm=[1, 0]),
+        h.make_node("MatMul", ["f", "fc_w"], ["m"], name="fc"),
+        _const("fc_b", _w(rng, 192)),
+        h.make_node("Add", ["m", "fc_b"], ["h1"], name="fc_bias"),
+        h.make_node("Relu", ["h1"], ["h2"], name="relu2"),
+        _const("out_w", _w(rng, 192, 64)),
+        h.make_node("MatMul", ["h2", "out_w"], ["logits"], name="out"),
+    ]
+    g = h.make_graph(nodes, "constant_weights",
+                     [h.make_tensor_value_info("x", T.FLOAT, ["N", 1, 8, 8])],
+                     [h.make_tensor_value_info("logits", T.FLOAT, ["N", 64])])
+    return _model(g, opset=11, ir=6)
+
+
+def if_branch_weights() -> onnx.ModelProto:
+    """Weights inside ``If`` branches: a Constant node in ``then``, an initializer in ``else``.
+
+    x[N,64] -> If(sum(x) > 0) then MatMul(x, W1) else MatMul(x, W2) -> Relu -> y[N,256].
+    """
+    rng = _rng()
+    w1, w2 = _w(rng, 64, 256), _w(rng, 64, 256)
+    then_g = h.make_graph(
+        [_const("w_then", w1), h.make_node("MatMul", ["x", "w_then"], ["y_then"], name="mm_then")],
+        "then_branch", [], [h.make_tensor_value_info("y_then", T.FLOAT, ["N", 256])])
+    else_g = h.make_graph(
+        [h.make_node("MatMul", ["x", "w_else"], ["y_else"], name="mm_else")],
+        "else_branch", [], [h.make_tensor_value_info("y_else", T.FLOAT, ["N", 256])],
+        initializer=[nh.from_array(w2, "w_else")])
+    nodes = [
+        h.make_node("ReduceSum", ["x"], ["s"], name="sum", keepdims=0),
+        h.make_node("Greater", ["s", "zero"], ["cond"], name="gt"),
+        h.make_node("If", ["cond"], ["yb"], name="branch", then_branch=then_g,
+                    else_branch=else_g),
+        h.make_node("Relu", ["yb"], ["y"], name="relu"),
+    ]
+    g = h.make_graph(nodes, "if_weights", [h.make_tensor_value_info("x", T.FLOAT, ["N", 64])],
+                     [h.make_tensor_value_info("y", T.FLOAT, ["N", 256])],
+                     initializer=[nh.from_array(np.zeros((), np.float32), "zero")])
+    return _model(g, opset=13, ir=7)
+
+
+def dynamic_dims() -> onnx.ModelProto:
+    """Token ids[batch, seq] -> Gather(embedding) -> MatMul -> Gelu-ish -> MatMul -> y[batch,seq,64].
+
+    Both dims symbolic; the embedding rows bound what valid generated ids are.
+    """
+    rng = _rng()
+    emb, w1, b1, w2 = _w(rng, 100, 64), _w(rng, 64, 1024), _w(rng, 1024), _w(rng, 1024, 64)
+    nodes = [
+        h.make_node("Gather", ["emb", "ids"], ["e"], name="embed", axis=0),
+        h.make_node("MatMul", ["e", "w1"], ["m1"], name="ff1"),
+        h.make_node("Add", ["m1", "b1"], ["a1"], name="ff1_bias"),
+        h.make_node("Relu", ["a1"], ["r1"], name="act"),
+        h.make_node("MatMul", ["r1", "w2"], ["y"], name="ff2"),
+    ]
+    g = h.make_graph(nodes, "dynamic_dims",
+                     [h.make_tensor_value_info("ids", T.INT64, ["batch", "seq"])],
+                     [h.make_tensor_value_info("y", T.FLOAT, ["batch", "seq", 64])],
+                     initializer=[nh.from_array(a, n) for a, n in
+                                  ((emb, "emb"), (w1, "w1"), (b1, "b1"), (w2, "w2"))])
+    return _model(g, opset=17)
+
+
+def mlp(in_features: int = 64, hidden: int = 512, classes: int = 10) -> onnx.ModelProto:
+    """A plain float MLP classifier, weights as initializers: x[N,in] -> logits[N,classes]."""
+    rng = _rng()
+    inits = [nh.from_array(_w(rng, in_features, hidden), "w1"),
+             nh.from_array(_w(rng, hidden), "b1"),
+             nh.from_array(_w(rng, hidden, hidden), "w2"),
+             nh.from_array(_w(rng, hidden), "b2"),
+             nh.from_array(_w(rng, hidden, classes), "w3")]
+    nodes = [
+        h.make_node("MatMul", ["x", "w1"], ["m1"], name="fc1"),
+        h.make_node("Add", ["m1", "b1"], ["a1"], name="fc1_bias"),
+        h.make_node("Relu", ["a1"], ["r1"], name="relu1"),
+        h.make_node("MatMul", ["r1", "w2"], ["m2"], name="fc2"),
+        h.make_node("Add", ["m2", "b2"], ["a2"], name="fc2_bias"),
+        h.make_node("Relu", ["a2"], ["r2"], name="relu2"),
+        h.make_node("MatMul", ["r2", "w3"], ["logits"], name="fc3"),
+    ]
+    g = h.make_graph(nodes, "mlp", [h.make_tensor_value_info("x", T.FLOAT, ["N", in_features])],
+                     [h.make_tensor_value_info("logits", T.FLOAT, ["N", classes])], inits)
+    return _model(g, opset=17)
+
+
+def already_quantized_qdq() -> onnx.ModelProto:
+    """QDQ int8: activations through Quantize/DequantizeLinear, int8 weight dequantized."""
+    rng = _rng()
+    wq = rng.integers(-127, 127, size=(64, 128), dtype=np.int8)
+    inits = [nh.from_array(wq, "w_q"), nh.from_array(np.float32(0.01), "w_scale"),
+             nh.from_array(np.int8(0), "w_zp"), nh.from_array(np.float32(0.05), "x_scale"),
+             nh.from_array(np.uint8(128), "x_zp")]
+    nodes = [
+        h.make_node("QuantizeLinear", ["x", "x_scale", "x_zp"], ["xq"], name="q_x"),
+        h.make_node("DequantizeLinear", ["xq", "x_scale", "x_zp"], ["xd"], name="dq_x"),
+        h.make_node("DequantizeLinear", ["w_q", "w_scale", "w_zp"], ["w"], name="dq_w"),
+        h.make_node("MatMul", ["xd", "w"], ["y"], name="mm"),
+    ]
+    g = h.make_graph(nodes, "qdq", [h.make_tensor_value_info("x", T.FLOAT, ["N", 64])],
+                     [h.make_tensor_value_info("y", T.FLOAT, ["N", 128])], inits)
+    return _model(g, opset=17)
+
+
+def already_quantized_nbits() -> onnx.ModelProto:
+    """MatMulNBits (4-bit, com.microsoft) as written by int4 weight-only quantizers."""
+    rng = _rng()
+    k, n, block = 64, 128, 32
+    b = rng.integers(0, 255, size=(n, k // block, block // 2), dtype=np.uint8)
+    scales = np.full((n * (k // block),), 0.01, np.float32)
+    node = h.make_node("MatMulNBits", ["x", "B", "scales"], ["y"], name="mm4", domain="com.microsoft",
+                       K=k, N=n, bits=4, block_size=block)
+    g = h.make_graph([node], "nbits", [h.make_tensor_value_info("x", T.FLOAT, ["N", k])],
+                     [h.make_tensor_value_info("y", T.FLOAT, ["N", n])],
+                     [nh.from_array(b, "B"), nh.from_array(scales, "scales")])
+    return _model(g, opset=17, extra=[h.make_opsetid("com.microsoft", 1)])
+
+
+def already_quantized_int8_initializers() -> onnx.ModelProto:
+    """Integer ops: MatMulInteger on a uint8 activation with an int8 weight initializer."""
+    rng = _rng()
+    w = rng.integers(-127, 127, size=(64, 32), dtype=np.int8)
+    node = h.make_node("MatMulInteger", ["x", "w"], ["y"], name="mmi")
+    g = h.make_graph([node], "int8", [h.make_tensor_value_info("x", T.INT8, ["N", 64])],
+                     [h.make_tensor_value_info("y", T.INT32, ["N", 32])],
+                     [nh.from_array(w, "w")])
+    return _model(g, opset=17)
+
+
+# ---------------------------------------------------------------------------------------------
+# External data and archives
+
+
+def write_external_data_model(directory: Path, name: str = "model.onnx") -> Path:
+    """Save ``mlp()`` as ``name`` plus ``name.data`` (all weights external) in ``directory``."""
+    directory.mkdir(parents=True, exist_ok=True)
+    m = mlp()
+    path = directory / name
+    onnx.save_model(m, path, save_as_external_data=True, all_tensors_to_one_file=True,
+                    location=name + ".data", size_threshold=0)
+    return path
+
+
+def build_archive(files: dict[str, bytes | Path], dest: Path, kind: str = "zip") -> Path:
+    """Pack ``{member name: bytes or file}`` into a zip or tar at ``dest`` (names used verbatim)."""
+    if kind == "zip":
+        with zipfile.ZipFile(dest, "w", zipfile.ZIP_DEFLATED) as zf:
+            for member, content in files.items():
+                zf.writestr(member, content.read_bytes() if isinstance(content, Path) else content)
+    else:
+        with tarfile.open(dest, "w") as tf:
+            for member, content in files.items():
+                data = content.read_bytes() if isinstance(content, Path) else content
+                info = tarfile.TarInfo(member)
+                info.size = len(data)
+                tf.addfile(info, io.BytesIO(data))
+    return dest
+
+
+def external_data_archive(directory: Path, kind: str = "zip") -> Path:
+    """An archive holding ``model.onnx`` and ``model.onnx.data`` (weights external)."""
+    src = write_external_data_model(directory / "src")
+    return build_archive({"model/model.onnx": src,
+                          "model/model.onnx.data": src.with_name("model.onnx.data")},
+                         directory / f"model.{kind}", kind)
+
+
+# ---------------------------------------------------------------------------------------------
+# Hostile uploads: each returns (path, expected error code)
+
+
+def _tiny_graph(nodes: list[onnx.NodeProto], inits: list[onnx.TensorProto] | None = None,
+                x_shape: list | None = None, y_shape: list | None = None) -> onnx.GraphProto:
+    return h.make_graph(nodes, "g", [h.make_tensor_value_info("x", T.FLOAT, x_shape or ["N", 4])],
+                        [h.make_tensor_value_info("y", T.FLOAT, y_shape or ["N", 4])],
+                        inits or [])
+
+
+def _relu_model() -> onnx.ModelProto:
+    return _model(_tiny_graph([h.make_node("Relu", ["x"], ["y"], name="relu")]))
+
+
+def _external_model(location: str, offset: int = 0, length: int | None = None) -> onnx.ModelProto:
+    w = nh.from_array(np.ones((4, 4), np.float32), "w")
+    w.ClearField("raw_data")
+    w.data_location = T.EXTERNAL
+    entries = {"location": location, "offset": str(offset), "length": str(length or 64)}
+    for k, v in entries.items():
+        e = w.external_data.add()
+        e.key, e.value = k, v
+    return _model(_tiny_graph([h.make_node("MatMul", ["x", "w"], ["y"], name="mm")], [w]))
+
+
+def _nested_if(depth: int) -> onnx.GraphProto:
+    if depth == 0:
+        return h.make_graph([h.make_node("Identity", ["x"], ["o0"])], "leaf", [],
+                            [h.make_tensor_value_info("o0", T.FLOAT, ["N", 4])])
+    out = f"o{depth}"
+    sub = _nested_if(depth - 1)
+    node = h.make_node("If", ["c"], [out], then_branch=sub, else_branch=sub, name=f"if{depth}")
+    return h.make_graph([node], f"level{depth}", [],
+                        [h.make_tensor_value_info(out, T.FLOAT, ["N", 4])])
+
+
+def hostile_models() -> dict[str, tuple[onnx.ModelProto, str]]:
+    """Malformed or hostile ONNX models: name -> (model, expected EngineError code)."""
+    out: dict[str, tuple[onnx.ModelProto, str]] = {}
+
+    out["ext_parent_dir"] = (_external_model("../secret.bin"), "invalid_model")
+    out["ext_absolute"] = (_external_model("/etc/passwd"), "invalid_model")
+
+    bad = nh.from_array(np.ones((4, 4), np.float32), "w")
+    bad.raw_data = bad.raw_data[:20]
+    out["raw_length_mismatch"] = (
+        _model(_tiny_graph([h.make_node("MatMul", ["x", "w"], ["y"], name="mm")], [bad])),
+        "invalid_model")
+
+    shape = nh.from_array(np.array([1 << 20, 1 << 20, 1 << 10], np.int64), "shape")
+    out["constant_of_shape_terabytes"] = (_model(h.make_graph(
+        [h.make_node("ConstantOfShape", ["shape"], ["big"], name="cos"),
+         h.make_node("ReduceSum", ["big"], ["s"], name="rs", keepdims=0),
+         h.make_node("Add", ["x", "s"], ["y"], name="add")],
+        "g", [h.make_tensor_value_info("x", T.FLOAT, ["N", 4])],
+        [h.make_tensor_value_info("y", T.FLOAT, ["N", 4])], [shape])), "model_too_large")
+
+    out["dims_2_pow_40"] = (_model(_tiny_graph([h.make_node("Relu", ["x"], ["y"])],
+                                               x_shape=[1 << 40, 4], y_shape=[1 << 40, 4])),
+                            "model_too_large")
+
+    out["cyclic"] = (_model(_tiny_graph([
+        h.make_node("Add", ["x", "b"], ["a"], name="n1"),
+        h.make_node("Relu", ["a"], ["b"], name="n2"),
+        h.make_node("Identity", ["a"], ["y"], name="n3"),
+    ])), "invalid_model")
+
+    out["duplicate_names"] = (_model(_tiny_graph([
+        h.make_node("Relu", ["x"], ["a"], name="n1"),
+        h.make_node("Sigmoid", ["x"], ["a"], name="n2"),
+        h.make_node("Identity", ["a"], ["y"], name="n3"),
+    ])), "invalid_model")
+
+    out["unknown_domain"] = (_model(_tiny_graph([
+        h.make_node("Steal", ["x"], ["y"], domain="evil.ops", name="n1")]),
+        extra=[h.make_opsetid("evil.ops", 1)]), "unsupported_model")
+
+    m = _relu_model()
+    m.opset_import[0].version = 99
+    out["opset_99"] = (m, "unsupported_model")
+
+    m = _relu_model()
+    m.ir_version = 99
+    out["ir_version_99"] = (m, "unsupported_model")
+
+    out["empty_graph"] = (_model(h.make_graph([], "g", [], [])), "invalid_model")
+
+    g = _nested_if(12)
+    deep = h.make_graph(
+        [h.make_node("ReduceSum", ["x"], ["s"], keepdims=0, name="rs"),
+         h.make_node("Greater", ["s", "zero"], ["c"], name="gt"), *g.node,
+         h.make_node("Identity", ["o12"], ["y"], name="out")],
+        "deep", [h.make_tensor_value_info("x", T.FLOAT, ["N", 4])],
+        [h.make_tensor_value_info("y", T.FLOAT, ["N", 4])],
+        [nh.from_array(np.zeros((), np.float32), "zero")])
+    out["deep_nesting"] = (_model(deep), "unsupported_model")
+
+    w = np.ones((4, 4), np.float32)
+    w[1, 2] = np.nan
+    out["nan_weights"] = (_model(_tiny_graph([h.make_node("MatMul", ["x", "w"], ["y"])],
+                                             [nh.from_array(w, "w")])), "invalid_model")
+    w = np.ones((4, 4), np.float32)
+    w[0, 0] = np.inf
+    out["inf_weights"] = (_model(_tiny_graph([h.make_node("MatMul", ["x", "w"], ["y"])],
+                                             [nh.from_array(w, "w")])), "invalid_model")
+    return out
+
+
+def write_hostile_files(directory: Path) -> dict[str, tuple[Path, str]]:
+    """Hostile uploads as files: name -> (path, expected EngineError code)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    out: dict[str, tuple[Path, str]] = {}
+
+    def put(name: str, data: bytes, code: str) -> None:
+        p = directory / name
+        p.write_bytes(data)
+        out[name] = (p, code)
+
+    put("random.onnx", np.random.default_rng(7).bytes(4096), "not_onnx")
+    put("empty.onnx", b"", "not_onnx")
+    put("lfs.onnx", b"version https://git-lfs.github.com/spec/v1\n"
+        b"oid sha256:4d7a214614ab2935c943f9e0ff69d22eadbb8f32b1258daaa5e2ca24d17e2393\n"
+        b"size 12345\n", "not_onnx")
+    # Written, never read back as a pickle.
+    put("pickle_disguised.onnx", pickle.dumps({"state_dict": [1.0, 2.0]}, protocol=4),
+        "unsafe_format")
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as zf:  # the layout torch.save writes
+        zf.writestr("archive/data.pkl", pickle.dumps({"weight": "tensor"}, protocol=2))
+        zf.writestr("archive/byteorder", "little")
+        zf.writestr("archive/data/0", b"\x00" * 64)
+        zf.writestr("archive/version", "3\n")
+    put("torch_save.pt", buf.getvalue(), "unsafe_format")
+    put("torch_save_named.onnx", buf.getvalue(), "unsafe_format")
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as zf:  # torch.export .pt2 layout
+        zf.writestr("model/archive_format", "pt2")
+        zf.writestr("model/models/model.json", "{}")
+        zf.writestr("model/data/constants/tensor_0", b"\x00" * 16)
+    put("exported.pt2", buf.getvalue(), "unsafe_format")
+
+    relu = _relu_model().SerializeToString()
+    for kind in ("zip", "tar"):
+        out[f"traversal.{kind}"] = (build_archive({"../evil.onnx": relu},
+                                                  directory / f"traversal.{kind}", kind),
+                                    "invalid_archive")
+        out[f"absolute.{kind}"] = (build_archive({"/tmp/evil.onnx": relu},
+                                                 directory / f"absolute.{kind}", kind),
+                                   "invalid_archive")
+    # Symlink members.
+    p = directory / "symlink.tar"
+    with tarfile.open(p, "w") as tf:
+        info = tarfile.TarInfo("model.onnx.data")
+        info.type = tarfile.SYMTYPE
+        info.linkname = "/etc/passwd"
+        tf.addfile(info)
+        info = tarfile.TarInfo("model.onnx")
+        info.size = len(relu)
+        tf.addfile(info, io.BytesIO(relu))
+    out["symlink.tar"] = (p, "invalid_archive")
+    p = directory / "symlink.zip"
+    with zipfile.ZipFile(p, "w") as zf:
+        zi = zipfile.ZipInfo("model.onnx.data")
+        zi.external_attr = (0o120777 << 16)
+        zf.writestr(zi, "/etc/passwd")
+        zf.writestr("model.onnx", relu)
+    out["symlink.zip"] = (p, "invalid_archive")
+    # Zip bomb: 32 MB of zeros deflate to ~32 KB.
+    p = directory / "bomb.zip"
+    with zipfile.ZipFile(p, "w", zipfile.ZIP_DEFLATED) as zf:
+        zf.writestr("model.onnx", relu)
+        zf.writestr("model.onnx.data", b"\x00" * (32 << 20))
+    out["bomb.zip"] = (p, "invalid_archive")
+    # An archive with no ONNX file inside.
+    out["no_model.zip"] = (build_archive({"weights.bin": b"\x00" * 64}, directory / "no_model.zip"),
+                           "invalid_archive")
+    # A lone .onnx that points at external data (the data never came with it).
+    p = directory / "lone_external.onnx"
+    p.write_bytes(_external_model("model.onnx.data").SerializeToString())
+    out["lone_external.onnx"] = (p, "invalid_model")
+    # External data with a bogus offset, inside an archive with the data file.
+    out["bogus_offset.zip"] = (build_archive(
+        {"model.onnx": _external_model("w.bin", offset=1 << 20).SerializeToString(),
+         "w.bin": b"\x00" * 64}, directory / "bogus_offset.zip"), "invalid_model")
+    out["bogus_length.zip"] = (build_archive(
+        {"model.onnx": _external_model("w.bin", length=32).SerializeToString(),
+         "w.bin": b"\x00" * 64}, directory / "bogus_length.zip"), "invalid_model")
+    out["ext_traversal.zip"] = (build_archive(
+        {"m/model.onnx": _external_model("../../secret.bin").SerializeToString(),
+         "m/w.bin": b"\x00" * 64}, directory / "ext_traversal.zip"), "invalid_model")
+    # Every hostile ONNX model, as a plain file.
+    for name, (model, code) in hostile_models().items():
+        p = directory / f"{name}.onnx"
+        p.write_bytes(model.SerializeToString())
+        out[f"{name}.onnx"] = (p, code)
+    return out
