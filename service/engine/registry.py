@@ -120,8 +120,7 @@ def parse_step(step: dict[str, Any]) -> tuple[type[Pass[Any]], PassConfig]:
         config = cls.config_model.model_validate(params)
     except ValidationError as exc:
         errors = [
-            {"field": ".".join(str(p) for p in e["loc"]), "message": e["msg"]}
-            for e in exc.errors()
+            {"field": ".".join(str(p) for p in e["loc"]), "message": e["msg"]} for e in exc.errors()
         ]
         raise EngineError(
             "invalid_recipe",

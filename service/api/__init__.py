@@ -1,0 +1,71 @@
+"""The HTTP API: a stateless Flask app. ``create_app(settings=None)`` is the only entry point.
+
+Run it with gunicorn: ``gunicorn -c service/api/gunicorn_conf.py 'service.api:create_app()'``.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from flask import Flask, g, request
+from flask.typing import ResponseReturnValue
+
+from service.config import Settings
+
+
+def create_app(settings: Settings | None = None) -> Flask:
+    """Build the app from ``settings`` (default: read from the environment)."""
+    from service.api import datasets, devices, health, jobs, models, problems
+    from service.api.context import Services
+    from service.jobs.store import JobStore
+    from service.metrics import ServiceMetrics
+    from service.storage.s3 import make_store
+    from service.uploads.store import UploadStore
+    from service.worker.celery_app import create_celery_app
+    from service.worker.queue import JobQueue
+
+    settings = settings or Settings()
+    logging.basicConfig(level=settings.log_level.upper())
+    app = Flask(__name__)
+    # Werkzeug refuses bodies past this before reading them (multipart overhead allowed).
+    app.config["MAX_CONTENT_LENGTH"] = (
+        max(settings.max_upload_bytes, settings.max_dataset_bytes) + 1024 * 1024
+    )
+    app.config["MAX_FORM_MEMORY_SIZE"] = 1024 * 1024
+    app.json.sort_keys = False  # type: ignore[attr-defined]
+
+    store = make_store(settings)
+    metrics = ServiceMetrics()
+    app.extensions["edgepress"] = Services(
+        settings=settings,
+        store=store,
+        jobs=JobStore(store),
+        uploads=UploadStore(store),
+        queue=JobQueue(create_celery_app(settings), settings),
+        metrics=metrics,
+    )
+
+    problems.init_app(app)
+    for module in (health, models, datasets, jobs, devices):
+        app.register_blueprint(module.bp)
+
+    @app.before_request
+    def _start_timer() -> None:
+        g.edgepress_started = time.perf_counter()
+
+    @app.after_request
+    def _record(response):  # type: ignore[no-untyped-def]
+        route = request.url_rule.rule if request.url_rule is not None else "unmatched"
+        started = g.get("edgepress_started")
+        if started is not None:
+            metrics.http_latency.labels(route, request.method).observe(
+                time.perf_counter() - started
+            )
+        metrics.http_requests.labels(route, request.method, str(response.status_code)).inc()
+        return response
+
+    return app
+
+
+__all__ = ["ResponseReturnValue", "create_app"]

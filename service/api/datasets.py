@@ -1,0 +1,50 @@
+"""``/v1/datasets``: ``.npz`` calibration / evaluation samples keyed by model input name."""
+
+from __future__ import annotations
+
+from flask import Blueprint, Response, jsonify, request, url_for
+
+from service.api.context import services
+from service.api.problems import from_engine_error
+from service.api.streaming import receive_upload
+from service.engine.dataset import inspect_dataset
+from service.engine.errors import EngineError
+from service.engine.limits import EngineLimits
+
+bp = Blueprint("datasets", __name__, url_prefix="/v1/datasets")
+
+
+@bp.post("")
+def upload_dataset() -> tuple[Response, int, dict[str, str]]:
+    """Store an ``.npz`` (read with ``allow_pickle=False`` only). Validated against a model's
+    inputs when a job uses it."""
+    svc = services()
+    limits = EngineLimits(max_dataset_bytes=svc.settings.max_dataset_bytes)
+    with receive_upload(
+        request, max_bytes=svc.settings.max_dataset_bytes, scratch_dir=svc.settings.scratch_dir
+    ) as received:
+        svc.metrics.uploads_bytes.labels("dataset").inc(received.size)
+        try:
+            description = inspect_dataset(received.path, limits)
+        except EngineError as exc:
+            raise from_engine_error(exc) from None
+        record, created = svc.uploads.save_dataset(
+            received.path,
+            sha256=received.sha256,
+            size=received.size,
+            filename=received.filename,
+            description=description,
+        )
+    location = url_for("datasets.get_dataset", dataset_id=record.id)
+    return jsonify(record.model_dump(mode="json")), 201 if created else 200, {"Location": location}
+
+
+@bp.get("/<dataset_id>")
+def get_dataset(dataset_id: str) -> Response:
+    return jsonify(services().uploads.get_dataset(dataset_id).model_dump(mode="json"))
+
+
+@bp.delete("/<dataset_id>")
+def delete_dataset(dataset_id: str) -> tuple[str, int]:
+    services().uploads.delete_dataset(dataset_id)
+    return "", 204

@@ -1,0 +1,28 @@
+"""gunicorn settings for the API (kept in the repo; values from EDGEPRESS_* where relevant).
+
+Prometheus multiprocess mode needs PROMETHEUS_MULTIPROC_DIR set to an empty directory before
+any metric is created; the local stack script and the k8s manifests set it (emptyDir). The
+child_exit hook tells prometheus_client that a worker's live gauges are gone.
+"""
+
+import os
+
+bind = os.environ.get("EDGEPRESS_BIND", "127.0.0.1:8080")
+workers = int(os.environ.get("EDGEPRESS_API_WORKERS", "2"))
+threads = int(os.environ.get("EDGEPRESS_API_THREADS", "4"))
+worker_class = "gthread"
+timeout = 120
+graceful_timeout = 30
+keepalive = 5
+# Uploads stream to disk; keep request line/header limits at their safe defaults.
+limit_request_line = 8190
+accesslog = "-"
+errorlog = "-"
+loglevel = os.environ.get("EDGEPRESS_LOG_LEVEL", "info").lower()
+
+
+def child_exit(server, worker):  # type: ignore[no-untyped-def]
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        from prometheus_client import multiprocess
+
+        multiprocess.mark_process_dead(worker.pid)

@@ -1,0 +1,181 @@
+"""``/v1/jobs``: submit, follow, list, cancel, delete, and fetch artifacts.
+
+The API only records and enqueues: compression runs in the workers. The record is written
+before the message is sent, so a lost message is recovered by the workers' reconciler.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from flask import Blueprint, Response, jsonify, redirect, request, url_for
+
+from service.api.context import services
+from service.api.pagination import page_limit
+from service.api.problems import from_engine_error
+from service.api.schemas import JobCreate
+from service.engine.devices import parse_device
+from service.engine.errors import EngineError
+from service.engine.registry import parse_recipe
+from service.errors import Conflict, NotFound, Unavailable, ValidationFailed
+from service.jobs.models import Job, JobState, new_job_id, utcnow
+from service.jobs.store import artifact_key
+from service.uploads.store import DatasetRecord, ModelRecord
+
+log = logging.getLogger(__name__)
+
+bp = Blueprint("jobs", __name__, url_prefix="/v1/jobs")
+
+ARTIFACT_TYPES = {
+    "model.onnx": "application/octet-stream",
+    "model.onnx.zst": "application/zstd",
+    "report.json": "application/json",
+    "report.html": "text/html",
+}
+
+
+@bp.post("")
+def create_job() -> tuple[Response, int, dict[str, str]]:
+    svc = services()
+    body = request.get_json(silent=True)
+    if not isinstance(body, dict):
+        raise ValidationFailed(
+            "the body must be a JSON object",
+            extra={"errors": [{"field": "body", "message": "JSON object expected"}]},
+        )
+    spec = JobCreate.model_validate(body)
+    model = svc.uploads.get_model(spec.model_id)
+    dataset = svc.uploads.get_dataset(spec.dataset_id) if spec.dataset_id else None
+    if dataset is not None:
+        _check_dataset_matches(dataset, model)
+    try:
+        if spec.recipe != "auto":
+            parse_recipe(spec.recipe)
+        device = parse_device(spec.device)
+    except EngineError as exc:
+        raise from_engine_error(exc) from None
+    job = Job(
+        id=new_job_id(),
+        model_id=model.id,
+        dataset_id=dataset.id if dataset else None,
+        device=spec.device if isinstance(spec.device, dict) else device.name,
+        recipe=spec.recipe,
+        constraints=spec.constraints.model_dump(exclude_none=True),
+        callback_url=spec.callback_url,
+        created_at=utcnow(),
+    )
+    svc.jobs.create(job)
+    svc.metrics.jobs_submitted.inc()
+    try:
+        svc.queue.enqueue(job.id)
+    except Unavailable:
+        # The record is the truth: the reconciler re-enqueues queued jobs once the broker is back.
+        log.warning("job %s recorded but not enqueued; the reconciler will enqueue it", job.id)
+    location = url_for("jobs.get_job", job_id=job.id)
+    return jsonify(job.public()), 202, {"Location": location}
+
+
+def _check_dataset_matches(dataset: DatasetRecord, model: ModelRecord) -> None:
+    inputs = {i["name"] for i in model.inputs}
+    arrays = set(dataset.arrays) - {"labels"}
+    missing = sorted(inputs - arrays)
+    unknown = sorted(arrays - inputs)
+    if missing or unknown:
+        raise ValidationFailed(
+            f"dataset {dataset.id} does not match model {model.id}: "
+            f"missing inputs {missing}, unknown arrays {unknown}",
+            code="dataset_mismatch",
+            extra={
+                "errors": [
+                    {
+                        "field": "dataset_id",
+                        "message": "array names must be the model's input names",
+                    }
+                ]
+            },
+        )
+
+
+@bp.get("/<job_id>")
+def get_job(job_id: str) -> Response:
+    return jsonify(services().jobs.get(job_id).public())
+
+
+@bp.get("")
+def list_jobs() -> Response:
+    state_arg = request.args.get("state")
+    state = None
+    if state_arg:
+        try:
+            state = JobState(state_arg)
+        except ValueError:
+            raise ValidationFailed(
+                f"unknown state {state_arg!r}",
+                extra={
+                    "errors": [
+                        {
+                            "field": "state",
+                            "message": "one of " + ", ".join(s.value for s in JobState),
+                        }
+                    ]
+                },
+            ) from None
+    jobs, cursor = services().jobs.list(
+        limit=page_limit(), cursor=request.args.get("cursor") or None, state=state
+    )
+    return jsonify({"items": [j.public() for j in jobs], "next_cursor": cursor})
+
+
+@bp.post("/<job_id>/cancel")
+def cancel_job(job_id: str) -> tuple[Response, int]:
+    """A queued job is cancelled at once; a running one is asked to stop (the worker stops
+    its engine process within seconds and marks it cancelled)."""
+    svc = services()
+
+    def change(job: Job) -> Job | None:
+        if job.state.terminal:
+            return None
+        if job.state is JobState.queued:
+            return job.transition(JobState.cancelled, message="cancelled by the user")
+        if job.cancel_requested:
+            return None
+        return job.model_copy(update={"cancel_requested": True, "updated_at": utcnow()})
+
+    job = svc.jobs.update(job_id, change)
+    if job.state is JobState.cancelled and job.finished_at is not None:
+        svc.metrics.jobs_finished.labels("cancelled").inc()
+    return jsonify(job.public()), 202 if job.state is JobState.running else 200
+
+
+@bp.delete("/<job_id>")
+def delete_job(job_id: str) -> tuple[Response | str, int]:
+    svc = services()
+    job = svc.jobs.get(job_id)
+    if not job.state.terminal:
+        raise Conflict("only finished jobs can be deleted; cancel it first", code="job_active")
+    svc.jobs.delete(job)
+    return "", 204
+
+
+@bp.get("/<job_id>/artifacts")
+def list_artifacts(job_id: str) -> Response:
+    job = services().jobs.get(job_id)
+    items: list[dict[str, Any]] = [
+        {"name": name, "url": url_for("jobs.get_artifact", job_id=job.id, name=name)}
+        for name in job.artifacts
+    ]
+    return jsonify({"items": items, "next_cursor": None})
+
+
+@bp.get("/<job_id>/artifacts/<name>")
+def get_artifact(job_id: str, name: str) -> Response:
+    """Redirect (302) to a short-lived presigned URL on the object store."""
+    svc = services()
+    job = svc.jobs.get(job_id)
+    if name not in job.artifacts:
+        raise NotFound(f"job {job_id} has no artifact {name!r}", code="artifact_not_found")
+    url = svc.store.presign_get(artifact_key(job.id, name), filename=f"{job.id}-{name}")
+    resp = redirect(url, code=302)
+    resp.headers["Cache-Control"] = "no-store"
+    return resp

@@ -1,0 +1,65 @@
+"""``/v1/models``: upload (raw body or multipart), describe, list, delete."""
+
+from __future__ import annotations
+
+from flask import Blueprint, Response, jsonify, request, url_for
+
+from service.api.context import services
+from service.api.pagination import page_limit
+from service.api.problems import from_engine_error
+from service.api.streaming import receive_upload
+from service.engine.errors import EngineError
+from service.engine.ingest import inspect_upload
+from service.engine.limits import EngineLimits
+
+bp = Blueprint("models", __name__, url_prefix="/v1/models")
+
+
+@bp.post("")
+def upload_model() -> tuple[Response, int, dict[str, str]]:
+    """Stream a model (``.onnx``, or a ``.zip``/``.tar`` with ONNX + external data) to the store.
+
+    Answers 201 with the model resource, or 200 with the existing one for bytes already stored.
+    """
+    svc = services()
+    limits = EngineLimits(max_model_bytes=svc.settings.max_upload_bytes)
+    with receive_upload(
+        request, max_bytes=svc.settings.max_upload_bytes, scratch_dir=svc.settings.scratch_dir
+    ) as received:
+        svc.metrics.uploads_bytes.labels("model").inc(received.size)
+        existing = svc.uploads.find_model(received.sha256)
+        if existing is not None:
+            record, created = existing, False
+        else:
+            try:
+                description = inspect_upload(received.path, received.filename, limits)
+            except EngineError as exc:
+                raise from_engine_error(exc) from None
+            record, created = svc.uploads.save_model(
+                received.path,
+                sha256=received.sha256,
+                size=received.size,
+                filename=received.filename,
+                description=description,
+            )
+    location = url_for("models.get_model", model_id=record.id)
+    return jsonify(record.model_dump(mode="json")), 201 if created else 200, {"Location": location}
+
+
+@bp.get("/<model_id>")
+def get_model(model_id: str) -> Response:
+    return jsonify(services().uploads.get_model(model_id).model_dump(mode="json"))
+
+
+@bp.get("")
+def list_models() -> Response:
+    items, cursor = services().uploads.list_models(
+        limit=page_limit(), after=request.args.get("cursor") or None
+    )
+    return jsonify({"items": [m.model_dump(mode="json") for m in items], "next_cursor": cursor})
+
+
+@bp.delete("/<model_id>")
+def delete_model(model_id: str) -> tuple[str, int]:
+    services().uploads.delete_model(model_id)
+    return "", 204

@@ -1,0 +1,87 @@
+"""Settings: the one place that reads the environment (``EDGEPRESS_*``).
+
+Everything else receives a ``Settings`` instance. The README's configuration table is written
+from the field descriptions here.
+"""
+
+from __future__ import annotations
+
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    """EdgePress settings, read from ``EDGEPRESS_<FIELD>`` environment variables."""
+
+    model_config = SettingsConfigDict(env_prefix="EDGEPRESS_", frozen=True, extra="ignore")
+
+    # Object store (AWS S3, MinIO, SeaweedFS ...).
+    s3_endpoint_url: str | None = Field(
+        default="http://127.0.0.1:8333",
+        description="S3 endpoint; empty for AWS S3 itself.",
+    )
+    s3_bucket: str = Field(default="edgepress", description="Bucket holding everything.")
+    s3_region: str = Field(default="us-east-1", description="S3 region.")
+    s3_access_key: str | None = Field(default=None, description="S3 access key id.")
+    s3_secret_key: SecretStr | None = Field(default=None, description="S3 secret key.")
+    s3_prefix: str = Field(
+        default="",
+        description="Key prefix inside the bucket (isolates deployments or test runs).",
+    )
+    s3_connect_timeout: float = Field(default=3.0, description="Seconds to connect to S3.")
+    s3_read_timeout: float = Field(default=30.0, description="Seconds to wait for S3 reads.")
+    presign_ttl_seconds: int = Field(
+        default=300, ge=10, le=7 * 24 * 3600, description="Lifetime of artifact download URLs."
+    )
+
+    # Broker.
+    broker_url: str = Field(default="redis://127.0.0.1:6379/0", description="Celery broker URL.")
+    queue_name: str = Field(default="edgepress.jobs", description="Celery queue for jobs.")
+
+    # Requests and limits.
+    max_upload_bytes: int = Field(
+        default=2 * 1024**3, ge=1024, description="Largest accepted upload (413 beyond)."
+    )
+    max_dataset_bytes: int = Field(
+        default=512 * 1024**2, ge=1024, description="Largest accepted dataset upload."
+    )
+    scratch_dir: str | None = Field(
+        default=None, description="Local scratch directory for uploads and jobs (default: TMPDIR)."
+    )
+
+    # Jobs.
+    job_soft_time_limit: int = Field(
+        default=1800, ge=5, description="Seconds after which a job is asked to stop (timeout)."
+    )
+    job_time_limit: int = Field(
+        default=1900, ge=10, description="Seconds after which a job's engine process is killed."
+    )
+    job_max_attempts: int = Field(
+        default=3, ge=1, description="Deliveries of one job before it fails with worker_lost."
+    )
+    job_memory_limit_mb: int = Field(
+        default=8192, ge=256, description="Address-space limit of a job's engine process."
+    )
+    job_max_output_mb: int = Field(
+        default=8192, ge=16, description="Largest file a job's engine process may write."
+    )
+    job_queued_requeue_seconds: int = Field(
+        default=600, ge=5, description="A job queued this long is re-enqueued by the reconciler."
+    )
+    job_heartbeat_seconds: float = Field(
+        default=5.0, gt=0, description="How often a running job's record is refreshed."
+    )
+    job_stale_seconds: float = Field(
+        default=45.0, gt=0, description="A running job not refreshed this long lost its worker."
+    )
+    reconcile_interval_seconds: float = Field(
+        default=15.0, gt=0, description="How often each worker looks for lost or stuck jobs."
+    )
+    progress_interval_seconds: float = Field(
+        default=1.0, ge=0.0, description="Minimum seconds between progress writes to a job."
+    )
+
+    # Processes.
+    worker_metrics_port: int = Field(default=9808, description="Worker's Prometheus port.")
+    worker_metrics_host: str = Field(default="0.0.0.0", description="Worker metrics bind address.")
+    log_level: str = Field(default="INFO", description="Log level.")

@@ -1,0 +1,53 @@
+"""The worker's Celery app: tasks registered, metrics served, reconciler started."""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+
+from celery import Celery, signals
+
+from service.config import Settings
+
+
+def create_worker_app(settings: Settings | None = None) -> Celery:
+    settings = settings or Settings()
+    # prometheus_client picks multiprocess mode from this variable when the first metric is
+    # made; pool processes must share one directory with the main process that serves /metrics.
+    if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(
+            prefix="edgepress-worker-metrics-"
+        )
+
+    from service.jobs.store import JobStore
+    from service.metrics import ServiceMetrics
+    from service.storage.s3 import make_store
+    from service.worker.celery_app import create_celery_app
+    from service.worker.queue import JobQueue
+    from service.worker.tasks import Reconciler, register_tasks
+
+    logging.basicConfig(level=settings.log_level.upper())
+    app = create_celery_app(settings)
+    metrics = ServiceMetrics()
+    register_tasks(app, settings, metrics)
+
+    @signals.worker_ready.connect(weak=False)
+    def _on_ready(sender=None, **_: object) -> None:  # type: ignore[no-untyped-def]
+        from prometheus_client import CollectorRegistry, multiprocess, start_http_server
+
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry)
+        start_http_server(
+            settings.worker_metrics_port, settings.worker_metrics_host, registry=registry
+        )
+        store = make_store(settings)
+        Reconciler(settings, JobStore(store), JobQueue(app, settings)).start()
+
+    @signals.worker_process_shutdown.connect(weak=False)
+    def _on_child_exit(pid=None, **_: object) -> None:  # type: ignore[no-untyped-def]
+        from prometheus_client import multiprocess
+
+        multiprocess.mark_process_dead(pid or os.getpid())
+
+    return app

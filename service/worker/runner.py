@@ -1,0 +1,384 @@
+"""``JobRunner``: runs one job, start to finish, from its id.
+
+Idempotent: it re-reads the record, returns early when the job is finished or being run by a
+live worker, and claims it with a compare-and-swap. The engine runs in a child process
+(``engine_process``) under memory, CPU-time and file-size limits; this side streams progress
+into the record, heart-beats, honours cancellation, enforces the soft and hard time limits,
+stores the artifacts and writes the terminal state.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import resource
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from service.config import Settings
+from service.engine.devices import parse_device
+from service.errors import NotFound
+from service.jobs.models import Job, JobError, JobState, utcnow
+from service.jobs.store import JobStore, artifact_key
+from service.metrics import ServiceMetrics
+from service.storage.s3 import S3ObjectStore
+from service.uploads.store import UploadStore, dataset_data_key, model_source_key
+
+log = logging.getLogger(__name__)
+
+_SIGNAL_CODES = {
+    signal.SIGSEGV: ("engine_crashed", "the engine crashed (segmentation fault) on this model"),
+    signal.SIGBUS: ("engine_crashed", "the engine crashed (bus error) on this model"),
+    signal.SIGABRT: ("engine_crashed", "the engine aborted on this model"),
+    signal.SIGFPE: ("engine_crashed", "the engine crashed (arithmetic fault) on this model"),
+    signal.SIGILL: ("engine_crashed", "the engine crashed (illegal instruction) on this model"),
+    signal.SIGXCPU: ("timeout", "the job used up its CPU-time limit"),
+    signal.SIGXFSZ: ("output_too_large", "the job tried to write a file past its size limit"),
+}
+
+
+@dataclass
+class _Progress:
+    stage: str = "starting"
+    fraction: float = 0.0
+    stage_started: float = field(default_factory=time.monotonic)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+def worker_name() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+class JobRunner:
+    def __init__(
+        self,
+        settings: Settings,
+        store: S3ObjectStore,
+        metrics: ServiceMetrics,
+        name: str | None = None,
+    ) -> None:
+        self.settings = settings
+        self.store = store
+        self.jobs = JobStore(store)
+        self.uploads = UploadStore(store)
+        self.metrics = metrics
+        self.name = name or worker_name()
+
+    # -- claiming ----------------------------------------------------------------------------
+    def _claim(self, job: Job) -> Job | None:
+        if job.state.terminal:
+            return None
+        if job.cancel_requested:
+            return job.transition(JobState.cancelled, message="cancelled by the user")
+        if job.state is JobState.running and not self.is_stale(job):
+            return None  # a live worker runs it; a duplicate delivery ends here
+        attempts = job.attempts + 1
+        if attempts > self.settings.job_max_attempts:
+            return job.transition(
+                JobState.failed,
+                error=JobError(
+                    code="worker_lost",
+                    message=f"the job's worker was lost {job.attempts} times; giving up",
+                ),
+            )
+        return job.transition(
+            JobState.running,
+            attempts=attempts,
+            worker=self.name,
+            stage="starting",
+            progress=0.0,
+            message=None,
+        )
+
+    def is_stale(self, job: Job) -> bool:
+        seen = job.updated_at or job.started_at or job.created_at
+        return (utcnow() - seen).total_seconds() > self.settings.job_stale_seconds
+
+    # -- running -----------------------------------------------------------------------------
+    def run(self, job_id: str) -> Job | None:
+        """Run job ``job_id`` if it is ours to run; returns the final record (or None)."""
+        try:
+            claimed = self.jobs.update(job_id, self._claim)
+        except NotFound:
+            log.warning("job %s has no record; dropping the message", job_id)
+            return None
+        if claimed.state is not JobState.running or claimed.worker != self.name:
+            if claimed.state.terminal:
+                self._finished(claimed)
+            return claimed
+        started = time.monotonic()
+        self.metrics.worker_in_progress.inc()
+        try:
+            final = self._execute(claimed)
+        except Exception as exc:  # a bug or an unreachable store: fail the job, keep the worker
+            log.exception("job %s failed in the worker", job_id)
+            final = self._fail(
+                job_id,
+                "internal_error",
+                f"the worker failed while running the job ({type(exc).__name__})",
+            )
+        finally:
+            self.metrics.worker_in_progress.dec()
+            self.metrics.worker_busy.inc(time.monotonic() - started)
+        self._finished(final)
+        return final
+
+    def _execute(self, job: Job) -> Job:
+        base = Path(self.settings.scratch_dir or tempfile.gettempdir())
+        workdir = Path(tempfile.mkdtemp(prefix=f"{job.id}-", dir=base))
+        try:
+            model = self.uploads.get_model(job.model_id)
+            suffix = _source_suffix(model.format, model.filename)
+            model_path = workdir / "input" / f"model{suffix}"
+            model_path.parent.mkdir()
+            self._stage(job.id, "download", 0.0)
+            self.store.download_file(model_source_key(model.id), model_path)
+            dataset_path = None
+            if job.dataset_id:
+                dataset_path = workdir / "input" / "data.npz"
+                self.store.download_file(dataset_data_key(job.dataset_id), dataset_path)
+            device = parse_device(job.device).model_dump(mode="json")
+            spec = {
+                "workdir": str(workdir),
+                "model_path": str(model_path),
+                "dataset_path": str(dataset_path) if dataset_path else None,
+                "recipe": job.recipe,
+                "device": device,
+                "constraints": job.constraints,
+            }
+            (workdir / "spec.json").write_text(json.dumps(spec))
+            outcome = self._run_engine(job.id, workdir)
+            if outcome.get("lost"):
+                return self.jobs.get(job.id)
+            if outcome.get("cancelled"):
+                return self._cancelled(job.id)
+            if not outcome.get("ok"):
+                err = outcome.get("error") or {}
+                return self._fail(
+                    job.id,
+                    err.get("code", "internal_error"),
+                    err.get("message", "the engine failed"),
+                    err.get("details"),
+                )
+            self._stage(job.id, "upload", 0.98)
+            names = []
+            for name, path in outcome["artifacts"].items():
+                self.store.upload_file(
+                    artifact_key(job.id, name),
+                    Path(path),
+                    content_type="application/json"
+                    if name.endswith(".json")
+                    else "application/octet-stream",
+                    metadata={"job": job.id},
+                )
+                names.append(name)
+            summary = outcome.get("summary") or {}
+
+            def succeed(current: Job) -> Job | None:
+                if current.state is not JobState.running or current.worker != self.name:
+                    return None
+                return current.transition(
+                    JobState.succeeded, result=summary, artifacts=sorted(names)
+                )
+
+            return self.jobs.update(job.id, succeed)
+        finally:
+            shutil.rmtree(workdir, ignore_errors=True)
+
+    def _run_engine(self, job_id: str, workdir: Path) -> dict[str, Any]:
+        s = self.settings
+        progress = _Progress()
+        stderr_path = workdir / "engine.stderr"
+        with open(stderr_path, "wb") as stderr:
+            proc = subprocess.Popen(  # noqa: S603 - fixed argv, our own module
+                [sys.executable, "-m", "service.worker.engine_process", str(workdir / "spec.json")],
+                stdout=subprocess.PIPE,
+                stderr=stderr,
+                stdin=subprocess.DEVNULL,
+                cwd=workdir,
+                preexec_fn=_limits(s),  # noqa: PLW1509 - resource limits for the child only
+                start_new_session=True,
+            )
+            reader = threading.Thread(
+                target=_read_progress, args=(proc, progress, self.metrics), daemon=True
+            )
+            reader.start()
+            started = time.monotonic()
+            last_write = 0.0
+            soft_sent = False
+            lost: bool | None = None
+            while proc.poll() is None:
+                time.sleep(0.25)
+                elapsed = time.monotonic() - started
+                if elapsed > s.job_time_limit:
+                    _kill(proc, signal.SIGKILL)
+                    break
+                if elapsed > s.job_soft_time_limit and not soft_sent:
+                    _kill(proc, signal.SIGTERM)
+                    soft_sent = True
+                now = time.monotonic()
+                if (
+                    now - last_write >= min(s.progress_interval_seconds, s.job_heartbeat_seconds)
+                    or now - last_write >= s.job_heartbeat_seconds
+                ):
+                    last_write = now
+                    with progress.lock:
+                        stage, fraction = progress.stage, progress.fraction
+                    current = self._heartbeat(job_id, stage, fraction)
+                    if current is None or current.cancel_requested:
+                        # Cancelled by the user, or taken from us (deleted, or reclaimed by the
+                        # reconciler after we looked dead): stop the engine either way.
+                        lost = current is None
+                        _kill(proc, signal.SIGKILL)
+                        break
+            proc.wait()
+            reader.join(timeout=5)
+        elapsed = time.monotonic() - started
+        if lost is not None:
+            return {"lost": True} if lost else {"cancelled": True}
+        result_file = workdir / "result.json"
+        if result_file.exists():
+            with contextlib.suppress(ValueError):
+                return dict(json.loads(result_file.read_text()))
+        code = proc.returncode
+        tail = stderr_path.read_bytes()[-2000:].decode(errors="replace")
+        log.warning("engine for job %s ended with %s: %s", job_id, code, tail)
+        if elapsed > s.job_soft_time_limit:
+            return {
+                "ok": False,
+                "error": {
+                    "code": "timeout",
+                    "message": f"the job ran past its time limit of {s.job_soft_time_limit} s",
+                },
+            }
+        if code is not None and code < 0 and -code in _SIGNAL_CODES:
+            c, m = _SIGNAL_CODES[signal.Signals(-code)]
+            return {"ok": False, "error": {"code": c, "message": m}}
+        if code == -signal.SIGKILL or "MemoryError" in tail or "bad_alloc" in tail:
+            return {
+                "ok": False,
+                "error": {
+                    "code": "out_of_memory",
+                    "message": f"the job was stopped: it exceeded its memory limit of {s.job_memory_limit_mb} MB",
+                },
+            }
+        return {
+            "ok": False,
+            "error": {
+                "code": "engine_crashed",
+                "message": f"the engine process ended unexpectedly (exit {code})",
+            },
+        }
+
+    # -- record updates ------------------------------------------------------------------------
+    def _heartbeat(self, job_id: str, stage: str, fraction: float) -> Job | None:
+        def change(job: Job) -> Job | None:
+            if job.state is not JobState.running or job.worker != self.name:
+                return None
+            return job.model_copy(
+                update={
+                    "stage": stage,
+                    "progress": max(job.progress, min(fraction, 0.97)),
+                    "updated_at": utcnow(),
+                }
+            )
+
+        try:
+            job = self.jobs.update(job_id, change)
+        except NotFound:
+            return None
+        return job if job.state is JobState.running and job.worker == self.name else None
+
+    def _stage(self, job_id: str, stage: str, fraction: float) -> None:
+        self._heartbeat(job_id, stage, fraction)
+
+    def _fail(
+        self, job_id: str, code: str, message: str, details: dict[str, Any] | None = None
+    ) -> Job:
+        def change(job: Job) -> Job | None:
+            if job.state.terminal:
+                return None
+            return job.transition(
+                JobState.failed, error=JobError(code=code, message=message, details=details)
+            )
+
+        return self.jobs.update(job_id, change)
+
+    def _cancelled(self, job_id: str) -> Job:
+        def change(job: Job) -> Job | None:
+            if job.state.terminal:
+                return None
+            return job.transition(JobState.cancelled, message="cancelled by the user")
+
+        return self.jobs.update(job_id, change)
+
+    def _finished(self, job: Job) -> None:
+        if not job.state.terminal:
+            return
+        self.metrics.jobs_finished.labels(job.state.value).inc()
+        if job.started_at and job.finished_at:
+            self.metrics.job_duration.labels(job.state.value).observe(
+                (job.finished_at - job.started_at).total_seconds()
+            )
+        if job.state is JobState.succeeded and job.result and job.result.get("size_ratio"):
+            self.metrics.compression_ratio.observe(float(job.result["size_ratio"]))
+
+
+def _source_suffix(fmt: str, filename: str | None) -> str:
+    if fmt == "onnx_archive":
+        name = (filename or "").lower()
+        for suffix in (".tar.gz", ".tgz", ".tar", ".zip"):
+            if name.endswith(suffix):
+                return suffix
+        return ".zip"
+    return ".onnx"
+
+
+def _limits(settings: Settings):  # type: ignore[no-untyped-def]
+    memory = settings.job_memory_limit_mb * 1024 * 1024
+    cpu = settings.job_time_limit * max(1, os.cpu_count() or 1)
+    fsize = settings.job_max_output_mb * 1024 * 1024
+
+    def apply() -> None:
+        resource.setrlimit(resource.RLIMIT_AS, (memory, memory))
+        resource.setrlimit(resource.RLIMIT_CPU, (cpu, cpu + 5))
+        resource.setrlimit(resource.RLIMIT_FSIZE, (fsize, fsize))
+        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+
+    return apply
+
+
+def _kill(proc: subprocess.Popen[bytes], sig: int) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, sig)
+
+
+def _read_progress(
+    proc: subprocess.Popen[bytes], progress: _Progress, metrics: ServiceMetrics
+) -> None:
+    assert proc.stdout is not None
+    for raw in proc.stdout:
+        try:
+            msg = json.loads(raw)
+            stage, fraction = str(msg["stage"])[:64], float(msg["fraction"])
+        except (ValueError, KeyError, TypeError):
+            continue
+        with progress.lock:
+            if stage != progress.stage:
+                now = time.monotonic()
+                metrics.job_stage.labels(progress.stage.split(":", 1)[0]).observe(
+                    now - progress.stage_started
+                )
+                progress.stage, progress.stage_started = stage, now
+            progress.fraction = max(0.0, min(1.0, fraction))
