@@ -1,0 +1,333 @@
+"""Evaluate a compressed model against its original: size, parameters, latency, fidelity, accuracy.
+
+- Size: bytes of the single self-contained ``.onnx`` file on disk.
+- Latency: ONNX Runtime on this host, CPU provider, a fixed number of intra-op threads, both
+  models in one process, warmed up, then timed in interleaved rounds (original, candidate,
+  candidate, original, ...) so that drift on a shared machine hits both alike; the median per
+  model is reported. Each round times a burst of runs long enough (~5 ms) to be measurable.
+- Fidelity, per output (recurrent state outputs included): cosine similarity, SQNR in dB (capped
+  at 200 dB when the outputs are identical), max abs error, and top-1 agreement for
+  classifier-like outputs (2-D ``[batch, classes]`` with at least 2 classes); null elsewhere.
+- Accuracy: argmax of the first classifier-like output against the dataset labels.
+
+Evaluation inputs come from the dataset (first ``limits.eval_samples`` samples) or are generated
+from the input signature with a fixed seed: a symbolic batch axis (axis 0) gets 1, every other
+symbolic dim gets 16 (a sequence length); floats are standard normal; integer inputs used as
+``Gather`` indices into an initializer draw from its valid rows, other integers from {0, 1};
+booleans are random.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+from onnx import helper
+
+from service.engine.ingest import graph_inputs, parameter_count
+from service.engine.limits import EngineLimits
+
+DEFAULT_BATCH = 1
+DEFAULT_DYNAMIC_DIM = 16
+SEED = 0
+SQNR_CAP_DB = 200.0
+_BURST_SECONDS = 0.005
+
+Feed = dict[str, np.ndarray]
+
+
+# ---------------------------------------------------------------------------------------------
+# Evaluation inputs
+
+
+def _input_dims(v: onnx.ValueInfoProto) -> list[int]:
+    tt = v.type.tensor_type
+    dims = []
+    for axis, d in enumerate(tt.shape.dim):
+        if d.HasField("dim_value") and d.dim_value > 0:
+            dims.append(d.dim_value)
+        else:
+            dims.append(DEFAULT_BATCH if axis == 0 else DEFAULT_DYNAMIC_DIM)
+    return dims
+
+
+def _index_bounds(model: onnx.ModelProto) -> dict[str, int]:
+    """Graph inputs used as Gather indices into an initializer -> number of valid rows."""
+    inits = {t.name: t for t in model.graph.initializer}
+    bounds: dict[str, int] = {}
+    for node in model.graph.node:
+        if node.op_type == "Gather" and len(node.input) > 1 and node.input[0] in inits:
+            axis = next((a.i for a in node.attribute if a.name == "axis"), 0)
+            dims = inits[node.input[0]].dims
+            if dims:
+                rows = dims[axis]
+                bounds[node.input[1]] = min(bounds.get(node.input[1], rows), rows)
+    return bounds
+
+
+def generate_feeds(model: onnx.ModelProto, samples: int, seed: int = SEED) -> list[Feed]:
+    """``samples`` feeds generated from the input signature (see the module docstring)."""
+    rng = np.random.default_rng(seed)
+    bounds = _index_bounds(model)
+    feeds: list[Feed] = []
+    inputs = graph_inputs(model)
+    for _ in range(samples):
+        feed: Feed = {}
+        for v in inputs:
+            dtype = np.dtype(helper.tensor_dtype_to_np_dtype(v.type.tensor_type.elem_type))
+            dims = _input_dims(v)
+            if dtype.kind == "f":
+                feed[v.name] = rng.standard_normal(dims).astype(dtype)
+            elif dtype.kind in "iu":
+                high = bounds.get(v.name, 2)
+                feed[v.name] = rng.integers(0, max(high, 1), size=dims).astype(dtype)
+            elif dtype.kind == "b":
+                feed[v.name] = rng.integers(0, 2, size=dims).astype(bool)
+            else:
+                raise ValueError(f"cannot generate inputs of dtype {dtype}")
+        feeds.append(feed)
+    return feeds
+
+
+def dataset_feeds(
+    model: onnx.ModelProto,
+    dataset: dict[str, np.ndarray],
+    labels: np.ndarray | None,
+    samples: int,
+) -> tuple[list[Feed], list[np.ndarray] | None]:
+    """Split a validated dataset into feeds along the batch axis (batch = the input's fixed
+    axis-0 size, else 1), at most ``samples`` feeds; labels split alike."""
+    batch = 1
+    for v in graph_inputs(model):
+        d0 = v.type.tensor_type.shape.dim[0] if v.type.tensor_type.shape.dim else None
+        if d0 is not None and d0.HasField("dim_value") and d0.dim_value > 0:
+            batch = d0.dim_value
+            break
+    total = next(iter(dataset.values())).shape[0]
+    count = min(samples, total // batch)
+    feeds = [{k: a[i * batch:(i + 1) * batch] for k, a in dataset.items()} for i in range(count)]
+    label_chunks = None
+    if labels is not None:
+        label_chunks = [labels[i * batch:(i + 1) * batch] for i in range(count)]
+    return feeds, label_chunks
+
+
+# ---------------------------------------------------------------------------------------------
+# Sessions and runs
+
+
+def make_session(path: Path, threads: int) -> Any:
+    """An ONNX Runtime CPU session with fixed threads (intra ``threads``, inter 1)."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    opts.inter_op_num_threads = 1
+    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    opts.log_severity_level = 3
+    return ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
+
+
+_ORT_TYPES = {
+    "tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64,
+    "tensor(int64)": np.int64, "tensor(int32)": np.int32, "tensor(int8)": np.int8,
+    "tensor(uint8)": np.uint8, "tensor(bool)": np.bool_,
+}
+
+
+def adapt_feed(session: Any, feed: Feed) -> Feed:
+    """Cast a feed to the session's input types (a pass may have changed an input's dtype)."""
+    out = {}
+    for i in session.get_inputs():
+        arr = feed[i.name]
+        want = _ORT_TYPES.get(i.type)
+        out[i.name] = arr.astype(want) if want is not None and arr.dtype != want else arr
+    return out
+
+
+def run_all(session: Any, feeds: Sequence[Feed]) -> dict[str, list[np.ndarray]]:
+    """Outputs per output name, one array per feed."""
+    names = [o.name for o in session.get_outputs()]
+    out: dict[str, list[np.ndarray]] = {n: [] for n in names}
+    for feed in feeds:
+        for name, value in zip(names, session.run(names, adapt_feed(session, feed)), strict=True):
+            out[name].append(np.asarray(value))
+    return out
+
+
+def measure_latency(
+    sessions: dict[str, Any], feed: Feed, *, runs: int, warmup: int,
+    check_cancelled: Callable[[], None] = lambda: None,
+) -> dict[str, dict]:
+    """Median milliseconds per run for each session, measured interleaved in this process.
+
+    Rounds alternate the order (A B, B A, ...) so slow drift on a shared host cancels out.
+    """
+    feeds = {k: adapt_feed(s, feed) for k, s in sessions.items()}
+    burst: dict[str, int] = {}
+    for key, s in sessions.items():
+        for _ in range(max(warmup, 1)):
+            s.run(None, feeds[key])
+        t0 = time.perf_counter()
+        s.run(None, feeds[key])
+        one = max(time.perf_counter() - t0, 1e-6)
+        burst[key] = max(1, min(200, int(_BURST_SECONDS / one)))
+    samples: dict[str, list[float]] = {k: [] for k in sessions}
+    keys = list(sessions)
+    for r in range(runs):
+        check_cancelled()
+        for key in keys if r % 2 == 0 else list(reversed(keys)):
+            s, f, n = sessions[key], feeds[key], burst[key]
+            t0 = time.perf_counter()
+            for _ in range(n):
+                s.run(None, f)
+            samples[key].append((time.perf_counter() - t0) * 1000.0 / n)
+    return {
+        k: {"median_ms": statistics.median(v), "min_ms": min(v), "max_ms": max(v),
+            "runs": len(v), "runs_per_sample": burst[k]}
+        for k, v in samples.items()
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# Fidelity and accuracy
+
+
+def _finite_or_none(x: float) -> float | None:
+    return float(x) if math.isfinite(x) else None
+
+
+def is_classifier_like(arrays: Sequence[np.ndarray]) -> bool:
+    """2-D float output ``[batch, classes]`` with at least 2 classes."""
+    a = arrays[0]
+    return a.ndim == 2 and a.shape[-1] >= 2 and a.dtype.kind == "f"
+
+
+def compare_output(ref: Sequence[np.ndarray], cand: Sequence[np.ndarray]) -> dict:
+    """Fidelity of one output over all evaluation feeds."""
+    r = np.concatenate([np.asarray(a, np.float64).ravel() for a in ref])
+    c = np.concatenate([np.asarray(a, np.float64).ravel() for a in cand])
+    out: dict[str, Any] = {"cosine": None, "sqnr_db": None, "max_abs_error": None,
+                           "top1_agreement": None, "finite": bool(np.isfinite(c).all())}
+    if r.shape != c.shape:
+        out["shape_mismatch"] = True
+        return out
+    if not out["finite"]:
+        return out
+    nr, nc = float(np.linalg.norm(r)), float(np.linalg.norm(c))
+    if nr == 0.0 and nc == 0.0:
+        cos = 1.0
+    elif nr == 0.0 or nc == 0.0:
+        cos = 0.0
+    else:
+        cos = float(np.dot(r, c) / (nr * nc))
+    err = float(np.sum((r - c) ** 2))
+    sig = float(np.sum(r**2))
+    if err == 0.0:
+        sqnr = SQNR_CAP_DB
+    elif sig == 0.0:
+        sqnr = -SQNR_CAP_DB
+    else:
+        sqnr = min(SQNR_CAP_DB, 10.0 * math.log10(sig / err))
+    out["cosine"] = _finite_or_none(cos)
+    out["sqnr_db"] = _finite_or_none(sqnr)
+    out["max_abs_error"] = _finite_or_none(float(np.max(np.abs(r - c))) if r.size else 0.0)
+    if is_classifier_like(ref):
+        agree = [np.argmax(a, axis=-1) == np.argmax(b, axis=-1) for a, b in
+                 zip(ref, cand, strict=True)]
+        out["top1_agreement"] = float(np.mean(np.concatenate(agree)))
+    return out
+
+
+def accuracy(outputs: Sequence[np.ndarray], labels: Sequence[np.ndarray]) -> float:
+    preds = np.concatenate([np.argmax(a, axis=-1).ravel() for a in outputs])
+    truth = np.concatenate([np.asarray(lbl).ravel() for lbl in labels])
+    return float(np.mean(preds == truth))
+
+
+# ---------------------------------------------------------------------------------------------
+# The whole comparison
+
+
+def evaluate_candidate(
+    original_path: Path,
+    candidate_path: Path,
+    feeds: Sequence[Feed],
+    *,
+    labels: Sequence[np.ndarray] | None = None,
+    limits: EngineLimits | None = None,
+    original_model: onnx.ModelProto | None = None,
+    candidate_model: onnx.ModelProto | None = None,
+    check_cancelled: Callable[[], None] = lambda: None,
+) -> dict:
+    """Measure the candidate against the original; JSON-able result.
+
+    Keys: size {bytes_before, bytes_after, ratio}, params {before, after}, latency {before,
+    after, speedup, threads, runs, ...}, fidelity {output: {...}}, min_cosine, accuracy
+    {before, after, delta} or None, warnings.
+    """
+    limits = limits or EngineLimits()
+    original_model = original_model or onnx.load(str(original_path))
+    candidate_model = candidate_model or onnx.load(str(candidate_path))
+    bytes_before = Path(original_path).stat().st_size
+    bytes_after = Path(candidate_path).stat().st_size
+    warnings: list[str] = []
+
+    so = make_session(original_path, limits.latency_threads)
+    sc = make_session(candidate_path, limits.latency_threads)
+    check_cancelled()
+    ref = run_all(so, feeds)
+    cand = run_all(sc, feeds)
+    fidelity: dict[str, dict] = {}
+    for name in ref:
+        if name not in cand:
+            fidelity[name] = {"cosine": None, "sqnr_db": None, "max_abs_error": None,
+                              "top1_agreement": None, "missing": True}
+            warnings.append(f"output {name!r} is missing from the compressed model")
+            continue
+        fidelity[name] = compare_output(ref[name], cand[name])
+        if not fidelity[name]["finite"]:
+            warnings.append(f"output {name!r} of the compressed model contains NaN or Inf")
+    cosines = [f["cosine"] for f in fidelity.values()]
+    min_cosine = None if any(c is None for c in cosines) or not cosines else min(cosines)
+
+    acc = None
+    if labels is not None:
+        cls_out = next((n for n in ref if is_classifier_like(ref[n])), None)
+        if cls_out is None:
+            warnings.append("labels were given but no output looks like class scores "
+                            "([batch, classes]); accuracy not measured")
+        else:
+            before = accuracy(ref[cls_out], labels)
+            after = accuracy(cand[cls_out], labels) if cls_out in cand else None
+            acc = {"output": cls_out, "before": before, "after": after,
+                   "delta": None if after is None else after - before, "samples": sum(
+                       len(np.asarray(lbl).ravel()) for lbl in labels)}
+
+    check_cancelled()
+    lat = measure_latency({"before": so, "after": sc}, feeds[0], runs=limits.latency_runs,
+                          warmup=limits.latency_warmup, check_cancelled=check_cancelled)
+    before_ms, after_ms = lat["before"]["median_ms"], lat["after"]["median_ms"]
+    return {
+        "size": {"bytes_before": bytes_before, "bytes_after": bytes_after,
+                 "ratio": bytes_before / bytes_after if bytes_after else None},
+        "params": {"before": parameter_count(original_model),
+                   "after": parameter_count(candidate_model)},
+        "latency": {"before_ms": before_ms, "after_ms": after_ms,
+                    "speedup": before_ms / after_ms if after_ms > 0 else None,
+                    "threads": limits.latency_threads, "rounds": limits.latency_runs,
+                    "warmup": limits.latency_warmup, "provider": "CPUExecutionProvider",
+                    "detail": lat,
+                    "input_shapes": {k: list(v.shape) for k, v in feeds[0].items()}},
+        "fidelity": fidelity,
+        "min_cosine": min_cosine,
+        "accuracy": acc,
+        "warnings": warnings,
+    }

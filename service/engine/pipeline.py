@@ -1,0 +1,342 @@
+"""Run one compression job: ingest, normalise, the recipe's passes, evaluate, report.
+
+``run_pipeline`` is the engine's single verb: the Celery worker, the auto search and the
+benchmarks call it with files on disk. It knows no Flask, S3 or Celery. Passes are looked up in
+the registry by name; this module never names a technique except to know which ones only
+quantize (to refuse re-quantizing an already quantized model).
+
+Outcome rules:
+- a compressed model that is neither smaller (<= 98 % of the original bytes) nor faster
+  (speedup >= 1.05 on this host) fails with ``no_effect``: a job never "succeeds" with a bigger
+  or unchanged file;
+- a compressed model slower than the original on this host (speedup < 0.95) succeeds with a
+  warning saying how much slower;
+- ``model.onnx.zst`` is added when zstd shrinks the model below 90 % of its raw size (sparse
+  or clustered weights).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import onnx
+
+from service.engine.dataset import load_dataset
+from service.engine.errors import EngineError
+from service.engine.ingest import load_model
+from service.engine.limits import EngineLimits
+from service.engine.normalise import normalise
+from service.engine.registry import PassContext, parse_recipe
+
+log = logging.getLogger(__name__)
+
+# Passes that only lower precision: running them on an already quantized model is refused.
+# A pass class may say so itself with ``quantizes = True``.
+QUANTIZING_PASSES = frozenset(
+    {"quantize_dynamic", "quantize_static", "int4_weight_only", "fp16", "mixed_precision"}
+)
+SMALLER_RATIO = 0.98  # bytes_after <= 98 % of bytes_before counts as smaller
+FASTER_SPEEDUP = 1.05  # speedup >= 1.05 counts as faster
+SLOWER_SPEEDUP = 0.95  # below this, the result is reported as slower than the original
+ZSTD_KEEP_RATIO = 0.90
+ZSTD_LEVEL = 9
+_PROTOBUF_LIMIT = 2**31 - 1
+
+
+@dataclass
+class PipelineResult:
+    """What a job produced. ``artifacts`` always holds ``model.onnx``; ``model.onnx.zst`` when
+    zstd helps; the worker writes ``report.json`` from ``report``."""
+
+    model_path: Path
+    report: dict
+    summary: dict
+    artifacts: dict[str, Path] = field(default_factory=dict)
+
+
+def engine_version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("edgepress")
+    except Exception:  # not installed as a distribution (tests from a checkout)
+        return "0.1.0"
+
+
+def _scrub(text: str, *roots: Path) -> str:
+    """A library message without server paths (workdir and any absolute path)."""
+    for root in roots:
+        for form in {str(root), str(Path(root).resolve())}:
+            text = text.replace(form, "<workdir>")
+    text = re.sub(r"(?<![\w<])/(?:[\w.\-]+/)+([\w.\-]+)", r"\1", text)
+    text = " ".join(text.split())
+    return text[:400]
+
+
+def _quantizes(cls: Any) -> bool:
+    return bool(getattr(cls, "quantizes", cls.name in QUANTIZING_PASSES))
+
+
+def _save(model: onnx.ModelProto, path: Path) -> None:
+    if model.ByteSize() > _PROTOBUF_LIMIT:
+        raise EngineError("model_too_large", "the model is larger than 2 GiB, the most a single "
+                          "ONNX file can hold")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    onnx.save_model(model, str(path))
+
+
+def run_pipeline(
+    model_path: Path,
+    recipe: list[dict] | Literal["auto"],
+    workdir: Path,
+    *,
+    dataset_path: Path | None = None,
+    device: dict | None = None,
+    constraints: dict | None = None,
+    progress: Callable[[str, float], None] = lambda stage, fraction: None,
+    check_cancelled: Callable[[], None] = lambda: None,
+    resolve_model: Callable[[str], Path] | None = None,
+    limits: EngineLimits | None = None,
+) -> PipelineResult:
+    """Compress ``model_path`` with ``recipe`` (a list of ``{"pass": name, **config}`` steps, or
+    ``"auto"``), working under ``workdir``; returns the compressed model and its report.
+
+    Progress stages: "ingest", "normalise", "pass:<name>" per step, "evaluate", "report".
+    Raises ``EngineError`` (codes in ``service.engine.errors``); a library exception inside a
+    pass becomes ``pass_failed`` naming the pass.
+    """
+    if recipe == "auto":
+        from service.engine.search import run_auto
+
+        return run_auto(
+            model_path, workdir, dataset_path=dataset_path, device=device,
+            constraints=constraints, progress=progress, check_cancelled=check_cancelled,
+            resolve_model=resolve_model, limits=limits,
+        )
+    limits = limits or EngineLimits()
+    workdir = Path(workdir)
+    steps = parse_recipe(recipe)  # invalid_recipe / unknown_pass before any heavy work
+    warnings: list[str] = []
+
+    # ---- ingest
+    progress("ingest", 0.0)
+    ingested = load_model(Path(model_path), workdir / "input", limits=limits)
+    description = ingested.description
+    check_cancelled()
+    dataset = labels = None
+    if dataset_path is not None:
+        dataset, labels = load_dataset(Path(dataset_path), ingested.model, limits)
+    if description["already_quantized"] and all(_quantizes(cls) for cls, _ in steps):
+        raise EngineError(
+            "already_quantized",
+            "the model is already quantized ("
+            + ", ".join(description["quantization"])
+            + "); quantizing it again would not make it smaller. Send the float model, or use "
+            "a recipe with non-quantizing passes (e.g. graph_optimize)",
+            {"quantization": description["quantization"]},
+        )
+    original_path = workdir / "input" / "original.onnx"
+    _save(ingested.model, original_path)
+    _check_runs(original_path, limits, workdir)
+
+    # ---- normalise
+    progress("normalise", 0.05)
+    check_cancelled()
+    model, normalisation = normalise(ingested.model, limits)
+    reference = onnx.ModelProto()
+    reference.CopyFrom(model)
+
+    # ---- passes
+    pass_reports: list[dict] = []
+    calibration: dict | None = None
+    span = 0.65 / len(steps)
+    for index, (cls, config) in enumerate(steps):
+        check_cancelled()
+        stage = f"pass:{cls.name}"
+        base = 0.1 + index * span
+        progress(stage, base)
+        step_dir = workdir / "passes" / f"{index:02d}_{cls.name}"
+        step_dir.mkdir(parents=True, exist_ok=True)
+        original_copy = onnx.ModelProto()
+        original_copy.CopyFrom(reference)
+        ctx = PassContext(
+            workdir=step_dir, dataset=dataset, labels=labels, original=original_copy,
+            progress=lambda f, _msg, _s=stage, _b=base: progress(_s, _b + span * min(max(f, 0), 1)),
+            check_cancelled=check_cancelled, resolve_model=resolve_model,
+        )
+        started = time.perf_counter()
+        try:
+            result = cls().run(model, config, ctx)
+        except EngineError:
+            raise
+        except Exception as exc:
+            log.exception("pass %s failed", cls.name)
+            raise EngineError(
+                "pass_failed",
+                f"pass {cls.name!r} failed: {type(exc).__name__}: {_scrub(str(exc), workdir)}",
+                {"pass": cls.name, "step": index},
+            ) from None
+        seconds = time.perf_counter() - started
+        if not isinstance(result, onnx.ModelProto):
+            raise EngineError("pass_failed", f"pass {cls.name!r} returned no model",
+                              {"pass": cls.name, "step": index})
+        _check_pass_output(result, cls.name, index, workdir)
+        model = result
+        notes = dict(ctx.notes)
+        if "calibration" in notes and isinstance(notes["calibration"], dict):
+            calibration = notes["calibration"]
+        pass_reports.append({"pass": cls.name, "config": config.model_dump(mode="json"),
+                             "seconds": round(seconds, 3), "notes": notes})
+
+    # ---- evaluate
+    check_cancelled()
+    progress("evaluate", 0.75)
+    output_path = workdir / "output" / "model.onnx"
+    _save(model, output_path)
+    from service.engine.evaluate import dataset_feeds, evaluate_candidate, generate_feeds
+
+    if dataset is not None:
+        feeds, label_chunks = dataset_feeds(ingested.model, dataset, labels, limits.eval_samples)
+        eval_source = "dataset"
+    else:
+        feeds, label_chunks, eval_source = (generate_feeds(ingested.model, limits.eval_samples),
+                                            None, "generated")
+    try:
+        evaluation = evaluate_candidate(
+            original_path, output_path, feeds, labels=label_chunks, limits=limits,
+            original_model=ingested.model, candidate_model=model,
+            check_cancelled=check_cancelled,
+        )
+    except EngineError:
+        raise
+    except Exception as exc:
+        log.exception("evaluating the compressed model failed")
+        last = steps[-1][0].name
+        raise EngineError(
+            "pass_failed",
+            "the compressed model does not run in ONNX Runtime: "
+            f"{type(exc).__name__}: {_scrub(str(exc), workdir)}",
+            {"pass": last},
+        ) from None
+    warnings.extend(evaluation["warnings"])
+
+    size, latency = evaluation["size"], evaluation["latency"]
+    # Sparse or clustered weights shrink only under compression: the zstd artifact counts.
+    zst = _maybe_zstd(output_path)
+    size["bytes_after_zstd"] = zst.stat().st_size if zst is not None else None
+    stored = min(size["bytes_after"], size["bytes_after_zstd"] or size["bytes_after"])
+    smaller = stored <= SMALLER_RATIO * size["bytes_before"]
+    speedup = latency["speedup"] or 0.0
+    faster = speedup >= FASTER_SPEEDUP
+    if not smaller and not faster:
+        if zst is not None:
+            zst.unlink()
+        raise EngineError(
+            "no_effect",
+            f"the recipe did not compress the model: {stored} bytes vs "
+            f"{size['bytes_before']} before, {speedup:.2f}x the speed on this host",
+            {"bytes_before": size["bytes_before"], "bytes_after": size["bytes_after"],
+             "bytes_after_zstd": size["bytes_after_zstd"], "speedup": round(speedup, 3)},
+        )
+    if speedup < SLOWER_SPEEDUP:
+        warnings.append(f"compressed model is {speedup:.2f}x the speed of the original on "
+                        "this host")
+
+    # ---- report
+    progress("report", 0.95)
+    artifacts = {"model.onnx": output_path}
+    if zst is not None:
+        artifacts["model.onnx.zst"] = zst
+    fidelity = evaluation["fidelity"]
+    acc = evaluation["accuracy"]
+    summary = {
+        "bytes_before": size["bytes_before"],
+        "bytes_after": size["bytes_after"],
+        "size_ratio": size["ratio"],
+        "bytes_after_zstd": size["bytes_after_zstd"],
+        "params_before": evaluation["params"]["before"],
+        "params_after": evaluation["params"]["after"],
+        "latency_ms_before": latency["before_ms"],
+        "latency_ms_after": latency["after_ms"],
+        "speedup": latency["speedup"],
+        "fidelity": {
+            name: {k: f.get(k) for k in ("cosine", "sqnr_db", "max_abs_error", "top1_agreement")}
+            for name, f in fidelity.items()
+        },
+        "min_cosine": evaluation["min_cosine"],
+        "eval_inputs": eval_source,
+        "accuracy_before": acc["before"] if acc else None,
+        "accuracy_after": acc["after"] if acc else None,
+        "already_quantized": description["already_quantized"],
+        "warnings": warnings,
+    }
+    if calibration is None and any("static" in p["pass"] for p in pass_reports):
+        calibration = {"source": "dataset" if dataset is not None else "generated",
+                       "samples": None}
+    report = {
+        "engine_version": engine_version(),
+        "input": description,
+        "normalisation": normalisation,
+        "recipe": [dict(step) for step in recipe],
+        "passes": pass_reports,
+        "device": device or {"name": "host", "note": "latency measured on the worker's CPU"},
+        "size": size,
+        "latency": latency,
+        "fidelity": fidelity,
+        "accuracy": acc,
+        "calibration": calibration,
+        "eval_inputs": {"source": eval_source, "samples": len(feeds),
+                        "shapes": {k: list(v.shape) for k, v in feeds[0].items()}},
+        "artifacts": {name: p.stat().st_size for name, p in artifacts.items()},
+        "summary": summary,
+        "warnings": warnings,
+    }
+    progress("report", 1.0)
+    return PipelineResult(model_path=output_path, report=report, summary=summary,
+                          artifacts=artifacts)
+
+
+def _check_runs(path: Path, limits: EngineLimits, workdir: Path) -> None:
+    """Refuse up front a model that ONNX Runtime cannot load (no pass could help)."""
+    from service.engine.evaluate import make_session
+
+    try:
+        make_session(path, limits.latency_threads)
+    except Exception as exc:
+        raise EngineError("unsupported_model", "ONNX Runtime cannot load the model: "
+                          + _scrub(str(exc), workdir)) from None
+
+
+def _check_pass_output(model: onnx.ModelProto, name: str, index: int, workdir: Path) -> None:
+    if model.ByteSize() > _PROTOBUF_LIMIT:
+        raise EngineError("model_too_large", f"pass {name!r} produced a model above 2 GiB",
+                          {"pass": name, "step": index})
+    try:
+        onnx.checker.check_model(model)
+    except onnx.checker.ValidationError as exc:
+        raise EngineError(
+            "pass_failed",
+            f"pass {name!r} produced an invalid model: "
+            + _scrub(str(exc).strip().splitlines()[0] if str(exc).strip() else "", workdir),
+            {"pass": name, "step": index},
+        ) from None
+
+
+def _maybe_zstd(path: Path) -> Path | None:
+    import zstandard
+
+    raw = path.stat().st_size
+    out = path.with_name(path.name + ".zst")
+    cctx = zstandard.ZstdCompressor(level=ZSTD_LEVEL, threads=-1)
+    with open(path, "rb") as src, open(out, "wb") as dst:
+        cctx.copy_stream(src, dst, size=raw)
+    if out.stat().st_size < ZSTD_KEEP_RATIO * raw:
+        return out
+    out.unlink()
+    return None
