@@ -1,0 +1,627 @@
+"""A target cost model: FLOPs and bytes per node, a roofline latency, peak memory, energy.
+
+``analyse(model)`` walks the graph once (device independent): for every node it finds the compute
+precision the runtime will use (int8 when a QDQ pattern or an integer op feeds it, int4 for
+``MatMulNBits``, fp16/bf16 from the tensor types, fp32 otherwise), the FLOPs (2 per multiply-add)
+and the bytes it reads and writes at their stored precision. ``estimate(model, profile)`` turns
+that into a latency on a ``DeviceProfile`` with a roofline per node::
+
+    t(node) = max(flops / (peak[precision] * compute_eff), bytes / (bandwidth * memory_eff))
+              + per-node overhead
+
+A precision or QDQ format the profile does not list as fast runs at the fp32 rate, and its
+quantize/dequantize nodes are not fused (they cost their memory traffic), which is what an
+execution provider that falls back does. Peak memory is the weights plus the largest set of
+activations alive at once in topological order; energy is latency x typical power.
+
+Dynamic dimensions are fixed for the estimate: the first axis of every input (batch) at
+``DEFAULT_BATCH`` = 1, every other symbolic or unknown axis at ``DEFAULT_DYNAMIC_DIM`` = 128
+(a sequence length); callers may pass ``input_shapes``. Subgraphs of If/Loop/Scan are counted
+once (the larger branch of an If; one iteration of a Loop).
+
+``calibrate_host(samples)`` fits the host's efficiency (a scale on the roofline time and a
+per-node overhead) against ONNX Runtime latencies measured on this machine, so the report can
+show predicted vs measured for the host. Imports only onnx and numpy.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper
+
+from service.engine.devices import DeviceProfile, host_profile
+
+DEFAULT_BATCH = 1
+DEFAULT_DYNAMIC_DIM = 128
+
+# Fraction of the datasheet peak that inference kernels reach, by processor kind (before any
+# calibration). Small-batch inference is far from peak; these are middle-of-the-road values.
+COMPUTE_EFFICIENCY = {"cpu": 0.35, "gpu": 0.30, "npu": 0.30}
+MEMORY_EFFICIENCY = {"cpu": 0.60, "gpu": 0.70, "npu": 0.60}
+# Activation traffic is served mostly from caches: bandwidth relative to DRAM / HBM.
+CACHE_BANDWIDTH_FACTOR = {"cpu": 4.0, "gpu": 2.0, "npu": 2.0}
+# Integer ops that ONNX Runtime runs with a reference kernel (im2col + integer GEMM, no fusion):
+# their rate relative to the fp32 peak, measured on x86 with the digits CNN (ConvInteger ~6x
+# slower than the fp32 Conv).
+REFERENCE_KERNEL_RATE = {"ConvInteger": 0.2}
+# Fixed cost per node (kernel dispatch / launch), seconds.
+NODE_OVERHEAD_S = {"cpu": 1.5e-6, "gpu": 5e-6, "npu": 8e-6}
+
+_VIEW_OPS = {"Reshape", "Flatten", "Squeeze", "Unsqueeze", "Identity", "Shape", "Size",
+             "Constant", "ConstantOfShape", "Dropout"}
+_TRANSCENDENTAL = {"Exp", "Log", "Tanh", "Sigmoid", "Erf", "Gelu", "FastGelu", "Softplus",
+                   "Sqrt", "Reciprocal", "Pow", "Div", "HardSigmoid", "Elu", "Selu", "Mish",
+                   "BiasGelu", "QuickGelu", "Sin", "Cos"}
+_NORMS = {"LayerNormalization", "SkipLayerNormalization", "SimplifiedLayerNormalization",
+          "BatchNormalization", "InstanceNormalization", "GroupNormalization",
+          "LpNormalization", "Softmax", "LogSoftmax"}
+_QDQ = {"QuantizeLinear", "DequantizeLinear"}
+_INT_COMPUTE = {"QLinearConv", "QLinearMatMul", "ConvInteger", "MatMulInteger",
+                "DynamicQuantizeLSTM", "QGemm", "QLinearAdd", "QLinearMul",
+                "QLinearGlobalAveragePool", "QLinearSigmoid", "QLinearLeakyRelu",
+                "QLinearConcat", "QLinearAveragePool", "QLinearSoftmax"}
+_QDQ_FORMATS = {
+    (TensorProto.UINT8, TensorProto.INT8): "int8_static_qdq_u8s8",
+    (TensorProto.INT8, TensorProto.INT8): "int8_static_qdq_s8s8",
+    (TensorProto.UINT8, TensorProto.UINT8): "int8_static_qdq_u8u8",
+    (TensorProto.UINT16, TensorProto.UINT8): "int16_static_qdq_u16u8",
+    (TensorProto.UINT16, TensorProto.INT8): "int16_static_qdq_u16u8",
+    (TensorProto.INT16, TensorProto.INT8): "int16_static_qdq_u16u8",
+}
+_ITEMSIZE_OVERRIDE = {TensorProto.INT4: 0.5, TensorProto.UINT4: 0.5, TensorProto.STRING: 8.0}
+
+
+def _itemsize(elem_type: int) -> float:
+    if elem_type in _ITEMSIZE_OVERRIDE:
+        return _ITEMSIZE_OVERRIDE[elem_type]
+    try:
+        return float(np.dtype(helper.tensor_dtype_to_np_dtype(elem_type)).itemsize)
+    except (KeyError, TypeError, ValueError):
+        return 4.0
+
+
+@dataclass
+class NodeCost:
+    """Device-independent cost of one node."""
+
+    name: str
+    op_type: str
+    precision: str  # fp32 | fp16 | bf16 | int8 | int16 | int4 | none
+    flops: float
+    bytes: float  # all bytes read and written
+    qdq_format: str | None = None  # the QDQ format a fused int8 node needs (None otherwise)
+    fused: bool = False  # a Q/DQ node folded into its neighbour (no cost of its own)
+    weight_bytes: float = 0.0  # the part of ``bytes`` read from initializers
+
+
+@dataclass
+class ModelCost:
+    """What ``analyse`` finds: per-node costs, weights and the activation high-water mark."""
+
+    nodes: list[NodeCost]
+    weight_bytes: float
+    peak_activation_bytes: float
+    input_shapes: dict[str, list[int]]
+    assumptions: list[str] = field(default_factory=list)
+
+    @property
+    def flops(self) -> float:
+        return sum(n.flops for n in self.nodes)
+
+
+@dataclass
+class Estimate:
+    """Predicted cost of one inference on one target (JSON-able with ``to_dict``)."""
+
+    device: str
+    latency_ms: float
+    flops: float
+    bytes_moved: float
+    weight_mb: float
+    peak_memory_mb: float
+    energy_mj: float
+    compute_bound_fraction: float
+    by_precision: dict[str, dict[str, float]]
+    unsupported: list[str]
+    assumptions: list[str]
+    calibrated: bool = False
+
+    def to_dict(self) -> dict:
+        out = asdict(self)
+        for key in ("latency_ms", "weight_mb", "peak_memory_mb", "energy_mj"):
+            out[key] = round(out[key], 4)
+        out["compute_bound_fraction"] = round(out["compute_bound_fraction"], 3)
+        return out
+
+
+@dataclass
+class HostCalibration:
+    """Host efficiency fitted on measured latencies: ``t = scale * roofline + overhead * nodes``."""
+
+    compute_scale: float
+    node_overhead_us: float
+    points: list[dict]
+    median_abs_error_pct: float
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+# ---------------------------------------------------------------------------------------------
+# Shapes
+
+
+def _concrete_inputs(
+    model: onnx.ModelProto, input_shapes: dict[str, Sequence[int]] | None
+) -> tuple[onnx.ModelProto, dict[str, list[int]], list[str]]:
+    """A copy of ``model`` whose graph inputs have fixed dims (see the module docstring)."""
+    fixed = onnx.ModelProto()
+    fixed.CopyFrom(model)
+    initializers = {i.name for i in fixed.graph.initializer}
+    shapes: dict[str, list[int]] = {}
+    assumptions: list[str] = []
+    for value in fixed.graph.input:
+        if value.name in initializers or not value.type.HasField("tensor_type"):
+            continue
+        dims = value.type.tensor_type.shape.dim
+        given = (input_shapes or {}).get(value.name)
+        concrete: list[int] = []
+        for axis, dim in enumerate(dims):
+            if given is not None and axis < len(given):
+                size = int(given[axis])
+            elif dim.HasField("dim_value") and dim.dim_value > 0:
+                size = int(dim.dim_value)
+            else:
+                size = DEFAULT_BATCH if axis == 0 else DEFAULT_DYNAMIC_DIM
+                label = dim.dim_param or "?"
+                assumptions.append(f"{value.name}[{axis}] ({label}) = {size}")
+            dim.Clear()
+            dim.dim_value = size
+            concrete.append(size)
+        shapes[value.name] = concrete
+    return fixed, shapes, assumptions
+
+
+def _collect(model: onnx.ModelProto) -> dict[str, tuple[list[int] | None, int]]:
+    out: dict[str, tuple[list[int] | None, int]] = {}
+    graph = model.graph
+    for value in [*graph.input, *graph.value_info, *graph.output]:
+        if not value.type.HasField("tensor_type"):
+            continue
+        tt = value.type.tensor_type
+        shape: list[int] | None = None
+        if tt.HasField("shape"):
+            dims = [d.dim_value if d.HasField("dim_value") else -1 for d in tt.shape.dim]
+            shape = dims if all(d >= 0 for d in dims) else None
+        prev = out.get(value.name)
+        if prev is None or (prev[0] is None and shape is not None):
+            out[value.name] = (shape, tt.elem_type)
+    for init in graph.initializer:
+        out[init.name] = (list(init.dims), init.data_type)
+    return out
+
+
+def _attr(node: onnx.NodeProto, name: str, default: object = None) -> object:
+    for a in node.attribute:
+        if a.name == name:
+            return helper.get_attribute_value(a)
+    return default
+
+
+def _fallback_outputs(
+    node: onnx.NodeProto, known: dict[str, tuple[list[int] | None, int]]
+) -> list[tuple[list[int], int]] | None:
+    """Output shapes of an op onnx's shape inference does not know (contrib ops)."""
+    first = known.get(node.input[0]) if node.input else None
+    if first is None or first[0] is None:
+        return None
+    shape, elem = first
+    if node.op_type == "MatMulNBits":
+        n = int(_attr(node, "N", 0) or 0)  # type: ignore[arg-type]
+        return [([*shape[:-1], n], elem)]
+    if node.op_type == "DynamicQuantizeLSTM":
+        hidden = int(_attr(node, "hidden_size", 0) or 0)  # type: ignore[arg-type]
+        dirs = 2 if _attr(node, "direction", b"forward") in (b"bidirectional", "bidirectional") else 1
+        seq, batch = shape[0], shape[1]
+        return [([seq, dirs, batch, hidden], elem), ([dirs, batch, hidden], elem),
+                ([dirs, batch, hidden], elem)][: len(node.output)]
+    if node.op_type == "DynamicQuantizeMatMul" and len(node.input) > 1:
+        w = known.get(node.input[1])
+        if w and w[0]:
+            return [([*shape[:-1], w[0][-1]], TensorProto.FLOAT)]
+    # elementwise-like contrib ops (QLinearAdd, FusedGelu, ...): shape of the first input
+    return [(list(shape), elem)] * len(node.output)
+
+
+def infer_shapes(
+    model: onnx.ModelProto, input_shapes: dict[str, Sequence[int]] | None = None
+) -> tuple[dict[str, tuple[list[int] | None, int]], dict[str, list[int]], list[str]]:
+    """Shapes and element types of every tensor, with dynamic dims fixed; also contrib ops."""
+    fixed, concrete, assumptions = _concrete_inputs(model, input_shapes)
+    for _ in range(64):
+        try:
+            inferred = onnx.shape_inference.infer_shapes(fixed, strict_mode=False, data_prop=True)
+        except Exception:  # onnx raises several types on odd graphs; fall back to what we have
+            inferred = fixed
+        known = _collect(inferred)
+        added = False
+        for node in inferred.graph.node:
+            if all(o in known and known[o][0] is not None for o in node.output if o):
+                continue
+            outs = _fallback_outputs(node, known)
+            if outs is None:
+                continue
+            for name, (shape, elem) in zip(node.output, outs, strict=False):
+                if name and (name not in known or known[name][0] is None):
+                    inferred.graph.value_info.append(
+                        helper.make_tensor_value_info(name, elem or TensorProto.FLOAT, shape)
+                    )
+                    known[name] = (shape, elem)
+                    added = True
+        fixed = inferred
+        if not added:
+            return known, concrete, assumptions
+    return known, concrete, assumptions
+
+
+# ---------------------------------------------------------------------------------------------
+# Per-node FLOPs and precision
+
+
+def _numel(shape: list[int] | None) -> float:
+    return float(math.prod(shape)) if shape is not None else 0.0
+
+
+def _flops(node: onnx.NodeProto, shape_of, numel_out: float) -> float:  # type: ignore[no-untyped-def]
+    op = node.op_type
+
+    def s(index: int) -> list[int] | None:
+        return shape_of(node.input[index]) if len(node.input) > index and node.input[index] else None
+
+    if op in ("Conv", "ConvInteger", "QLinearConv"):
+        w = s(3 if op == "QLinearConv" else 1)
+        if w is None or len(w) < 2:
+            return 2.0 * numel_out
+        return 2.0 * numel_out * float(math.prod(w[1:]))
+    if op == "ConvTranspose":
+        x, w = s(0), s(1)
+        if x is None or w is None:
+            return 2.0 * numel_out
+        return 2.0 * _numel(x) * float(math.prod(w[1:]))
+    if op in ("MatMul", "MatMulInteger", "QLinearMatMul", "DynamicQuantizeMatMul", "FusedMatMul"):
+        a = s(0)
+        k = a[-1] if a else 1
+        return 2.0 * numel_out * k
+    if op in ("Gemm", "QGemm"):
+        a = s(0)
+        if not a or len(a) < 2:
+            return 2.0 * numel_out
+        k = a[0] if _attr(node, "transA", 0) else a[1]
+        return 2.0 * numel_out * k
+    if op == "MatMulNBits":
+        return 2.0 * numel_out * float(_attr(node, "K", 1) or 1)  # type: ignore[arg-type]
+    if op in ("LSTM", "GRU", "RNN", "DynamicQuantizeLSTM"):
+        x, w = s(0), s(1)
+        hidden = float(_attr(node, "hidden_size", 0) or 0)  # type: ignore[arg-type]
+        if not x or len(x) < 3:
+            return 0.0
+        gates = {"LSTM": 4, "DynamicQuantizeLSTM": 4, "GRU": 3, "RNN": 1}[op]
+        direction = _attr(node, "direction", b"forward")
+        dirs = 2 if direction in (b"bidirectional", "bidirectional") else 1
+        # layout 0: X is [seq, batch, features]; 1: [batch, seq, features]. The feature size
+        # comes from W ([dirs, gates*hidden, features]; DynamicQuantizeLSTM: [dirs, features,
+        # gates*hidden]) because exporters sometimes leave extra unit axes on X.
+        if _attr(node, "layout", 0):
+            batch, seq = x[0], x[1]
+        else:
+            seq, batch = x[0], x[-2]
+        features = x[-1]
+        if w and len(w) == 3:
+            features = w[1] if op == "DynamicQuantizeLSTM" else w[2]
+        per_step = 2.0 * gates * hidden * (features + hidden) + 10.0 * gates * hidden
+        return dirs * seq * batch * per_step
+    if op in ("MaxPool", "AveragePool", "LpPool", "QLinearAveragePool"):
+        kernel = _attr(node, "kernel_shape", []) or []
+        return numel_out * float(math.prod(kernel))  # type: ignore[arg-type]
+    if op.startswith("Global") or op.startswith("QLinearGlobal") or op.startswith("Reduce"):
+        return _numel(s(0))
+    if op in _TRANSCENDENTAL:
+        return 4.0 * numel_out
+    if op in _NORMS:
+        return 8.0 * numel_out
+    if op in _VIEW_OPS or op in _QDQ:
+        return numel_out if op in _QDQ else 0.0
+    return numel_out
+
+
+def analyse(
+    model: onnx.ModelProto, input_shapes: dict[str, Sequence[int]] | None = None
+) -> ModelCost:
+    """Per-node FLOPs, bytes and compute precision of ``model`` (device independent)."""
+    known, concrete, assumptions = infer_shapes(model, input_shapes)
+    graph = model.graph
+    initializers = {i.name: i for i in graph.initializer}
+    producers: dict[str, onnx.NodeProto] = {}
+    consumers: dict[str, list[onnx.NodeProto]] = {}
+    for node in graph.node:
+        for out in node.output:
+            producers[out] = node
+        for inp in node.input:
+            consumers.setdefault(inp, []).append(node)
+
+    def shape_of(name: str) -> list[int] | None:
+        entry = known.get(name)
+        return entry[0] if entry else None
+
+    def tensor_bytes(name: str) -> float:
+        entry = known.get(name)
+        if not entry or entry[0] is None:
+            return 0.0
+        return _numel(entry[0]) * _itemsize(entry[1])
+
+    def elem(name: str) -> int:
+        entry = known.get(name)
+        return entry[1] if entry else TensorProto.FLOAT
+
+    def dq_source(name: str) -> onnx.NodeProto | None:
+        node = producers.get(name)
+        return node if node is not None and node.op_type == "DequantizeLinear" else None
+
+    costs: list[NodeCost] = []
+    fused_nodes: set[str] = set()
+    node_ids = {id(n): (n.name or f"{n.op_type}_{i}") for i, n in enumerate(graph.node)}
+    for node in graph.node:
+        name = node_ids[id(node)]
+        op = node.op_type
+        out_shape = shape_of(node.output[0]) if node.output else None
+        numel_out = _numel(out_shape)
+        flops = _flops(node, shape_of, numel_out)
+        inputs = [i for i in node.input if i]
+        precision = "fp32"
+        fmt: str | None = None
+        read = 0.0
+        weights_read = 0.0
+        if op in _INT_COMPUTE:
+            precision = "int8"
+            if op in ("MatMulInteger", "ConvInteger", "DynamicQuantizeLSTM"):
+                fmt = "int8_dynamic"
+        elif op == "MatMulNBits":
+            precision, fmt = "int4", "int4_weight_only"
+        elif op not in _QDQ and op not in _VIEW_OPS:
+            float_inputs = [i for i in inputs if elem(i) in (TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.BFLOAT16)]
+            dqs = [dq_source(i) for i in float_inputs]
+            if float_inputs and all(d is not None for d in dqs):
+                # QDQ pattern: the runtime fuses DQ -> op (-> Q) into an integer kernel
+                act = [d for d in dqs if d is not None and d.input[0] not in initializers]
+                wts = [d for d in dqs if d is not None and d.input[0] in initializers]
+                act_t = elem(act[0].input[0]) if act else TensorProto.UINT8
+                w_t = elem(wts[0].input[0]) if wts else act_t
+                fmt = _QDQ_FORMATS.get((act_t, w_t), "int8_static_qdq_u8s8")
+                precision = "int16" if act_t in (TensorProto.UINT16, TensorProto.INT16) else "int8"
+                fused_nodes.update(id(d) for d in dqs if d is not None)
+                for outp in node.output:
+                    for c in consumers.get(outp, []):
+                        if c.op_type == "QuantizeLinear":
+                            fused_nodes.add(id(c))
+            elif any(elem(i) == TensorProto.FLOAT16 for i in inputs):
+                precision = "fp16"
+            elif any(elem(i) == TensorProto.BFLOAT16 for i in inputs):
+                precision = "bf16"
+        if op in _VIEW_OPS:
+            precision = "none"
+        for inp in inputs:
+            dq = dq_source(inp) if precision in ("int8", "int16") else None
+            source = dq.input[0] if dq is not None else inp
+            read += tensor_bytes(source)
+            if source in initializers:
+                weights_read += tensor_bytes(source)
+        written = sum(tensor_bytes(o) for o in node.output if o)
+        if op in ("LSTM", "GRU", "RNN", "DynamicQuantizeLSTM") and len(inputs) > 2:
+            # the recurrent weights R are read again at every time step (from cache)
+            x = shape_of(node.input[0]) or [1]
+            steps = x[1] if _attr(node, "layout", 0) and len(x) > 1 else x[0]
+            read += tensor_bytes(node.input[2]) * max(steps - 1, 0)
+        moved = 0.0 if op in _VIEW_OPS else read + written
+        costs.append(NodeCost(name, op, precision, flops if precision != "none" else 0.0, moved,
+                              fmt, weight_bytes=0.0 if op in _VIEW_OPS else weights_read))
+    for node, cost in zip(graph.node, costs, strict=True):
+        if id(node) in fused_nodes:
+            cost.fused = True
+
+    # Tensors a fused QDQ kernel never materialises: the float outputs of folded DQ nodes and
+    # the float output of an integer kernel that only feeds folded Q nodes.
+    virtual: set[str] = set()
+    for node in graph.node:
+        if id(node) in fused_nodes and node.op_type == "DequantizeLinear":
+            virtual.update(node.output)
+        users = [c for o in node.output for c in consumers.get(o, [])]
+        if users and all(id(c) in fused_nodes and c.op_type == "QuantizeLinear" for c in users):
+            virtual.update(node.output)
+    weight_bytes = float(sum(_numel(list(i.dims)) * _itemsize(i.data_type) for i in initializers.values()))
+    peak = _peak_activations(graph, known, initializers, virtual)
+    return ModelCost(costs, weight_bytes, peak, concrete, assumptions)
+
+
+def _peak_activations(graph: onnx.GraphProto, known, initializers, virtual) -> float:  # type: ignore[no-untyped-def]
+    """Largest sum of live activation bytes over the topological order (simple liveness)."""
+    last_use: dict[str, int] = {}
+    for index, node in enumerate(graph.node):
+        for inp in node.input:
+            last_use[inp] = index
+    outputs = {o.name for o in graph.output}
+
+    def size(name: str) -> float:
+        entry = known.get(name)
+        if not entry or entry[0] is None or name in initializers or name in virtual:
+            return 0.0
+        return _numel(entry[0]) * _itemsize(entry[1])
+
+    live: dict[str, float] = {i.name: size(i.name) for i in graph.input if i.name not in initializers}
+    peak = sum(live.values())
+    for index, node in enumerate(graph.node):
+        for out in node.output:
+            if out:
+                live[out] = size(out)
+        peak = max(peak, sum(live.values()))
+        for name in list(live):
+            if last_use.get(name, -1) <= index and name not in outputs:
+                del live[name]
+    return peak
+
+
+# ---------------------------------------------------------------------------------------------
+# Estimates
+
+
+def _load(model: onnx.ModelProto | str | Path) -> onnx.ModelProto:
+    if isinstance(model, onnx.ModelProto):
+        return model
+    return onnx.load(str(model), load_external_data=False)
+
+
+def _roofline(
+    cost: ModelCost, profile: DeviceProfile
+) -> tuple[float, int, dict[str, dict[str, float]], list[str], float]:
+    """Roofline seconds without overhead, counted nodes, per-precision split, fallbacks."""
+    ceff = COMPUTE_EFFICIENCY[profile.kind]
+    meff = MEMORY_EFFICIENCY[profile.kind]
+    bandwidth = profile.memory_bandwidth_gbps * 1e9 * meff
+    total = 0.0
+    counted = 0
+    compute_bound = 0.0
+    split: dict[str, dict[str, float]] = {}
+    unsupported: set[str] = set()
+    for node in cost.nodes:
+        if node.fused or (node.flops == 0 and node.bytes == 0):
+            continue
+        precision = node.precision
+        if node.qdq_format is not None and not profile.runs_fast(node.qdq_format):
+            unsupported.add(node.qdq_format)
+            precision = "fp32"
+        elif precision not in ("none", "fp32") and precision not in profile.precisions:
+            unsupported.add(precision)
+            precision = "fp32"
+        peak = profile.peak(precision if precision != "none" else "fp32") * 1e9 * ceff
+        if node.op_type in REFERENCE_KERNEL_RATE:
+            peak = profile.peak("fp32") * 1e9 * ceff * REFERENCE_KERNEL_RATE[node.op_type]
+        t_compute = node.flops / peak
+        # Weights stream from memory; activations of inference-sized tensors mostly stay in
+        # cache, which is CACHE_BANDWIDTH_FACTOR times faster.
+        t_memory = (node.weight_bytes + (node.bytes - node.weight_bytes)
+                    / CACHE_BANDWIDTH_FACTOR[profile.kind]) / bandwidth
+        seconds = max(t_compute, t_memory)
+        if t_compute >= t_memory:
+            compute_bound += seconds
+        total += seconds
+        counted += 1
+        bucket = split.setdefault(node.precision, {"flops": 0.0, "bytes": 0.0, "ms": 0.0, "nodes": 0})
+        bucket["flops"] += node.flops
+        bucket["bytes"] += node.bytes
+        bucket["ms"] += seconds * 1e3
+        bucket["nodes"] += 1
+    # A Q/DQ node next to an unfused op is real work (its bytes are already in its NodeCost);
+    # fused ones were skipped above.
+    return total, counted, split, sorted(unsupported), compute_bound
+
+
+def estimate(
+    model: onnx.ModelProto | str | Path,
+    profile: DeviceProfile,
+    *,
+    input_shapes: dict[str, Sequence[int]] | None = None,
+    calibration: HostCalibration | None = None,
+    cost: ModelCost | None = None,
+) -> Estimate:
+    """Latency, peak memory and energy of one inference of ``model`` on ``profile``.
+
+    ``calibration`` (from ``calibrate_host``) replaces the default efficiency and overhead; use
+    it only with the profile it was fitted for (the host).
+    """
+    cost = cost or analyse(_load(model), input_shapes)
+    roofline_s, counted, split, unsupported, compute_bound = _roofline(cost, profile)
+    if calibration is not None:
+        seconds = calibration.compute_scale * roofline_s + calibration.node_overhead_us * 1e-6 * counted
+    else:
+        seconds = roofline_s + NODE_OVERHEAD_S[profile.kind] * counted
+    latency_ms = seconds * 1e3
+    for bucket in split.values():
+        bucket["ms"] = round(bucket["ms"], 5)
+    peak_memory = cost.weight_bytes + cost.peak_activation_bytes
+    return Estimate(
+        device=profile.name,
+        latency_ms=latency_ms,
+        flops=cost.flops,
+        bytes_moved=sum(n.bytes for n in cost.nodes if not n.fused),
+        weight_mb=cost.weight_bytes / 1e6,
+        peak_memory_mb=peak_memory / 1e6,
+        energy_mj=latency_ms * profile.typical_power_w,  # ms x W = mJ
+        compute_bound_fraction=(compute_bound / roofline_s) if roofline_s > 0 else 0.0,
+        by_precision=split,
+        unsupported=unsupported,
+        assumptions=list(cost.assumptions),
+        calibrated=calibration is not None,
+    )
+
+
+def calibrate_host(
+    samples: Iterable[tuple[onnx.ModelProto | str | Path, float]] | Iterable[tuple[onnx.ModelProto | str | Path, float, str]],
+    profile: DeviceProfile | None = None,
+) -> HostCalibration:
+    """Fit ``measured ≈ scale * roofline + overhead * nodes`` on ONNX Runtime host latencies.
+
+    ``samples``: (model or path, measured milliseconds[, label]) measured on this machine with
+    ONNX Runtime's CPU EP. The fit minimises relative error (small and large models count
+    alike); with one sample, or a degenerate fit, only the scale is fitted. The returned points
+    hold predicted vs measured for every sample (the report shows them).
+    """
+    profile = profile or host_profile()
+    rows: list[tuple[float, int, float, str]] = []
+    for index, sample in enumerate(samples):
+        model, measured = sample[0], float(sample[1])
+        label = str(sample[2]) if len(sample) > 2 else f"sample_{index}"  # type: ignore[misc]
+        if not measured > 0:
+            continue
+        roofline_s, counted, *_ = _roofline(analyse(_load(model)), profile)
+        rows.append((roofline_s * 1e3, counted, measured, label))
+    if not rows:
+        raise ValueError("calibrate_host needs at least one positive measured latency")
+    a = np.array([[r[0] / r[2], r[1] / r[2]] for r in rows])  # relative: divide by measured
+    b = np.ones(len(rows))
+    scale, overhead_ms = 0.0, 0.0
+    if len(rows) >= 2:
+        solution, *_ = np.linalg.lstsq(a, b, rcond=None)
+        scale, overhead_ms = float(solution[0]), float(solution[1])
+    # The other model: one factor on the default estimate (geometric mean of measured /
+    # predicted). Keep whichever fits the samples better (median relative error).
+    default_ms = NODE_OVERHEAD_S[profile.kind] * 1e3
+    ratios = [r[2] / max(r[0] + default_ms * r[1], 1e-9) for r in rows]
+    factor = float(np.exp(np.mean(np.log(ratios))))
+
+    def median_error(sc: float, ov: float) -> float:
+        return float(np.median([abs(sc * r[0] + ov * r[1] - r[2]) / r[2] for r in rows]))
+
+    if (len(rows) < 2 or scale <= 0 or overhead_ms < 0
+            or median_error(factor, default_ms * factor) <= median_error(scale, overhead_ms)):
+        scale, overhead_ms = factor, default_ms * factor
+    points = []
+    for roofline_ms, counted, measured, label in rows:
+        predicted = scale * roofline_ms + overhead_ms * counted
+        points.append({
+            "model": label,
+            "predicted_ms": round(predicted, 4),
+            "measured_ms": round(measured, 4),
+            "error_pct": round(100.0 * (predicted - measured) / measured, 1),
+        })
+    errors = sorted(abs(p["error_pct"]) for p in points)
+    return HostCalibration(
+        compute_scale=round(scale, 4),
+        node_overhead_us=round(overhead_ms * 1e3, 3),
+        points=points,
+        median_abs_error_pct=float(np.median(errors)),
+    )
