@@ -14,7 +14,6 @@ class ServiceError(Exception):
 
     status: int = 400
     code: str = "bad_request"
-    title: str = "Bad request"
 
     def __init__(
         self,
@@ -36,29 +35,29 @@ class ServiceError(Exception):
 
 
 class NotFound(ServiceError):
-    status, code, title = 404, "not_found", "Not found"
+    status, code = 404, "not_found"
 
 
 class Conflict(ServiceError):
-    status, code, title = 409, "conflict", "Conflict"
+    status, code = 409, "conflict"
 
 
 class ValidationFailed(ServiceError):
-    status, code, title = 422, "validation_error", "Unprocessable content"
+    status, code = 422, "validation_error"
 
 
 class UnsupportedMedia(ServiceError):
-    status, code, title = 415, "unsupported_media_type", "Unsupported media type"
+    status, code = 415, "unsupported_media_type"
 
 
 class PayloadTooLarge(ServiceError):
-    status, code, title = 413, "payload_too_large", "Content too large"
+    status, code = 413, "payload_too_large"
 
 
 class Unavailable(ServiceError):
     """A dependency (object store, broker) cannot be reached; the client should retry."""
 
-    status, code, title = 503, "service_unavailable", "Service unavailable"
+    status, code = 503, "service_unavailable"
 
     def __init__(self, message: str, *, retry_after: int = 5, code: str | None = None) -> None:
         super().__init__(message, code=code, headers={"Retry-After": str(retry_after)})
@@ -67,4 +66,4 @@ class Unavailable(ServiceError):
 class PreconditionFailed(ServiceError):
     """A conditional write lost a race (someone else changed the object first)."""
 
-    status, code, title = 412, "precondition_failed", "Precondition failed"
+    status, code = 412, "precondition_failed"

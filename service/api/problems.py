@@ -6,6 +6,7 @@ Only 5xx are logged with a traceback; messages are the client's (no paths, no se
 from __future__ import annotations
 
 import logging
+from http import HTTPStatus
 from typing import Any
 
 from flask import Flask, Response, json, request
@@ -52,6 +53,13 @@ def problem(
     return resp
 
 
+def _title(status: int) -> str:
+    try:
+        return HTTPStatus(status).phrase
+    except ValueError:
+        return "Error"
+
+
 def from_engine_error(exc: EngineError, default_status: int = 422) -> ServiceError:
     """Translate an engine error met in the API into a ``ServiceError``."""
     status = ENGINE_STATUS.get(exc.code, default_status)
@@ -85,7 +93,7 @@ def init_app(app: Flask) -> None:
         return problem(
             exc.status,
             exc.code,
-            type(exc).title if hasattr(type(exc), "title") else "Error",
+            _title(exc.status),
             exc.message,
             exc.extra,
             exc.headers,

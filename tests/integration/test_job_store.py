@@ -1,0 +1,82 @@
+"""JobStore on the real S3 server: conditional updates, newest-first pagination."""
+
+import threading
+
+import pytest
+
+from service.jobs.models import Job, JobState, new_job_id, utcnow
+from service.jobs.store import JobStore
+from service.storage.s3 import make_store
+
+
+@pytest.fixture
+def jobs(isolated_settings):  # type: ignore[no-untyped-def]
+    return JobStore(make_store(isolated_settings))
+
+
+def new_job() -> Job:
+    return Job(id=new_job_id(), model_id="mdl_" + "1" * 32, device="host",
+               recipe=[{"pass": "quantize_dynamic"}], created_at=utcnow())
+
+
+def test_concurrent_updates_are_not_lost(jobs) -> None:  # type: ignore[no-untyped-def]
+    job = jobs.create(new_job())
+
+    def bump() -> None:
+        for _ in range(5):
+            jobs.update(job.id, lambda j: j.model_copy(update={"attempts": j.attempts + 1}),
+                        attempts=50)
+
+    threads = [threading.Thread(target=bump) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert jobs.get(job.id).attempts == 15
+
+
+def test_only_one_claim_wins(jobs) -> None:  # type: ignore[no-untyped-def]
+    job = jobs.create(new_job())
+    winners: list[str] = []
+
+    def claim(name: str) -> None:
+        def change(j: Job) -> Job | None:
+            if j.state is not JobState.queued:
+                return None
+            return j.transition(JobState.running, worker=name)
+
+        result = jobs.update(job.id, change, attempts=50)
+        if result.worker == name:
+            winners.append(name)
+
+    threads = [threading.Thread(target=claim, args=(f"w{i}",)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(winners) == 1
+    assert jobs.get(job.id).worker == winners[0]
+
+
+def test_list_newest_first_with_cursor(jobs) -> None:  # type: ignore[no-untyped-def]
+    import time
+
+    created = []
+    for _ in range(5):
+        created.append(jobs.create(new_job()).id)
+        time.sleep(0.002)
+    page1, cursor = jobs.list(limit=2)
+    assert [j.id for j in page1] == created[::-1][:2]
+    assert cursor
+    page2, cursor2 = jobs.list(limit=2, cursor=cursor)
+    assert [j.id for j in page2] == created[::-1][2:4]
+    page3, cursor3 = jobs.list(limit=2, cursor=cursor2)
+    assert [j.id for j in page3] == created[::-1][4:]
+    assert cursor3 is None
+
+
+def test_terminal_update_clears_active_marker(jobs) -> None:  # type: ignore[no-untyped-def]
+    job = jobs.create(new_job())
+    assert job.id in jobs.active_ids()
+    jobs.update(job.id, lambda j: j.transition(JobState.cancelled))
+    assert job.id not in jobs.active_ids()
