@@ -1,0 +1,346 @@
+"""``quantize_static``: int8 QDQ with calibrated activation ranges (CNNs, CPU and NPU targets).
+
+The model is first cleaned with ONNX Runtime's portable ``basic`` optimisation (constant
+folding, redundant nodes) and shape inference, then ONNX Runtime's static quantizer inserts
+QuantizeLinear/DequantizeLinear pairs around the ops it supports, with per-channel int8 weights
+by default. A ``Relu`` after a quantized ``Conv`` is absorbed into the activation range, and ONNX
+Runtime runs each ``DQ -> Conv -> Q`` group as one int8 convolution (VNNI/AMX kernels on x86).
+
+Calibration data comes from ``ctx.dataset`` (the user's ``.npz``; first axis = samples) or,
+when none was given, is generated from the input signature with a fixed seed (standard normal
+floats, small non-negative integers). Generated data only gives rough activation ranges: the
+report says which one was used (``ctx.notes["calibration"]``).
+
+Weights inside If/Loop/Scan bodies, which ONNX Runtime's static quantizer does not visit, are
+stored as int8 + DequantizeLinear (``subgraph_weights``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections import Counter
+from typing import Literal
+
+import numpy as np
+import onnx
+from onnx import TensorProto
+from pydantic import Field
+
+from service.engine.errors import EngineError
+from service.engine.passes.graph_optimize import iter_graphs, ort_optimize
+from service.engine.passes.quantize_dynamic import ensure_opset, weight_only_int8
+from service.engine.registry import Pass, PassConfig, PassContext, register
+
+_NUMPY_OF = {
+    TensorProto.FLOAT: np.float32,
+    TensorProto.DOUBLE: np.float64,
+    TensorProto.FLOAT16: np.float16,
+    TensorProto.INT64: np.int64,
+    TensorProto.INT32: np.int32,
+    TensorProto.INT8: np.int8,
+    TensorProto.UINT8: np.uint8,
+    TensorProto.BOOL: np.bool_,
+}
+
+
+class QuantizeStaticConfig(PassConfig):
+    """Static int8 quantization in QDQ format with calibrated activations."""
+
+    calibration_method: Literal["minmax", "entropy", "percentile"] = Field(
+        "minmax",
+        description="How activation ranges are chosen from calibration data: minmax (full "
+        "range), entropy (KL-divergence optimal clipping), percentile (clip outliers).",
+    )
+    percentile: float = Field(
+        99.999, gt=90.0, le=100.0, description="Percentile kept by the percentile method."
+    )
+    calibration_samples: int = Field(
+        128, ge=1, le=4096, description="Samples used for calibration (dataset or generated)."
+    )
+    generated_dim: int = Field(
+        16,
+        ge=1,
+        le=4096,
+        description="Size given to symbolic non-batch dims when calibration data is generated.",
+    )
+    per_channel: bool = Field(
+        True, description="One weight scale per output channel (accuracy for CNNs)."
+    )
+    activation_type: Literal["uint8", "int8"] = Field(
+        "uint8",
+        description="Activation type: uint8 suits x86 (u8s8 VNNI kernels), int8 suits ARM, GPUs "
+        "and most NPUs.",
+    )
+    weight_type: Literal["int8", "uint8"] = Field("int8", description="Weight type.")
+    symmetric_activations: bool = Field(
+        False, description="Force zero-point 0 for activations (some NPUs need it)."
+    )
+    symmetric_weights: bool = Field(True, description="Force zero-point 0 for weights.")
+    reduce_range: bool = Field(
+        False,
+        description="7-bit weights: avoids int16 saturation on x86 CPUs without VNNI.",
+    )
+    quant_format: Literal["qdq", "qoperator"] = Field(
+        "qdq",
+        description="qdq (QuantizeLinear/DequantizeLinear around float ops, portable, preferred "
+        "by ONNX Runtime and NPU toolchains) or qoperator (QLinearConv etc.).",
+    )
+    op_types: list[str] | None = Field(
+        None,
+        description="Op types to quantize (e.g. ['Conv', 'MatMul']); None = every op ONNX "
+        "Runtime can quantize statically.",
+    )
+    nodes_to_exclude: list[str] = Field(
+        default_factory=list, description="Node names to keep in float (sensitive layers)."
+    )
+    subgraph_weights: Literal["int8_weight_only", "keep_float"] = Field(
+        "int8_weight_only",
+        description="Weights inside If/Loop/Scan bodies: int8 + DequantizeLinear, or float.",
+    )
+
+
+def _signature(model: onnx.ModelProto) -> list[tuple[str, int, list[int | str | None]]]:
+    """(name, elem_type, dims) of every real graph input (initializers excluded)."""
+    inits = {t.name for t in model.graph.initializer}
+    out = []
+    for vi in model.graph.input:
+        if vi.name in inits:
+            continue
+        tt = vi.type.tensor_type
+        dims: list[int | str | None] = []
+        for d in tt.shape.dim:
+            if d.HasField("dim_value") and d.dim_value > 0:
+                dims.append(int(d.dim_value))
+            else:
+                dims.append(d.dim_param or None)
+        out.append((vi.name, tt.elem_type, dims))
+    return out
+
+
+def generate_inputs(
+    model: onnx.ModelProto, samples: int, dim: int, seed: int = 0
+) -> dict[str, np.ndarray]:
+    """Seeded synthetic inputs from the input signature: first axis = samples.
+
+    Symbolic non-batch dims get ``dim``; floats are standard normal, integers in [0, 16),
+    booleans random. Raises ``EngineError('unsupported_model')`` for inputs it cannot fill.
+    """
+    rng = np.random.default_rng(seed)
+    out: dict[str, np.ndarray] = {}
+    for name, elem, dims in _signature(model):
+        if elem not in _NUMPY_OF:
+            raise EngineError(
+                "unsupported_model",
+                f"cannot generate calibration data for input {name!r} "
+                f"({TensorProto.DataType.Name(elem)}); upload a dataset",
+            )
+        shape = [samples] + [d if isinstance(d, int) else dim for d in dims[1:]]
+        if not dims:  # a scalar input: one value per sample is impossible; use the scalar
+            shape = []
+        dtype = _NUMPY_OF[elem]
+        if np.issubdtype(dtype, np.floating):
+            arr = rng.standard_normal(shape).astype(dtype)
+        elif dtype == np.bool_:
+            arr = rng.integers(0, 2, shape).astype(np.bool_)
+        else:
+            arr = rng.integers(0, 16, shape).astype(dtype)
+        out[name] = arr
+    return out
+
+
+def _calibration_inputs(
+    model: onnx.ModelProto, config: QuantizeStaticConfig, ctx: PassContext
+) -> tuple[dict[str, np.ndarray], str]:
+    names = [n for n, _, _ in _signature(model)]
+    if ctx.dataset is None:
+        return (
+            generate_inputs(model, config.calibration_samples, config.generated_dim),
+            "generated",
+        )
+    missing = [n for n in names if n not in ctx.dataset]
+    if missing:
+        raise EngineError(
+            "invalid_dataset",
+            f"the dataset has no array for model input(s) {', '.join(missing)}; "
+            f"it must hold one array per input: {', '.join(names)}",
+        )
+    return {n: np.asarray(ctx.dataset[n])[: config.calibration_samples] for n in names}, "dataset"
+
+
+class _Reader:
+    """CalibrationDataReader over arrays (first axis = samples), a few samples per call."""
+
+    def __init__(self, arrays: dict[str, np.ndarray], batch: int) -> None:
+        n = min((len(a) for a in arrays.values() if a.ndim), default=1)
+        self._feeds = [
+            {k: (a[i : i + batch] if a.ndim else a) for k, a in arrays.items()}
+            for i in range(0, n, batch)
+        ]
+        self._pos = 0
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        if self._pos >= len(self._feeds):
+            return None
+        self._pos += 1
+        return self._feeds[self._pos - 1]
+
+    def rewind(self) -> None:
+        self._pos = 0
+
+
+@register
+class QuantizeStatic(Pass[QuantizeStaticConfig]):
+    """Static int8 (QDQ) quantization with calibration."""
+
+    name = "quantize_static"
+    config_model = QuantizeStaticConfig
+    description = (
+        "int8 QDQ with per-channel weights and calibrated activation ranges (minmax, entropy, "
+        "percentile) from the uploaded dataset or generated inputs; the fast int8 path for CNNs."
+    )
+
+    def run(
+        self, model: onnx.ModelProto, config: QuantizeStaticConfig, ctx: PassContext
+    ) -> onnx.ModelProto:
+        from onnxruntime.quantization import (
+            CalibrationDataReader,
+            CalibrationMethod,
+            QuantFormat,
+            QuantType,
+            quantize_static,
+        )
+
+        work = ensure_opset(model)
+        ctx.progress(0.05, "cleaning the graph (basic optimisation)")
+        work = ort_optimize(work, "basic", ctx.workdir)
+        # Shape inference helps the quantizer; a model it cannot infer still quantizes.
+        with contextlib.suppress(Exception):
+            work = onnx.shape_inference.infer_shapes(work)
+        arrays, source = _calibration_inputs(work, config, ctx)
+        samples = min((len(a) for a in arrays.values() if a.ndim), default=1)
+        ctx.notes["calibration"] = {
+            "source": source,
+            "samples": int(samples),
+            "method": config.calibration_method,
+        }
+        if source == "generated":
+            ctx.notes["calibration"]["warning"] = (
+                "activation ranges come from random inputs, not real data: upload a dataset "
+                "for accurate static quantization"
+            )
+
+        class Reader(_Reader, CalibrationDataReader):
+            pass
+
+        methods = {
+            "minmax": CalibrationMethod.MinMax,
+            "entropy": CalibrationMethod.Entropy,
+            "percentile": CalibrationMethod.Percentile,
+        }
+        qtypes = {"uint8": QuantType.QUInt8, "int8": QuantType.QInt8}
+        extra: dict = {
+            "ActivationSymmetric": config.symmetric_activations,
+            "WeightSymmetric": config.symmetric_weights,
+        }
+        if config.calibration_method == "percentile":
+            extra["CalibPercentile"] = config.percentile
+        # Histogram methods keep every value: feed them a few samples at a time.
+        batch = 16 if config.calibration_method == "minmax" else 4
+        src, dst = ctx.workdir / "qs_in.onnx", ctx.workdir / "qs_out.onnx"
+        onnx.save_model(work, str(src))
+        ctx.progress(
+            0.2, f"calibrating on {samples} {source} samples ({config.calibration_method})"
+        )
+        try:
+            quantize_static(
+                str(src),
+                str(dst),
+                Reader(arrays, batch),
+                quant_format=QuantFormat.QDQ
+                if config.quant_format == "qdq"
+                else QuantFormat.QOperator,
+                op_types_to_quantize=config.op_types,
+                per_channel=config.per_channel,
+                reduce_range=config.reduce_range,
+                activation_type=qtypes[config.activation_type],
+                weight_type=qtypes[config.weight_type],
+                nodes_to_exclude=list(config.nodes_to_exclude),
+                calibrate_method=methods[config.calibration_method],
+                extra_options=extra,
+            )
+        except EngineError:
+            raise
+        except Exception as exc:  # library failure -> pass failure, with its reason
+            raise EngineError(
+                "pass_failed",
+                "ONNX Runtime's static quantizer failed: " + str(exc).strip().splitlines()[0][:300],
+            ) from None
+        out = onnx.load(str(dst))
+        ctx.check_cancelled()
+
+        # What was quantized: ops with a dequantized weight, or whose dequantized inputs and
+        # quantized outputs make an int8 group ONNX Runtime fuses; QLinear* ops (QOperator).
+        dq_outputs = {
+            o for n in out.graph.node if n.op_type == "DequantizeLinear" for o in n.output
+        }
+        q_inputs = {n.input[0] for n in out.graph.node if n.op_type == "QuantizeLinear"}
+        quantized: Counter[str] = Counter()
+        for node in out.graph.node:
+            if node.op_type in ("QuantizeLinear", "DequantizeLinear"):
+                continue
+            weight_dq = len(node.input) > 1 and node.input[1] in dq_outputs
+            group = any(i in dq_outputs for i in node.input) and any(
+                o in q_inputs for o in node.output
+            )
+            if node.op_type.startswith("QLinear") or node.op_type == "QGemm" or weight_dq or group:
+                quantized[node.op_type] += 1
+        inits = {t.name: t for t in out.graph.initializer}
+        float_weight_nodes = [
+            {"node": n.name, "op": n.op_type}
+            for n in out.graph.node
+            if any(
+                i in inits
+                and inits[i].data_type == TensorProto.FLOAT
+                and len(inits[i].dims) >= 2
+                and int(np.prod(inits[i].dims)) >= 1024
+                for i in n.input
+            )
+        ]
+        notes: dict = {
+            "quantized_ops": dict(quantized),
+            "float_ops_with_weights": float_weight_nodes,
+            "excluded": list(config.nodes_to_exclude),
+            "per_channel": config.per_channel,
+            "activation_type": config.activation_type,
+            "weight_type": config.weight_type,
+            "format": config.quant_format,
+        }
+        if config.subgraph_weights == "int8_weight_only" and len(list(iter_graphs(out.graph))) > 1:
+            done, skipped = weight_only_int8(
+                out,
+                {"MatMul", "Gemm", "Conv", "ConvTranspose", "LSTM", "GRU", "RNN", "Attention"},
+                min_elements=1024,
+                exclude=set(config.nodes_to_exclude),
+                main_graph=False,
+                subgraphs=True,
+            )
+            notes["subgraph_weight_only_int8"] = done
+            notes["subgraph_skipped"] = skipped
+        recurrent = sorted(
+            {n["op"] for n in float_weight_nodes if n["op"] in ("LSTM", "GRU", "RNN")}
+        )
+        if recurrent:
+            notes["hint"] = (
+                f"{', '.join(recurrent)} have no static int8 (QDQ) kernels and stay float: "
+                "add a quantize_dynamic step for them"
+            )
+        ctx.notes.update(notes)
+        if not quantized and not notes.get("subgraph_weight_only_int8"):
+            present = sorted({n.op_type for n in model.graph.node})
+            raise EngineError(
+                "no_effect",
+                "static quantization found no op to quantize"
+                + (f" among {config.op_types}" if config.op_types else "")
+                + f" (the model's ops: {', '.join(present[:15])})",
+            )
+        return out
