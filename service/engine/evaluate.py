@@ -227,8 +227,10 @@ def compare_output(ref: Sequence[np.ndarray], cand: Sequence[np.ndarray]) -> dic
     elif nr == 0.0 or nc == 0.0:
         cos = 0.0
     else:
-        cos = float(np.dot(r, c) / (nr * nc))
+        cos = max(-1.0, min(1.0, float(np.dot(r, c) / (nr * nc))))
     err = float(np.sum((r - c) ** 2))
+    if err == 0.0:
+        cos = 1.0  # identical outputs; the dot product above can round to 0.9999999999999999
     sig = float(np.sum(r**2))
     if err == 0.0:
         sqnr = SQNR_CAP_DB

@@ -21,6 +21,7 @@ weights included.
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Iterator
 
 import numpy as np
@@ -233,7 +234,7 @@ def _upgrade_opset(model: onnx.ModelProto, min_opset: int, notes: list[str]) -> 
     try:
         upgraded = version_converter.convert_version(model, min_opset)
     except Exception as exc:  # the converter raises bare RuntimeError/ValueError with the op name
-        reason = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
+        reason = _converter_reason(exc)
         raise EngineError(
             "unsupported_model",
             f"the model uses opset {current}; upgrading it to opset {min_opset} (needed by the "
@@ -243,6 +244,15 @@ def _upgrade_opset(model: onnx.ModelProto, min_opset: int, notes: list[str]) -> 
     upgraded.ir_version = max(upgraded.ir_version, 7)
     notes.append(f"opset upgraded from {current} to {min_opset}")
     return upgraded
+
+
+def _converter_reason(exc: Exception) -> str:
+    """The converter's assertion text without its C++ source location."""
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    if "failed:" in text:
+        text = text.split("failed:", 1)[1].strip()
+    text = re.sub(r"(/[\w.\-]+)+(:\d+)?:?", "", text).strip()
+    return text[:300] or type(exc).__name__
 
 
 def _raise_ir_for_subgraph_initializers(model: onnx.ModelProto) -> None:

@@ -1,0 +1,123 @@
+"""Evaluation: generated inputs, fidelity per output (state outputs included), latency, accuracy."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import TensorProto as T
+from onnx import helper as h
+from onnx import numpy_helper as nh
+
+from service.engine.evaluate import (
+    DEFAULT_DYNAMIC_DIM,
+    compare_output,
+    dataset_feeds,
+    evaluate_candidate,
+    generate_feeds,
+    make_session,
+    measure_latency,
+)
+from service.engine.limits import EngineLimits
+from tests import crafted
+
+FAST = EngineLimits(eval_samples=4, latency_runs=3, latency_warmup=1)
+
+
+def _save(model: onnx.ModelProto, path: Path) -> Path:
+    path.write_bytes(model.SerializeToString())
+    return path
+
+
+def test_generated_feeds_follow_the_signature_and_are_deterministic() -> None:
+    model = crafted.dynamic_dims()
+    feeds = generate_feeds(model, 3)
+    again = generate_feeds(model, 3)
+    assert len(feeds) == 3
+    ids = feeds[0]["ids"]
+    assert ids.shape == (1, DEFAULT_DYNAMIC_DIM) and ids.dtype == np.int64
+    assert ids.min() >= 0 and ids.max() < 100  # valid embedding rows
+    assert len(np.unique(np.concatenate([f["ids"].ravel() for f in feeds]))) > 2
+    for a, b in zip(feeds, again, strict=True):
+        np.testing.assert_array_equal(a["ids"], b["ids"])
+    feeds = generate_feeds(crafted.constant_weights_opset11(), 1)
+    assert feeds[0]["x"].shape == (1, 1, 8, 8) and feeds[0]["x"].dtype == np.float32
+
+
+def test_dataset_feeds_split_along_batch() -> None:
+    model = crafted.mlp()
+    data = {"x": np.arange(10 * 64, dtype=np.float32).reshape(10, 64)}
+    feeds, labels = dataset_feeds(model, data, np.arange(10), 4)
+    assert len(feeds) == 4 and feeds[1]["x"].shape == (1, 64)
+    np.testing.assert_array_equal(feeds[2]["x"], data["x"][2:3])
+    assert labels is not None and [int(lbl[0]) for lbl in labels] == [0, 1, 2, 3]
+
+
+def test_compare_output_metrics() -> None:
+    rng = np.random.default_rng(0)
+    ref = [rng.standard_normal((1, 10)).astype(np.float32) for _ in range(8)]
+    same = compare_output(ref, ref)
+    assert same["cosine"] == 1.0 and same["sqnr_db"] == 200.0
+    assert same["max_abs_error"] == 0.0 and same["top1_agreement"] == 1.0
+    noisy = [r + 0.01 * rng.standard_normal(r.shape).astype(np.float32) for r in ref]
+    m = compare_output(ref, noisy)
+    assert 0.999 < m["cosine"] < 1.0 and 30 < m["sqnr_db"] < 50
+    assert 0 < m["max_abs_error"] < 0.1
+    flipped = compare_output(ref, [-r for r in ref])
+    assert flipped["cosine"] == -1.0 and flipped["top1_agreement"] < 0.5
+    broken = [r.copy() for r in ref]
+    broken[3][0, 0] = np.nan
+    b = compare_output(ref, broken)
+    assert b["finite"] is False and b["cosine"] is None
+    state = [rng.standard_normal((1, 1, 32)).astype(np.float32) for _ in range(2)]
+    assert compare_output(state, state)["top1_agreement"] is None  # not classifier-like
+
+
+def _two_output_model(state_weight: np.ndarray) -> onnx.ModelProto:
+    """y = x @ W (classifier head) and state = tanh(x @ R) (a recurrent-like state output)."""
+    rng = np.random.default_rng(3)
+    w = rng.standard_normal((16, 5)).astype(np.float32)
+    g = h.make_graph(
+        [h.make_node("MatMul", ["x", "w"], ["y"]), h.make_node("MatMul", ["x", "r"], ["s0"]),
+         h.make_node("Tanh", ["s0"], ["s1"]), h.make_node("Unsqueeze", ["s1", "ax"], ["state"])],
+        "g", [h.make_tensor_value_info("x", T.FLOAT, ["N", 16])],
+        [h.make_tensor_value_info("y", T.FLOAT, ["N", 5]),
+         h.make_tensor_value_info("state", T.FLOAT, [1, "N", 8])],
+        [nh.from_array(w, "w"), nh.from_array(state_weight, "r"),
+         nh.from_array(np.array([0], np.int64), "ax")])
+    return h.make_model(g, opset_imports=[h.make_opsetid("", 17)], ir_version=8)
+
+
+def test_a_broken_state_output_shows_although_the_main_output_is_right(tmp_path: Path) -> None:
+    rng = np.random.default_rng(4)
+    r = rng.standard_normal((16, 8)).astype(np.float32)
+    original = _two_output_model(r)
+    candidate = _two_output_model(rng.standard_normal((16, 8)).astype(np.float32))
+    a, b = _save(original, tmp_path / "a.onnx"), _save(candidate, tmp_path / "b.onnx")
+    feeds = generate_feeds(original, 4)
+    labels = [np.array([0]), np.array([1]), np.array([2]), np.array([3])]
+    result = evaluate_candidate(a, b, feeds, labels=labels, limits=FAST)
+    fid = result["fidelity"]
+    assert fid["y"]["cosine"] == 1.0 and fid["y"]["top1_agreement"] == 1.0
+    assert fid["state"]["cosine"] < 0.9
+    assert result["min_cosine"] == fid["state"]["cosine"]
+    assert result["accuracy"]["output"] == "y"
+    assert result["accuracy"]["before"] == result["accuracy"]["after"]
+    assert result["size"]["bytes_before"] == a.stat().st_size
+    assert result["params"]["before"] == 16 * 5 + 16 * 8  # int64 axes are no parameter
+    lat = result["latency"]
+    assert lat["before_ms"] > 0 and lat["after_ms"] > 0 and lat["threads"] == 1
+    assert lat["detail"]["before"]["runs"] == FAST.latency_runs
+
+
+def test_latency_is_measured_interleaved_with_medians(tmp_path: Path) -> None:
+    small = _save(crafted.mlp(hidden=32), tmp_path / "s.onnx")
+    large = _save(crafted.mlp(hidden=1024), tmp_path / "l.onnx")
+    sessions = {"small": make_session(small, 1), "large": make_session(large, 1)}
+    feed = generate_feeds(crafted.mlp(), 1)[0]
+    lat = measure_latency(sessions, feed, runs=5, warmup=1)
+    assert lat["small"]["runs"] == lat["large"]["runs"] == 5
+    assert lat["small"]["min_ms"] <= lat["small"]["median_ms"] <= lat["small"]["max_ms"]
+    # ~40x the multiply-adds: the ordering must show even on a noisy shared host.
+    assert lat["large"]["median_ms"] > lat["small"]["median_ms"]
