@@ -1,0 +1,67 @@
+"""End to end on the real stack: upload -> job -> succeeded -> download -> run in ORT."""
+
+import json
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import requests
+
+from tests.e2e.client import Api
+from tests.models import write_mlp
+
+pytestmark = pytest.mark.stack
+
+
+@pytest.fixture(scope="module")
+def api(live_stack):  # type: ignore[no-untyped-def]
+    return Api(live_stack.api_url)
+
+
+def test_dynamic_int8_end_to_end(api, tmp_path, live_stack) -> None:  # type: ignore[no-untyped-def]
+    source = write_mlp(tmp_path / "mlp.onnx", inputs=256, hidden=1024)
+    model = api.upload_model(source)
+    job = api.submit(model_id=model["id"], device="host", recipe=[{"pass": "quantize_dynamic"}])
+    assert job["state"] == "queued"
+    done = api.wait(job["id"])
+    assert done["state"] == "succeeded", done.get("error")
+    states = [s for s, _ in done["_seen"]]
+    assert states[-1] == "succeeded"
+    assert done["started_at"] and done["finished_at"] and done["progress"] == 1.0
+    result = done["result"]
+    assert result["bytes_before"] == source.stat().st_size
+    assert set(result["fidelity"]) == {"y"}
+    assert result["fidelity"]["y"]["cosine"] > 0.99
+
+    compressed = api.download(done["id"], "model.onnx", tmp_path / "out.onnx")
+    ratio = source.stat().st_size / compressed.stat().st_size
+    assert ratio >= 3.5, f"only {ratio:.2f}x smaller"
+    assert result["bytes_after"] == compressed.stat().st_size
+    x = np.random.default_rng(1).standard_normal((4, 256)).astype(np.float32)
+    ref = ort.InferenceSession(str(source), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    out = ort.InferenceSession(str(compressed), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    assert out.shape == ref.shape
+    cos = float((out * ref).sum() / (np.linalg.norm(out) * np.linalg.norm(ref)))
+    assert cos > 0.99
+
+    report = json.loads(api.download(done["id"], "report.json", tmp_path / "report.json").read_text())
+    assert report["size"]["bytes_after"] == compressed.stat().st_size
+    assert report["passes"][0]["pass"] == "quantize_dynamic"
+
+    metrics = requests.get(live_stack.api_url + "/metrics", timeout=10).text
+    assert "edgepress_jobs_submitted_total" in metrics
+    worker_metrics = requests.get(live_stack.worker_metrics_url, timeout=10).text
+    assert 'edgepress_jobs_finished_total{state="succeeded"}' in worker_metrics
+    assert "edgepress_compression_ratio_bucket" in worker_metrics
+
+
+def test_engine_refusal_fails_the_job_precisely(api, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """A model the engine cannot compress is a failed job with a code, never a success."""
+    source = write_mlp(tmp_path / "tiny.onnx", inputs=4, hidden=4, outputs=2)
+    model = api.upload_model(source)
+    job = api.submit(model_id=model["id"], recipe=[{"pass": "quantize_dynamic"}])
+    done = api.wait(job["id"])
+    assert done["state"] == "failed"
+    assert done["error"]["code"] in {"no_effect", "nothing_to_quantize"}
+    assert done["error"]["message"]
+    assert "/tmp" not in done["error"]["message"]
