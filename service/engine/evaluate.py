@@ -4,7 +4,9 @@
 - Latency: ONNX Runtime on this host, CPU provider, a fixed number of intra-op threads, both
   models in one process, warmed up, then timed in interleaved rounds (original, candidate,
   candidate, original, ...) so that drift on a shared machine hits both alike; the median per
-  model is reported. Each round times a burst of runs long enough (~5 ms) to be measurable.
+  model is reported, and the speedup is the median of the per-round before/after ratios (pairs
+  saw the same machine state). Each round times a burst of runs long enough (~5 ms) to be
+  measurable.
 - Fidelity, per output (recurrent state outputs included): cosine similarity, SQNR in dB (capped
   at 200 dB when the outputs are identical), max abs error, and top-1 agreement for
   classifier-like outputs (2-D ``[batch, classes]`` with at least 2 classes); null elsewhere.
@@ -189,11 +191,42 @@ def measure_latency(
             for _ in range(n):
                 s.run(None, f)
             samples[key].append((time.perf_counter() - t0) * 1000.0 / n)
-    return {
+    out: dict[str, dict] = {
         k: {"median_ms": statistics.median(v), "min_ms": min(v), "max_ms": max(v),
-            "runs": len(v), "runs_per_sample": burst[k]}
+            "runs": len(v), "runs_per_sample": burst[k], "samples_ms": v}
         for k, v in samples.items()
     }
+    return out
+
+
+def paired_speedup(before: Sequence[float], after: Sequence[float]) -> tuple[float, float]:
+    """(median of per-round before/after ratios, fraction of rounds where after was faster).
+
+    Rounds are interleaved, so each pair saw the same machine state: the paired median is far
+    less noisy than a ratio of two medians.
+    """
+    ratios = [b / a for b, a in zip(before, after, strict=True) if a > 0]
+    if not ratios:
+        return 0.0, 0.0
+    return statistics.median(ratios), sum(r > 1.0 for r in ratios) / len(ratios)
+
+
+def compare_latency(
+    original_path: Path, candidate_path: Path, feed: Feed, *, runs: int,
+    limits: EngineLimits, check_cancelled: Callable[[], None] = lambda: None,
+    sessions: tuple[Any, Any] | None = None,
+) -> dict:
+    """Interleaved latency of original vs candidate: medians, paired speedup, win fraction."""
+    so, sc = sessions or (make_session(original_path, limits.latency_threads),
+                          make_session(candidate_path, limits.latency_threads))
+    lat = measure_latency({"before": so, "after": sc}, feed, runs=runs,
+                          warmup=limits.latency_warmup, check_cancelled=check_cancelled)
+    speedup, wins = paired_speedup(lat["before"]["samples_ms"], lat["after"]["samples_ms"])
+    return {"before_ms": lat["before"]["median_ms"], "after_ms": lat["after"]["median_ms"],
+            "speedup": speedup, "win_fraction": wins,
+            "threads": limits.latency_threads, "rounds": runs,
+            "warmup": limits.latency_warmup, "provider": "CPUExecutionProvider",
+            "detail": lat, "input_shapes": {k: list(v.shape) for k, v in feed.items()}}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -314,20 +347,14 @@ def evaluate_candidate(
                        len(np.asarray(lbl).ravel()) for lbl in labels)}
 
     check_cancelled()
-    lat = measure_latency({"before": so, "after": sc}, feeds[0], runs=limits.latency_runs,
-                          warmup=limits.latency_warmup, check_cancelled=check_cancelled)
-    before_ms, after_ms = lat["before"]["median_ms"], lat["after"]["median_ms"]
+    latency = compare_latency(original_path, candidate_path, feeds[0], runs=limits.latency_runs,
+                              limits=limits, check_cancelled=check_cancelled, sessions=(so, sc))
     return {
         "size": {"bytes_before": bytes_before, "bytes_after": bytes_after,
                  "ratio": bytes_before / bytes_after if bytes_after else None},
         "params": {"before": parameter_count(original_model),
                    "after": parameter_count(candidate_model)},
-        "latency": {"before_ms": before_ms, "after_ms": after_ms,
-                    "speedup": before_ms / after_ms if after_ms > 0 else None,
-                    "threads": limits.latency_threads, "rounds": limits.latency_runs,
-                    "warmup": limits.latency_warmup, "provider": "CPUExecutionProvider",
-                    "detail": lat,
-                    "input_shapes": {k: list(v.shape) for k, v in feeds[0].items()}},
+        "latency": latency,
         "fidelity": fidelity,
         "min_cosine": min_cosine,
         "accuracy": acc,

@@ -43,6 +43,7 @@ QUANTIZING_PASSES = frozenset(
 )
 SMALLER_RATIO = 0.98  # bytes_after <= 98 % of bytes_before counts as smaller
 FASTER_SPEEDUP = 1.05  # speedup >= 1.05 counts as faster
+FASTER_WIN_FRACTION = 0.75  # ... in at least 75 % of the interleaved rounds (speed-only wins)
 SLOWER_SPEEDUP = 0.95  # below this, the result is reported as slower than the original
 ZSTD_KEEP_RATIO = 0.90
 ZSTD_LEVEL = 9
@@ -194,6 +195,12 @@ def run_pipeline(
         pass_reports.append({"pass": cls.name, "config": config.model_dump(mode="json"),
                              "seconds": round(seconds, 3), "notes": notes})
 
+    if model.SerializeToString(deterministic=True) == reference.SerializeToString(
+        deterministic=True
+    ):
+        raise EngineError("no_effect", "the recipe left the model unchanged",
+                          {"passes": [p["pass"] for p in pass_reports]})
+
     # ---- evaluate
     check_cancelled()
     progress("evaluate", 0.75)
@@ -234,6 +241,18 @@ def run_pipeline(
     smaller = stored <= SMALLER_RATIO * size["bytes_before"]
     speedup = latency["speedup"] or 0.0
     faster = speedup >= FASTER_SPEEDUP
+    if not smaller and faster:
+        # Speed alone decides: confirm with more rounds, and require that most rounds agree, so
+        # that noise on a shared host never passes an unchanged model off as faster.
+        from service.engine.evaluate import compare_latency
+
+        latency = compare_latency(original_path, output_path, feeds[0],
+                                  runs=max(30, 3 * limits.latency_runs), limits=limits,
+                                  check_cancelled=check_cancelled)
+        latency["confirmed"] = True
+        evaluation["latency"] = latency
+        speedup = latency["speedup"] or 0.0
+        faster = speedup >= FASTER_SPEEDUP and latency["win_fraction"] >= FASTER_WIN_FRACTION
     if not smaller and not faster:
         if zst is not None:
             zst.unlink()
