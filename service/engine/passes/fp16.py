@@ -23,7 +23,7 @@ from onnx import TensorProto, numpy_helper
 from pydantic import Field
 
 from service.engine.errors import EngineError
-from service.engine.passes.graph_optimize import iter_graphs
+from service.engine.passes.graph_optimize import iter_graphs, toposort
 from service.engine.registry import Pass, PassConfig, PassContext, register
 
 # Ops kept float32 for accuracy, on top of ONNX Runtime's DEFAULT_OP_BLOCK_LIST.
@@ -162,6 +162,7 @@ class Fp16(Pass[Fp16Config]):
                 "float16 conversion failed: " + str(exc).strip().splitlines()[0][:300],
             ) from None
         _drop_duplicate_nodes(out)
+        toposort(out)
         count_after, bytes_after = _float_weights(out)
         present = {n.op_type for g in iter_graphs(model.graph) for n in g.node}
         kept = sorted(

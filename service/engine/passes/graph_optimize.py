@@ -20,6 +20,7 @@ This module also holds the small ONNX helpers the quantization passes share (``o
 
 from __future__ import annotations
 
+import heapq
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -55,6 +56,63 @@ def iter_graphs(graph: onnx.GraphProto) -> Iterator[onnx.GraphProto]:
             elif attr.type == onnx.AttributeProto.GRAPHS:
                 for sub in attr.graphs:
                     yield from iter_graphs(sub)
+
+
+def _nested_inputs(node: onnx.NodeProto) -> set[str]:
+    """Every tensor name read by ``node`` or by nodes of its subgraphs (outer-scope reads)."""
+    names = set(node.input)
+    for attr in node.attribute:
+        subs = [attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)
+        for sub in subs:
+            for inner in sub.node:
+                names |= _nested_inputs(inner)
+    return names
+
+
+def toposort(model: onnx.ModelProto) -> int:
+    """Sort the nodes of every graph topologically, in place (stable). Returns nodes moved.
+
+    Some converters append nodes (I/O casts) after their consumers: ONNX Runtime tolerates it,
+    the ONNX checker and other runtimes do not.
+    """
+    moved = 0
+    for graph in iter_graphs(model.graph):
+        producer = {o: i for i, n in enumerate(graph.node) for o in n.output if o}
+        needs = [
+            {
+                producer[name]
+                for name in _nested_inputs(n)
+                if name in producer and producer[name] != i
+            }
+            for i, n in enumerate(graph.node)
+        ]
+        # Kahn's algorithm, always taking the ready node that came first (stable order).
+        users: dict[int, list[int]] = {}
+        indegree = [len(d) for d in needs]
+        for i, deps in enumerate(needs):
+            for d in deps:
+                users.setdefault(d, []).append(i)
+        ready = [i for i, k in enumerate(indegree) if k == 0]
+        heapq.heapify(ready)
+        order: list[int] = []
+        while ready:
+            i = heapq.heappop(ready)
+            order.append(i)
+            for u in users.get(i, []):
+                indegree[u] -= 1
+                if indegree[u] == 0:
+                    heapq.heappush(ready, u)
+        if len(order) != len(graph.node):  # a cycle: leave it, the checker will say so
+            continue
+        if order != list(range(len(graph.node))):
+            moved += sum(1 for a, b in zip(order, range(len(order)), strict=True) if a != b)
+            nodes = [graph.node[i] for i in order]
+            copies = [onnx.NodeProto() for _ in nodes]
+            for c, n in zip(copies, nodes, strict=True):
+                c.CopyFrom(n)
+            del graph.node[:]
+            graph.node.extend(copies)
+    return moved
 
 
 def op_histogram(model: onnx.ModelProto) -> dict[str, int]:
