@@ -9,6 +9,7 @@ run with ONNX Runtime on the example inputs and compared with the PyTorch output
 
 from __future__ import annotations
 
+import re
 import warnings
 from pathlib import Path
 from typing import Any
@@ -112,9 +113,9 @@ def export_pytorch(
         dynamo_error = exc
     if dynamo_error is not None:
         exporter = "torchscript"
+        first_line = re.sub(r"\x1b\[[0-9;]*m", "", str(dynamo_error)).strip().split("\n")[0]
         warnings.warn(
-            f"the dynamo exporter failed ({type(dynamo_error).__name__}: "
-            f"{str(dynamo_error).strip().splitlines()[0][:200] if str(dynamo_error) else ''}); "
+            f"the dynamo exporter failed ({type(dynamo_error).__name__}: {first_line[:200]}); "
             "falling back to the TorchScript-based exporter",
             RuntimeWarning,
             stacklevel=2,
