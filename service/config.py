@@ -81,6 +81,45 @@ class Settings(BaseSettings):
         default=1.0, ge=0.0, description="Minimum seconds between progress writes to a job."
     )
 
+    # Access. With no key configured the API is open and everything belongs to tenant "default"
+    # (the local stack); with keys, every /v1 request needs "Authorization: Bearer <key>".
+    api_keys: SecretStr | None = Field(
+        default=None,
+        description='API keys as "tenant:key,tenant:key" (hashed at start-up; prefer the file).',
+    )
+    api_keys_file: str | None = Field(
+        default=None,
+        description='JSON list of {"tenant", "name", "sha256"} (SHA-256 hex of each key).',
+    )
+    metrics_require_auth: bool = Field(
+        default=False, description="Require an API key for /metrics too."
+    )
+    rate_limit_per_minute: int = Field(
+        default=1200, ge=0, description="Requests per minute per API key (0: unlimited)."
+    )
+    quota_concurrent_jobs: int = Field(
+        default=16, ge=0, description="Queued + running jobs per tenant (0: unlimited)."
+    )
+    quota_stored_bytes: int = Field(
+        default=50 * 1024**3, ge=0, description="Bytes of models + datasets per tenant (0: unlimited)."
+    )
+    idempotency_ttl_seconds: int = Field(
+        default=24 * 3600, ge=60, description="How long an Idempotency-Key is remembered."
+    )
+
+    # Webhooks.
+    webhook_secret: SecretStr | None = Field(
+        default=None, description="HMAC-SHA256 key for webhook signatures (required for webhooks)."
+    )
+    webhook_allow_hosts: str = Field(
+        default="",
+        description="Comma-separated hosts/CIDRs allowed even if private (e.g. 10.0.0.0/8).",
+    )
+    webhook_allow_loopback_http: bool = Field(
+        default=False, description="Allow http:// callbacks to loopback (tests, local stack)."
+    )
+    webhook_max_attempts: int = Field(default=6, ge=1, le=20, description="Delivery attempts.")
+
     # Processes.
     worker_metrics_port: int = Field(default=9808, description="Worker's Prometheus port.")
     worker_metrics_host: str = Field(default="0.0.0.0", description="Worker metrics bind address.")

@@ -95,6 +95,12 @@ class ServiceMetrics:
             "Seconds this worker spent running jobs.",
             registry=r,
         )
+        self.webhooks = Counter(
+            "edgepress_webhook_deliveries_total",
+            "Webhook delivery attempts by outcome.",
+            ["outcome"],
+            registry=r,
+        )
         self.uploads_bytes = Counter(
             "edgepress_upload_bytes_total", "Bytes received in uploads.", ["kind"], registry=r
         )

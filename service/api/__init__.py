@@ -16,12 +16,10 @@ from service.config import Settings
 
 def create_app(settings: Settings | None = None) -> Flask:
     """Build the app from ``settings`` (default: read from the environment)."""
-    from service.api import datasets, devices, health, jobs, models, problems
+    from service.api import auth, datasets, devices, health, jobs, models, problems
     from service.api.context import Services
-    from service.jobs.store import JobStore
     from service.metrics import ServiceMetrics
     from service.storage.s3 import make_store
-    from service.uploads.store import UploadStore
     from service.worker.celery_app import create_celery_app
     from service.worker.queue import JobQueue
 
@@ -39,14 +37,13 @@ def create_app(settings: Settings | None = None) -> Flask:
     metrics = ServiceMetrics()
     app.extensions["edgepress"] = Services(
         settings=settings,
-        store=store,
-        jobs=JobStore(store),
-        uploads=UploadStore(store),
+        root_store=store,
         queue=JobQueue(create_celery_app(settings), settings),
         metrics=metrics,
     )
 
     problems.init_app(app)
+    auth.init_app(app, settings)
     for module in (health, models, datasets, jobs, devices):
         app.register_blueprint(module.bp)
 

@@ -1,15 +1,17 @@
-"""What the API's views share: the services built by ``create_app`` from the settings."""
+"""What the API's views share: the services built by ``create_app`` from the settings, and
+the calling tenant's space in the store."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from flask import current_app
+from flask import current_app, g
 
 from service.config import Settings
 from service.jobs.store import JobStore
 from service.metrics import ServiceMetrics
 from service.storage.s3 import S3ObjectStore
+from service.tenants import DEFAULT_TENANT, tenant_prefix
 from service.uploads.store import UploadStore
 from service.worker.queue import JobQueue
 
@@ -17,13 +19,34 @@ from service.worker.queue import JobQueue
 @dataclass
 class Services:
     settings: Settings
+    root_store: S3ObjectStore
+    queue: JobQueue
+    metrics: ServiceMetrics
+
+
+@dataclass
+class TenantSpace:
+    """One tenant's view of the store: ids of other tenants simply do not exist here."""
+
+    tenant: str
     store: S3ObjectStore
     jobs: JobStore
     uploads: UploadStore
-    queue: JobQueue
-    metrics: ServiceMetrics
 
 
 def services() -> Services:
     svc: Services = current_app.extensions["edgepress"]
     return svc
+
+
+def space_for(root: S3ObjectStore, tenant: str) -> TenantSpace:
+    store = root.scoped(tenant_prefix(tenant))
+    return TenantSpace(tenant, store, JobStore(store), UploadStore(store))
+
+
+def space() -> TenantSpace:
+    """The authenticated tenant's space (set by the auth hook; "default" without keys)."""
+    if "edgepress_space" not in g:
+        g.edgepress_space = space_for(services().root_store, g.get("tenant", DEFAULT_TENANT))
+    current: TenantSpace = g.edgepress_space
+    return current

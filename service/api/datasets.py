@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from flask import Blueprint, Response, jsonify, request, url_for
 
-from service.api.context import services
+from service.api.context import services, space
+from service.api.idempotency import remember, replay
 from service.api.problems import from_engine_error
+from service.api.quotas import check_storage_quota
 from service.api.streaming import receive_upload
 from service.engine.dataset import inspect_dataset
 from service.engine.errors import EngineError
@@ -15,7 +17,7 @@ bp = Blueprint("datasets", __name__, url_prefix="/v1/datasets")
 
 
 @bp.post("")
-def upload_dataset() -> tuple[Response, int, dict[str, str]]:
+def upload_dataset() -> Response:
     """Store an ``.npz`` (read with ``allow_pickle=False`` only). Validated against a model's
     inputs when a job uses it."""
     svc = services()
@@ -24,11 +26,15 @@ def upload_dataset() -> tuple[Response, int, dict[str, str]]:
         request, max_bytes=svc.settings.max_dataset_bytes, scratch_dir=svc.settings.scratch_dir
     ) as received:
         svc.metrics.uploads_bytes.labels("dataset").inc(received.size)
+        replayed = replay(f"dataset:{received.sha256}")
+        if replayed is not None:
+            return replayed
+        check_storage_quota(received.size)
         try:
             description = inspect_dataset(received.path, limits)
         except EngineError as exc:
             raise from_engine_error(exc) from None
-        record, created = svc.uploads.save_dataset(
+        record, created = space().uploads.save_dataset(
             received.path,
             sha256=received.sha256,
             size=received.size,
@@ -36,15 +42,17 @@ def upload_dataset() -> tuple[Response, int, dict[str, str]]:
             description=description,
         )
     location = url_for("datasets.get_dataset", dataset_id=record.id)
-    return jsonify(record.model_dump(mode="json")), 201 if created else 200, {"Location": location}
+    resp = jsonify(record.model_dump(mode="json"))
+    resp.status_code, resp.headers["Location"] = (201 if created else 200), location
+    return remember(f"dataset:{received.sha256}", resp)
 
 
 @bp.get("/<dataset_id>")
 def get_dataset(dataset_id: str) -> Response:
-    return jsonify(services().uploads.get_dataset(dataset_id).model_dump(mode="json"))
+    return jsonify(space().uploads.get_dataset(dataset_id).model_dump(mode="json"))
 
 
 @bp.delete("/<dataset_id>")
 def delete_dataset(dataset_id: str) -> tuple[str, int]:
-    services().uploads.delete_dataset(dataset_id)
+    space().uploads.delete_dataset(dataset_id)
     return "", 204

@@ -20,7 +20,7 @@ def healthz() -> Response:
 def readyz() -> Response | tuple[Response, int, dict[str, str]]:
     svc = services()
     checks: dict[str, str] = {}
-    for name, ping in (("store", svc.store.ping), ("broker", svc.queue.ping)):
+    for name, ping in (("store", svc.root_store.ping), ("broker", svc.queue.ping)):
         try:
             ping()
             checks[name] = "ok"

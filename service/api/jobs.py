@@ -11,9 +11,11 @@ from typing import Any
 
 from flask import Blueprint, Response, jsonify, redirect, request, url_for
 
-from service.api.context import services
+from service.api.context import services, space
+from service.api.idempotency import idempotent
 from service.api.pagination import page_limit
 from service.api.problems import from_engine_error
+from service.api.quotas import check_job_quota
 from service.api.schemas import JobCreate
 from service.engine.devices import parse_device
 from service.engine.errors import EngineError
@@ -22,6 +24,7 @@ from service.errors import Conflict, NotFound, Unavailable, ValidationFailed
 from service.jobs.models import Job, JobState, new_job_id, utcnow
 from service.jobs.store import artifact_key
 from service.uploads.store import DatasetRecord, ModelRecord
+from service.worker.webhooks import check_callback_url
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +39,7 @@ ARTIFACT_TYPES = {
 
 
 @bp.post("")
+@idempotent
 def create_job() -> tuple[Response, int, dict[str, str]]:
     svc = services()
     body = request.get_json(silent=True)
@@ -45,16 +49,19 @@ def create_job() -> tuple[Response, int, dict[str, str]]:
             extra={"errors": [{"field": "body", "message": "JSON object expected"}]},
         )
     spec = JobCreate.model_validate(body)
-    model = svc.uploads.get_model(spec.model_id)
-    dataset = svc.uploads.get_dataset(spec.dataset_id) if spec.dataset_id else None
+    model = space().uploads.get_model(spec.model_id)
+    dataset = space().uploads.get_dataset(spec.dataset_id) if spec.dataset_id else None
     if dataset is not None:
         _check_dataset_matches(dataset, model)
     try:
         if spec.recipe != "auto":
             parse_recipe(spec.recipe)
         device = parse_device(spec.device)
+        if spec.callback_url is not None:
+            check_callback_url(spec.callback_url, svc.settings)
     except EngineError as exc:
         raise from_engine_error(exc) from None
+    check_job_quota()
     job = Job(
         id=new_job_id(),
         model_id=model.id,
@@ -65,10 +72,10 @@ def create_job() -> tuple[Response, int, dict[str, str]]:
         callback_url=spec.callback_url,
         created_at=utcnow(),
     )
-    svc.jobs.create(job)
+    space().jobs.create(job)
     svc.metrics.jobs_submitted.inc()
     try:
-        svc.queue.enqueue(job.id)
+        svc.queue.enqueue(job.id, space().tenant)
     except Unavailable:
         # The record is the truth: the reconciler re-enqueues queued jobs once the broker is back.
         log.warning("job %s recorded but not enqueued; the reconciler will enqueue it", job.id)
@@ -99,7 +106,7 @@ def _check_dataset_matches(dataset: DatasetRecord, model: ModelRecord) -> None:
 
 @bp.get("/<job_id>")
 def get_job(job_id: str) -> Response:
-    return jsonify(services().jobs.get(job_id).public())
+    return jsonify(space().jobs.get(job_id).public())
 
 
 @bp.get("")
@@ -121,46 +128,52 @@ def list_jobs() -> Response:
                     ]
                 },
             ) from None
-    jobs, cursor = services().jobs.list(
+    jobs, cursor = space().jobs.list(
         limit=page_limit(), cursor=request.args.get("cursor") or None, state=state
     )
     return jsonify({"items": [j.public() for j in jobs], "next_cursor": cursor})
 
 
 @bp.post("/<job_id>/cancel")
+@idempotent
 def cancel_job(job_id: str) -> tuple[Response, int]:
     """A queued job is cancelled at once; a running one is asked to stop (the worker stops
     its engine process within seconds and marks it cancelled)."""
     svc = services()
+    cancelled_here: list[bool] = []
 
     def change(job: Job) -> Job | None:
+        cancelled_here.clear()
         if job.state.terminal:
             return None
         if job.state is JobState.queued:
+            cancelled_here.append(True)
             return job.transition(JobState.cancelled, message="cancelled by the user")
         if job.cancel_requested:
             return None
         return job.model_copy(update={"cancel_requested": True, "updated_at": utcnow()})
 
-    job = svc.jobs.update(job_id, change)
-    if job.state is JobState.cancelled and job.finished_at is not None:
+    job = space().jobs.update(job_id, change)
+    if cancelled_here:
+        # Finished here, while queued (a running job is finished by its worker).
         svc.metrics.jobs_finished.labels("cancelled").inc()
+        if job.callback_url:
+            svc.queue.enqueue_webhook(job.id, space().tenant)
     return jsonify(job.public()), 202 if job.state is JobState.running else 200
 
 
 @bp.delete("/<job_id>")
 def delete_job(job_id: str) -> tuple[Response | str, int]:
-    svc = services()
-    job = svc.jobs.get(job_id)
+    job = space().jobs.get(job_id)
     if not job.state.terminal:
         raise Conflict("only finished jobs can be deleted; cancel it first", code="job_active")
-    svc.jobs.delete(job)
+    space().jobs.delete(job)
     return "", 204
 
 
 @bp.get("/<job_id>/artifacts")
 def list_artifacts(job_id: str) -> Response:
-    job = services().jobs.get(job_id)
+    job = space().jobs.get(job_id)
     items: list[dict[str, Any]] = [
         {"name": name, "url": url_for("jobs.get_artifact", job_id=job.id, name=name)}
         for name in job.artifacts
@@ -171,11 +184,10 @@ def list_artifacts(job_id: str) -> Response:
 @bp.get("/<job_id>/artifacts/<name>")
 def get_artifact(job_id: str, name: str) -> Response:
     """Redirect (302) to a short-lived presigned URL on the object store."""
-    svc = services()
-    job = svc.jobs.get(job_id)
+    job = space().jobs.get(job_id)
     if name not in job.artifacts:
         raise NotFound(f"job {job_id} has no artifact {name!r}", code="artifact_not_found")
-    url = svc.store.presign_get(artifact_key(job.id, name), filename=f"{job.id}-{name}")
+    url = space().store.presign_get(artifact_key(job.id, name), filename=f"{job.id}-{name}")
     resp = redirect(url, code=302)
     resp.headers["Cache-Control"] = "no-store"
     return resp

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 from flask import Blueprint, Response, jsonify, request, url_for
 
-from service.api.context import services
+from service.api.context import services, space
+from service.api.idempotency import remember, replay
 from service.api.pagination import page_limit
 from service.api.problems import from_engine_error
+from service.api.quotas import check_storage_quota
 from service.api.streaming import receive_upload
 from service.engine.errors import EngineError
 from service.engine.ingest import inspect_upload
@@ -16,7 +18,7 @@ bp = Blueprint("models", __name__, url_prefix="/v1/models")
 
 
 @bp.post("")
-def upload_model() -> tuple[Response, int, dict[str, str]]:
+def upload_model() -> Response:
     """Stream a model (``.onnx``, or a ``.zip``/``.tar`` with ONNX + external data) to the store.
 
     Answers 201 with the model resource, or 200 with the existing one for bytes already stored.
@@ -27,15 +29,19 @@ def upload_model() -> tuple[Response, int, dict[str, str]]:
         request, max_bytes=svc.settings.max_upload_bytes, scratch_dir=svc.settings.scratch_dir
     ) as received:
         svc.metrics.uploads_bytes.labels("model").inc(received.size)
-        existing = svc.uploads.find_model(received.sha256)
+        replayed = replay(f"model:{received.sha256}")
+        if replayed is not None:
+            return replayed
+        existing = space().uploads.find_model(received.sha256)
         if existing is not None:
             record, created = existing, False
         else:
+            check_storage_quota(received.size)
             try:
                 description = inspect_upload(received.path, received.filename, limits)
             except EngineError as exc:
                 raise from_engine_error(exc) from None
-            record, created = svc.uploads.save_model(
+            record, created = space().uploads.save_model(
                 received.path,
                 sha256=received.sha256,
                 size=received.size,
@@ -43,17 +49,19 @@ def upload_model() -> tuple[Response, int, dict[str, str]]:
                 description=description,
             )
     location = url_for("models.get_model", model_id=record.id)
-    return jsonify(record.model_dump(mode="json")), 201 if created else 200, {"Location": location}
+    resp = jsonify(record.model_dump(mode="json"))
+    resp.status_code, resp.headers["Location"] = (201 if created else 200), location
+    return remember(f"model:{received.sha256}", resp)
 
 
 @bp.get("/<model_id>")
 def get_model(model_id: str) -> Response:
-    return jsonify(services().uploads.get_model(model_id).model_dump(mode="json"))
+    return jsonify(space().uploads.get_model(model_id).model_dump(mode="json"))
 
 
 @bp.get("")
 def list_models() -> Response:
-    items, cursor = services().uploads.list_models(
+    items, cursor = space().uploads.list_models(
         limit=page_limit(), after=request.args.get("cursor") or None
     )
     return jsonify({"items": [m.model_dump(mode="json") for m in items], "next_cursor": cursor})
@@ -61,5 +69,5 @@ def list_models() -> Response:
 
 @bp.delete("/<model_id>")
 def delete_model(model_id: str) -> tuple[str, int]:
-    services().uploads.delete_model(model_id)
+    space().uploads.delete_model(model_id)
     return "", 204

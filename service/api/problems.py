@@ -85,19 +85,16 @@ def from_validation_error(exc: ValidationError) -> ValidationFailed:
     )
 
 
+def render_service_error(exc: ServiceError) -> Response:
+    if exc.status >= 500:
+        log.error("server error %s: %s", exc.code, exc.message)
+    return problem(exc.status, exc.code, _title(exc.status), exc.message, exc.extra, exc.headers)
+
+
 def init_app(app: Flask) -> None:
     @app.errorhandler(ServiceError)
     def _service_error(exc: ServiceError) -> Response:
-        if exc.status >= 500:
-            log.error("server error %s: %s", exc.code, exc.message)
-        return problem(
-            exc.status,
-            exc.code,
-            _title(exc.status),
-            exc.message,
-            exc.extra,
-            exc.headers,
-        )
+        return render_service_error(exc)
 
     @app.errorhandler(EngineError)
     def _engine_error(exc: EngineError) -> Response:

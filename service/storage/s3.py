@@ -85,6 +85,35 @@ class S3ObjectStore:
     def _k(self, key: str) -> str:
         return self.prefix + key
 
+    def scoped(self, sub_prefix: str) -> S3ObjectStore:
+        """The same bucket and client under ``prefix + sub_prefix`` (a tenant's space)."""
+        return S3ObjectStore(
+            self._client, self.bucket, self.prefix + sub_prefix.strip("/"), self._presign_ttl
+        )
+
+    def list_prefixes(self, prefix: str) -> list[str]:
+        """The "directories" directly under ``prefix`` (names without slashes)."""
+        out: list[str] = []
+        paginator = self._client.get_paginator("list_objects_v2")
+        try:
+            for page in paginator.paginate(Bucket=self.bucket, Prefix=self._k(prefix), Delimiter="/"):
+                for item in page.get("CommonPrefixes", []):
+                    out.append(item["Prefix"][len(self._k(prefix)) :].rstrip("/"))
+        except (ClientError, BotoCoreError) as exc:
+            raise _unavailable(exc) from exc
+        return out
+
+    def total_bytes(self, prefix: str) -> int:
+        """Sum of object sizes under ``prefix`` (quota accounting)."""
+        total = 0
+        paginator = self._client.get_paginator("list_objects_v2")
+        try:
+            for page in paginator.paginate(Bucket=self.bucket, Prefix=self._k(prefix)):
+                total += sum(int(item.get("Size", 0)) for item in page.get("Contents", []))
+        except (ClientError, BotoCoreError) as exc:
+            raise _unavailable(exc) from exc
+        return total
+
     # -- primitives --------------------------------------------------------------------------
     def get(self, key: str) -> StoredObject | None:
         """The object at ``key`` (whole body in memory: use for small records only)."""

@@ -20,7 +20,6 @@ def create_worker_app(settings: Settings | None = None) -> Celery:
             prefix="edgepress-worker-metrics-"
         )
 
-    from service.jobs.store import JobStore
     from service.metrics import ServiceMetrics
     from service.storage.s3 import make_store
     from service.worker.celery_app import create_celery_app
@@ -41,8 +40,7 @@ def create_worker_app(settings: Settings | None = None) -> Celery:
         start_http_server(
             settings.worker_metrics_port, settings.worker_metrics_host, registry=registry
         )
-        store = make_store(settings)
-        Reconciler(settings, JobStore(store), JobQueue(app, settings)).start()
+        Reconciler(settings, make_store(settings), JobQueue(app, settings)).start()
 
     @signals.worker_process_shutdown.connect(weak=False)
     def _on_child_exit(pid=None, **_: object) -> None:  # type: ignore[no-untyped-def]

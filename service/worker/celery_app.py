@@ -13,13 +13,17 @@ from celery import Celery
 from service.config import Settings
 
 RUN_JOB_TASK = "edgepress.run_job"
+WEBHOOK_TASK = "edgepress.deliver_webhook"
 
 
 def create_celery_app(settings: Settings) -> Celery:
     app = Celery("edgepress", broker=settings.broker_url, set_as_current=False)
     app.conf.update(
         task_default_queue=settings.queue_name,
-        task_routes={RUN_JOB_TASK: {"queue": settings.queue_name}},
+        task_routes={
+            RUN_JOB_TASK: {"queue": settings.queue_name},
+            WEBHOOK_TASK: {"queue": settings.queue_name},
+        },
         task_acks_late=True,
         task_reject_on_worker_lost=True,
         task_acks_on_failure_or_timeout=True,

@@ -53,7 +53,8 @@ def main(spec_path: str) -> int:
         from service.uploads.store import model_source_key
 
         settings = Settings()
-        store = make_store(settings)
+        # Other models (students, teachers) are looked up in the job's tenant space only.
+        store = make_store(settings.model_copy(update={"s3_prefix": spec["store_prefix"]}))
 
         def resolve_model(model_id: str) -> Path:
             if not (model_id.startswith("mdl_") and len(model_id) == 36 and model_id[4:].isalnum()):

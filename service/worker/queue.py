@@ -8,7 +8,7 @@ from celery import Celery
 
 from service.config import Settings
 from service.errors import Unavailable
-from service.worker.celery_app import RUN_JOB_TASK
+from service.worker.celery_app import RUN_JOB_TASK, WEBHOOK_TASK
 
 log = logging.getLogger(__name__)
 
@@ -18,12 +18,12 @@ class JobQueue:
         self._app = app
         self._queue = settings.queue_name
 
-    def enqueue(self, job_id: str) -> None:
-        """Send "run job X". Raises ``Unavailable`` if the broker cannot take it."""
+    def enqueue(self, job_id: str, tenant: str) -> None:
+        """Send "run job X of tenant T". Raises ``Unavailable`` if the broker cannot take it."""
         try:
             self._app.send_task(
                 RUN_JOB_TASK,
-                args=[job_id],
+                args=[job_id, tenant],
                 queue=self._queue,
                 retry=True,
                 retry_policy={"max_retries": 2, "interval_start": 0.2, "interval_step": 0.5},
@@ -33,6 +33,16 @@ class JobQueue:
             raise Unavailable(
                 "the job broker is unavailable; retry later", code="broker_unavailable"
             ) from exc
+
+    def enqueue_webhook(self, job_id: str, tenant: str, attempt: int = 1, countdown: float = 0) -> None:
+        """Send "deliver the terminal-state webhook of job X" (retried by the task itself)."""
+        try:
+            self._app.send_task(
+                WEBHOOK_TASK, args=[job_id, tenant, attempt], queue=self._queue,
+                countdown=countdown or None,
+            )
+        except Exception as exc:
+            log.warning("broker error on webhook enqueue for %s: %s", job_id, exc)
 
     def depth(self) -> int | None:
         """Messages waiting in the queue, or None if the broker cannot be asked."""

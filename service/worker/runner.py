@@ -67,8 +67,11 @@ class JobRunner:
         store: S3ObjectStore,
         metrics: ServiceMetrics,
         name: str | None = None,
+        tenant: str = "default",
     ) -> None:
+        """``store`` is the tenant's space (``tenants/<tenant>/``) of the object store."""
         self.settings = settings
+        self.tenant = tenant
         self.store = store
         self.jobs = JobStore(store)
         self.uploads = UploadStore(store)
@@ -156,6 +159,7 @@ class JobRunner:
                 "recipe": job.recipe,
                 "device": device,
                 "constraints": job.constraints,
+                "store_prefix": self.store.prefix,
             }
             (workdir / "spec.json").write_text(json.dumps(spec))
             outcome = self._run_engine(job.id, workdir)

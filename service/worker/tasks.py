@@ -20,8 +20,10 @@ from service.errors import NotFound, PreconditionFailed, Unavailable
 from service.jobs.models import Job, JobState, utcnow
 from service.jobs.store import JobStore
 from service.metrics import ServiceMetrics
-from service.storage.s3 import make_store
-from service.worker.celery_app import RUN_JOB_TASK
+from service.storage.s3 import S3ObjectStore, make_store
+from service.tenants import DEFAULT_TENANT, TENANT_NAME, tenant_prefix
+from service.worker import webhooks
+from service.worker.celery_app import RUN_JOB_TASK, WEBHOOK_TASK
 from service.worker.queue import JobQueue
 from service.worker.runner import JobRunner
 
@@ -29,13 +31,13 @@ log = logging.getLogger(__name__)
 
 
 def register_tasks(app: Celery, settings: Settings, metrics: ServiceMetrics) -> None:
-    runner_holder: dict[str, JobRunner] = {}
+    stores: dict[str, S3ObjectStore] = {}
 
-    def runner() -> JobRunner:
-        # Built lazily in the process that runs tasks (after the pool forks).
-        if "r" not in runner_holder:
-            runner_holder["r"] = JobRunner(settings, make_store(settings), metrics)
-        return runner_holder["r"]
+    def runner(tenant: str) -> JobRunner:
+        # The client is built lazily in the process that runs tasks (after the pool forks).
+        if "root" not in stores:
+            stores["root"] = make_store(settings)
+        return JobRunner(settings, stores["root"].scoped(tenant_prefix(tenant)), metrics, tenant=tenant)
 
     @app.task(
         name=RUN_JOB_TASK,
@@ -46,31 +48,78 @@ def register_tasks(app: Celery, settings: Settings, metrics: ServiceMetrics) -> 
         retry_backoff_max=60,
         max_retries=10,
     )
-    def run_job(self: Any, job_id: str) -> None:
-        runner().run(job_id)
+    def run_job(self: Any, job_id: str, tenant: str = DEFAULT_TENANT) -> None:
+        if not TENANT_NAME.match(tenant):
+            log.warning("dropping a message with an invalid tenant %r", tenant)
+            return
+        final = runner(tenant).run(job_id)
+        if final is not None and final.state.terminal and final.callback_url and final.finished_at:
+            JobQueue(app, settings).enqueue_webhook(job_id, tenant)
+
+    @app.task(name=WEBHOOK_TASK, acks_late=True)
+    def deliver_webhook(job_id: str, tenant: str, attempt: int = 1) -> None:
+        if not TENANT_NAME.match(tenant):
+            return
+        if "root" not in stores:
+            stores["root"] = make_store(settings)
+        try:
+            job = JobStore(stores["root"].scoped(tenant_prefix(tenant))).get(job_id)
+        except NotFound:
+            return
+        if not job.callback_url or not job.state.terminal:
+            return
+        payload = {"event": f"job.{job.state.value}", "job": job.public()}
+        try:
+            status = webhooks.deliver(job.callback_url, payload, settings)
+            outcome = "delivered" if 200 <= status < 300 else f"http_{status}"
+        except webhooks.CallbackRefused as exc:
+            log.warning("webhook for %s refused: %s", job_id, exc.message)
+            metrics.webhooks.labels("refused").inc()
+            return
+        except Exception as exc:  # network errors: retry
+            outcome = type(exc).__name__
+        if outcome == "delivered":
+            metrics.webhooks.labels("delivered").inc()
+            return
+        if attempt >= settings.webhook_max_attempts:
+            log.warning("webhook for %s gave up after %d attempts (%s)", job_id, attempt, outcome)
+            metrics.webhooks.labels("failed").inc()
+            return
+        metrics.webhooks.labels("retried").inc()
+        JobQueue(app, settings).enqueue_webhook(
+            job_id, tenant, attempt + 1, countdown=min(2.0 ** attempt, 300.0)
+        )
 
 
 class Reconciler:
     """Finds jobs the broker lost or whose worker died, and enqueues them again."""
 
-    def __init__(self, settings: Settings, jobs: JobStore, queue: JobQueue) -> None:
+    def __init__(self, settings: Settings, root: S3ObjectStore, queue: JobQueue) -> None:
         self.settings = settings
-        self.jobs = jobs
+        self.root = root
         self.queue = queue
         self._stop = threading.Event()
 
     def run_once(self) -> list[str]:
-        """One pass; returns the ids re-enqueued."""
+        """One pass over every tenant; returns the ids re-enqueued."""
+        requeued: list[str] = []
+        for tenant in self.root.list_prefixes("tenants/"):
+            if TENANT_NAME.match(tenant):
+                jobs = JobStore(self.root.scoped(tenant_prefix(tenant)))
+                requeued += self._reconcile(tenant, jobs)
+        return requeued
+
+    def _reconcile(self, tenant: str, jobs: JobStore) -> list[str]:
         s = self.settings
         requeued: list[str] = []
-        for job_id in self.jobs.active_ids():
+        for job_id in jobs.active_ids():
             try:
-                job = self.jobs.get(job_id)
+                job = jobs.get(job_id)
             except NotFound:
-                self.jobs.clear_active(job_id)
+                jobs.clear_active(job_id)
                 continue
             if job.state.terminal:
-                self.jobs.clear_active(job_id)
+                jobs.clear_active(job_id)
                 continue
             now = utcnow()
             seen = job.updated_at or job.created_at
@@ -95,13 +144,13 @@ class Reconciler:
                 return current.model_copy(update={"updated_at": utcnow()})
 
             try:
-                updated = self.jobs.update(job_id, change)
+                updated = jobs.update(job_id, change)
             except (PreconditionFailed, NotFound):
                 continue
             if updated.updated_at == seen:
                 continue
             try:
-                self.queue.enqueue(job_id)
+                self.queue.enqueue(job_id, tenant)
                 requeued.append(job_id)
                 log.warning("reconciler: %s job %s", action, job_id)
             except Unavailable:
