@@ -1,0 +1,995 @@
+"""Auto mode: search compression candidates for a target device under constraints.
+
+``run_auto`` is what ``run_pipeline(recipe="auto")`` delegates to. It
+
+1. ingests the model once, describes what it is made of (CNN, transformer, recurrent, MLP: the
+   share of weights held by Conv, MatMul/Gemm and LSTM/GRU layers) and resolves the device
+   profile (``service.engine.devices``);
+2. plans candidates from what the device runs fast (``DeviceProfile.quant_formats``, in the
+   profile's order of preference) and what the model is made of: static int8 QDQ in the
+   device's flavour (u8s8, s8s8 symmetric for TensorRT, u8u8 / u16u8 for QNN, reduce-range for
+   x86 without VNNI), dynamic int8 for MatMul/recurrent layers on CPUs, int4 weight-only for
+   MatMul-heavy models, fp16 where it is native, mixes (static convolutions + dynamic
+   recurrent layers, int4 MatMul + int8 rest), and channel pruning levels combined with int8
+   when a dataset allows recovery;
+3. runs each candidate through ``run_pipeline`` (measured on this host: size, latency against
+   the original, fidelity, accuracy) and estimates it on the target with the cost model
+   (latency, peak memory, energy); candidates run in parallel processes when the host has the
+   cores (one latency-measuring process per 4 cores), in order of promise;
+4. stops early when a candidate meets every constraint and no remaining one can beat it on the
+   objective (optimistic bounds from the formats: size factor, peak-throughput ratio);
+5. when a candidate misses only the accuracy/fidelity constraint, measures per-layer
+   sensitivity (each quantized layer kept in float alone) and keeps the most sensitive layers
+   in float, one more at a time, until it fits ("accuracy-aware mixed precision", as Intel
+   Neural Compressor's tuning does), recording which layers;
+6. picks the best candidate for the objective among those meeting every constraint, never one
+   slower than the original on this host when the objective involves latency and the target is
+   measurable here (a CPU of the host's architecture); otherwise the report says that the
+   target latency is an estimate.
+
+The result is the chosen candidate's ``PipelineResult`` whose report gains an ``auto`` section:
+the device, the constraints, the model family, every candidate (failed ones with their reason),
+the chosen one and why, the Pareto front (size, latency, fidelity; plot-ready points) and the
+cost model's predicted-vs-measured latency on this host. When nothing meets the constraints it
+raises ``EngineError("constraints_unsatisfiable")`` with the closest candidate and every
+constraint it missed, by how much.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import shutil
+import time
+from collections.abc import Callable
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import onnx
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from service.engine import cost_model
+from service.engine.devices import DeviceProfile, host_profile, parse_device
+from service.engine.errors import EngineError
+from service.engine.limits import EngineLimits
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MIN_FIDELITY = 0.99  # cosine, when the job gives no accuracy or fidelity constraint
+AUTO_EVAL_SAMPLES = 512  # evaluation samples for auto (accuracy needs more than a recipe job)
+SENSITIVITY_MAX_LAYERS = 16  # most layers probed one by one for mixed precision
+SENSITIVITY_SAMPLES = 128
+_QUANT_OPS = ("Conv", "MatMul", "Gemm", "LSTM", "GRU", "ConvTranspose", "Attention")
+
+
+# ---------------------------------------------------------------------------------------------
+# Constraints
+
+
+class AutoConstraints(BaseModel):
+    """Constraints and objective of an auto job (``constraints`` in the job request).
+
+    - ``max_size_mb``: model file size, MB = 10^6 bytes.
+    - ``max_latency_ms`` with ``latency_on``: ``"target"`` (estimated on the device profile by
+      the cost model; measured when the device is ``host``) or ``"host"`` (measured with ONNX
+      Runtime on the worker). ``{"value": 5, "where": "host"}`` is accepted too.
+    - ``max_accuracy_drop``: accuracy points lost on the dataset's labels (0.005 = half a point);
+      needs a dataset with ``labels``.
+    - ``min_fidelity`` with ``fidelity_metric``: cosine similarity of every output, or top-1
+      agreement of the class output, against the original. Without either accuracy or fidelity
+      constraint, ``min_fidelity`` = 0.99 (cosine) applies.
+    - ``max_memory_mb``: estimated peak memory on the target (weights + live activations).
+    - ``objective``: ``size``, ``latency`` or ``balanced`` (geometric mean of both ratios).
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    max_size_mb: float | None = Field(None, gt=0)
+    max_latency_ms: float | None = Field(None, gt=0)
+    latency_on: Literal["target", "host"] = "target"
+    max_accuracy_drop: float | None = Field(None, ge=0, le=1)
+    min_fidelity: float | None = Field(None, ge=-1, le=1)
+    fidelity_metric: Literal["cosine", "top1"] = "cosine"
+    max_memory_mb: float | None = Field(None, gt=0)
+    objective: Literal["size", "latency", "balanced"] = "balanced"
+    max_candidates: int = Field(10, ge=1, le=40, description="Most candidates to build.")
+    workers: int | None = Field(None, ge=1, le=64, description="Parallel candidate processes.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _latency_object(cls, data: Any) -> Any:
+        if isinstance(data, dict) and isinstance(data.get("max_latency_ms"), dict):
+            data = dict(data)
+            spec = data.pop("max_latency_ms")
+            data["max_latency_ms"] = spec.get("value")
+            if "where" in spec:
+                data["latency_on"] = spec["where"]
+        return data
+
+
+def parse_constraints(value: dict | None) -> AutoConstraints:
+    """Validate a job's constraints; ``EngineError("invalid_constraints")`` with field errors."""
+    try:
+        return AutoConstraints.model_validate(value or {})
+    except ValidationError as exc:
+        errors = [{"field": ".".join(str(p) for p in e["loc"]) or "constraints",
+                   "message": e["msg"]} for e in exc.errors()]
+        raise EngineError("invalid_constraints", "invalid auto constraints",
+                          {"errors": errors}) from None
+
+
+# ---------------------------------------------------------------------------------------------
+# What the model is made of
+
+
+def model_family(model: onnx.ModelProto) -> dict:
+    """The share of weight bytes per layer kind and the family it implies."""
+    inits = {i.name: i for i in model.graph.initializer}
+    share = {"conv": 0.0, "matmul": 0.0, "recurrent": 0.0, "other": 0.0}
+    ops: dict[str, int] = {}
+    used: set[str] = set()
+    for node in model.graph.node:
+        ops[node.op_type] = ops.get(node.op_type, 0) + 1
+        kind = ("conv" if node.op_type in ("Conv", "ConvTranspose")
+                else "matmul" if node.op_type in ("MatMul", "Gemm", "Attention")
+                else "recurrent" if node.op_type in ("LSTM", "GRU", "RNN") else "other")
+        for name in node.input:
+            if name in inits and name not in used:
+                used.add(name)
+                t = inits[name]
+                share[kind] += math.prod(t.dims) if t.dims else 1
+    total = sum(share.values()) or 1.0
+    share = {k: round(v / total, 4) for k, v in share.items()}
+    attention = ops.get("Softmax", 0) > 0 and ops.get("MatMul", 0) >= 4
+    if share["recurrent"] >= 0.2:
+        family = "recurrent"
+    elif attention or (share["matmul"] >= 0.5 and ops.get("LayerNormalization", 0) > 0):
+        family = "transformer"
+    elif share["conv"] >= 0.3:
+        family = "cnn"
+    elif share["matmul"] >= 0.5:
+        family = "mlp"
+    else:
+        family = "other"
+    return {"family": family, "weight_share": share, "op_types": ops}
+
+
+# ---------------------------------------------------------------------------------------------
+# Candidates
+
+
+@dataclass
+class Candidate:
+    """One recipe tried by the search and what came of it."""
+
+    name: str
+    recipe: list[dict]
+    formats: list[str]
+    reason: str
+    size_factor: float  # optimistic bound on size_after / size_before (early stop)
+    speed_bound: float  # optimistic bound on the target speedup (early stop)
+    status: str = "pending"  # ok | failed | not_run | rejected
+    error: dict | None = None
+    metrics: dict = field(default_factory=dict)
+    violations: list[dict] = field(default_factory=list)
+    mixed_precision: dict | None = None
+    result: Any = None  # PipelineResult (not serialised)
+
+    def to_dict(self) -> dict:
+        return {
+            "name": self.name, "recipe": self.recipe, "formats": self.formats,
+            "reason": self.reason, "status": self.status, "error": self.error,
+            "metrics": self.metrics, "violations": self.violations,
+            "meets_constraints": self.status == "ok" and not self.violations,
+            "mixed_precision": self.mixed_precision,
+        }
+
+
+_STATIC = {
+    "int8_static_qdq_u8s8": ("uint8", "int8", "QDQ uint8 activations, int8 per-channel weights"),
+    "int8_static_qdq_s8s8": ("int8", "int8", "QDQ symmetric int8 activations and weights"),
+    "int8_static_qdq_u8u8": ("uint8", "uint8", "QDQ uint8 activations and weights"),
+    "int16_static_qdq_u16u8": ("uint16", "uint8", "QDQ uint16 activations, uint8 weights (w8a16)"),
+}
+
+
+def _static_step(fmt: str, *, reduce_range: bool = False, op_types: list[str] | None = None) -> dict:
+    act, weight, _ = _STATIC[fmt]
+    step: dict[str, Any] = {"pass": "quantize_static", "activation_type": act,
+                            "weight_type": weight, "per_channel": True}
+    if fmt == "int8_static_qdq_s8s8":
+        step["symmetric_activations"] = True
+    if reduce_range:
+        step["reduce_range"] = True
+    if op_types:
+        step["op_types"] = op_types
+    return step
+
+
+def _best_peak_ratio(profile: DeviceProfile, precision: str) -> float:
+    return max(1.0, profile.peak(precision) / profile.peak("fp32"))
+
+
+def plan_candidates(
+    profile: DeviceProfile, family: dict, *, has_dataset: bool, available: set[str],
+    max_candidates: int = 10,
+) -> tuple[list[Candidate], list[dict]]:
+    """Candidates for ``profile`` and a model of ``family``, most promising first.
+
+    Returns (candidates, skipped) where ``skipped`` says which fast formats of the device have
+    no candidate and why (no pass for it, or nothing in the model it would help).
+    """
+    share = family["weight_share"]
+    fam = family["family"]
+    has_conv, has_mm, has_rnn = share["conv"] > 0, share["matmul"] > 0, share["recurrent"] > 0
+    cpu = profile.kind == "cpu" or profile.execution_providers[0] == "CPUExecutionProvider"
+    out: list[Candidate] = []
+    skipped: list[dict] = []
+    int8_speed = _best_peak_ratio(profile, "int8")
+    bw = 4.0  # int8 weights: 4x less traffic; an optimistic speed bound for memory-bound nets
+
+    def add(name: str, recipe: list[dict], formats: list[str], reason: str, size: float,
+            speed: float) -> None:
+        needed = {s["pass"] for s in recipe}
+        missing = sorted(needed - available)
+        if missing:
+            skipped.append({"candidate": name, "formats": formats,
+                            "reason": f"pass not available: {', '.join(missing)}"})
+            return
+        if any(c.name == name for c in out):
+            return
+        out.append(Candidate(name, recipe, formats, reason, size, speed))
+
+    for fmt in profile.quant_formats:
+        if fmt in _STATIC or fmt == "int8_reduce_range":
+            static_fmt = "int8_static_qdq_u8s8" if fmt == "int8_reduce_range" else fmt
+            rr = fmt == "int8_reduce_range"
+            label = "int8_static_reduce_range" if rr else fmt.replace("_static_qdq", "")
+            if has_rnn and (has_conv or has_mm) and cpu and profile.runs_fast("int8_dynamic"):
+                # static QDQ does not cover LSTM/GRU: mix static (conv/matmul) + dynamic (rnn)
+                add(f"{label}+dynamic_rnn",
+                    [_static_step(static_fmt, reduce_range=rr, op_types=["Conv", "MatMul", "Gemm"]),
+                     {"pass": "quantize_dynamic", "op_types": ["LSTM", "GRU"], "reduce_range": rr}],
+                    [static_fmt, "int8_dynamic"],
+                    "mix: static int8 for convolutions/MatMul, dynamic int8 for recurrent layers",
+                    0.25, max(int8_speed, bw))
+            if has_conv or has_mm:
+                why = _STATIC[static_fmt][2] + (", 7-bit weights (no VNNI)" if rr else "")
+                add(label, [_static_step(static_fmt, reduce_range=rr)], [static_fmt], why,
+                    0.25 if not has_rnn else 0.25 + 0.75 * share["recurrent"],
+                    max(int8_speed, bw))
+            else:
+                skipped.append({"format": fmt, "reason": "no Conv/MatMul layer to quantize statically"})
+            if rr and (has_mm or has_rnn):
+                add("int8_dynamic_reduce_range",
+                    [{"pass": "quantize_dynamic", "reduce_range": True}], ["int8_dynamic"],
+                    "dynamic int8 with 7-bit weights (x86 without VNNI)",
+                    0.25 + 0.75 * share["conv"], max(int8_speed, bw))
+        elif fmt == "int8_dynamic":
+            if has_mm or has_rnn:
+                add("int8_dynamic", [{"pass": "quantize_dynamic"}], ["int8_dynamic"],
+                    "dynamic int8 for MatMul/Gemm/LSTM/GRU (weights dominate, CPU kernels)",
+                    0.25 + 0.75 * share["conv"], max(int8_speed, bw))
+            else:
+                skipped.append({"format": fmt, "reason": "no MatMul/recurrent layer (dynamic "
+                                "int8 convolutions are slower than float in ONNX Runtime)"})
+        elif fmt == "int4_weight_only":
+            if share["matmul"] >= 0.3:
+                add("int4_weight_only", [{"pass": "int4_weight_only"}], ["int4_weight_only"],
+                    "int4 block-wise weights for MatMul (memory-bound MatMul-heavy model)",
+                    0.14 * share["matmul"] + (1 - share["matmul"]), 8.0)
+                if cpu and profile.runs_fast("int8_dynamic") and (share["matmul"] < 0.98):
+                    add("int4_weight_only+int8_dynamic",
+                        [{"pass": "int4_weight_only"}, {"pass": "quantize_dynamic"}],
+                        ["int4_weight_only", "int8_dynamic"],
+                        "mix: int4 MatMul weights, dynamic int8 for the remaining layers",
+                        0.14 * share["matmul"] + 0.25 * (1 - share["matmul"]), 8.0)
+            else:
+                skipped.append({"format": fmt, "reason": "MatMul weights are a small share of "
+                                "the model"})
+        elif fmt == "fp16":
+            add("fp16", [{"pass": "fp16"}], ["fp16"],
+                "half precision is native on this device", 0.5, _best_peak_ratio(profile, "fp16"))
+        elif fmt == "bf16":
+            skipped.append({"format": fmt, "reason": "no bf16 pass; fp16 covers the size gain"})
+        elif fmt == "sparse_2_4":
+            if has_dataset and (has_conv or has_mm):
+                add("sparse_2_4+fp16", [{"pass": "prune_2_4"}, {"pass": "fp16"}],
+                    ["sparse_2_4", "fp16"],
+                    "2:4 sparsity for sparse tensor cores, fp16", 0.5,
+                    2 * _best_peak_ratio(profile, "fp16"))
+            else:
+                skipped.append({"format": fmt, "reason": "2:4 pruning needs a dataset to "
+                                "recover accuracy" if not has_dataset else "no prunable layers"})
+
+    # Channel pruning levels on top of the device's best int8 format (size objective; needs
+    # data to recover accuracy by distillation).
+    best_int8 = next((c for c in out if any(f in _STATIC for f in c.formats)), None)
+    if has_dataset and fam in ("cnn", "mlp") and best_int8 is not None:
+        for ratio in (0.25, 0.5):
+            add(f"prune_channels_{int(ratio * 100)}+{best_int8.name}",
+                [{"pass": "prune_channels", "ratio": ratio, "recover": True}, *best_int8.recipe],
+                ["pruning", *best_int8.formats],
+                f"structured pruning of {int(ratio * 100)} % of channels (recovered by "
+                "distillation), then int8", best_int8.size_factor * (1 - ratio) ** 2,
+                best_int8.speed_bound / (1 - ratio) ** 2)
+    if not out and "fp16" in available and "fp16" not in profile.quant_formats:
+        # The device lists no format we can build: fp16 at least halves the file.
+        add("fp16", [{"pass": "fp16"}], ["fp16"],
+            "fallback: the device lists no buildable fast format; fp16 halves the file", 0.5, 1.0)
+    return out[:max_candidates], skipped
+
+
+# ---------------------------------------------------------------------------------------------
+# Running candidates
+
+
+def _filter_step(step: dict, available: dict[str, Any]) -> tuple[dict, list[str]]:
+    """Keep only the options the pass's config accepts; say which were dropped."""
+    cls = available[step["pass"]]
+    fields = set(cls.config_model.model_fields)
+    kept = {"pass": step["pass"], **{k: v for k, v in step.items() if k != "pass" and k in fields}}
+    dropped = [k for k in step if k != "pass" and k not in fields]
+    return kept, dropped
+
+
+# Options without which a candidate would not be what it claims (e.g. s8s8 without a way to
+# ask for int8 activations): dropping one of these fails the candidate.
+_ESSENTIAL = {"activation_type", "weight_type", "op_types", "ratio", "reduce_range"}
+
+
+def _run_candidate(job: dict) -> dict:
+    """Run one candidate through the pipeline (top level: runs in a worker process too)."""
+    from service.engine.pipeline import run_pipeline
+
+    started = time.perf_counter()
+    try:
+        result = run_pipeline(
+            Path(job["model_path"]), job["recipe"], Path(job["workdir"]),
+            dataset_path=Path(job["dataset_path"]) if job["dataset_path"] else None,
+            device=job["device"], limits=EngineLimits.model_validate(job["limits"]),
+        )
+    except EngineError as exc:
+        return {"ok": False, "error": exc.to_dict(), "seconds": time.perf_counter() - started}
+    except Exception as exc:  # a library bug in one candidate must not stop the search
+        log.exception("auto candidate failed")
+        return {"ok": False, "seconds": time.perf_counter() - started,
+                "error": {"code": "pass_failed", "message": f"{type(exc).__name__}: {exc}"[:300]}}
+    return {"ok": True, "result": result, "seconds": time.perf_counter() - started}
+
+
+def _fidelity_value(summary: dict, metric: str) -> float | None:
+    if metric == "top1":
+        values = [f.get("top1_agreement") for f in summary["fidelity"].values()
+                  if f.get("top1_agreement") is not None]
+        return min(values) if values else None
+    return summary.get("min_cosine")
+
+
+@dataclass
+class _Context:
+    profile: DeviceProfile
+    constraints: AutoConstraints
+    measurable: bool  # the target's latency can be measured on this host
+    input_shapes: dict[str, list[int]] | None = None
+    original_estimate: cost_model.Estimate | None = None
+    original_host_ms: float | None = None
+    original_bytes: int | None = None
+
+
+def _metrics(cand: Candidate, result: Any, ctx: _Context) -> None:
+    s = result.summary
+    shapes = result.report.get("latency", {}).get("input_shapes")
+    est = cost_model.estimate(result.model_path, ctx.profile, input_shapes=shapes)
+    stored = min(s["bytes_after"], s.get("bytes_after_zstd") or s["bytes_after"])
+    drop = None
+    if s.get("accuracy_before") is not None and s.get("accuracy_after") is not None:
+        drop = s["accuracy_before"] - s["accuracy_after"]
+    cand.metrics = {
+        "bytes": s["bytes_after"],
+        "bytes_stored": stored,
+        "size_mb": round(s["bytes_after"] / 1e6, 4),
+        "size_ratio": s["size_ratio"],
+        "host_latency_ms": s["latency_ms_after"],
+        "host_latency_ms_original": s["latency_ms_before"],
+        "host_speedup": s["speedup"],
+        "target_latency_ms": round(est.latency_ms, 5),
+        "target_speedup": (ctx.original_estimate.latency_ms / est.latency_ms
+                           if ctx.original_estimate and est.latency_ms > 0 else None),
+        "target_memory_mb": round(est.peak_memory_mb, 3),
+        "target_energy_mj": round(est.energy_mj, 5),
+        "target_unsupported": est.unsupported,
+        "min_cosine": s["min_cosine"],
+        "top1_agreement": _fidelity_value(s, "top1"),
+        "accuracy_before": s.get("accuracy_before"),
+        "accuracy_after": s.get("accuracy_after"),
+        "accuracy_drop": drop,
+        "warnings": s.get("warnings", []),
+    }
+    if ctx.original_host_ms is None:
+        ctx.original_host_ms = s["latency_ms_before"]
+        ctx.original_bytes = s["bytes_before"]
+
+
+def _miss(constraint: str, limit: float, value: float | None, higher_is_worse: bool = True) -> dict | None:
+    if value is None:
+        return {"constraint": constraint, "limit": limit, "value": None,
+                "missed_by": None, "reason": "not measurable for this model"}
+    over = value - limit if higher_is_worse else limit - value
+    if over <= 0:
+        return None
+    return {"constraint": constraint, "limit": limit, "value": round(value, 6),
+            "missed_by": round(over, 6),
+            "missed_by_pct": round(100.0 * over / abs(limit), 2) if limit else None}
+
+
+def _violations(cand: Candidate, ctx: _Context) -> list[dict]:
+    c, m, p = ctx.constraints, cand.metrics, ctx.profile
+    out: list[dict | None] = []
+    if c.max_size_mb is not None:
+        out.append(_miss("max_size_mb", c.max_size_mb, m["bytes_stored"] / 1e6))
+    out.append(_miss("device_storage_budget_mb", p.storage_budget_mb, m["bytes_stored"] / 1e6))
+    if c.max_latency_ms is not None:
+        on_host = c.latency_on == "host" or p.name == "host"
+        miss = _miss("max_latency_ms", c.max_latency_ms,
+                     m["host_latency_ms"] if on_host else m["target_latency_ms"])
+        if miss is not None:
+            miss["where"] = "host (measured)" if on_host else f"{p.name} (estimated)"
+        out.append(miss)
+    if c.max_memory_mb is not None:
+        out.append(_miss("max_memory_mb", c.max_memory_mb, m["target_memory_mb"]))
+    out.append(_miss("device_memory_mb", p.memory_mb, m["target_memory_mb"]))
+    if c.max_accuracy_drop is not None:
+        out.append(_miss("max_accuracy_drop", c.max_accuracy_drop, m["accuracy_drop"]))
+    min_fid = c.min_fidelity
+    if min_fid is None and c.max_accuracy_drop is None:
+        min_fid = DEFAULT_MIN_FIDELITY
+    if min_fid is not None:
+        key = "top1_agreement" if c.fidelity_metric == "top1" else "min_cosine"
+        out.append(_miss(f"min_fidelity({c.fidelity_metric})", min_fid, m[key],
+                         higher_is_worse=False))
+    if c.objective in ("latency", "balanced") and ctx.measurable:
+        speed = m["host_speedup"]
+        if speed is not None and speed < 1.0:
+            out.append({"constraint": "not_slower_on_host", "limit": 1.0,
+                        "value": round(speed, 4), "missed_by": round(1.0 - speed, 4),
+                        "missed_by_pct": round(100.0 * (1.0 - speed), 2)})
+    return [v for v in out if v is not None]
+
+
+def _latency_for_objective(cand: Candidate, ctx: _Context) -> float:
+    return cand.metrics["host_latency_ms"] if ctx.measurable else cand.metrics["target_latency_ms"]
+
+
+def _score(cand: Candidate, ctx: _Context) -> tuple[float, float]:
+    """Lower is better: (primary, tie-break) for the objective."""
+    size = cand.metrics["bytes_stored"] / max(ctx.original_bytes or 1, 1)
+    if ctx.measurable:
+        lat = cand.metrics["host_latency_ms"] / max(ctx.original_host_ms or 1e-9, 1e-9)
+    else:
+        base = ctx.original_estimate.latency_ms if ctx.original_estimate else 1.0
+        lat = cand.metrics["target_latency_ms"] / max(base, 1e-12)
+    if ctx.constraints.objective == "size":
+        return size, lat
+    if ctx.constraints.objective == "latency":
+        return lat, size
+    return math.sqrt(size * lat), size
+
+
+def _bound(cand: Candidate, ctx: _Context) -> float:
+    """The best primary score ``cand`` could reach (optimistic; for early stopping)."""
+    size = cand.size_factor * 0.9
+    lat = 1.0 / (cand.speed_bound * 1.25)
+    if ctx.constraints.objective == "size":
+        return size
+    if ctx.constraints.objective == "latency":
+        return lat
+    return math.sqrt(size * lat)
+
+
+# ---------------------------------------------------------------------------------------------
+# Mixed precision (accuracy-aware tuning)
+
+
+def _quantized_layers(model: onnx.ModelProto) -> list[tuple[str, str, int]]:
+    inits = {i.name: i for i in model.graph.initializer}
+    out = []
+    for node in model.graph.node:
+        if node.op_type in _QUANT_OPS and node.name:
+            weight = sum(math.prod(inits[i].dims) for i in node.input if i in inits)
+            if weight:
+                out.append((node.name, node.op_type, int(weight)))
+    return sorted(out, key=lambda t: -t[2])
+
+
+def _mixed_precision(
+    cand: Candidate, model: onnx.ModelProto, dataset: dict | None, labels: Any,
+    ctx: _Context, available: dict[str, Any], limits: EngineLimits, workdir: Path,
+    check_cancelled: Callable[[], None],
+) -> tuple[list[dict] | None, dict]:
+    """Per-layer sensitivity, then the fewest float layers that meet the accuracy constraint.
+
+    Returns (recipe or None, record). Layers are tried one at a time kept in float (the
+    others quantized as in ``cand``); the metric gain ranks them; then the top 1, 2, ...
+    layers stay float until the quick evaluation meets the constraint.
+    """
+    from service.engine.evaluate import (
+        accuracy,
+        compare_output,
+        dataset_feeds,
+        generate_feeds,
+        make_session,
+        run_all,
+    )
+    from service.engine.registry import PassContext, parse_recipe
+
+    excl_steps = [i for i, s in enumerate(cand.recipe)
+                  if "nodes_to_exclude" in available[s["pass"]].config_model.model_fields]
+    record: dict[str, Any] = {"from": cand.name, "sensitivity": [], "kept_float": []}
+    if not excl_steps:
+        record["result"] = "no pass of this candidate can keep layers in float"
+        return None, record
+    c = ctx.constraints
+    use_acc = c.max_accuracy_drop is not None and labels is not None
+    metric = "accuracy" if use_acc else ("top1" if c.fidelity_metric == "top1" else "cosine")
+    target = c.min_fidelity if c.min_fidelity is not None else DEFAULT_MIN_FIDELITY
+    workdir.mkdir(parents=True, exist_ok=True)
+    original_path = workdir / "original.onnx"
+    onnx.save_model(model, str(original_path))
+    if dataset is not None:
+        feeds, label_chunks = dataset_feeds(model, dataset, labels, SENSITIVITY_SAMPLES * 4)
+    else:
+        feeds, label_chunks = generate_feeds(model, SENSITIVITY_SAMPLES // 4), None
+    ref_session = make_session(original_path, limits.latency_threads)
+    ref = run_all(ref_session, feeds)
+    acc_before = None
+    cls_out = None
+    if use_acc and label_chunks is not None:
+        cls_out = next(iter(ref))
+        acc_before = accuracy(ref[cls_out], label_chunks)
+
+    def quick(excluded: list[str], tag: str) -> float:
+        recipe = [dict(s, nodes_to_exclude=excluded) if i in excl_steps else dict(s)
+                  for i, s in enumerate(cand.recipe)]
+        current = onnx.ModelProto()
+        current.CopyFrom(model)
+        for index, (cls, config) in enumerate(parse_recipe(recipe)):
+            step_dir = workdir / f"{tag}_{index}"
+            step_dir.mkdir(parents=True, exist_ok=True)
+            original_copy = onnx.ModelProto()
+            original_copy.CopyFrom(model)
+            current = cls().run(current, config, PassContext(
+                workdir=step_dir, dataset=dataset, labels=labels, original=original_copy,
+                check_cancelled=check_cancelled))
+        path = workdir / f"{tag}.onnx"
+        onnx.save_model(current, str(path))
+        out = run_all(make_session(path, limits.latency_threads), feeds)
+        path.unlink()
+        if metric == "accuracy" and cls_out is not None and label_chunks is not None:
+            return accuracy(out[cls_out], label_chunks) - (acc_before or 0.0)  # -drop
+        fids = [compare_output(ref[k], out[k]) for k in ref]
+        key = "top1_agreement" if metric == "top1" else "cosine"
+        values = [f[key] for f in fids if f.get(key) is not None]
+        return min(values) if values else -1.0
+
+    def fits(value: float) -> bool:
+        if metric == "accuracy":
+            return -value <= (c.max_accuracy_drop or 0.0)
+        return value >= target
+
+    layers = _quantized_layers(model)[:SENSITIVITY_MAX_LAYERS]
+    try:
+        base = quick([], "base")
+        scores = []
+        for index, (name, op, _weights) in enumerate(layers):
+            check_cancelled()
+            value = quick([name], f"probe{index}")
+            scores.append({"layer": name, "op": op, "metric_if_float": round(value, 6),
+                           "gain": round(value - base, 6)})
+        scores.sort(key=lambda s: -s["gain"])
+        record["metric"] = metric
+        record["base"] = round(base, 6)
+        record["sensitivity"] = scores
+        kept: list[str] = []
+        for entry in scores:
+            check_cancelled()
+            kept.append(entry["layer"])
+            if len(kept) >= len(layers):
+                break
+            value = quick(kept, f"keep{len(kept)}")
+            if fits(value):
+                record["kept_float"] = list(kept)
+                record["quick_metric"] = round(value, 6)
+                recipe = [dict(s, nodes_to_exclude=list(kept)) if i in excl_steps else dict(s)
+                          for i, s in enumerate(cand.recipe)]
+                return recipe, record
+    except EngineError as exc:
+        record["result"] = f"sensitivity analysis failed: {exc.message}"
+        return None, record
+    except Exception as exc:  # a pass or ORT failure while probing: report, do not abort
+        log.exception("mixed precision probing failed")
+        record["result"] = f"sensitivity analysis failed: {type(exc).__name__}"
+        return None, record
+    record["result"] = "no mix of float layers met the constraint"
+    return None, record
+
+
+# ---------------------------------------------------------------------------------------------
+# Pareto front
+
+
+def pareto_front(cands: list[Candidate], ctx: _Context, original: dict) -> dict:
+    """Plot-ready points (size MB, latency ms, fidelity) and the non-dominated set."""
+    points = [original]
+    for cand in cands:
+        if cand.status != "ok" and cand.status != "rejected":
+            continue
+        m = cand.metrics
+        points.append({
+            "candidate": cand.name,
+            "size_mb": m["size_mb"],
+            "latency_ms": _latency_for_objective(cand, ctx),
+            "host_latency_ms": m["host_latency_ms"],
+            "target_latency_ms": m["target_latency_ms"],
+            "fidelity": m["min_cosine"],
+            "accuracy": m["accuracy_after"],
+            "meets_constraints": not cand.violations,
+            "formats": cand.formats,
+        })
+
+    def key(p: dict) -> tuple[float, float, float]:
+        fid = p["fidelity"] if p["fidelity"] is not None else -1.0
+        return (p["size_mb"], p["latency_ms"], -fid)
+
+    front = []
+    for p in points:
+        kp = key(p)
+        dominated = any(
+            all(a <= b for a, b in zip(key(q), kp, strict=True)) and key(q) != kp
+            for q in points if q is not p)
+        p["on_front"] = not dominated
+        if not dominated:
+            front.append(p["candidate"])
+    return {
+        "axes": {"x": "size_mb", "y": "latency_ms", "color": "fidelity"},
+        "latency_source": "host_measured" if ctx.measurable else "target_estimate",
+        "points": points,
+        "front": sorted(front, key=lambda n: next(p["size_mb"] for p in points if p["candidate"] == n)),
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# The search
+
+
+def _usable_cores() -> int:
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return max(1, os.cpu_count() or 1)
+
+
+def run_auto(
+    model_path: Path,
+    workdir: Path,
+    *,
+    dataset_path: Path | None = None,
+    device: dict | str | None = None,
+    constraints: dict | None = None,
+    progress: Callable[[str, float], None] = lambda stage, fraction: None,
+    check_cancelled: Callable[[], None] = lambda: None,
+    resolve_model: Callable[[str], Path] | None = None,
+    limits: EngineLimits | None = None,
+) -> Any:
+    """Search compression candidates for ``device`` under ``constraints``; return the best.
+
+    Returns a ``PipelineResult`` (the chosen candidate, its model copied to
+    ``workdir/output/model.onnx``) whose report has an ``auto`` section (see the module
+    docstring). Raises ``EngineError``: ``invalid_device``/``unknown_device``,
+    ``invalid_constraints``, the ingest codes, ``already_quantized``, ``cancelled`` (from
+    ``check_cancelled``) and ``constraints_unsatisfiable`` with the closest candidate.
+    """
+    from service.engine.dataset import load_dataset
+    from service.engine.ingest import load_model
+    from service.engine.normalise import normalise
+    from service.engine.pipeline import PipelineResult
+    from service.engine.registry import registered_passes
+
+    started = time.perf_counter()
+    workdir = Path(workdir)
+    limits = limits or EngineLimits()
+    profile = parse_device(device) if device is not None else host_profile()
+    cons = parse_constraints(constraints)
+    host = host_profile()
+    measurable = profile.name == "host" or (
+        profile.kind == "cpu" and profile.architecture == host.architecture)
+
+    progress("ingest", 0.0)
+    ingested = load_model(Path(model_path), workdir / "auto_input", limits=limits)
+    description = ingested.description
+    if description["already_quantized"]:
+        raise EngineError(
+            "already_quantized",
+            "the model is already quantized (" + ", ".join(description["quantization"])
+            + "); auto mode compresses float models. Send the float model.",
+            {"quantization": description["quantization"]})
+    dataset = labels = None
+    if dataset_path is not None:
+        dataset, labels = load_dataset(Path(dataset_path), ingested.model, limits)
+    if cons.max_accuracy_drop is not None and labels is None:
+        raise EngineError(
+            "invalid_constraints",
+            "max_accuracy_drop needs a dataset with labels; without labels use min_fidelity",
+            {"errors": [{"field": "max_accuracy_drop", "message": "needs dataset labels"}]})
+    check_cancelled()
+    progress("normalise", 0.03)
+    model, _notes = normalise(ingested.model, limits)
+    family = model_family(model)
+    passes = registered_passes()
+    cands, skipped = plan_candidates(
+        profile, family, has_dataset=dataset is not None, available=set(passes),
+        max_candidates=cons.max_candidates)
+    if not cands:
+        raise EngineError(
+            "constraints_unsatisfiable",
+            f"no compression technique available for {profile.name} fits this model",
+            {"device": profile.name, "skipped": skipped, "closest": None, "missed": []})
+
+    # Validate every recipe against its pass's config now (a mismatch is a failed candidate).
+    for cand in cands:
+        steps = []
+        for step in cand.recipe:
+            kept, dropped = _filter_step(step, passes)
+            if set(dropped) & _ESSENTIAL:
+                cand.status = "failed"
+                cand.error = {"code": "invalid_recipe", "message":
+                              f"pass {step['pass']!r} has no option "
+                              f"{', '.join(sorted(set(dropped) & _ESSENTIAL))} for this format"}
+            steps.append(kept)
+        cand.recipe = steps
+
+    eval_limits = limits.model_copy(update={
+        "eval_samples": max(limits.eval_samples, AUTO_EVAL_SAMPLES if dataset is not None else limits.eval_samples)})
+    ctx = _Context(profile, cons, measurable)
+    original_path = workdir / "auto_input" / "normalised.onnx"
+    original_path.parent.mkdir(parents=True, exist_ok=True)
+    onnx.save_model(model, str(original_path))
+    device_arg = profile.model_dump(mode="json")
+
+    def job(cand: Candidate, index: int) -> dict:
+        return {"model_path": str(model_path), "recipe": cand.recipe,
+                "workdir": str(workdir / "candidates" / f"{index:02d}_{cand.name}"),
+                "dataset_path": str(dataset_path) if dataset_path else None,
+                "device": device_arg, "limits": eval_limits.model_dump(mode="json")}
+
+    best: Candidate | None = None
+    stop_reason: str | None = None
+    runnable = [c for c in cands if c.status == "pending"]
+    workers = cons.workers or max(1, _usable_cores() // 4)
+    workers = min(workers, len(runnable)) or 1
+    total = len(runnable)
+    done_count = 0
+
+    def finish(cand: Candidate, outcome: dict) -> None:
+        nonlocal best, done_count
+        done_count += 1
+        progress(f"search:{cand.name}", 0.05 + 0.8 * done_count / max(total, 1))
+        if not outcome["ok"]:
+            cand.status, cand.error = "failed", outcome["error"]
+            cand.metrics = {"build_seconds": round(outcome["seconds"], 2)}
+            return
+        cand.result = outcome["result"]
+        if ctx.original_estimate is None:
+            shapes = cand.result.report.get("latency", {}).get("input_shapes")
+            ctx.input_shapes = shapes
+            ctx.original_estimate = cost_model.estimate(original_path, profile, input_shapes=shapes)
+        _metrics(cand, cand.result, ctx)
+        cand.metrics["build_seconds"] = round(outcome["seconds"], 2)
+        cand.status = "ok"
+        cand.violations = _violations(cand, ctx)
+        if not cand.violations and (best is None or _score(cand, ctx) < _score(best, ctx)):
+            best = cand
+
+    def unbeatable(pending: list[Candidate]) -> bool:
+        if best is None:
+            return False
+        primary = _score(best, ctx)[0]
+        return all(_bound(c, ctx) >= primary for c in pending)
+
+    pending = sorted(runnable, key=lambda c: _bound(c, ctx))
+    if workers <= 1:
+        for index, cand in enumerate(list(pending)):
+            check_cancelled()
+            if unbeatable(pending[index:]):
+                stop_reason = f"{best.name} meets every constraint and no remaining candidate can beat it on {cons.objective}"  # type: ignore[union-attr]
+                break
+            progress(f"search:{cand.name}", 0.05 + 0.8 * done_count / max(total, 1))
+            finish(cand, _run_candidate(job(cand, cands.index(cand))))
+    else:
+        import multiprocessing
+
+        with ProcessPoolExecutor(max_workers=workers,
+                                 mp_context=multiprocessing.get_context("spawn")) as pool:
+            queue = list(pending)
+            running: dict[Future, Candidate] = {}
+            while queue or running:
+                check_cancelled()
+                if queue and unbeatable(queue) and stop_reason is None:
+                    stop_reason = f"{best.name} meets every constraint and no remaining candidate can beat it on {cons.objective}"  # type: ignore[union-attr]
+                    queue = []
+                while queue and len(running) < workers:
+                    cand = queue.pop(0)
+                    running[pool.submit(_run_candidate, job(cand, cands.index(cand)))] = cand
+                if not running:
+                    break
+                done, _ = wait(list(running), timeout=1.0, return_when=FIRST_COMPLETED)
+                for fut in done:
+                    finish(running.pop(fut), fut.result())
+    for cand in cands:
+        if cand.status == "pending":
+            cand.status = "not_run"
+            cand.error = {"code": "early_stop", "message": stop_reason or "not run"}
+
+    # Accuracy-aware mixed precision for candidates that miss only accuracy/fidelity.
+    mp_record = None
+    if best is None:
+        fid_only = [c for c in cands if c.status == "ok" and c.violations and all(
+            v["constraint"].startswith(("max_accuracy_drop", "min_fidelity")) for v in c.violations)]
+        fid_only.sort(key=lambda c: _score(c, ctx))
+        for cand in fid_only[:1]:
+            check_cancelled()
+            progress("search:mixed_precision", 0.86)
+            recipe, record = _mixed_precision(
+                cand, model, dataset, labels, ctx, passes, eval_limits,
+                workdir / "mixed_precision", check_cancelled)
+            mp_record = record
+            if recipe is None:
+                continue
+            mixed = Candidate(f"{cand.name}+mixed_precision", recipe, cand.formats,
+                              f"{cand.name} with the {len(record['kept_float'])} most sensitive "
+                              "layers kept in float", cand.size_factor, cand.speed_bound,
+                              mixed_precision=record)
+            cands.append(mixed)
+            finish(mixed, _run_candidate(job(mixed, len(cands) - 1)))
+            total += 1
+
+    # Host calibration of the cost model: predicted vs measured latency on this machine.
+    host_cal = None
+    ok = [c for c in cands if c.status == "ok"]
+    if ok and ctx.original_host_ms:
+        samples: list[tuple[Any, float, str]] = [(original_path, ctx.original_host_ms, "original")]
+        samples += [(c.result.model_path, c.metrics["host_latency_ms"], c.name) for c in ok]
+        try:
+            host_cal = cost_model.calibrate_host(samples, host).to_dict()
+        except Exception:  # calibration is evidence, never a reason to fail the job
+            log.exception("host calibration failed")
+
+    original_point = {
+        "candidate": "original", "size_mb": round((ctx.original_bytes or 0) / 1e6, 4),
+        "latency_ms": (ctx.original_host_ms if measurable else
+                       (ctx.original_estimate.latency_ms if ctx.original_estimate else None)),
+        "host_latency_ms": ctx.original_host_ms,
+        "target_latency_ms": ctx.original_estimate.latency_ms if ctx.original_estimate else None,
+        "fidelity": 1.0, "accuracy": ok[0].metrics["accuracy_before"] if ok else None,
+        "meets_constraints": None, "formats": ["fp32"],
+    }
+    front = pareto_front(cands, ctx, original_point) if ok else None
+    effective = cons.model_dump()
+    if cons.min_fidelity is None and cons.max_accuracy_drop is None:
+        effective["min_fidelity"] = DEFAULT_MIN_FIDELITY
+    auto_section: dict[str, Any] = {
+        "device": {k: device_arg[k] for k in ("name", "title", "kind", "execution_providers",
+                                              "precisions", "quant_formats", "static_shapes")},
+        "target_measured": measurable,
+        "constraints": effective,
+        "objective": cons.objective,
+        "model": family,
+        "candidates": [c.to_dict() for c in cands],
+        "skipped_formats": skipped,
+        "early_stop": {"stopped": stop_reason is not None, "reason": stop_reason},
+        "mixed_precision": mp_record,
+        "pareto_front": front,
+        "cost_model": {
+            "target_original": ctx.original_estimate.to_dict() if ctx.original_estimate else None,
+            "host_calibration": host_cal,
+        },
+        "workers": workers,
+        "search_seconds": round(time.perf_counter() - started, 2),
+    }
+    if not measurable:
+        auto_section["note"] = (
+            f"{profile.title} cannot be measured on this host: target latency, memory and "
+            "energy are cost-model estimates; host latency is shown for reference")
+
+    if best is None:
+        _fail(cands, ctx, auto_section)
+    chosen: Candidate = best  # type: ignore[assignment]
+    progress("report", 0.95)
+    result = chosen.result
+    out_dir = workdir / "output"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    artifacts: dict[str, Path] = {}
+    for name, path in result.artifacts.items():
+        dest = out_dir / name
+        shutil.copyfile(path, dest)
+        artifacts[name] = dest
+    for cand in cands:  # free the scratch space of the others
+        if cand is not chosen and cand.result is not None:
+            shutil.rmtree(cand.result.model_path.parent.parent, ignore_errors=True)
+    chosen_est = cost_model.estimate(artifacts["model.onnx"], profile,
+                                     input_shapes=ctx.input_shapes)
+    auto_section["chosen"] = {
+        "candidate": chosen.name, "recipe": chosen.recipe, "formats": chosen.formats,
+        "why": _why(chosen, cands, ctx),
+        "target_estimate": chosen_est.to_dict(),
+    }
+    summary = dict(result.summary)
+    summary["auto"] = {"candidate": chosen.name, "device": profile.name,
+                       "target_latency_ms": chosen.metrics["target_latency_ms"],
+                       "target_speedup": chosen.metrics["target_speedup"]}
+    warnings = list(summary.get("warnings", []))
+    if not measurable:
+        warnings.append(f"latency on {profile.name} is estimated by the cost model, not measured")
+    summary["warnings"] = warnings
+    report = dict(result.report)
+    report["recipe"] = chosen.recipe
+    report["mode"] = "auto"
+    report["auto"] = auto_section
+    report["summary"] = summary
+    report["warnings"] = warnings
+    report["device"] = device_arg
+    progress("report", 1.0)
+    return PipelineResult(model_path=artifacts["model.onnx"], report=report, summary=summary,
+                          artifacts=artifacts)
+
+
+def _why(chosen: Candidate, cands: list[Candidate], ctx: _Context) -> str:
+    m = chosen.metrics
+    meeting = [c for c in cands if c.status == "ok" and not c.violations]
+    lat_word = "measured on this host" if ctx.measurable else f"estimated on {ctx.profile.name}"
+    parts = [
+        f"{chosen.name} meets every constraint and is the best of {len(meeting)} that do on "
+        f"the '{ctx.constraints.objective}' objective",
+        f"{m['size_ratio']:.2f}x smaller" if m.get("size_ratio") else "",
+        (f"{m['host_speedup']:.2f}x faster {lat_word}" if ctx.measurable and m.get("host_speedup")
+         else f"{m['target_speedup']:.2f}x faster {lat_word}" if m.get("target_speedup") else ""),
+        f"min cosine {m['min_cosine']:.4f}" if m.get("min_cosine") is not None else "",
+    ]
+    if m.get("accuracy_drop") is not None:
+        parts.append(f"accuracy drop {m['accuracy_drop'] * 100:.2f} points")
+    parts.append(f"formats {', '.join(chosen.formats)} (fast on {ctx.profile.name})")
+    return "; ".join(p for p in parts if p)
+
+
+def _fail(cands: list[Candidate], ctx: _Context, auto_section: dict) -> None:
+    ran = [c for c in cands if c.status == "ok"]
+    if not ran:
+        failures = [{"candidate": c.name, "error": c.error} for c in cands]
+        raise EngineError(
+            "constraints_unsatisfiable",
+            f"no candidate could be built for {ctx.profile.name}: "
+            + "; ".join(f"{c.name}: {(c.error or {}).get('message', '')}" for c in cands)[:600],
+            {"closest": None, "missed": [], "candidates": failures, "auto": auto_section})
+
+    def distance(c: Candidate) -> float:
+        return sum((v.get("missed_by_pct") or 100.0) for v in c.violations)
+
+    closest = min(ran, key=distance)
+    missed = closest.violations
+    text = ", ".join(
+        f"{v['constraint']} {v['value']} vs {v['limit']}"
+        + (f" (missed by {v['missed_by']})" if v.get("missed_by") is not None else "")
+        for v in missed)
+    raise EngineError(
+        "constraints_unsatisfiable",
+        f"no candidate meets the constraints on {ctx.profile.name}; closest is "
+        f"{closest.name}: {text}",
+        {"closest": {"candidate": closest.name, "recipe": closest.recipe,
+                     "metrics": {k: v for k, v in closest.metrics.items() if k != "warnings"}},
+         "missed": missed,
+         "candidates": [{"candidate": c.name, "status": c.status, "error": c.error,
+                         "violations": c.violations} for c in cands],
+         "auto": auto_section})
