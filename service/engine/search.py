@@ -96,6 +96,9 @@ class AutoConstraints(BaseModel):
     max_memory_mb: float | None = Field(None, gt=0)
     objective: Literal["size", "latency", "balanced"] = "balanced"
     max_candidates: int = Field(10, ge=1, le=40, description="Most candidates to build.")
+    training: bool = Field(
+        True, description="Include candidates that retrain (channel pruning recovered by "
+        "distillation, 2:4 sparsity): smaller results, minutes instead of seconds.")
     workers: int | None = Field(None, ge=1, le=64, description="Parallel candidate processes.")
 
     @model_validator(mode="before")
@@ -215,7 +218,7 @@ def _best_peak_ratio(profile: DeviceProfile, precision: str) -> float:
 
 def plan_candidates(
     profile: DeviceProfile, family: dict, *, has_dataset: bool, available: set[str],
-    max_candidates: int = 10,
+    max_candidates: int = 10, training: bool = True,
 ) -> tuple[list[Candidate], list[dict]]:
     """Candidates for ``profile`` and a model of ``family``, most promising first.
 
@@ -296,19 +299,20 @@ def plan_candidates(
         elif fmt == "bf16":
             skipped.append({"format": fmt, "reason": "no bf16 pass; fp16 covers the size gain"})
         elif fmt == "sparse_2_4":
-            if has_dataset and (has_conv or has_mm):
+            if training and has_dataset and (has_conv or has_mm):
                 add("sparse_2_4+fp16", [{"pass": "prune_2_4"}, {"pass": "fp16"}],
                     ["sparse_2_4", "fp16"],
                     "2:4 sparsity for sparse tensor cores, fp16", 0.5,
                     2 * _best_peak_ratio(profile, "fp16"))
             else:
-                skipped.append({"format": fmt, "reason": "2:4 pruning needs a dataset to "
-                                "recover accuracy" if not has_dataset else "no prunable layers"})
+                skipped.append({"format": fmt, "reason": "2:4 pruning needs training on a "
+                                "dataset to recover accuracy (training disabled or no dataset)"
+                                if not (has_dataset and training) else "no prunable layers"})
 
     # Channel pruning levels on top of the device's best int8 format (size objective; needs
     # data to recover accuracy by distillation).
     best_int8 = next((c for c in out if any(f in _STATIC for f in c.formats)), None)
-    if has_dataset and fam in ("cnn", "mlp") and best_int8 is not None:
+    if training and has_dataset and fam in ("cnn", "mlp") and best_int8 is not None:
         for ratio in (0.25, 0.5):
             add(f"prune_channels_{int(ratio * 100)}+{best_int8.name}",
                 [{"pass": "prune_channels", "ratio": ratio, "recover": True}, *best_int8.recipe],
@@ -731,7 +735,7 @@ def run_auto(
     passes = registered_passes()
     cands, skipped = plan_candidates(
         profile, family, has_dataset=dataset is not None, available=set(passes),
-        max_candidates=cons.max_candidates)
+        max_candidates=cons.max_candidates, training=cons.training)
     if not cands:
         raise EngineError(
             "constraints_unsatisfiable",
