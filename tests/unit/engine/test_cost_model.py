@@ -1,0 +1,165 @@
+"""The cost model: FLOPs, precision detection, roofline on profiles, memory, calibration."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from service.engine import cost_model
+from service.engine.devices import get_device, host_profile
+
+
+def _model(nodes, inputs, outputs, inits, opset: int = 17) -> onnx.ModelProto:
+    graph = helper.make_graph(nodes, "g", inputs, outputs, inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    model.ir_version = 8
+    return model
+
+
+def _conv_model(cin: int = 3, cout: int = 4, hw: int = 8) -> onnx.ModelProto:
+    w = numpy_helper.from_array(np.ones((cout, cin, 3, 3), np.float32), "w")
+    return _model(
+        [helper.make_node("Conv", ["x", "w"], ["y"], pads=[1, 1, 1, 1], name="conv")],
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, cin, hw, hw])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        [w],
+    )
+
+
+def _matmul_model(k: int = 256, n: int = 512, dtype=np.float32) -> onnx.ModelProto:
+    elem = helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
+    w = numpy_helper.from_array(np.ones((k, n), dtype), "w")
+    return _model(
+        [helper.make_node("MatMul", ["x", "w"], ["h"], name="mm"),
+         helper.make_node("Relu", ["h"], ["y"], name="relu")],
+        [helper.make_tensor_value_info("x", elem, ["batch", "seq", k])],
+        [helper.make_tensor_value_info("y", elem, None)],
+        [w],
+    )
+
+
+def _qdq_matmul_model(k: int = 256, n: int = 512, act=TensorProto.UINT8) -> onnx.ModelProto:
+    zero_act = np.uint8(128) if act == TensorProto.UINT8 else np.int8(0)
+    inits = [
+        numpy_helper.from_array(np.ones((k, n), np.int8), "wq"),
+        numpy_helper.from_array(np.array(0.01, np.float32), "ws"),
+        numpy_helper.from_array(np.array(0, np.int8), "wz"),
+        numpy_helper.from_array(np.array(0.02, np.float32), "xs"),
+        numpy_helper.from_array(np.array(zero_act), "xz"),
+    ]
+    nodes = [
+        helper.make_node("QuantizeLinear", ["x", "xs", "xz"], ["xq"], name="q"),
+        helper.make_node("DequantizeLinear", ["xq", "xs", "xz"], ["xd"], name="dq_x"),
+        helper.make_node("DequantizeLinear", ["wq", "ws", "wz"], ["wd"], name="dq_w"),
+        helper.make_node("MatMul", ["xd", "wd"], ["y"], name="mm"),
+    ]
+    return _model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 16, k])],
+                  [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)
+
+
+def test_conv_flops_exact() -> None:
+    cost = cost_model.analyse(_conv_model())
+    (node,) = cost.nodes
+    # 2 * N * Cout * H * W * Cin * kh * kw
+    assert node.flops == 2 * 1 * 4 * 8 * 8 * 3 * 3 * 3
+    assert node.precision == "fp32"
+    assert cost.weight_bytes == 4 * 3 * 3 * 3 * 4
+
+
+def test_dynamic_dims_take_documented_defaults() -> None:
+    cost = cost_model.analyse(_matmul_model())
+    assert cost.input_shapes["x"] == [cost_model.DEFAULT_BATCH, cost_model.DEFAULT_DYNAMIC_DIM, 256]
+    assert any("batch" in a for a in cost.assumptions) and any("seq" in a for a in cost.assumptions)
+    mm = next(n for n in cost.nodes if n.op_type == "MatMul")
+    assert mm.flops == 2 * 1 * 128 * 256 * 512
+    given = cost_model.analyse(_matmul_model(), {"x": [2, 10, 256]})
+    assert next(n for n in given.nodes if n.op_type == "MatMul").flops == 2 * 2 * 10 * 256 * 512
+
+
+def test_qdq_pattern_is_int8_with_its_format() -> None:
+    cost = cost_model.analyse(_qdq_matmul_model())
+    mm = next(n for n in cost.nodes if n.op_type == "MatMul")
+    assert mm.precision == "int8" and mm.qdq_format == "int8_static_qdq_u8s8"
+    assert all(n.fused for n in cost.nodes if n.name in ("dq_x", "dq_w"))
+    # the MatMul reads the int8 weight, not its float dequantized copy
+    assert mm.weight_bytes == 256 * 512
+    s8 = cost_model.analyse(_qdq_matmul_model(act=TensorProto.INT8))
+    assert next(n for n in s8.nodes if n.op_type == "MatMul").qdq_format == "int8_static_qdq_s8s8"
+
+
+def test_format_support_follows_the_profile() -> None:
+    u8s8 = _qdq_matmul_model()
+    t4 = get_device("nvidia_t4")
+    spr = get_device("x86_xeon_spr_vnni_amx")
+    # TensorRT needs symmetric int8: asymmetric uint8 activations fall back
+    assert "int8_static_qdq_u8s8" in cost_model.estimate(u8s8, t4).unsupported
+    assert cost_model.estimate(u8s8, spr).unsupported == []
+    s8 = _qdq_matmul_model(act=TensorProto.INT8)
+    assert cost_model.estimate(s8, t4).unsupported == []
+
+
+def test_int8_and_fp16_gains_depend_on_the_target() -> None:
+    shapes = {"x": [1, 256, 1024]}
+    fp32 = _matmul_model(1024, 1024)
+    fp16 = _matmul_model(1024, 1024, np.float16)
+    t4, pi4 = get_device("nvidia_t4"), get_device("raspberry_pi_4")
+    est = {name: cost_model.estimate(m, p, input_shapes=shapes)
+           for name, m, p in [("t4_32", fp32, t4), ("t4_16", fp16, t4),
+                              ("pi_32", fp32, pi4), ("pi_16", fp16, pi4)]}
+    assert est["t4_16"].latency_ms < 0.5 * est["t4_32"].latency_ms  # tensor cores
+    assert "fp16" in est["pi_16"].unsupported  # Cortex-A72 has no fp16 arithmetic
+    assert est["pi_16"].latency_ms > 0.7 * est["pi_32"].latency_ms
+    q = cost_model.estimate(_qdq_matmul_model(1024, 1024), get_device("x86_xeon_spr_vnni_amx"),
+                            input_shapes={"x": [1, 256, 1024]})
+    f = cost_model.estimate(fp32, get_device("x86_xeon_spr_vnni_amx"), input_shapes=shapes)
+    assert q.latency_ms < f.latency_ms
+
+
+def test_memory_and_energy() -> None:
+    model = _matmul_model(256, 512)
+    est = cost_model.estimate(model, get_device("raspberry_pi_5"), input_shapes={"x": [1, 4, 256]})
+    weights = 256 * 512 * 4
+    activations = 4 * 256 * 4 + 4 * 512 * 4  # x and h alive together
+    assert est.peak_memory_mb == pytest.approx((weights + activations) / 1e6, rel=0.01)
+    assert est.energy_mj == pytest.approx(est.latency_ms * 7.0)
+    assert est.to_dict()["device"] == "raspberry_pi_5"
+
+
+def test_contrib_op_shapes_are_resolved() -> None:
+    """MatMulNBits is unknown to onnx's shape inference; later nodes still get shapes."""
+    k, n, block = 64, 32, 32
+    inits = [
+        numpy_helper.from_array(np.zeros((n, k // block, block // 2), np.uint8), "b"),
+        numpy_helper.from_array(np.ones((n * (k // block),), np.float32), "scales"),
+    ]
+    node = helper.make_node("MatMulNBits", ["x", "b", "scales"], ["h"], domain="com.microsoft",
+                            K=k, N=n, bits=4, block_size=block, name="mmnb")
+    model = _model([node, helper.make_node("Relu", ["h"], ["y"], name="relu")],
+                   [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8, k])],
+                   [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)
+    model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+    cost = cost_model.analyse(model)
+    mm, relu = cost.nodes
+    assert mm.precision == "int4" and mm.flops == 2 * 8 * n * k
+    assert relu.flops == 8 * n
+
+
+def test_calibrate_host_recovers_a_known_law() -> None:
+    host = host_profile()
+    models = [_matmul_model(64 * i, 128) for i in range(1, 5)] + [_conv_model(8, 16, 16)]
+    samples = []
+    for i, m in enumerate(models):
+        roofline_s, nodes, *_ = cost_model._roofline(cost_model.analyse(m), host)
+        samples.append((m, 3.0 * roofline_s * 1e3 + 0.004 * nodes, f"m{i}"))
+    cal = cost_model.calibrate_host(samples, host)
+    assert cal.compute_scale == pytest.approx(3.0, rel=0.02)
+    assert cal.node_overhead_us == pytest.approx(4.0, rel=0.05)
+    assert cal.median_abs_error_pct < 1.0
+    assert [p["model"] for p in cal.points] == [f"m{i}" for i in range(5)]
+    calibrated = cost_model.estimate(models[0], host, calibration=cal)
+    assert calibrated.calibrated
+    assert calibrated.latency_ms == pytest.approx(samples[0][1], rel=0.02)
+    with pytest.raises(ValueError):
+        cost_model.calibrate_host([], host)
