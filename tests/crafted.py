@@ -150,9 +150,9 @@ def already_quantized_qdq() -> onnx.ModelProto:
     """QDQ int8: activations through Quantize/DequantizeLinear, int8 weight dequantized."""
     rng = _rng()
     wq = rng.integers(-127, 127, size=(64, 128), dtype=np.int8)
-    inits = [nh.from_array(wq, "w_q"), nh.from_array(np.float32(0.01), "w_scale"),
-             nh.from_array(np.int8(0), "w_zp"), nh.from_array(np.float32(0.05), "x_scale"),
-             nh.from_array(np.uint8(128), "x_zp")]
+    inits = [nh.from_array(wq, "w_q"), nh.from_array(np.array(0.01, np.float32), "w_scale"),
+             nh.from_array(np.array(0, np.int8), "w_zp"), nh.from_array(np.array(0.05, np.float32), "x_scale"),
+             nh.from_array(np.array(128, np.uint8), "x_zp")]
     nodes = [
         h.make_node("QuantizeLinear", ["x", "x_scale", "x_zp"], ["xq"], name="q_x"),
         h.make_node("DequantizeLinear", ["xq", "x_scale", "x_zp"], ["xd"], name="dq_x"),

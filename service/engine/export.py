@@ -37,7 +37,7 @@ def _dynamic_shapes(
     from torch.export import Dim
 
     dims: dict[str, Any] = {}
-    shapes = []
+    shapes: list[dict[int, Any] | None] = []
     for name, _ in zip(input_names, example_inputs, strict=False):
         spec = dynamic_axes.get(name)
         if spec is None:

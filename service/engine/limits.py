@@ -15,42 +15,42 @@ class EngineLimits(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     max_model_bytes: int = Field(
-        2_000_000_000,
+        default=2_000_000_000,
         gt=0,
         description="Largest model (graph + weights, external data included), in bytes. "
         "Protobuf cannot serialise a single ModelProto beyond 2 GiB.",
     )
-    max_archive_members: int = Field(256, gt=0, description="Most members in an uploaded archive.")
+    max_archive_members: int = Field(default=256, gt=0, description="Most members in an uploaded archive.")
     max_uncompressed_bytes: int = Field(
-        4_000_000_000, gt=0, description="Most bytes an archive may expand to."
+        default=4_000_000_000, gt=0, description="Most bytes an archive may expand to."
     )
     max_compression_ratio: float = Field(
-        100.0,
+        default=100.0,
         gt=1.0,
         description="Largest uncompressed/compressed ratio of an archive or one of its members "
         "(zip-bomb guard; float weights compress far less than 10x).",
     )
     max_tensor_elements: int = Field(
-        1 << 31,
+        default=1 << 31,
         gt=0,
         description="Most elements of any tensor, stored or declared (inputs, outputs, "
         "inferred intermediates, ConstantOfShape results).",
     )
-    max_dim: int = Field(1 << 31, gt=0, description="Largest single declared dimension.")
-    max_nodes: int = Field(200_000, gt=0, description="Most nodes, all subgraphs included.")
+    max_dim: int = Field(default=1 << 31, gt=0, description="Largest single declared dimension.")
+    max_nodes: int = Field(default=200_000, gt=0, description="Most nodes, all subgraphs included.")
     max_subgraph_depth: int = Field(
-        8, ge=0, description="Deepest nesting of If/Loop/Scan bodies (main graph = 0)."
+        default=8, ge=0, description="Deepest nesting of If/Loop/Scan bodies (main graph = 0)."
     )
     max_dataset_bytes: int = Field(
-        512 * 1024 * 1024, gt=0, description="Largest dataset .npz, in bytes, compressed or not."
+        default=512 * 1024 * 1024, gt=0, description="Largest dataset .npz, in bytes, compressed or not."
     )
     eval_samples: int = Field(
-        16, gt=0, description="Evaluation inputs: generated ones, or the first N dataset samples."
+        default=16, gt=0, description="Evaluation inputs: generated ones, or the first N dataset samples."
     )
     latency_runs: int = Field(
-        15, gt=0, description="Timed runs per model (interleaved original/candidate; median)."
+        default=15, gt=0, description="Timed runs per model (interleaved original/candidate; median)."
     )
-    latency_warmup: int = Field(3, ge=0, description="Untimed warm-up runs per model.")
+    latency_warmup: int = Field(default=3, ge=0, description="Untimed warm-up runs per model.")
     latency_threads: int = Field(
-        1, gt=0, description="ONNX Runtime intra-op threads for latency measurement."
+        default=1, gt=0, description="ONNX Runtime intra-op threads for latency measurement."
     )

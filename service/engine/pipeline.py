@@ -168,7 +168,7 @@ def run_pipeline(
         original_copy.CopyFrom(reference)
         ctx = PassContext(
             workdir=step_dir, dataset=dataset, labels=labels, original=original_copy,
-            progress=lambda f, _msg, _s=stage, _b=base: progress(_s, _b + span * min(max(f, 0), 1)),
+            progress=_step_progress(progress, stage, base, span),
             check_cancelled=check_cancelled, resolve_model=resolve_model,
         )
         started = time.perf_counter()
@@ -319,6 +319,17 @@ def run_pipeline(
     progress("report", 1.0)
     return PipelineResult(model_path=output_path, report=report, summary=summary,
                           artifacts=artifacts)
+
+
+def _step_progress(
+    progress: Callable[[str, float], None], stage: str, base: float, span: float
+) -> Callable[[float, str], None]:
+    """A pass's progress (fraction of the pass, message) as the job's overall fraction."""
+
+    def report(fraction: float, message: str) -> None:
+        progress(stage, base + span * min(max(fraction, 0.0), 1.0))
+
+    return report
 
 
 def _check_runs(path: Path, limits: EngineLimits, workdir: Path) -> None:

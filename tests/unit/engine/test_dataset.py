@@ -15,7 +15,7 @@ from tests import crafted
 
 
 def _npz(path: Path, **arrays: np.ndarray) -> Path:
-    np.savez(path, **arrays)
+    np.savez(path, **arrays)  # type: ignore[arg-type]
     return path
 
 

@@ -6,14 +6,13 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 import pytest
+import torch
 
 from service.engine.errors import EngineError
 from service.engine.export import export_pytorch
 from service.engine.ingest import inspect_upload
-
-torch = pytest.importorskip("torch")
-ort = pytest.importorskip("onnxruntime")
 
 
 class _Tagger(torch.nn.Module):

@@ -124,7 +124,7 @@ def test_int4_initializers_are_detected() -> None:
     w = onnx.helper.make_tensor("w", T.INT4, [128], np.zeros(128, np.int8).tolist())
     g = h.make_graph([h.make_node("DequantizeLinear", ["w", "s"], ["y"])], "g", [],
                      [h.make_tensor_value_info("y", T.FLOAT, [128])],
-                     [w, onnx.numpy_helper.from_array(np.float32(0.1), "s")])
+                     [w, onnx.numpy_helper.from_array(np.array(0.1, np.float32), "s")])
     m = h.make_model(g, opset_imports=[h.make_opsetid("", 21)], ir_version=10)
     assert {"int4_initializers", "qdq"} <= set(detect_quantization(m))
 
@@ -161,8 +161,8 @@ def test_zip_member_lying_about_its_size_is_stopped(tmp_path: Path) -> None:
     # Patch the central directory and the local header to declare a tiny uncompressed size.
     data = bytearray(path.read_bytes())
     with zipfile.ZipFile(path) as zf:
-        info = zf.getinfo("pad.bin")
-    local = data.find(b"PK\x03\x04", info.header_offset)
+        member = zf.getinfo("pad.bin")
+    local = data.find(b"PK\x03\x04", member.header_offset)
     data[local + 22:local + 26] = (16).to_bytes(4, "little")
     for pos in _find_all(data, b"PK\x01\x02"):
         name_len = int.from_bytes(data[pos + 28:pos + 30], "little")

@@ -229,7 +229,7 @@ class _SmallerButSlower(Pass[_NoConfig]):
         g.initializer.remove(w2)
         g.initializer.extend([
             half, nh.from_array(np.array([1500, 1500], np.int64), "big_shape"),
-            nh.from_array(np.float32(0), "zero"),
+            nh.from_array(np.array(0, np.float32), "zero"),
         ])
         out = g.output[0].name
         for node in g.node:
