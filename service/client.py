@@ -1,0 +1,569 @@
+"""``EdgePressClient``: the Python client of the EdgePress HTTP API.
+
+Typed with the API's own pydantic models (``Job``, ``ModelRecord``, ``DatasetRecord``,
+``JobCreate``/``Constraints``, ``DeviceProfile``), so a response that does not match the
+contract fails loudly here instead of deep in a pipeline.
+
+Behaviour a CI step can rely on:
+
+- **Retries**: 429 and 503 answers and connection errors are retried with exponential backoff
+  (with jitter), honouring ``Retry-After`` (seconds or an HTTP date). A POST is retried on a
+  connection error only when it is safe: uploads are content addressed and cancel is
+  idempotent; a job submission is retried only when the connection failed before anything was
+  sent (the server does not de-duplicate ``Idempotency-Key`` yet, see below).
+- **Idempotency keys**: every POST carries an ``Idempotency-Key`` (a uuid per logical call,
+  the same across its retries), ready for a server that de-duplicates on it.
+- **Streaming**: uploads stream from a file object (never read whole into memory) and are
+  hashed on the way; the server's SHA-256 must equal ours. Downloads stream to disk in chunks
+  and are checked against ``Content-Length``, the object store's MD5 ETag when it has one, and
+  for ``model.onnx`` the job's ``result.bytes_after`` (and, optionally, the ONNX checker).
+- **Errors**: every failure is one ``EdgePressError`` carrying the RFC 9457 problem
+  (``status``, ``code``, ``detail``, ``errors``).
+
+Example::
+
+    client = EdgePressClient("http://127.0.0.1:8080")
+    model = client.upload_model("mlp.onnx")
+    job = client.submit_job(model.id, recipe=[{"pass": "quantize_dynamic"}])
+    job = client.wait(job.id, on_progress=lambda j: print(j.stage, j.progress))
+    client.download_artifact(job.id, "model.onnx", "mlp.int8.onnx")
+"""
+
+from __future__ import annotations
+
+import email.utils
+import hashlib
+import io
+import os
+import random
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import IO, Any
+
+import requests
+from pydantic import ValidationError
+
+from service.api.schemas import Constraints, JobCreate
+from service.engine.devices.profile import DeviceProfile
+from service.jobs.models import Job, JobState
+from service.uploads.store import DatasetRecord, ModelRecord
+
+__all__ = ["EdgePressClient", "EdgePressError", "DEFAULT_TIMEOUT", "DEFAULT_MAX_RETRIES"]
+
+DEFAULT_TIMEOUT = 30.0
+DEFAULT_MAX_RETRIES = 5
+UPLOAD_READ_TIMEOUT = 600.0  # the server inspects a model before answering an upload
+CHUNK = 1024 * 1024
+MAX_BACKOFF_S = 30.0
+MAX_RETRY_AFTER_S = 120.0
+RETRY_STATUSES = frozenset({429, 503})
+
+
+class EdgePressError(Exception):
+    """An API error (the RFC 9457 problem) or a client-side failure with the same shape.
+
+    ``status`` is the HTTP status (``None`` when no answer came: connection errors, timeouts),
+    ``code`` a stable machine code (the server's, or ``connection_error``, ``wait_timeout``,
+    ``checksum_mismatch``, ``bad_response``), ``detail`` a human message, ``errors`` the
+    per-field errors of a validation problem, ``problem`` the whole problem document.
+    """
+
+    def __init__(
+        self,
+        status: int | None,
+        code: str,
+        detail: str,
+        errors: list[dict[str, Any]] | None = None,
+        problem: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__(f"{code}: {detail}" if status is None else f"{status} {code}: {detail}")
+        self.status = status
+        self.code = code
+        self.detail = detail
+        self.errors = list(errors or [])
+        self.problem = dict(problem or {})
+
+    @classmethod
+    def from_response(cls, resp: requests.Response) -> EdgePressError:
+        """Build from an error response (problem+json when the server sent one)."""
+        body: dict[str, Any] = {}
+        try:
+            parsed = resp.json()
+            if isinstance(parsed, dict):
+                body = parsed
+        except ValueError:
+            pass
+        code = str(body.get("code") or f"http_{resp.status_code}")
+        detail = str(body.get("detail") or body.get("title") or resp.reason or "error")
+        return cls(resp.status_code, code, detail, body.get("errors"), body or None)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The problem as JSON (what ``edgepress --json`` prints)."""
+        out = dict(self.problem)
+        out.update({"status": self.status, "code": self.code, "detail": self.detail})
+        if self.errors:
+            out["errors"] = self.errors
+        return out
+
+
+def _retry_after(resp: requests.Response) -> float | None:
+    """Seconds from a ``Retry-After`` header (delta-seconds or HTTP date), if any."""
+    raw = resp.headers.get("Retry-After")
+    if not raw:
+        return None
+    raw = raw.strip()
+    try:
+        return max(0.0, float(raw))
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(raw)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, when.timestamp() - time.time())
+
+
+def _nothing_sent(exc: requests.exceptions.RequestException) -> bool:
+    """True when the connection failed before the request could reach the server."""
+    if isinstance(exc, requests.exceptions.ConnectTimeout):
+        return True
+    if isinstance(exc, requests.exceptions.ConnectionError):
+        text = repr(exc)
+        return any(s in text for s in ("NewConnectionError", "Connection refused",
+                                       "NameResolutionError", "Failed to resolve"))
+    return False
+
+
+class _HashingReader:
+    """Wraps a binary file: hashes what is read and tells requests the remaining length, so
+    the body streams in chunks with a Content-Length (the server checks for truncation). A
+    stream of unknown length goes out chunked."""
+
+    def __init__(self, fh: IO[bytes]) -> None:
+        self._fh = fh
+        self._seekable = bool(getattr(fh, "seekable", lambda: False)())
+        self._start = fh.tell() if self._seekable else 0
+        self._length = self._size()
+        self.digest = hashlib.sha256()
+        self.sent = 0
+
+    def _size(self) -> int | None:
+        try:
+            return os.fstat(self._fh.fileno()).st_size - self._start
+        except (AttributeError, OSError, ValueError):
+            pass
+        if self._seekable:
+            end = self._fh.seek(0, io.SEEK_END)
+            self._fh.seek(self._start)
+            return end - self._start
+        return None
+
+    def rewind(self) -> bool:
+        """Go back to where the upload started (for a retry); False when impossible."""
+        if self._seekable:
+            self._fh.seek(self._start)
+        elif self.sent:
+            return False
+        self.digest = hashlib.sha256()
+        self.sent = 0
+        return True
+
+    # requests' super_len() computes the body length as len(body) - body.tell().
+    def __len__(self) -> int:
+        return self._length or 0
+
+    def tell(self) -> int:
+        return self.sent if self._length is not None else 0
+
+    def read(self, size: int | None = -1) -> bytes:
+        chunk = self._fh.read(CHUNK if size is None or size < 0 else max(size, 64 * 1024))
+        if chunk:
+            self.digest.update(chunk)
+            self.sent += len(chunk)
+        return chunk
+
+    def __iter__(self) -> Iterator[bytes]:
+        while chunk := self.read(CHUNK):
+            yield chunk
+
+
+class EdgePressClient:
+    """A client of one EdgePress API (``base_url`` like ``http://127.0.0.1:8080``).
+
+    ``api_key`` is sent as ``Authorization: Bearer <key>`` (for a gateway in front of the API);
+    ``timeout`` is the per-request connect/read timeout in seconds; ``max_retries`` the retries
+    of one call on 429/503/connection errors.
+    """
+
+    def __init__(
+        self,
+        base_url: str,
+        api_key: str | None = None,
+        timeout: float = DEFAULT_TIMEOUT,
+        max_retries: int = DEFAULT_MAX_RETRIES,
+        *,
+        session: requests.Session | None = None,
+        backoff: float = 0.5,
+        user_agent: str = "edgepress-client/0.1",
+    ) -> None:
+        self.base_url = base_url.rstrip("/")
+        self.timeout = timeout
+        self.max_retries = max(0, int(max_retries))
+        self.backoff = backoff
+        self.http = session or requests.Session()
+        self.http.headers["User-Agent"] = user_agent
+        if api_key:
+            self.http.headers["Authorization"] = f"Bearer {api_key}"
+
+    # -- transport -------------------------------------------------------------------------
+    def _delay(self, attempt: int, resp: requests.Response | None) -> float:
+        hinted = _retry_after(resp) if resp is not None else None
+        if hinted is not None:
+            return min(hinted, MAX_RETRY_AFTER_S)
+        base = min(MAX_BACKOFF_S, self.backoff * (2**attempt))
+        return base * (0.5 + random.random() / 2)  # jitter: replicas do not retry in step
+
+    def _request(
+        self,
+        method: str,
+        path: str,
+        *,
+        params: dict[str, Any] | None = None,
+        json: Any = None,
+        body: _HashingReader | None = None,
+        headers: dict[str, str] | None = None,
+        retry_post_on_connection_error: bool = False,
+        read_timeout: float | None = None,
+        ok: tuple[int, ...] = (200, 201, 202, 204),
+    ) -> requests.Response:
+        """One logical call, retried; returns the final response or raises EdgePressError."""
+        url = path if path.startswith(("http://", "https://")) else self.base_url + path
+        hdrs = dict(headers or {})
+        if method == "POST":
+            hdrs.setdefault("Idempotency-Key", str(uuid.uuid4()))  # same key on every retry
+        timeout = (self.timeout, read_timeout or self.timeout)
+        attempt = 0
+        while True:
+            if body is not None and attempt and not body.rewind():
+                raise EdgePressError(None, "upload_not_retryable",
+                                     "the upload failed and its stream cannot be rewound")
+            try:
+                resp = self.http.request(method, url, params=params, json=json, data=body,
+                                         headers=hdrs, timeout=timeout, allow_redirects=False)
+            except requests.exceptions.RequestException as exc:
+                safe = method != "POST" or retry_post_on_connection_error or _nothing_sent(exc)
+                if not safe or attempt >= self.max_retries:
+                    raise EdgePressError(None, "connection_error",
+                                         f"{method} {url} failed: {type(exc).__name__}: {exc}"
+                                         ) from exc
+                time.sleep(self._delay(attempt, None))
+                attempt += 1
+                continue
+            if resp.status_code in RETRY_STATUSES and attempt < self.max_retries:
+                delay = self._delay(attempt, resp)
+                resp.close()
+                time.sleep(delay)
+                attempt += 1
+                continue
+            if resp.status_code in ok or resp.status_code == 302:
+                return resp
+            raise EdgePressError.from_response(resp)
+
+    def _json(self, resp: requests.Response) -> Any:
+        try:
+            return resp.json()
+        except ValueError:
+            raise EdgePressError(resp.status_code, "bad_response",
+                                 "the server answered with a body that is not JSON") from None
+
+    @staticmethod
+    def _parse(cls: Any, data: Any) -> Any:
+        try:
+            return cls.model_validate(data)
+        except ValidationError as exc:
+            raise EdgePressError(None, "bad_response",
+                                 f"the server's {cls.__name__} does not match the contract: "
+                                 f"{exc.errors()[0]['loc']}: {exc.errors()[0]['msg']}") from None
+
+    def _pages(self, path: str, cls: Any, params: dict[str, Any]) -> Iterator[Any]:
+        cursor: str | None = None
+        while True:
+            page_params = dict(params)
+            if cursor:
+                page_params["cursor"] = cursor
+            page = self._json(self._request("GET", path, params=page_params))
+            for item in page.get("items", []):
+                yield self._parse(cls, item)
+            cursor = page.get("next_cursor")
+            if not cursor:
+                return
+
+    # -- uploads ---------------------------------------------------------------------------
+    def _upload(self, path: str, source: str | os.PathLike[str] | IO[bytes],
+                filename: str | None) -> dict[str, Any]:
+        if isinstance(source, (str, os.PathLike)):
+            with open(source, "rb") as fh:
+                return self._upload(path, fh, filename or Path(source).name)
+        reader = _HashingReader(source)
+        params = {"filename": filename} if filename else None
+        resp = self._request("POST", path, params=params, body=reader,
+                             headers={"Content-Type": "application/octet-stream"},
+                             retry_post_on_connection_error=True,
+                             read_timeout=max(self.timeout, UPLOAD_READ_TIMEOUT))
+        record = self._json(resp)
+        local = reader.digest.hexdigest()
+        if record.get("sha256") != local:
+            raise EdgePressError(resp.status_code, "checksum_mismatch",
+                                 f"the server stored sha256 {record.get('sha256')}, the file "
+                                 f"sent has {local}", problem={"local_sha256": local})
+        return dict(record)
+
+    def upload_model(self, source: str | os.PathLike[str] | IO[bytes],
+                     filename: str | None = None) -> ModelRecord:
+        """Stream a model (``.onnx`` or a ``.zip``/``.tar`` with external data) to the API.
+
+        ``source`` is a path or a binary file object (read in chunks, rewound for a retry when
+        seekable). Uploading the same bytes again returns the same record. Raises
+        ``EdgePressError`` (``not_onnx``, ``unsafe_format``, ``payload_too_large``,
+        ``checksum_mismatch`` ...).
+        """
+        record: ModelRecord = self._parse(ModelRecord,
+                                          self._upload("/v1/models", source, filename))
+        return record
+
+    def upload_dataset(self, source: str | os.PathLike[str] | IO[bytes],
+                       filename: str | None = None) -> DatasetRecord:
+        """Stream an ``.npz`` dataset (arrays keyed by model input name, optional ``labels``)."""
+        record: DatasetRecord = self._parse(DatasetRecord,
+                                            self._upload("/v1/datasets", source, filename))
+        return record
+
+    # -- models ------------------------------------------------------------------------------
+    def get_model(self, model_id: str) -> ModelRecord:
+        """The record of an uploaded model."""
+        out: ModelRecord = self._parse(ModelRecord,
+                                       self._json(self._request("GET", f"/v1/models/{model_id}")))
+        return out
+
+    def list_models(self, page_size: int = 100) -> Iterator[ModelRecord]:
+        """Every uploaded model (pages are fetched as the iterator advances)."""
+        return self._pages("/v1/models", ModelRecord, {"limit": page_size})
+
+    def get_dataset(self, dataset_id: str) -> DatasetRecord:
+        """The record of an uploaded dataset."""
+        out: DatasetRecord = self._parse(
+            DatasetRecord, self._json(self._request("GET", f"/v1/datasets/{dataset_id}")))
+        return out
+
+    # -- jobs --------------------------------------------------------------------------------
+    def submit_job(
+        self,
+        model_id: str,
+        recipe: list[dict[str, Any]] | str = "auto",
+        *,
+        device: str | dict[str, Any] = "host",
+        constraints: Constraints | dict[str, Any] | None = None,
+        dataset_id: str | None = None,
+        callback_url: str | None = None,
+    ) -> Job:
+        """Start a job: ``recipe`` is ``"auto"`` or ordered steps ``[{"pass": name, ...}]``.
+
+        The request is validated here with the API's ``JobCreate`` first (a typo in a
+        constraint fails before any network call, as ``EdgePressError(None,
+        "validation_error")``).
+        """
+        try:
+            spec = JobCreate(
+                model_id=model_id, device=device, recipe=recipe,  # type: ignore[arg-type]
+                constraints=(constraints if isinstance(constraints, Constraints)
+                             else Constraints.model_validate(constraints or {})),
+                dataset_id=dataset_id, callback_url=callback_url,
+            )
+        except ValidationError as exc:
+            errors = [{"field": ".".join(str(p) for p in e["loc"]), "message": e["msg"]}
+                      for e in exc.errors()]
+            raise EdgePressError(None, "validation_error",
+                                 f"invalid job request: {errors[0]['field']}: "
+                                 f"{errors[0]['message']}", errors) from None
+        return self.submit(spec)
+
+    def submit(self, spec: JobCreate) -> Job:
+        """Start a job from a ready ``JobCreate``."""
+        body = spec.model_dump(mode="json", exclude_none=True)
+        body["constraints"] = spec.constraints.model_dump(mode="json", exclude_none=True)
+        out: Job = self._parse(Job, self._json(self._request("POST", "/v1/jobs", json=body)))
+        return out
+
+    def get_job(self, job_id: str) -> Job:
+        """The job's current record (state, stage, progress, result or error, artifacts)."""
+        out: Job = self._parse(Job, self._json(self._request("GET", f"/v1/jobs/{job_id}")))
+        return out
+
+    def list_jobs(self, state: JobState | str | None = None,
+                  page_size: int = 100) -> Iterator[Job]:
+        """Every job, newest first, optionally only those in ``state`` (pages fetched lazily)."""
+        params: dict[str, Any] = {"limit": page_size}
+        if state:
+            params["state"] = JobState(state).value
+        return self._pages("/v1/jobs", Job, params)
+
+    def cancel_job(self, job_id: str) -> Job:
+        """Cancel: a queued job at once, a running one within seconds (poll to see it)."""
+        out: Job = self._parse(Job, self._json(self._request(
+            "POST", f"/v1/jobs/{job_id}/cancel", retry_post_on_connection_error=True)))
+        return out
+
+    def delete_job(self, job_id: str) -> None:
+        """Delete a finished job and its artifacts."""
+        self._request("DELETE", f"/v1/jobs/{job_id}")
+
+    def wait(
+        self,
+        job_id: str,
+        poll: float = 1.0,
+        timeout: float | None = None,
+        on_progress: Callable[[Job], None] | None = None,
+    ) -> Job:
+        """Poll until the job is succeeded, failed or cancelled; return its final record.
+
+        ``on_progress(job)`` is called whenever state, stage or progress changed. Raises
+        ``EdgePressError(None, "wait_timeout")`` after ``timeout`` seconds (the job goes on).
+        A failed job is returned, not raised: check ``job.state`` and ``job.error``.
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
+        last: tuple[Any, ...] | None = None
+        while True:
+            job = self.get_job(job_id)
+            seen = (job.state, job.stage, round(job.progress, 4))
+            if seen != last:
+                last = seen
+                if on_progress is not None:
+                    on_progress(job)
+            if job.state.terminal:
+                return job
+            if deadline is not None and time.monotonic() >= deadline:
+                raise EdgePressError(None, "wait_timeout",
+                                     f"job {job_id} is still {job.state.value} ({job.stage}) "
+                                     f"after {timeout:g} s", problem={"job": job.public()})
+            time.sleep(poll if deadline is None else
+                       max(0.0, min(poll, deadline - time.monotonic())))
+
+    def list_artifacts(self, job_id: str) -> list[str]:
+        """Names of a job's artifacts (``model.onnx``, ``report.json``, ``report.html`` ...)."""
+        page = self._json(self._request("GET", f"/v1/jobs/{job_id}/artifacts"))
+        return [str(item["name"]) for item in page.get("items", [])]
+
+    def artifact_url(self, job_id: str, name: str) -> str:
+        """The short-lived presigned URL the API redirects to."""
+        resp = self._request("GET", f"/v1/jobs/{job_id}/artifacts/{name}", ok=())
+        location = resp.headers.get("Location")
+        if resp.status_code != 302 or not location:
+            raise EdgePressError(resp.status_code, "bad_response",
+                                 "the artifact answer is not a redirect")
+        return location if "://" in location else self.base_url + location
+
+    def download_artifact(
+        self,
+        job_id: str,
+        name: str,
+        target: str | os.PathLike[str],
+        *,
+        job: Job | None = None,
+        check_onnx: bool = False,
+    ) -> Path:
+        """Stream an artifact to ``target`` (a file, or a directory to put ``name`` in).
+
+        Verified before it is moved into place: byte count against ``Content-Length``, the MD5
+        against the store's ETag when the ETag is a plain MD5 (single-part objects), and for
+        ``model.onnx`` the size against the job's ``result.bytes_after`` and, with
+        ``check_onnx``, the ONNX checker. A failed check raises ``checksum_mismatch`` and
+        leaves no file behind.
+        """
+        dest = Path(target)
+        if dest.is_dir():
+            dest = dest / name
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        if name == "model.onnx" and job is None:
+            job = self.get_job(job_id)
+        tmp = dest.with_name(f".{dest.name}.{uuid.uuid4().hex[:8]}.part")
+        attempt = 0
+        while True:
+            url = self.artifact_url(job_id, name)  # fresh URL each try: they expire
+            try:
+                sha, md5, size, resp = self._stream_to(url, tmp)
+                break
+            except requests.exceptions.RequestException as exc:
+                tmp.unlink(missing_ok=True)
+                if attempt >= self.max_retries:
+                    raise EdgePressError(None, "connection_error",
+                                         f"downloading {name} failed: {exc}") from exc
+                time.sleep(self._delay(attempt, None))
+                attempt += 1
+        try:
+            self._verify(name, tmp, size, md5, resp, job, check_onnx)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        tmp.replace(dest)
+        return dest
+
+    def _stream_to(self, url: str, path: Path) -> tuple[str, str, int, requests.Response]:
+        # A plain session: the presigned URL must not carry our Authorization header.
+        resp = requests.get(url, stream=True, timeout=(self.timeout, self.timeout))
+        if resp.status_code != 200:
+            raise EdgePressError.from_response(resp)
+        sha, md5, size = hashlib.sha256(), hashlib.md5(usedforsecurity=False), 0
+        with resp, open(path, "wb") as out:
+            for chunk in resp.iter_content(CHUNK):
+                sha.update(chunk)
+                md5.update(chunk)
+                size += len(chunk)
+                out.write(chunk)
+        return sha.hexdigest(), md5.hexdigest(), size, resp
+
+    @staticmethod
+    def _verify(name: str, path: Path, size: int, md5: str, resp: requests.Response,
+                job: Job | None, check_onnx: bool) -> None:
+        def fail(why: str) -> EdgePressError:
+            return EdgePressError(None, "checksum_mismatch", f"{name}: {why}")
+
+        declared = resp.headers.get("Content-Length")
+        if declared is not None and int(declared) != size:
+            raise fail(f"received {size} bytes, the store announced {declared}")
+        etag = resp.headers.get("ETag", "").strip('"')
+        if len(etag) == 32 and all(c in "0123456789abcdef" for c in etag) and etag != md5:
+            raise fail(f"MD5 {md5} differs from the store's ETag {etag}")
+        if name == "model.onnx" and job is not None and job.result:
+            expected = job.result.get("bytes_after")
+            if expected is not None and int(expected) != size:
+                raise fail(f"{size} bytes, the job's result says {expected}")
+        if name == "model.onnx" and check_onnx:
+            import onnx
+
+            try:
+                onnx.checker.check_model(str(path))
+            except Exception as exc:  # noqa: BLE001 - any checker failure means a bad file
+                raise fail(f"not a valid ONNX model ({type(exc).__name__})") from None
+
+    # -- devices -----------------------------------------------------------------------------
+    def list_devices(self) -> list[DeviceProfile]:
+        """The device catalogue (and ``host``, the workers' CPU)."""
+        page = self._json(self._request("GET", "/v1/devices"))
+        return [self._parse(DeviceProfile, item) for item in page.get("items", [])]
+
+    def get_device(self, name: str) -> DeviceProfile:
+        """One device profile by name."""
+        out: DeviceProfile = self._parse(
+            DeviceProfile, self._json(self._request("GET", f"/v1/devices/{name}")))
+        return out
+
+    # -- operations --------------------------------------------------------------------------
+    def ready(self) -> bool:
+        """True when the API answers ``/readyz`` with 200 (store and broker reachable)."""
+        try:
+            resp = self.http.get(self.base_url + "/readyz", timeout=self.timeout)
+        except requests.exceptions.RequestException:
+            return False
+        return resp.status_code == 200
