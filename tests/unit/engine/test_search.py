@@ -1,0 +1,204 @@
+"""Auto mode: constraints, candidate planning per device, the search end to end, failures.
+
+Fast tests use small crafted models; the proof over the test corpus and three targets (x86
+VNNI, ARM CPU, NVIDIA TensorRT) and the digits CNN bars are marked slow.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from service.engine.devices import get_device
+from service.engine.errors import EngineError
+from service.engine.pipeline import run_pipeline
+from service.engine.registry import registered_passes
+from service.engine.search import (
+    AutoConstraints,
+    model_family,
+    parse_constraints,
+    plan_candidates,
+)
+
+AVAILABLE = set(registered_passes())
+FAMILIES = {
+    "cnn": {"family": "cnn", "weight_share": {"conv": 0.9, "matmul": 0.1, "recurrent": 0.0, "other": 0.0}},
+    "transformer": {"family": "transformer", "weight_share": {"conv": 0.0, "matmul": 0.99, "recurrent": 0.0, "other": 0.01}},
+    "recurrent": {"family": "recurrent", "weight_share": {"conv": 0.0, "matmul": 0.2, "recurrent": 0.8, "other": 0.0}},
+}
+
+
+def _mlp(path: Path, hidden: int = 384) -> Path:
+    """A float MLP whose weights dominate the file (64 -> hidden -> hidden -> 10)."""
+    rng = np.random.default_rng(0)
+    dims = [64, hidden, hidden, 10]
+    nodes, inits, x = [], [], "x"
+    for i in range(3):
+        w = rng.normal(0, 1 / np.sqrt(dims[i]), (dims[i], dims[i + 1])).astype(np.float32)
+        inits += [numpy_helper.from_array(w, f"w{i}"),
+                  numpy_helper.from_array(np.zeros(dims[i + 1], np.float32), f"b{i}")]
+        nodes.append(helper.make_node("MatMul", [x, f"w{i}"], [f"m{i}"], name=f"fc{i}"))
+        out = "logits" if i == 2 else f"h{i}"
+        nodes.append(helper.make_node("Add", [f"m{i}", f"b{i}"], [out if i == 2 else f"a{i}"], name=f"add{i}"))
+        if i < 2:
+            nodes.append(helper.make_node("Relu", [f"a{i}"], [out], name=f"relu{i}"))
+        x = out
+    graph = helper.make_graph(
+        nodes, "mlp", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 64])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 10])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save_model(model, str(path))
+    return path
+
+
+@pytest.fixture(scope="module")
+def mlp_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return _mlp(tmp_path_factory.mktemp("mlp") / "mlp.onnx")
+
+
+# ---------------------------------------------------------------------------- constraints
+
+
+def test_constraints_defaults_and_latency_object() -> None:
+    c = parse_constraints(None)
+    assert c.objective == "balanced" and c.min_fidelity is None
+    c = parse_constraints({"max_latency_ms": {"value": 3, "where": "host"}, "objective": "size"})
+    assert c.max_latency_ms == 3 and c.latency_on == "host"
+    assert AutoConstraints.model_validate(c.model_dump()) == c
+
+
+@pytest.mark.parametrize("bad", [{"objective": "fast"}, {"max_size_mb": -1},
+                                 {"max_accuracy_drop": 2}, {"unknown": 1},
+                                 {"max_latency_ms": {"value": 1, "where": "moon"}}])
+def test_constraints_invalid(bad: dict) -> None:
+    with pytest.raises(EngineError) as info:
+        parse_constraints(bad)
+    assert info.value.code == "invalid_constraints"
+    assert info.value.details["errors"]
+
+
+# ---------------------------------------------------------------------------- planning
+
+
+def test_model_family(mlp_path: Path) -> None:
+    fam = model_family(onnx.load(str(mlp_path)))
+    assert fam["family"] == "mlp" and fam["weight_share"]["matmul"] > 0.99
+
+
+def _plan(device: str, family: str, dataset: bool = False) -> list:
+    cands, _ = plan_candidates(get_device(device), FAMILIES[family], has_dataset=dataset,
+                               available=AVAILABLE, training=False)
+    return cands
+
+
+def test_candidates_follow_the_device_formats() -> None:
+    names = {d: [c.name for c in _plan(d, "cnn")] for d in
+             ("x86_xeon_spr_vnni_amx", "nvidia_t4", "raspberry_pi_4", "x86_laptop_avx2",
+              "snapdragon_8_gen3", "apple_m2")}
+    assert names["x86_xeon_spr_vnni_amx"][0] == "int8_u8s8"
+    assert "fp16" not in names["x86_xeon_spr_vnni_amx"]
+    assert names["nvidia_t4"][0] == "int8_s8s8" and "fp16" in names["nvidia_t4"]
+    assert not any("dynamic" in n or "u8s8" in n for n in names["nvidia_t4"])
+    assert names["raspberry_pi_4"][0] == "int8_s8s8" and "fp16" not in names["raspberry_pi_4"]
+    assert names["x86_laptop_avx2"][0] == "int8_static_reduce_range"
+    assert names["snapdragon_8_gen3"][0] == "int8_u8u8"
+    assert names["apple_m2"] == ["fp16"]
+    laptop = _plan("x86_laptop_avx2", "cnn")[0]
+    assert laptop.recipe[0]["reduce_range"] is True
+
+
+def test_candidates_follow_the_model() -> None:
+    cnn = [c.name for c in _plan("x86_xeon_spr_vnni_amx", "cnn")]
+    assert "int8_dynamic" in cnn  # the 10 % of MatMul weights
+    rnn = [c.name for c in _plan("x86_xeon_spr_vnni_amx", "recurrent")]
+    assert rnn[0] == "int8_u8s8+dynamic_rnn" and "int8_dynamic" in rnn
+    mixed = _plan("x86_xeon_spr_vnni_amx", "recurrent")[0]
+    assert [s["pass"] for s in mixed.recipe] == ["quantize_static", "quantize_dynamic"]
+    tf = [c.name for c in _plan("raspberry_pi_5", "transformer")]
+    assert "int4_weight_only" in tf and "fp16" in tf
+    assert "int4_weight_only" not in [c.name for c in _plan("raspberry_pi_5", "cnn")]
+    with_data = [c.name for c in plan_candidates(
+        get_device("x86_xeon_spr_vnni_amx"), FAMILIES["cnn"], has_dataset=True,
+        available=AVAILABLE, training=True)[0]]
+    assert any(n.startswith("prune_channels_50") for n in with_data)
+
+
+def test_candidates_need_their_passes() -> None:
+    cands, skipped = plan_candidates(get_device("nvidia_t4"), FAMILIES["cnn"], has_dataset=False,
+                                     available={"fp16"}, training=False)
+    assert [c.name for c in cands] == ["fp16"]
+    assert any("quantize_static" in s["reason"] for s in skipped)
+
+
+# ---------------------------------------------------------------------------- the search
+
+
+def test_auto_on_host_meets_constraints_with_evidence(mlp_path: Path, tmp_path: Path) -> None:
+    stages: list[str] = []
+    result = run_pipeline(mlp_path, "auto", tmp_path, device="host",
+                          constraints={"objective": "size", "training": False},
+                          progress=lambda stage, fraction: stages.append(stage))
+    auto = result.report["auto"]
+    assert result.model_path == tmp_path / "output" / "model.onnx"
+    assert result.model_path.stat().st_size * 3 < mlp_path.stat().st_size
+    assert stages[0] == "ingest" and stages[-1] == "report"
+    assert any(s.startswith("search:") for s in stages)
+    chosen = auto["chosen"]
+    assert chosen["candidate"] in [c["name"] for c in auto["candidates"]]
+    assert "meets every constraint" in chosen["why"]
+    assert result.summary["min_cosine"] >= 0.99  # the default fidelity floor
+    assert auto["constraints"]["min_fidelity"] == 0.99
+    front = auto["pareto_front"]
+    assert front["latency_source"] == "host_measured"
+    assert {"size_mb", "latency_ms", "fidelity", "on_front"} <= set(front["points"][0])
+    assert chosen["candidate"] in front["front"]
+    cal = auto["cost_model"]["host_calibration"]
+    assert cal["points"][0]["model"] == "original"
+    assert all(p["measured_ms"] > 0 and p["predicted_ms"] > 0 for p in cal["points"])
+    for cand in auto["candidates"]:
+        assert cand["status"] in ("ok", "failed", "not_run")
+        if cand["status"] != "ok":
+            assert cand["error"]["message"]
+
+
+def test_auto_for_tensorrt_picks_its_formats(mlp_path: Path, tmp_path: Path) -> None:
+    result = run_pipeline(mlp_path, "auto", tmp_path, device={"extends": "nvidia_t4"},
+                          constraints={"training": False})
+    auto = result.report["auto"]
+    t4 = get_device("nvidia_t4")
+    assert set(auto["chosen"]["formats"]) <= set(t4.quant_formats)
+    tried = {f for c in auto["candidates"] for f in c["formats"]}
+    assert not tried & {"int8_dynamic", "int8_static_qdq_u8s8"}  # TensorRT runs neither fast
+    assert auto["target_measured"] is False and "estimate" in auto["note"]
+    assert auto["pareto_front"]["latency_source"] == "target_estimate"
+    assert any("estimated" in w for w in result.summary["warnings"])
+
+
+def test_auto_unsatisfiable_says_what_missed(mlp_path: Path, tmp_path: Path) -> None:
+    with pytest.raises(EngineError) as info:
+        run_pipeline(mlp_path, "auto", tmp_path, device="x86_xeon_spr_vnni_amx",
+                     constraints={"max_size_mb": 0.01, "training": False})
+    err = info.value
+    assert err.code == "constraints_unsatisfiable"
+    assert err.details["closest"]["candidate"]
+    missed = {m["constraint"]: m for m in err.details["missed"]}
+    assert missed["max_size_mb"]["missed_by"] > 0
+    assert missed["max_size_mb"]["limit"] == 0.01
+    assert "max_size_mb" in err.message
+
+
+def test_auto_refuses_bad_requests(mlp_path: Path, tmp_path: Path) -> None:
+    with pytest.raises(EngineError) as info:
+        run_pipeline(mlp_path, "auto", tmp_path, constraints={"max_accuracy_drop": 0.01})
+    assert info.value.code == "invalid_constraints"
+    with pytest.raises(EngineError) as info:
+        run_pipeline(mlp_path, "auto", tmp_path, device="tpu_v9")
+    assert info.value.code == "unknown_device"
+    with pytest.raises(EngineError) as info:
+        run_pipeline(mlp_path, "auto", tmp_path, device={"extends": "nvidia_t4", "kind": "qpu"})
+    assert info.value.code == "invalid_device"
