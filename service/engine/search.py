@@ -843,13 +843,15 @@ def run_auto(
         fid_only = [c for c in cands if c.status == "ok" and c.violations and all(
             v["constraint"].startswith(("max_accuracy_drop", "min_fidelity")) for v in c.violations)]
         fid_only.sort(key=lambda c: _score(c, ctx))
-        for cand in fid_only[:1]:
+        mp_tried = []
+        for cand in fid_only[:2]:
             check_cancelled()
             progress("search:mixed_precision", 0.86)
             recipe, record = _mixed_precision(
                 cand, model, dataset, labels, ctx, passes, eval_limits,
                 workdir / "mixed_precision", check_cancelled)
-            mp_record = record
+            mp_tried.append(record)
+            mp_record = mp_tried if len(mp_tried) > 1 else record
             if recipe is None:
                 continue
             mixed = Candidate(f"{cand.name}+mixed_precision", recipe, cand.formats,
@@ -857,8 +859,10 @@ def run_auto(
                               "layers kept in float", cand.size_factor, cand.speed_bound,
                               mixed_precision=record)
             cands.append(mixed)
-            finish(mixed, _run_candidate(job(mixed, len(cands) - 1)))
             total += 1
+            finish(mixed, _run_candidate(job(mixed, len(cands) - 1)))
+            if best is not None:
+                break
 
     # Host calibration of the cost model: predicted vs measured latency on this machine.
     host_cal = None
