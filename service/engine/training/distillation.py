@@ -228,6 +228,7 @@ def distill_into(
     progress: Callable[[float, str], None] = lambda f, m: None,
     check_cancelled: Callable[[], None] = lambda: None,
     extra_parameters: Iterable[torch.nn.Parameter] = (),
+    extra_lr_scale: float = 1.0,
     label: str = "distill",
 ) -> TrainingResult:
     """Train ``student`` (in place) to match ``teachers`` on ``inputs`` with the shared loop."""
@@ -308,6 +309,7 @@ def distill_into(
         check_cancelled=check_cancelled,
         capture=[f.student for f in feats],
         extra_parameters=extra_parameters,
+        extra_lr_scale=extra_lr_scale,
         after_step=reapply_masks if masks else None,
         label=label,
     )

@@ -54,6 +54,7 @@ def train(
     check_cancelled: Callable[[], None] = lambda: None,
     capture: Iterable[str] = (),
     extra_parameters: Iterable[torch.nn.Parameter] = (),
+    extra_lr_scale: float = 1.0,
     after_step: Callable[[], None] | None = None,
     label: str = "training",
 ) -> TrainingResult:
@@ -61,14 +62,20 @@ def train(
 
     ``outputs`` holds the graph outputs and the ``capture`` tensors for the batch; the loss
     function looks up per-sample targets (teacher logits, labels) by ``batch_indices``.
-    ``after_step`` runs after each optimizer step (e.g. to re-apply sparsity masks).
+    ``extra_parameters`` (not part of the module, e.g. learned quantization scales) train with
+    ``budget.lr * extra_lr_scale``. ``after_step`` runs after each optimizer step (e.g. to re-apply sparsity masks).
     """
     torch.manual_seed(budget.seed)
     rng = np.random.default_rng(budget.seed)
     n = len(next(iter(inputs.values())))
     tensors = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in inputs.items()}
-    params = [p for p in module.parameters() if p.requires_grad] + list(extra_parameters)
-    optimizer = torch.optim.Adam(params, lr=budget.lr)
+    groups: list[dict[str, object]] = [
+        {"params": [p for p in module.parameters() if p.requires_grad], "lr": budget.lr}
+    ]
+    extra = list(extra_parameters)
+    if extra:  # e.g. quantization scales, which learn on a log scale and need a larger step
+        groups.append({"params": extra, "lr": budget.lr * extra_lr_scale})
+    optimizer = torch.optim.Adam(groups)
     capture = list(capture)
     batch = min(budget.batch_size, n)
     start = time.monotonic()
