@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -110,6 +111,7 @@ class LocalStack:
         self.worker_concurrency = worker_concurrency
         self.state_file = self.dir / "state.json"
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
+        self._env: dict[str, str] = {}
 
     # -- parts -------------------------------------------------------------------------------
     def _spawn(self, name: str, argv: list[str], env: dict[str, str]) -> subprocess.Popen[bytes]:
@@ -214,6 +216,9 @@ class LocalStack:
         env.update({k: v for k, v in os.environ.items() if k.startswith("EDGEPRESS_")})
         env.setdefault("EDGEPRESS_S3_ACCESS_KEY", DEFAULT_ACCESS_KEY)
         env.setdefault("EDGEPRESS_S3_SECRET_KEY", DEFAULT_SECRET_KEY)
+        # Webhooks on a local stack: signed with a per-stack secret, loopback receivers allowed.
+        env.setdefault("EDGEPRESS_WEBHOOK_SECRET", secrets.token_hex(16))
+        env.setdefault("EDGEPRESS_WEBHOOK_ALLOW_LOOPBACK_HTTP", "true")
         env.update(self.extra_env)
         try:
             env["EDGEPRESS_S3_ENDPOINT_URL"] = self._s3(env)
@@ -240,31 +245,12 @@ class LocalStack:
                 ],
                 api_env,
             )
-            worker_env = dict(env)
-            worker_env["PROMETHEUS_MULTIPROC_DIR"] = self._fresh_dir("metrics-worker")
-            worker = self._spawn(
-                "worker",
-                [
-                    _bin("celery"),
-                    "-A",
-                    "service.worker.entry",
-                    "worker",
-                    "--loglevel=INFO",
-                    f"--concurrency={self.worker_concurrency}",
-                    "--prefetch-multiplier=1",
-                    "-Q",
-                    env.get("EDGEPRESS_QUEUE_NAME", "edgepress.jobs"),
-                    "-n",
-                    f"edgepress-{self.api_port}@%h",
-                    "--without-gossip",
-                    "--without-mingle",
-                ],
-                worker_env,
-            )
+            self._env = env
+            self.start_worker()
             api_url = f"http://127.0.0.1:{self.api_port}"
             metrics_url = f"http://127.0.0.1:{self.worker_metrics_port}/metrics"
             _wait(lambda: _http_ok(api_url + "/readyz"), 60, "the API", api)
-            _wait(lambda: _http_ok(metrics_url), 90, "the worker", worker)
+            self.wait_worker()
         except BaseException:
             self.stop_started()
             raise
@@ -281,6 +267,44 @@ class LocalStack:
         )
         self.state_file.write_text(json.dumps(asdict(state), indent=2))
         return state
+
+    def start_worker(self, extra_env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+        """Start the Celery worker (again, after ``kill_worker``)."""
+        worker_env = dict(self._env)
+        worker_env.update(extra_env or {})
+        worker_env["PROMETHEUS_MULTIPROC_DIR"] = self._fresh_dir("metrics-worker")
+        return self._spawn(
+            "worker",
+            [
+                _bin("celery"),
+                "-A",
+                "service.worker.entry",
+                "worker",
+                "--loglevel=INFO",
+                f"--concurrency={self.worker_concurrency}",
+                "--prefetch-multiplier=1",
+                "-Q",
+                worker_env.get("EDGEPRESS_QUEUE_NAME", "edgepress.jobs"),
+                "-n",
+                f"edgepress-{self.api_port}-{time.time_ns()}@%h",
+                "--without-gossip",
+                "--without-mingle",
+            ],
+            worker_env,
+        )
+
+    def wait_worker(self) -> None:
+        url = f"http://127.0.0.1:{self.worker_metrics_port}/metrics"
+        _wait(lambda: _http_ok(url), 90, "the worker", self.procs["worker"])
+
+    def kill_worker(self, sig: int = signal.SIGKILL) -> None:
+        """Signal the whole worker (main process, pool and engine children)."""
+        proc = self.procs.pop("worker")
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, sig)
+        proc.wait(timeout=30)
+        # The engine child runs in a session of its own: end it as a dead machine would.
+        _kill_orphans("service.worker.engine_process", self.dir)
 
     def _fresh_dir(self, name: str) -> str:
         path = self.dir / name
@@ -343,6 +367,20 @@ def _stop_pids(pids: dict[str, int]) -> list[str]:
                 os.killpg(pid, signal.SIGKILL)
         stopped.append(name)
     return stopped
+
+
+def _kill_orphans(module: str, directory: Path) -> None:
+    """SIGKILL processes running ``module`` whose command line names a path in ``directory``."""
+    for proc_dir in Path("/proc").iterdir():
+        if not proc_dir.name.isdigit():
+            continue
+        try:
+            cmdline = (proc_dir / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except OSError:
+            continue
+        if module in cmdline and str(directory) in cmdline:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(int(proc_dir.name), signal.SIGKILL)
 
 
 def _repo_file(relative: str) -> Path:

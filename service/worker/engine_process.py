@@ -20,8 +20,9 @@ from pathlib import Path
 from typing import Any
 
 
-class _SoftTimeLimit(Exception):
-    pass
+class _SoftTimeLimit(BaseException):
+    """Raised by SIGTERM at the soft time limit; a BaseException so that no library's (or
+    pass wrapper's) ``except Exception`` turns it into another error."""
 
 
 def _on_sigterm(signum: int, frame: Any) -> None:
@@ -84,6 +85,14 @@ def main(spec_path: str) -> int:
         report_path.write_text(json.dumps(result.report, indent=2, default=str))
         artifacts = {name: str(path) for name, path in result.artifacts.items()}
         artifacts["report.json"] = str(report_path)
+        from service.engine.report_html import render_report_html
+
+        # The HTML view of the same report, drawn from the JSON as written (what users get).
+        html_path = workdir / "report.html"
+        html_path.write_text(
+            render_report_html(json.loads(report_path.read_text())), encoding="utf-8"
+        )
+        artifacts["report.html"] = str(html_path)
         write({"ok": True, "summary": result.summary, "artifacts": artifacts})
         return 0
     except _SoftTimeLimit:
