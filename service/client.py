@@ -170,6 +170,9 @@ class _HashingReader:
         self.sent = 0
         return True
 
+    def __bool__(self) -> bool:
+        return True  # requests drops a falsy body (``data or {}``); ours may have no length
+
     # requests' super_len() computes the body length as len(body) - body.tell().
     def __len__(self) -> int:
         return self._length or 0

@@ -1,0 +1,331 @@
+"""EdgePressClient: retry protocol, idempotency keys, streaming and checksums, typed results.
+
+The retry and checksum rules are driven by a scripted loopback HTTP server (it answers what a
+test needs: a 503 with Retry-After, a wrong sha256) because the real API cannot be made to do
+so on demand; everything else runs against the real local stack (``@pytest.mark.stack``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import threading
+import time
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime, timedelta
+from email.utils import format_datetime
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import pytest
+import requests
+
+from service.client import EdgePressClient, EdgePressError, _retry_after
+from service.devstack import free_port
+from service.engine.devices.profile import DeviceProfile
+from service.jobs.models import Job, JobState
+from service.uploads.store import ModelRecord
+
+Reply = tuple[int, dict[str, str], bytes]
+
+
+class _Scripted:
+    """A loopback HTTP server answering from a list of handlers, recording every request."""
+
+    def __init__(self, replies: list[Callable[[dict[str, Any]], Reply]]) -> None:
+        self.replies = list(replies)
+        self.requests: list[dict[str, Any]] = []
+        owner = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def _serve(self) -> None:
+                length = self.headers.get("Content-Length")
+                chunked = self.headers.get("Transfer-Encoding") == "chunked"
+                body = b""
+                if length:
+                    remaining = int(length)
+                    while remaining:  # read in chunks, as the API does
+                        part = self.rfile.read(min(remaining, 65536))
+                        if not part:
+                            break
+                        body += part
+                        remaining -= len(part)
+                elif chunked:
+                    while True:
+                        size = int(self.rfile.readline().strip(), 16)
+                        if size == 0:
+                            self.rfile.readline()
+                            break
+                        body += self.rfile.read(size)
+                        self.rfile.readline()
+                req = {"method": self.command, "path": self.path,
+                       "headers": dict(self.headers), "body": body}
+                owner.requests.append(req)
+                status, headers, payload = owner.replies.pop(0)(req)
+                self.send_response(status)
+                for k, v in headers.items():
+                    self.send_header(k, v)
+                self.send_header("Content-Length", str(len(payload)))
+                self.end_headers()
+                self.wfile.write(payload)
+
+            do_GET = do_POST = do_DELETE = _serve
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    def __enter__(self) -> _Scripted:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def _json(status: int, body: Any, **headers: str) -> Callable[[dict[str, Any]], Reply]:
+    ctype = "application/problem+json" if status >= 400 else "application/json"
+    return lambda req: (status, {"Content-Type": ctype, **headers}, json.dumps(body).encode())
+
+
+def _job(**over: Any) -> dict[str, Any]:
+    job = Job(id="job_1", model_id="mdl_" + "0" * 32, device="host",
+              recipe=[{"pass": "quantize_dynamic"}], created_at=datetime.now(UTC))
+    return job.model_copy(update=over).public()
+
+
+def _problem(status: int, code: str, **extra: Any) -> dict[str, Any]:
+    return {"type": f"https://edgepress.dev/problems/{code}", "title": "x", "status": status,
+            "detail": f"{code} happened", "code": code, **extra}
+
+
+# ---------------------------------------------------------------------------------------------
+# Retry protocol
+
+
+def test_503_is_retried_after_retry_after_with_the_same_idempotency_key() -> None:
+    with _Scripted([_json(503, _problem(503, "service_unavailable"), **{"Retry-After": "1"}),
+                    _json(202, _job())]) as srv:
+        client = EdgePressClient(srv.url, max_retries=3)
+        started = time.monotonic()
+        job = client.submit_job("mdl_" + "0" * 32, recipe=[{"pass": "quantize_dynamic"}])
+        elapsed = time.monotonic() - started
+    assert isinstance(job, Job) and job.state is JobState.queued
+    assert len(srv.requests) == 2
+    keys = [r["headers"].get("Idempotency-Key") for r in srv.requests]
+    assert keys[0] and keys[0] == keys[1]
+    assert elapsed >= 0.95, "Retry-After: 1 was not honoured"
+    sent = json.loads(srv.requests[0]["body"])
+    assert sent["recipe"] == [{"pass": "quantize_dynamic"}] and "dataset_id" not in sent
+
+
+def test_each_logical_post_gets_its_own_idempotency_key() -> None:
+    with _Scripted([_json(202, _job()), _json(202, _job())]) as srv:
+        client = EdgePressClient(srv.url)
+        client.submit_job("mdl_" + "0" * 32, recipe="auto")
+        client.submit_job("mdl_" + "0" * 32, recipe="auto")
+    keys = {r["headers"]["Idempotency-Key"] for r in srv.requests}
+    assert len(keys) == 2
+
+
+def test_429_gives_up_after_max_retries_with_the_problem() -> None:
+    replies = [_json(429, _problem(429, "rate_limited"), **{"Retry-After": "0"})] * 3
+    with _Scripted(replies) as srv:
+        client = EdgePressClient(srv.url, max_retries=2)
+        with pytest.raises(EdgePressError) as info:
+            client.get_job("job_1")
+    assert len(srv.requests) == 3
+    assert info.value.status == 429 and info.value.code == "rate_limited"
+    assert info.value.detail == "rate_limited happened"
+
+
+def test_problem_json_becomes_one_error_type_with_field_errors() -> None:
+    errors = [{"field": "recipe[0].per_channel", "message": "bool expected"}]
+    with _Scripted([_json(422, _problem(422, "invalid_recipe", errors=errors))]) as srv, \
+            pytest.raises(EdgePressError) as info:
+        EdgePressClient(srv.url).submit_job("mdl_x", recipe=[{"pass": "quantize_static"}])
+    exc = info.value
+    assert (exc.status, exc.code, exc.errors) == (422, "invalid_recipe", errors)
+    assert exc.to_dict()["type"].endswith("/invalid_recipe")
+    assert len(srv.requests) == 1, "a 422 must not be retried"
+
+
+def test_retry_after_accepts_seconds_and_http_dates() -> None:
+    def resp(value: str) -> requests.Response:
+        r = requests.Response()
+        r.headers["Retry-After"] = value
+        return r
+
+    assert _retry_after(resp("7")) == 7.0
+    when = format_datetime(datetime.now(UTC) + timedelta(seconds=30), usegmt=True)
+    assert 25 <= (_retry_after(resp(when)) or 0) <= 31
+    assert _retry_after(resp("soon")) is None
+    assert _retry_after(requests.Response()) is None
+
+
+def test_connection_refused_is_retried_then_reported() -> None:
+    client = EdgePressClient(f"http://127.0.0.1:{free_port()}", max_retries=2, backoff=0.01,
+                             timeout=2)
+    with pytest.raises(EdgePressError) as info:
+        client.get_job("job_1")
+    assert info.value.status is None and info.value.code == "connection_error"
+
+
+def test_invalid_request_fails_before_the_network() -> None:
+    client = EdgePressClient(f"http://127.0.0.1:{free_port()}", max_retries=0)
+    with pytest.raises(EdgePressError) as info:
+        client.submit_job("mdl_x", recipe="auto", constraints={"max_size_mb": -1})
+    assert info.value.code == "validation_error" and info.value.status is None
+    assert info.value.errors[0]["field"] == "max_size_mb"
+    with pytest.raises(EdgePressError):
+        client.submit_job("mdl_x", recipe="auto", constraints={"max_size_gb": 1})
+
+
+# ---------------------------------------------------------------------------------------------
+# Streaming upload and checksums
+
+
+def _model_reply(sha: Callable[[bytes], str]) -> Callable[[dict[str, Any]], Reply]:
+    def reply(req: dict[str, Any]) -> Reply:
+        record = ModelRecord(id="mdl_" + "1" * 32, sha256=sha(req["body"]),
+                             bytes=len(req["body"]), created_at=datetime.now(UTC), format="onnx")
+        return 201, {"Content-Type": "application/json"}, record.model_dump_json().encode()
+    return reply
+
+
+def test_upload_streams_with_content_length_and_checks_the_sha256(tmp_path: Path) -> None:
+    data = bytes(range(256)) * 8192  # 2 MiB
+    path = tmp_path / "m.onnx"
+    path.write_bytes(data)
+    with _Scripted([_model_reply(lambda b: hashlib.sha256(b).hexdigest())]) as srv:
+        record = EdgePressClient(srv.url).upload_model(path)
+    req = srv.requests[0]
+    assert req["headers"]["Content-Length"] == str(len(data))
+    assert req["path"] == "/v1/models?filename=m.onnx"
+    assert req["body"] == data and isinstance(record, ModelRecord)
+
+
+def test_upload_with_a_wrong_server_checksum_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "m.onnx"
+    path.write_bytes(b"x" * 100_000)
+    with _Scripted([_model_reply(lambda b: "0" * 64)]) as srv, pytest.raises(
+            EdgePressError) as info:
+        EdgePressClient(srv.url).upload_model(path)
+    assert info.value.code == "checksum_mismatch"
+
+
+def test_retried_upload_resends_the_whole_file_from_its_start(tmp_path: Path) -> None:
+    data = b"head" + b"y" * 300_000
+    fh = io.BytesIO(data)
+    fh.seek(4)  # the upload starts where the file object is
+    replies = [_json(503, _problem(503, "service_unavailable"), **{"Retry-After": "0"}),
+               _model_reply(lambda b: hashlib.sha256(b).hexdigest())]
+    with _Scripted(replies) as srv:
+        EdgePressClient(srv.url).upload_model(fh, filename="m.onnx")
+    assert [r["body"] for r in srv.requests] == [data[4:], data[4:]]
+    assert srv.requests[0]["headers"]["Idempotency-Key"] == \
+        srv.requests[1]["headers"]["Idempotency-Key"]
+
+
+def test_unsized_stream_goes_out_chunked() -> None:
+    class Pipe:  # a non-seekable stream, like stdin
+        def __init__(self, data: bytes) -> None:
+            self._buf = io.BytesIO(data)
+
+        def read(self, n: int = -1) -> bytes:
+            return self._buf.read(n)
+
+        def seekable(self) -> bool:
+            return False
+
+    data = b"z" * 200_000
+    with _Scripted([_model_reply(lambda b: hashlib.sha256(b).hexdigest())]) as srv:
+        EdgePressClient(srv.url).upload_model(Pipe(data))  # type: ignore[arg-type]
+    assert srv.requests[0]["headers"].get("Transfer-Encoding") == "chunked"
+    assert srv.requests[0]["body"] == data
+
+
+def test_list_jobs_follows_cursors() -> None:
+    replies = [_json(200, {"items": [_job(id="job_a"), _job(id="job_b")], "next_cursor": "c1"}),
+               _json(200, {"items": [_job(id="job_c")], "next_cursor": None})]
+    with _Scripted(replies) as srv:
+        ids = [j.id for j in EdgePressClient(srv.url).list_jobs(state="queued", page_size=2)]
+    assert ids == ["job_a", "job_b", "job_c"]
+    assert srv.requests[0]["path"] == "/v1/jobs?limit=2&state=queued"
+    assert srv.requests[1]["path"] == "/v1/jobs?limit=2&state=queued&cursor=c1"
+
+
+def test_wait_times_out_with_the_last_state() -> None:
+    with _Scripted([_json(200, _job(state=JobState.running, stage="pass:x"))] * 20) as srv, \
+            pytest.raises(EdgePressError) as info:
+        EdgePressClient(srv.url).wait("job_1", poll=0.05, timeout=0.2)
+    assert info.value.code == "wait_timeout" and "running" in info.value.detail
+
+
+# ---------------------------------------------------------------------------------------------
+# Against the real stack
+
+
+@pytest.fixture(scope="module")
+def finished_job(live_stack: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
+        tuple[EdgePressClient, Job, Path, list[Job]]]:
+    from tests.models import write_mlp
+
+    client = EdgePressClient(live_stack.api_url)
+    source = write_mlp(tmp_path_factory.mktemp("client") / "mlp.onnx", inputs=128, hidden=512)
+    model = client.upload_model(source)
+    job = client.submit_job(model.id, recipe=[{"pass": "quantize_dynamic"}])
+    seen: list[Job] = []
+    done = client.wait(job.id, poll=0.2, timeout=240, on_progress=seen.append)
+    yield client, done, source, seen
+
+
+@pytest.mark.stack
+def test_real_flow_typed_and_verified(finished_job: Any, tmp_path: Path) -> None:
+    client, job, source, seen = finished_job
+    assert job.state is JobState.succeeded, job.error
+    assert seen[-1].state is JobState.succeeded and len(seen) >= 2
+    model = client.get_model(job.model_id)
+    assert model.sha256 == hashlib.sha256(source.read_bytes()).hexdigest()
+    assert model.id in {m.id for m in client.list_models()}
+    path = client.download_artifact(job.id, "model.onnx", tmp_path, check_onnx=True)
+    assert path == tmp_path / "model.onnx"
+    assert path.stat().st_size == job.result["bytes_after"]  # type: ignore[index]
+    assert set(client.list_artifacts(job.id)) >= {"model.onnx", "report.json", "report.html"}
+    report = json.loads(client.download_artifact(job.id, "report.json", tmp_path).read_text())
+    assert report["size"]["bytes_after"] == path.stat().st_size
+    assert job.id in {j.id for j in client.list_jobs(state="succeeded")}
+
+
+@pytest.mark.stack
+def test_real_download_that_does_not_match_the_job_is_refused(finished_job: Any,
+                                                              tmp_path: Path) -> None:
+    client, job, _, _ = finished_job
+    liar = job.model_copy(update={"result": {**job.result, "bytes_after": 12345}})
+    with pytest.raises(EdgePressError) as info:
+        client.download_artifact(job.id, "model.onnx", tmp_path / "m.onnx", job=liar)
+    assert info.value.code == "checksum_mismatch"
+    assert list(tmp_path.iterdir()) == [], "a refused download must leave nothing behind"
+
+
+@pytest.mark.stack
+def test_real_errors_and_devices(live_stack: Any, tmp_path: Path) -> None:
+    client = EdgePressClient(live_stack.api_url)
+    with pytest.raises(EdgePressError) as info:
+        client.get_job("job_doesnotexist")
+    assert (info.value.status, info.value.code) == (404, "job_not_found")
+    bad = tmp_path / "model.onnx"
+    bad.write_bytes(b"\x80\x04definitely a pickle")
+    with pytest.raises(EdgePressError) as info:
+        client.upload_model(bad)
+    assert info.value.status in (415, 422)
+    devices = client.list_devices()
+    assert all(isinstance(d, DeviceProfile) for d in devices)
+    assert "host" in {d.name for d in devices}
+    assert client.get_device("raspberry_pi_5").architecture == "arm64"
