@@ -151,6 +151,35 @@ def bench_engine(
     return _row_from_summary(model.name, technique, result.summary, time.perf_counter() - started)
 
 
+# Issue 4: auto mode per model, on this host. The digits CNN gets the accuracy constraint of
+# the bar; the others the default fidelity floor (cosine >= 0.99).
+AUTO_CONSTRAINTS: dict[str, dict[str, Any]] = {"digits_cnn": {"max_accuracy_drop": 0.005}}
+AUTO_BARS = [
+    ("digits_cnn", "auto", "auto >= 3.5x smaller", lambda r: r.size_ratio >= 3.5),
+    ("digits_cnn", "auto", "auto >= 1.5x faster", lambda r: r.speedup >= 1.5),
+    ("*", "auto", "auto never slower than float", lambda r: r.speedup >= 1.0),
+]
+BARS.extend(AUTO_BARS)
+
+
+def bench_auto(model: corpus.CorpusModel, workdir: Path) -> Row:
+    """``recipe: "auto"`` for the host, with the model's constraints (``AUTO_CONSTRAINTS``)."""
+    from service.engine.errors import EngineError
+    from service.engine.pipeline import run_pipeline
+
+    started = time.perf_counter()
+    try:
+        result = run_pipeline(
+            model.path, "auto", workdir / f"{model.name}_auto",
+            dataset_path=_dataset(model, workdir), device=None,
+            constraints=AUTO_CONSTRAINTS.get(model.name, {}), limits=_limits(model),
+        )
+    except EngineError as exc:
+        return Row(model.name, "auto", error=f"{exc.code}: {exc.message[:160]}")
+    print(f"  auto on {model.name}: chose {result.report['auto']['chosen']['candidate']}")
+    return _row_from_summary(model.name, "auto", result.summary, time.perf_counter() - started)
+
+
 def bench_plain_ort(model: corpus.CorpusModel, workdir: Path) -> Row:
     """The plain one-call ``quantize_dynamic(input, output)``, evaluated like the engine's."""
     import onnx
@@ -244,6 +273,8 @@ def main(argv: list[str] | None = None) -> int:
         "--cache-dir", type=Path, default=Path(tempfile.gettempdir()) / "edgepress_corpus"
     )
     parser.add_argument("--json", type=Path, default=None, help="write all rows here")
+    parser.add_argument("--no-auto", dest="auto", action="store_false",
+                        help="leave out the auto row (issue 4)")
     args = parser.parse_args(argv)
 
     all_rows: list[Row] = []
@@ -256,6 +287,8 @@ def main(argv: list[str] | None = None) -> int:
                 for t in args.techniques
                 if name in APPLIES_TO.get(t, {name})
             ]
+            if args.auto:
+                rows.append(bench_auto(model, workdir))
             plain = bench_plain_ort(model, workdir)
             print_table(model, rows, plain)
             all_rows.extend(rows + [plain])
