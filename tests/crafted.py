@@ -102,6 +102,31 @@ def if_branch_weights() -> onnx.ModelProto:
     return _model(g, opset=13, ir=7)
 
 
+def loop_body_weights(steps: int = 3) -> onnx.ModelProto:
+    """A ``Loop`` whose body applies a weight held in a Constant node: h <- tanh(h @ W), 3 times.
+
+    x[N,128] -> Loop(3) -> y[N,128]; W (128x128) lives only inside the body.
+    """
+    rng = _rng()
+    body = h.make_graph(
+        [_const("w_loop", _w(rng, 128, 128)),
+         h.make_node("MatMul", ["h_in", "w_loop"], ["m"], name="mm_loop"),
+         h.make_node("Tanh", ["m"], ["h_out"], name="tanh_loop"),
+         h.make_node("Identity", ["cond_in"], ["cond_out"], name="cond_pass")],
+        "loop_body",
+        [h.make_tensor_value_info("i", T.INT64, []), h.make_tensor_value_info("cond_in", T.BOOL, []),
+         h.make_tensor_value_info("h_in", T.FLOAT, ["N", 128])],
+        [h.make_tensor_value_info("cond_out", T.BOOL, []),
+         h.make_tensor_value_info("h_out", T.FLOAT, ["N", 128])])
+    g = h.make_graph(
+        [h.make_node("Loop", ["trips", "keep_going", "x"], ["y"], name="loop", body=body)],
+        "loop_weights", [h.make_tensor_value_info("x", T.FLOAT, ["N", 128])],
+        [h.make_tensor_value_info("y", T.FLOAT, ["N", 128])],
+        [nh.from_array(np.array(steps, np.int64), "trips"),
+         nh.from_array(np.array(True), "keep_going")])
+    return _model(g, opset=17)
+
+
 def dynamic_dims() -> onnx.ModelProto:
     """Token ids[batch, seq] -> Gather(embedding) -> MatMul -> Gelu-ish -> MatMul -> y[batch,seq,64].
 

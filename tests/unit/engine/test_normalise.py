@@ -64,6 +64,17 @@ def test_weights_inside_if_branches_are_reachable(opset: int) -> None:
         _same_outputs(model, out, {"x": x})
 
 
+def test_weights_inside_a_loop_body_are_reachable() -> None:
+    model = crafted.loop_body_weights()
+    out, notes = normalise(model)
+    assert "Loop" in _ops(out) and "Constant" not in _ops(out)
+    assert "Identity" in _ops(out)  # the body's condition output must stay
+    where = {t.name: g.name for g, t in iter_initializers(out)}
+    assert where["w_loop"] == "loop_body"
+    x = np.random.default_rng(0).standard_normal((2, 128)).astype(np.float32)
+    _same_outputs(model, out, {"x": x})
+
+
 def test_dynamic_dims_are_kept_and_model_unchanged() -> None:
     model = crafted.dynamic_dims()
     out, notes = normalise(model)

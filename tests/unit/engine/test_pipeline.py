@@ -67,6 +67,7 @@ def _check_result(result: PipelineResult, min_ratio: float) -> None:
         (crafted.constant_weights_opset11, lambda: {"x": np.ones((3, 1, 8, 8), np.float32)}),
         (crafted.if_branch_weights, lambda: {"x": np.ones((3, 64), np.float32)}),
         (crafted.dynamic_dims, lambda: {"ids": np.ones((3, 9), np.int64)}),
+        (crafted.loop_body_weights, lambda: {"x": np.ones((3, 128), np.float32)}),
     ],
 )
 def test_quantize_dynamic_compresses_crafted_models(tmp_path: Path, builder, feed) -> None:  # type: ignore[no-untyped-def]
