@@ -443,6 +443,9 @@ def write_hostile_files(directory: Path) -> dict[str, tuple[Path, str]]:
     out["ext_traversal.zip"] = (build_archive(
         {"m/model.onnx": _external_model("../../secret.bin").SerializeToString(),
          "m/w.bin": b"\x00" * 64}, directory / "ext_traversal.zip"), "invalid_model")
+    out["ext_absolute.zip"] = (build_archive(
+        {"model.onnx": _external_model("/etc/passwd").SerializeToString(),
+         "w.bin": b"\x00" * 64}, directory / "ext_absolute.zip"), "invalid_model")
     # Every hostile ONNX model, as a plain file.
     for name, (model, code) in hostile_models().items():
         p = directory / f"{name}.onnx"

@@ -30,7 +30,7 @@ HOSTILE_NAMES = sorted([
     "random.onnx", "empty.onnx", "lfs.onnx", "pickle_disguised.onnx", "torch_save.pt",
     "torch_save_named.onnx", "exported.pt2", "traversal.zip", "traversal.tar", "absolute.zip",
     "absolute.tar", "symlink.tar", "symlink.zip", "bomb.zip", "no_model.zip",
-    "lone_external.onnx", "bogus_offset.zip", "bogus_length.zip", "ext_traversal.zip",
+    "lone_external.onnx", "bogus_offset.zip", "bogus_length.zip", "ext_traversal.zip", "ext_absolute.zip",
     *(f"{n}.onnx" for n in crafted.hostile_models()),
 ])
 
