@@ -32,6 +32,7 @@ import numpy as np
 import onnx
 from onnx import helper
 
+from service.engine.errors import EngineError
 from service.engine.ingest import graph_inputs, parameter_count
 from service.engine.limits import EngineLimits
 
@@ -82,6 +83,9 @@ def generate_feeds(model: onnx.ModelProto, samples: int, seed: int = SEED) -> li
     for _ in range(samples):
         feed: Feed = {}
         for v in inputs:
+            if not v.type.HasField("tensor_type"):
+                raise EngineError("unsupported_model", f"input {v.name!r} is not a tensor "
+                                  "(sequence/map inputs are not supported)")
             dtype = np.dtype(helper.tensor_dtype_to_np_dtype(v.type.tensor_type.elem_type))
             dims = _input_dims(v)
             if dtype.kind == "f":
@@ -92,7 +96,8 @@ def generate_feeds(model: onnx.ModelProto, samples: int, seed: int = SEED) -> li
             elif dtype.kind == "b":
                 feed[v.name] = rng.integers(0, 2, size=dims).astype(bool)
             else:
-                raise ValueError(f"cannot generate inputs of dtype {dtype}")
+                raise EngineError("unsupported_model", f"cannot generate evaluation inputs for "
+                                  f"input {v.name!r} of type {dtype}; upload a dataset")
         feeds.append(feed)
     return feeds
 

@@ -144,7 +144,18 @@ def run_pipeline(
         )
     original_path = workdir / "input" / "original.onnx"
     _save(ingested.model, original_path)
-    _check_runs(original_path, limits, workdir)
+    from service.engine.evaluate import dataset_feeds, evaluate_candidate, generate_feeds
+
+    if dataset is not None:
+        feeds, label_chunks = dataset_feeds(ingested.model, dataset, labels, limits.eval_samples)
+        eval_source = "dataset"
+        if not feeds:
+            raise EngineError("invalid_dataset", "the dataset holds fewer samples than one "
+                              "batch of the model")
+    else:
+        feeds, label_chunks, eval_source = (generate_feeds(ingested.model, limits.eval_samples),
+                                            None, "generated")
+    _check_runs(original_path, feeds[0], eval_source, limits, workdir)
 
     # ---- normalise
     progress("normalise", 0.05)
@@ -206,14 +217,6 @@ def run_pipeline(
     progress("evaluate", 0.75)
     output_path = workdir / "output" / "model.onnx"
     _save(model, output_path)
-    from service.engine.evaluate import dataset_feeds, evaluate_candidate, generate_feeds
-
-    if dataset is not None:
-        feeds, label_chunks = dataset_feeds(ingested.model, dataset, labels, limits.eval_samples)
-        eval_source = "dataset"
-    else:
-        feeds, label_chunks, eval_source = (generate_feeds(ingested.model, limits.eval_samples),
-                                            None, "generated")
     try:
         evaluation = evaluate_candidate(
             original_path, output_path, feeds, labels=label_chunks, limits=limits,
@@ -332,15 +335,29 @@ def _step_progress(
     return report
 
 
-def _check_runs(path: Path, limits: EngineLimits, workdir: Path) -> None:
-    """Refuse up front a model that ONNX Runtime cannot load (no pass could help)."""
-    from service.engine.evaluate import make_session
+def _check_runs(
+    path: Path, feed: dict, source: str, limits: EngineLimits, workdir: Path
+) -> None:
+    """Refuse up front a model that ONNX Runtime cannot load or run on the evaluation inputs
+    (no pass could help, and a later failure would wrongly blame a pass)."""
+    from service.engine.evaluate import DEFAULT_BATCH, DEFAULT_DYNAMIC_DIM, adapt_feed, make_session
 
     try:
-        make_session(path, limits.latency_threads)
+        session = make_session(path, limits.latency_threads)
     except Exception as exc:
         raise EngineError("unsupported_model", "ONNX Runtime cannot load the model: "
                           + _scrub(str(exc), workdir)) from None
+    try:
+        session.run(None, adapt_feed(session, feed))
+    except Exception as exc:
+        hint = (f" (generated inputs use batch {DEFAULT_BATCH} and {DEFAULT_DYNAMIC_DIM} for "
+                "other dynamic dims; upload a dataset with real inputs)"
+                if source == "generated" else "")
+        raise EngineError(
+            "unsupported_model",
+            f"the model fails on the evaluation inputs{hint}: {_scrub(str(exc), workdir)}",
+            {"eval_inputs": source, "shapes": {k: list(v.shape) for k, v in feed.items()}},
+        ) from None
 
 
 def _check_pass_output(model: onnx.ModelProto, name: str, index: int, workdir: Path) -> None:

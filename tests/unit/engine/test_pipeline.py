@@ -320,3 +320,29 @@ def test_auto_delegates_to_the_search(tmp_path: Path, monkeypatch: pytest.Monkey
     assert seen["constraints"] == {"max_bytes": 1} and seen["limits"] is FAST
     assert set(seen) == {"model_path", "workdir", "dataset_path", "device", "constraints",
                          "progress", "check_cancelled", "resolve_model", "limits"}
+
+
+def test_model_that_fails_on_generated_inputs_is_refused_before_the_passes(
+    tmp_path: Path,
+) -> None:
+    # Dynamic "seq" that must really be 64 (Reshape to [1, 64]): generated inputs use 16.
+    g = h.make_graph(
+        [h.make_node("Reshape", ["x", "shape"], ["r"]), h.make_node("MatMul", ["r", "w"], ["y"])],
+        "g", [h.make_tensor_value_info("x", T.FLOAT, [1, "seq"])],
+        [h.make_tensor_value_info("y", T.FLOAT, [1, 512])],
+        [nh.from_array(np.array([1, 64], np.int64), "shape"),
+         nh.from_array(np.random.default_rng(0).standard_normal((64, 512)).astype(np.float32),
+                       "w")])
+    model = h.make_model(g, opset_imports=[h.make_opsetid("", 17)], ir_version=8)
+    stages: list[str] = []
+    with pytest.raises(EngineError) as info:
+        run_pipeline(_write(tmp_path, model), DYNAMIC, tmp_path / "work", limits=FAST,
+                     progress=lambda stage, fraction: stages.append(stage))
+    assert info.value.code == "unsupported_model"
+    assert "upload a dataset" in info.value.message
+    assert "pass:quantize_dynamic" not in stages
+    np.savez(tmp_path / "d.npz", x=np.ones((4, 64), np.float32))
+    result = run_pipeline(_write(tmp_path, model), DYNAMIC, tmp_path / "work2", limits=FAST,
+                          dataset_path=tmp_path / "d.npz")
+    assert result.summary["eval_inputs"] == "dataset", result.summary
+    assert result.summary["size_ratio"] > 3, result.summary
