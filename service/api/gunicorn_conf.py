@@ -21,6 +21,16 @@ errorlog = "-"
 loglevel = os.environ.get("EDGEPRESS_LOG_LEVEL", "info").lower()
 
 
+def on_starting(server):  # type: ignore[no-untyped-def]
+    # A restarted container can find the previous process's files in its emptyDir: stale
+    # samples would distort gauges and counters. Start from an empty directory.
+    directory = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    if directory and os.path.isdir(directory):
+        for name in os.listdir(directory):
+            if name.endswith(".db"):
+                os.remove(os.path.join(directory, name))
+
+
 def child_exit(server, worker):  # type: ignore[no-untyped-def]
     if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         from prometheus_client import multiprocess

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
+from pathlib import Path
 
 from celery import Celery, signals
 
@@ -19,6 +20,9 @@ def create_worker_app(settings: Settings | None = None) -> Celery:
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(
             prefix="edgepress-worker-metrics-"
         )
+    else:  # a restarted container may find the previous process's samples: start empty
+        for stale in Path(os.environ["PROMETHEUS_MULTIPROC_DIR"]).glob("*.db"):
+            stale.unlink(missing_ok=True)
 
     from service.metrics import ServiceMetrics
     from service.storage.s3 import make_store
