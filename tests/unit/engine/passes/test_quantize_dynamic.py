@@ -1,0 +1,147 @@
+"""quantize_dynamic: int8 MatMul/Gemm/LSTM/GRU, Conv left alone, subgraph weights reached."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto as T
+from onnx import helper as h
+from onnx import numpy_helper as nh
+
+from service.engine.errors import EngineError
+from service.engine.passes.quantize_dynamic import QuantizeDynamicConfig, gemm_to_matmul
+from tests import crafted
+
+
+def _gemm_model() -> onnx.ModelProto:
+    """x[N,256] -> Gemm(transB=1, alpha=0.5, beta=2) -> Relu -> y[N,384]."""
+    rng = np.random.default_rng(3)
+    w = rng.normal(0, 0.1, (384, 256)).astype(np.float32)  # [out, in]: transB
+    b = rng.normal(0, 0.1, (384,)).astype(np.float32)
+    g = h.make_graph(
+        [
+            h.make_node("Gemm", ["x", "w", "b"], ["g"], name="fc", transB=1, alpha=0.5, beta=2.0),
+            h.make_node("Relu", ["g"], ["y"], name="relu"),
+        ],
+        "gemm",
+        [h.make_tensor_value_info("x", T.FLOAT, ["N", 256])],
+        [h.make_tensor_value_info("y", T.FLOAT, ["N", 384])],
+        [nh.from_array(w, "w"), nh.from_array(b, "b")],
+    )
+    return h.make_model(g, opset_imports=[h.make_opsetid("", 17)], ir_version=8)
+
+
+def test_config_defaults_leave_conv_out_and_round_trip() -> None:
+    config = QuantizeDynamicConfig()
+    assert "Conv" not in config.op_types
+    assert {"MatMul", "Gemm", "LSTM", "GRU"} <= set(config.op_types)
+    again = QuantizeDynamicConfig.model_validate_json(config.model_dump_json())
+    assert again == config
+    with pytest.raises(ValueError):
+        QuantizeDynamicConfig(op_types=["Softmax"])  # type: ignore[list-item]
+
+
+def test_transformer_is_4x_smaller_and_faithful(kit, transformer, first) -> None:
+    model = kit.load(transformer)
+    run = kit.run("quantize_dynamic", model)
+    assert kit.ratio(model, run.model) >= 3.5
+    quantized = {q["node"] for q in run.notes["quantized"]}
+    assert len(quantized) == 16  # qkv, proj, ff1, ff2 in 4 blocks
+    # Attention score MatMuls multiply two activations: skipped, with the reason said.
+    reasons = {s["reason"] for s in run.notes["skipped"]}
+    assert any("activations" in r for r in reasons)
+    feeds = first(transformer.inputs, 4)
+    assert kit.min_cosine(kit.outputs(model, feeds), kit.outputs(run.model, feeds)) >= 0.99
+    assert "com.microsoft.DynamicQuantizeMatMul" in kit.ops(
+        run.model
+    ) or "MatMulInteger" in kit.ops(run.model)
+
+
+def test_lstm_uses_int8_kernel_and_keeps_states(kit, lstm, first) -> None:
+    model = kit.load(lstm)
+    run = kit.run("quantize_dynamic", model)
+    assert kit.ratio(model, run.model) >= 3.5
+    assert kit.ops(run.model).get("com.microsoft.DynamicQuantizeLSTM") == 2
+    feeds = first(lstm.inputs, 8)
+    ref, out = kit.outputs(model, feeds), kit.outputs(run.model, feeds)
+    assert len(out) == 3  # logits, h_n, c_n: the state outputs must survive too
+    assert kit.min_cosine(ref, out) >= 0.99
+
+
+def test_gru_weights_stored_int8_and_said_so(kit, gru, first) -> None:
+    model = kit.load(gru)
+    run = kit.run("quantize_dynamic", model)
+    assert kit.ratio(model, run.model) >= 3.5
+    gru_items = [w for w in run.notes["weight_only_int8"] if w["op"] == "GRU"]
+    assert len(gru_items) == 4  # W and R of two layers
+    assert all("no dynamic int8 kernel" in w["reason"] for w in gru_items)
+    feeds = first(gru.inputs, 8)
+    assert kit.min_cosine(kit.outputs(model, feeds), kit.outputs(run.model, feeds)) >= 0.99
+
+
+def test_weights_inside_if_branches_are_quantized(kit) -> None:
+    model = kit.load(crafted.if_branch_weights())
+    run = kit.run("quantize_dynamic", model)
+    inside = [w for w in run.notes["weight_only_int8"] if w["in_subgraph"]]
+    assert {w["node"] for w in inside} == {"mm_then", "mm_else"}
+    assert kit.ratio(model, run.model) >= 3.0
+    rng = np.random.default_rng(0)
+    x = rng.normal(0, 1, (4, 64)).astype(np.float32)
+    for sign in (1.0, -1.0):  # both branches
+        feeds = {"x": np.abs(x) * sign}
+        assert kit.min_cosine(kit.outputs(model, feeds), kit.outputs(run.model, feeds)) >= 0.99
+
+
+def test_keep_float_subgraphs_means_nothing_to_do(kit) -> None:
+    model = kit.load(crafted.if_branch_weights())
+    with pytest.raises(EngineError) as info:
+        kit.run("quantize_dynamic", model, subgraph_weights="keep_float")
+    assert info.value.code == "no_effect"
+
+
+def test_cnn_is_refused_with_a_pointer_to_static(kit, digits) -> None:
+    model = kit.load(digits)
+    with pytest.raises(EngineError) as info:
+        kit.run("quantize_dynamic", model)
+    assert info.value.code == "no_effect"
+    assert "quantize_static" in info.value.message
+
+
+def test_conv_on_request(kit) -> None:
+    model = kit.load(crafted.constant_weights_opset11())
+    run = kit.run("quantize_dynamic", model, op_types=["Conv", "MatMul"], min_elements=64)
+    assert "ConvInteger" in kit.ops(run.model)
+
+
+def test_gemm_becomes_int8_matmul_with_alpha_beta_folded(kit) -> None:
+    model = _gemm_model()
+    rewritten = onnx.ModelProto()
+    rewritten.CopyFrom(model)
+    assert gemm_to_matmul(rewritten) == ["fc"]
+    x = np.random.default_rng(1).normal(0, 1, (5, 256)).astype(np.float32)
+    exact = kit.outputs(model, {"x": x})[0]
+    np.testing.assert_allclose(kit.outputs(rewritten, {"x": x})[0], exact, rtol=1e-5, atol=1e-5)
+    run = kit.run("quantize_dynamic", kit.load(model))
+    assert run.notes["gemm_as_matmul"] == ["fc"]
+    assert kit.ratio(model, run.model) >= 3.5
+    assert kit.min_cosine([exact], kit.outputs(run.model, {"x": x})) >= 0.99
+
+
+def test_exclusions_and_tiny_tensors_stay_float(kit) -> None:
+    model = kit.load(crafted.mlp())  # fc1 64x512, fc2 512x512, fc3 512x10
+    run = kit.run("quantize_dynamic", model, nodes_to_exclude=["fc2"], min_elements=8192)
+    skipped = {s["node"]: s["reason"] for s in run.notes["skipped"]}
+    assert "nodes_to_exclude" in skipped["fc2"]
+    assert "min_elements" in skipped["fc3"]
+    assert [q["node"] for q in run.notes["quantized"]] == ["fc1"]
+    floats = {t.name for t in run.model.graph.initializer if t.data_type == T.FLOAT}
+    assert {"w2", "w3"} <= floats
+
+
+def test_nothing_quantizable_is_no_effect(kit) -> None:
+    model = kit.load(crafted.mlp())
+    with pytest.raises(EngineError) as info:
+        kit.run("quantize_dynamic", model, min_elements=10**7)
+    assert info.value.code == "no_effect"
+    assert "min_elements" in info.value.message
