@@ -12,6 +12,7 @@ RFC 9457 problem). Progress goes to stderr, results to stdout.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -386,9 +387,15 @@ def _load_factory(spec: str) -> Any:
             target = getattr(target, part)
     except (ImportError, AttributeError) as exc:
         raise CliError(f"--module {spec!r}: {type(exc).__name__}: {exc}") from None
-    module = target() if callable(target) and not hasattr(target, "forward") else target
-    if not hasattr(module, "forward"):
-        raise CliError(f"--module {spec!r} did not give a torch.nn.Module")
+    import torch
+
+    # A class or a factory is called with no arguments; a module instance is used as is.
+    if not isinstance(target, torch.nn.Module) and not callable(target):
+        raise CliError(f"--module {spec!r} is neither a module, a class nor a factory")
+    module = target if isinstance(target, torch.nn.Module) else target()
+    if not isinstance(module, torch.nn.Module):
+        raise CliError(f"--module {spec!r} did not give a torch.nn.Module "
+                       f"(got {type(module).__name__})")
     return module
 
 
@@ -428,9 +435,11 @@ def cmd_export(args: argparse.Namespace, out: Output) -> int:
                        EXIT_USAGE)
     output = Path(args.output)
     try:
-        path = export_pytorch(module, tuple(tensors), output, input_names=names,
-                              output_names=args.output_name or None,
-                              dynamic_axes=dynamic or None, opset=args.opset)
+        # The exporter prints its own progress on stdout; keep stdout for our result (--json).
+        with contextlib.redirect_stdout(sys.stderr):
+            path = export_pytorch(module, tuple(tensors), output, input_names=names,
+                                  output_names=args.output_name or None,
+                                  dynamic_axes=dynamic or None, opset=args.opset)
     except EngineError as exc:
         raise CliError(f"export failed ({exc.code}): {exc.message}") from None
     result: dict[str, Any] = {"path": str(path), "bytes": path.stat().st_size,
