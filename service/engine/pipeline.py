@@ -20,7 +20,7 @@ from __future__ import annotations
 import logging
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -123,6 +123,11 @@ def run_pipeline(
     limits = limits or EngineLimits()
     workdir = Path(workdir)
     steps = parse_recipe(recipe)  # invalid_recipe / unknown_pass before any heavy work
+    profile = None
+    if device is not None:
+        from service.engine.devices import parse_device
+
+        profile = parse_device(device)  # invalid_device / unknown_device before heavy work
     warnings: list[str] = []
 
     # ---- ingest
@@ -270,6 +275,8 @@ def run_pipeline(
         warnings.append(f"compressed model is {speedup:.2f}x the speed of the original on "
                         "this host")
 
+    target = _target_estimates(profile, original_path, output_path, feeds[0], warnings)
+
     # ---- report
     progress("report", 0.95)
     artifacts = {"model.onnx": output_path}
@@ -307,7 +314,9 @@ def run_pipeline(
         "normalisation": normalisation,
         "recipe": [dict(step) for step in recipe],
         "passes": pass_reports,
-        "device": device or {"name": "host", "note": "latency measured on the worker's CPU"},
+        "device": profile.model_dump(mode="json") if profile is not None else {
+            "name": "host", "note": "latency measured on the worker's CPU"},
+        "target": target,
         "size": size,
         "latency": latency,
         "fidelity": fidelity,
@@ -333,6 +342,31 @@ def _step_progress(
         progress(stage, base + span * min(max(fraction, 0.0), 1.0))
 
     return report
+
+
+def _target_estimates(
+    profile: Any, original: Path, candidate: Path, feed: dict, warnings: list[str]
+) -> dict | None:
+    """Cost-model estimates on the job's target device (None when the target is the host)."""
+    if profile is None:
+        return None
+    from service.engine import cost_model
+
+    shapes: dict[str, Sequence[int]] = {k: [int(d) for d in v.shape] for k, v in feed.items()}
+    try:
+        before = cost_model.estimate(original, profile, input_shapes=shapes)
+        after = cost_model.estimate(candidate, profile, input_shapes=shapes)
+    except Exception:  # an estimate is an extra: the measured results still stand
+        log.exception("target estimate failed")
+        warnings.append(f"no latency estimate for {profile.name}: the cost model failed")
+        return None
+    return {
+        "device": profile.name,
+        "before": before.to_dict(),
+        "after": after.to_dict(),
+        "speedup": before.latency_ms / after.latency_ms if after.latency_ms > 0 else None,
+        "input_shapes": shapes,
+    }
 
 
 def _check_runs(

@@ -346,3 +346,18 @@ def test_model_that_fails_on_generated_inputs_is_refused_before_the_passes(
                           dataset_path=tmp_path / "d.npz")
     assert result.summary["eval_inputs"] == "dataset", result.summary
     assert result.summary["size_ratio"] > 3, result.summary
+
+
+def test_target_device_gets_cost_model_estimates(tmp_path: Path) -> None:
+    result = run_pipeline(_write(tmp_path, crafted.mlp()), DYNAMIC, tmp_path / "work",
+                          device="raspberry_pi_5", limits=FAST)
+    target = result.report["target"]
+    assert target["device"] == "raspberry_pi_5"
+    assert target["before"]["latency_ms"] > 0 and target["after"]["latency_ms"] > 0
+    assert target["after"]["weight_mb"] < target["before"]["weight_mb"]
+    assert result.report["device"]["name"] == "raspberry_pi_5"
+    json.dumps(result.report)
+    with pytest.raises(EngineError) as info:
+        run_pipeline(_write(tmp_path, crafted.mlp()), DYNAMIC, tmp_path / "w2",
+                     device="no_such_board", limits=FAST)
+    assert info.value.code in ("unknown_device", "invalid_device")
