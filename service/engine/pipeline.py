@@ -98,7 +98,7 @@ def run_pipeline(
     workdir: Path,
     *,
     dataset_path: Path | None = None,
-    device: dict | None = None,
+    device: dict | str | None = None,
     constraints: dict | None = None,
     progress: Callable[[str, float], None] = lambda stage, fraction: None,
     check_cancelled: Callable[[], None] = lambda: None,
