@@ -268,13 +268,18 @@ class LocalStack:
         self.state_file.write_text(json.dumps(asdict(state), indent=2))
         return state
 
-    def start_worker(self, extra_env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
-        """Start the Celery worker (again, after ``kill_worker``)."""
+    def start_worker(
+        self, extra_env: dict[str, str] | None = None, name: str = "worker"
+    ) -> subprocess.Popen[bytes]:
+        """Start a Celery worker process (again after ``kill_worker``, or more of them under
+        other names: each gets its own metrics directory and, beyond the first, metrics port)."""
         worker_env = dict(self._env)
         worker_env.update(extra_env or {})
-        worker_env["PROMETHEUS_MULTIPROC_DIR"] = self._fresh_dir("metrics-worker")
+        worker_env["PROMETHEUS_MULTIPROC_DIR"] = self._fresh_dir(f"metrics-{name}")
+        if name != "worker":
+            worker_env["EDGEPRESS_WORKER_METRICS_PORT"] = str(free_port())
         return self._spawn(
-            "worker",
+            name,
             [
                 _bin("celery"),
                 "-A",
@@ -297,9 +302,9 @@ class LocalStack:
         url = f"http://127.0.0.1:{self.worker_metrics_port}/metrics"
         _wait(lambda: _http_ok(url), 90, "the worker", self.procs["worker"])
 
-    def kill_worker(self, sig: int = signal.SIGKILL) -> None:
+    def kill_worker(self, sig: int = signal.SIGKILL, name: str = "worker") -> None:
         """Signal the whole worker (main process, pool and engine children)."""
-        proc = self.procs.pop("worker")
+        proc = self.procs.pop(name)
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, sig)
         proc.wait(timeout=30)
@@ -348,7 +353,7 @@ def _alive(pid: int) -> bool:
 
 
 def _stop_pids(pids: dict[str, int]) -> list[str]:
-    order = ["worker", "api", "redis", "s3"]
+    order = ["api", "redis", "s3"]  # workers (any name) first, then these
     names = sorted(pids, key=lambda n: order.index(n) if n in order else -1)
     stopped = []
     for name in names:
