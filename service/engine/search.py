@@ -929,6 +929,9 @@ def run_auto(
             shutil.rmtree(cand.result.model_path.parent.parent, ignore_errors=True)
     chosen_est = cost_model.estimate(artifacts["model.onnx"], profile,
                                      input_shapes=ctx.input_shapes)
+    if front is not None:
+        for point in front["points"]:
+            point["chosen"] = point["candidate"] == chosen.name
     auto_section["chosen"] = {
         "candidate": chosen.name, "recipe": chosen.recipe, "formats": chosen.formats,
         "why": _why(chosen, cands, ctx),

@@ -83,7 +83,8 @@ def parse_device(value: str | dict[str, Any]) -> DeviceProfile:
     """A job's ``device``: a profile name, or an inline custom profile (validated).
 
     A dict may name ``"extends": "<catalogue name>"`` and override some fields (for example a
-    Raspberry Pi 5 with less memory); otherwise it must give every required field.
+    Raspberry Pi 5 with less memory); ``{"name": "<catalogue name>"}`` alone is that profile;
+    otherwise it must give every required field.
     """
     if isinstance(value, DeviceProfile):
         return value
@@ -96,6 +97,8 @@ def parse_device(value: str | dict[str, Any]) -> DeviceProfile:
             {"errors": [{"field": "device", "message": "expected a string or an object"}]},
         )
     data = dict(value)
+    if set(data) == {"name"} and isinstance(data["name"], str):
+        return get_device(data["name"])  # {"name": "nvidia_t4"}: a catalogue reference
     base_name = data.pop("extends", None)
     if base_name is not None:
         if not isinstance(base_name, str):

@@ -72,6 +72,8 @@ def test_get_device_unknown_name() -> None:
 
 def test_parse_device_name_and_custom() -> None:
     assert parse_device("raspberry_pi_5") == get_device("raspberry_pi_5")
+    assert parse_device({"name": "nvidia_l4"}) == get_device("nvidia_l4")
+    assert parse_device({"name": "host"}).name == "host"
     small = parse_device({"extends": "raspberry_pi_5", "name": "pi5_2gb", "memory_mb": 2048})
     assert small.name == "pi5_2gb" and small.memory_mb == 2048
     assert "memory_mb" not in small.sources  # the override has no datasheet behind it
@@ -90,7 +92,7 @@ def test_parse_device_name_and_custom() -> None:
         ({"extends": "nvidia_t4", "precisions": ["fp32", "int4"], "peak_gops": {"fp32": 1}}, "device"),
         ({"extends": "nvidia_t4", "name": "../etc"}, "name"),
         ({"extends": "nvidia_t4", "surprise": 1}, "surprise"),
-        ({"name": "x"}, "title"),
+        ({"name": "x", "kind": "cpu"}, "title"),
     ],
 )
 def test_parse_device_invalid(value: dict, field: str) -> None:
