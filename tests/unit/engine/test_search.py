@@ -342,3 +342,27 @@ def test_candidates_run_in_parallel_processes(mlp_path: Path, tmp_path: Path) ->
     assert auto["workers"] == 2
     assert sum(c["status"] == "ok" for c in auto["candidates"]) >= 2
     assert result.model_path.exists()
+
+
+def test_cancellation_stops_the_search(mlp_path: Path, tmp_path: Path) -> None:
+    calls = {"n": 0}
+
+    def check_cancelled() -> None:
+        calls["n"] += 1
+        if calls["n"] > 3:
+            raise EngineError("cancelled", "the job was cancelled")
+
+    with pytest.raises(EngineError) as info:
+        run_pipeline(mlp_path, "auto", tmp_path, constraints={"training": False},
+                     check_cancelled=check_cancelled)
+    assert info.value.code == "cancelled"
+
+
+def test_already_quantized_model_is_refused(tmp_path: Path) -> None:
+    from tests.crafted import already_quantized_qdq
+
+    path = tmp_path / "q.onnx"
+    onnx.save_model(already_quantized_qdq(), str(path))
+    with pytest.raises(EngineError) as info:
+        run_pipeline(path, "auto", tmp_path / "work")
+    assert info.value.code == "already_quantized"
