@@ -1,0 +1,105 @@
+"""End to end through the ``edgepress`` command (a subprocess) against the real stack:
+upload -> submit -> wait -> download -> report, and the exit codes a CI step relies on."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+from tests.models import write_mlp
+
+pytestmark = pytest.mark.stack
+
+
+def _edgepress() -> list[str]:
+    script = Path(sys.executable).parent / "edgepress"
+    return [str(script)] if script.exists() else [sys.executable, "-m", "service.cli"]
+
+
+@pytest.fixture(scope="module")
+def run(live_stack: Any) -> Any:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("EDGEPRESS_")}
+    env["EDGEPRESS_API_URL"] = live_stack.api_url  # the CLI's own variable
+
+    def call(*args: str, timeout: float = 240) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([*_edgepress(), *args], capture_output=True, text=True, env=env,
+                              timeout=timeout, check=False)
+
+    return call
+
+
+def test_upload_submit_wait_download_report(run: Any, tmp_path: Path) -> None:
+    source = write_mlp(tmp_path / "mlp.onnx", inputs=128, hidden=512)
+    up = run("--json", "upload", str(source))
+    assert up.returncode == 0, up.stderr
+    model = json.loads(up.stdout)
+    assert model["id"].startswith("mdl_") and model["bytes"] == source.stat().st_size
+
+    sub = run("submit", model["id"], "--pass", "quantize_dynamic:per_channel=true",
+              "--min-fidelity", "0.99")
+    assert sub.returncode == 0, sub.stderr
+    job_id = sub.stdout.strip()
+    assert job_id.startswith("job_") and "\n" not in job_id
+
+    wait = run("wait", job_id, "--poll", "0.3")
+    assert wait.returncode == 0, wait.stdout + wait.stderr
+    progress = wait.stderr.splitlines()
+    assert progress[-1] == f"{job_id} succeeded succeeded 100.0%"  # plain lines, not a TTY
+    assert "\r" not in wait.stderr
+    assert "x smaller" in wait.stdout and "state        succeeded" in wait.stdout
+
+    out_dir = tmp_path / "out"
+    dl = run("--json", "download", job_id, "-o", str(out_dir), "--check")
+    assert dl.returncode == 0, dl.stderr
+    saved = {item["name"]: item for item in json.loads(dl.stdout)}
+    assert {"model.onnx", "report.json", "report.html"} <= set(saved)
+    compressed = out_dir / "model.onnx"
+    x = np.random.default_rng(3).standard_normal((2, 128)).astype(np.float32)
+    ref = ort.InferenceSession(str(source), providers=["CPUExecutionProvider"]).run(
+        None, {"x": x})[0]
+    got = ort.InferenceSession(str(compressed), providers=["CPUExecutionProvider"]).run(
+        None, {"x": x})[0]
+    cos = float((ref * got).sum() / (np.linalg.norm(ref) * np.linalg.norm(got)))
+    assert cos > 0.99
+
+    rep = run("report", job_id)
+    assert rep.returncode == 0, rep.stderr
+    assert "recipe          quantize_dynamic" in rep.stdout and "x smaller" in rep.stdout
+    listed = run("--json", "list", "--limit", "50")
+    assert job_id in {j["id"] for j in json.loads(listed.stdout)}
+    status = run("status", job_id, "--json")
+    assert json.loads(status.stdout)["state"] == "succeeded"
+
+
+def test_unmet_constraint_of_a_recipe_job_fails_the_step(run: Any, tmp_path: Path) -> None:
+    source = write_mlp(tmp_path / "mlp.onnx", inputs=64, hidden=256)
+    done = run("--json", "submit", str(source), "--pass", "quantize_dynamic",
+               "--max-size-mb", "0.001", "--wait", "--poll", "0.3")
+    assert done.returncode == 3, done.stdout + done.stderr
+    job = json.loads(done.stdout)
+    assert job["state"] == "succeeded"
+    assert job["unmet_constraints"][0].startswith("max_size_mb:")
+
+
+def test_auto_job_that_cannot_meet_its_constraints_exits_3(run: Any, tmp_path: Path) -> None:
+    source = write_mlp(tmp_path / "mlp.onnx", inputs=64, hidden=256)
+    done = run("submit", str(source), "--auto", "--max-size-mb", "0.0001", "--wait", "--quiet")
+    assert done.returncode == 3, done.stdout + done.stderr
+    assert "constraints_unsatisfiable" in done.stdout
+    assert "missed max_size_mb" in done.stdout
+    assert done.stderr.startswith("uploaded ")  # --quiet: no progress lines
+
+
+def test_unknown_pass_is_refused_with_exit_5(run: Any, tmp_path: Path) -> None:
+    source = write_mlp(tmp_path / "mlp.onnx", inputs=64, hidden=256)
+    done = run("--json", "submit", str(source), "--pass", "no_such_pass")
+    assert done.returncode == 5, done.stdout + done.stderr
+    assert json.loads(done.stdout)["error"]["code"] == "unknown_pass"
