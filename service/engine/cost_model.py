@@ -30,6 +30,7 @@ import math
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -66,7 +67,7 @@ _INT_COMPUTE = {"QLinearConv", "QLinearMatMul", "ConvInteger", "MatMulInteger",
                 "DynamicQuantizeLSTM", "QGemm", "QLinearAdd", "QLinearMul",
                 "QLinearGlobalAveragePool", "QLinearSigmoid", "QLinearLeakyRelu",
                 "QLinearConcat", "QLinearAveragePool", "QLinearSoftmax"}
-_QDQ_FORMATS = {
+_QDQ_FORMATS: dict[tuple[int, int], str] = {
     (TensorProto.UINT8, TensorProto.INT8): "int8_static_qdq_u8s8",
     (TensorProto.INT8, TensorProto.INT8): "int8_static_qdq_s8s8",
     (TensorProto.UINT8, TensorProto.UINT8): "int8_static_qdq_u8u8",
@@ -74,7 +75,7 @@ _QDQ_FORMATS = {
     (TensorProto.UINT16, TensorProto.INT8): "int16_static_qdq_u16u8",
     (TensorProto.INT16, TensorProto.INT8): "int16_static_qdq_u16u8",
 }
-_ITEMSIZE_OVERRIDE = {TensorProto.INT4: 0.5, TensorProto.UINT4: 0.5, TensorProto.STRING: 8.0}
+_ITEMSIZE_OVERRIDE: dict[int, float] = {TensorProto.INT4: 0.5, TensorProto.UINT4: 0.5, TensorProto.STRING: 8.0}
 
 
 def _itemsize(elem_type: int) -> float:
@@ -221,12 +222,13 @@ def _fallback_outputs(
     first = known.get(node.input[0]) if node.input else None
     if first is None or first[0] is None:
         return None
-    shape, elem = first
+    shape: list[int] = first[0]
+    elem = first[1]
     if node.op_type == "MatMulNBits":
-        n = int(_attr(node, "N", 0) or 0)  # type: ignore[arg-type]
+        n = int(_attr(node, "N", 0) or 0)  # type: ignore[call-overload]
         return [([*shape[:-1], n], elem)]
     if node.op_type == "DynamicQuantizeLSTM":
-        hidden = int(_attr(node, "hidden_size", 0) or 0)  # type: ignore[arg-type]
+        hidden = int(_attr(node, "hidden_size", 0) or 0)  # type: ignore[call-overload]
         dirs = 2 if _attr(node, "direction", b"forward") in (b"bidirectional", "bidirectional") else 1
         seq, batch = shape[0], shape[1]
         return [([seq, dirs, batch, hidden], elem), ([dirs, batch, hidden], elem),
@@ -328,7 +330,7 @@ def _flops(node: onnx.NodeProto, shape_of, numel_out: float) -> float:  # type: 
         return dirs * seq * batch * per_step
     if op in ("MaxPool", "AveragePool", "LpPool", "QLinearAveragePool"):
         kernel = _attr(node, "kernel_shape", []) or []
-        return numel_out * float(math.prod(kernel))  # type: ignore[arg-type]
+        return numel_out * float(math.prod(kernel))  # type: ignore[call-overload]
     if op.startswith("Global") or op.startswith("QLinearGlobal") or op.startswith("Reduce"):
         return _numel(s(0))
     if op in _TRANSCENDENTAL:
@@ -374,7 +376,7 @@ def analyse(
         return node if node is not None and node.op_type == "DequantizeLinear" else None
 
     costs: list[NodeCost] = []
-    fused_nodes: set[str] = set()
+    fused_nodes: set[int] = set()
     node_ids = {id(n): (n.name or f"{n.op_type}_{i}") for i, n in enumerate(graph.node)}
     for node in graph.node:
         name = node_ids[id(node)]
@@ -570,7 +572,7 @@ def estimate(
 
 
 def calibrate_host(
-    samples: Iterable[tuple[onnx.ModelProto | str | Path, float]] | Iterable[tuple[onnx.ModelProto | str | Path, float, str]],
+    samples: Iterable[tuple[Any, ...]],
     profile: DeviceProfile | None = None,
 ) -> HostCalibration:
     """Fit ``measured ≈ scale * roofline + overhead * nodes`` on ONNX Runtime host latencies.
@@ -584,7 +586,7 @@ def calibrate_host(
     rows: list[tuple[float, int, float, str]] = []
     for index, sample in enumerate(samples):
         model, measured = sample[0], float(sample[1])
-        label = str(sample[2]) if len(sample) > 2 else f"sample_{index}"  # type: ignore[misc]
+        label = str(sample[2]) if len(sample) > 2 else f"sample_{index}"
         if not measured > 0:
             continue
         roofline_s, counted, *_ = _roofline(analyse(_load(model)), profile)
@@ -609,7 +611,7 @@ def calibrate_host(
     if (len(rows) < 2 or scale <= 0 or overhead_ms < 0
             or median_error(factor, default_ms * factor) <= median_error(scale, overhead_ms)):
         scale, overhead_ms = factor, default_ms * factor
-    points = []
+    points: list[dict[str, Any]] = []
     for roofline_ms, counted, measured, label in rows:
         predicted = scale * roofline_ms + overhead_ms * counted
         points.append({
@@ -618,7 +620,7 @@ def calibrate_host(
             "measured_ms": round(measured, 4),
             "error_pct": round(100.0 * (predicted - measured) / measured, 1),
         })
-    errors = sorted(abs(p["error_pct"]) for p in points)
+    errors = sorted(abs(float(p["error_pct"])) for p in points)
     return HostCalibration(
         compute_scale=round(scale, 4),
         node_overhead_us=round(overhead_ms * 1e3, 3),

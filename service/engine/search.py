@@ -42,7 +42,7 @@ import math
 import os
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -386,7 +386,7 @@ class _Context:
     profile: DeviceProfile
     constraints: AutoConstraints
     measurable: bool  # the target's latency can be measured on this host
-    input_shapes: dict[str, list[int]] | None = None
+    input_shapes: dict[str, Sequence[int]] | None = None
     original_estimate: cost_model.Estimate | None = None
     original_host_ms: float | None = None
     original_bytes: int | None = None
@@ -600,7 +600,7 @@ def _mixed_precision(
     layers = _quantized_layers(model)[:SENSITIVITY_MAX_LAYERS]
     try:
         base = quick([], "base")
-        scores = []
+        scores: list[dict[str, Any]] = []
         for index, (name, op, _weights) in enumerate(layers):
             check_cancelled()
             value = quick([name], f"probe{index}")
