@@ -1,0 +1,361 @@
+#!/usr/bin/env python3
+"""API benchmark on loopback: bounded load, upload memory, service overhead vs the engine.
+
+    .venv/bin/python scripts/bench_api.py [--requests 400] [--concurrency 4] [--upload-gib 1]
+
+1. **Load**: a fixed number of ``GET /v1/jobs/{id}`` (status polls) and ``GET /v1/jobs``
+   (listing, 20 per page) from ``--concurrency`` threads, each phase capped at ``--time-cap``
+   seconds: requests/s, p50, p99, errors.
+2. **Upload memory**: the API's resident memory (gunicorn master + workers, from /proc) sampled
+   every 20 ms while a ``--upload-gib`` GiB body is streamed to ``POST /v1/models``; the bytes
+   are generated on the fly (nothing that size exists on disk or in memory here). The upload is
+   refused at the end as not ONNX, which is expected: the point is memory during the stream.
+3. **Overhead**: the same model and recipe through the service (upload, submit, wait, download)
+   vs ``run_pipeline`` called directly in this process (warm imports) and in a fresh process
+   (what the worker's engine child pays), medians of ``--rounds`` runs. Target: within 10 %.
+
+By default it starts its own stack (own ports, own queue, own key prefix, upload limit raised
+to fit the big upload) and stops it at the end; ``--api URL`` measures a running one instead
+(the upload memory part then needs the API's pids, so it is skipped).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import requests
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from service.client import EdgePressClient, EdgePressError  # noqa: E402
+from service.devstack import LocalStack, free_port  # noqa: E402
+
+GIB = 1024**3
+
+
+# ---------------------------------------------------------------------------------------------
+# 1. Load
+
+
+def _percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    if not ordered:
+        return float("nan")
+    k = (len(ordered) - 1) * q
+    lo, hi = int(k), min(int(k) + 1, len(ordered) - 1)
+    return ordered[lo] + (ordered[hi] - ordered[lo]) * (k - lo)
+
+
+def load_phase(name: str, url: str, count: int, concurrency: int, cap_s: float) -> dict:
+    """``count`` GETs of ``url`` from ``concurrency`` threads (one keep-alive session each),
+    stopping early at ``cap_s`` seconds."""
+    latencies: list[float] = []
+    errors = 0
+    lock = threading.Lock()
+    issued = iter(range(count))
+    deadline = time.monotonic() + cap_s
+
+    def worker() -> None:
+        nonlocal errors
+        session = requests.Session()
+        while time.monotonic() < deadline:
+            with lock:
+                if next(issued, None) is None:
+                    return
+            t0 = time.perf_counter()
+            try:
+                ok = session.get(url, timeout=30).status_code == 200
+            except requests.RequestException:
+                ok = False
+            elapsed = time.perf_counter() - t0
+            with lock:
+                latencies.append(elapsed)
+                errors += 0 if ok else 1
+
+    started = time.perf_counter()
+    with ThreadPoolExecutor(concurrency) as pool:
+        for _ in range(concurrency):
+            pool.submit(worker)
+    wall = time.perf_counter() - started
+    return {"phase": name, "requests": len(latencies), "errors": errors,
+            "seconds": round(wall, 2), "rps": round(len(latencies) / wall, 1),
+            "p50_ms": round(_percentile(latencies, 0.5) * 1000, 2),
+            "p99_ms": round(_percentile(latencies, 0.99) * 1000, 2)}
+
+
+# ---------------------------------------------------------------------------------------------
+# 2. Upload memory
+
+
+def _children(pid: int) -> list[int]:
+    out = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as fh:
+                fields = fh.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            out.append(int(entry))
+    return out
+
+
+def _rss_mb(pids: list[int]) -> float:
+    total = 0
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/status") as fh:
+                for line in fh:
+                    if line.startswith("VmRSS:"):
+                        total += int(line.split()[1])
+        except OSError:
+            pass
+    return total / 1024.0
+
+
+class _GeneratedBody:
+    """``size`` bytes made on the fly from one random 1 MiB block (rotated so that no two
+    chunks are equal). ``sized``: it can tell its length (seek to the end and back), so the
+    client sends a Content-Length; otherwise it is a pipe and goes out chunked."""
+
+    def __init__(self, size: int, sized: bool) -> None:
+        self.size = self.left = size
+        self.sized = sized
+        self.block = os.urandom(1024 * 1024)
+        self.turn = 0
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        if not self.sized:
+            raise OSError("not seekable")
+        if whence == 2:
+            return self.size + offset
+        if offset != 0:
+            raise OSError("only rewinding is supported")
+        self.left, self.turn = self.size, 0
+        return 0
+
+    def tell(self) -> int:
+        return self.size - self.left
+
+    def read(self, n: int = -1) -> bytes:
+        if self.left <= 0:
+            return b""
+        n = min(self.left, len(self.block) if n is None or n < 0 else n)
+        self.turn = (self.turn + 7919) % len(self.block)
+        chunk = (self.block[self.turn:] + self.block[:self.turn])[:n]
+        self.left -= len(chunk)
+        return chunk
+
+    def seekable(self) -> bool:
+        return self.sized
+
+
+def upload_memory(api_url: str, api_pid: int, size: int, sized: bool) -> dict:
+    pids = [api_pid, *_children(api_pid)]
+    baseline = _rss_mb(pids)
+    samples: list[float] = []
+    done = threading.Event()
+
+    def sample() -> None:
+        while not done.is_set():
+            samples.append(_rss_mb(pids))
+            time.sleep(0.02)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    client = EdgePressClient(api_url, max_retries=0, timeout=600)
+    started = time.perf_counter()
+    outcome = "accepted"
+    try:
+        client.upload_model(_GeneratedBody(size, sized),  # type: ignore[arg-type]
+                            filename="big.onnx")
+    except EdgePressError as exc:
+        outcome = f"{exc.status} {exc.code}"
+    seconds = time.perf_counter() - started
+    done.set()
+    sampler.join()
+    peak = max(samples or [baseline])
+    return {"transfer": "Content-Length" if sized else "chunked", "bytes": size,
+            "seconds": round(seconds, 2),
+            "throughput_mib_s": round(size / 1024**2 / seconds, 1), "outcome": outcome,
+            "api_processes": len(pids), "rss_baseline_mb": round(baseline, 1),
+            "rss_peak_mb": round(peak, 1), "rss_growth_mb": round(peak - baseline, 1),
+            "samples": len(samples)}
+
+
+# ---------------------------------------------------------------------------------------------
+# 3. Overhead vs the engine
+
+
+def _median_time(fn: Callable[[], Any], rounds: int) -> tuple[float, list[float]]:
+    times = []
+    for _ in range(rounds):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times), times
+
+
+def overhead(api_url: str, model: Path, recipe: list[dict], rounds: int) -> dict:
+    from service.engine.pipeline import run_pipeline
+
+    def direct() -> None:
+        with tempfile.TemporaryDirectory(prefix="bench-direct-") as tmp:
+            run_pipeline(model, recipe, Path(tmp))
+
+    code = ("import sys, tempfile; from pathlib import Path; "
+            "from service.engine.pipeline import run_pipeline; "
+            f"run_pipeline(Path({str(model)!r}), {recipe!r}, Path(tempfile.mkdtemp()))")
+    root = str(Path(__file__).resolve().parent.parent)
+
+    def fresh() -> None:
+        subprocess.run([sys.executable, "-c", code], check=True, cwd=root,
+                       capture_output=True)
+
+    client = EdgePressClient(api_url, timeout=120)
+
+    parts: list[dict[str, float]] = []
+
+    def service() -> None:
+        with tempfile.TemporaryDirectory(prefix="bench-svc-") as tmp:
+            t0 = time.perf_counter()
+            record = client.upload_model(model)
+            t1 = time.perf_counter()
+            job = client.submit_job(record.id, recipe=recipe)
+            job = client.wait(job.id, poll=0.1, timeout=600)
+            t2 = time.perf_counter()
+            if job.state.value != "succeeded":
+                raise RuntimeError(f"benchmark job {job.id} {job.state.value}: {job.error}")
+            client.download_artifact(job.id, "model.onnx", Path(tmp), job=job)
+            t3 = time.perf_counter()
+            if job.started_at is None or job.finished_at is None:
+                raise RuntimeError(f"benchmark job {job.id} has no start/finish times")
+            queued = (job.started_at - job.created_at).total_seconds()
+            ran = (job.finished_at - job.started_at).total_seconds()
+            parts.append({"upload": t1 - t0, "submit_to_start": queued, "worker_run": ran,
+                          "observed_after": (t2 - t1) - queued - ran, "download": t3 - t2})
+
+    direct()  # warm the imports and ORT once, as a worker's steady state would be
+    service()  # the first upload stores the model; later ones find it by its hash
+    d, d_all = _median_time(direct, rounds)
+    f, f_all = _median_time(fresh, rounds)
+    s, s_all = _median_time(service, rounds)
+    return {"model_bytes": model.stat().st_size, "recipe": recipe, "rounds": rounds,
+            "direct_s": round(d, 2), "fresh_process_s": round(f, 2), "service_s": round(s, 2),
+            "overhead_vs_direct_pct": round(100 * (s - d) / d, 1),
+            "overhead_vs_fresh_process_pct": round(100 * (s - f) / f, 1),
+            "service_parts_median_s": {k: round(statistics.median(p[k] for p in parts[1:]), 2)
+                                       for k in parts[0]},
+            "all": {"direct": [round(x, 2) for x in d_all],
+                    "fresh": [round(x, 2) for x in f_all],
+                    "service": [round(x, 2) for x in s_all]}}
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def _print_table(title: str, rows: list[dict], keys: list[str]) -> None:
+    print(f"\n{title}")
+    widths = {k: max(len(k), *(len(str(r.get(k, ""))) for r in rows)) for k in keys}
+    print("  ".join(k.ljust(widths[k]) for k in keys))
+    for r in rows:
+        print("  ".join(str(r.get(k, "")).ljust(widths[k]) for k in keys))
+
+
+@contextlib.contextmanager
+def _stack(args: argparse.Namespace) -> Iterator[tuple[str, int | None]]:
+    """The API URL (and its gunicorn master pid) to measure: ours, started here, or --api."""
+    if args.api:
+        yield args.api, None
+        return
+    tag = uuid.uuid4().hex[:8]
+    stack = LocalStack(
+        Path(tempfile.mkdtemp(prefix="edgepress-bench-")), api_port=free_port(),
+        worker_metrics_port=free_port(), prefix=f"bench-{tag}",
+        extra_env={"EDGEPRESS_QUEUE_NAME": f"edgepress.bench.{tag}",
+                   # The big upload must not hit the limit before memory is measured.
+                   "EDGEPRESS_MAX_UPLOAD_BYTES": str(int(args.upload_gib * GIB) + GIB)})
+    state = stack.up()
+    try:
+        yield state.api_url, state.pids["api"]
+    finally:
+        stack.stop_started()
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--api", help="measure this running API instead of starting a stack")
+    parser.add_argument("--requests", type=int, default=400, help="requests per load phase")
+    parser.add_argument("--concurrency", type=int, default=4)
+    parser.add_argument("--time-cap", type=float, default=30.0, help="seconds per load phase")
+    parser.add_argument("--upload-gib", type=float, default=1.0)
+    parser.add_argument("--rounds", type=int, default=3, help="overhead rounds per path")
+    parser.add_argument("--skip", action="append", default=[],
+                        choices=["load", "upload", "overhead"])
+    parser.add_argument("--json", help="also write the results to this file")
+    args = parser.parse_args()
+
+    from tests.models import write_mlp
+
+    results: dict[str, Any] = {"host_cpus": os.cpu_count()}
+    with tempfile.TemporaryDirectory(prefix="edgepress-bench-") as tmp, \
+            _stack(args) as (api_url, api_pid):
+        model = write_mlp(Path(tmp) / "bench_mlp.onnx", inputs=1024, hidden=4096)
+        recipe = [{"pass": "quantize_dynamic"}]
+        client = EdgePressClient(api_url)
+        if "load" not in args.skip:
+            record = client.upload_model(model)
+            job = client.wait(client.submit_job(record.id, recipe=recipe).id, poll=0.2,
+                              timeout=600)
+            rows = [load_phase("status poll  GET /v1/jobs/{id}", f"{api_url}/v1/jobs/{job.id}",
+                               args.requests, args.concurrency, args.time_cap),
+                    load_phase("listing      GET /v1/jobs?limit=20",
+                               f"{api_url}/v1/jobs?limit=20", args.requests,
+                               args.concurrency, args.time_cap)]
+            results["load"] = rows
+            _print_table(f"Load ({args.concurrency} threads, keep-alive, loopback)", rows,
+                         ["phase", "requests", "errors", "seconds", "rps", "p50_ms", "p99_ms"])
+        if "upload" not in args.skip:
+            if api_pid is None:
+                print("\nUpload memory: skipped (needs the API's pid: run without --api)")
+            else:
+                rows = [upload_memory(api_url, api_pid, int(args.upload_gib * GIB), sized)
+                        for sized in (True, False)]
+                results["upload"] = rows
+                _print_table(f"API memory while streaming a {args.upload_gib:g} GiB upload",
+                             rows, ["transfer", "bytes", "seconds", "throughput_mib_s",
+                                    "outcome",
+                                     "api_processes", "rss_baseline_mb", "rss_peak_mb",
+                                     "rss_growth_mb"])
+        if "overhead" not in args.skip:
+            row = overhead(api_url, model, recipe, args.rounds)
+            results["overhead"] = row
+            _print_table("Service vs engine (same model, same recipe; medians)", [row],
+                         ["model_bytes", "rounds", "direct_s", "fresh_process_s", "service_s",
+                          "overhead_vs_direct_pct", "overhead_vs_fresh_process_pct"])
+            print(f"  service time by part (median): {json.dumps(row['service_parts_median_s'])}")
+            print(f"  all runs: {json.dumps(row['all'])}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
