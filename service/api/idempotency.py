@@ -34,7 +34,6 @@ def _key() -> str | None:
     raw = request.headers.get(HEADER)
     if raw is None:
         return None
-    raw = raw.strip()
     if not 1 <= len(raw) <= 255:
         raise ServiceError("Idempotency-Key must be 1 to 255 characters", code="invalid_idempotency_key", status=400)
     return raw

@@ -13,7 +13,7 @@ from flask import Blueprint, Response, jsonify, redirect, request, url_for
 
 from service.api.context import services, space
 from service.api.idempotency import idempotent
-from service.api.pagination import page_limit
+from service.api.pagination import page_cursor, page_limit
 from service.api.problems import from_engine_error
 from service.api.quotas import check_job_quota
 from service.api.schemas import JobCreate
@@ -129,7 +129,7 @@ def list_jobs() -> Response:
                 },
             ) from None
     jobs, cursor = space().jobs.list(
-        limit=page_limit(), cursor=request.args.get("cursor") or None, state=state
+        limit=page_limit(), cursor=page_cursor(), state=state
     )
     return jsonify({"items": [j.public() for j in jobs], "next_cursor": cursor})
 

@@ -6,7 +6,7 @@ from flask import Blueprint, Response, jsonify, request, url_for
 
 from service.api.context import services, space
 from service.api.idempotency import remember, replay
-from service.api.pagination import page_limit
+from service.api.pagination import page_cursor, page_limit
 from service.api.problems import from_engine_error
 from service.api.quotas import check_storage_quota
 from service.api.streaming import receive_upload
@@ -62,7 +62,7 @@ def get_model(model_id: str) -> Response:
 @bp.get("")
 def list_models() -> Response:
     items, cursor = space().uploads.list_models(
-        limit=page_limit(), after=request.args.get("cursor") or None
+        limit=page_limit(), after=page_cursor()
     )
     return jsonify({"items": [m.model_dump(mode="json") for m in items], "next_cursor": cursor})
 

@@ -119,7 +119,9 @@ def init_app(app: Flask) -> None:
             detail = "no such resource"
         elif status == 413:
             detail = "the request body is larger than this server accepts"
-        return problem(status, code, exc.name, detail)
+        # Keep the exception's own headers (Allow on 405, for one).
+        headers = {k: v for k, v in exc.get_headers() if k.lower() != "content-type"}
+        return problem(status, code, exc.name, detail, headers=headers)
 
     @app.errorhandler(Exception)
     def _unexpected(exc: Exception) -> Response:

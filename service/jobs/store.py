@@ -155,5 +155,7 @@ def _decode_cursor(cursor: str) -> str:
         return key
     except (ValueError, KeyError, TypeError):
         raise ValidationFailed(
-            "invalid cursor", code="invalid_cursor", extra={"field": "cursor"}
+            "invalid cursor",
+            code="invalid_cursor",
+            extra={"errors": [{"field": "cursor", "message": "not a cursor this API returned"}]},
         ) from None
