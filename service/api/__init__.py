@@ -16,7 +16,7 @@ from service.config import Settings
 
 def create_app(settings: Settings | None = None) -> Flask:
     """Build the app from ``settings`` (default: read from the environment)."""
-    from service.api import auth, datasets, devices, health, jobs, models, problems
+    from service.api import auth, datasets, devices, health, jobs, models, problems, uploads
     from service.api.context import Services
     from service.metrics import ServiceMetrics
     from service.storage.s3 import make_store
@@ -44,7 +44,7 @@ def create_app(settings: Settings | None = None) -> Flask:
 
     problems.init_app(app)
     auth.init_app(app, settings)
-    for module in (health, models, datasets, jobs, devices):
+    for module in (health, models, datasets, uploads, jobs, devices):
         app.register_blueprint(module.bp)
 
     @app.before_request

@@ -8,7 +8,7 @@ from service.api.context import services, space
 from service.api.idempotency import remember, replay
 from service.api.problems import from_engine_error
 from service.api.quotas import check_storage_quota
-from service.api.streaming import receive_upload
+from service.api.streaming import ReceivedFile, receive_upload
 from service.engine.dataset import inspect_dataset
 from service.engine.errors import EngineError
 from service.engine.limits import EngineLimits
@@ -21,26 +21,32 @@ def upload_dataset() -> Response:
     """Store an ``.npz`` (read with ``allow_pickle=False`` only). Validated against a model's
     inputs when a job uses it."""
     svc = services()
-    limits = EngineLimits(max_dataset_bytes=svc.settings.max_dataset_bytes)
     with receive_upload(
         request, max_bytes=svc.settings.max_dataset_bytes, scratch_dir=svc.settings.scratch_dir
     ) as received:
-        svc.metrics.uploads_bytes.labels("dataset").inc(received.size)
-        replayed = replay(f"dataset:{received.sha256}")
-        if replayed is not None:
-            return replayed
-        check_storage_quota(received.size)
-        try:
-            description = inspect_dataset(received.path, limits)
-        except EngineError as exc:
-            raise from_engine_error(exc) from None
-        record, created = space().uploads.save_dataset(
-            received.path,
-            sha256=received.sha256,
-            size=received.size,
-            filename=received.filename,
-            description=description,
-        )
+        return store_dataset(received)
+
+
+def store_dataset(received: ReceivedFile) -> Response:
+    """Validate and store a received dataset file (direct or presigned-POST upload)."""
+    svc = services()
+    limits = EngineLimits(max_dataset_bytes=svc.settings.max_dataset_bytes)
+    svc.metrics.uploads_bytes.labels("dataset").inc(received.size)
+    replayed = replay(f"dataset:{received.sha256}")
+    if replayed is not None:
+        return replayed
+    check_storage_quota(received.size)
+    try:
+        description = inspect_dataset(received.path, limits)
+    except EngineError as exc:
+        raise from_engine_error(exc) from None
+    record, created = space().uploads.save_dataset(
+        received.path,
+        sha256=received.sha256,
+        size=received.size,
+        filename=received.filename,
+        description=description,
+    )
     location = url_for("datasets.get_dataset", dataset_id=record.id)
     resp = jsonify(record.model_dump(mode="json"))
     resp.status_code, resp.headers["Location"] = (201 if created else 200), location

@@ -9,7 +9,7 @@ from service.api.idempotency import remember, replay
 from service.api.pagination import page_cursor, page_limit
 from service.api.problems import from_engine_error
 from service.api.quotas import check_storage_quota
-from service.api.streaming import receive_upload
+from service.api.streaming import ReceivedFile, receive_upload
 from service.engine.errors import EngineError
 from service.engine.ingest import inspect_upload
 from service.engine.limits import EngineLimits
@@ -24,30 +24,36 @@ def upload_model() -> Response:
     Answers 201 with the model resource, or 200 with the existing one for bytes already stored.
     """
     svc = services()
-    limits = EngineLimits(max_model_bytes=svc.settings.max_upload_bytes)
     with receive_upload(
         request, max_bytes=svc.settings.max_upload_bytes, scratch_dir=svc.settings.scratch_dir
     ) as received:
-        svc.metrics.uploads_bytes.labels("model").inc(received.size)
-        replayed = replay(f"model:{received.sha256}")
-        if replayed is not None:
-            return replayed
-        existing = space().uploads.find_model(received.sha256)
-        if existing is not None:
-            record, created = existing, False
-        else:
-            check_storage_quota(received.size)
-            try:
-                description = inspect_upload(received.path, received.filename, limits)
-            except EngineError as exc:
-                raise from_engine_error(exc) from None
-            record, created = space().uploads.save_model(
-                received.path,
-                sha256=received.sha256,
-                size=received.size,
-                filename=received.filename,
-                description=description,
-            )
+        return store_model(received)
+
+
+def store_model(received: ReceivedFile) -> Response:
+    """Describe and store a received model file (direct upload or presigned-POST upload)."""
+    svc = services()
+    limits = EngineLimits(max_model_bytes=svc.settings.max_upload_bytes)
+    svc.metrics.uploads_bytes.labels("model").inc(received.size)
+    replayed = replay(f"model:{received.sha256}")
+    if replayed is not None:
+        return replayed
+    existing = space().uploads.find_model(received.sha256)
+    if existing is not None:
+        record, created = existing, False
+    else:
+        check_storage_quota(received.size)
+        try:
+            description = inspect_upload(received.path, received.filename, limits)
+        except EngineError as exc:
+            raise from_engine_error(exc) from None
+        record, created = space().uploads.save_model(
+            received.path,
+            sha256=received.sha256,
+            size=received.size,
+            filename=received.filename,
+            description=description,
+        )
     location = url_for("models.get_model", model_id=record.id)
     resp = jsonify(record.model_dump(mode="json"))
     resp.status_code, resp.headers["Location"] = (201 if created else 200), location

@@ -21,6 +21,7 @@ from typing import BinaryIO
 from flask import Request
 
 from service.errors import PayloadTooLarge, ServiceError
+from service.storage.s3 import S3ObjectStore
 
 CHUNK = 1024 * 1024
 _SAFE_NAME = re.compile(r"[^A-Za-z0-9._-]+")
@@ -41,6 +42,37 @@ def clean_filename(name: str | None) -> str | None:
     base = name.replace("\\", "/").rsplit("/", 1)[-1]
     base = _SAFE_NAME.sub("_", base).strip("._")[:128]
     return base or None
+
+
+@contextlib.contextmanager
+def receive_stored_object(
+    store: S3ObjectStore, key: str, *, max_bytes: int, scratch_dir: str | None, filename: str | None
+) -> Iterator[ReceivedFile]:
+    """A file the client put straight into the store (presigned POST), fetched to a temporary
+    path and hashed like a direct upload; the temporary file is removed on exit."""
+    fd, name = tempfile.mkstemp(prefix="upload-", dir=scratch_dir)
+    os.close(fd)
+    path = Path(name)
+    try:
+        try:
+            store.download_file(key, path)
+        except FileNotFoundError:
+            raise ServiceError(
+                "nothing was uploaded to this upload's URL yet", code="upload_missing", status=409
+            ) from None
+        size = path.stat().st_size
+        if size > max_bytes:
+            raise PayloadTooLarge(f"upload exceeds the limit of {max_bytes} bytes")
+        if size == 0:
+            raise ServiceError("the upload is empty", code="empty_upload", status=422)
+        digest = hashlib.sha256()
+        with open(path, "rb") as fh:
+            for chunk in iter(lambda: fh.read(CHUNK), b""):
+                digest.update(chunk)
+        yield ReceivedFile(path, digest.hexdigest(), size, filename)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
 
 
 @contextlib.contextmanager

@@ -66,6 +66,18 @@ class ObjectStore(Protocol):
         self, prefix: str, *, start_after: str | None = None, limit: int = 1000
     ) -> list[str]: ...
     def presign_get(self, key: str, *, filename: str | None = None) -> str: ...
+    def presign_post(self, key: str, *, max_bytes: int, ttl: int) -> dict[str, Any]:
+        """A browser-style presigned POST for ``key`` whose policy caps the size."""
+        try:
+            return dict(
+                self._client.generate_presigned_post(
+                    self.bucket, self._k(key),
+                    Conditions=[["content-length-range", 1, max_bytes]], ExpiresIn=ttl,
+                )
+            )
+        except (ClientError, BotoCoreError) as exc:
+            raise _unavailable(exc) from exc
+
     def ping(self) -> None: ...
 
 
@@ -271,6 +283,18 @@ class S3ObjectStore:
                 "get_object", Params=params, ExpiresIn=self._presign_ttl
             )
         )
+
+    def presign_post(self, key: str, *, max_bytes: int, ttl: int) -> dict[str, Any]:
+        """A browser-style presigned POST for ``key`` whose policy caps the size."""
+        try:
+            return dict(
+                self._client.generate_presigned_post(
+                    self.bucket, self._k(key),
+                    Conditions=[["content-length-range", 1, max_bytes]], ExpiresIn=ttl,
+                )
+            )
+        except (ClientError, BotoCoreError) as exc:
+            raise _unavailable(exc) from exc
 
     def ping(self) -> None:
         """Raise ``Unavailable`` unless the bucket answers."""
