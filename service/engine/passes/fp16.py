@@ -23,7 +23,7 @@ from onnx import TensorProto, numpy_helper
 from pydantic import Field
 
 from service.engine.errors import EngineError
-from service.engine.passes.graph_optimize import iter_graphs, toposort
+from service.engine.passes.graph_optimize import iter_graphs, strip_debug_metadata, toposort
 from service.engine.registry import Pass, PassConfig, PassContext, register
 
 # Ops kept float32 for accuracy, on top of ONNX Runtime's DEFAULT_OP_BLOCK_LIST.
@@ -163,6 +163,7 @@ class Fp16(Pass[Fp16Config]):
             ) from None
         _drop_duplicate_nodes(out)
         toposort(out)
+        debug_bytes = strip_debug_metadata(out)
         count_after, bytes_after = _float_weights(out)
         present = {n.op_type for g in iter_graphs(model.graph) for n in g.node}
         kept = sorted(
@@ -183,6 +184,7 @@ class Fp16(Pass[Fp16Config]):
                 )
                 - sum(1 for g in iter_graphs(model.graph) for n in g.node if n.op_type == "Cast"),
                 "values_clamped_to_fp16_range": clamped,
+                "debug_metadata_bytes_removed": debug_bytes,
                 "io_types": "float32" if config.keep_io_types else "float16",
                 "note": "fp16 is faster on GPUs and fp16-capable ARM CPUs; most x86 CPUs run it "
                 "slower than float32",

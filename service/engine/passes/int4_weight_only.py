@@ -24,7 +24,7 @@ from onnx import TensorProto
 from pydantic import Field, field_validator
 
 from service.engine.errors import EngineError
-from service.engine.passes.graph_optimize import iter_graphs, op_histogram
+from service.engine.passes.graph_optimize import iter_graphs, op_histogram, strip_debug_metadata
 from service.engine.passes.quantize_dynamic import ensure_opset, float_weight_bytes, gemm_to_matmul
 from service.engine.registry import Pass, PassConfig, PassContext, register
 
@@ -157,6 +157,7 @@ class Int4WeightOnly(Pass[Int4WeightOnlyConfig]):
         nbits = [
             n.name for g in iter_graphs(out.graph) for n in g.node if n.op_type == "MatMulNBits"
         ]
+        debug_bytes = strip_debug_metadata(out)
         bytes_after = out.ByteSize()
         left = float_weight_bytes(out)
         ctx.notes.update(
@@ -171,6 +172,7 @@ class Int4WeightOnly(Pass[Int4WeightOnlyConfig]):
                 "bytes_before": bytes_before,
                 "bytes_after": bytes_after,
                 "float_weight_bytes_left": left,
+                "debug_metadata_bytes_removed": debug_bytes,
                 "note": "weights of Conv, LSTM/GRU, Gather and small MatMuls stay float",
             }
         )

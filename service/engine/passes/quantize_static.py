@@ -1,7 +1,6 @@
 """``quantize_static``: int8 QDQ with calibrated activation ranges (CNNs, CPU and NPU targets).
 
-The model is first cleaned with ONNX Runtime's portable ``basic`` optimisation (constant
-folding, redundant nodes) and shape inference, then ONNX Runtime's static quantizer inserts
+After shape inference on the normalised model, ONNX Runtime's static quantizer inserts
 QuantizeLinear/DequantizeLinear pairs around the ops it supports, with per-channel int8 weights
 by default. A ``Relu`` after a quantized ``Conv`` is absorbed into the activation range, and ONNX
 Runtime runs each ``DQ -> Conv -> Q`` group as one int8 convolution (VNNI/AMX kernels on x86).
@@ -27,7 +26,7 @@ from onnx import TensorProto
 from pydantic import Field
 
 from service.engine.errors import EngineError
-from service.engine.passes.graph_optimize import iter_graphs, ort_optimize
+from service.engine.passes.graph_optimize import iter_graphs, strip_debug_metadata
 from service.engine.passes.quantize_dynamic import ensure_opset, weight_only_int8
 from service.engine.registry import Pass, PassConfig, PassContext, register
 
@@ -210,9 +209,10 @@ class QuantizeStatic(Pass[QuantizeStaticConfig]):
             quantize_static,
         )
 
+        # No ONNX Runtime pre-optimisation here: its basic level already fuses MatMul+Add into
+        # Gemm and renames nodes, which would break op_types and nodes_to_exclude. The pipeline
+        # has normalised the model (constants folded, opset >= 13).
         work = ensure_opset(model)
-        ctx.progress(0.05, "cleaning the graph (basic optimisation)")
-        work = ort_optimize(work, "basic", ctx.workdir)
         # Shape inference helps the quantizer; a model it cannot infer still quantizes.
         with contextlib.suppress(Exception):
             work = onnx.shape_inference.infer_shapes(work)
@@ -334,6 +334,7 @@ class QuantizeStatic(Pass[QuantizeStaticConfig]):
                 f"{', '.join(recurrent)} have no static int8 (QDQ) kernels and stay float: "
                 "add a quantize_dynamic step for them"
             )
+        notes["debug_metadata_bytes_removed"] = strip_debug_metadata(out)
         ctx.notes.update(notes)
         if not quantized and not notes.get("subgraph_weight_only_int8"):
             present = sorted({n.op_type for n in model.graph.node})

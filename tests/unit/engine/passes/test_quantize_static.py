@@ -1,0 +1,139 @@
+"""quantize_static: QDQ int8 with per-channel weights, calibrated from a dataset or generated."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from onnx import TensorProto as T
+from onnx import helper as h
+
+from service.engine.errors import EngineError
+from service.engine.passes.quantize_static import QuantizeStaticConfig, generate_inputs
+from tests import crafted
+
+
+def test_config_round_trip_and_validation() -> None:
+    config = QuantizeStaticConfig(calibration_method="percentile", percentile=99.9)
+    assert QuantizeStaticConfig.model_validate_json(config.model_dump_json()) == config
+    assert QuantizeStaticConfig().per_channel is True
+    with pytest.raises(ValueError):
+        QuantizeStaticConfig(calibration_method="kl")  # type: ignore[arg-type]
+    with pytest.raises(ValueError):
+        QuantizeStaticConfig(unknown=1)  # type: ignore[call-arg]
+
+
+def test_digits_cnn_int8_keeps_accuracy(kit, digits) -> None:
+    model = kit.load(digits)
+    run = kit.run("quantize_static", model, dataset=digits.calibration)
+    assert run.notes["calibration"] == {"source": "dataset", "samples": 128, "method": "minmax"}
+    assert run.notes["quantized_ops"]["Conv"] == 4
+    assert kit.ratio(model, run.model) >= 3.5
+    # Per-channel weights: each conv weight is dequantized with one scale per output channel.
+    inits = {t.name: t for t in run.model.graph.initializer}
+    per_channel = [
+        n
+        for n in run.model.graph.node
+        if n.op_type == "DequantizeLinear"
+        and inits.get(n.input[0]) is not None
+        and inits[n.input[0]].data_type == T.INT8
+        and len(inits[n.input[0]].dims) == 4
+    ]
+    assert len(per_channel) == 4
+    for node in per_channel:
+        scale = inits[node.input[1]]
+        assert list(scale.dims) == [inits[node.input[0]].dims[0]]
+    ref = kit.outputs(model, digits.inputs)[0]
+    out = kit.outputs(run.model, digits.inputs)[0]
+    acc_ref = float((ref.argmax(1) == digits.labels).mean())
+    acc_q = float((out.argmax(1) == digits.labels).mean())
+    assert acc_ref >= 0.95  # the corpus CNN really learned digits
+    assert acc_q >= acc_ref - 0.01
+    assert kit.min_cosine([ref], [out]) >= 0.99
+
+
+@pytest.mark.parametrize("method", ["entropy", "percentile"])
+def test_histogram_calibration_methods(kit, method) -> None:
+    model = kit.load(crafted.mlp())
+    data = {"x": np.random.default_rng(0).normal(0, 1, (32, 64)).astype(np.float32)}
+    run = kit.run("quantize_static", model, dataset=data, calibration_method=method)
+    assert run.notes["calibration"] == {"source": "dataset", "samples": 32, "method": method}
+    assert run.notes["quantized_ops"].get("MatMul") == 3
+    feeds = {"x": data["x"][:8]}
+    assert kit.min_cosine(kit.outputs(model, feeds), kit.outputs(run.model, feeds)) >= 0.98
+
+
+def test_generated_calibration_is_reported_and_keeps_dynamic_dims(kit) -> None:
+    model = kit.load(crafted.dynamic_dims())  # int64 ids [batch, seq] -> Gather -> MatMuls
+    run = kit.run("quantize_static", model, calibration_samples=8, generated_dim=12)
+    calib = run.notes["calibration"]
+    assert calib["source"] == "generated" and calib["samples"] == 8
+    assert "upload a dataset" in calib["warning"]
+    dims = run.model.graph.input[0].type.tensor_type.shape.dim
+    assert [d.dim_param for d in dims] == ["batch", "seq"]
+    ids = np.random.default_rng(1).integers(0, 16, (3, 21)).astype(np.int64)  # another length
+    ref, out = kit.outputs(model, {"ids": ids}), kit.outputs(run.model, {"ids": ids})
+    assert out[0].shape == (3, 21, 64)
+    assert kit.min_cosine(ref, out) >= 0.98
+
+
+def test_generate_inputs_follows_the_signature() -> None:
+    arrays = generate_inputs(crafted.dynamic_dims(), samples=5, dim=7)
+    assert arrays["ids"].shape == (5, 7) and arrays["ids"].dtype == np.int64
+    again = generate_inputs(crafted.dynamic_dims(), samples=5, dim=7)
+    np.testing.assert_array_equal(arrays["ids"], again["ids"])  # fixed seed
+
+
+def test_dataset_without_the_model_input_is_refused(kit) -> None:
+    model = kit.load(crafted.mlp())
+    with pytest.raises(EngineError) as info:
+        kit.run("quantize_static", model, dataset={"image": np.zeros((4, 64), np.float32)})
+    assert info.value.code == "invalid_dataset"
+    assert "x" in info.value.message
+
+
+def test_op_types_and_exclusions_restrict_the_pass(kit) -> None:
+    model = kit.load(crafted.constant_weights_opset11())  # Conv + two MatMuls
+    run = kit.run("quantize_static", model, op_types=["MatMul"], nodes_to_exclude=["out"])
+    assert "Conv" not in run.notes["quantized_ops"]
+    float_nodes = {n["node"] for n in run.notes["float_ops_with_weights"]}
+    assert "out" in float_nodes
+    assert "fc" not in float_nodes
+
+
+def test_recurrent_layers_get_a_hint(kit, lstm) -> None:
+    model = kit.load(lstm)
+    run = kit.run("quantize_static", model, dataset=lstm.calibration)
+    assert "quantize_dynamic" in run.notes["hint"]
+    feeds = {k: v[:4] for k, v in lstm.inputs.items()}
+    assert kit.min_cosine(kit.outputs(model, feeds), kit.outputs(run.model, feeds)) >= 0.99
+
+
+def test_subgraph_weights_are_stored_int8(kit) -> None:
+    model = kit.load(crafted.if_branch_weights())
+    run = kit.run("quantize_static", model)
+    assert {w["node"] for w in run.notes["subgraph_weight_only_int8"]} == {"mm_then", "mm_else"}
+    assert kit.ratio(model, run.model) >= 3.0
+
+
+def test_graph_without_quantizable_ops_is_no_effect(kit) -> None:
+    g = h.make_graph(
+        [h.make_node("Relu", ["x"], ["y"], name="relu")],
+        "relu",
+        [h.make_tensor_value_info("x", T.FLOAT, ["N", 8])],
+        [h.make_tensor_value_info("y", T.FLOAT, ["N", 8])],
+    )
+    model = h.make_model(g, opset_imports=[h.make_opsetid("", 17)], ir_version=8)
+    with pytest.raises(EngineError) as info:
+        kit.run("quantize_static", model)
+    assert info.value.code == "no_effect"
+
+
+def test_qoperator_format_and_int8_activations(kit) -> None:
+    model = kit.load(crafted.mlp())
+    data = {"x": np.random.default_rng(0).normal(0, 1, (16, 64)).astype(np.float32)}
+    run = kit.run(
+        "quantize_static", model, dataset=data, quant_format="qoperator", activation_type="int8"
+    )
+    assert any(op.startswith("QLinear") for op in kit.ops(run.model))
+    inits = {t.name: t for t in run.model.graph.initializer}
+    assert any(t.data_type == T.INT8 for t in inits.values())
