@@ -9,9 +9,11 @@ that into a latency on a ``DeviceProfile`` with a roofline per node::
     t(node) = max(flops / (peak[precision] * compute_eff), bytes / (bandwidth * memory_eff))
               + per-node overhead
 
-A precision or QDQ format the profile does not list as fast runs at the fp32 rate, and its
-quantize/dequantize nodes are not fused (they cost their memory traffic), which is what an
-execution provider that falls back does. Peak memory is the weights plus the largest set of
+A precision or QDQ format the profile does not list as fast runs at the fp32 rate, which is
+what an execution provider that falls back does. On CPUs every node pays its memory traffic
+and a dispatch overhead; on GPUs and NPUs the graph compiler (TensorRT, QNN, CoreML, OpenVINO)
+fuses elementwise-like ops into a neighbouring kernel, so only kernel ops (``_KERNEL_OPS``:
+convolutions, matmuls, recurrent cells, normalisations, pooling, ...) cost anything. Peak memory is the weights plus the largest set of
 activations alive at once in topological order; energy is latency x typical power.
 
 Dynamic dimensions are fixed for the estimate: the first axis of every input (batch) at
@@ -51,6 +53,18 @@ CACHE_BANDWIDTH_FACTOR = {"cpu": 4.0, "gpu": 2.0, "npu": 2.0}
 # their rate relative to the fp32 peak, measured on x86 with the digits CNN (ConvInteger ~6x
 # slower than the fp32 Conv).
 REFERENCE_KERNEL_RATE = {"ConvInteger": 0.2}
+# Ops that get a kernel of their own. On GPUs and NPUs the graph compiler (TensorRT, QNN,
+# CoreML, OpenVINO) fuses the other, elementwise-like ops into a neighbouring kernel's epilogue:
+# there they cost neither a launch nor a pass over memory. CPUs run every node.
+_KERNEL_OPS = {"Conv", "ConvTranspose", "ConvInteger", "QLinearConv", "MatMul", "Gemm",
+               "MatMulInteger", "QLinearMatMul", "MatMulNBits", "DynamicQuantizeMatMul",
+               "FusedMatMul", "QGemm", "LSTM", "GRU", "RNN", "DynamicQuantizeLSTM", "Attention",
+               "MultiHeadAttention", "Softmax", "LayerNormalization", "SkipLayerNormalization",
+               "MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool",
+               "QLinearGlobalAveragePool", "QLinearAveragePool", "Resize", "Gather",
+               "Concat", "Transpose", "ReduceMean", "TopK", "NonMaxSuppression"}
+# A low-precision node on a target without a fast path for it reads a float copy of its weights.
+_DEQUANT_GROWTH = {"int8": 4.0, "int16": 2.0, "int4": 8.0}
 # Fixed cost per node (kernel dispatch / launch), seconds.
 NODE_OVERHEAD_S = {"cpu": 1.5e-6, "gpu": 5e-6, "npu": 8e-6}
 
@@ -502,20 +516,26 @@ def _roofline(
     for node in cost.nodes:
         if node.fused or (node.flops == 0 and node.bytes == 0):
             continue
+        if profile.kind != "cpu" and node.op_type not in _KERNEL_OPS:
+            continue  # fused into a neighbouring kernel by the graph compiler
         precision = node.precision
+        weight_bytes = node.weight_bytes
         if node.qdq_format is not None and not profile.runs_fast(node.qdq_format):
             unsupported.add(node.qdq_format)
             precision = "fp32"
         elif precision not in ("none", "fp32") and precision not in profile.precisions:
             unsupported.add(precision)
             precision = "fp32"
+        if precision == "fp32" and node.precision in _DEQUANT_GROWTH:
+            # the fallback kernel works on a dequantized float copy of the weights
+            weight_bytes *= _DEQUANT_GROWTH[node.precision]
         peak = profile.peak(precision if precision != "none" else "fp32") * 1e9 * ceff
         if node.op_type in REFERENCE_KERNEL_RATE:
             peak = profile.peak("fp32") * 1e9 * ceff * REFERENCE_KERNEL_RATE[node.op_type]
         t_compute = node.flops / peak
         # Weights stream from memory; activations of inference-sized tensors mostly stay in
         # cache, which is CACHE_BANDWIDTH_FACTOR times faster.
-        t_memory = (node.weight_bytes + (node.bytes - node.weight_bytes)
+        t_memory = (weight_bytes + (node.bytes - node.weight_bytes)
                     / CACHE_BANDWIDTH_FACTOR[profile.kind]) / bandwidth
         seconds = max(t_compute, t_memory)
         if t_compute >= t_memory:
