@@ -45,6 +45,12 @@ class Settings(BaseSettings):
     max_dataset_bytes: int = Field(
         default=512 * 1024**2, ge=1024, description="Largest accepted dataset upload."
     )
+    inspect_memory_limit_mb: int = Field(
+        default=6144, ge=128, description="Address-space limit of the process inspecting an upload."
+    )
+    inspect_timeout_seconds: int = Field(
+        default=120, ge=1, description="CPU-seconds limit for inspecting one upload."
+    )
     scratch_dir: str | None = Field(
         default=None, description="Local scratch directory for uploads and jobs (default: TMPDIR)."
     )

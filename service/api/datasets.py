@@ -6,10 +6,10 @@ from flask import Blueprint, Response, jsonify, request, url_for
 
 from service.api.context import services, space
 from service.api.idempotency import remember, replay
+from service.api.inspection import inspect_in_child
 from service.api.problems import from_engine_error
 from service.api.quotas import check_storage_quota
 from service.api.streaming import ReceivedFile, receive_upload
-from service.engine.dataset import inspect_dataset
 from service.engine.errors import EngineError
 from service.engine.limits import EngineLimits
 
@@ -37,7 +37,9 @@ def store_dataset(received: ReceivedFile) -> Response:
         return replayed
     check_storage_quota(received.size)
     try:
-        description = inspect_dataset(received.path, limits)
+        description = inspect_in_child(
+            "dataset", received.path, received.filename, limits, svc.settings
+        )
     except EngineError as exc:
         raise from_engine_error(exc) from None
     record, created = space().uploads.save_dataset(

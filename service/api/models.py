@@ -6,12 +6,12 @@ from flask import Blueprint, Response, jsonify, request, url_for
 
 from service.api.context import services, space
 from service.api.idempotency import remember, replay
+from service.api.inspection import inspect_in_child
 from service.api.pagination import page_cursor, page_limit
 from service.api.problems import from_engine_error
 from service.api.quotas import check_storage_quota
 from service.api.streaming import ReceivedFile, receive_upload
 from service.engine.errors import EngineError
-from service.engine.ingest import inspect_upload
 from service.engine.limits import EngineLimits
 
 bp = Blueprint("models", __name__, url_prefix="/v1/models")
@@ -44,7 +44,9 @@ def store_model(received: ReceivedFile) -> Response:
     else:
         check_storage_quota(received.size)
         try:
-            description = inspect_upload(received.path, received.filename, limits)
+            description = inspect_in_child(
+                "model", received.path, received.filename, limits, svc.settings
+            )
         except EngineError as exc:
             raise from_engine_error(exc) from None
         record, created = space().uploads.save_model(
@@ -67,9 +69,7 @@ def get_model(model_id: str) -> Response:
 
 @bp.get("")
 def list_models() -> Response:
-    items, cursor = space().uploads.list_models(
-        limit=page_limit(), after=page_cursor()
-    )
+    items, cursor = space().uploads.list_models(limit=page_limit(), after=page_cursor())
     return jsonify({"items": [m.model_dump(mode="json") for m in items], "next_cursor": cursor})
 
 

@@ -1,0 +1,69 @@
+"""Inspect uploads in a child process with resource limits (see ``inspect_child``)."""
+
+from __future__ import annotations
+
+import json
+import resource
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any, Literal
+
+from service.config import Settings
+from service.engine.errors import EngineError
+from service.engine.limits import EngineLimits
+
+
+def inspect_in_child(
+    kind: Literal["model", "dataset"],
+    path: Path,
+    filename: str | None,
+    limits: EngineLimits,
+    settings: Settings,
+) -> dict[str, Any]:
+    """The engine's description of the upload, or ``EngineError`` with a precise code."""
+    memory = settings.inspect_memory_limit_mb * 1024 * 1024
+    cpu = settings.inspect_timeout_seconds
+
+    def apply_limits() -> None:
+        resource.setrlimit(resource.RLIMIT_AS, (memory, memory))
+        resource.setrlimit(resource.RLIMIT_CPU, (cpu, cpu + 2))
+        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+
+    spec = {
+        "kind": kind,
+        "path": str(path),
+        "filename": filename,
+        "limits": limits.model_dump(mode="json"),
+    }
+    bad = "invalid_model" if kind == "model" else "invalid_dataset"
+    try:
+        proc = subprocess.run(  # noqa: S603 - fixed argv, our own module
+            [sys.executable, "-m", "service.api.inspect_child", json.dumps(spec)],
+            capture_output=True,
+            timeout=settings.inspect_timeout_seconds + 5,
+            preexec_fn=apply_limits,  # noqa: PLW1509 - limits for the child only
+            stdin=subprocess.DEVNULL,
+            check=False,
+        )
+    except subprocess.TimeoutExpired:
+        raise EngineError(
+            bad, "inspecting the upload took longer than this server allows"
+        ) from None
+    lines = proc.stdout.decode(errors="replace").strip().splitlines()
+    try:
+        verdict = json.loads(lines[-1]) if lines else None
+    except ValueError:
+        verdict = None
+    if not isinstance(verdict, dict):
+        if proc.returncode < 0:
+            raise EngineError(
+                bad, "the upload crashed the parser; it is not a valid file of its kind"
+            )
+        raise EngineError(
+            bad, "the upload could not be inspected (the parser ran out of resources)"
+        )
+    if verdict.get("ok"):
+        return dict(verdict["description"])
+    err = verdict["error"]
+    raise EngineError(err["code"], err["message"], err.get("details"))
