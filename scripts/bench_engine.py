@@ -170,9 +170,13 @@ def bench_auto(model: corpus.CorpusModel, workdir: Path) -> Row:
     started = time.perf_counter()
     try:
         result = run_pipeline(
-            model.path, "auto", workdir / f"{model.name}_auto",
-            dataset_path=_dataset(model, workdir), device=None,
-            constraints=AUTO_CONSTRAINTS.get(model.name, {}), limits=_limits(model),
+            model.path,
+            "auto",
+            workdir / f"{model.name}_auto",
+            dataset_path=_dataset(model, workdir),
+            device=None,
+            constraints=AUTO_CONSTRAINTS.get(model.name, {}),
+            limits=_limits(model),
         )
     except EngineError as exc:
         return Row(model.name, "auto", error=f"{exc.code}: {exc.message[:160]}")
@@ -224,30 +228,27 @@ def _fmt(value: float | None, spec: str) -> str:
 
 def _cells(row: Row) -> str:
     if row.error:
-        return f"{'ERROR ' + row.error:<58.58}"
+        return f"{'ERROR ' + row.error:<62.62}"
     delta = None if row.accuracy_delta is None else row.accuracy_delta * 100
     return (
-        f"{_fmt(row.size_ratio, '6.2f')}x {_fmt(row.speedup, '6.2f')}x "
-        f"{_fmt(row.latency_ms_after, '8.3f')}ms {_fmt(row.min_cosine, '8.5f')} "
-        f"{_fmt(delta, '+6.2f'):>7}pt"
+        f"{_fmt(row.size_ratio, '6.2f')}x {_fmt(row.speedup, '5.2f')}x "
+        f"{_fmt(row.latency_ms_before, '7.3f')}>{_fmt(row.latency_ms_after, '7.3f')}ms "
+        f"{_fmt(row.min_cosine, '7.5f')} {_fmt(delta, '+5.2f'):>6}pt"
     )
 
 
 def print_table(model: corpus.CorpusModel, rows: list[Row], plain: Row) -> None:
     info = model.info
-    extra = f" (float test accuracy {info['test_accuracy']:.4f})" if "test_accuracy" in info else ""
+    extra = f", float test accuracy {info['test_accuracy']:.4f}" if "test_accuracy" in info else ""
     print(
-        f"\n== {model.name}: {model.path.stat().st_size / 1e6:.2f} MB, exporter {info.get('exporter', '?')}{extra}"
+        f"\n== {model.name}: {model.path.stat().st_size / 1e6:.2f} MB, "
+        f"exporter {info.get('exporter', '?')}{extra}"
     )
-    base = (
-        rows[0].latency_ms_before if rows and rows[0].latency_ms_before else plain.latency_ms_before
-    )
-    print(f"   float latency at batch 1: {_fmt(base, '.3f')} ms")
-    head = "   size    speedup   latency    cosine    acc.d"
-    print(f"{'technique':<20} | {'EdgePress':<58} | plain ORT quantize_dynamic (same file)")
-    print(f"{'':<20} | {head:<58} | {head}")
+    head = "   size speedup  float>compressed     cosine  acc.d"
+    print(f"{'technique':<18} | {'EdgePress':<62} | plain ORT quantize_dynamic (same file)")
+    print(f"{'':<18} | {head:<62} | {head}")
     for row in rows:
-        print(f"{row.technique:<20} | {_cells(row):<58} | {_cells(plain)}")
+        print(f"{row.technique:<18} | {_cells(row):<62} | {_cells(plain)}")
 
 
 def check_bars(rows: list[Row]) -> list[tuple[str, str, str, bool | None]]:
@@ -273,8 +274,9 @@ def main(argv: list[str] | None = None) -> int:
         "--cache-dir", type=Path, default=Path(tempfile.gettempdir()) / "edgepress_corpus"
     )
     parser.add_argument("--json", type=Path, default=None, help="write all rows here")
-    parser.add_argument("--no-auto", dest="auto", action="store_false",
-                        help="leave out the auto row (issue 4)")
+    parser.add_argument(
+        "--no-auto", dest="auto", action="store_false", help="leave out the auto row (issue 4)"
+    )
     args = parser.parse_args(argv)
 
     all_rows: list[Row] = []
