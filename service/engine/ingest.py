@@ -652,6 +652,63 @@ def _inline_external_data(model: onnx.ModelProto, base: Path | None, limits: Eng
 # Validation
 
 
+# Newest IR version the worker's ONNX Runtime loads (tests/unit/engine/test_ingest.py checks it
+# against the installed onnxruntime).
+RUNTIME_MAX_IR_VERSION = 13
+
+# Element types that exist since IR 4-8; newer IR versions only add types (float8, int4, ...).
+_CLASSIC_TYPES = frozenset(
+    {
+        TensorProto.FLOAT,
+        TensorProto.UINT8,
+        TensorProto.INT8,
+        TensorProto.UINT16,
+        TensorProto.INT16,
+        TensorProto.INT32,
+        TensorProto.INT64,
+        TensorProto.STRING,
+        TensorProto.BOOL,
+        TensorProto.FLOAT16,
+        TensorProto.DOUBLE,
+        TensorProto.UINT32,
+        TensorProto.UINT64,
+        TensorProto.COMPLEX64,
+        TensorProto.COMPLEX128,
+        TensorProto.BFLOAT16,
+    }
+)
+
+
+def fit_ir_version(model: onnx.ModelProto) -> str | None:
+    """Lower an IR version the runtime cannot load to the one the model actually needs.
+
+    Exporters built on a newer ``onnx`` stamp its newest IR version on every model, even when
+    the opsets and types in it need a far older one (opset 17 needs IR 8): ONNX Runtime then
+    refuses a perfectly ordinary model. When the opsets and every element type fit an IR the
+    runtime loads, the number is lowered in place; returns a note saying so, else None.
+    """
+    if model.ir_version <= RUNTIME_MAX_IR_VERSION:
+        return None
+    try:
+        needed = onnx.helper.find_min_ir_version_for(list(model.opset_import), ignore_unknown=True)
+    except (ValueError, KeyError):
+        return None
+    if needed > RUNTIME_MAX_IR_VERSION:
+        return None
+    for graph, _ in iter_graphs(model.graph):
+        types = [t.data_type for t in graph.initializer]
+        types += [
+            v.type.tensor_type.elem_type
+            for v in (*graph.input, *graph.output, *graph.value_info)
+            if v.type.HasField("tensor_type")
+        ]
+        if any(t and t not in _CLASSIC_TYPES for t in types):
+            return None
+    old = model.ir_version
+    model.ir_version = max(needed, 7)
+    return f"IR version lowered from {old} to {model.ir_version} (what its opsets need) so ONNX Runtime loads it"
+
+
 def validate(model: onnx.ModelProto, limits: EngineLimits | None = None) -> None:
     """Refuse models that are malformed, hostile or unloadable on the worker.
 

@@ -29,7 +29,7 @@ import onnx
 
 from service.engine.dataset import load_dataset
 from service.engine.errors import EngineError
-from service.engine.ingest import load_model
+from service.engine.ingest import fit_ir_version, load_model
 from service.engine.limits import EngineLimits
 from service.engine.normalise import normalise
 from service.engine.registry import PassContext, parse_recipe
@@ -147,6 +147,9 @@ def run_pipeline(
             "a recipe with non-quantizing passes (e.g. graph_optimize)",
             {"quantization": description["quantization"]},
         )
+    ir_note = fit_ir_version(ingested.model)
+    if ir_note:
+        warnings.append(ir_note)
     original_path = workdir / "input" / "original.onnx"
     _save(ingested.model, original_path)
     from service.engine.evaluate import dataset_feeds, evaluate_candidate, generate_feeds
