@@ -124,13 +124,14 @@ def strip_debug_metadata(model: onnx.ModelProto) -> int:
     """
     before = model.ByteSize()
     for graph in iter_graphs(model.graph):
+        # ClearField, not = "": protobuf2 would store an explicitly empty string.
         for node in graph.node:
             del node.metadata_props[:]
-            node.doc_string = ""
-        graph.doc_string = ""
+            node.ClearField("doc_string")
+        graph.ClearField("doc_string")
         for vi in list(graph.value_info) + list(graph.input) + list(graph.output):
             del vi.metadata_props[:]
-            vi.doc_string = ""
+            vi.ClearField("doc_string")
     return before - model.ByteSize()
 
 

@@ -8,7 +8,9 @@ What it does better than the plain one-call ``onnxruntime.quantization.quantize_
   float on CPU (use ``quantize_static`` for CNNs). It can still be asked for in ``op_types``.
 - ``Gemm`` with a constant weight is rewritten as ``MatMul`` + ``Add`` first, so it gets ONNX
   Runtime's fused dynamic int8 MatMul kernel (the one-call API leaves Gemm in float).
-- Per-channel weight scales (one per output column / gate row) by default.
+- Per-channel weight scales where they help: ONNX Runtime's per-tensor dynamic MatMul is
+  the fastest, so ``per_channel="auto"`` measures each weight's int8 SQNR both ways and goes
+  per channel only when a weight would lose > 6 dB and fall under 35 dB per tensor.
 - Ops ONNX Runtime has no dynamic int8 kernel for (``GRU``), and every weight inside If/Loop/Scan
   bodies (ONNX Runtime's quantizer does not descend into subgraphs unless asked, and then only
   for the ops it knows), are stored as int8 with a ``DequantizeLinear`` in front: the file
@@ -66,10 +68,11 @@ class QuantizeDynamicConfig(PassConfig):
         description="Op types to quantize. Conv is excluded by default: dynamic int8 "
         "convolutions are several times slower than float on CPU; use quantize_static for CNNs.",
     )
-    per_channel: bool = Field(
-        True,
-        description="One weight scale per output channel (more accurate) instead of one "
-        "per tensor.",
+    per_channel: bool | Literal["auto"] = Field(
+        "auto",
+        description="Weight scales per output channel (accurate on uneven weights, slower "
+        "dynamic int8 MatMul kernels in ONNX Runtime) or per tensor (fastest). auto = per "
+        "tensor unless a weight would lose more than 6 dB SQNR to it and fall under 35 dB.",
     )
     weight_type: Literal["int8", "uint8"] = Field(
         "int8", description="Storage type of quantized weights (int8 = symmetric)."
@@ -348,6 +351,46 @@ def _candidates(
     return out
 
 
+def int8_sqnr_db(w: np.ndarray, axis: int | None) -> float:
+    """SQNR (dB) of symmetric int8 round-to-nearest with one scale (axis None) or per channel."""
+    w = w.astype(np.float32)
+    if axis is None or w.ndim == 0 or axis >= w.ndim:
+        amax = np.max(np.abs(w))
+    else:
+        amax = np.max(np.abs(w), axis=tuple(i for i in range(w.ndim) if i != axis), keepdims=True)
+    scale = np.where(amax > 0, amax / 127.0, 1.0)
+    err = w - np.clip(np.rint(w / scale), -127, 127) * scale
+    signal, noise = float(np.sum(w * w)), float(np.sum(err * err))
+    return 200.0 if noise == 0 else 10.0 * float(np.log10(max(signal, 1e-30) / noise))
+
+
+def choose_per_channel(
+    model: onnx.ModelProto, nodes: list[tuple[str, str, str]]
+) -> tuple[bool, list[dict]]:
+    """Per-channel only where it helps: True when some weight's per-tensor int8 SQNR is both
+    low (< 35 dB) and more than 6 dB under its per-channel SQNR. Returns (choice, evidence)."""
+    inits = {t.name: t for t in model.graph.initializer}
+    node_by_name = {n.name: n for n in model.graph.node}
+    evidence = []
+    for node_name, _op, weight in nodes:
+        node = node_by_name.get(node_name)
+        if node is None or weight not in inits:
+            continue
+        index = list(node.input).index(weight)
+        w = numpy_helper.to_array(inits[weight])
+        per_tensor = int8_sqnr_db(w, None)
+        per_chan = int8_sqnr_db(w, weight_axis(node, index))
+        if per_tensor < 35.0 and per_chan - per_tensor > 6.0:
+            evidence.append(
+                {
+                    "node": node_name,
+                    "per_tensor_db": round(per_tensor, 1),
+                    "per_channel_db": round(per_chan, 1),
+                }
+            )
+    return bool(evidence), evidence
+
+
 def float_weight_bytes(model: onnx.ModelProto) -> int:
     """Bytes of float32/float64 initializers over all graphs."""
     total = 0
@@ -420,6 +463,16 @@ class QuantizeDynamic(Pass[QuantizeDynamicConfig]):
                 ort_exclude.append(node.name)
             else:
                 ort_nodes.append((node.name, node.op_type, weight))
+        per_channel = config.per_channel
+        if per_channel == "auto":
+            per_channel, evidence = choose_per_channel(work, ort_nodes)
+            notes["per_channel_reason"] = (
+                f"per channel: {len(evidence)} weight(s) lose > 6 dB per tensor"
+                if per_channel
+                else "per tensor: every weight keeps >= 35 dB SQNR or gains < 6 dB per channel "
+                "(ONNX Runtime's per-tensor dynamic MatMul is the fastest)"
+            )
+            notes["per_channel_evidence"] = evidence[:20]
         if ort_nodes:
             ctx.progress(0.2, f"ONNX Runtime dynamic int8 on {len(ort_nodes)} nodes")
             src, dst = ctx.workdir / "qd_in.onnx", ctx.workdir / "qd_out.onnx"
@@ -430,7 +483,7 @@ class QuantizeDynamic(Pass[QuantizeDynamicConfig]):
                     str(src),
                     str(dst),
                     op_types_to_quantize=sorted({op for _, op, _ in ort_nodes}),
-                    per_channel=config.per_channel,
+                    per_channel=per_channel,
                     reduce_range=config.reduce_range,
                     weight_type=weight_type,
                     nodes_to_exclude=ort_exclude,
@@ -469,7 +522,7 @@ class QuantizeDynamic(Pass[QuantizeDynamicConfig]):
             exclude=exclude,
             main_graph=True,
             subgraphs=False,
-            per_channel=config.per_channel,
+            per_channel=True,  # weight-only: per-channel costs nothing at run time
             symmetric=config.weight_type == "int8",
         )
         for item in done_main:
@@ -484,7 +537,7 @@ class QuantizeDynamic(Pass[QuantizeDynamicConfig]):
                 exclude=exclude,
                 main_graph=False,
                 subgraphs=True,
-                per_channel=config.per_channel,
+                per_channel=True,
                 symmetric=config.weight_type == "int8",
             )
             for item in done_sub:
@@ -509,7 +562,7 @@ class QuantizeDynamic(Pass[QuantizeDynamicConfig]):
         notes.update(
             {
                 "op_types": sorted(wanted),
-                "per_channel": config.per_channel,
+                "per_channel": per_channel,
                 "weight_type": config.weight_type,
                 "bytes_before": bytes_before,
                 "bytes_after": bytes_after,

@@ -17,6 +17,7 @@ stored as int8 + DequantizeLinear (``subgraph_weights``).
 from __future__ import annotations
 
 import contextlib
+import io
 from collections import Counter
 from typing import Literal
 
@@ -252,22 +253,24 @@ class QuantizeStatic(Pass[QuantizeStaticConfig]):
             0.2, f"calibrating on {samples} {source} samples ({config.calibration_method})"
         )
         try:
-            quantize_static(
-                str(src),
-                str(dst),
-                Reader(arrays, batch),
-                quant_format=QuantFormat.QDQ
-                if config.quant_format == "qdq"
-                else QuantFormat.QOperator,
-                op_types_to_quantize=config.op_types,
-                per_channel=config.per_channel,
-                reduce_range=config.reduce_range,
-                activation_type=qtypes[config.activation_type],
-                weight_type=qtypes[config.weight_type],
-                nodes_to_exclude=list(config.nodes_to_exclude),
-                calibrate_method=methods[config.calibration_method],
-                extra_options=extra,
-            )
+            # The histogram calibrators print progress to stdout: keep the worker's output clean.
+            with contextlib.redirect_stdout(io.StringIO()):
+                quantize_static(
+                    str(src),
+                    str(dst),
+                    Reader(arrays, batch),
+                    quant_format=QuantFormat.QDQ
+                    if config.quant_format == "qdq"
+                    else QuantFormat.QOperator,
+                    op_types_to_quantize=config.op_types,
+                    per_channel=config.per_channel,
+                    reduce_range=config.reduce_range,
+                    activation_type=qtypes[config.activation_type],
+                    weight_type=qtypes[config.weight_type],
+                    nodes_to_exclude=list(config.nodes_to_exclude),
+                    calibrate_method=methods[config.calibration_method],
+                    extra_options=extra,
+                )
         except EngineError:
             raise
         except Exception as exc:  # library failure -> pass failure, with its reason

@@ -145,3 +145,24 @@ def test_nothing_quantizable_is_no_effect(kit) -> None:
         kit.run("quantize_dynamic", model, min_elements=10**7)
     assert info.value.code == "no_effect"
     assert "min_elements" in info.value.message
+
+
+def test_per_channel_auto_goes_per_channel_only_where_it_helps(kit) -> None:
+    model = kit.load(crafted.mlp())
+    even = kit.run("quantize_dynamic", model)
+    assert even.notes["per_channel"] is False  # random weights: per tensor loses nothing
+    # One output column 300x larger than the others: per-tensor int8 flattens the rest.
+    w1 = next(t for t in model.graph.initializer if t.name == "w1")
+    arr = nh.to_array(w1).copy()
+    arr[:, 0] *= 300.0
+    w1.CopyFrom(nh.from_array(arr, "w1"))
+    uneven = kit.run("quantize_dynamic", model)
+    assert uneven.notes["per_channel"] is True
+    assert [e["node"] for e in uneven.notes["per_channel_evidence"]] == ["fc1"]
+    forced = kit.run("quantize_dynamic", model, per_channel=False)
+    x = np.random.default_rng(0).normal(0, 1, (32, 64)).astype(np.float32)
+    ref = kit.outputs(model, {"x": x})
+    # Activations stay per-tensor (dynamic), so the outlier still costs; per channel costs less.
+    assert kit.min_cosine(ref, kit.outputs(uneven.model, {"x": x})) > kit.min_cosine(
+        ref, kit.outputs(forced.model, {"x": x})
+    )
