@@ -337,7 +337,8 @@ def test_early_stop_skips_candidates_that_cannot_win(mlp_path: Path, tmp_path: P
 
 def test_candidates_run_in_parallel_processes(mlp_path: Path, tmp_path: Path) -> None:
     result = run_pipeline(mlp_path, "auto", tmp_path, device="x86_xeon_spr_vnni_amx",
-                          constraints={"workers": 2, "training": False, "max_candidates": 3})
+                          constraints={"workers": 2, "training": False, "max_candidates": 3,
+                                       "objective": "size"})
     auto = result.report["auto"]
     assert auto["workers"] == 2
     assert sum(c["status"] == "ok" for c in auto["candidates"]) >= 2
