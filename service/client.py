@@ -6,15 +6,17 @@ contract fails loudly here instead of deep in a pipeline.
 
 Behaviour a CI step can rely on:
 
-- **Retries**: 429 and 503 answers and connection errors are retried with exponential backoff
-  (with jitter), honouring ``Retry-After`` (seconds or an HTTP date). A POST is retried on a
-  connection error only when it is safe: uploads are content addressed and cancel is
-  idempotent; a job submission is retried only when the connection failed before anything was
-  sent (the server does not de-duplicate ``Idempotency-Key`` yet, see below).
+- **Retries**: 429 and 503 answers, 409 ``idempotency_in_progress`` and connection errors
+  are retried with exponential backoff (with jitter), honouring ``Retry-After`` (seconds or an
+  HTTP date).
 - **Idempotency keys**: every POST carries an ``Idempotency-Key`` (a uuid per logical call,
-  the same across its retries), ready for a server that de-duplicates on it.
+  the same across its retries). The API replays the first answer to a repeated key, so a POST
+  whose answer was lost on the wire is retried without creating a second job.
 - **Streaming**: uploads stream from a file object (never read whole into memory) and are
-  hashed on the way; the server's SHA-256 must equal ours. Downloads stream to disk in chunks
+  hashed on the way; the server's SHA-256 must equal ours. Files above
+  ``presigned_threshold`` bytes (and any with ``presigned=True``) go straight to the object
+  store through a presigned POST (``/v1/uploads``), then the API checks them as it would a
+  direct upload. Downloads stream to disk in chunks
   and are checked against ``Content-Length``, the object store's MD5 ETag when it has one, and
   for ``model.onnx`` the job's ``result.bytes_after`` (and, optionally, the ONNX checker).
 - **Errors**: every failure is one ``EdgePressError`` carrying the RFC 9457 problem
@@ -59,6 +61,7 @@ CHUNK = 1024 * 1024
 MAX_BACKOFF_S = 30.0
 MAX_RETRY_AFTER_S = 120.0
 RETRY_STATUSES = frozenset({429, 503})
+PRESIGNED_THRESHOLD = 256 * 1024**2  # larger uploads go straight to the object store
 
 
 class EdgePressError(Exception):
@@ -125,15 +128,15 @@ def _retry_after(resp: requests.Response) -> float | None:
     return max(0.0, when.timestamp() - time.time())
 
 
-def _nothing_sent(exc: requests.exceptions.RequestException) -> bool:
-    """True when the connection failed before the request could reach the server."""
-    if isinstance(exc, requests.exceptions.ConnectTimeout):
-        return True
-    if isinstance(exc, requests.exceptions.ConnectionError):
-        text = repr(exc)
-        return any(s in text for s in ("NewConnectionError", "Connection refused",
-                                       "NameResolutionError", "Failed to resolve"))
-    return False
+def _in_progress(resp: requests.Response) -> bool:
+    """A 409 saying the first request under this Idempotency-Key is still being served."""
+    if resp.status_code != 409:
+        return False
+    try:
+        body = resp.json()
+    except ValueError:
+        return False
+    return isinstance(body, dict) and body.get("code") == "idempotency_in_progress"
 
 
 class _HashingReader:
@@ -159,6 +162,11 @@ class _HashingReader:
             self._fh.seek(self._start)
             return end - self._start
         return None
+
+    @property
+    def length(self) -> int | None:
+        """Bytes to send, when known."""
+        return self._length
 
     def rewind(self) -> bool:
         """Go back to where the upload started (for a retry); False when impossible."""
@@ -192,6 +200,52 @@ class _HashingReader:
             yield chunk
 
 
+class _MultipartBody:
+    """A ``multipart/form-data`` body for a presigned POST, streamed: the policy fields, then
+    the file (read in chunks through the hashing reader), with an exact Content-Length."""
+
+    def __init__(self, fields: dict[str, str], reader: _HashingReader, filename: str) -> None:
+        boundary = uuid.uuid4().hex
+        self.content_type = f"multipart/form-data; boundary={boundary}"
+        safe_name = filename.replace('"', "_").replace("\r", "_").replace("\n", "_")
+        head = b"".join(
+            f'--{boundary}\r\nContent-Disposition: form-data; name="{k}"\r\n\r\n{v}\r\n'
+            .encode() for k, v in fields.items())
+        head += (f'--{boundary}\r\nContent-Disposition: form-data; name="file"; '
+                 f'filename="{safe_name}"\r\nContent-Type: application/octet-stream\r\n\r\n'
+                 ).encode()
+        self._head, self._tail = head, f"\r\n--{boundary}--\r\n".encode()
+        self._reader = reader
+        self._total = len(head) + (reader.length or 0) + len(self._tail)
+        self._sent = 0
+
+    def __bool__(self) -> bool:
+        return True
+
+    def __len__(self) -> int:
+        return self._total
+
+    def tell(self) -> int:
+        return self._sent
+
+    def read(self, size: int | None = -1) -> bytes:
+        want = CHUNK if size is None or size < 0 else max(size, 64 * 1024)
+        head_left = len(self._head) - self._sent
+        if head_left > 0:
+            chunk = self._head[self._sent:self._sent + min(want, head_left)]
+        else:
+            chunk = self._reader.read(want)
+            if not chunk:
+                tail_at = self._sent - len(self._head) - self._reader.sent
+                chunk = self._tail[tail_at:tail_at + want]
+        self._sent += len(chunk)
+        return chunk
+
+    def __iter__(self) -> Iterator[bytes]:
+        while chunk := self.read(CHUNK):
+            yield chunk
+
+
 class EdgePressClient:
     """A client of one EdgePress API (``base_url`` like ``http://127.0.0.1:8080``).
 
@@ -210,11 +264,13 @@ class EdgePressClient:
         session: requests.Session | None = None,
         backoff: float = 0.5,
         user_agent: str = "edgepress-client/0.1",
+        presigned_threshold: int | None = PRESIGNED_THRESHOLD,
     ) -> None:
         self.base_url = base_url.rstrip("/")
         self.timeout = timeout
         self.max_retries = max(0, int(max_retries))
         self.backoff = backoff
+        self.presigned_threshold = presigned_threshold
         self.http = session or requests.Session()
         self.http.headers["User-Agent"] = user_agent
         if api_key:
@@ -237,7 +293,6 @@ class EdgePressClient:
         json: Any = None,
         body: _HashingReader | None = None,
         headers: dict[str, str] | None = None,
-        retry_post_on_connection_error: bool = False,
         read_timeout: float | None = None,
         ok: tuple[int, ...] = (200, 201, 202, 204),
     ) -> requests.Response:
@@ -256,15 +311,16 @@ class EdgePressClient:
                 resp = self.http.request(method, url, params=params, json=json, data=body,
                                          headers=hdrs, timeout=timeout, allow_redirects=False)
             except requests.exceptions.RequestException as exc:
-                safe = method != "POST" or retry_post_on_connection_error or _nothing_sent(exc)
-                if not safe or attempt >= self.max_retries:
+                # POSTs too: the API replays the first answer to a repeated Idempotency-Key.
+                if attempt >= self.max_retries:
                     raise EdgePressError(None, "connection_error",
                                          f"{method} {url} failed: {type(exc).__name__}: {exc}"
                                          ) from exc
                 time.sleep(self._delay(attempt, None))
                 attempt += 1
                 continue
-            if resp.status_code in RETRY_STATUSES and attempt < self.max_retries:
+            if (resp.status_code in RETRY_STATUSES or _in_progress(resp)) \
+                    and attempt < self.max_retries:
                 delay = self._delay(attempt, resp)
                 resp.close()
                 time.sleep(delay)
@@ -305,17 +361,27 @@ class EdgePressClient:
 
     # -- uploads ---------------------------------------------------------------------------
     def _upload(self, path: str, source: str | os.PathLike[str] | IO[bytes],
-                filename: str | None) -> dict[str, Any]:
+                filename: str | None, presigned: bool | None = None) -> dict[str, Any]:
         if isinstance(source, (str, os.PathLike)):
             with open(source, "rb") as fh:
-                return self._upload(path, fh, filename or Path(source).name)
+                return self._upload(path, fh, filename or Path(source).name, presigned)
         reader = _HashingReader(source)
-        params = {"filename": filename} if filename else None
-        resp = self._request("POST", path, params=params, body=reader,
-                             headers={"Content-Type": "application/octet-stream"},
-                             retry_post_on_connection_error=True,
-                             read_timeout=max(self.timeout, UPLOAD_READ_TIMEOUT))
-        record = self._json(resp)
+        size = reader.length
+        if presigned is None:
+            presigned = (self.presigned_threshold is not None and size is not None
+                         and size > self.presigned_threshold)
+        if presigned:
+            if size is None:
+                raise EdgePressError(None, "presigned_needs_size",
+                                     "a presigned upload needs a file of known size")
+            kind = "model" if path == "/v1/models" else "dataset"
+            resp, record = self._upload_presigned(kind, reader, filename)
+        else:
+            params = {"filename": filename} if filename else None
+            resp = self._request("POST", path, params=params, body=reader,
+                                 headers={"Content-Type": "application/octet-stream"},
+                                 read_timeout=max(self.timeout, UPLOAD_READ_TIMEOUT))
+            record = self._json(resp)
         local = reader.digest.hexdigest()
         if record.get("sha256") != local:
             raise EdgePressError(resp.status_code, "checksum_mismatch",
@@ -323,24 +389,60 @@ class EdgePressClient:
                                  f"sent has {local}", problem={"local_sha256": local})
         return dict(record)
 
+    def _upload_presigned(self, kind: str, reader: _HashingReader,
+                          filename: str | None) -> tuple[requests.Response, dict[str, Any]]:
+        """``POST /v1/uploads`` for a presigned POST, stream the file to the object store,
+        then ``complete`` it (the API checks it like a direct upload)."""
+        ticket = self._json(self._request("POST", "/v1/uploads",
+                                          json={"kind": kind, "filename": filename}))
+        attempt = 0
+        while True:
+            body = _MultipartBody(ticket["fields"], reader, filename or "upload")
+            try:
+                # A plain request: the store's URL must not see our Authorization header.
+                stored = requests.post(
+                    ticket["url"], data=body, timeout=(self.timeout, UPLOAD_READ_TIMEOUT),
+                    headers={"Content-Type": body.content_type})
+            except requests.exceptions.RequestException as exc:
+                stored, error = None, exc
+            else:
+                error = None
+                if stored.status_code in (200, 201, 204):
+                    break
+                if stored.status_code not in (429, 500, 502, 503, 504):
+                    raise EdgePressError(stored.status_code, "presigned_upload_failed",
+                                         f"the object store refused the upload: "
+                                         f"{stored.text[:300]}")
+            if attempt >= self.max_retries or not reader.rewind():
+                raise EdgePressError(None, "presigned_upload_failed",
+                                     f"the upload to the object store failed: {error or stored}")
+            time.sleep(self._delay(attempt, stored))
+            attempt += 1
+        resp = self._request("POST", ticket["complete_url"],
+                             read_timeout=max(self.timeout, UPLOAD_READ_TIMEOUT))
+        return resp, dict(self._json(resp))
+
     def upload_model(self, source: str | os.PathLike[str] | IO[bytes],
-                     filename: str | None = None) -> ModelRecord:
+                     filename: str | None = None, *,
+                     presigned: bool | None = None) -> ModelRecord:
         """Stream a model (``.onnx`` or a ``.zip``/``.tar`` with external data) to the API.
 
         ``source`` is a path or a binary file object (read in chunks, rewound for a retry when
         seekable). Uploading the same bytes again returns the same record. Raises
         ``EdgePressError`` (``not_onnx``, ``unsafe_format``, ``payload_too_large``,
-        ``checksum_mismatch`` ...).
+        ``checksum_mismatch`` ...). ``presigned``: send the bytes straight to the object store
+        (default: when the file is larger than ``presigned_threshold``).
         """
-        record: ModelRecord = self._parse(ModelRecord,
-                                          self._upload("/v1/models", source, filename))
+        record: ModelRecord = self._parse(
+            ModelRecord, self._upload("/v1/models", source, filename, presigned))
         return record
 
     def upload_dataset(self, source: str | os.PathLike[str] | IO[bytes],
-                       filename: str | None = None) -> DatasetRecord:
+                       filename: str | None = None, *,
+                       presigned: bool | None = None) -> DatasetRecord:
         """Stream an ``.npz`` dataset (arrays keyed by model input name, optional ``labels``)."""
-        record: DatasetRecord = self._parse(DatasetRecord,
-                                            self._upload("/v1/datasets", source, filename))
+        record: DatasetRecord = self._parse(
+            DatasetRecord, self._upload("/v1/datasets", source, filename, presigned))
         return record
 
     # -- models ------------------------------------------------------------------------------
@@ -415,7 +517,7 @@ class EdgePressClient:
     def cancel_job(self, job_id: str) -> Job:
         """Cancel: a queued job at once, a running one within seconds (poll to see it)."""
         out: Job = self._parse(Job, self._json(self._request(
-            "POST", f"/v1/jobs/{job_id}/cancel", retry_post_on_connection_error=True)))
+            "POST", f"/v1/jobs/{job_id}/cancel")))
         return out
 
     def delete_job(self, job_id: str) -> None:

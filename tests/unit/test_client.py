@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import os
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -132,6 +133,21 @@ def test_each_logical_post_gets_its_own_idempotency_key() -> None:
         client.submit_job("mdl_" + "0" * 32, recipe="auto")
     keys = {r["headers"]["Idempotency-Key"] for r in srv.requests}
     assert len(keys) == 2
+
+
+def test_409_in_progress_is_retried_under_the_same_key() -> None:
+    busy = _problem(409, "idempotency_in_progress")
+    with _Scripted([_json(409, busy, **{"Retry-After": "0"}), _json(202, _job())]) as srv:
+        EdgePressClient(srv.url).cancel_job("job_1")
+    assert [r["path"] for r in srv.requests] == ["/v1/jobs/job_1/cancel"] * 2
+    assert len({r["headers"]["Idempotency-Key"] for r in srv.requests}) == 1
+
+
+def test_409_conflict_is_not_retried() -> None:
+    with _Scripted([_json(409, _problem(409, "idempotency_key_reused"))]) as srv, \
+            pytest.raises(EdgePressError) as info:
+        EdgePressClient(srv.url).cancel_job("job_1")
+    assert info.value.code == "idempotency_key_reused" and len(srv.requests) == 1
 
 
 def test_429_gives_up_after_max_retries_with_the_problem() -> None:
@@ -312,6 +328,30 @@ def test_real_download_that_does_not_match_the_job_is_refused(finished_job: Any,
         client.download_artifact(job.id, "model.onnx", tmp_path / "m.onnx", job=liar)
     assert info.value.code == "checksum_mismatch"
     assert list(tmp_path.iterdir()) == [], "a refused download must leave nothing behind"
+
+
+@pytest.mark.stack
+def test_real_presigned_upload_matches_the_direct_one(live_stack: Any, tmp_path: Path) -> None:
+    from tests.models import write_mlp
+
+    source = write_mlp(tmp_path / "mlp.onnx", inputs=64, hidden=128, seed=7)
+    # A tiny threshold sends this file through /v1/uploads (presigned POST to the store).
+    via_store = EdgePressClient(live_stack.api_url, presigned_threshold=1024).upload_model(source)
+    direct = EdgePressClient(live_stack.api_url).upload_model(source, presigned=False)
+    assert via_store.id == direct.id
+    assert via_store.sha256 == hashlib.sha256(source.read_bytes()).hexdigest()
+
+
+@pytest.mark.stack
+def test_real_api_replays_a_repeated_idempotency_key(live_stack: Any, mlp_model: Path) -> None:
+    client = EdgePressClient(live_stack.api_url)
+    model = client.upload_model(mlp_model)
+    body = {"model_id": model.id, "recipe": [{"pass": "quantize_dynamic"}]}
+    key = {"Idempotency-Key": "test-" + os.urandom(8).hex()}
+    first = client._request("POST", "/v1/jobs", json=body, headers=key).json()
+    again = client._request("POST", "/v1/jobs", json=body, headers=key).json()
+    assert first["id"] == again["id"], "a retried POST must not create a second job"
+    client.cancel_job(first["id"])
 
 
 @pytest.mark.stack
