@@ -99,7 +99,7 @@ def _dataset(model: corpus.CorpusModel, workdir: Path) -> Path:
     arrays = dict(model.inputs)
     if model.labels is not None:
         arrays["labels"] = model.labels
-    np.savez(path, **arrays)
+    np.savez(path, **arrays)  # type: ignore[arg-type]
     return path
 
 
@@ -252,7 +252,7 @@ def print_table(model: corpus.CorpusModel, rows: list[Row], plain: Row) -> None:
 
 
 def check_bars(rows: list[Row]) -> list[tuple[str, str, str, bool | None]]:
-    results = []
+    results: list[tuple[str, str, str, bool | None]] = []
     for model, technique, what, check in BARS:
         for row in rows:
             if row.technique == "plain ORT quantize_dynamic":
@@ -297,10 +297,10 @@ def main(argv: list[str] | None = None) -> int:
 
     print("\n== bars (issue 3)")
     failed = 0
-    for model, technique, what, ok in check_bars(all_rows):
+    for model_name, technique, what, ok in check_bars(all_rows):
         mark = "n/a (error)" if ok is None else ("PASS" if ok else "FAIL")
         failed += ok is False
-        print(f"  {mark:<11} {model:<20} {technique:<18} {what}")
+        print(f"  {mark:<11} {model_name:<20} {technique:<18} {what}")
     if args.json:
         args.json.write_text(json.dumps([asdict(r) for r in all_rows], indent=2))
     return 1 if failed else 0

@@ -140,7 +140,7 @@ def _save(
     arrays.update({f"calib__{k}": v for k, v in calibration.items()})
     if labels is not None:
         arrays["labels"] = labels
-    np.savez(path.with_suffix(".npz"), **arrays)
+    np.savez(path.with_suffix(".npz"), **arrays)  # type: ignore[arg-type]
     info.update({"input_names": input_names, "output_names": output_names})
     path.with_suffix(".json").write_text(json.dumps(info, indent=2))
     return _load(path)
@@ -220,7 +220,7 @@ def digits_cnn(cache_dir: Path) -> CorpusModel:
     fused: list[nn.Module] = []
     for layer in layers:
         if isinstance(layer, nn.BatchNorm2d):
-            fused[-1] = nn.utils.fusion.fuse_conv_bn_eval(fused[-1], layer)
+            fused[-1] = nn.utils.fusion.fuse_conv_bn_eval(fused[-1], layer)  # type: ignore[type-var]
         else:
             fused.append(layer)
     model = nn.Sequential(*fused).eval()

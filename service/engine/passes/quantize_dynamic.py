@@ -36,6 +36,7 @@ from service.engine.passes.graph_optimize import iter_graphs, strip_debug_metada
 from service.engine.registry import Pass, PassConfig, PassContext, register
 
 DynamicOp = Literal["MatMul", "Gemm", "LSTM", "GRU", "Attention", "Conv", "Gather"]
+_DEFAULT_DYNAMIC_OPS: tuple[DynamicOp, ...] = ("MatMul", "Gemm", "LSTM", "GRU", "Attention")
 
 # A result must be at most this fraction of the input's bytes to count (as in the pipeline).
 SMALLER_RATIO = 0.98
@@ -64,7 +65,7 @@ class QuantizeDynamicConfig(PassConfig):
     """Dynamic int8 quantization (int8 weights, activations quantized per call)."""
 
     op_types: list[DynamicOp] = Field(
-        default_factory=lambda: ["MatMul", "Gemm", "LSTM", "GRU", "Attention"],
+        default_factory=lambda: list(_DEFAULT_DYNAMIC_OPS),
         description="Op types to quantize. Conv is excluded by default: dynamic int8 "
         "convolutions are several times slower than float on CPU; use quantize_static for CNNs.",
     )
@@ -185,8 +186,9 @@ def quantize_weight_int8(
         inputs.append(z_name)
         zp_arr = zp.reshape(-1) if axis is not None else zp.reshape(())
         new_inits.append(numpy_helper.from_array(zp_arr, z_name))
-    attrs = {"axis": axis} if axis is not None else {}
-    dq = helper.make_node("DequantizeLinear", inputs, [name], name=f"{name}__dequantize", **attrs)
+    dq = helper.make_node("DequantizeLinear", inputs, [name], name=f"{name}__dequantize")
+    if axis is not None:
+        dq.attribute.append(helper.make_attribute("axis", axis))
     keep = [t for t in graph.initializer if t.name != name]
     del graph.initializer[:]
     graph.initializer.extend(keep + new_inits)
@@ -427,7 +429,7 @@ class QuantizeDynamic(Pass[QuantizeDynamicConfig]):
         work.CopyFrom(model)
         work = ensure_opset(work)
         bytes_before = model.ByteSize()
-        wanted = set(config.op_types)
+        wanted: set[str] = set(config.op_types)
         exclude = set(config.nodes_to_exclude)
         notes: dict = {"quantized": [], "weight_only_int8": [], "skipped": []}
 

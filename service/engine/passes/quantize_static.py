@@ -31,7 +31,7 @@ from service.engine.passes.graph_optimize import iter_graphs, strip_debug_metada
 from service.engine.passes.quantize_dynamic import ensure_opset, weight_only_int8
 from service.engine.registry import Pass, PassConfig, PassContext, register
 
-_NUMPY_OF = {
+_NUMPY_OF: dict[int, type] = {
     TensorProto.FLOAT: np.float32,
     TensorProto.DOUBLE: np.float64,
     TensorProto.FLOAT16: np.float16,
@@ -138,6 +138,7 @@ def generate_inputs(
         if not dims:  # a scalar input: one value per sample is impossible; use the scalar
             shape = []
         dtype = _NUMPY_OF[elem]
+        arr: np.ndarray
         if np.issubdtype(dtype, np.floating):
             arr = rng.standard_normal(shape).astype(dtype)
         elif dtype == np.bool_:
