@@ -367,3 +367,18 @@ def test_already_quantized_model_is_refused(tmp_path: Path) -> None:
     with pytest.raises(EngineError) as info:
         run_pipeline(path, "auto", tmp_path / "work")
     assert info.value.code == "already_quantized"
+
+
+def test_latency_objective_confirms_finalists_head_to_head(mlp_path: Path, tmp_path: Path) -> None:
+    try:
+        result = run_pipeline(mlp_path, "auto", tmp_path, device="host",
+                              constraints={"objective": "latency", "training": False})
+    except EngineError as exc:  # every candidate slower on this (busy) host: said precisely
+        assert exc.code == "constraints_unsatisfiable"
+        assert any(m["constraint"] == "not_slower_on_host" for m in exc.details["missed"])
+        return
+    auto = result.report["auto"]
+    confirmed = auto["latency_confirmation"]
+    chosen = auto["chosen"]["candidate"]
+    assert chosen in confirmed["candidates"]
+    assert result.summary["speedup"] == confirmed["candidates"][chosen]["speedup"] >= 1.0
