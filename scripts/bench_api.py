@@ -7,9 +7,12 @@
    (listing, 20 per page) from ``--concurrency`` threads, each phase capped at ``--time-cap``
    seconds: requests/s, p50, p99, errors.
 2. **Upload memory**: the API's resident memory (gunicorn master + workers, from /proc) sampled
-   every 20 ms while a ``--upload-gib`` GiB body is streamed to ``POST /v1/models``; the bytes
-   are generated on the fly (nothing that size exists on disk or in memory here). The upload is
+   every 20 ms, and each process's kernel high-water mark, while a ``--upload-gib`` GiB body is
+   streamed to ``POST /v1/models`` (with a Content-Length, then chunked); the bytes are
+   generated on the fly (nothing that size exists on disk or in memory here). The upload is
    refused at the end as not ONNX, which is expected: the point is memory during the stream.
+   After the last byte the API inspects the file in a child process (parsing an ONNX protobuf
+   needs it whole): that peak is reported separately (``rss_peak_after_stream_mb``).
 3. **Overhead**: the same model and recipe through the service (upload, submit, wait, download)
    vs ``run_pipeline`` called directly in this process (warm imports) and in a fresh process
    (what the worker's engine child pays), medians of ``--rounds`` runs. Target: within 10 %.
@@ -116,17 +119,34 @@ def _children(pid: int) -> list[int]:
     return out
 
 
+def _descendants(pid: int) -> list[int]:
+    """Children, grandchildren ...: gunicorn workers and the upload-inspection processes."""
+    out, todo = [], [pid]
+    while todo:
+        kids = _children(todo.pop())
+        out += kids
+        todo += kids
+    return out
+
+
+def _memory_kb(pid: int) -> tuple[int, int]:
+    """(VmRSS, VmHWM) of a process in kB: resident now, and its resident high-water mark
+    (the kernel's own peak, so a short spike between two samples is not missed)."""
+    rss = hwm = 0
+    try:
+        with open(f"/proc/{pid}/status") as fh:
+            for line in fh:
+                if line.startswith("VmRSS:"):
+                    rss = int(line.split()[1])
+                elif line.startswith("VmHWM:"):
+                    hwm = int(line.split()[1])
+    except OSError:
+        pass
+    return rss, hwm
+
+
 def _rss_mb(pids: list[int]) -> float:
-    total = 0
-    for pid in pids:
-        try:
-            with open(f"/proc/{pid}/status") as fh:
-                for line in fh:
-                    if line.startswith("VmRSS:"):
-                        total += int(line.split()[1])
-        except OSError:
-            pass
-    return total / 1024.0
+    return sum(_memory_kb(p)[0] for p in pids) / 1024.0
 
 
 class _GeneratedBody:
@@ -139,6 +159,7 @@ class _GeneratedBody:
         self.sized = sized
         self.block = os.urandom(1024 * 1024)
         self.turn = 0
+        self.sent_at: float | None = None
 
     def seek(self, offset: int, whence: int = 0) -> int:
         if not self.sized:
@@ -160,6 +181,8 @@ class _GeneratedBody:
         self.turn = (self.turn + 7919) % len(self.block)
         chunk = (self.block[self.turn:] + self.block[:self.turn])[:n]
         self.left -= len(chunk)
+        if self.left <= 0:
+            self.sent_at = time.monotonic()  # the last byte left the client
         return chunk
 
     def seekable(self) -> bool:
@@ -167,36 +190,62 @@ class _GeneratedBody:
 
 
 def upload_memory(api_url: str, api_pid: int, size: int, sized: bool) -> dict:
+    # gunicorn answers /readyz as soon as one worker is up: wait for all of them, and re-list
+    # them at every sample (a worker that is replaced must still be counted).
+    workers = int(os.environ.get("EDGEPRESS_API_WORKERS", "2"))
+    deadline = time.monotonic() + 60
+    while len(_children(api_pid)) < workers and time.monotonic() < deadline:
+        time.sleep(0.5)
+    time.sleep(2)  # let the last worker finish importing the app
     pids = [api_pid, *_children(api_pid)]
     baseline = _rss_mb(pids)
-    samples: list[float] = []
+    hwm_before = {p: _memory_kb(p)[1] for p in pids}
+    samples: list[tuple[float, float, dict[int, int]]] = []
     done = threading.Event()
 
     def sample() -> None:
         while not done.is_set():
-            samples.append(_rss_mb(pids))
+            current = [api_pid, *_descendants(api_pid)]
+            mem = {p: _memory_kb(p) for p in current}
+            samples.append((time.monotonic(), sum(m[0] for m in mem.values()) / 1024.0,
+                            {p: m[1] for p, m in mem.items()}))
             time.sleep(0.02)
 
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
     client = EdgePressClient(api_url, max_retries=0, timeout=600)
     started = time.perf_counter()
-    outcome = "accepted"
+    outcome, detail = "accepted", ""
+    body = _GeneratedBody(size, sized)
     try:
-        client.upload_model(_GeneratedBody(size, sized),  # type: ignore[arg-type]
-                            filename="big.onnx")
+        client.upload_model(body, filename="big.onnx",  # type: ignore[arg-type]
+                            presigned=False)  # through the API: its memory is the point
     except EdgePressError as exc:
         outcome = f"{exc.status} {exc.code}"
+        detail = exc.detail[:80]
     seconds = time.perf_counter() - started
     done.set()
     sampler.join()
-    peak = max(samples or [baseline])
+    hwm_after = {p: _memory_kb(p)[1] for p in pids}
+    # While the body streams the API should stay flat; after the last byte it inspects the
+    # file (parsing an ONNX protobuf needs the whole file in memory: that is the engine's).
+    # Growth is per process (one worker serves the upload), from the kernel's high-water mark.
+    cut = body.sent_at or time.monotonic()
+    at_cut = [h for t, _, h in samples if t <= cut]
+    hwm_cut = at_cut[-1] if at_cut else hwm_before
+    stream_growth = max(hwm_cut.get(p, 0) - hwm_before.get(p, 0) for p in pids) / 1024.0
+    total_growth = max(hwm_after.get(p, 0) - hwm_before.get(p, 0) for p in pids) / 1024.0
+    during = max([r for t, r, _ in samples if t <= cut] or [baseline])
+    after = max([r for t, r, _ in samples if t > cut] or [during])
     return {"transfer": "Content-Length" if sized else "chunked", "bytes": size,
             "seconds": round(seconds, 2),
             "throughput_mib_s": round(size / 1024**2 / seconds, 1), "outcome": outcome,
             "api_processes": len(pids), "rss_baseline_mb": round(baseline, 1),
-            "rss_peak_mb": round(peak, 1), "rss_growth_mb": round(peak - baseline, 1),
-            "samples": len(samples)}
+            "rss_peak_stream_mb": round(during, 1),
+            "hwm_growth_stream_mb": round(stream_growth, 1),
+            "hwm_growth_total_mb": round(total_growth, 1),
+            "rss_peak_after_stream_mb": round(after, 1),
+            "samples": len(samples), "detail": detail}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -307,6 +356,9 @@ def main() -> int:
     parser.add_argument("--time-cap", type=float, default=30.0, help="seconds per load phase")
     parser.add_argument("--upload-gib", type=float, default=1.0)
     parser.add_argument("--rounds", type=int, default=3, help="overhead rounds per path")
+    parser.add_argument("--model-inputs", type=int, default=1024, help="MLP input width")
+    parser.add_argument("--model-hidden", type=int, default=4096,
+                        help="MLP hidden width (the weights dominate: 4 x inputs x hidden bytes)")
     parser.add_argument("--skip", action="append", default=[],
                         choices=["load", "upload", "overhead"])
     parser.add_argument("--json", help="also write the results to this file")
@@ -317,7 +369,8 @@ def main() -> int:
     results: dict[str, Any] = {"host_cpus": os.cpu_count()}
     with tempfile.TemporaryDirectory(prefix="edgepress-bench-") as tmp, \
             _stack(args) as (api_url, api_pid):
-        model = write_mlp(Path(tmp) / "bench_mlp.onnx", inputs=1024, hidden=4096)
+        model = write_mlp(Path(tmp) / "bench_mlp.onnx", inputs=args.model_inputs,
+                          hidden=args.model_hidden)
         recipe = [{"pass": "quantize_dynamic"}]
         client = EdgePressClient(api_url)
         if "load" not in args.skip:
@@ -341,9 +394,9 @@ def main() -> int:
                 results["upload"] = rows
                 _print_table(f"API memory while streaming a {args.upload_gib:g} GiB upload",
                              rows, ["transfer", "bytes", "seconds", "throughput_mib_s",
-                                    "outcome",
-                                     "api_processes", "rss_baseline_mb", "rss_peak_mb",
-                                     "rss_growth_mb"])
+                                    "outcome", "rss_baseline_mb", "rss_peak_stream_mb",
+                                    "hwm_growth_stream_mb", "hwm_growth_total_mb",
+                                    "rss_peak_after_stream_mb"])
         if "overhead" not in args.skip:
             row = overhead(api_url, model, recipe, args.rounds)
             results["overhead"] = row
