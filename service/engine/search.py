@@ -620,7 +620,11 @@ def _mixed_precision(
             kept.append(entry["layer"])
             if len(kept) >= len(layers):
                 break
-            value = quick(kept, f"keep{len(kept)}")
+            try:
+                value = quick(kept, f"keep{len(kept)}")
+            except EngineError as exc:  # e.g. too little left to quantize: stop adding
+                record["result"] = (f"keeping {', '.join(kept)} in float: {exc.message}")
+                return None, record
             if fits(value):
                 record["kept_float"] = list(kept)
                 record["quick_metric"] = round(value, 6)
