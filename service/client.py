@@ -398,15 +398,16 @@ class EdgePressClient:
         attempt = 0
         while True:
             body = _MultipartBody(ticket["fields"], reader, filename or "upload")
+            stored: requests.Response | None = None
+            error: requests.exceptions.RequestException | None = None
             try:
                 # A plain request: the store's URL must not see our Authorization header.
                 stored = requests.post(
                     ticket["url"], data=body, timeout=(self.timeout, UPLOAD_READ_TIMEOUT),
                     headers={"Content-Type": body.content_type})
             except requests.exceptions.RequestException as exc:
-                stored, error = None, exc
+                error = exc
             else:
-                error = None
                 if stored.status_code in (200, 201, 204):
                     break
                 if stored.status_code not in (429, 500, 502, 503, 504):

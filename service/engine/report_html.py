@@ -69,7 +69,7 @@ def op_type_latency(
             continue
         op = str(e.get("args", {}).get("op_name") or "unknown")
         totals[op] = totals.get(op, 0.0) + float(e.get("dur", 0)) / 1000.0  # us -> ms
-    per_run = {op: ms / len(windows or [0]) for op, ms in totals.items()}
+    per_run = {op: ms / max(len(windows), 1) for op, ms in totals.items()}
     return dict(sorted(per_run.items(), key=lambda kv: -kv[1]))
 
 
@@ -225,8 +225,8 @@ def _scatter_svg(points: list[dict], *, x: str, y: str, chosen: str | None,
     def py(v: float) -> float:
         return h - mb - (v - y0) / (y1 - y0) * (h - mt - mb)
 
-    fids = [p.get("fidelity") for p in pts if isinstance(p.get("fidelity"), (int, float))]
-    lo = min([*fids, 0.99]) if fids else 0.99
+    fids = [float(p["fidelity"]) for p in pts if isinstance(p.get("fidelity"), (int, float))]
+    lo = min([*fids, 0.99])
     parts = [f'<svg class="chart" viewBox="0 0 {w} {h}" role="img" '
              f'aria-label="{_e(y_label)} against {_e(x_label)}">']
     for t in xt:
