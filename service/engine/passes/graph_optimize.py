@@ -175,6 +175,8 @@ def ort_optimize(
     options.optimized_model_filepath = str(dst)
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
+    # ONNX Runtime warns about hardware-specific layouts on stderr at "all"; the notes say it.
+    options.log_severity_level = 3
     try:
         ort.InferenceSession(str(src), options, providers=["CPUExecutionProvider"])
     except Exception as exc:  # ORT raises its own exception types; say what happened
