@@ -51,7 +51,7 @@ class QuantizeAwareTraining(Pass[QuantizeAwareTrainingConfig]):
     def run(
         self, model: onnx.ModelProto, config: QuantizeAwareTrainingConfig, ctx: PassContext
     ) -> onnx.ModelProto:
-        from service.engine.training.bridge import OnnxModule
+        from service.engine.training.bridge import OnnxModule, check_trainable
         from service.engine.training.distillation import (
             Teacher,
             accuracy,
@@ -72,6 +72,7 @@ class QuantizeAwareTraining(Pass[QuantizeAwareTrainingConfig]):
             raise EngineError(
                 "invalid_dataset", f"dataset has {n} samples but {len(ctx.labels)} labels"
             )
+        check_trainable(model)  # an already-quantized graph fails here, naming its op
         plan = plan_quantization(model, list(config.op_types))
         if not plan.weights:
             raise EngineError(

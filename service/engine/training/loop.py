@@ -65,6 +65,40 @@ def train(
     ``extra_parameters`` (not part of the module, e.g. learned quantization scales) train with
     ``budget.lr * extra_lr_scale``. ``after_step`` runs after each optimizer step (e.g. to re-apply sparsity masks).
     """
+    previous_threads = torch.get_num_threads()
+    torch.set_num_threads(budget.threads)
+    try:
+        return _train(
+            module,
+            inputs,
+            loss_fn,
+            budget,
+            progress=progress,
+            check_cancelled=check_cancelled,
+            capture=capture,
+            extra_parameters=extra_parameters,
+            extra_lr_scale=extra_lr_scale,
+            after_step=after_step,
+            label=label,
+        )
+    finally:
+        torch.set_num_threads(previous_threads)
+
+
+def _train(
+    module: OnnxModule,
+    inputs: dict[str, np.ndarray],
+    loss_fn: LossFn,
+    budget: TrainingBudget,
+    *,
+    progress: Callable[[float, str], None],
+    check_cancelled: Callable[[], None],
+    capture: Iterable[str],
+    extra_parameters: Iterable[torch.nn.Parameter],
+    extra_lr_scale: float,
+    after_step: Callable[[], None] | None,
+    label: str,
+) -> TrainingResult:
     torch.manual_seed(budget.seed)
     rng = np.random.default_rng(budget.seed)
     n = len(next(iter(inputs.values())))

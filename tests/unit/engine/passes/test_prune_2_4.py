@@ -97,5 +97,6 @@ def test_verifier_detects_a_broken_pattern():
 
 def test_nothing_prunable_is_no_effect(tmp_path):
     with pytest.raises(EngineError) as info:
-        _run(_matmul_model(10), tmp_path, min_elements=1)  # only w1 left: K = 10
+        # w1 (K = 10) cannot hold the pattern, w2 is skipped by name, w3 is the last layer.
+        _run(_matmul_model(10), tmp_path, min_elements=1, skip=["w2"])
     assert info.value.code == "no_effect"

@@ -155,7 +155,11 @@ def test_prune_recover_quantize_digits(digits, kit, tmp_path):
     train = {"dataset": {"image": x_tr}, "labels": y_tr, "original": model}
     pruned, pnotes = _run("prune_channels", model, tmp_path, ratio=0.5)
     recovered, dnotes = _run(
-        "distill", pruned, tmp_path, budget={"max_steps": 300, "lr": 2e-3}, ctx=train
+        "distill",
+        pruned,
+        tmp_path,
+        budget={"max_steps": 300, "lr": 2e-3, "max_seconds": 900},
+        ctx=train,
     )
     base = accuracy(model, {"image": x_te}, y_te)
     acc_pruned = accuracy(pruned, {"image": x_te}, y_te)
