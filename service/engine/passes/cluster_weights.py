@@ -24,6 +24,7 @@ from pydantic import Field
 from service.engine.errors import EngineError
 from service.engine.registry import Pass, PassConfig, PassContext, register
 from service.engine.training.graph import get_array, select_layers, serialized_sizes
+from service.engine.training.settings import LAYER_OPS, LayerOp
 
 
 class ClusterWeightsConfig(PassConfig):
@@ -33,8 +34,8 @@ class ClusterWeightsConfig(PassConfig):
         16, description="codebook size: 16 (4-bit packed indices) or 256 (8-bit indices)"
     )
     iterations: int = Field(30, ge=1, le=500, description="Lloyd iterations per layer")
-    op_types: list[Literal["Conv", "Gemm", "MatMul"]] = Field(
-        default_factory=lambda: ["Conv", "Gemm", "MatMul"], description="layer types to cluster"
+    op_types: list[LayerOp] = Field(
+        default_factory=lambda: list(LAYER_OPS), description="layer types to cluster"
     )
     skip: list[str] = Field(default_factory=list, description="node or weight names left as is")
     skip_first_last: bool = Field(False, description="leave the first and last layers as is")
@@ -126,7 +127,9 @@ def cluster_tensor(
     notes = {
         "elements": int(array.size),
         "centroids_used": int(np.unique(idx).size),
-        "relative_error": round(float(np.linalg.norm(err) / max(np.linalg.norm(array), 1e-12)), 5),
+        "relative_error": round(
+            float(np.linalg.norm(err)) / max(float(np.linalg.norm(array)), 1e-12), 5
+        ),
     }
     return nodes, inits, notes
 

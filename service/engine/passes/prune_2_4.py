@@ -9,7 +9,7 @@ Layers whose input dimension is not a multiple of 4 are skipped and named in the
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import onnx
@@ -24,7 +24,7 @@ from service.engine.training.graph import (
     serialized_sizes,
     set_array,
 )
-from service.engine.training.settings import RecoverySettings
+from service.engine.training.settings import LAYER_OPS, LayerOp, RecoverySettings
 
 ACCELERATION_NOTE = (
     "2:4 sparsity is accelerated only by NVIDIA Ampere or newer GPUs through TensorRT "
@@ -38,9 +38,9 @@ class Prune24Config(PassConfig):
     recover: bool = Field(
         False, description="distill from the unpruned model after pruning (needs a dataset)"
     )
-    recovery: RecoverySettings = Field(default_factory=RecoverySettings)
-    op_types: list[Literal["Conv", "Gemm", "MatMul"]] = Field(
-        default_factory=lambda: ["Conv", "Gemm", "MatMul"], description="layer types to prune"
+    recovery: RecoverySettings = Field(default_factory=lambda: RecoverySettings.model_validate({}))
+    op_types: list[LayerOp] = Field(
+        default_factory=lambda: list(LAYER_OPS), description="layer types to prune"
     )
     skip: list[str] = Field(default_factory=list, description="node or weight names left dense")
     skip_first_last: bool = Field(True, description="leave the first and last layers dense")

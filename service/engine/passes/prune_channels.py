@@ -40,7 +40,7 @@ from service.engine.training.graph import (
     set_array,
     value_shapes,
 )
-from service.engine.training.settings import RecoverySettings
+from service.engine.training.settings import LAYER_OPS, LayerOp, RecoverySettings
 
 # Ops that keep the channel axis and the channel set unchanged.
 _TRANSPARENT = {
@@ -81,9 +81,9 @@ class PruneChannelsConfig(PassConfig):
     recover: bool = Field(
         False, description="distill from the unpruned model after each round (needs a dataset)"
     )
-    recovery: RecoverySettings = Field(default_factory=RecoverySettings)
-    op_types: list[Literal["Conv", "Gemm", "MatMul"]] = Field(
-        default_factory=lambda: ["Conv", "Gemm", "MatMul"], description="layer types to prune"
+    recovery: RecoverySettings = Field(default_factory=lambda: RecoverySettings.model_validate({}))
+    op_types: list[LayerOp] = Field(
+        default_factory=lambda: list(LAYER_OPS), description="layer types to prune"
     )
     skip: list[str] = Field(default_factory=list, description="node or weight names not pruned")
     skip_first: bool = Field(
@@ -154,7 +154,7 @@ def analyse(
         if weight_uses[weight] > 1:
             skipped[weight] = "weight shared by several nodes"
             continue
-        if node.op_type == "Conv" and int(attr(node, "group", 1)) != 1:  # type: ignore[arg-type]
+        if node.op_type == "Conv" and int(attr(node, "group", 1)) != 1:
             skipped[weight] = "grouped/depthwise convolution"
             continue
         if node.op_type == "Gemm" and attr(node, "transA", 0):
@@ -252,7 +252,7 @@ def _trace(
                         group.edits.append((other, caxis, 1))
                 visited_nodes.append(user)
                 stack.append((user.output[0], axis, blk))
-            elif op == "Flatten" and int(attr(user, "axis", 1)) == 1 and axis == 1:  # type: ignore[arg-type]
+            elif op == "Flatten" and int(attr(user, "axis", 1)) == 1 and axis == 1:
                 in_shape = shapes.get(tensor, [])
                 spatial = in_shape[2:]
                 if not all(isinstance(d, int) for d in spatial):
@@ -264,7 +264,7 @@ def _trace(
                     return f"consumer {op} has no private weight initializer"
                 w = get_array(model, w_name)
                 if op == "Conv":
-                    if axis != 1 or blk != 1 or int(attr(user, "group", 1)) != 1:  # type: ignore[arg-type]
+                    if axis != 1 or blk != 1 or int(attr(user, "group", 1)) != 1:
                         return "consumer Conv is grouped or reads another axis"
                 elif op == "Gemm" and attr(user, "transA", 0):
                     return "consumer Gemm uses transA"

@@ -25,9 +25,7 @@ from service.engine.training.graph import (
     serialized_sizes,
     set_array,
 )
-from service.engine.training.settings import RecoverySettings
-
-LayerOp = Literal["Conv", "Gemm", "MatMul"]
+from service.engine.training.settings import LAYER_OPS, LayerOp, RecoverySettings
 
 
 def validate_schedule(schedule: list[float] | None) -> list[float] | None:
@@ -58,9 +56,9 @@ class PruneMagnitudeConfig(PassConfig):
     recover: bool = Field(
         False, description="distill from the unpruned model after each round (needs a dataset)"
     )
-    recovery: RecoverySettings = Field(default_factory=RecoverySettings)
+    recovery: RecoverySettings = Field(default_factory=lambda: RecoverySettings.model_validate({}))
     op_types: list[LayerOp] = Field(
-        default_factory=lambda: ["Conv", "Gemm", "MatMul"], description="layer types to prune"
+        default_factory=lambda: list(LAYER_OPS), description="layer types to prune"
     )
     skip: list[str] = Field(
         default_factory=list, description="node or weight names left dense (sensitive layers)"

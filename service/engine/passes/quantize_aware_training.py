@@ -10,7 +10,7 @@ outliers, layers sensitive to rounding) the weights and scales adapt to the int8
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import onnx
@@ -18,14 +18,19 @@ from pydantic import Field
 
 from service.engine.errors import EngineError
 from service.engine.registry import Pass, PassConfig, PassContext, register
-from service.engine.training.settings import DistillationSettings, TrainingBudget
+from service.engine.training.settings import (
+    LAYER_OPS,
+    DistillationSettings,
+    LayerOp,
+    TrainingBudget,
+)
 
 
 class QuantizeAwareTrainingConfig(PassConfig, DistillationSettings):
     """QAT: which layers, how many calibration samples, and the distillation loss and budget."""
 
-    op_types: list[Literal["Conv", "Gemm", "MatMul"]] = Field(
-        default_factory=lambda: ["Conv", "Gemm", "MatMul"], description="layers quantized"
+    op_types: list[LayerOp] = Field(
+        default_factory=lambda: list(LAYER_OPS), description="layers quantized"
     )
     calibration_samples: int = Field(
         256, ge=1, description="samples observed to initialise the activation scales"
@@ -34,7 +39,7 @@ class QuantizeAwareTrainingConfig(PassConfig, DistillationSettings):
         0.02, gt=0, le=1.0, description="Adam learning rate of the log activation scales"
     )
     budget: TrainingBudget = Field(
-        default_factory=lambda: TrainingBudget(max_steps=200, lr=1e-4),
+        default_factory=lambda: TrainingBudget.model_validate({"max_steps": 200, "lr": 1e-4}),
         description="fine-tuning budget; a small learning rate keeps the float solution",
     )
 

@@ -121,18 +121,18 @@ for _name, _fn in {
 
 @_op("LeakyRelu")
 def _leaky(node: onnx.NodeProto, x: list[Any], m: OnnxModule) -> list[Any]:
-    return [F.leaky_relu(x[0], float(attr(node, "alpha", 0.01)))]  # type: ignore[arg-type]
+    return [F.leaky_relu(x[0], float(attr(node, "alpha", 0.01)))]
 
 
 @_op("Elu")
 def _elu(node: onnx.NodeProto, x: list[Any], m: OnnxModule) -> list[Any]:
-    return [F.elu(x[0], float(attr(node, "alpha", 1.0)))]  # type: ignore[arg-type]
+    return [F.elu(x[0], float(attr(node, "alpha", 1.0)))]
 
 
 @_op("HardSigmoid")
 def _hsig(node: onnx.NodeProto, x: list[Any], m: OnnxModule) -> list[Any]:
-    a = float(attr(node, "alpha", 0.2))  # type: ignore[arg-type]
-    b = float(attr(node, "beta", 0.5))  # type: ignore[arg-type]
+    a = float(attr(node, "alpha", 0.2))
+    b = float(attr(node, "beta", 0.5))
     return [torch.clamp(a * x[0] + b, 0.0, 1.0)]
 
 
@@ -151,9 +151,9 @@ def _clip(node: onnx.NodeProto, x: list[Any], m: OnnxModule) -> list[Any]:
     lo = _opt(x, 1)
     hi = _opt(x, 2)
     if lo is None and attr(node, "min") is not None:
-        lo = float(attr(node, "min"))  # type: ignore[arg-type]
+        lo = float(attr(node, "min"))
     if hi is None and attr(node, "max") is not None:
-        hi = float(attr(node, "max"))  # type: ignore[arg-type]
+        hi = float(attr(node, "max"))
     out = x[0]
     if lo is not None:
         out = torch.clamp(out, min=lo)
@@ -184,7 +184,7 @@ def _variadic(node: onnx.NodeProto, x: list[Any], m: OnnxModule) -> list[Any]:
 
 @_op("Cast")
 def _cast(node: onnx.NodeProto, x: list[Any], m: OnnxModule) -> list[Any]:
-    to = int(attr(node, "to"))  # type: ignore[arg-type]
+    to = int(attr(node, "to"))
     if to not in _ONNX_TO_TORCH:
         raise EngineError(
             "unsupported_op_for_training",
@@ -210,7 +210,7 @@ def _bitand(node: onnx.NodeProto, x: list[Any], m: OnnxModule) -> list[Any]:
 
 
 def _spatial_pads(node: onnx.NodeProto, rank: int) -> tuple[list[int], list[int]]:
-    pads = list(attr(node, "pads", [0] * (2 * rank)))  # type: ignore[arg-type]
+    pads = list(attr(node, "pads", [0] * (2 * rank)))
     return pads[:rank], pads[rank:]
 
 
@@ -257,12 +257,12 @@ def _pad_input(
 def _conv(node: onnx.NodeProto, x: list[Any], m: OnnxModule) -> list[Any]:
     inp, w, b = x[0], x[1], _opt(x, 2)
     rank = inp.dim() - 2
-    strides = list(attr(node, "strides", [1] * rank))  # type: ignore[arg-type]
-    dil = list(attr(node, "dilations", [1] * rank))  # type: ignore[arg-type]
+    strides = list(attr(node, "strides", [1] * rank))
+    dil = list(attr(node, "dilations", [1] * rank))
     kernel = list(w.shape[2:])
     inp, pad = _pad_input(node, inp, kernel, strides, dil)
     conv = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}[rank]
-    group = int(attr(node, "group", 1))  # type: ignore[arg-type]
+    group = int(attr(node, "group", 1))
     return [conv(inp, w, b, strides, pad, dil, group)]
 
 
@@ -270,8 +270,8 @@ def _conv(node: onnx.NodeProto, x: list[Any], m: OnnxModule) -> list[Any]:
 def _conv_t(node: onnx.NodeProto, x: list[Any], m: OnnxModule) -> list[Any]:
     inp, w, b = x[0], x[1], _opt(x, 2)
     rank = inp.dim() - 2
-    strides = list(attr(node, "strides", [1] * rank))  # type: ignore[arg-type]
-    dil = list(attr(node, "dilations", [1] * rank))  # type: ignore[arg-type]
+    strides = list(attr(node, "strides", [1] * rank))
+    dil = list(attr(node, "dilations", [1] * rank))
     begins, ends = _spatial_pads(node, rank)
     if begins != ends or attr(node, "auto_pad", "NOTSET") not in ("NOTSET", b"NOTSET"):
         raise EngineError(
@@ -279,9 +279,9 @@ def _conv_t(node: onnx.NodeProto, x: list[Any], m: OnnxModule) -> list[Any]:
             f"ConvTranspose node {node.name!r} uses asymmetric or automatic padding",
             {"op": "ConvTranspose", "node": node.name},
         )
-    out_pad = list(attr(node, "output_padding", [0] * rank))  # type: ignore[arg-type]
+    out_pad = list(attr(node, "output_padding", [0] * rank))
     fn = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}[rank]
-    group = int(attr(node, "group", 1))  # type: ignore[arg-type]
+    group = int(attr(node, "group", 1))
     return [fn(inp, w, b, strides, begins, out_pad, group, dil)]
 
 
@@ -292,34 +292,34 @@ def _gemm(node: onnx.NodeProto, x: list[Any], m: OnnxModule) -> list[Any]:
         a = a.transpose(0, 1)
     if attr(node, "transB", 0):
         b = b.transpose(0, 1)
-    out = float(attr(node, "alpha", 1.0)) * (a @ b)  # type: ignore[arg-type]
+    out = float(attr(node, "alpha", 1.0)) * (a @ b)
     if c is not None:
-        out = out + float(attr(node, "beta", 1.0)) * c  # type: ignore[arg-type]
+        out = out + float(attr(node, "beta", 1.0)) * c
     return [out]
 
 
 @_op("BatchNormalization")
 def _bn(node: onnx.NodeProto, x: list[Any], m: OnnxModule) -> list[Any]:
     # Fine-tuning keeps the running statistics frozen (they are the deployed model's).
-    eps = float(attr(node, "epsilon", 1e-5))  # type: ignore[arg-type]
+    eps = float(attr(node, "epsilon", 1e-5))
     return [F.batch_norm(x[0], x[3], x[4], x[1], x[2], training=False, eps=eps)]
 
 
 @_op("LayerNormalization")
 def _ln(node: onnx.NodeProto, x: list[Any], m: OnnxModule) -> list[Any]:
-    axis = int(attr(node, "axis", -1))  # type: ignore[arg-type]
+    axis = int(attr(node, "axis", -1))
     axis = axis % x[0].dim()
     shape = list(x[0].shape[axis:])
-    eps = float(attr(node, "epsilon", 1e-5))  # type: ignore[arg-type]
+    eps = float(attr(node, "epsilon", 1e-5))
     return [F.layer_norm(x[0], shape, x[1], _opt(x, 2), eps)]
 
 
 def _softmax_like(fn: Callable[..., torch.Tensor]) -> OpFn:
     def run(node: onnx.NodeProto, x: list[Any], m: OnnxModule) -> list[Any]:
         if m.opset >= 13:
-            return [fn(x[0], dim=int(attr(node, "axis", -1)))]  # type: ignore[arg-type]
+            return [fn(x[0], dim=int(attr(node, "axis", -1)))]
         # Before opset 13 the input is coerced to 2-D at ``axis`` (default 1).
-        axis = int(attr(node, "axis", 1)) % x[0].dim()  # type: ignore[arg-type]
+        axis = int(attr(node, "axis", 1)) % x[0].dim()
         flat = x[0].reshape(int(np.prod(x[0].shape[:axis])), -1)
         return [fn(flat, dim=1).reshape(x[0].shape)]
 
@@ -333,9 +333,9 @@ _op("LogSoftmax")(_softmax_like(torch.log_softmax))
 def _pool(node: onnx.NodeProto, x: list[Any], m: OnnxModule) -> list[Any]:
     inp = x[0]
     rank = inp.dim() - 2
-    kernel = list(attr(node, "kernel_shape"))  # type: ignore[arg-type]
-    strides = list(attr(node, "strides", [1] * rank))  # type: ignore[arg-type]
-    dil = list(attr(node, "dilations", [1] * rank))  # type: ignore[arg-type]
+    kernel = list(attr(node, "kernel_shape"))
+    strides = list(attr(node, "strides", [1] * rank))
+    dil = list(attr(node, "dilations", [1] * rank))
     ceil = bool(attr(node, "ceil_mode", 0))
     if node.op_type == "MaxPool":
         inp, pad = _pad_input(node, inp, kernel, strides, dil, value=-math.inf)
@@ -349,8 +349,8 @@ def _pool(node: onnx.NodeProto, x: list[Any], m: OnnxModule) -> list[Any]:
             f"AveragePool node {node.name!r} uses asymmetric padding or dilation",
             {"op": "AveragePool", "node": node.name},
         )
-    fn = {1: F.avg_pool1d, 2: F.avg_pool2d, 3: F.avg_pool3d}[rank]
-    return [fn(inp, kernel, strides, rank_pads[0], ceil, count_pad)]
+    avg: Any = {1: F.avg_pool1d, 2: F.avg_pool2d, 3: F.avg_pool3d}[rank]
+    return [avg(inp, kernel, strides, rank_pads[0], ceil, count_pad)]
 
 
 _op("MaxPool", "AveragePool")(_pool)
@@ -381,7 +381,7 @@ def _dropout(node: onnx.NodeProto, x: list[Any], m: OnnxModule) -> list[Any]:
 
 @_op("Flatten")
 def _flatten(node: onnx.NodeProto, x: list[Any], m: OnnxModule) -> list[Any]:
-    axis = int(attr(node, "axis", 1)) % max(x[0].dim(), 1)  # type: ignore[arg-type]
+    axis = int(attr(node, "axis", 1)) % max(x[0].dim(), 1)
     lead = int(np.prod(x[0].shape[:axis])) if axis else 1
     return [x[0].reshape(lead, -1)]
 
@@ -399,19 +399,19 @@ def _transpose(node: onnx.NodeProto, x: list[Any], m: OnnxModule) -> list[Any]:
     perm = attr(node, "perm")
     if perm is None:
         perm = list(reversed(range(x[0].dim())))
-    return [x[0].permute(*perm)]  # type: ignore[misc]
+    return [x[0].permute(*perm)]
 
 
 @_op("Concat")
 def _concat(node: onnx.NodeProto, x: list[Any], m: OnnxModule) -> list[Any]:
     parts = [t for t in x if t is not None]
-    return [torch.cat(parts, dim=int(attr(node, "axis")))]  # type: ignore[arg-type]
+    return [torch.cat(parts, dim=int(attr(node, "axis")))]
 
 
 def _axes(node: onnx.NodeProto, x: list[Any], m: OnnxModule) -> list[int] | None:
     from_attr = attr(node, "axes")
     if from_attr is not None:
-        return list(from_attr)  # type: ignore[call-overload]
+        return list(from_attr)
     if len(x) > 1 and x[1] is not None:
         return _ints(x[1])
     return None
@@ -442,9 +442,9 @@ def _unsqueeze(node: onnx.NodeProto, x: list[Any], m: OnnxModule) -> list[Any]:
 @_op("Shape")
 def _shape(node: onnx.NodeProto, x: list[Any], m: OnnxModule) -> list[Any]:
     dims = list(x[0].shape)
-    start = int(attr(node, "start", 0))  # type: ignore[arg-type]
+    start = int(attr(node, "start", 0))
     end = attr(node, "end")
-    dims = dims[start:] if end is None else dims[start : int(end)]  # type: ignore[call-overload]
+    dims = dims[start:] if end is None else dims[start : int(end)]
     return [torch.tensor(dims, dtype=torch.int64)]
 
 
@@ -456,7 +456,7 @@ def _size(node: onnx.NodeProto, x: list[Any], m: OnnxModule) -> list[Any]:
 @_op("Gather")
 def _gather(node: onnx.NodeProto, x: list[Any], m: OnnxModule) -> list[Any]:
     data, idx = x[0], x[1].to(torch.int64)
-    axis = int(attr(node, "axis", 0)) % data.dim()  # type: ignore[arg-type]
+    axis = int(attr(node, "axis", 0)) % data.dim()
     idx = torch.where(idx < 0, idx + data.shape[axis], idx)
     out = torch.index_select(data, axis, idx.reshape(-1))
     shape = list(data.shape[:axis]) + list(idx.shape) + list(data.shape[axis + 1 :])
@@ -471,9 +471,9 @@ def _slice(node: onnx.NodeProto, x: list[Any], m: OnnxModule) -> list[Any]:
         axes = _ints(_opt(x, 3)) or list(range(len(starts)))
         steps = _ints(_opt(x, 4)) or [1] * len(starts)
     else:  # opset < 10: attributes
-        starts = list(attr(node, "starts"))  # type: ignore[call-overload]
-        ends = list(attr(node, "ends"))  # type: ignore[call-overload]
-        axes = list(attr(node, "axes", range(len(starts))))  # type: ignore[call-overload]
+        starts = list(attr(node, "starts"))
+        ends = list(attr(node, "ends"))
+        axes = list(attr(node, "axes", range(len(starts))))
         steps = [1] * len(starts)
     index: list[Any] = [slice(None)] * data.dim()
     flips = []
@@ -496,8 +496,8 @@ def _slice(node: onnx.NodeProto, x: list[Any], m: OnnxModule) -> list[Any]:
 
 @_op("Split")
 def _split(node: onnx.NodeProto, x: list[Any], m: OnnxModule) -> list[Any]:
-    axis = int(attr(node, "axis", 0))  # type: ignore[arg-type]
-    sizes = _ints(_opt(x, 1)) or list(attr(node, "split", []) or [])  # type: ignore[call-overload]
+    axis = int(attr(node, "axis", 0))
+    sizes = _ints(_opt(x, 1)) or list(attr(node, "split", []) or [])
     if not sizes:
         n = len(node.output)
         total = x[0].shape[axis]
@@ -533,7 +533,7 @@ def _range(node: onnx.NodeProto, x: list[Any], m: OnnxModule) -> list[Any]:
 def _pad(node: onnx.NodeProto, x: list[Any], m: OnnxModule) -> list[Any]:
     mode = attr(node, "mode", "constant")
     mode = mode.decode() if isinstance(mode, bytes) else mode
-    pads = _ints(_opt(x, 1)) if len(x) > 1 else list(attr(node, "pads"))  # type: ignore[call-overload]
+    pads = _ints(_opt(x, 1)) if len(x) > 1 else list(attr(node, "pads"))
     value = _opt(x, 2)
     rank = x[0].dim()
     if len(x) > 3 and x[3] is not None:
@@ -572,7 +572,7 @@ _op("ReduceMin")(_reduce(torch.amin))
 
 @_op("ArgMax")
 def _argmax(node: onnx.NodeProto, x: list[Any], m: OnnxModule) -> list[Any]:
-    axis = int(attr(node, "axis", 0))  # type: ignore[arg-type]
+    axis = int(attr(node, "axis", 0))
     return [torch.argmax(x[0], dim=axis, keepdim=bool(attr(node, "keepdims", 1)))]
 
 
@@ -680,15 +680,16 @@ class OnnxModule(nn.Module):
         self, inputs: dict[str, torch.Tensor], capture: Iterable[str] = ()
     ) -> dict[str, torch.Tensor]:
         env: dict[str, Any] = dict(self._consts)
+        value: Any
         for name, key in self._keys.items():
             env[name] = self._params[key]
         for name in self.input_names:
-            value = inputs[name]
-            env[name] = self.activation_hook(name, value) if self.activation_hook else value
+            given = inputs[name]
+            env[name] = self.activation_hook(name, given) if self.activation_hook else given
         for node in self.model.graph.node:
             if node.op_type == "Constant":
                 continue
-            args = []
+            args: list[Any] = []
             for i, name in enumerate(node.input):
                 value = env[name] if name else None
                 if self.weight_hook is not None and name in self._keys:

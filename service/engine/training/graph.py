@@ -6,6 +6,7 @@ Only onnx and numpy: the pass modules that import this stay light for the API pr
 from __future__ import annotations
 
 from collections import defaultdict
+from typing import Any
 
 import numpy as np
 import onnx
@@ -47,7 +48,7 @@ def consumers(model: onnx.ModelProto) -> dict[str, list[onnx.NodeProto]]:
     return out
 
 
-def attr(node: onnx.NodeProto, name: str, default: object = None) -> object:
+def attr(node: onnx.NodeProto, name: str, default: Any = None) -> Any:
     """An attribute's value, or ``default`` when absent."""
     for a in node.attribute:
         if a.name == name:
@@ -116,19 +117,19 @@ def count_macs(model: onnx.ModelProto) -> int:
     for node in model.graph.node:
         if node.op_type not in WEIGHT_OPS or len(node.input) < 2:
             continue
-        out_shape = shapes.get(node.output[0])
+        out_shape: list[Any] | None = shapes.get(node.output[0])
         w = inits.get(node.input[1])
-        w_shape = list(w.dims) if w is not None else shapes.get(node.input[1])
+        w_shape: list[Any] | None = list(w.dims) if w is not None else shapes.get(node.input[1])
         if not out_shape or not w_shape or any(not isinstance(d, int) for d in w_shape):
             continue
         out_elems = int(np.prod([d if isinstance(d, int) else 1 for d in out_shape]))
         if node.op_type == "Conv":
-            group = int(attr(node, "group", 1))  # type: ignore[arg-type]
+            group = int(attr(node, "group", 1))
             per_output = int(np.prod(w_shape[1:]))  # (C_in / group) * kernel
             del group  # the kernel shape already holds C_in / group
             total += out_elems * per_output
         elif node.op_type == "Gemm":
-            trans_b = int(attr(node, "transB", 0))  # type: ignore[arg-type]
+            trans_b = int(attr(node, "transB", 0))
             k = w_shape[1] if trans_b else w_shape[0]
             total += out_elems * int(k)
         else:  # MatMul with an initializer weight [..., K, N]

@@ -6,6 +6,9 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+LayerOp = Literal["Conv", "Gemm", "MatMul"]
+LAYER_OPS: tuple[LayerOp, ...] = ("Conv", "Gemm", "MatMul")
+
 
 class TrainingBudget(BaseModel):
     """How long and how hard to train (part of every training pass's config)."""
@@ -58,12 +61,14 @@ class DistillationSettings(BaseModel):
         True, description="weights that are exactly zero (pruned) stay zero while training"
     )
     min_samples: int = Field(32, ge=1, description="fewer dataset samples than this is an error")
-    budget: TrainingBudget = Field(default_factory=TrainingBudget)
+    budget: TrainingBudget = Field(default_factory=lambda: TrainingBudget.model_validate({}))
 
 
 class RecoverySettings(DistillationSettings):
     """Distillation between pruning rounds (teacher: the model before pruning). Smaller budget."""
 
     budget: TrainingBudget = Field(
-        default_factory=lambda: TrainingBudget(max_steps=150, max_seconds=60.0)
+        default_factory=lambda: TrainingBudget.model_validate(
+            {"max_steps": 150, "max_seconds": 60.0}
+        )
     )
