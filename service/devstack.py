@@ -309,7 +309,7 @@ class LocalStack:
             os.killpg(proc.pid, sig)
         proc.wait(timeout=30)
         # The engine child runs in a session of its own: end it as a dead machine would.
-        _kill_orphans("service.worker.engine_process", self.dir)
+        _kill_engines(self.dir / "scratch")
 
     def _fresh_dir(self, name: str) -> str:
         path = self.dir / name
@@ -374,18 +374,14 @@ def _stop_pids(pids: dict[str, int]) -> list[str]:
     return stopped
 
 
-def _kill_orphans(module: str, directory: Path) -> None:
-    """SIGKILL processes running ``module`` whose command line names a path in ``directory``."""
-    for proc_dir in Path("/proc").iterdir():
-        if not proc_dir.name.isdigit():
-            continue
-        try:
-            cmdline = (proc_dir / "cmdline").read_bytes().replace(b"\0", b" ").decode()
-        except OSError:
-            continue
-        if module in cmdline and str(directory) in cmdline:
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.kill(int(proc_dir.name), signal.SIGKILL)
+def _kill_engines(scratch: Path) -> None:
+    """SIGKILL engine processes of this stack (each leaves engine.pid in its job workdir).
+
+    They already die with their forkserver (PR_SET_PDEATHSIG); this is the belt to those braces.
+    """
+    for pid_file in scratch.glob("*/engine.pid"):
+        with contextlib.suppress(ValueError, OSError):
+            os.kill(int(pid_file.read_text()), signal.SIGKILL)
 
 
 def _repo_file(relative: str) -> Path:

@@ -5,6 +5,8 @@ from __future__ import annotations
 from flask import Blueprint, Response, jsonify
 
 from service.engine.devices import get_device, list_devices
+from service.engine.errors import EngineError
+from service.errors import NotFound
 
 bp = Blueprint("devices", __name__, url_prefix="/v1/devices")
 
@@ -17,4 +19,8 @@ def devices() -> Response:
 
 @bp.get("/<name>")
 def device(name: str) -> Response:
-    return jsonify(get_device(name).model_dump(mode="json"))
+    try:
+        profile = get_device(name)
+    except EngineError as exc:
+        raise NotFound(exc.message, code="device_not_found") from None
+    return jsonify(profile.model_dump(mode="json"))

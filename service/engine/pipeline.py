@@ -279,6 +279,16 @@ def run_pipeline(
                         "this host")
 
     target = _target_estimates(profile, original_path, output_path, feeds[0], warnings)
+    check_cancelled()
+    try:  # per-op-type kernel time before/after, for the report's chart
+        from service.engine.report_html import op_latency_section
+
+        latency["by_op_type"] = op_latency_section(
+            original_path, output_path, feeds[0], runs=min(10, limits.latency_runs),
+            threads=limits.latency_threads,
+        )
+    except Exception as exc:  # profiling is evidence, not the job: say why it is missing
+        latency["by_op_type"] = {"error": f"profiling failed: {type(exc).__name__}"}
 
     # ---- report
     progress("report", 0.95)

@@ -13,15 +13,13 @@ import contextlib
 import json
 import logging
 import os
-import resource
 import shutil
 import signal
 import socket
-import subprocess
-import sys
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,6 +34,12 @@ from service.storage.s3 import S3ObjectStore
 from service.uploads.store import UploadStore, dataset_data_key, model_source_key
 
 log = logging.getLogger(__name__)
+
+ARTIFACT_TYPES = {
+    "report.json": "application/json",
+    "report.html": "text/html; charset=utf-8",
+    "model.onnx.zst": "application/zstd",
+}
 
 _SIGNAL_CODES = {
     signal.SIGSEGV: ("engine_crashed", "the engine crashed (segmentation fault) on this model"),
@@ -53,6 +57,7 @@ class _Progress:
     stage: str = "starting"
     fraction: float = 0.0
     stage_started: float = field(default_factory=time.monotonic)
+    durations: dict[str, float] = field(default_factory=dict)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
@@ -145,6 +150,8 @@ class JobRunner:
             suffix = _source_suffix(model.format, model.filename)
             model_path = workdir / "input" / f"model{suffix}"
             model_path.parent.mkdir()
+            timings: dict[str, float] = {}
+            clock = time.monotonic()
             self._stage(job.id, "download", 0.0)
             self.store.download_file(model_source_key(model.id), model_path)
             dataset_path = None
@@ -162,7 +169,10 @@ class JobRunner:
                 "store_prefix": self.store.prefix,
             }
             (workdir / "spec.json").write_text(json.dumps(spec))
-            outcome = self._run_engine(job.id, workdir)
+            timings["download"] = time.monotonic() - clock
+            clock = time.monotonic()
+            outcome = self._run_engine(job.id, workdir, timings)
+            timings["engine"] = time.monotonic() - clock
             if outcome.get("lost"):
                 return self.jobs.get(job.id)
             if outcome.get("cancelled"):
@@ -176,18 +186,20 @@ class JobRunner:
                     err.get("details"),
                 )
             self._stage(job.id, "upload", 0.98)
+            clock = time.monotonic()
             names = []
             for name, path in outcome["artifacts"].items():
                 self.store.upload_file(
                     artifact_key(job.id, name),
                     Path(path),
-                    content_type="application/json"
-                    if name.endswith(".json")
-                    else "application/octet-stream",
+                    content_type=ARTIFACT_TYPES.get(name, "application/octet-stream"),
                     metadata={"job": job.id},
                 )
                 names.append(name)
+            timings["upload"] = time.monotonic() - clock
             summary = outcome.get("summary") or {}
+            # Where the worker's time went (engine stages as the engine reported them).
+            summary["timings_s"] = {k: round(v, 3) for k, v in timings.items()}
 
             def succeed(current: Job) -> Job | None:
                 if current.state is not JobState.running or current.worker != self.name:
@@ -200,54 +212,44 @@ class JobRunner:
         finally:
             shutil.rmtree(workdir, ignore_errors=True)
 
-    def _run_engine(self, job_id: str, workdir: Path) -> dict[str, Any]:
+    def _run_engine(
+        self, job_id: str, workdir: Path, timings: dict[str, float] | None = None
+    ) -> dict[str, Any]:
         s = self.settings
-        progress = _Progress()
+        progress = _Progress(durations=timings if timings is not None else {})
         stderr_path = workdir / "engine.stderr"
-        with open(stderr_path, "wb") as stderr:
-            proc = subprocess.Popen(  # noqa: S603 - fixed argv, our own module
-                [sys.executable, "-m", "service.worker.engine_process", str(workdir / "spec.json")],
-                stdout=subprocess.PIPE,
-                stderr=stderr,
-                stdin=subprocess.DEVNULL,
-                cwd=workdir,
-                preexec_fn=_limits(s),  # noqa: PLW1509 - resource limits for the child only
-                start_new_session=True,
-            )
-            reader = threading.Thread(
-                target=_read_progress, args=(proc, progress, self.metrics), daemon=True
-            )
-            reader.start()
-            started = time.monotonic()
-            last_write = 0.0
-            soft_sent = False
-            lost: bool | None = None
-            while proc.poll() is None:
-                time.sleep(0.25)
-                elapsed = time.monotonic() - started
-                if elapsed > s.job_time_limit:
+        proc = _EngineProcess(workdir / "spec.json", _limits(s))
+        reader = threading.Thread(
+            target=_read_progress, args=(proc, progress, self.metrics), daemon=True
+        )
+        reader.start()
+        started = time.monotonic()
+        last_write = 0.0
+        soft_sent = False
+        lost: bool | None = None
+        while proc.poll() is None:
+            time.sleep(0.25)
+            elapsed = time.monotonic() - started
+            if elapsed > s.job_time_limit:
+                _kill(proc, signal.SIGKILL)
+                break
+            if elapsed > s.job_soft_time_limit and not soft_sent:
+                _kill(proc, signal.SIGTERM)
+                soft_sent = True
+            now = time.monotonic()
+            if now - last_write >= min(s.progress_interval_seconds, s.job_heartbeat_seconds):
+                last_write = now
+                with progress.lock:
+                    stage, fraction = progress.stage, progress.fraction
+                current = self._heartbeat(job_id, stage, fraction)
+                if current is None or current.cancel_requested:
+                    # Cancelled by the user, or taken from us (deleted, or reclaimed by the
+                    # reconciler after we looked dead): stop the engine either way.
+                    lost = current is None
                     _kill(proc, signal.SIGKILL)
                     break
-                if elapsed > s.job_soft_time_limit and not soft_sent:
-                    _kill(proc, signal.SIGTERM)
-                    soft_sent = True
-                now = time.monotonic()
-                if (
-                    now - last_write >= min(s.progress_interval_seconds, s.job_heartbeat_seconds)
-                    or now - last_write >= s.job_heartbeat_seconds
-                ):
-                    last_write = now
-                    with progress.lock:
-                        stage, fraction = progress.stage, progress.fraction
-                    current = self._heartbeat(job_id, stage, fraction)
-                    if current is None or current.cancel_requested:
-                        # Cancelled by the user, or taken from us (deleted, or reclaimed by the
-                        # reconciler after we looked dead): stop the engine either way.
-                        lost = current is None
-                        _kill(proc, signal.SIGKILL)
-                        break
-            proc.wait()
-            reader.join(timeout=5)
+        proc.wait()
+        reader.join(timeout=5)
         elapsed = time.monotonic() - started
         if lost is not None:
             return {"lost": True} if lost else {"cancelled": True}
@@ -256,7 +258,9 @@ class JobRunner:
             with contextlib.suppress(ValueError):
                 return dict(json.loads(result_file.read_text()))
         code = proc.returncode
-        tail = stderr_path.read_bytes()[-2000:].decode(errors="replace")
+        tail = (
+            stderr_path.read_bytes()[-2000:].decode(errors="replace") if stderr_path.exists() else ""
+        )
         log.warning("engine for job %s ended with %s: %s", job_id, code, tail)
         if elapsed > s.job_soft_time_limit:
             return {
@@ -349,30 +353,97 @@ def _source_suffix(fmt: str, filename: str | None) -> str:
     return ".onnx"
 
 
-def _limits(settings: Settings):  # type: ignore[no-untyped-def]
-    memory = settings.job_memory_limit_mb * 1024 * 1024
-    cpu = settings.job_time_limit * max(1, os.cpu_count() or 1)
-    fsize = settings.job_max_output_mb * 1024 * 1024
-
-    def apply() -> None:
-        resource.setrlimit(resource.RLIMIT_AS, (memory, memory))
-        resource.setrlimit(resource.RLIMIT_CPU, (cpu, cpu + 5))
-        resource.setrlimit(resource.RLIMIT_FSIZE, (fsize, fsize))
-        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
-
-    return apply
+def _limits(settings: Settings) -> dict[str, int]:
+    """Resource limits of a job's engine process (names of ``resource.RLIMIT_*``)."""
+    return {
+        "RLIMIT_AS": settings.job_memory_limit_mb * 1024 * 1024,
+        "RLIMIT_CPU": settings.job_time_limit * max(1, os.cpu_count() or 1),
+        "RLIMIT_FSIZE": settings.job_max_output_mb * 1024 * 1024,
+        "RLIMIT_CORE": 0,
+    }
 
 
-def _kill(proc: subprocess.Popen[bytes], sig: int) -> None:
-    with contextlib.suppress(ProcessLookupError):
+_CONTEXT: list[Any] = []  # this process's engine forkserver context, made on first use
+
+
+def _engine_context() -> Any:
+    import multiprocessing
+
+    if not _CONTEXT:
+        from service.worker.engine_process import PRELOAD
+
+        ctx = multiprocessing.get_context("forkserver")
+        ctx.set_forkserver_preload(PRELOAD)
+        _CONTEXT.append(ctx)
+    return _CONTEXT[0]
+
+
+class _EngineProcess:
+    """A job's engine process, forked from the forkserver (libraries already imported)."""
+
+    def __init__(self, spec_path: Path, limits: dict[str, int]) -> None:
+        import multiprocessing
+
+        from service.worker.engine_process import run_forked
+
+        ctx = _engine_context()
+        self._conn, child_end = ctx.Pipe(duplex=False)
+        # Celery's pool processes are billiard processes: daemonic (multiprocessing refuses
+        # their children so that none outlive them) and with an authkey multiprocessing cannot
+        # pickle. Ours cannot outlive the task: the runner always joins or kills the engine
+        # before returning, and the engine dies with its forkserver (PR_SET_PDEATHSIG). So for
+        # this start only, the flag is lifted and a plain authkey stands in.
+        config = multiprocessing.current_process()._config  # type: ignore[attr-defined]
+        saved = {key: config[key] for key in ("daemon", "authkey") if key in config}
+        config.pop("daemon", None)
+        config["authkey"] = multiprocessing.process.AuthenticationString(os.urandom(32))
+        try:
+            self._proc = ctx.Process(
+                target=run_forked, args=(str(spec_path), child_end, limits), name="edgepress-engine"
+            )
+            self._proc.start()
+        finally:
+            config.pop("daemon", None)
+            config.update(saved)
+        child_end.close()
+        self.pid: int = self._proc.pid
+
+    @property
+    def returncode(self) -> int | None:
+        code: int | None = self._proc.exitcode
+        return code
+
+    def poll(self) -> int | None:
+        return self.returncode
+
+    def wait(self) -> int | None:
+        self._proc.join()
+        return self.returncode
+
+    def messages(self) -> Iterator[bytes]:
+        while True:
+            try:
+                yield self._conn.recv_bytes()
+            except (EOFError, OSError):
+                return
+
+
+def _kill(proc: _EngineProcess, sig: int) -> None:
+    try:
         os.killpg(proc.pid, sig)
+    except ProcessLookupError:  # not yet its own group leader (just forked)
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(proc.pid, sig)
 
 
-def _read_progress(
-    proc: subprocess.Popen[bytes], progress: _Progress, metrics: ServiceMetrics
-) -> None:
-    assert proc.stdout is not None
-    for raw in proc.stdout:
+def _read_progress(proc: _EngineProcess, progress: _Progress, metrics: ServiceMetrics) -> None:
+    def close_stage(now: float) -> None:
+        spent = now - progress.stage_started
+        metrics.job_stage.labels(progress.stage.split(":", 1)[0]).observe(spent)
+        key = f"engine.{progress.stage}"
+        progress.durations[key] = progress.durations.get(key, 0.0) + spent
+
+    for raw in proc.messages():
         try:
             msg = json.loads(raw)
             stage, fraction = str(msg["stage"])[:64], float(msg["fraction"])
@@ -381,8 +452,8 @@ def _read_progress(
         with progress.lock:
             if stage != progress.stage:
                 now = time.monotonic()
-                metrics.job_stage.labels(progress.stage.split(":", 1)[0]).observe(
-                    now - progress.stage_started
-                )
+                close_stage(now)
                 progress.stage, progress.stage_started = stage, now
             progress.fraction = max(0.0, min(1.0, fraction))
+    with progress.lock:
+        close_stage(time.monotonic())

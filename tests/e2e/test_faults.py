@@ -81,15 +81,19 @@ def wait_state(api: Api, job_id: str, predicate, timeout: float = 60) -> dict:  
 
 
 def engine_pids(stack) -> list[int]:  # type: ignore[no-untyped-def]
+    """Live engine processes of this stack (each writes engine.pid into its job's workdir)."""
+    import os
+
     pids = []
-    for proc in Path("/proc").iterdir():
-        if proc.name.isdigit():
-            try:
-                cmd = (proc / "cmdline").read_bytes().decode(errors="replace")
-            except OSError:
-                continue
-            if "service.worker.engine_process" in cmd and str(stack.dir) in cmd:
-                pids.append(int(proc.name))
+    for pid_file in Path(stack.dir, "scratch").glob("*/engine.pid"):
+        pid = int(pid_file.read_text())
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            continue
+        status = Path(f"/proc/{pid}/status").read_text() if Path(f"/proc/{pid}").exists() else ""
+        if "State:\tZ" not in status:
+            pids.append(pid)
     return pids
 
 
