@@ -62,6 +62,9 @@ DEFAULT_MIN_FIDELITY = 0.99  # cosine, when the job gives no accuracy or fidelit
 AUTO_EVAL_SAMPLES = 512  # evaluation samples for auto (accuracy needs more than a recipe job)
 SENSITIVITY_MAX_LAYERS = 16  # most layers probed one by one for mixed precision
 SENSITIVITY_SAMPLES = 128
+# Held-out evaluation: with at least HOLDOUT_MIN_SAMPLES dataset samples, every third sample
+# is kept out of calibration and training, and the constraints are judged on those.
+HOLDOUT_MIN_SAMPLES = 48
 # Recovery training of pruning candidates is bounded by steps, not seconds, so that the same
 # job gives the same model on a busy worker (the seconds cap only guards against a stall).
 PRUNING_RECOVERY_BUDGET = {"max_steps": 150, "max_seconds": 300.0}
@@ -530,6 +533,7 @@ def _mixed_precision(
     cand: Candidate, model: onnx.ModelProto, dataset: dict | None, labels: Any,
     ctx: _Context, available: dict[str, Any], limits: EngineLimits, workdir: Path,
     check_cancelled: Callable[[], None],
+    eval_data: tuple[dict | None, Any] | None = None,
 ) -> tuple[list[dict] | None, dict]:
     """Per-layer sensitivity, then the fewest float layers that meet the accuracy constraint.
 
@@ -554,14 +558,15 @@ def _mixed_precision(
         record["result"] = "no pass of this candidate can keep layers in float"
         return None, record
     c = ctx.constraints
-    use_acc = c.max_accuracy_drop is not None and labels is not None
+    eval_set, eval_labels = eval_data if eval_data is not None else (dataset, labels)
+    use_acc = c.max_accuracy_drop is not None and eval_labels is not None
     metric = "accuracy" if use_acc else ("top1" if c.fidelity_metric == "top1" else "cosine")
     target = c.min_fidelity if c.min_fidelity is not None else DEFAULT_MIN_FIDELITY
     workdir.mkdir(parents=True, exist_ok=True)
     original_path = workdir / "original.onnx"
     onnx.save_model(model, str(original_path))
-    if dataset is not None:
-        feeds, label_chunks = dataset_feeds(model, dataset, labels, SENSITIVITY_SAMPLES * 4)
+    if eval_set is not None:
+        feeds, label_chunks = dataset_feeds(model, eval_set, eval_labels, SENSITIVITY_SAMPLES * 4)
     else:
         feeds, label_chunks = generate_feeds(model, SENSITIVITY_SAMPLES // 4), None
     ref_session = make_session(original_path, limits.latency_threads)
@@ -640,6 +645,86 @@ def _mixed_precision(
         return None, record
     record["result"] = "no mix of float layers met the constraint"
     return None, record
+
+
+# ---------------------------------------------------------------------------------------------
+# Held-out evaluation
+
+
+def _split_holdout(
+    dataset: dict, labels: Any, directory: Path,
+) -> tuple[dict, Any, dict | None, Any, Path | None]:
+    """Keep every third sample out of calibration and training (when there are enough).
+
+    Returns (train arrays, train labels, holdout arrays, holdout labels, train .npz path); the
+    holdout is None (and the path None: use the dataset as given) for small datasets.
+    """
+    import numpy as np
+
+    total = next(iter(dataset.values())).shape[0]
+    if total < HOLDOUT_MIN_SAMPLES:
+        return dataset, labels, None, None, None
+    index = np.arange(total)
+    keep, held = index[index % 3 != 2], index[index % 3 == 2]
+    train = {k: v[keep] for k, v in dataset.items()}
+    hold = {k: v[held] for k, v in dataset.items()}
+    train_labels = labels[keep] if labels is not None else None
+    hold_labels = labels[held] if labels is not None else None
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / "train_split.npz"
+    arrays = dict(train)
+    if train_labels is not None:
+        arrays["labels"] = train_labels
+    np.savez(path, **arrays)  # type: ignore[arg-type]
+    return train, train_labels, hold, hold_labels, path
+
+
+def _holdout_metrics(
+    cand: Candidate, original_path: Path, model: onnx.ModelProto, holdout: dict,
+    labels: Any, limits: EngineLimits,
+) -> None:
+    """Fidelity and accuracy of ``cand`` on the held-out samples (what the constraints use)."""
+    from service.engine.evaluate import (
+        accuracy,
+        compare_output,
+        dataset_feeds,
+        is_classifier_like,
+        make_session,
+        run_all,
+    )
+
+    feeds, label_chunks = dataset_feeds(model, holdout, labels, limits.eval_samples)
+    ref = run_all(make_session(original_path, limits.latency_threads), feeds)
+    out = run_all(make_session(cand.result.model_path, limits.latency_threads), feeds)
+    fidelity = {k: compare_output(ref[k], out[k]) for k in ref if k in out}
+    cosines = [f["cosine"] for f in fidelity.values()]
+    tops = [f["top1_agreement"] for f in fidelity.values() if f["top1_agreement"] is not None]
+    m = cand.metrics
+    m["pipeline_min_cosine"], m["pipeline_accuracy_after"] = m["min_cosine"], m["accuracy_after"]
+    m["min_cosine"] = None if not cosines or None in cosines else min(cosines)
+    m["top1_agreement"] = min(tops) if tops else None
+    m["holdout_fidelity"] = {k: {x: f.get(x) for x in ("cosine", "sqnr_db", "max_abs_error",
+                                                     "top1_agreement")}
+                             for k, f in fidelity.items()}
+    m["holdout_samples"] = sum(next(iter(f.values())).shape[0] for f in feeds)
+    cls_out = next((k for k in ref if is_classifier_like(ref[k])), None)
+    if label_chunks is not None and cls_out is not None and cls_out in out:
+        before, after = accuracy(ref[cls_out], label_chunks), accuracy(out[cls_out], label_chunks)
+        m["accuracy_before"], m["accuracy_after"] = before, after
+        m["accuracy_drop"] = before - after
+
+
+def _evaluation_note(dataset: dict | None, holdout: dict | None) -> dict:
+    if holdout is None:
+        return {"split": None, "note": "constraints judged on the evaluation inputs of each "
+                "candidate's pipeline" + (" (dataset too small to hold samples out)"
+                                          if dataset is not None else " (generated inputs)")}
+    n_train = next(iter(dataset.values())).shape[0] if dataset else 0
+    n_hold = next(iter(holdout.values())).shape[0]
+    return {"split": "every third sample held out", "train_samples": int(n_train),
+            "holdout_samples": int(n_hold),
+            "note": "calibration and retraining saw only the train split; accuracy and "
+                    "fidelity constraints are judged on the held-out samples"}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -790,8 +875,14 @@ def run_auto(
             + "); auto mode compresses float models. Send the float model.",
             {"quantization": description["quantization"]})
     dataset = labels = None
+    holdout: dict | None = None
+    holdout_labels = None
+    train_path: Path | None = None
     if dataset_path is not None:
         dataset, labels = load_dataset(Path(dataset_path), ingested.model, limits)
+        dataset, labels, holdout, holdout_labels, train_path = _split_holdout(
+            dataset, labels, workdir / "auto_input")
+    run_dataset_path = train_path or dataset_path
     if cons.max_accuracy_drop is not None and labels is None:
         raise EngineError(
             "invalid_constraints",
@@ -835,7 +926,7 @@ def run_auto(
     def job(cand: Candidate, index: int) -> dict:
         return {"model_path": str(model_path), "recipe": cand.recipe,
                 "workdir": str(workdir / "candidates" / f"{index:02d}_{cand.name}"),
-                "dataset_path": str(dataset_path) if dataset_path else None,
+                "dataset_path": str(run_dataset_path) if run_dataset_path else None,
                 "device": device_arg, "limits": eval_limits.model_dump(mode="json")}
 
     best: Candidate | None = None
@@ -860,6 +951,9 @@ def run_auto(
             ctx.input_shapes = shapes
             ctx.original_estimate = cost_model.estimate(original_path, profile, input_shapes=shapes)
         _metrics(cand, cand.result, ctx)
+        if holdout is not None:
+            _holdout_metrics(cand, original_path, ingested.model, holdout, holdout_labels,
+                             eval_limits)
         cand.metrics["build_seconds"] = round(outcome["seconds"], 2)
         cand.status = "ok"
         cand.violations = _violations(cand, ctx)
@@ -918,7 +1012,8 @@ def run_auto(
             progress("search:mixed_precision", 0.86)
             recipe, record = _mixed_precision(
                 cand, model, dataset, labels, ctx, passes, eval_limits,
-                workdir / "mixed_precision", check_cancelled)
+                workdir / "mixed_precision", check_cancelled,
+                eval_data=(holdout, holdout_labels) if holdout is not None else None)
             mp_tried.append(record)
             mp_record = mp_tried if len(mp_tried) > 1 else record
             if recipe is None:
@@ -991,6 +1086,7 @@ def run_auto(
         },
         "workers": workers,
         "latency_confirmation": confirmation,
+        "evaluation": _evaluation_note(dataset, holdout),
         "search_seconds": round(time.perf_counter() - started, 2),
     }
     if not measurable:
@@ -1024,6 +1120,14 @@ def run_auto(
         "target_estimate": chosen_est.to_dict(),
     }
     summary = dict(result.summary)
+    if holdout is not None:
+        # constraints were judged on the held-out split: the summary shows those numbers
+        m = chosen.metrics
+        summary["accuracy_before"] = m["accuracy_before"]
+        summary["accuracy_after"] = m["accuracy_after"]
+        summary["min_cosine"] = m["min_cosine"]
+        summary["fidelity"] = m["holdout_fidelity"]
+        summary["eval_inputs"] = "dataset_holdout"
     if confirmation is not None and chosen.name in confirmation["candidates"]:
         # the head-to-head numbers the choice rests on (report["latency"] keeps the first)
         summary["latency_ms_before"] = confirmation["original_ms"]

@@ -382,3 +382,25 @@ def test_latency_objective_confirms_finalists_head_to_head(mlp_path: Path, tmp_p
     chosen = auto["chosen"]["candidate"]
     assert chosen in confirmed["candidates"]
     assert result.summary["speedup"] == confirmed["candidates"][chosen]["speedup"] >= 1.0
+
+
+def test_constraints_are_judged_on_held_out_samples(mlp_path: Path, tmp_path: Path) -> None:
+    import onnxruntime as ort
+
+    rng = np.random.default_rng(1)
+    x = rng.normal(0, 1, (60, 64)).astype(np.float32)
+    session = ort.InferenceSession(str(mlp_path), providers=["CPUExecutionProvider"])
+    labels = session.run(None, {"x": x})[0].argmax(1)
+    dataset = tmp_path / "data.npz"
+    np.savez(dataset, x=x, labels=labels)
+    result = run_pipeline(mlp_path, "auto", tmp_path / "work", dataset_path=dataset,
+                          device="host", constraints={"max_accuracy_drop": 0.05,
+                                                      "objective": "size", "training": False})
+    evaluation = result.report["auto"]["evaluation"]
+    assert evaluation["holdout_samples"] == 20 and evaluation["train_samples"] == 40
+    assert result.summary["eval_inputs"] == "dataset_holdout"
+    assert result.summary["accuracy_before"] == 1.0  # labels are the float model's answers
+    assert result.summary["accuracy_before"] - result.summary["accuracy_after"] <= 0.05
+    chosen = result.report["auto"]["chosen"]["candidate"]
+    pick = next(c for c in result.report["auto"]["candidates"] if c["name"] == chosen)
+    assert pick["metrics"]["holdout_samples"] == 20
