@@ -22,7 +22,12 @@
    sensitivity (each quantized layer kept in float alone) and keeps the most sensitive layers
    in float, one more at a time, until it fits ("accuracy-aware mixed precision", as Intel
    Neural Compressor's tuning does), recording which layers;
-6. picks the best candidate for the objective among those meeting every constraint, never one
+6. judges accuracy and fidelity on held-out samples: with a dataset of at least 48 samples,
+   every third one is kept out of calibration and retraining (the candidates' pipelines get
+   the other two thirds);
+7. when the objective involves latency and the host can stand for the target, re-measures the
+   best few candidates head to head with the original (one process, interleaved rounds);
+8. picks the best candidate for the objective among those meeting every constraint, never one
    slower than the original on this host when the objective involves latency and the target is
    measurable here (a CPU of the host's architecture); otherwise the report says that the
    target latency is an estimate.
