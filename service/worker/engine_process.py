@@ -50,6 +50,8 @@ PRELOAD = [
     "service.engine.evaluate",
     "service.engine.registry",
     "service.worker.engine_process",
+    "zstandard",
+    "service.engine.report_html",
 ]
 
 
