@@ -193,3 +193,25 @@ def test_schedule_rounds_with_recovery(digits, kit, tmp_path):
     assert second["channels"]["2.weight"] == {"before": 48, "after": 32}
     for r in notes["rounds"]:
         assert r["accuracy_after_recovery"] > r["accuracy_after_prune"]
+
+
+@pytest.mark.slow
+def test_recipe_prune_recover_quantize_through_the_pipeline(digits, tmp_path):
+    """Recipes compose: prune_channels -> distill -> quantize_static via run_pipeline."""
+    from service.engine.pipeline import run_pipeline
+
+    x_tr, y_tr, _, _ = corpus.load_digits_split()
+    data = tmp_path / "train.npz"
+    np.savez(data, image=x_tr[:512], labels=y_tr[:512])
+    recipe = [
+        {"pass": "prune_channels", "ratio": 0.5},
+        {"pass": "distill", "budget": {"max_steps": 100, "lr": 2e-3, "max_seconds": 600}},
+        {"pass": "quantize_static"},
+    ]
+    result = run_pipeline(digits.path, recipe, tmp_path / "work", dataset_path=data)
+    names = [p["pass"] for p in result.report["passes"]]
+    assert names == ["prune_channels", "distill", "quantize_static"]
+    notes = result.report["passes"][1]["notes"]
+    assert notes["training"]["steps"] == 100 and notes["teachers"][0]["model"] == "original model"
+    assert result.summary["size_ratio"] > 6
+    assert result.summary["accuracy_after"] > result.summary["accuracy_before"] - 0.05
