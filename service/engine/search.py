@@ -1194,10 +1194,14 @@ def _fail(cands: list[Candidate], ctx: _Context, auto_section: dict) -> None:
         f"{v['constraint']} {v['value']} vs {v['limit']}"
         + (f" (missed by {v['missed_by']})" if v.get("missed_by") is not None else "")
         for v in missed)
+    hint = ""
+    if all(v["constraint"].startswith("not_slower") for v in missed):
+        hint = ("; every candidate that fits is slower than the original here: objective "
+                "'size' accepts a slower model")
     raise EngineError(
         "constraints_unsatisfiable",
         f"no candidate meets the constraints on {ctx.profile.name}; closest is "
-        f"{closest.name}: {text}",
+        f"{closest.name}: {text}{hint}",
         {"closest": {"candidate": closest.name, "recipe": closest.recipe,
                      "metrics": {k: v for k, v in closest.metrics.items() if k != "warnings"}},
          "missed": missed,
