@@ -96,10 +96,11 @@ def main(argv: list[str] | None = None) -> int:
         rows = []
         loaded = [(n, v, cost_model.analyse(__import__("onnx").load(str(p)), s), ms)
                   for n, v, p, ms, s in samples]
-        fit = cost_model.calibrate_host([(p, ms, f"{n}:{v}") for n, v, p, ms, _ in samples], host)
+        fit = cost_model.calibrate_host(
+            [(c, ms, f"{n}:{v}") for n, v, c, ms in loaded], host)
         for (name, variant, cost, ms), point in zip(loaded, fit.points, strict=True):
             raw = cost_model.estimate(None, host, cost=cost).latency_ms  # type: ignore[arg-type]
-            others = [(p, m, f"{n}:{v}") for n, v, p, m, _ in samples if n != name]
+            others = [(c, m, f"{n}:{v}") for n, v, c, m in loaded if n != name]
             loo = None
             if len(others) >= 2:
                 cal = cost_model.calibrate_host(others, host)

@@ -594,22 +594,28 @@ def estimate(
 def calibrate_host(
     samples: Iterable[tuple[Any, ...]],
     profile: DeviceProfile | None = None,
+    *,
+    input_shapes: dict[str, Sequence[int]] | None = None,
 ) -> HostCalibration:
     """Fit ``measured ≈ scale * roofline + overhead * nodes`` on ONNX Runtime host latencies.
 
-    ``samples``: (model or path, measured milliseconds[, label]) measured on this machine with
-    ONNX Runtime's CPU EP. The fit minimises relative error (small and large models count
-    alike); with one sample, or a degenerate fit, only the scale is fitted. The returned points
-    hold predicted vs measured for every sample (the report shows them).
+    ``samples``: (model or path or ``ModelCost``, measured milliseconds[, label[, input
+    shapes]]) measured on this machine with ONNX Runtime's CPU EP; the input shapes (per sample,
+    else ``input_shapes``) must be the ones the latency was measured with. The fit minimises
+    relative error (small and large models count alike); with one sample, or a degenerate fit,
+    only the scale is fitted. The returned points hold predicted vs measured for every sample
+    (the report shows them).
     """
     profile = profile or host_profile()
     rows: list[tuple[float, int, float, str]] = []
     for index, sample in enumerate(samples):
         model, measured = sample[0], float(sample[1])
         label = str(sample[2]) if len(sample) > 2 else f"sample_{index}"
+        shapes = sample[3] if len(sample) > 3 else input_shapes
         if not measured > 0:
             continue
-        roofline_s, counted, *_ = _roofline(analyse(_load(model)), profile)
+        cost = model if isinstance(model, ModelCost) else analyse(_load(model), shapes)
+        roofline_s, counted, *_ = _roofline(cost, profile)
         rows.append((roofline_s * 1e3, counted, measured, label))
     if not rows:
         raise ValueError("calibrate_host needs at least one positive measured latency")

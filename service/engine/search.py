@@ -1056,7 +1056,8 @@ def run_auto(
         samples: list[tuple[Any, float, str]] = [(original_path, ctx.original_host_ms, "original")]
         samples += [(c.result.model_path, c.metrics["host_latency_ms"], c.name) for c in ok]
         try:
-            host_cal = cost_model.calibrate_host(samples, host).to_dict()
+            host_cal = cost_model.calibrate_host(samples, host,
+                                                 input_shapes=ctx.input_shapes).to_dict()
         except Exception:  # calibration is evidence, never a reason to fail the job
             log.exception("host calibration failed")
 

@@ -163,3 +163,18 @@ def test_calibrate_host_recovers_a_known_law() -> None:
     assert calibrated.latency_ms == pytest.approx(samples[0][1], rel=0.02)
     with pytest.raises(ValueError):
         cost_model.calibrate_host([], host)
+
+
+def test_calibrate_host_uses_the_measured_input_shapes() -> None:
+    host = host_profile()
+    shapes = {"x": [1, 4, 256]}
+    models = [_matmul_model(256, 128 * i) for i in range(1, 4)]
+    samples = []
+    for i, m in enumerate(models):
+        roofline_s, nodes, *_ = cost_model._roofline(cost_model.analyse(m, shapes), host)
+        samples.append((m, 2.0 * roofline_s * 1e3 + 0.003 * nodes, f"m{i}"))
+    right = cost_model.calibrate_host(samples, host, input_shapes=shapes)
+    wrong = cost_model.calibrate_host(samples, host)  # dynamic dims at the defaults
+    assert right.median_abs_error_pct < 1.0
+    assert right.compute_scale == pytest.approx(2.0, rel=0.02)
+    assert wrong.compute_scale < 0.5  # seq 128 instead of 4: the fit would be far off
