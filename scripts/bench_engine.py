@@ -286,7 +286,7 @@ TRAINING_RECIPES: dict[str, list[dict[str, Any]]] = {
         {"pass": "prune_magnitude", "sparsity": 0.8},
         {"pass": "quantize_static"},
     ],
-    "prune_magnitude[.5,.8]+recover+int8": [
+    "prune_mag[.5,.8]+recover+int8": [
         {"pass": "prune_magnitude", "schedule": [0.5, 0.8], "recover": True,
          "recovery": {"budget": {"max_steps": 150, "lr": 2e-3, "max_seconds": 600}}},
         {"pass": "quantize_static"},
