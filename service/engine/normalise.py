@@ -147,6 +147,10 @@ def normalise(
         notes.append(f"{dead} unused nodes removed")
     if unused:
         notes.append(f"{unused} unused initializers removed")
+    stripped = _strip_node_debug_info(out)
+    if stripped:
+        notes.append(f"{stripped} bytes of per-node debug info (exporter stack traces, doc "
+                     "strings) dropped")
     renamed = _unique_node_names(out)
     if renamed:
         notes.append(f"{renamed} nodes named or renamed to make node names unique")
@@ -447,3 +451,21 @@ def _unique_node_names(model: onnx.ModelProto) -> int:
             seen.add(name)
             changed += 1
     return changed
+
+
+def _strip_node_debug_info(model: onnx.ModelProto) -> int:
+    """Drop per-node metadata and doc strings; returns the bytes saved.
+
+    The dynamo exporter attaches a Python stack trace (with file paths of the machine that
+    exported the model) to every node: several percent of a small model, and nothing a
+    runtime reads. Model-level metadata (producer, metadata_props) is kept.
+    """
+    before = model.ByteSize()
+    for graph, _ in iter_graphs(model.graph):
+        for node in graph.node:
+            del node.metadata_props[:]
+            node.ClearField("doc_string")
+        for value in (*graph.value_info, *graph.input, *graph.output):
+            del value.metadata_props[:]
+            value.ClearField("doc_string")
+    return before - model.ByteSize()
