@@ -47,7 +47,8 @@ from typing import IO, Any
 import requests
 from pydantic import ValidationError
 
-from service.api.schemas import Constraints, JobCreate
+from service.api.schemas import JobCreate
+from service.engine.constraints import AutoConstraints as Constraints
 from service.engine.devices.profile import DeviceProfile
 from service.jobs.models import Job, JobState
 from service.uploads.store import DatasetRecord, ModelRecord

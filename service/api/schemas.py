@@ -1,4 +1,7 @@
-"""Request bodies of the API (pydantic). Responses are the records' own models."""
+"""Request bodies of the API (pydantic). Responses are the records' own models.
+
+Constraints are the engine's own model (``AutoConstraints``): one definition for both.
+"""
 
 from __future__ import annotations
 
@@ -6,30 +9,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-
-class Constraints(BaseModel):
-    """What the result must satisfy (auto mode searches for it; fixed recipes report it)."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    max_size_mb: float | None = Field(default=None, gt=0, description="Largest model file, MB.")
-    max_latency_ms: float | None = Field(default=None, gt=0, description="Latency bound, ms.")
-    latency_on: Literal["target", "host"] = Field(
-        default="target", description="Estimate on the target device or measure on the host."
-    )
-    max_accuracy_drop: float | None = Field(
-        default=None, ge=0, le=1, description="Largest accuracy drop (fraction), needs labels."
-    )
-    min_fidelity: float | None = Field(
-        default=None, ge=-1, le=1, description="Smallest cosine similarity to the original."
-    )
-    min_top1_agreement: float | None = Field(
-        default=None, ge=0, le=1, description="Smallest top-1 agreement with the original."
-    )
-    max_memory_mb: float | None = Field(default=None, gt=0, description="Peak memory bound, MB.")
-    objective: Literal["size", "latency", "balanced"] = Field(
-        default="balanced", description="What auto mode optimises among candidates that fit."
-    )
+from service.engine.constraints import AutoConstraints
 
 
 class JobCreate(BaseModel):
@@ -44,6 +24,6 @@ class JobCreate(BaseModel):
     recipe: list[dict[str, Any]] | Literal["auto"] = Field(
         description='Ordered passes [{"pass": name, ...params}] or "auto".'
     )
-    constraints: Constraints = Field(default_factory=Constraints)
+    constraints: AutoConstraints = Field(default_factory=AutoConstraints)
     dataset_id: str | None = Field(default=None, max_length=64)
     callback_url: str | None = Field(default=None, max_length=2048)
