@@ -30,13 +30,6 @@ log = logging.getLogger(__name__)
 
 bp = Blueprint("jobs", __name__, url_prefix="/v1/jobs")
 
-ARTIFACT_TYPES = {
-    "model.onnx": "application/octet-stream",
-    "model.onnx.zst": "application/zstd",
-    "report.json": "application/json",
-    "report.html": "text/html",
-}
-
 
 @bp.post("")
 @idempotent
@@ -187,7 +180,10 @@ def get_artifact(job_id: str, name: str) -> Response:
     job = space().jobs.get(job_id)
     if name not in job.artifacts:
         raise NotFound(f"job {job_id} has no artifact {name!r}", code="artifact_not_found")
-    url = space().store.presign_get(artifact_key(job.id, name), filename=f"{job.id}-{name}")
+    # report.html is shown in the browser; the rest downloads as a file.
+    url = space().store.presign_get(
+        artifact_key(job.id, name), filename=None if name == "report.html" else f"{job.id}-{name}"
+    )
     resp = redirect(url, code=302)
     resp.headers["Cache-Control"] = "no-store"
     return resp
