@@ -16,7 +16,7 @@ from service.api.idempotency import idempotent
 from service.api.pagination import page_cursor, page_limit
 from service.api.problems import from_engine_error
 from service.api.quotas import check_job_quota
-from service.api.schemas import JobCreate
+from service.api.schemas import JobCreate, parse_body
 from service.engine.devices import parse_device
 from service.engine.errors import EngineError
 from service.engine.registry import parse_recipe
@@ -35,13 +35,7 @@ bp = Blueprint("jobs", __name__, url_prefix="/v1/jobs")
 @idempotent
 def create_job() -> tuple[Response, int, dict[str, str]]:
     svc = services()
-    body = request.get_json(silent=True)
-    if not isinstance(body, dict):
-        raise ValidationFailed(
-            "the body must be a JSON object",
-            extra={"errors": [{"field": "body", "message": "JSON object expected"}]},
-        )
-    spec = JobCreate.model_validate(body)
+    spec = parse_body(JobCreate)
     model = space().uploads.get_model(spec.model_id)
     dataset = space().uploads.get_dataset(spec.dataset_id) if spec.dataset_id else None
     if dataset is not None:

@@ -5,11 +5,26 @@ Constraints are the engine's own model (``AutoConstraints``): one definition for
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
+from flask import request
 from pydantic import BaseModel, ConfigDict, Field
 
 from service.engine.constraints import AutoConstraints
+from service.errors import ValidationFailed
+
+BodyT = TypeVar("BodyT", bound=BaseModel)
+
+
+def parse_body(model: type[BodyT]) -> BodyT:
+    """The request's JSON object validated as ``model`` (422 naming the field otherwise)."""
+    body = request.get_json(silent=True)
+    if not isinstance(body, dict):
+        raise ValidationFailed(
+            "the body must be a JSON object",
+            extra={"errors": [{"field": "body", "message": "JSON object expected"}]},
+        )
+    return model.model_validate(body)
 
 
 class JobCreate(BaseModel):

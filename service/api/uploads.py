@@ -13,15 +13,16 @@ import os
 from datetime import timedelta
 from typing import Literal
 
-from flask import Blueprint, Response, jsonify, request, url_for
+from flask import Blueprint, Response, jsonify, url_for
 from pydantic import BaseModel, ConfigDict, Field
 
 from service.api.context import services, space
 from service.api.datasets import store_dataset
 from service.api.idempotency import idempotent
 from service.api.models import store_model
+from service.api.schemas import parse_body
 from service.api.streaming import clean_filename, receive_stored_object
-from service.errors import NotFound, ValidationFailed
+from service.errors import NotFound
 from service.jobs.models import utcnow
 
 bp = Blueprint("uploads", __name__, url_prefix="/v1/uploads")
@@ -48,13 +49,7 @@ def _data_key(upload_id: str) -> str:
 @idempotent
 def create_upload() -> tuple[Response, int, dict[str, str]]:
     svc = services()
-    body = request.get_json(silent=True)
-    if not isinstance(body, dict):
-        raise ValidationFailed(
-            "the body must be a JSON object",
-            extra={"errors": [{"field": "body", "message": "JSON object expected"}]},
-        )
-    spec = UploadCreate.model_validate(body)
+    spec = parse_body(UploadCreate)
     upload_id = "upl_" + os.urandom(12).hex()
     max_bytes = (
         svc.settings.max_upload_bytes if spec.kind == "model" else svc.settings.max_dataset_bytes

@@ -147,7 +147,7 @@ def normalise(
         notes.append(f"{dead} unused nodes removed")
     if unused:
         notes.append(f"{unused} unused initializers removed")
-    stripped = _strip_node_debug_info(out)
+    stripped = strip_debug_metadata(out)
     if stripped:
         notes.append(f"{stripped} bytes of per-node debug info (exporter stack traces, doc "
                      "strings) dropped")
@@ -453,8 +453,8 @@ def _unique_node_names(model: onnx.ModelProto) -> int:
     return changed
 
 
-def _strip_node_debug_info(model: onnx.ModelProto) -> int:
-    """Drop per-node metadata and doc strings; returns the bytes saved.
+def strip_debug_metadata(model: onnx.ModelProto) -> int:
+    """Drop per-node metadata and doc strings (in place); returns the bytes saved.
 
     The dynamo exporter attaches a Python stack trace (with file paths of the machine that
     exported the model) to every node: several percent of a small model, and nothing a
@@ -462,9 +462,11 @@ def _strip_node_debug_info(model: onnx.ModelProto) -> int:
     """
     before = model.ByteSize()
     for graph, _ in iter_graphs(model.graph):
+        # ClearField, not = "": protobuf2 would store an explicitly empty string.
         for node in graph.node:
             del node.metadata_props[:]
             node.ClearField("doc_string")
+        graph.ClearField("doc_string")
         for value in (*graph.value_info, *graph.input, *graph.output):
             del value.metadata_props[:]
             value.ClearField("doc_string")

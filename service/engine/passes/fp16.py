@@ -23,7 +23,8 @@ from onnx import TensorProto, numpy_helper
 from pydantic import Field
 
 from service.engine.errors import EngineError
-from service.engine.passes.graph_optimize import iter_graphs, strip_debug_metadata, toposort
+from service.engine.normalise import strip_debug_metadata
+from service.engine.passes.graph_optimize import iter_graphs, toposort
 from service.engine.registry import Pass, PassConfig, PassContext, register
 
 # Ops kept float32 for accuracy, on top of ONNX Runtime's DEFAULT_OP_BLOCK_LIST.

@@ -115,26 +115,6 @@ def toposort(model: onnx.ModelProto) -> int:
     return moved
 
 
-def strip_debug_metadata(model: onnx.ModelProto) -> int:
-    """Drop per-node debug metadata (exporter stack traces, source names) and doc strings.
-
-    The dynamo exporter attaches a stack trace to every node: on small models that is several
-    percent of the file. Model-level metadata (producer, opsets, metadata_props) is kept.
-    Returns the bytes saved.
-    """
-    before = model.ByteSize()
-    for graph in iter_graphs(model.graph):
-        # ClearField, not = "": protobuf2 would store an explicitly empty string.
-        for node in graph.node:
-            del node.metadata_props[:]
-            node.ClearField("doc_string")
-        graph.ClearField("doc_string")
-        for vi in list(graph.value_info) + list(graph.input) + list(graph.output):
-            del vi.metadata_props[:]
-            vi.ClearField("doc_string")
-    return before - model.ByteSize()
-
-
 def op_histogram(model: onnx.ModelProto) -> dict[str, int]:
     """Op type -> count over the main graph and all subgraphs (domain-qualified if not ONNX)."""
     counts: Counter[str] = Counter()

@@ -24,7 +24,8 @@ from onnx import TensorProto
 from pydantic import Field, field_validator
 
 from service.engine.errors import EngineError
-from service.engine.passes.graph_optimize import iter_graphs, op_histogram, strip_debug_metadata
+from service.engine.normalise import strip_debug_metadata
+from service.engine.passes.graph_optimize import iter_graphs, op_histogram
 from service.engine.passes.quantize_dynamic import ensure_opset, float_weight_bytes, gemm_to_matmul
 from service.engine.registry import Pass, PassConfig, PassContext, register
 

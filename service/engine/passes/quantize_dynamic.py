@@ -32,7 +32,8 @@ from onnx import TensorProto, helper, numpy_helper
 from pydantic import Field
 
 from service.engine.errors import EngineError
-from service.engine.passes.graph_optimize import iter_graphs, strip_debug_metadata
+from service.engine.normalise import strip_debug_metadata
+from service.engine.passes.graph_optimize import iter_graphs
 from service.engine.registry import Pass, PassConfig, PassContext, register
 
 DynamicOp = Literal["MatMul", "Gemm", "LSTM", "GRU", "Attention", "Conv", "Gather"]

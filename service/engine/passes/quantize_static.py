@@ -27,7 +27,8 @@ from onnx import TensorProto
 from pydantic import Field
 
 from service.engine.errors import EngineError
-from service.engine.passes.graph_optimize import iter_graphs, strip_debug_metadata
+from service.engine.normalise import strip_debug_metadata
+from service.engine.passes.graph_optimize import iter_graphs
 from service.engine.passes.quantize_dynamic import ensure_opset, weight_only_int8
 from service.engine.registry import Pass, PassConfig, PassContext, register
 
