@@ -461,12 +461,39 @@ def _pick_archive_model(root: Path) -> Path:
 _CODE_SUFFIXES = (".pt", ".pth", ".pt2", ".ckpt", ".pkl", ".pickle", ".jit", ".joblib")
 
 
+def _ensure_memory_headroom(needed: int) -> None:
+    """Raise MemoryError when the process's address-space limit cannot fit ``needed`` more bytes.
+
+    Under a memory limit, protobuf reports a failed allocation as a parse error: without this
+    check a model too big for the limit would be refused as "not ONNX" instead of as too big.
+    """
+    import resource
+
+    soft, _ = resource.getrlimit(resource.RLIMIT_AS)
+    if soft == resource.RLIM_INFINITY:
+        return
+    try:
+        status = Path("/proc/self/status").read_text()
+        used = (
+            int(next(line for line in status.splitlines() if line.startswith("VmSize:")).split()[1])
+            * 1024
+        )
+    except (OSError, StopIteration, ValueError):
+        return
+    if used + needed > soft:
+        raise MemoryError(f"{needed} bytes needed, {max(0, soft - used)} left under the limit")
+
+
 def _parse_onnx(path: Path, filename: str) -> onnx.ModelProto:
+    # The bytes and the parsed message are both in memory while parsing.
+    _ensure_memory_headroom(2 * path.stat().st_size)
     data = path.read_bytes()
     model = onnx.ModelProto()
     ok = True
     try:
         model.ParseFromString(data)
+    except MemoryError:
+        raise
     except Exception:  # protobuf's DecodeError and friends
         ok = False
     if ok and model.HasField("graph") and model.ir_version > 0:
