@@ -103,9 +103,7 @@ def main(spec_path: str, emit: Any = _emit) -> int:
         from service.storage.s3 import make_store
         from service.uploads.store import model_source_key
 
-        settings = Settings()
-        # Other models (students, teachers) are looked up in the job's tenant space only.
-        store = make_store(settings.model_copy(update={"s3_prefix": spec["store_prefix"]}))
+        stores: list[Any] = []  # the S3 client is made only if a recipe names another model
 
         def resolve_model(model_id: str) -> Path:
             if not (model_id.startswith("mdl_") and len(model_id) == 36 and model_id[4:].isalnum()):
@@ -113,8 +111,14 @@ def main(spec_path: str, emit: Any = _emit) -> int:
             target = workdir / "refs" / f"{model_id}.onnx"
             target.parent.mkdir(exist_ok=True)
             if not target.exists():
+                if not stores:
+                    # Other models (students, teachers) come from the job's tenant space only.
+                    settings = Settings()
+                    stores.append(
+                        make_store(settings.model_copy(update={"s3_prefix": spec["store_prefix"]}))
+                    )
                 try:
-                    store.download_file(model_source_key(model_id), target)
+                    stores[0].download_file(model_source_key(model_id), target)
                 except FileNotFoundError:
                     raise EngineError("model_not_found", f"model {model_id!r} not found") from None
             return target
