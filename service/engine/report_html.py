@@ -283,7 +283,7 @@ def _hbar_svg(rows: list[tuple[str, list[float | None]]], series: list[str],
     colors = ["#5f6b7a", "#1a73e8", "#e37400"]
     bar_h, gap = 16, 10
     group_h = bar_h * len(series) + gap
-    label_w, w, mr = 150, 480, 56
+    label_w, w, mr = 190, 520, 56  # label column fits ~18 characters at the chart's font size
     top = 24 if len(series) > 1 else 4
     h = top + group_h * len(rows) + 8
     values = [abs(float(v)) for _, vs in rows for v in vs if isinstance(v, (int, float))]
@@ -297,7 +297,7 @@ def _hbar_svg(rows: list[tuple[str, list[float | None]]], series: list[str],
     for gi, (label, vals) in enumerate(rows):
         y = top + gi * group_h
         cls = "rowlabel hl" if highlight and label in highlight else "rowlabel"
-        short = label if len(label) <= 22 else label[:20] + "…"
+        short = label if len(label) <= 18 else label[:17] + "…"
         parts.append(f'<text class="{cls}" x="{label_w - 8}" y="{y + group_h / 2}" '
                      f'text-anchor="end"><title>{_e(label)}</title>{_e(short)}</text>')
         for si, v in enumerate(vals):
