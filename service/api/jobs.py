@@ -10,6 +10,7 @@ import logging
 from typing import Any
 
 from flask import Blueprint, Response, jsonify, redirect, request, url_for
+from werkzeug.wrappers import Response as WerkzeugResponse
 
 from service.api.context import services, space
 from service.api.idempotency import idempotent
@@ -115,7 +116,7 @@ def list_jobs() -> Response:
                     ]
                 },
             ) from None
-    jobs, cursor = space().jobs.list(
+    jobs, cursor = space().jobs.page(
         limit=page_limit(), cursor=page_cursor(), state=state
     )
     return jsonify({"items": [j.public() for j in jobs], "next_cursor": cursor})
@@ -169,7 +170,7 @@ def list_artifacts(job_id: str) -> Response:
 
 
 @bp.get("/<job_id>/artifacts/<name>")
-def get_artifact(job_id: str, name: str) -> Response:
+def get_artifact(job_id: str, name: str) -> WerkzeugResponse:
     """Redirect (302) to a short-lived presigned URL on the object store."""
     job = space().jobs.get(job_id)
     if name not in job.artifacts:

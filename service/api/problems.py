@@ -63,7 +63,7 @@ def _title(status: int) -> str:
 def from_engine_error(exc: EngineError, default_status: int = 422) -> ServiceError:
     """Translate an engine error met in the API into a ``ServiceError``."""
     status = ENGINE_STATUS.get(exc.code, default_status)
-    extra = {"details": exc.details} if exc.details else {}
+    extra: dict[str, Any] = {"details": exc.details} if exc.details else {}
     if exc.code == "invalid_recipe" and exc.details.get("errors"):
         extra["errors"] = [
             {"field": f"recipe[{exc.details.get('step', 0)}].{e['field']}", "message": e["message"]}

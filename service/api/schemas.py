@@ -39,6 +39,6 @@ class JobCreate(BaseModel):
     recipe: list[dict[str, Any]] | Literal["auto"] = Field(
         description='Ordered passes [{"pass": name, ...params}] or "auto".'
     )
-    constraints: AutoConstraints = Field(default_factory=AutoConstraints)
+    constraints: AutoConstraints = Field(default_factory=lambda: AutoConstraints.model_validate({}))
     dataset_id: str | None = Field(default=None, max_length=64)
     callback_url: str | None = Field(default=None, max_length=2048)

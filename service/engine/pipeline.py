@@ -17,13 +17,14 @@ Outcome rules:
 
 from __future__ import annotations
 
+import io
 import logging
 import re
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import IO, Any, Literal, cast
 
 import onnx
 
@@ -435,17 +436,20 @@ def _zstd_size(path: Path) -> int:
     """Bytes of ``path`` once zstd-compressed (streamed; nothing written)."""
     import zstandard
 
-    class _Count:
+    class _Count(io.RawIOBase):
         n = 0
 
-        def write(self, data: bytes) -> int:
+        def writable(self) -> bool:
+            return True
+
+        def write(self, data: Any) -> int:
             self.n += len(data)
             return len(data)
 
     counter = _Count()
     cctx = zstandard.ZstdCompressor(level=ZSTD_LEVEL, threads=-1)
     with open(path, "rb") as src:
-        cctx.copy_stream(src, counter, size=path.stat().st_size)
+        cctx.copy_stream(src, cast("IO[bytes]", counter), size=path.stat().st_size)
     return counter.n
 
 

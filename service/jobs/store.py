@@ -78,7 +78,7 @@ class JobStore:
             return new
         raise PreconditionFailed(f"job {job_id} is being changed by others; retry")
 
-    def list(
+    def page(
         self, *, limit: int = 20, cursor: str | None = None, state: JobState | None = None
     ) -> tuple[list[Job], str | None]:
         """Newest first. ``cursor`` is opaque to clients (it encodes the last index key seen)."""
@@ -100,18 +100,6 @@ class JobStore:
                     break
         more = self._store.list_keys("jobs-by-time/", start_after=last_key, limit=1)
         return jobs, (_encode_cursor(last_key) if more and last_key else None)
-
-    def iter_ids(self) -> list[str]:
-        """All job ids, newest first (for the reconciler)."""
-        ids: list[str] = []
-        last: str | None = None
-        while True:
-            keys = self._store.list_keys("jobs-by-time/", start_after=last, limit=1000)
-            if not keys:
-                return ids
-            for key in keys:
-                ids.append(_id_from_index(key))
-            last = keys[-1]
 
     def active_ids(self) -> list[str]:
         """Ids of jobs that are not terminal yet (or whose marker was not cleared yet)."""

@@ -66,18 +66,7 @@ class ObjectStore(Protocol):
         self, prefix: str, *, start_after: str | None = None, limit: int = 1000
     ) -> list[str]: ...
     def presign_get(self, key: str, *, filename: str | None = None) -> str: ...
-    def presign_post(self, key: str, *, max_bytes: int, ttl: int) -> dict[str, Any]:
-        """A browser-style presigned POST for ``key`` whose policy caps the size."""
-        try:
-            return dict(
-                self._client.generate_presigned_post(
-                    self.bucket, self._k(key),
-                    Conditions=[["content-length-range", 1, max_bytes]], ExpiresIn=ttl,
-                )
-            )
-        except (ClientError, BotoCoreError) as exc:
-            raise _unavailable(exc) from exc
-
+    def presign_post(self, key: str, *, max_bytes: int, ttl: int) -> dict[str, Any]: ...
     def ping(self) -> None: ...
 
 

@@ -396,7 +396,7 @@ class _EngineProcess:
         config = multiprocessing.current_process()._config  # type: ignore[attr-defined]
         saved = {key: config[key] for key in ("daemon", "authkey") if key in config}
         config.pop("daemon", None)
-        config["authkey"] = multiprocessing.process.AuthenticationString(os.urandom(32))
+        config["authkey"] = multiprocessing.process.AuthenticationString(os.urandom(32))  # type: ignore[attr-defined]
         try:
             self._proc = ctx.Process(
                 target=run_forked, args=(str(spec_path), child_end, limits), name="edgepress-engine"

@@ -57,7 +57,7 @@ def check_callback_url(url: str, settings: Settings) -> None:
                                    type=socket.SOCK_STREAM)
     except (socket.gaierror, UnicodeError):
         raise CallbackRefused(f"callback host {host!r} does not resolve") from None
-    addrs = {ipaddress.ip_address(info[4][0].split("%")[0]) for info in infos}
+    addrs = {ipaddress.ip_address(str(info[4][0]).split("%")[0]) for info in infos}
     for addr in addrs:
         if not _allowed(addr, host, settings):
             raise CallbackRefused(

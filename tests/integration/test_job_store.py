@@ -65,12 +65,12 @@ def test_list_newest_first_with_cursor(jobs) -> None:  # type: ignore[no-untyped
     for _ in range(5):
         created.append(jobs.create(new_job()).id)
         time.sleep(0.002)
-    page1, cursor = jobs.list(limit=2)
+    page1, cursor = jobs.page(limit=2)
     assert [j.id for j in page1] == created[::-1][:2]
     assert cursor
-    page2, cursor2 = jobs.list(limit=2, cursor=cursor)
+    page2, cursor2 = jobs.page(limit=2, cursor=cursor)
     assert [j.id for j in page2] == created[::-1][2:4]
-    page3, cursor3 = jobs.list(limit=2, cursor=cursor2)
+    page3, cursor3 = jobs.page(limit=2, cursor=cursor2)
     assert [j.id for j in page3] == created[::-1][4:]
     assert cursor3 is None
 

@@ -1,8 +1,7 @@
 """The object store against the real SeaweedFS S3 server."""
 
-import requests
-
 import pytest
+import requests
 
 from service.errors import PreconditionFailed
 from service.storage.s3 import make_store
