@@ -6,4 +6,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup_env.sh
 if [ -f scripts/install_tools.sh ]; then bash scripts/install_tools.sh; fi
+# House style (STYLE.md): ruff and mypy clean.
+.venv/bin/ruff check --quiet .
+.venv/bin/mypy --no-error-summary service
 exec .venv/bin/python -m pytest -q -p no:cacheprovider "$@"
