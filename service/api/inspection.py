@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import resource
 import subprocess
 import sys
@@ -12,6 +13,12 @@ from typing import Any, Literal
 from service.config import Settings
 from service.engine.errors import EngineError
 from service.engine.limits import EngineLimits
+
+
+def _child_env() -> dict[str, str]:
+    """The parser of a stranger's file gets no credentials: only what Python needs to run."""
+    keep = ("PATH", "PYTHONPATH", "VIRTUAL_ENV", "LANG", "LC_ALL", "TMPDIR", "HOME")
+    return {k: v for k, v in os.environ.items() if k in keep}
 
 
 def inspect_in_child(
