@@ -26,7 +26,7 @@ from typing import Any
 
 from service.config import Settings
 from service.engine.devices import parse_device
-from service.errors import NotFound
+from service.errors import NotFound, Unavailable
 from service.jobs.models import Job, JobError, JobState, utcnow
 from service.jobs.store import JobStore, artifact_key
 from service.metrics import ServiceMetrics
@@ -89,7 +89,7 @@ class JobRunner:
             return None
         if job.cancel_requested:
             return job.transition(JobState.cancelled, message="cancelled by the user")
-        if job.state is JobState.running and not self.is_stale(job):
+        if job.state is JobState.running and not self.is_stale(job) and job.worker != self.name:
             return None  # a live worker runs it; a duplicate delivery ends here
         attempts = job.attempts + 1
         if attempts > self.settings.job_max_attempts:
@@ -129,7 +129,13 @@ class JobRunner:
         self.metrics.worker_in_progress.inc()
         try:
             final = self._execute(claimed)
-        except Exception as exc:  # a bug or an unreachable store: fail the job, keep the worker
+        except Unavailable:
+            # The store is unreachable: nothing can be recorded now. The task retries with
+            # backoff and this worker re-claims its own job (or the reconciler hands it on).
+            raise
+        except NotFound as exc:  # the model or dataset was deleted after the job was queued
+            final = self._fail(job_id, exc.code, exc.message)
+        except Exception as exc:  # a bug: fail the job, keep the worker
             log.exception("job %s failed in the worker", job_id)
             final = self._fail(
                 job_id,
