@@ -116,13 +116,22 @@ class JobRunner:
     # -- running -----------------------------------------------------------------------------
     def run(self, job_id: str) -> Job | None:
         """Run job ``job_id`` if it is ours to run; returns the final record (or None)."""
+        ended_here: list[Job] = []  # set when the claim itself ends the job
+
+        def claim(job: Job) -> Job | None:
+            ended_here.clear()
+            new = self._claim(job)
+            if new is not None and new.state.terminal:
+                ended_here.append(new)
+            return new
+
         try:
-            claimed = self.jobs.update(job_id, self._claim)
+            claimed = self.jobs.update(job_id, claim)
         except NotFound:
             log.warning("job %s has no record; dropping the message", job_id)
             return None
         if claimed.state is not JobState.running or claimed.worker != self.name:
-            if claimed.state.terminal:
+            if ended_here:  # cancelled or worker_lost by this claim: count it once
                 self._finished(claimed)
             return claimed
         started = time.monotonic()
