@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from pydantic import BaseModel, Field
 
@@ -54,6 +54,9 @@ class DatasetRecord(BaseModel):
     has_labels: bool = False
 
 
+RecordT = TypeVar("RecordT", ModelRecord, DatasetRecord)
+
+
 def model_id_for(sha256: str) -> str:
     return "mdl_" + sha256[:32]
 
@@ -83,10 +86,7 @@ class UploadStore:
 
     # -- models ----------------------------------------------------------------------------
     def get_model(self, model_id: str) -> ModelRecord:
-        obj = self._store.get(f"models/{model_id}/meta.json") if _valid("mdl_", model_id) else None
-        if obj is None:
-            raise NotFound(f"model {model_id!r} not found", code="model_not_found")
-        return ModelRecord.model_validate_json(obj.body)
+        return self._get("models", "mdl_", model_id, ModelRecord, "model")
 
     def find_model(self, sha256: str) -> ModelRecord | None:
         try:
@@ -104,31 +104,11 @@ class UploadStore:
         description: dict[str, Any],
     ) -> tuple[ModelRecord, bool]:
         """Store the file and its record; returns (record, created)."""
-        existing = self.find_model(sha256)
-        if existing is not None:
-            return existing, False
         model_id = model_id_for(sha256)
-        fields = {k: v for k, v in description.items() if k in ModelRecord.model_fields}
-        record = ModelRecord(
-            **fields,
-            id=model_id,
-            sha256=sha256,
-            bytes=size,
-            filename=filename,
-            created_at=utcnow(),
+        return self._save(
+            "models", "mdl_", model_id, ModelRecord, "model", model_source_key(model_id),
+            path, sha256=sha256, size=size, filename=filename, description=description,
         )
-        self._store.upload_file(
-            model_source_key(model_id), path, metadata={"sha256": sha256, "format": record.format}
-        )
-        try:
-            self._store.put(
-                f"models/{model_id}/meta.json",
-                record.model_dump_json().encode(),
-                if_none_match=True,
-            )
-        except PreconditionFailed:
-            return self.get_model(model_id), False  # a concurrent upload of the same bytes won
-        return record, True
 
     def list_models(self, *, limit: int, after: str | None) -> tuple[list[ModelRecord], str | None]:
         return self._list("models/", ModelRecord, limit, after)
@@ -139,14 +119,7 @@ class UploadStore:
 
     # -- datasets --------------------------------------------------------------------------
     def get_dataset(self, dataset_id: str) -> DatasetRecord:
-        obj = (
-            self._store.get(f"datasets/{dataset_id}/meta.json")
-            if _valid("ds_", dataset_id)
-            else None
-        )
-        if obj is None:
-            raise NotFound(f"dataset {dataset_id!r} not found", code="dataset_not_found")
-        return DatasetRecord.model_validate_json(obj.body)
+        return self._get("datasets", "ds_", dataset_id, DatasetRecord, "dataset")
 
     def save_dataset(
         self,
@@ -157,34 +130,59 @@ class UploadStore:
         filename: str | None,
         description: dict[str, Any],
     ) -> tuple[DatasetRecord, bool]:
+        """Store the file and its record; returns (record, created)."""
         dataset_id = dataset_id_for(sha256)
-        try:
-            return self.get_dataset(dataset_id), False
-        except NotFound:
-            pass
-        fields = {k: v for k, v in description.items() if k in DatasetRecord.model_fields}
-        record = DatasetRecord(
-            **fields,
-            id=dataset_id,
-            sha256=sha256,
-            bytes=size,
-            filename=filename,
-            created_at=utcnow(),
+        return self._save(
+            "datasets", "ds_", dataset_id, DatasetRecord, "dataset", dataset_data_key(dataset_id),
+            path, sha256=sha256, size=size, filename=filename, description=description,
         )
-        self._store.upload_file(dataset_data_key(dataset_id), path, metadata={"sha256": sha256})
-        try:
-            self._store.put(
-                f"datasets/{dataset_id}/meta.json",
-                record.model_dump_json().encode(),
-                if_none_match=True,
-            )
-        except PreconditionFailed:
-            return self.get_dataset(dataset_id), False
-        return record, True
 
     def delete_dataset(self, dataset_id: str) -> None:
         self.get_dataset(dataset_id)
         self._store.delete_prefix(f"datasets/{dataset_id}/")
+
+    # -- shared ----------------------------------------------------------------------------
+    def _get(self, folder: str, id_prefix: str, ident: str, cls: type[RecordT], kind: str) -> RecordT:
+        obj = self._store.get(f"{folder}/{ident}/meta.json") if _valid(id_prefix, ident) else None
+        if obj is None:
+            raise NotFound(f"{kind} {ident!r} not found", code=f"{kind}_not_found")
+        return cls.model_validate_json(obj.body)
+
+    def _save(
+        self,
+        folder: str,
+        id_prefix: str,
+        ident: str,
+        cls: type[RecordT],
+        kind: str,
+        data_key: str,
+        path: Path,
+        *,
+        sha256: str,
+        size: int,
+        filename: str | None,
+        description: dict[str, Any],
+    ) -> tuple[RecordT, bool]:
+        """Blob first, then the record with If-None-Match: a record always has its blob."""
+        try:
+            return self._get(folder, id_prefix, ident, cls, kind), False
+        except NotFound:
+            pass
+        fields = {k: v for k, v in description.items() if k in cls.model_fields}
+        record = cls(
+            **fields, id=ident, sha256=sha256, bytes=size, filename=filename, created_at=utcnow()
+        )
+        metadata = {"sha256": sha256}
+        if isinstance(record, ModelRecord):
+            metadata["format"] = record.format
+        self._store.upload_file(data_key, path, metadata=metadata)
+        try:
+            self._store.put(
+                f"{folder}/{ident}/meta.json", record.model_dump_json().encode(), if_none_match=True
+            )
+        except PreconditionFailed:  # a concurrent upload of the same bytes won
+            return self._get(folder, id_prefix, ident, cls, kind), False
+        return record, True
 
     # -- listing ---------------------------------------------------------------------------
     def _list(
