@@ -9,7 +9,6 @@ import logging
 import time
 
 from flask import Flask, g, request
-from flask.typing import ResponseReturnValue
 
 from service.config import Settings
 
@@ -65,4 +64,4 @@ def create_app(settings: Settings | None = None) -> Flask:
     return app
 
 
-__all__ = ["ResponseReturnValue", "create_app"]
+__all__ = ["create_app"]

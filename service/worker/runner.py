@@ -167,7 +167,7 @@ class JobRunner:
             model_path.parent.mkdir()
             timings: dict[str, float] = {}
             clock = time.monotonic()
-            self._stage(job.id, "download", 0.0)
+            self._heartbeat(job.id, "download", 0.0)
             self.store.download_file(model_source_key(model.id), model_path)
             dataset_path = None
             if job.dataset_id:
@@ -200,7 +200,7 @@ class JobRunner:
                     err.get("message", "the engine failed"),
                     err.get("details"),
                 )
-            self._stage(job.id, "upload", 0.98)
+            self._heartbeat(job.id, "upload", 0.98)
             clock = time.monotonic()
             names = []
             for name, path in outcome["artifacts"].items():
@@ -322,9 +322,6 @@ class JobRunner:
         except NotFound:
             return None
         return job if job.state is JobState.running and job.worker == self.name else None
-
-    def _stage(self, job_id: str, stage: str, fraction: float) -> None:
-        self._heartbeat(job_id, stage, fraction)
 
     def _fail(
         self, job_id: str, code: str, message: str, details: dict[str, Any] | None = None
