@@ -48,6 +48,9 @@ from service.client import EdgePressClient, EdgePressError  # noqa: E402
 from service.devstack import LocalStack, free_port  # noqa: E402
 
 GIB = 1024**3
+# Both paths do the same work: a job's device defaults to the worker's own host profile, and
+# with a device the engine also estimates the model on it.
+DEVICE = "host"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -266,11 +269,12 @@ def overhead(api_url: str, model: Path, recipe: list[dict], rounds: int) -> dict
 
     def direct() -> None:
         with tempfile.TemporaryDirectory(prefix="bench-direct-") as tmp:
-            run_pipeline(model, recipe, Path(tmp))
+            run_pipeline(model, recipe, Path(tmp), device=DEVICE)
 
     code = ("import sys, tempfile; from pathlib import Path; "
             "from service.engine.pipeline import run_pipeline; "
-            f"run_pipeline(Path({str(model)!r}), {recipe!r}, Path(tempfile.mkdtemp()))")
+            f"run_pipeline(Path({str(model)!r}), {recipe!r}, Path(tempfile.mkdtemp()), "
+            f"device={DEVICE!r})")
     root = str(Path(__file__).resolve().parent.parent)
 
     def fresh() -> None:
@@ -280,13 +284,14 @@ def overhead(api_url: str, model: Path, recipe: list[dict], rounds: int) -> dict
     client = EdgePressClient(api_url, timeout=120)
 
     parts: list[dict[str, float]] = []
+    worker_parts: list[dict[str, float]] = []
 
     def service() -> None:
         with tempfile.TemporaryDirectory(prefix="bench-svc-") as tmp:
             t0 = time.perf_counter()
             record = client.upload_model(model)
             t1 = time.perf_counter()
-            job = client.submit_job(record.id, recipe=recipe)
+            job = client.submit_job(record.id, recipe=recipe, device=DEVICE)
             job = client.wait(job.id, poll=0.1, timeout=600)
             t2 = time.perf_counter()
             if job.state.value != "succeeded":
@@ -299,6 +304,7 @@ def overhead(api_url: str, model: Path, recipe: list[dict], rounds: int) -> dict
             ran = (job.finished_at - job.started_at).total_seconds()
             parts.append({"upload": t1 - t0, "submit_to_start": queued, "worker_run": ran,
                           "observed_after": (t2 - t1) - queued - ran, "download": t3 - t2})
+            worker_parts.append(dict((job.result or {}).get("timings_s") or {}))
 
     direct()  # warm the imports and ORT once, as a worker's steady state would be
     service()  # the first upload stores the model; later ones find it by its hash
@@ -311,6 +317,9 @@ def overhead(api_url: str, model: Path, recipe: list[dict], rounds: int) -> dict
             "overhead_vs_fresh_process_pct": round(100 * (s - f) / f, 1),
             "service_parts_median_s": {k: round(statistics.median(p[k] for p in parts[1:]), 2)
                                        for k in parts[0]},
+            "worker_timings_median_s": {
+                k: round(statistics.median(p.get(k, 0.0) for p in worker_parts[1:]), 3)
+                for k in worker_parts[-1]},
             "all": {"direct": [round(x, 2) for x in d_all],
                     "fresh": [round(x, 2) for x in f_all],
                     "service": [round(x, 2) for x in s_all]}}
@@ -404,6 +413,7 @@ def main() -> int:
                          ["model_bytes", "rounds", "direct_s", "fresh_process_s", "service_s",
                           "overhead_vs_direct_pct", "overhead_vs_fresh_process_pct"])
             print(f"  service time by part (median): {json.dumps(row['service_parts_median_s'])}")
+            print(f"  worker timings (median): {json.dumps(row['worker_timings_median_s'])}")
             print(f"  all runs: {json.dumps(row['all'])}")
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))

@@ -46,6 +46,17 @@ def create_worker_app(settings: Settings | None = None) -> Celery:
         )
         Reconciler(settings, make_store(settings), JobQueue(app, settings)).start()
 
+    @signals.worker_process_init.connect(weak=False)
+    def _on_child_start(**_: object) -> None:
+        # The engine forkserver imports ONNX, ONNX Runtime and the engine (~1 s): start it
+        # with the pool process, not on its first job.
+        from service.worker.runner import start_engine_server
+
+        try:
+            start_engine_server()
+        except Exception:  # noqa: BLE001 - the first job starts it again and reports any error
+            logging.getLogger(__name__).exception("could not start the engine server")
+
     @signals.worker_process_shutdown.connect(weak=False)
     def _on_child_exit(pid=None, **_: object) -> None:  # type: ignore[no-untyped-def]
         from prometheus_client import multiprocess

@@ -52,7 +52,27 @@ PRELOAD = [
     "service.worker.engine_process",
     "zstandard",
     "service.engine.report_html",
+    "service.worker.engine_preload",  # last: imports the passes, then freezes the heap
 ]
+
+# glibc malloc options for an engine process (``mallopt`` parameter numbers from malloc.h).
+# By default blocks over 128 KiB are fresh ``mmap``s, unmapped again when freed, and the top of
+# the heap is trimmed back to the kernel: a job that parses, copies and serialises a model
+# several times would fault in (and have zeroed) new pages for every copy. A long-lived process
+# escapes this because glibc raises both thresholds as it frees large blocks; a forked child
+# starts with the defaults, and on a 17 MB model measured 160k page faults and ~0.45 s of
+# system time against 53k and ~0.2 s with these. The memory stays within the job's
+# address-space limit either way (freed blocks are reused, not added to).
+_M_TRIM_THRESHOLD = -1
+_M_MMAP_THRESHOLD = -3
+_MALLOPT = {_M_MMAP_THRESHOLD: 32 * 1024 * 1024, _M_TRIM_THRESHOLD: 1024 * 1024 * 1024}
+
+
+def _tune_malloc(ctypes: Any) -> None:
+    with contextlib.suppress(OSError, AttributeError):  # glibc only; elsewhere the defaults
+        libc = ctypes.CDLL("libc.so.6")
+        for param, value in _MALLOPT.items():
+            libc.mallopt(param, value)
 
 
 def run_forked(spec_path: str, conn: Any, limits: dict[str, int]) -> None:
@@ -73,6 +93,7 @@ def run_forked(spec_path: str, conn: Any, limits: dict[str, int]) -> None:
     os.dup2(log_fd, 1)  # library chatter on stdout/stderr goes to the job's log file
     os.dup2(log_fd, 2)
     os.chdir(workdir)
+    _tune_malloc(ctypes)
 
     def emit(stage: str, fraction: float) -> None:
         conn.send_bytes(json.dumps({"stage": stage, "fraction": round(float(fraction), 4)}).encode())

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import multiprocessing.connection
 import os
 import shutil
 import signal
@@ -20,6 +21,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -104,7 +106,7 @@ class JobRunner:
             JobState.running,
             attempts=attempts,
             worker=self.name,
-            stage="starting",
+            stage="download",  # the first thing a claimed job does; no record write of its own
             progress=0.0,
             message=None,
         )
@@ -167,7 +169,6 @@ class JobRunner:
             model_path.parent.mkdir()
             timings: dict[str, float] = {}
             clock = time.monotonic()
-            self._heartbeat(job.id, "download", 0.0)
             self.store.download_file(model_source_key(model.id), model_path)
             dataset_path = None
             if job.dataset_id:
@@ -200,17 +201,8 @@ class JobRunner:
                     err.get("message", "the engine failed"),
                     err.get("details"),
                 )
-            self._heartbeat(job.id, "upload", 0.98)
             clock = time.monotonic()
-            names = []
-            for name, path in outcome["artifacts"].items():
-                self.store.upload_file(
-                    artifact_key(job.id, name),
-                    Path(path),
-                    content_type=ARTIFACT_TYPES.get(name, "application/octet-stream"),
-                    metadata={"job": job.id},
-                )
-                names.append(name)
+            names = self._store_artifacts(job.id, outcome["artifacts"])
             timings["upload"] = time.monotonic() - clock
             summary = outcome.get("summary") or {}
             # Where the worker's time went (engine stages as the engine reported them).
@@ -226,6 +218,24 @@ class JobRunner:
             return self.jobs.update(job.id, succeed)
         finally:
             shutil.rmtree(workdir, ignore_errors=True)
+
+    def _store_artifacts(self, job_id: str, artifacts: dict[str, str]) -> list[str]:
+        """Upload the artifacts side by side (the stage is recorded meanwhile); their names."""
+
+        def upload(name: str) -> str:
+            self.store.upload_file(
+                artifact_key(job_id, name),
+                Path(artifacts[name]),
+                content_type=ARTIFACT_TYPES.get(name, "application/octet-stream"),
+                metadata={"job": job_id},
+            )
+            return name
+
+        with ThreadPoolExecutor(max_workers=min(4, len(artifacts) + 1)) as pool:
+            stage = pool.submit(self._heartbeat, job_id, "upload", 0.98)
+            names = list(pool.map(upload, artifacts))
+            stage.result()  # its outcome is moot: the final write checks ownership again
+        return names
 
     def _run_engine(
         self, job_id: str, workdir: Path, timings: dict[str, float] | None = None
@@ -243,7 +253,7 @@ class JobRunner:
         soft_sent = False
         lost: bool | None = None
         while proc.poll() is None:
-            time.sleep(0.25)
+            proc.wait_for(0.25)  # returns as soon as the engine ends
             elapsed = time.monotonic() - started
             if elapsed > s.job_time_limit:
                 _kill(proc, signal.SIGKILL)
@@ -390,6 +400,15 @@ def _engine_context() -> Any:
     return _CONTEXT[0]
 
 
+def start_engine_server() -> None:
+    """Start this process's engine forkserver now (it imports the engine, ~1 s) rather than
+    on its first job; called when a worker's pool process starts."""
+    from multiprocessing import forkserver
+
+    _engine_context()
+    forkserver.ensure_running()
+
+
 class _EngineProcess:
     """A job's engine process, forked from the forkserver (libraries already imported)."""
 
@@ -431,6 +450,10 @@ class _EngineProcess:
     def wait(self) -> int | None:
         self._proc.join()
         return self.returncode
+
+    def wait_for(self, seconds: float) -> None:
+        """Block until the process ends or ``seconds`` pass."""
+        multiprocessing.connection.wait([self._proc.sentinel], timeout=seconds)
 
     def messages(self) -> Iterator[bytes]:
         while True:
