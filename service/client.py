@@ -51,7 +51,7 @@ from service.api.schemas import JobCreate
 from service.engine.constraints import AutoConstraints as Constraints
 from service.engine.devices.profile import DeviceProfile
 from service.jobs.models import Job, JobState
-from service.uploads.store import DatasetRecord, ModelRecord
+from service.uploads.store import DatasetRecord, ModelRecord, dataset_id_for, model_id_for
 
 __all__ = ["EdgePressClient", "EdgePressError", "DEFAULT_TIMEOUT", "DEFAULT_MAX_RETRIES"]
 
@@ -169,6 +169,16 @@ class _HashingReader:
         """Bytes to send, when known."""
         return self._length
 
+    def prehash(self) -> str | None:
+        """SHA-256 of the bytes still to send, read ahead and rewound (seekable files only)."""
+        if not self._seekable:
+            return None
+        digest = hashlib.sha256()
+        while chunk := self._fh.read(CHUNK):
+            digest.update(chunk)
+        self._fh.seek(self._start)
+        return digest.hexdigest()
+
     def rewind(self) -> bool:
         """Go back to where the upload started (for a retry); False when impossible."""
         if self._seekable:
@@ -252,7 +262,9 @@ class EdgePressClient:
 
     ``api_key`` is sent as ``Authorization: Bearer <key>`` (for a gateway in front of the API);
     ``timeout`` is the per-request connect/read timeout in seconds; ``max_retries`` the retries
-    of one call on 429/503/connection errors.
+    of one call on 429/503/connection errors. ``skip_stored_uploads``: hash a file first and
+    send it only if the API does not hold those bytes already (ids are content-derived), so a
+    pipeline that submits the same model on every run uploads it once.
     """
 
     def __init__(
@@ -266,8 +278,10 @@ class EdgePressClient:
         backoff: float = 0.5,
         user_agent: str = "edgepress-client/0.1",
         presigned_threshold: int | None = PRESIGNED_THRESHOLD,
+        skip_stored_uploads: bool = True,
     ) -> None:
         self.base_url = base_url.rstrip("/")
+        self.skip_stored_uploads = skip_stored_uploads
         self.timeout = timeout
         self.max_retries = max(0, int(max_retries))
         self.backoff = backoff
@@ -368,6 +382,10 @@ class EdgePressClient:
                 return self._upload(path, fh, filename or Path(source).name, presigned)
         reader = _HashingReader(source)
         size = reader.length
+        if self.skip_stored_uploads and size is not None:
+            stored = self._stored(path, reader)
+            if stored is not None:
+                return stored
         if presigned is None:
             presigned = (self.presigned_threshold is not None and size is not None
                          and size > self.presigned_threshold)
@@ -389,6 +407,20 @@ class EdgePressClient:
                                  f"the server stored sha256 {record.get('sha256')}, the file "
                                  f"sent has {local}", problem={"local_sha256": local})
         return dict(record)
+
+    def _stored(self, path: str, reader: _HashingReader) -> dict[str, Any] | None:
+        """The record of the bytes ``reader`` would send, if the API holds them already."""
+        local = reader.prehash()
+        if local is None:
+            return None
+        ident = (model_id_for if path == "/v1/models" else dataset_id_for)(local)
+        resp = self._request("GET", f"{path}/{ident}", ok=(200, 404))
+        if resp.status_code != 200:
+            return None
+        record = dict(self._json(resp))
+        if record.get("sha256") != local or record.get("bytes") != reader.length:
+            return None  # an id collision on the 128-bit prefix: upload and let the API decide
+        return record
 
     def _upload_presigned(self, kind: str, reader: _HashingReader,
                           filename: str | None) -> tuple[requests.Response, dict[str, Any]]:

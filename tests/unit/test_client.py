@@ -207,6 +207,9 @@ def test_invalid_request_fails_before_the_network() -> None:
 # Streaming upload and checksums
 
 
+_NOT_STORED = _json(404, _problem(404, "model_not_found"))
+
+
 def _model_reply(sha: Callable[[bytes], str]) -> Callable[[dict[str, Any]], Reply]:
     def reply(req: dict[str, Any]) -> Reply:
         record = ModelRecord(id="mdl_" + "1" * 32, sha256=sha(req["body"]),
@@ -219,9 +222,11 @@ def test_upload_streams_with_content_length_and_checks_the_sha256(tmp_path: Path
     data = bytes(range(256)) * 8192  # 2 MiB
     path = tmp_path / "m.onnx"
     path.write_bytes(data)
-    with _Scripted([_model_reply(lambda b: hashlib.sha256(b).hexdigest())]) as srv:
+    with _Scripted([_NOT_STORED, _model_reply(lambda b: hashlib.sha256(b).hexdigest())]) as srv:
         record = EdgePressClient(srv.url).upload_model(path)
-    req = srv.requests[0]
+    lookup, req = srv.requests
+    assert lookup["method"] == "GET"
+    assert lookup["path"] == "/v1/models/mdl_" + hashlib.sha256(data).hexdigest()[:32]
     assert req["headers"]["Content-Length"] == str(len(data))
     assert req["path"] == "/v1/models?filename=m.onnx"
     assert req["body"] == data and isinstance(record, ModelRecord)
@@ -230,7 +235,7 @@ def test_upload_streams_with_content_length_and_checks_the_sha256(tmp_path: Path
 def test_upload_with_a_wrong_server_checksum_is_refused(tmp_path: Path) -> None:
     path = tmp_path / "m.onnx"
     path.write_bytes(b"x" * 100_000)
-    with _Scripted([_model_reply(lambda b: "0" * 64)]) as srv, pytest.raises(
+    with _Scripted([_NOT_STORED, _model_reply(lambda b: "0" * 64)]) as srv, pytest.raises(
             EdgePressError) as info:
         EdgePressClient(srv.url).upload_model(path)
     assert info.value.code == "checksum_mismatch"
@@ -240,13 +245,54 @@ def test_retried_upload_resends_the_whole_file_from_its_start(tmp_path: Path) ->
     data = b"head" + b"y" * 300_000
     fh = io.BytesIO(data)
     fh.seek(4)  # the upload starts where the file object is
-    replies = [_json(503, _problem(503, "service_unavailable"), **{"Retry-After": "0"}),
+    replies = [_NOT_STORED,
+               _json(503, _problem(503, "service_unavailable"), **{"Retry-After": "0"}),
                _model_reply(lambda b: hashlib.sha256(b).hexdigest())]
     with _Scripted(replies) as srv:
         EdgePressClient(srv.url).upload_model(fh, filename="m.onnx")
-    assert [r["body"] for r in srv.requests] == [data[4:], data[4:]]
-    assert srv.requests[0]["headers"]["Idempotency-Key"] == \
-        srv.requests[1]["headers"]["Idempotency-Key"]
+    lookup, *posts = srv.requests
+    assert lookup["path"] == "/v1/models/mdl_" + hashlib.sha256(data[4:]).hexdigest()[:32]
+    assert [r["body"] for r in posts] == [data[4:], data[4:]]
+    assert posts[0]["headers"]["Idempotency-Key"] == posts[1]["headers"]["Idempotency-Key"]
+
+
+def _stored_reply(data: bytes, sha: str | None = None) -> Callable[[dict[str, Any]], Reply]:
+    record = ModelRecord(id="mdl_" + hashlib.sha256(data).hexdigest()[:32],
+                         sha256=sha or hashlib.sha256(data).hexdigest(), bytes=len(data),
+                         created_at=datetime.now(UTC), format="onnx")
+    return lambda req: (200, {"Content-Type": "application/json"},
+                        record.model_dump_json().encode())
+
+
+def test_bytes_the_api_already_holds_are_not_sent_again(tmp_path: Path) -> None:
+    data = b"m" * 300_000
+    path = tmp_path / "m.onnx"
+    path.write_bytes(data)
+    with _Scripted([_stored_reply(data)]) as srv:
+        record = EdgePressClient(srv.url).upload_model(path)
+    assert [(r["method"], r["body"]) for r in srv.requests] == [
+        ("GET", b"")], "a stored model must be found by its hash, not uploaded"
+    assert record.sha256 == hashlib.sha256(data).hexdigest()
+
+
+def test_a_stored_record_that_does_not_match_the_file_is_not_trusted(tmp_path: Path) -> None:
+    data = b"n" * 300_000
+    path = tmp_path / "m.onnx"
+    path.write_bytes(data)
+    replies = [_stored_reply(data, sha="f" * 64),  # same id prefix, other bytes: upload
+               _model_reply(lambda b: hashlib.sha256(b).hexdigest())]
+    with _Scripted(replies) as srv:
+        EdgePressClient(srv.url).upload_model(path)
+    assert [r["method"] for r in srv.requests] == ["GET", "POST"]
+    assert srv.requests[1]["body"] == data
+
+
+def test_skipping_stored_uploads_can_be_turned_off(tmp_path: Path) -> None:
+    path = tmp_path / "m.onnx"
+    path.write_bytes(b"o" * 1000)
+    with _Scripted([_model_reply(lambda b: hashlib.sha256(b).hexdigest())]) as srv:
+        EdgePressClient(srv.url, skip_stored_uploads=False).upload_model(path)
+    assert [r["method"] for r in srv.requests] == ["POST"]
 
 
 def test_unsized_stream_goes_out_chunked() -> None:
@@ -337,9 +383,29 @@ def test_real_presigned_upload_matches_the_direct_one(live_stack: Any, tmp_path:
     source = write_mlp(tmp_path / "mlp.onnx", inputs=64, hidden=128, seed=7)
     # A tiny threshold sends this file through /v1/uploads (presigned POST to the store).
     via_store = EdgePressClient(live_stack.api_url, presigned_threshold=1024).upload_model(source)
-    direct = EdgePressClient(live_stack.api_url).upload_model(source, presigned=False)
+    direct = EdgePressClient(live_stack.api_url, skip_stored_uploads=False).upload_model(
+        source, presigned=False)
     assert via_store.id == direct.id
     assert via_store.sha256 == hashlib.sha256(source.read_bytes()).hexdigest()
+
+
+@pytest.mark.stack
+def test_real_second_upload_of_the_same_file_sends_nothing(live_stack: Any,
+                                                          tmp_path: Path) -> None:
+    from tests.models import write_mlp
+
+    source = write_mlp(tmp_path / "mlp.onnx", inputs=64, hidden=96, seed=11)
+    calls: list[tuple[str, str]] = []
+    session = requests.Session()
+    session.hooks["response"].append(
+        lambda r, *a, **k: calls.append((r.request.method, r.request.path_url)))
+    client = EdgePressClient(live_stack.api_url, session=session)
+    first = client.upload_model(source)
+    assert [m for m, _ in calls] == ["GET", "POST"]  # not stored yet: looked up, then sent
+    calls.clear()
+    again = client.upload_model(source)
+    assert calls == [("GET", f"/v1/models/{first.id}")]
+    assert again == first
 
 
 @pytest.mark.stack
