@@ -105,9 +105,14 @@ def run_pipeline(
     check_cancelled: Callable[[], None] = lambda: None,
     resolve_model: Callable[[str], Path] | None = None,
     limits: EngineLimits | None = None,
+    artifact_ready: Callable[[str, Path], None] | None = None,
 ) -> PipelineResult:
     """Compress ``model_path`` with ``recipe`` (a list of ``{"pass": name, **config}`` steps, or
     ``"auto"``), working under ``workdir``; returns the compressed model and its report.
+
+    ``artifact_ready(name, path)`` is told of an artifact as soon as its file is final (the
+    compressed model, before it is evaluated), so a caller can start storing it; the job may
+    still fail after that (the caller then discards it).
 
     Progress stages: "ingest", "normalise", "pass:<name>" per step, "evaluate", "report".
     Raises ``EngineError`` (codes in ``service.engine.errors``); a library exception inside a
@@ -230,6 +235,8 @@ def run_pipeline(
     progress("evaluate", 0.75)
     output_path = workdir / "output" / "model.onnx"
     _save(model, output_path)
+    if artifact_ready is not None:
+        artifact_ready("model.onnx", output_path)  # not written again from here on
     try:
         evaluation = evaluate_candidate(
             original_path, output_path, feeds, labels=label_chunks, limits=limits,

@@ -8,7 +8,8 @@ ONNX Runtime and the engine (``run_forked``), so a job does not pay ~2 s of impo
 with that server (PR_SET_PDEATHSIG) if the worker itself is killed. ``python -m
 service.worker.engine_process SPEC.json`` runs the same code in a fresh interpreter.
 
-Protocol: progress as JSON lines (``{"stage": ..., "fraction": ...}``); the outcome as
+Protocol: progress as JSON lines (``{"stage": ..., "fraction": ...}``), an artifact whose file
+is final as ``{"artifact": name, "path": ...}`` (the worker may store it early); the outcome as
 ``result.json`` in the spec's workdir: ``{"ok": true, "summary", "artifacts", "report"}`` or
 ``{"ok": false, "error": {code, message, details}}``. It reads other models (students,
 teachers) from the object store by id through ``resolve_model``.
@@ -98,14 +99,22 @@ def run_forked(spec_path: str, conn: Any, limits: dict[str, int]) -> None:
     def emit(stage: str, fraction: float) -> None:
         conn.send_bytes(json.dumps({"stage": stage, "fraction": round(float(fraction), 4)}).encode())
 
-    code = main(spec_path, emit)
+    def announce(name: str, path: Path) -> None:
+        conn.send_bytes(json.dumps({"artifact": name, "path": str(path)}).encode())
+
+    code = main(spec_path, emit, announce)
     conn.close()
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)  # no atexit handlers inherited from the forkserver
 
 
-def main(spec_path: str, emit: Any = _emit) -> int:
+def _announce(name: str, path: Path) -> None:
+    sys.stdout.write(json.dumps({"artifact": name, "path": str(path)}) + "\n")
+    sys.stdout.flush()
+
+
+def main(spec_path: str, emit: Any = _emit, announce: Any = _announce) -> int:
     signal.signal(signal.SIGTERM, _on_sigterm)
     spec = json.loads(Path(spec_path).read_text())
     workdir = Path(spec["workdir"])
@@ -155,6 +164,7 @@ def main(spec_path: str, emit: Any = _emit) -> int:
             progress=emit,
             resolve_model=resolve_model,
             limits=limits,
+            artifact_ready=announce,
         )
         report_path = workdir / "report.json"
         report_path.write_text(json.dumps(result.report, indent=2, default=str))

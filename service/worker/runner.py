@@ -20,8 +20,8 @@ import socket
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -38,9 +38,10 @@ from service.uploads.store import UploadStore, dataset_data_key, model_source_ke
 log = logging.getLogger(__name__)
 
 ARTIFACT_TYPES = {
+    "model.onnx": "application/octet-stream",
+    "model.onnx.zst": "application/zstd",
     "report.json": "application/json",
     "report.html": "text/html; charset=utf-8",
-    "model.onnx.zst": "application/zstd",
 }
 
 _SIGNAL_CODES = {
@@ -162,6 +163,7 @@ class JobRunner:
     def _execute(self, job: Job) -> Job:
         base = Path(self.settings.scratch_dir or tempfile.gettempdir())
         workdir = Path(tempfile.mkdtemp(prefix=f"{job.id}-", dir=base))
+        early = _EarlyUploads(self, job.id, workdir)
         try:
             model = self.uploads.get_model(job.model_id)
             suffix = _source_suffix(model.format, model.filename)
@@ -187,13 +189,16 @@ class JobRunner:
             (workdir / "spec.json").write_text(json.dumps(spec))
             timings["download"] = time.monotonic() - clock
             clock = time.monotonic()
-            outcome = self._run_engine(job.id, workdir, timings)
+            outcome = self._run_engine(job.id, workdir, timings, early.start)
             timings["engine"] = time.monotonic() - clock
             if outcome.get("lost"):
+                early.cancel()  # the job is another worker's now: its artifacts, not ours
                 return self.jobs.get(job.id)
             if outcome.get("cancelled"):
+                early.discard()
                 return self._cancelled(job.id)
             if not outcome.get("ok"):
+                early.discard()
                 err = outcome.get("error") or {}
                 return self._fail(
                     job.id,
@@ -202,8 +207,15 @@ class JobRunner:
                     err.get("details"),
                 )
             clock = time.monotonic()
-            names = self._store_artifacts(job.id, outcome["artifacts"])
+            try:
+                names = self._store_artifacts(job.id, outcome["artifacts"], workdir, early)
+            except ValueError as exc:  # the engine named a file it may not hand out
+                early.discard()
+                log.error("job %s: %s", job.id, exc)
+                return self._fail(job.id, "internal_error", "the engine's output was refused")
             timings["upload"] = time.monotonic() - clock
+            if early.seconds:
+                timings["upload_during_engine"] = early.seconds
             summary = outcome.get("summary") or {}
             # Where the worker's time went (engine stages as the engine reported them).
             summary["timings_s"] = {k: round(v, 3) for k, v in timings.items()}
@@ -217,35 +229,51 @@ class JobRunner:
 
             return self.jobs.update(job.id, succeed)
         finally:
+            early.close()  # no upload may still be reading the workdir
             shutil.rmtree(workdir, ignore_errors=True)
 
-    def _store_artifacts(self, job_id: str, artifacts: dict[str, str]) -> list[str]:
-        """Upload the artifacts side by side (the stage is recorded meanwhile); their names."""
+    def _upload_artifact(self, job_id: str, name: str, path: Path) -> str:
+        self.store.upload_file(
+            artifact_key(job_id, name),
+            path,
+            content_type=ARTIFACT_TYPES[name],
+            metadata={"job": job_id},
+        )
+        return name
 
-        def upload(name: str) -> str:
-            self.store.upload_file(
-                artifact_key(job_id, name),
-                Path(artifacts[name]),
-                content_type=ARTIFACT_TYPES.get(name, "application/octet-stream"),
-                metadata={"job": job_id},
-            )
-            return name
-
-        with ThreadPoolExecutor(max_workers=min(4, len(artifacts) + 1)) as pool:
+    def _store_artifacts(
+        self, job_id: str, artifacts: dict[str, str], workdir: Path, early: _EarlyUploads
+    ) -> list[str]:
+        """Upload the artifacts side by side (the stage is recorded meanwhile), except those
+        already stored while the engine ran; their names. ValueError: a path the engine may
+        not hand out."""
+        paths = {name: _artifact_path(workdir, name, raw) for name, raw in artifacts.items()}
+        # Early uploads end first, so that a re-upload below is the last write of its key.
+        stored = set(early.wait_all())
+        for name in stored - set(paths):  # announced, then not part of the outcome
+            self.store.delete(artifact_key(job_id, name))
+        todo = [name for name in paths if not early.covers(name, paths[name])]
+        with ThreadPoolExecutor(max_workers=min(4, len(todo) + 1)) as pool:
             stage = pool.submit(self._heartbeat, job_id, "upload", 0.98)
-            names = list(pool.map(upload, artifacts))
+            done = list(pool.map(lambda n: self._upload_artifact(job_id, n, paths[n]), todo))
             stage.result()  # its outcome is moot: the final write checks ownership again
-        return names
+        return sorted(set(done) | (stored & set(paths)))
 
     def _run_engine(
-        self, job_id: str, workdir: Path, timings: dict[str, float] | None = None
+        self,
+        job_id: str,
+        workdir: Path,
+        timings: dict[str, float] | None = None,
+        on_artifact: Callable[[str, str], None] | None = None,
     ) -> dict[str, Any]:
         s = self.settings
         progress = _Progress(durations=timings if timings is not None else {})
         stderr_path = workdir / "engine.stderr"
         proc = _EngineProcess(workdir / "spec.json", _limits(s))
         reader = threading.Thread(
-            target=_read_progress, args=(proc, progress, self.metrics), daemon=True
+            target=_read_progress,
+            args=(proc, progress, self.metrics, on_artifact or (lambda name, path: None)),
+            daemon=True,
         )
         reader.start()
         started = time.monotonic()
@@ -365,6 +393,85 @@ class JobRunner:
             self.metrics.compression_ratio.observe(float(job.result["size_ratio"]))
 
 
+def _artifact_path(workdir: Path, name: str, raw: str) -> Path:
+    """The file the engine names as artifact ``name``, checked: a known artifact name, a
+    regular file (not a link) inside the job's workdir. The engine reads untrusted models;
+    were it subverted, it must not be able to hand out any other file of the worker's."""
+    if name not in ARTIFACT_TYPES:
+        raise ValueError(f"unknown artifact {name!r}")
+    path = Path(raw)
+    if not path.is_absolute() or path.is_symlink() or not path.is_file():
+        raise ValueError(f"artifact {name!r} is not a regular file: {raw!r}")
+    if not path.resolve().is_relative_to(workdir.resolve()):
+        raise ValueError(f"artifact {name!r} lies outside the job's workdir: {raw!r}")
+    return path.resolve()
+
+
+class _EarlyUploads:
+    """Artifacts stored while the engine still runs (the model, while it is evaluated).
+
+    Each is uploaded in the background as soon as the engine says its file is final; the
+    runner then skips it if the engine's outcome names the same file, and deletes it if the
+    job does not succeed. ``close`` waits for every upload (the workdir is removed after)."""
+
+    def __init__(self, runner: JobRunner, job_id: str, workdir: Path) -> None:
+        self._runner, self._job_id, self._workdir = runner, job_id, workdir
+        self._pool: ThreadPoolExecutor | None = None
+        self._started: dict[str, tuple[Path, Future[str]]] = {}
+        self._lock = threading.Lock()
+        self.seconds = 0.0  # spent uploading in the background, while the engine ran
+
+    def start(self, name: str, raw: str) -> None:
+        try:
+            path = _artifact_path(self._workdir, name, raw)
+        except ValueError as exc:
+            log.warning("job %s: early artifact ignored: %s", self._job_id, exc)
+            return
+        with self._lock:
+            if name in self._started:
+                return
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="artifact")
+            future = self._pool.submit(self._upload, name, path)
+            self._started[name] = (path, future)
+
+    def _upload(self, name: str, path: Path) -> str:
+        started = time.monotonic()
+        self._runner._upload_artifact(self._job_id, name, path)
+        with self._lock:
+            self.seconds += time.monotonic() - started
+        return name
+
+    def covers(self, name: str, path: Path) -> bool:
+        with self._lock:
+            return name in self._started and self._started[name][0] == path
+
+    def wait_all(self) -> list[str]:
+        """Names of the early uploads, once all are stored (re-raises an upload's error)."""
+        with self._lock:
+            started = list(self._started.values())
+        return [future.result() for _, future in started]
+
+    def cancel(self) -> None:
+        with self._lock:
+            for _, future in self._started.values():
+                future.cancel()
+
+    def discard(self) -> None:
+        """The job did not succeed: remove what was stored early."""
+        with self._lock:
+            started = dict(self._started)
+        for name, (_, future) in started.items():
+            with contextlib.suppress(Exception):
+                future.result()
+            with contextlib.suppress(Exception):
+                self._runner.store.delete(artifact_key(self._job_id, name))
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+
+
 def _source_suffix(fmt: str, filename: str | None) -> str:
     if fmt == "onnx_archive":
         name = (filename or "").lower()
@@ -471,7 +578,12 @@ def _kill(proc: _EngineProcess, sig: int) -> None:
             os.kill(proc.pid, sig)
 
 
-def _read_progress(proc: _EngineProcess, progress: _Progress, metrics: ServiceMetrics) -> None:
+def _read_progress(
+    proc: _EngineProcess,
+    progress: _Progress,
+    metrics: ServiceMetrics,
+    on_artifact: Callable[[str, str], None],
+) -> None:
     def close_stage(now: float) -> None:
         spent = now - progress.stage_started
         metrics.job_stage.labels(progress.stage.split(":", 1)[0]).observe(spent)
@@ -481,6 +593,9 @@ def _read_progress(proc: _EngineProcess, progress: _Progress, metrics: ServiceMe
     for raw in proc.messages():
         try:
             msg = json.loads(raw)
+            if "artifact" in msg:
+                on_artifact(str(msg["artifact"]), str(msg["path"]))
+                continue
             stage, fraction = str(msg["stage"])[:64], float(msg["fraction"])
         except (ValueError, KeyError, TypeError):
             continue

@@ -5,13 +5,15 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
+import pytest
+
 from service.jobs.models import Job, JobState, new_job_id, utcnow
-from service.jobs.store import JobStore
+from service.jobs.store import JobStore, artifact_key
 from service.metrics import ServiceMetrics
 from service.storage.s3 import make_store
 from service.tenants import DEFAULT_TENANT, tenant_prefix
 from service.uploads.store import UploadStore
-from service.worker.runner import JobRunner
+from service.worker.runner import JobRunner, _artifact_path, _EarlyUploads
 from tests.models import write_mlp
 
 
@@ -47,3 +49,61 @@ def test_deleted_model_fails_precisely(isolated_settings, tmp_path) -> None:  # 
     final = runner.run(job.id)
     assert final is not None and final.state is JobState.failed
     assert final.error is not None and final.error.code == "model_not_found"
+
+
+def test_stored_model_is_the_engine_output_announced_early(isolated_settings, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    import onnx
+
+    store, _, job, runner, _ = _setup(isolated_settings, tmp_path)
+    final = runner.run(job.id)
+    assert final is not None and final.state is JobState.succeeded, final
+    assert final.artifacts == sorted(final.artifacts)
+    assert set(final.artifacts) >= {"model.onnx", "report.json", "report.html"}
+    out = tmp_path / "out.onnx"
+    store.download_file(artifact_key(job.id, "model.onnx"), out)
+    assert out.stat().st_size == final.result["bytes_after"]
+    assert final.result["timings_s"]["upload_during_engine"] > 0, "stored while evaluated"
+    onnx.checker.check_model(str(out))
+
+
+def test_early_artifacts_of_a_job_that_does_not_succeed_are_removed(isolated_settings, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    store, _, job, runner, _ = _setup(isolated_settings, tmp_path)
+    workdir = tmp_path / "work"
+    (workdir / "engine").mkdir(parents=True)
+    model = workdir / "engine" / "model.onnx"
+    model.write_bytes(b"compressed bytes")
+    early = _EarlyUploads(runner, job.id, workdir)
+    early.start("model.onnx", str(model))
+    assert early.wait_all() == ["model.onnx"]
+    assert store.exists(artifact_key(job.id, "model.onnx"))
+    early.discard()
+    early.close()
+    assert not store.exists(artifact_key(job.id, "model.onnx"))
+
+
+def test_engine_cannot_hand_out_files_outside_its_workdir(isolated_settings, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    store, _, job, runner, _ = _setup(isolated_settings, tmp_path)
+    workdir = tmp_path / "work"
+    workdir.mkdir()
+    secret = tmp_path / "secret.txt"
+    secret.write_text("worker credentials")
+    (workdir / "link.onnx").symlink_to(secret)
+    (workdir / "real.onnx").write_bytes(b"x")
+    for name, raw in [("model.onnx", str(secret)), ("model.onnx", str(workdir / "link.onnx")),
+                      ("model.onnx", str(workdir / ".." / "secret.txt")),
+                      ("model.onnx", "real.onnx"),  # relative: refused, never resolved
+                      ("evil.sh", str(workdir / "real.onnx"))]:
+        with pytest.raises(ValueError):
+            _artifact_path(workdir, name, raw)
+    assert _artifact_path(workdir, "model.onnx", str(workdir / "real.onnx")) == \
+        (workdir / "real.onnx").resolve()
+    # Announced early, a refused path is ignored (nothing stored), and the final outcome
+    # naming it is refused as a whole.
+    early = _EarlyUploads(runner, job.id, workdir)
+    early.start("model.onnx", str(secret))
+    assert early.wait_all() == []
+    with pytest.raises(ValueError):
+        runner._store_artifacts(job.id, {"report.json": str(secret)}, workdir, early)
+    early.close()
+    assert not store.exists(artifact_key(job.id, "model.onnx"))
+    assert not store.exists(artifact_key(job.id, "report.json"))
