@@ -13,9 +13,14 @@
    refused at the end as not ONNX, which is expected: the point is memory during the stream.
    After the last byte the API inspects the file in a child process (parsing an ONNX protobuf
    needs it whole): that peak is reported separately (``rss_peak_after_stream_mb``).
-3. **Overhead**: the same model and recipe through the service (upload, submit, wait, download)
-   vs ``run_pipeline`` called directly in this process (warm imports) and in a fresh process
-   (what the worker's engine child pays), medians of ``--rounds`` runs. Target: within 10 %.
+3. **Overhead**: the same model, recipe and device (``host``) through the service (upload,
+   submit, wait, download: what a pipeline step does with ``EdgePressClient`` and its default
+   ``wait``) vs ``run_pipeline`` called directly in this process (imports and ONNX Runtime
+   warm: the best case) and in a fresh process (``python -c`` calling the engine: what a
+   script pays), on MLPs of ``--overhead-hidden`` widths (17 MB and 68 MB by default). Rounds
+   are interleaved, each in another order, and medians reported; ``service_first_s`` is the
+   first service run, which uploads the model (later runs find it by its hash and skip the
+   upload, as a pipeline re-submitting a model does). Target: within 10 %.
 
 By default it starts its own stack (own ports, own queue, own key prefix, upload limit raised
 to fit the big upload) and stops it at the end; ``--api URL`` measures a running one instead
@@ -255,34 +260,27 @@ def upload_memory(api_url: str, api_pid: int, size: int, sized: bool) -> dict:
 # 3. Overhead vs the engine
 
 
-def _median_time(fn: Callable[[], Any], rounds: int) -> tuple[float, list[float]]:
-    times = []
-    for _ in range(rounds):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times), times
-
-
-def overhead(api_url: str, model: Path, recipe: list[dict], rounds: int) -> dict:
+def overhead(api_url: str, model: Path, recipe: list[dict], rounds: int, poll: float) -> dict:
+    """The three paths on one model, interleaved round by round (each round in another order)
+    so that load drifting on a shared host weighs on all of them alike; medians."""
     from service.engine.pipeline import run_pipeline
 
     def direct() -> None:
         with tempfile.TemporaryDirectory(prefix="bench-direct-") as tmp:
             run_pipeline(model, recipe, Path(tmp), device=DEVICE)
 
-    code = ("import sys, tempfile; from pathlib import Path; "
-            "from service.engine.pipeline import run_pipeline; "
-            f"run_pipeline(Path({str(model)!r}), {recipe!r}, Path(tempfile.mkdtemp()), "
-            f"device={DEVICE!r})")
+    code = (
+        "import sys, tempfile; from pathlib import Path; "
+        "from service.engine.pipeline import run_pipeline; "
+        f"run_pipeline(Path({str(model)!r}), {recipe!r}, Path(tempfile.mkdtemp()), "
+        f"device={DEVICE!r})"
+    )
     root = str(Path(__file__).resolve().parent.parent)
 
     def fresh() -> None:
-        subprocess.run([sys.executable, "-c", code], check=True, cwd=root,
-                       capture_output=True)
+        subprocess.run([sys.executable, "-c", code], check=True, cwd=root, capture_output=True)
 
     client = EdgePressClient(api_url, timeout=120)
-
     parts: list[dict[str, float]] = []
     worker_parts: list[dict[str, float]] = []
 
@@ -292,7 +290,7 @@ def overhead(api_url: str, model: Path, recipe: list[dict], rounds: int) -> dict
             record = client.upload_model(model)
             t1 = time.perf_counter()
             job = client.submit_job(record.id, recipe=recipe, device=DEVICE)
-            job = client.wait(job.id, poll=0.1, timeout=600)
+            job = client.wait(job.id, poll=poll, timeout=600)
             t2 = time.perf_counter()
             if job.state.value != "succeeded":
                 raise RuntimeError(f"benchmark job {job.id} {job.state.value}: {job.error}")
@@ -306,23 +304,33 @@ def overhead(api_url: str, model: Path, recipe: list[dict], rounds: int) -> dict
                           "observed_after": (t2 - t1) - queued - ran, "download": t3 - t2})
             worker_parts.append(dict((job.result or {}).get("timings_s") or {}))
 
+    def timed(fn: Callable[[], Any]) -> float:
+        t0 = time.perf_counter()
+        fn()
+        return time.perf_counter() - t0
+
     direct()  # warm the imports and ORT once, as a worker's steady state would be
-    service()  # the first upload stores the model; later ones find it by its hash
-    d, d_all = _median_time(direct, rounds)
-    f, f_all = _median_time(fresh, rounds)
-    s, s_all = _median_time(service, rounds)
-    return {"model_bytes": model.stat().st_size, "recipe": recipe, "rounds": rounds,
-            "direct_s": round(d, 2), "fresh_process_s": round(f, 2), "service_s": round(s, 2),
-            "overhead_vs_direct_pct": round(100 * (s - d) / d, 1),
-            "overhead_vs_fresh_process_pct": round(100 * (s - f) / f, 1),
-            "service_parts_median_s": {k: round(statistics.median(p[k] for p in parts[1:]), 2)
-                                       for k in parts[0]},
-            "worker_timings_median_s": {
-                k: round(statistics.median(p.get(k, 0.0) for p in worker_parts[1:]), 3)
-                for k in worker_parts[-1]},
-            "all": {"direct": [round(x, 2) for x in d_all],
-                    "fresh": [round(x, 2) for x in f_all],
-                    "service": [round(x, 2) for x in s_all]}}
+    first_upload = timed(service)  # the model is new here: uploaded, not found by its hash
+    paths = {"direct": direct, "fresh": fresh, "service": service}
+    times: dict[str, list[float]] = {name: [] for name in paths}
+    order = list(paths)
+    for r in range(rounds):
+        for name in order[r % 3:] + order[:r % 3]:
+            times[name].append(timed(paths[name]))
+    d, f, sv = (statistics.median(times[k]) for k in ("direct", "fresh", "service"))
+    return {
+        "model_bytes": model.stat().st_size, "recipe": recipe, "rounds": rounds, "poll_s": poll,
+        "direct_s": round(d, 2), "fresh_process_s": round(f, 2), "service_s": round(sv, 2),
+        "service_first_s": round(first_upload, 2),
+        "overhead_vs_direct_pct": round(100 * (sv - d) / d, 1),
+        "overhead_vs_fresh_process_pct": round(100 * (sv - f) / f, 1),
+        "service_parts_median_s": {k: round(statistics.median(p[k] for p in parts[1:]), 3)
+                                   for k in parts[0]},
+        "worker_timings_median_s": {
+            k: round(statistics.median(p.get(k, 0.0) for p in worker_parts[1:]), 3)
+            for k in worker_parts[-1]},
+        "all": {k: [round(x, 2) for x in v] for k, v in times.items()},
+    }
 
 
 # ---------------------------------------------------------------------------------------------
@@ -368,6 +376,12 @@ def main() -> int:
     parser.add_argument("--model-inputs", type=int, default=1024, help="MLP input width")
     parser.add_argument("--model-hidden", type=int, default=4096,
                         help="MLP hidden width (the weights dominate: 4 x inputs x hidden bytes)")
+    parser.add_argument("--overhead-hidden", type=lambda v: [int(x) for x in v.split(",")],
+                        default=[4096, 16384],
+                        help="MLP hidden widths of the overhead models (4096: 17 MB, 16384: "
+                             "68 MB)")
+    parser.add_argument("--poll", type=float, default=1.0,
+                        help="the client's poll interval in wait() (its default: 1.0)")
     parser.add_argument("--skip", action="append", default=[],
                         choices=["load", "upload", "overhead"])
     parser.add_argument("--json", help="also write the results to this file")
@@ -407,14 +421,23 @@ def main() -> int:
                                     "hwm_growth_stream_mb", "hwm_growth_total_mb",
                                     "rss_peak_after_stream_mb"])
         if "overhead" not in args.skip:
-            row = overhead(api_url, model, recipe, args.rounds)
-            results["overhead"] = row
-            _print_table("Service vs engine (same model, same recipe; medians)", [row],
-                         ["model_bytes", "rounds", "direct_s", "fresh_process_s", "service_s",
-                          "overhead_vs_direct_pct", "overhead_vs_fresh_process_pct"])
-            print(f"  service time by part (median): {json.dumps(row['service_parts_median_s'])}")
-            print(f"  worker timings (median): {json.dumps(row['worker_timings_median_s'])}")
-            print(f"  all runs: {json.dumps(row['all'])}")
+            rows = []
+            for hidden in args.overhead_hidden:
+                sized = model if hidden == args.model_hidden else write_mlp(
+                    Path(tmp) / f"bench_mlp_{hidden}.onnx", inputs=args.model_inputs,
+                    hidden=hidden)
+                rows.append(overhead(api_url, sized, recipe, args.rounds, args.poll))
+            results["overhead"] = rows
+            _print_table("Service vs engine (same model, recipe and device; medians of "
+                         "interleaved rounds)", rows,
+                         ["model_bytes", "rounds", "poll_s", "direct_s", "fresh_process_s",
+                          "service_s", "service_first_s", "overhead_vs_direct_pct",
+                          "overhead_vs_fresh_process_pct"])
+            for row in rows:
+                print(f"  {row['model_bytes']} bytes:")
+                print(f"    service time by part: {json.dumps(row['service_parts_median_s'])}")
+                print(f"    worker timings: {json.dumps(row['worker_timings_median_s'])}")
+                print(f"    all runs: {json.dumps(row['all'])}")
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
     return 0

@@ -59,6 +59,7 @@ DEFAULT_TIMEOUT = 30.0
 DEFAULT_MAX_RETRIES = 5
 UPLOAD_READ_TIMEOUT = 600.0  # the server inspects a model before answering an upload
 CHUNK = 1024 * 1024
+LONG_POLL_S = 20  # seconds a status request asks the API to hold it (``Prefer: wait``)
 MAX_BACKOFF_S = 30.0
 MAX_RETRY_AFTER_S = 120.0
 RETRY_STATUSES = frozenset({429, 503})
@@ -565,16 +566,34 @@ class EdgePressClient:
         timeout: float | None = None,
         on_progress: Callable[[Job], None] | None = None,
     ) -> Job:
-        """Poll until the job is succeeded, failed or cancelled; return its final record.
+        """Follow the job until it is succeeded, failed or cancelled; return its final record.
 
-        ``on_progress(job)`` is called whenever state, stage or progress changed. Raises
-        ``EdgePressError(None, "wait_timeout")`` after ``timeout`` seconds (the job goes on).
-        A failed job is returned, not raised: check ``job.state`` and ``job.error``.
+        Long polling: each request asks the API to hold it until the record changes
+        (``Prefer: wait``, ``If-None-Match``), so a change is seen as it happens; when the API
+        answers at once instead (its held requests are at their bound), the next request
+        follows after ``poll`` seconds. ``on_progress(job)`` is called whenever state, stage
+        or progress changed. Raises ``EdgePressError(None, "wait_timeout")`` after
+        ``timeout`` seconds (the job goes on). A failed job is returned, not raised: check
+        ``job.state`` and ``job.error``.
         """
         deadline = None if timeout is None else time.monotonic() + timeout
         last: tuple[Any, ...] | None = None
+        job: Job | None = None
+        etag: str | None = None
         while True:
-            job = self.get_job(job_id)
+            first_look = job is None  # answered at once, then followed by held requests
+            left = LONG_POLL_S if deadline is None else deadline - time.monotonic()
+            hold = 0 if first_look else int(min(LONG_POLL_S, left))
+            headers = {"Prefer": f"wait={hold}"} if hold >= 1 else {}
+            if etag and job is not None:
+                headers["If-None-Match"] = etag
+            resp = self._request("GET", f"/v1/jobs/{job_id}", headers=headers, ok=(200, 304),
+                                 read_timeout=self.timeout + hold)
+            if resp.status_code == 200 or job is None:
+                job = self._parse(Job, self._json(resp))
+                etag = resp.headers.get("ETag")
+            held = "wait" in resp.headers.get("Preference-Applied", "")
+            assert job is not None
             seen = (job.state, job.stage, round(job.progress, 4))
             if seen != last:
                 last = seen
@@ -586,8 +605,9 @@ class EdgePressClient:
                 raise EdgePressError(None, "wait_timeout",
                                      f"job {job_id} is still {job.state.value} ({job.stage}) "
                                      f"after {timeout:g} s", problem={"job": job.public()})
-            time.sleep(poll if deadline is None else
-                       max(0.0, min(poll, deadline - time.monotonic())))
+            if not held and not (first_look and left >= 1):
+                time.sleep(poll if deadline is None else
+                           max(0.0, min(poll, deadline - time.monotonic())))
 
     def list_artifacts(self, job_id: str) -> list[str]:
         """Names of a job's artifacts (``model.onnx``, ``report.json``, ``report.html`` ...)."""

@@ -109,6 +109,18 @@ class Settings(BaseSettings):
     quota_stored_bytes: int = Field(
         default=50 * 1024**3, ge=0, description="Bytes of models + datasets per tenant (0: unlimited)."
     )
+    long_poll_max_seconds: float = Field(
+        default=20.0,
+        ge=0,
+        le=120,
+        description="Longest a job status request with `Prefer: wait=N` is held (0: never).",
+    )
+    long_poll_max_waiters: int = Field(
+        default=4,
+        ge=0,
+        description="Status requests held at once per API process (each holds a thread); "
+        "beyond it they are answered at once.",
+    )
     idempotency_ttl_seconds: int = Field(
         default=24 * 3600, ge=60, description="How long an Idempotency-Key is remembered."
     )

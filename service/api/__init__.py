@@ -11,6 +11,7 @@ import time
 from flask import Flask, g, request
 
 from service.config import Settings
+from service.jobs.events import JobEvents
 
 
 def create_app(settings: Settings | None = None) -> Flask:
@@ -39,6 +40,7 @@ def create_app(settings: Settings | None = None) -> Flask:
         root_store=store,
         queue=JobQueue(create_celery_app(settings), settings),
         metrics=metrics,
+        events=JobEvents.from_settings(settings),
     )
 
     problems.init_app(app)

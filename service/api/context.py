@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from flask import current_app, g
 
 from service.config import Settings
+from service.jobs.events import JobEvents
 from service.jobs.store import JobStore
 from service.metrics import ServiceMetrics
 from service.storage.s3 import S3ObjectStore
@@ -22,6 +23,7 @@ class Services:
     root_store: S3ObjectStore
     queue: JobQueue
     metrics: ServiceMetrics
+    events: JobEvents
 
 
 @dataclass
@@ -39,14 +41,17 @@ def services() -> Services:
     return svc
 
 
-def space_for(root: S3ObjectStore, tenant: str) -> TenantSpace:
+def space_for(root: S3ObjectStore, tenant: str, events: JobEvents | None = None) -> TenantSpace:
     store = root.scoped(tenant_prefix(tenant))
-    return TenantSpace(tenant, store, JobStore(store), UploadStore(store))
+    return TenantSpace(tenant, store, JobStore(store, events), UploadStore(store))
 
 
 def space() -> TenantSpace:
     """The authenticated tenant's space (set by the auth hook; "default" without keys)."""
     if "edgepress_space" not in g:
-        g.edgepress_space = space_for(services().root_store, g.get("tenant", DEFAULT_TENANT))
+        svc = services()
+        g.edgepress_space = space_for(
+            svc.root_store, g.get("tenant", DEFAULT_TENANT), svc.events
+        )
     current: TenantSpace = g.edgepress_space
     return current

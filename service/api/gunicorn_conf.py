@@ -9,7 +9,8 @@ import os
 
 bind = os.environ.get("EDGEPRESS_BIND", "127.0.0.1:8080")
 workers = int(os.environ.get("EDGEPRESS_API_WORKERS", "2"))
-threads = int(os.environ.get("EDGEPRESS_API_THREADS", "4"))
+# Long-polled status requests hold a thread each (at most EDGEPRESS_LONG_POLL_MAX_WAITERS).
+threads = int(os.environ.get("EDGEPRESS_API_THREADS", "8"))
 worker_class = "gthread"
 timeout = 120
 graceful_timeout = 30

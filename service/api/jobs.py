@@ -7,6 +7,9 @@ before the message is sent, so a lost message is recovered by the workers' recon
 from __future__ import annotations
 
 import logging
+import os
+import re
+import threading
 from typing import Any
 
 from flask import Blueprint, Response, jsonify, redirect, request, url_for
@@ -92,9 +95,52 @@ def _check_dataset_matches(dataset: DatasetRecord, model: ModelRecord) -> None:
         )
 
 
+_WAIT = re.compile(r"(?:^|[,;\s])wait\s*=\s*(\d{1,6})(?:$|[,;\s])", re.IGNORECASE)
+_waiters: dict[int, threading.BoundedSemaphore] = {}  # per process, made on first use
+
+
+def _requested_wait() -> int | None:
+    """Seconds of RFC 7240 ``Prefer: wait=N`` on this request, if any."""
+    match = _WAIT.search(" " + request.headers.get("Prefer", "") + " ")
+    return int(match.group(1)) if match else None
+
+
+def _etag(raw: str) -> str:
+    return '"' + raw.strip('"') + '"'
+
+
 @bp.get("/<job_id>")
 def get_job(job_id: str) -> Response:
-    return jsonify(space().jobs.get(job_id).public())
+    """The job's record, with its ``ETag``. ``If-None-Match`` with that tag answers 304 while
+    the record is unchanged; adding ``Prefer: wait=N`` holds the request until the record
+    changes (or the job is finished, or N seconds pass), so a client hears of each change at
+    once instead of polling. Held requests are bounded per process; beyond the bound, and
+    past ``long_poll_max_seconds``, the request is answered at once (``Preference-Applied``
+    tells which)."""
+    settings = services().settings
+    jobs = space().jobs
+    seen = request.headers.get("If-None-Match")
+    seen_tag = seen.strip().removeprefix("W/").strip('"') if seen else None
+    wait = min(_requested_wait() or 0, settings.long_poll_max_seconds)
+    headers: dict[str, str] = {}
+    slots = _waiters.setdefault(
+        os.getpid(), threading.BoundedSemaphore(max(1, settings.long_poll_max_waiters))
+    )
+    if wait > 0 and settings.long_poll_max_waiters > 0 and slots.acquire(blocking=False):
+        try:
+            job, tag = jobs.get_if_changed(job_id, seen_tag, wait, services().events)
+        finally:
+            slots.release()
+        headers["Preference-Applied"] = f"wait={wait:g}"
+    else:
+        job, tag = jobs.get_with_etag(job_id)
+    headers["ETag"] = _etag(tag)
+    headers["Vary"] = "Prefer, If-None-Match"
+    if seen_tag is not None and tag.strip('"') == seen_tag:
+        return Response(status=304, headers=headers)
+    response = jsonify(job.public())
+    response.headers.update(headers)
+    return response
 
 
 @bp.get("")

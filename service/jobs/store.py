@@ -13,10 +13,12 @@ from __future__ import annotations
 
 import base64
 import json
+import time
 from collections.abc import Callable
 from typing import Any
 
 from service.errors import NotFound, PreconditionFailed, ValidationFailed
+from service.jobs.events import JobEvents
 from service.jobs.models import Job, JobState
 from service.storage.s3 import ObjectStore
 
@@ -39,14 +41,37 @@ def _index_key(job: Job) -> str:
 class JobStore:
     """Reads and writes job records. Every update is a compare-and-swap on the ETag."""
 
-    def __init__(self, store: ObjectStore) -> None:
+    def __init__(self, store: ObjectStore, events: JobEvents | None = None) -> None:
         self._store = store
+        self._events = events
+
+    def channel(self, job_id: str) -> str:
+        """Where changes of this job's record are announced (``JobEvents``)."""
+        bucket = str(getattr(self._store, "bucket", ""))
+        return JobEvents.channel(bucket, str(getattr(self._store, "prefix", "")) + job_key(job_id))
+
+    def _changed(self, job_id: str) -> None:
+        if self._events is not None:
+            self._events.publish(self.channel(job_id))
 
     def create(self, job: Job) -> Job:
         self._store.put(job_key(job.id), _dump(job), if_none_match=True)
         self._store.put(_index_key(job), b"", content_type="text/plain")
         self._store.put(f"jobs-active/{job.id}", b"", content_type="text/plain")
         return job
+
+    def get_if_changed(self, job_id: str, etag: str | None, seconds: float,
+                       events: JobEvents) -> tuple[Job, str]:
+        """The record and its ETag once it differs from ``etag`` (at once if it already does,
+        or if the job is finished), or as it is after ``seconds``: a long poll."""
+        deadline = time.monotonic() + seconds
+        with events.subscribe(self.channel(job_id)) as sub:
+            while True:
+                job, current = self.get_with_etag(job_id)
+                left = deadline - time.monotonic()
+                if _bare(current) != _bare(etag) or job.state.terminal or left <= 0:
+                    return job, current
+                sub.wait(left)
 
     def get(self, job_id: str) -> Job:
         job, _ = self.get_with_etag(job_id)
@@ -73,6 +98,7 @@ class JobStore:
                 self._store.put(job_key(job_id), _dump(new), if_match=etag)
             except PreconditionFailed:
                 continue
+            self._changed(job_id)
             if new.state.terminal:
                 self._store.delete(f"jobs-active/{job_id}")
             return new
@@ -111,6 +137,12 @@ class JobStore:
     def delete(self, job: Job) -> None:
         self._store.delete_prefix(f"jobs/{job.id}/")
         self._store.delete(_index_key(job))
+        self._changed(job.id)
+
+
+def _bare(etag: str | None) -> str:
+    """An ETag without its quotes (stores and clients quote them, or not)."""
+    return (etag or "").strip().removeprefix("W/").strip('"')
 
 
 def _dump(job: Job) -> bytes:

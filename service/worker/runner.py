@@ -29,6 +29,7 @@ from typing import Any
 from service.config import Settings
 from service.engine.devices import parse_device
 from service.errors import NotFound, Unavailable
+from service.jobs.events import JobEvents
 from service.jobs.models import Job, JobError, JobState, utcnow
 from service.jobs.store import JobStore, artifact_key
 from service.metrics import ServiceMetrics
@@ -81,7 +82,7 @@ class JobRunner:
         self.settings = settings
         self.tenant = tenant
         self.store = store
-        self.jobs = JobStore(store)
+        self.jobs = JobStore(store, JobEvents.from_settings(settings))
         self.uploads = UploadStore(store)
         self.metrics = metrics
         self.name = name or worker_name()

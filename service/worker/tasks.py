@@ -17,6 +17,7 @@ from celery import Celery
 
 from service.config import Settings
 from service.errors import NotFound, PreconditionFailed, Unavailable
+from service.jobs.events import JobEvents
 from service.jobs.models import Job, JobState, utcnow
 from service.jobs.store import JobStore
 from service.metrics import ServiceMetrics
@@ -105,7 +106,9 @@ class Reconciler:
         requeued: list[str] = []
         for tenant in self.root.list_prefixes("tenants/"):
             if TENANT_NAME.match(tenant):
-                jobs = JobStore(self.root.scoped(tenant_prefix(tenant)))
+                jobs = JobStore(
+                    self.root.scoped(tenant_prefix(tenant)), JobEvents.from_settings(self.settings)
+                )
                 requeued += self._reconcile(tenant, jobs)
         return requeued
 

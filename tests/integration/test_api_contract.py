@@ -4,6 +4,7 @@ Every route the app serves is in the spec, and every response here validates aga
 """
 
 import io
+import time
 
 import numpy as np
 import pytest
@@ -113,6 +114,54 @@ def test_job_submission_and_listing(checked) -> None:  # type: ignore[no-untyped
     assert checked.request("GET", f"/v1/jobs/{job['id']}/artifacts/model.onnx").status_code == 404
     assert checked.request("DELETE", f"/v1/jobs/{second['id']}").status_code == 409
     assert checked.request("DELETE", f"/v1/jobs/{job['id']}").status_code == 204
+
+
+def test_job_status_is_conditional_and_long_polls(checked) -> None:  # type: ignore[no-untyped-def]
+    model = checked.request("POST", "/v1/models", data=_onnx_bytes(),
+                            content_type="application/octet-stream").get_json()
+    job = checked.request("POST", "/v1/jobs", json={
+        "model_id": model["id"], "recipe": [{"pass": "quantize_dynamic"}]}).get_json()
+    first = checked.request("GET", f"/v1/jobs/{job['id']}")
+    tag = first.headers["ETag"]
+    assert tag.startswith('"') and "Preference-Applied" not in first.headers
+    # Unchanged: 304 at once without Prefer, after the wait with it (nobody runs this queue).
+    same = checked.request("GET", f"/v1/jobs/{job['id']}", headers={"If-None-Match": tag})
+    assert same.status_code == 304 and same.headers["ETag"] == tag and not same.data
+    started = time.monotonic()
+    held = checked.request("GET", f"/v1/jobs/{job['id']}",
+                           headers={"If-None-Match": tag, "Prefer": "respond-async, wait=1"})
+    assert held.status_code == 304 and held.headers["Preference-Applied"] == "wait=1"
+    assert time.monotonic() - started >= 0.9, "held for the requested second"
+    # A tag the client no longer holds: the current record at once, even when asked to wait.
+    other = checked.request("GET", f"/v1/jobs/{job['id']}",
+                            headers={"If-None-Match": '"old"', "Prefer": "wait=30"})
+    assert other.status_code == 200 and other.get_json()["id"] == job["id"]
+    # Cancelling changes the record: a new tag, and a finished job is never held.
+    checked.request("POST", f"/v1/jobs/{job['id']}/cancel")
+    done = checked.request("GET", f"/v1/jobs/{job['id']}",
+                           headers={"If-None-Match": tag, "Prefer": "wait=30"})
+    assert done.status_code == 200 and done.get_json()["state"] == "cancelled"
+    assert done.headers["ETag"] != tag
+
+
+def test_long_poll_is_bounded_by_the_settings(isolated_settings) -> None:  # type: ignore[no-untyped-def]
+    from service.api import create_app
+
+    capped = create_app(isolated_settings.model_copy(update={"long_poll_max_seconds": 1}))
+    client = capped.test_client()
+    model = client.post("/v1/models", data=_onnx_bytes(),
+                        content_type="application/octet-stream").get_json()
+    job = client.post("/v1/jobs", json={"model_id": model["id"],
+                                        "recipe": [{"pass": "quantize_dynamic"}]}).get_json()
+    tag = client.get(f"/v1/jobs/{job['id']}").headers["ETag"]
+    started = time.monotonic()
+    resp = client.get(f"/v1/jobs/{job['id']}", headers={"If-None-Match": tag, "Prefer": "wait=60"})
+    assert resp.status_code == 304 and resp.headers["Preference-Applied"] == "wait=1"
+    assert time.monotonic() - started < 30, "held for the configured 1 s, not the asked 60"
+    never = create_app(isolated_settings.model_copy(update={"long_poll_max_waiters": 0}))
+    resp = never.test_client().get(f"/v1/jobs/{job['id']}",
+                                   headers={"If-None-Match": tag, "Prefer": "wait=60"})
+    assert resp.status_code == 304 and "Preference-Applied" not in resp.headers
 
 
 @pytest.mark.parametrize(

@@ -1,9 +1,12 @@
 """JobStore on the real S3 server: conditional updates, newest-first pagination."""
 
 import threading
+import time
 
 import pytest
 
+from service.jobs import events as events_mod
+from service.jobs.events import JobEvents
 from service.jobs.models import Job, JobState, new_job_id, utcnow
 from service.jobs.store import JobStore
 from service.storage.s3 import make_store
@@ -80,3 +83,59 @@ def test_terminal_update_clears_active_marker(jobs) -> None:  # type: ignore[no-
     assert job.id in jobs.active_ids()
     jobs.update(job.id, lambda j: j.transition(JobState.cancelled))
     assert job.id not in jobs.active_ids()
+
+
+def _later(seconds: float, fn) -> threading.Thread:  # type: ignore[no-untyped-def]
+    def run() -> None:
+        time.sleep(seconds)
+        fn()
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    return thread
+
+
+def test_long_poll_returns_on_the_change_notice(isolated_settings, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    # Re-checks every 60 s: only the Redis notice can end this wait early.
+    monkeypatch.setattr(events_mod, "RECHECK_SECONDS", 60.0)
+    events = JobEvents(isolated_settings.broker_url)
+    assert events.live
+    jobs = JobStore(make_store(isolated_settings), events)
+    job = jobs.create(new_job())
+    _, tag = jobs.get_with_etag(job.id)
+    writer = _later(0.5, lambda: jobs.update(
+        job.id, lambda j: j.model_copy(update={"stage": "pass:quantize_dynamic"})))
+    started = time.monotonic()
+    changed, new_tag = jobs.get_if_changed(job.id, tag, 30, events)
+    writer.join()
+    assert changed.stage == "pass:quantize_dynamic" and new_tag != tag
+    assert time.monotonic() - started < 20, "the notice, not the 30 s deadline, ended the wait"
+
+
+def test_long_poll_answers_at_once_when_already_changed_or_finished(isolated_settings) -> None:  # type: ignore[no-untyped-def]
+    events = JobEvents(None)  # no Redis: re-checks only
+    jobs = JobStore(make_store(isolated_settings), events)
+    job = jobs.create(new_job())
+    started = time.monotonic()
+    got, tag = jobs.get_if_changed(job.id, '"stale"', 30, events)
+    assert got.id == job.id
+    done = jobs.update(job.id, lambda j: j.transition(JobState.cancelled))
+    got, tag2 = jobs.get_if_changed(job.id, jobs.get_with_etag(job.id)[1], 30, events)
+    assert got.state is done.state and tag2 != tag
+    assert time.monotonic() - started < 20
+
+
+def test_long_poll_without_notices_sees_the_change_by_rereading(isolated_settings) -> None:  # type: ignore[no-untyped-def]
+    events = JobEvents(None)
+    jobs = JobStore(make_store(isolated_settings))  # writes publish nothing
+    job = jobs.create(new_job())
+    _, tag = jobs.get_with_etag(job.id)
+    writer = _later(0.5, lambda: jobs.update(
+        job.id, lambda j: j.model_copy(update={"progress": 0.5})))
+    started = time.monotonic()
+    changed, _ = jobs.get_if_changed(job.id, tag, 30, events)
+    writer.join()
+    assert changed.progress == 0.5 and time.monotonic() - started < 20
+    # Nothing changes: answered with the same record when the time is up.
+    same, same_tag = jobs.get_if_changed(job.id, jobs.get_with_etag(job.id)[1], 0.3, events)
+    assert same.progress == 0.5 and same_tag == jobs.get_with_etag(job.id)[1]

@@ -330,6 +330,38 @@ def test_wait_times_out_with_the_last_state() -> None:
     assert info.value.code == "wait_timeout" and "running" in info.value.detail
 
 
+def test_wait_long_polls_with_the_records_etag_and_keeps_it_on_304() -> None:
+    running = _job(state=JobState.running, stage="pass:x", progress=0.4)
+    held = {"ETag": '"v1"', "Preference-Applied": "wait=20"}
+    replies = [_json(200, running, ETag='"v1"'),
+               lambda req: (304, held, b""),  # held, nothing changed
+               _json(200, _job(state=JobState.succeeded, progress=1.0), ETag='"v2"',
+                     **{"Preference-Applied": "wait=20"})]
+    seen: list[Job] = []
+    with _Scripted(replies) as srv:
+        started = time.monotonic()
+        job = EdgePressClient(srv.url).wait("job_1", poll=30, timeout=60,
+                                            on_progress=seen.append)
+    assert job.state is JobState.succeeded
+    assert time.monotonic() - started < 20, "held answers are followed at once, not after poll"
+    first, second, third = srv.requests
+    assert "Prefer" not in first["headers"], "the first look is answered at once"
+    assert second["headers"]["Prefer"] == "wait=20" and second["headers"]["If-None-Match"] == '"v1"'
+    assert third["headers"]["If-None-Match"] == '"v1"', "a 304 keeps the tag the client holds"
+    assert [j.state for j in seen] == [JobState.running, JobState.succeeded]
+
+
+def test_wait_polls_at_its_pace_when_the_api_does_not_hold() -> None:
+    replies = [_json(200, _job(state=JobState.running), ETag='"v1"'),
+               _json(200, _job(state=JobState.running), ETag='"v1"'),  # not held (at bound)
+               _json(200, _job(state=JobState.succeeded), ETag='"v2"')]
+    with _Scripted(replies) as srv:
+        started = time.monotonic()
+        EdgePressClient(srv.url).wait("job_1", poll=0.3, timeout=60)
+    assert len(srv.requests) == 3
+    assert time.monotonic() - started >= 0.28, "`poll` is slept after the unheld answer"
+
+
 # ---------------------------------------------------------------------------------------------
 # Against the real stack
 
