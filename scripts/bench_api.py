@@ -260,14 +260,28 @@ def upload_memory(api_url: str, api_pid: int, size: int, sized: bool) -> dict:
 # 3. Overhead vs the engine
 
 
-def overhead(api_url: str, model: Path, recipe: list[dict], rounds: int, poll: float) -> dict:
+def overhead(api_url: str, model: Path, recipe: Any, rounds: int, poll: float) -> dict:
     """The three paths on one model, interleaved round by round (each round in another order)
     so that load drifting on a shared host weighs on all of them alike; medians."""
     from service.engine.pipeline import run_pipeline
 
+    direct_parts: list[dict[str, float]] = []
+
     def direct() -> None:
+        marks: list[tuple[str, float]] = []
+
+        def progress(stage: str, fraction: float) -> None:
+            stage = stage.split(":")[0] + (":" + stage.split(":")[1] if ":" in stage else "")
+            if not marks or marks[-1][0] != stage:
+                marks.append((stage, time.perf_counter()))
+
         with tempfile.TemporaryDirectory(prefix="bench-direct-") as tmp:
-            run_pipeline(model, recipe, Path(tmp), device=DEVICE)
+            run_pipeline(model, recipe, Path(tmp), device=DEVICE, progress=progress)
+        marks.append(("end", time.perf_counter()))
+        stages: dict[str, float] = {}
+        for (stage, t0), (_, t1) in zip(marks, marks[1:], strict=False):
+            stages[f"engine.{stage}"] = stages.get(f"engine.{stage}", 0.0) + t1 - t0
+        direct_parts.append(stages)
 
     code = (
         "import sys, tempfile; from pathlib import Path; "
@@ -329,6 +343,9 @@ def overhead(api_url: str, model: Path, recipe: list[dict], rounds: int, poll: f
         "worker_timings_median_s": {
             k: round(statistics.median(p.get(k, 0.0) for p in worker_parts[1:]), 3)
             for k in worker_parts[-1]},
+        "direct_stages_median_s": {
+            k: round(statistics.median(p.get(k, 0.0) for p in direct_parts[1:]), 3)
+            for k in direct_parts[-1]},
         "all": {k: [round(x, 2) for x in v] for k, v in times.items()},
     }
 
@@ -380,6 +397,8 @@ def main() -> int:
                         default=[4096, 16384],
                         help="MLP hidden widths of the overhead models (4096: 17 MB, 16384: "
                              "68 MB)")
+    parser.add_argument("--overhead-recipe", default='[{"pass": "quantize_dynamic"}]',
+                        help='recipe of the overhead jobs: JSON steps, or "auto"')
     parser.add_argument("--poll", type=float, default=1.0,
                         help="the client's poll interval in wait() (its default: 1.0)")
     parser.add_argument("--skip", action="append", default=[],
@@ -394,7 +413,8 @@ def main() -> int:
             _stack(args) as (api_url, api_pid):
         model = write_mlp(Path(tmp) / "bench_mlp.onnx", inputs=args.model_inputs,
                           hidden=args.model_hidden)
-        recipe = [{"pass": "quantize_dynamic"}]
+        recipe: Any = (args.overhead_recipe if args.overhead_recipe == "auto"
+                       else json.loads(args.overhead_recipe))
         client = EdgePressClient(api_url)
         if "load" not in args.skip:
             record = client.upload_model(model)
@@ -437,6 +457,7 @@ def main() -> int:
                 print(f"  {row['model_bytes']} bytes:")
                 print(f"    service time by part: {json.dumps(row['service_parts_median_s'])}")
                 print(f"    worker timings: {json.dumps(row['worker_timings_median_s'])}")
+                print(f"    direct call stages: {json.dumps(row['direct_stages_median_s'])}")
                 print(f"    all runs: {json.dumps(row['all'])}")
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
