@@ -83,6 +83,12 @@ class Settings(BaseSettings):
     reconcile_interval_seconds: float = Field(
         default=15.0, gt=0, description="How often each worker looks for lost or stuck jobs."
     )
+    worker_source_cache_mb: int = Field(
+        default=4096,
+        ge=0,
+        description="Local copies of uploaded models/datasets a worker keeps, by content, "
+        "so that a model submitted again is not downloaded again (MB; 0: off).",
+    )
     progress_interval_seconds: float = Field(
         default=1.0, ge=0.0, description="Minimum seconds between progress writes to a job."
     )

@@ -35,6 +35,7 @@ from service.jobs.store import JobStore, artifact_key
 from service.metrics import ServiceMetrics
 from service.storage.s3 import S3ObjectStore
 from service.uploads.store import UploadStore, dataset_data_key, model_source_key
+from service.worker.source_cache import SourceCache
 
 log = logging.getLogger(__name__)
 
@@ -172,11 +173,17 @@ class JobRunner:
             model_path.parent.mkdir()
             timings: dict[str, float] = {}
             clock = time.monotonic()
-            self.store.download_file(model_source_key(model.id), model_path)
+            cache = SourceCache(base / "edgepress-source-cache",
+                                self.settings.worker_source_cache_mb * 1024 * 1024)
+            hits = [cache.fetch(model.sha256, model.bytes, model_path,
+                                lambda p: self.store.download_file(model_source_key(model.id), p))]
             dataset_path = None
             if job.dataset_id:
+                dataset = self.uploads.get_dataset(job.dataset_id)
                 dataset_path = workdir / "input" / "data.npz"
-                self.store.download_file(dataset_data_key(job.dataset_id), dataset_path)
+                hits.append(cache.fetch(
+                    dataset.sha256, dataset.bytes, dataset_path,
+                    lambda p: self.store.download_file(dataset_data_key(dataset.id), p)))
             device = parse_device(job.device).model_dump(mode="json")
             spec = {
                 "workdir": str(workdir),
@@ -220,6 +227,7 @@ class JobRunner:
             summary = outcome.get("summary") or {}
             # Where the worker's time went (engine stages as the engine reported them).
             summary["timings_s"] = {k: round(v, 3) for k, v in timings.items()}
+            summary["inputs_from_worker_cache"] = sum(hits)  # not downloaded: seen before
 
             def succeed(current: Job) -> Job | None:
                 if current.state is not JobState.running or current.worker != self.name:

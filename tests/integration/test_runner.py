@@ -107,3 +107,21 @@ def test_engine_cannot_hand_out_files_outside_its_workdir(isolated_settings, tmp
     early.close()
     assert not store.exists(artifact_key(job.id, "model.onnx"))
     assert not store.exists(artifact_key(job.id, "report.json"))
+
+
+def test_a_model_seen_before_is_not_downloaded_again(isolated_settings, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    _, jobs, job, runner, record = _setup(isolated_settings, tmp_path)
+    first = runner.run(job.id)
+    again = jobs.create(Job(id=new_job_id(), model_id=record.id, device="host",
+                            recipe=[{"pass": "quantize_dynamic"}], created_at=utcnow()))
+    second = runner.run(again.id)
+    assert first is not None and second is not None
+    assert second.state is JobState.succeeded, second
+    assert second.result["inputs_from_worker_cache"] == 1
+    assert second.result["bytes_after"] == first.result["bytes_after"]
+    off = JobRunner(isolated_settings.model_copy(update={"worker_source_cache_mb": 0}),
+                    runner.store, ServiceMetrics(), name="test-runner")
+    third = jobs.create(Job(id=new_job_id(), model_id=record.id, device="host",
+                            recipe=[{"pass": "quantize_dynamic"}], created_at=utcnow()))
+    final = off.run(third.id)
+    assert final is not None and final.result["inputs_from_worker_cache"] == 0
