@@ -83,6 +83,11 @@ class Settings(BaseSettings):
     reconcile_interval_seconds: float = Field(
         default=15.0, gt=0, description="How often each worker looks for lost or stuck jobs."
     )
+    engine_huge_pages: bool = Field(
+        default=True,
+        description="Back job engine processes' heap with transparent huge pages (glibc "
+        "tunable; fewer page faults on big models).",
+    )
     worker_source_cache_mb: int = Field(
         default=4096,
         ge=0,

@@ -53,7 +53,7 @@ def create_worker_app(settings: Settings | None = None) -> Celery:
         from service.worker.runner import start_engine_server
 
         try:
-            start_engine_server()
+            start_engine_server(settings.engine_huge_pages)
         except Exception:  # noqa: BLE001 - the first job starts it again and reports any error
             logging.getLogger(__name__).exception("could not start the engine server")
 

@@ -278,7 +278,7 @@ class JobRunner:
         s = self.settings
         progress = _Progress(durations=timings if timings is not None else {})
         stderr_path = workdir / "engine.stderr"
-        proc = _EngineProcess(workdir / "spec.json", _limits(s))
+        proc = _EngineProcess(workdir / "spec.json", _limits(s), s.engine_huge_pages)
         reader = threading.Thread(
             target=_read_progress,
             args=(proc, progress, self.metrics, on_artifact or (lambda name, path: None)),
@@ -516,23 +516,41 @@ def _engine_context() -> Any:
     return _CONTEXT[0]
 
 
-def start_engine_server() -> None:
-    """Start this process's engine forkserver now (it imports the engine, ~1 s) rather than
-    on its first job; called when a worker's pool process starts."""
+# glibc malloc tunable: back the engine's heap with transparent huge pages where the kernel
+# offers them on request (THP "madvise" mode; glibc >= 2.35, ignored by older ones). A forked
+# engine starts with an empty heap and first-touches every page of every model copy it makes:
+# 2 MiB pages cut those faults ~500x (17 MB model: 0.86 -> 0.73 s per job on this host).
+_HUGE_PAGES_TUNABLE = "glibc.malloc.hugetlb=1"
+
+
+def start_engine_server(huge_pages: bool = True) -> None:
+    """Start this process's engine forkserver (it imports the engine, ~1 s) if it does not
+    run: when a worker's pool process starts, and before each job (a dead one is restarted).
+    Tunables are read when a process starts, so the server gets its environment here."""
     from multiprocessing import forkserver
 
     _engine_context()
-    forkserver.ensure_running()
+    saved = os.environ.get("GLIBC_TUNABLES")
+    if huge_pages and _HUGE_PAGES_TUNABLE not in (saved or ""):
+        os.environ["GLIBC_TUNABLES"] = ":".join(filter(None, [saved, _HUGE_PAGES_TUNABLE]))
+    try:
+        forkserver.ensure_running()
+    finally:
+        if saved is None:
+            os.environ.pop("GLIBC_TUNABLES", None)
+        else:
+            os.environ["GLIBC_TUNABLES"] = saved
 
 
 class _EngineProcess:
     """A job's engine process, forked from the forkserver (libraries already imported)."""
 
-    def __init__(self, spec_path: Path, limits: dict[str, int]) -> None:
+    def __init__(self, spec_path: Path, limits: dict[str, int], huge_pages: bool = True) -> None:
         import multiprocessing
 
         from service.worker.engine_process import run_forked
 
+        start_engine_server(huge_pages)
         ctx = _engine_context()
         self._conn, child_end = ctx.Pipe(duplex=False)
         # Celery's pool processes are billiard processes: daemonic (multiprocessing refuses

@@ -125,3 +125,17 @@ def test_a_model_seen_before_is_not_downloaded_again(isolated_settings, tmp_path
                             recipe=[{"pass": "quantize_dynamic"}], created_at=utcnow()))
     final = off.run(third.id)
     assert final is not None and final.result["inputs_from_worker_cache"] == 0
+
+
+def test_engine_server_gets_the_huge_pages_tunable_and_the_worker_does_not() -> None:
+    import os
+    from multiprocessing import forkserver
+
+    from service.worker.runner import start_engine_server
+
+    start_engine_server(huge_pages=True)
+    pid = forkserver._forkserver._forkserver_pid  # type: ignore[attr-defined]
+    environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    assert any(e.startswith(b"GLIBC_TUNABLES=") and b"glibc.malloc.hugetlb=1" in e
+               for e in environ)
+    assert "glibc.malloc.hugetlb" not in os.environ.get("GLIBC_TUNABLES", "")
