@@ -298,6 +298,19 @@ def _refuse_code_zip(path: Path, name: str) -> None:
 # Archives
 
 
+def _member_target(root: Path, name: str, regular_or_dir: bool) -> Path:
+    """Where archive member ``name`` goes under ``root``: its path checked first, then its
+    type (links and special files are refused)."""
+    rel = _safe_member_path(name)
+    if not regular_or_dir:
+        raise EngineError(
+            "invalid_archive",
+            "the archive contains a link or special file; only regular files are accepted",
+            {"member": name[:200]},
+        )
+    return root.joinpath(*rel.parts)
+
+
 def _safe_member_path(raw: str) -> PurePosixPath:
     """A member name as a relative path without ``..``; refuse anything else."""
     name = raw.replace("\\", "/")
@@ -350,15 +363,9 @@ def _extract_zip(path: Path, root: Path, limits: EngineLimits) -> None:
         _check_totals(len(infos), total, packed, limits)
         written = 0
         for info in infos:
-            rel = _safe_member_path(info.filename)
             mode = (info.external_attr >> 16) & 0o170000
-            if mode and mode not in (stat.S_IFREG, stat.S_IFDIR):
-                raise EngineError(
-                    "invalid_archive",
-                    "the archive contains a link or special file; only regular files are accepted",
-                    {"member": info.filename[:200]},
-                )
-            target = root.joinpath(*rel.parts)
+            target = _member_target(root, info.filename,
+                                    not mode or mode in (stat.S_IFREG, stat.S_IFDIR))
             if info.is_dir():
                 target.mkdir(parents=True, exist_ok=True)
                 continue
@@ -408,14 +415,7 @@ def _extract_tar(path: Path, root: Path, limits: EngineLimits) -> None:
         except (tarfile.TarError, OSError, EOFError):
             raise EngineError("invalid_archive", "the tar archive is corrupt") from None
         for m in members:
-            rel = _safe_member_path(m.name)
-            if not (m.isfile() or m.isdir()):
-                raise EngineError(
-                    "invalid_archive",
-                    "the archive contains a link or special file; only regular files are accepted",
-                    {"member": m.name[:200]},
-                )
-            target = root.joinpath(*rel.parts)
+            target = _member_target(root, m.name, m.isfile() or m.isdir())
             if m.isdir():
                 target.mkdir(parents=True, exist_ok=True)
                 continue
