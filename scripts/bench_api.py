@@ -271,7 +271,7 @@ def overhead(api_url: str, model: Path, recipe: Any, rounds: int, poll: float) -
         marks: list[tuple[str, float]] = []
 
         def progress(stage: str, fraction: float) -> None:
-            stage = stage.split(":")[0] + (":" + stage.split(":")[1] if ":" in stage else "")
+            stage = ":".join(stage.split(":")[:2])  # "pass:<name>", not its sub-steps
             if not marks or marks[-1][0] != stage:
                 marks.append((stage, time.perf_counter()))
 

@@ -6,6 +6,7 @@ Run it with gunicorn: ``gunicorn -c service/api/gunicorn_conf.py 'service.api:cr
 from __future__ import annotations
 
 import logging
+import threading
 import time
 
 from flask import Flask, g, request
@@ -41,6 +42,8 @@ def create_app(settings: Settings | None = None) -> Flask:
         queue=JobQueue(create_celery_app(settings), settings),
         metrics=metrics,
         events=JobEvents.from_settings(settings),
+        waiters=(threading.BoundedSemaphore(settings.long_poll_max_waiters)
+                 if settings.long_poll_max_waiters > 0 else None),
     )
 
     problems.init_app(app)

@@ -3,6 +3,7 @@ the calling tenant's space in the store."""
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 
 from flask import current_app, g
@@ -24,6 +25,8 @@ class Services:
     queue: JobQueue
     metrics: ServiceMetrics
     events: JobEvents
+    # Long-polled status requests this process may hold at once (None: none are held).
+    waiters: threading.BoundedSemaphore | None = None
 
 
 @dataclass

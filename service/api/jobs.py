@@ -7,9 +7,7 @@ before the message is sent, so a lost message is recovered by the workers' recon
 from __future__ import annotations
 
 import logging
-import os
 import re
-import threading
 from typing import Any
 
 from flask import Blueprint, Response, jsonify, redirect, request, url_for
@@ -26,7 +24,7 @@ from service.engine.errors import EngineError
 from service.engine.registry import parse_recipe
 from service.errors import Conflict, NotFound, Unavailable, ValidationFailed
 from service.jobs.models import Job, JobState, new_job_id, utcnow
-from service.jobs.store import artifact_key
+from service.jobs.store import artifact_key, bare_etag
 from service.uploads.store import DatasetRecord, ModelRecord
 from service.worker.webhooks import check_callback_url
 
@@ -96,17 +94,12 @@ def _check_dataset_matches(dataset: DatasetRecord, model: ModelRecord) -> None:
 
 
 _WAIT = re.compile(r"(?:^|[,;\s])wait\s*=\s*(\d{1,6})(?:$|[,;\s])", re.IGNORECASE)
-_waiters: dict[int, threading.BoundedSemaphore] = {}  # per process, made on first use
 
 
 def _requested_wait() -> int | None:
     """Seconds of RFC 7240 ``Prefer: wait=N`` on this request, if any."""
     match = _WAIT.search(" " + request.headers.get("Prefer", "") + " ")
     return int(match.group(1)) if match else None
-
-
-def _etag(raw: str) -> str:
-    return '"' + raw.strip('"') + '"'
 
 
 @bp.get("/<job_id>")
@@ -117,26 +110,22 @@ def get_job(job_id: str) -> Response:
     once instead of polling. Held requests are bounded per process; beyond the bound, and
     past ``long_poll_max_seconds``, the request is answered at once (``Preference-Applied``
     tells which)."""
-    settings = services().settings
+    svc = services()
     jobs = space().jobs
     seen = request.headers.get("If-None-Match")
-    seen_tag = seen.strip().removeprefix("W/").strip('"') if seen else None
-    wait = min(_requested_wait() or 0, settings.long_poll_max_seconds)
+    wait = min(_requested_wait() or 0, svc.settings.long_poll_max_seconds)
     headers: dict[str, str] = {}
-    slots = _waiters.setdefault(
-        os.getpid(), threading.BoundedSemaphore(max(1, settings.long_poll_max_waiters))
-    )
-    if wait > 0 and settings.long_poll_max_waiters > 0 and slots.acquire(blocking=False):
+    if wait > 0 and svc.waiters is not None and svc.waiters.acquire(blocking=False):
         try:
-            job, tag = jobs.get_if_changed(job_id, seen_tag, wait, services().events)
+            job, tag = jobs.get_if_changed(job_id, seen, wait)
         finally:
-            slots.release()
+            svc.waiters.release()
         headers["Preference-Applied"] = f"wait={wait:g}"
     else:
         job, tag = jobs.get_with_etag(job_id)
-    headers["ETag"] = _etag(tag)
+    headers["ETag"] = f'"{bare_etag(tag)}"'
     headers["Vary"] = "Prefer, If-None-Match"
-    if seen_tag is not None and tag.strip('"') == seen_tag:
+    if seen is not None and bare_etag(tag) == bare_etag(seen):
         return Response(status=304, headers=headers)
     response = jsonify(job.public())
     response.headers.update(headers)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import time
 from typing import Any
 
@@ -19,7 +18,7 @@ from service.config import Settings
 
 log = logging.getLogger(__name__)
 
-_SHARED: dict[tuple[int, str], JobEvents] = {}
+_SHARED: dict[str, JobEvents] = {}
 RECHECK_SECONDS = 2.0  # a waiter re-reads the record this often even without a notice
 _NO_NOTICES_RECHECK_SECONDS = 0.5  # and this often when there is no Redis to hear from
 
@@ -38,11 +37,11 @@ class JobEvents:
 
     @classmethod
     def from_settings(cls, settings: Settings) -> JobEvents:
-        """One per broker URL and process (its Redis connection pool is shared)."""
-        key = (os.getpid(), settings.broker_url)
-        if key not in _SHARED:
-            _SHARED[key] = cls(settings.broker_url)
-        return _SHARED[key]
+        """One per broker URL (its Redis connection pool is shared; redis-py starts a
+        fresh pool in a forked process by itself)."""
+        if settings.broker_url not in _SHARED:
+            _SHARED[settings.broker_url] = cls(settings.broker_url)
+        return _SHARED[settings.broker_url]
 
     @property
     def live(self) -> bool:

@@ -60,16 +60,17 @@ class JobStore:
         self._store.put(f"jobs-active/{job.id}", b"", content_type="text/plain")
         return job
 
-    def get_if_changed(self, job_id: str, etag: str | None, seconds: float,
-                       events: JobEvents) -> tuple[Job, str]:
+    def get_if_changed(self, job_id: str, etag: str | None, seconds: float) -> tuple[Job, str]:
         """The record and its ETag once it differs from ``etag`` (at once if it already does,
-        or if the job is finished), or as it is after ``seconds``: a long poll."""
+        or if the job is finished), or as it is after ``seconds``: a long poll. Woken by this
+        store's change notices; without them it re-reads the record."""
         deadline = time.monotonic() + seconds
+        events = self._events or JobEvents(None)
         with events.subscribe(self.channel(job_id)) as sub:
             while True:
                 job, current = self.get_with_etag(job_id)
                 left = deadline - time.monotonic()
-                if _bare(current) != _bare(etag) or job.state.terminal or left <= 0:
+                if bare_etag(current) != bare_etag(etag) or job.state.terminal or left <= 0:
                     return job, current
                 sub.wait(left)
 
@@ -140,7 +141,7 @@ class JobStore:
         self._changed(job.id)
 
 
-def _bare(etag: str | None) -> str:
+def bare_etag(etag: str | None) -> str:
     """An ETag without its quotes (stores and clients quote them, or not)."""
     return (etag or "").strip().removeprefix("W/").strip('"')
 

@@ -22,6 +22,7 @@ import json
 import signal
 import sys
 import traceback
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -35,8 +36,8 @@ def _on_sigterm(signum: int, frame: Any) -> None:
     raise _SoftTimeLimit()
 
 
-def _emit(stage: str, fraction: float) -> None:
-    sys.stdout.write(json.dumps({"stage": stage, "fraction": round(float(fraction), 4)}) + "\n")
+def _print_message(message: dict[str, Any]) -> None:
+    sys.stdout.write(json.dumps(message) + "\n")
     sys.stdout.flush()
 
 
@@ -96,25 +97,22 @@ def run_forked(spec_path: str, conn: Any, limits: dict[str, int]) -> None:
     os.chdir(workdir)
     _tune_malloc(ctypes)
 
-    def emit(stage: str, fraction: float) -> None:
-        conn.send_bytes(json.dumps({"stage": stage, "fraction": round(float(fraction), 4)}).encode())
-
-    def announce(name: str, path: Path) -> None:
-        conn.send_bytes(json.dumps({"artifact": name, "path": str(path)}).encode())
-
-    code = main(spec_path, emit, announce)
+    code = main(spec_path, lambda message: conn.send_bytes(json.dumps(message).encode()))
     conn.close()
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)  # no atexit handlers inherited from the forkserver
 
 
-def _announce(name: str, path: Path) -> None:
-    sys.stdout.write(json.dumps({"artifact": name, "path": str(path)}) + "\n")
-    sys.stdout.flush()
+def main(spec_path: str, send: Callable[[dict[str, Any]], None] = _print_message) -> int:
+    """Run the job in ``spec_path``; progress and final artifacts go out through ``send``."""
 
+    def emit(stage: str, fraction: float) -> None:
+        send({"stage": stage, "fraction": round(float(fraction), 4)})
 
-def main(spec_path: str, emit: Any = _emit, announce: Any = _announce) -> int:
+    def announce(name: str, path: Path) -> None:
+        send({"artifact": name, "path": str(path)})
+
     signal.signal(signal.SIGTERM, _on_sigterm)
     spec = json.loads(Path(spec_path).read_text())
     workdir = Path(spec["workdir"])

@@ -87,6 +87,10 @@ class JobRunner:
         self.uploads = UploadStore(store)
         self.metrics = metrics
         self.name = name or worker_name()
+        self.scratch = Path(settings.scratch_dir or tempfile.gettempdir())
+        self.sources = SourceCache(
+            self.scratch / "edgepress-source-cache", settings.worker_source_cache_mb * 1024 * 1024
+        )
 
     # -- claiming ----------------------------------------------------------------------------
     def _claim(self, job: Job) -> Job | None:
@@ -163,8 +167,7 @@ class JobRunner:
         return final
 
     def _execute(self, job: Job) -> Job:
-        base = Path(self.settings.scratch_dir or tempfile.gettempdir())
-        workdir = Path(tempfile.mkdtemp(prefix=f"{job.id}-", dir=base))
+        workdir = Path(tempfile.mkdtemp(prefix=f"{job.id}-", dir=self.scratch))
         early = _EarlyUploads(self, job.id, workdir)
         try:
             model = self.uploads.get_model(job.model_id)
@@ -173,15 +176,13 @@ class JobRunner:
             model_path.parent.mkdir()
             timings: dict[str, float] = {}
             clock = time.monotonic()
-            cache = SourceCache(base / "edgepress-source-cache",
-                                self.settings.worker_source_cache_mb * 1024 * 1024)
-            hits = [cache.fetch(model.sha256, model.bytes, model_path,
+            hits = [self.sources.fetch(model.sha256, model.bytes, model_path,
                                 lambda p: self.store.download_file(model_source_key(model.id), p))]
             dataset_path = None
             if job.dataset_id:
                 dataset = self.uploads.get_dataset(job.dataset_id)
                 dataset_path = workdir / "input" / "data.npz"
-                hits.append(cache.fetch(
+                hits.append(self.sources.fetch(
                     dataset.sha256, dataset.bytes, dataset_path,
                     lambda p: self.store.download_file(dataset_data_key(dataset.id), p)))
             device = parse_device(job.device).model_dump(mode="json")

@@ -106,7 +106,7 @@ def test_long_poll_returns_on_the_change_notice(isolated_settings, monkeypatch) 
     writer = _later(0.5, lambda: jobs.update(
         job.id, lambda j: j.model_copy(update={"stage": "pass:quantize_dynamic"})))
     started = time.monotonic()
-    changed, new_tag = jobs.get_if_changed(job.id, tag, 30, events)
+    changed, new_tag = jobs.get_if_changed(job.id, tag, 30)
     writer.join()
     assert changed.stage == "pass:quantize_dynamic" and new_tag != tag
     assert time.monotonic() - started < 20, "the notice, not the 30 s deadline, ended the wait"
@@ -117,25 +117,24 @@ def test_long_poll_answers_at_once_when_already_changed_or_finished(isolated_set
     jobs = JobStore(make_store(isolated_settings), events)
     job = jobs.create(new_job())
     started = time.monotonic()
-    got, tag = jobs.get_if_changed(job.id, '"stale"', 30, events)
+    got, tag = jobs.get_if_changed(job.id, '"stale"', 30)
     assert got.id == job.id
     done = jobs.update(job.id, lambda j: j.transition(JobState.cancelled))
-    got, tag2 = jobs.get_if_changed(job.id, jobs.get_with_etag(job.id)[1], 30, events)
+    got, tag2 = jobs.get_if_changed(job.id, jobs.get_with_etag(job.id)[1], 30)
     assert got.state is done.state and tag2 != tag
     assert time.monotonic() - started < 20
 
 
 def test_long_poll_without_notices_sees_the_change_by_rereading(isolated_settings) -> None:  # type: ignore[no-untyped-def]
-    events = JobEvents(None)
-    jobs = JobStore(make_store(isolated_settings))  # writes publish nothing
+    jobs = JobStore(make_store(isolated_settings))  # no notices: writes publish nothing
     job = jobs.create(new_job())
     _, tag = jobs.get_with_etag(job.id)
     writer = _later(0.5, lambda: jobs.update(
         job.id, lambda j: j.model_copy(update={"progress": 0.5})))
     started = time.monotonic()
-    changed, _ = jobs.get_if_changed(job.id, tag, 30, events)
+    changed, _ = jobs.get_if_changed(job.id, tag, 30)
     writer.join()
     assert changed.progress == 0.5 and time.monotonic() - started < 20
     # Nothing changes: answered with the same record when the time is up.
-    same, same_tag = jobs.get_if_changed(job.id, jobs.get_with_etag(job.id)[1], 0.3, events)
+    same, same_tag = jobs.get_if_changed(job.id, jobs.get_with_etag(job.id)[1], 0.3)
     assert same.progress == 0.5 and same_tag == jobs.get_with_etag(job.id)[1]
