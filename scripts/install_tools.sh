@@ -38,3 +38,10 @@ fi
 if ! command -v prometheus >/dev/null 2>&1 || ! command -v promtool >/dev/null 2>&1; then
   apt_install prometheus || true
 fi
+
+# qemu-user: tests/unit/engine/test_int8_encoding.py runs ONNX Runtime on an emulated AVX2-only
+# x86 CPU (qemu-x86_64 -cpu EPYC-Rome), so int8 encodings are checked against the saturating
+# kernels whatever CPU the suite runs on.
+if [ "$(uname -m)" = "x86_64" ] && ! command -v qemu-x86_64 >/dev/null 2>&1; then
+  apt_install qemu-user || true
+fi

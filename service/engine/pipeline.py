@@ -201,6 +201,7 @@ def run_pipeline(
             workdir=step_dir, dataset=dataset, labels=labels, original=original_copy,
             progress=_step_progress(progress, stage, base, span),
             check_cancelled=check_cancelled, resolve_model=resolve_model,
+            target=profile,
         )
         started = time.perf_counter()
         try:
@@ -221,6 +222,9 @@ def run_pipeline(
         _check_pass_output(result, cls.name, index, workdir)
         model = result
         notes = dict(ctx.notes)
+        encoding = notes.get("encoding")
+        if isinstance(encoding, dict) and encoding.get("warning"):
+            warnings.append(str(encoding["warning"]))
         if "calibration" in notes and isinstance(notes["calibration"], dict):
             calibration = notes["calibration"]
         pass_reports.append({"pass": cls.name, "config": config.model_dump(mode="json"),
@@ -308,6 +312,9 @@ def run_pipeline(
                         "this host")
 
     target = _target_estimates(profile, original_path, output_path, feeds[0], warnings)
+    measurement = measurement_note(profile)
+    if not measurement["host_is_target"]:
+        warnings.append(measurement["note"])
     check_cancelled()
     try:  # per-op-type kernel time before/after, for the report's chart
         from service.engine.report_html import op_latency_section
@@ -342,6 +349,7 @@ def run_pipeline(
         },
         "min_cosine": evaluation["min_cosine"],
         "eval_inputs": eval_source,
+        "measured_on": measurement["host"],
         "accuracy_before": acc["before"] if acc else None,
         "accuracy_after": acc["after"] if acc else None,
         "already_quantized": description["already_quantized"],
@@ -359,6 +367,7 @@ def run_pipeline(
         "device": profile.model_dump(mode="json") if profile is not None else {
             "name": "host", "note": "latency measured on the worker's CPU"},
         "target": target,
+        "measurement": measurement,
         "size": size,
         "latency": latency,
         "fidelity": fidelity,
@@ -373,6 +382,33 @@ def run_pipeline(
     progress("report", 1.0)
     return PipelineResult(model_path=output_path, report=report, summary=summary,
                           artifacts=artifacts)
+
+
+def measurement_note(profile: Any) -> dict[str, Any]:
+    """Where this job's numbers come from: this host's kernels, and whether they are the
+    target's (same architecture and the same kernel-selecting ISA features)."""
+    from service.engine.devices import host_profile
+    from service.engine.devices.features import describe
+
+    host = host_profile()
+    host_feats = describe(host.architecture, host.isa_features)
+    out: dict[str, Any] = {"host": host.title, "host_features": host_feats}
+    if profile is None or profile.name == "host":
+        out.update(target="host", host_is_target=True,
+                   note="fidelity and latency measured on the target itself (this host)")
+        return out
+    same = profile.same_kernels_as(host)
+    target_feats = describe(profile.architecture, profile.isa_features)
+    out.update(target=profile.name, target_features=target_feats, host_is_target=same)
+    if same:
+        out["note"] = (f"this host runs the same kernels as {profile.name} ({host_feats}): "
+                       "fidelity and latency measured here stand for the target")
+    else:
+        out["note"] = (f"fidelity and latency were measured with this host's kernels "
+                       f"({host.architecture}: {host_feats}), not {profile.name}'s "
+                       f"({profile.architecture}: {target_feats}); the target's latency is "
+                       "a cost-model estimate")
+    return out
 
 
 def _step_progress(

@@ -26,6 +26,9 @@ if TYPE_CHECKING:  # pragma: no cover
     import numpy as np
     import onnx
 
+    from service.engine.devices.profile import DeviceProfile
+    from service.engine.int8_encoding import Int8Encoding
+
 
 class PassConfig(BaseModel):
     """Base for every pass config: frozen, unknown fields refused."""
@@ -52,6 +55,9 @@ class PassContext:
     - ``resolve_model(model_id)``: a local path for another uploaded model (a student or an
       extra teacher named in a config), or None where the caller offers no such lookup.
     - ``notes``: the pass writes what it did here (JSON-able); it lands in report.json.
+    - ``target``: the job's target device (None: the host itself); ``host``: the machine that
+      measures the job (None: this one). Encodings that depend on the CPU's kernels (int8
+      ``reduce_range``) are chosen from both with ``int8_encoding``.
     """
 
     workdir: Path
@@ -62,6 +68,16 @@ class PassContext:
     check_cancelled: Callable[[], None] = lambda: None
     resolve_model: Callable[[str], Path] | None = None
     notes: dict[str, Any] = field(default_factory=dict)
+    target: DeviceProfile | None = None
+    host: DeviceProfile | None = None
+
+    def int8_encoding(self, requested: bool | None, weight_type: str = "int8") -> Int8Encoding:
+        """The int8 weight encoding for this job's target and host (see ``int8_encoding``)."""
+        from service.engine.devices import host_profile
+        from service.engine.int8_encoding import choose_int8_encoding
+
+        return choose_int8_encoding(requested, weight_type=weight_type, target=self.target,
+                                    host=self.host or host_profile())
 
 
 class Pass(Generic[ConfigT]):

@@ -441,7 +441,8 @@ def _pareto(auto: dict) -> str:
 def _sensitivity(report: dict) -> str:
     auto = report.get("auto") or {}
     body = ""
-    mp = auto.get("mixed_precision") or {}
+    tried = auto.get("mixed_precision") or []  # one record per candidate tried, in order
+    mp = next((r for r in tried if r.get("kept_float")), tried[-1] if tried else {})
     sens = mp.get("sensitivity") or []
     if sens:
         kept = set(mp.get("kept_float") or [])

@@ -29,7 +29,8 @@
    best few candidates head to head with the original (one process, interleaved rounds);
 8. picks the best candidate for the objective among those meeting every constraint, never one
    slower than the original on this host when the objective involves latency and the target is
-   measurable here (a CPU of the host's architecture); otherwise the report says that the
+   measurable here (a CPU with the host's kernel-selecting ISA features: AVX2, AVX-512, VNNI,
+   AMX, dot-product...); otherwise the report says that the
    target latency is an estimate.
 
 The result is the chosen candidate's ``PipelineResult`` whose report gains an ``auto`` section:
@@ -51,7 +52,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict
 
 import onnx
 
@@ -59,6 +60,7 @@ from service.engine import cost_model
 from service.engine.constraints import AutoConstraints, parse_constraints
 from service.engine.devices import DeviceProfile, host_profile, parse_device
 from service.engine.errors import EngineError
+from service.engine.int8_encoding import saturates
 from service.engine.limits import EngineLimits
 
 log = logging.getLogger(__name__)
@@ -134,7 +136,7 @@ class Candidate:
     error: dict | None = None
     metrics: dict = field(default_factory=dict)
     violations: list[dict] = field(default_factory=list)
-    mixed_precision: dict | None = None
+    mixed_precision: MixedPrecisionRecord | None = None
     result: Any = None  # PipelineResult (not serialised)
 
     def to_dict(self) -> dict:
@@ -188,6 +190,9 @@ def plan_candidates(
     out: list[Candidate] = []
     skipped: list[dict] = []
     int8_speed = _best_peak_ratio(profile, "int8")
+    # On a target whose u8s8 kernels saturate, every int8 candidate uses 7-bit weights (the
+    # passes choose so, see ``int8_encoding``): name them so, and build each kind once.
+    target_saturates = saturates(profile)
     bw = 4.0  # int8 weights: 4x less traffic; an optimistic speed bound for memory-bound nets
 
     def add(name: str, recipe: list[dict], formats: list[str], reason: str, size: float,
@@ -205,8 +210,11 @@ def plan_candidates(
     for fmt in profile.quant_formats:
         if fmt in _STATIC or fmt == "int8_reduce_range":
             static_fmt = "int8_static_qdq_u8s8" if fmt == "int8_reduce_range" else fmt
-            rr = fmt == "int8_reduce_range"
-            label = "int8_static_reduce_range" if rr else fmt.replace("_static_qdq", "")
+            rr = fmt == "int8_reduce_range" or (target_saturates and _STATIC[static_fmt][1] == "int8")
+            if static_fmt == "int8_static_qdq_u8s8" and rr:
+                label = "int8_static_reduce_range"  # the u8s8 default: one name either way
+            else:
+                label = fmt.replace("_static_qdq", "") + ("_reduce_range" if rr else "")
             if has_rnn and (has_conv or has_mm) and cpu and profile.runs_fast("int8_dynamic"):
                 # static QDQ does not cover LSTM/GRU: mix static (conv/matmul) + dynamic (rnn)
                 add(f"{label}+dynamic_rnn",
@@ -229,9 +237,15 @@ def plan_candidates(
                     0.25 + 0.75 * share["conv"], max(int8_speed, bw))
         elif fmt == "int8_dynamic":
             if has_mm or has_rnn:
-                add("int8_dynamic", [{"pass": "quantize_dynamic"}], ["int8_dynamic"],
-                    "dynamic int8 for MatMul/Gemm/LSTM/GRU (weights dominate, CPU kernels)",
-                    0.25 + 0.75 * share["conv"], max(int8_speed, bw))
+                if target_saturates:
+                    add("int8_dynamic_reduce_range",
+                        [{"pass": "quantize_dynamic", "reduce_range": True}], ["int8_dynamic"],
+                        "dynamic int8 with 7-bit weights (x86 without VNNI)",
+                        0.25 + 0.75 * share["conv"], max(int8_speed, bw))
+                else:
+                    add("int8_dynamic", [{"pass": "quantize_dynamic"}], ["int8_dynamic"],
+                        "dynamic int8 for MatMul/Gemm/LSTM/GRU (weights dominate, CPU kernels)",
+                        0.25 + 0.75 * share["conv"], max(int8_speed, bw))
             else:
                 skipped.append({"format": fmt, "reason": "no MatMul/recurrent layer (dynamic "
                                 "int8 convolutions are slower than float in ONNX Runtime)"})
@@ -479,12 +493,37 @@ def _quantized_layers(model: onnx.ModelProto) -> list[tuple[str, str, int]]:
     return sorted(out, key=lambda t: -t[2])
 
 
+class LayerSensitivity(TypedDict):
+    """One layer's probe: the metric with only this layer kept float, and the gain over none."""
+
+    layer: str
+    op: str
+    metric_if_float: float
+    gain: float
+
+
+# One record per candidate mixed precision was tried on (``report["auto"]["mixed_precision"]``
+# is a list of these, in the order tried): "from" the candidate's name, the metric probed and
+# its value with every layer quantized ("base"), the layers most sensitive first, the layers
+# kept float (empty when none fitted), the quick metric of the kept mix, and "result" saying
+# why nothing was applied.
+MixedPrecisionRecord = TypedDict("MixedPrecisionRecord", {
+    "from": str,
+    "metric": str,
+    "base": float,
+    "sensitivity": list[LayerSensitivity],
+    "kept_float": list[str],
+    "quick_metric": float,
+    "result": str,
+}, total=False)
+
+
 def _mixed_precision(
     cand: Candidate, model: onnx.ModelProto, dataset: dict | None, labels: Any,
     ctx: _Context, available: dict[str, Any], limits: EngineLimits, workdir: Path,
     check_cancelled: Callable[[], None],
     eval_data: tuple[dict | None, Any] | None = None,
-) -> tuple[list[dict] | None, dict]:
+) -> tuple[list[dict] | None, MixedPrecisionRecord]:
     """Per-layer sensitivity, then the fewest float layers that meet the accuracy constraint.
 
     Returns (recipe or None, record). Layers are tried one at a time kept in float (the
@@ -503,7 +542,7 @@ def _mixed_precision(
 
     excl_steps = [i for i, s in enumerate(cand.recipe)
                   if "nodes_to_exclude" in available[s["pass"]].config_model.model_fields]
-    record: dict[str, Any] = {"from": cand.name, "sensitivity": [], "kept_float": []}
+    record: MixedPrecisionRecord = {"from": cand.name, "sensitivity": [], "kept_float": []}
     if not excl_steps:
         record["result"] = "no pass of this candidate can keep layers in float"
         return None, record
@@ -539,7 +578,7 @@ def _mixed_precision(
             original_copy.CopyFrom(model)
             current = cls().run(current, config, PassContext(
                 workdir=step_dir, dataset=dataset, labels=labels, original=original_copy,
-                check_cancelled=check_cancelled))
+                check_cancelled=check_cancelled, target=ctx.profile))
         path = workdir / f"{tag}.onnx"
         onnx.save_model(current, str(path))
         out = run_all(make_session(path, limits.latency_threads), feeds)
@@ -559,7 +598,7 @@ def _mixed_precision(
     layers = _quantized_layers(model)[:SENSITIVITY_MAX_LAYERS]
     try:
         base = quick([], "base")
-        scores: list[dict[str, Any]] = []
+        scores: list[LayerSensitivity] = []
         for index, (name, op, _weights) in enumerate(layers):
             check_cancelled()
             value = quick([name], f"probe{index}")
@@ -812,8 +851,9 @@ def run_auto(
     profile = parse_device(device) if device is not None else host_profile()
     cons = parse_constraints(constraints)
     host = host_profile()
-    measurable = profile.name == "host" or (
-        profile.kind == "cpu" and profile.architecture == host.architecture)
+    # Measured only where this host runs the target's kernels (same ISA features), else the
+    # cost model's estimate decides latency.
+    measurable = profile.name == "host" or profile.same_kernels_as(host)
 
     progress("ingest", 0.0)
     ingested = load_model(Path(model_path), workdir / "auto_input", limits=limits)
@@ -951,12 +991,11 @@ def run_auto(
             cand.error = {"code": "early_stop", "message": stop_reason or "not run"}
 
     # Accuracy-aware mixed precision for candidates that miss only accuracy/fidelity.
-    mp_record = None
+    mp_tried: list[MixedPrecisionRecord] = []  # one record per candidate tried, in order
     if best is None:
         fid_only = [c for c in cands if c.status == "ok" and c.violations and all(
             v["constraint"].startswith(("max_accuracy_drop", "min_fidelity")) for v in c.violations)]
         fid_only.sort(key=lambda c: _score(c, ctx))
-        mp_tried = []
         for cand in fid_only[:2]:
             check_cancelled()
             progress("search:mixed_precision", 0.86)
@@ -965,7 +1004,6 @@ def run_auto(
                 workdir / "mixed_precision", check_cancelled,
                 eval_data=(holdout, holdout_labels) if holdout is not None else None)
             mp_tried.append(record)
-            mp_record = mp_tried if len(mp_tried) > 1 else record
             if recipe is None:
                 continue
             mixed = Candidate(f"{cand.name}+mixed_precision", recipe, cand.formats,
@@ -1029,7 +1067,7 @@ def run_auto(
         "candidates": [c.to_dict() for c in cands],
         "skipped_formats": skipped,
         "early_stop": {"stopped": stop_reason is not None, "reason": stop_reason},
-        "mixed_precision": mp_record,
+        "mixed_precision": mp_tried,
         "pareto_front": front,
         "cost_model": {
             "target_original": ctx.original_estimate.to_dict() if ctx.original_estimate else None,

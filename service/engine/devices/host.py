@@ -13,34 +13,21 @@ import platform
 from functools import cache
 from pathlib import Path
 
+from service.engine.devices.features import canonical, u8s8_saturates
 from service.engine.devices.profile import DeviceProfile
 
-# Flags worth showing (the rest of /proc/cpuinfo is noise for inference).
+# Features worth showing, in the canonical vocabulary of ``features`` (the rest of
+# /proc/cpuinfo is noise for inference).
 _INTERESTING = (
-    "sse4_2",
-    "avx",
-    "avx2",
-    "fma",
-    "f16c",
-    "avx512f",
-    "avx512bw",
-    "avx512vl",
-    "avx512_vnni",
-    "avx_vnni",
-    "avx512_bf16",
-    "avx512_fp16",
-    "amx_tile",
-    "amx_int8",
-    "amx_bf16",
-    "asimd",
-    "asimdhp",
-    "fphp",
-    "asimddp",
-    "i8mm",
-    "bf16",
-    "sve",
-    "sve2",
+    "sse4_2", "avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_vnni",
+    "avx_vnni", "avx512_bf16", "avx512_fp16", "amx_tile", "amx_int8", "amx_bf16",
+    "neon", "fp16", "dotprod", "i8mm", "bf16", "sve", "sve2",
 )
+# What cpuid can report (x86): these come from the instruction, not the text file.
+_CPUID_OWNED = frozenset({
+    "avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx_vnni",
+    "avx512_bf16", "avx512_fp16", "amx_tile", "amx_int8", "amx_bf16",
+})
 # Assumptions for what the OS does not tell (documented in the profile's sources).
 _GBPS_PER_CORE = 8.0
 _WATTS_PER_CORE = 10.0
@@ -73,11 +60,24 @@ def _usable_cores() -> int:
         return max(1, os.cpu_count() or 1)
 
 
-def profile_from_cpuinfo(cpuinfo: str, meminfo: str, machine: str, cores: int) -> DeviceProfile:
-    """Build a host profile from the text of /proc/cpuinfo and /proc/meminfo (testable)."""
+def profile_from_cpuinfo(
+    cpuinfo: str, meminfo: str, machine: str, cores: int,
+    cpuid_features: frozenset[str] | None = None,
+) -> DeviceProfile:
+    """Build a host profile from the text of /proc/cpuinfo and /proc/meminfo (testable).
+
+    ``cpuid_features`` (x86: what ``cpuid``/``xgetbv`` report, see ``devices.cpuid``) replaces
+    the vector features of the text file: ONNX Runtime picks its kernels by the instruction.
+    """
     info = _cpuinfo_fields(cpuinfo)
-    flags = set((info.get("flags") or info.get("features") or "").split())
+    flags = set(canonical((info.get("flags") or info.get("features") or "").split()))
+    if cpuid_features is not None:
+        flags = (flags - _CPUID_OWNED) | set(cpuid_features)
+        feature_source = "cpuid/xgetbv (what ONNX Runtime's kernels dispatch on)"
+    else:
+        feature_source = "/proc/cpuinfo flags"
     arm = machine.lower() in ("aarch64", "arm64")
+    architecture = "arm64" if arm else ("x86_64" if machine in ("x86_64", "AMD64") else "other")
     try:
         ghz = float(info.get("cpu mhz", "")) / 1000.0
     except ValueError:
@@ -95,7 +95,8 @@ def profile_from_cpuinfo(cpuinfo: str, meminfo: str, machine: str, cores: int) -
     else:
         flops_cycle, width = 8.0, "SSE, no FMA"
     fp32 = cores * ghz * flops_cycle
-    vnni = bool(flags & {"avx512_vnni", "avx_vnni", "asimddp"})
+    vnni = "dotprod" in flags if arm else (
+        architecture == "x86_64" and not u8s8_saturates(architecture, flags))
     # ONNX Runtime's int8 kernels reach a few times the fp32 rate with dot-product instructions
     # (VNNI, AMX, sdot) and about twice without; the AMX peak itself is far beyond what small
     # inference GEMMs see, so it is not credited here.
@@ -103,7 +104,7 @@ def profile_from_cpuinfo(cpuinfo: str, meminfo: str, machine: str, cores: int) -
     peaks: dict[str, float] = {"fp32": round(fp32, 1), "int8": round(fp32 * int8_factor, 1)}
     precisions = ["fp32", "int8", "int4"]
     peaks["int4"] = peaks["fp32"]
-    fp16_fast = arm and bool(flags & {"asimdhp", "fphp"})
+    fp16_fast = arm and "fp16" in flags
     if fp16_fast:
         peaks["fp16"] = round(fp32 * 2, 1)
         precisions.append("fp16")
@@ -133,7 +134,7 @@ def profile_from_cpuinfo(cpuinfo: str, meminfo: str, machine: str, cores: int) -
         title=f"This machine: {model_name} ({cores} usable cores)",
         kind="cpu",
         vendor=info.get("vendor_id") or info.get("cpu implementer") or "unknown",
-        architecture="arm64" if arm else ("x86_64" if machine in ("x86_64", "AMD64") else "other"),
+        architecture=architecture,  # type: ignore[arg-type]
         isa_features=tuple(f for f in _INTERESTING if f in flags),
         execution_providers=("CPUExecutionProvider",),
         precisions=tuple(precisions),  # type: ignore[arg-type]
@@ -144,6 +145,7 @@ def profile_from_cpuinfo(cpuinfo: str, meminfo: str, machine: str, cores: int) -
         memory_bandwidth_gbps=round(cores * _GBPS_PER_CORE, 1),
         typical_power_w=round(cores * _WATTS_PER_CORE, 1),
         sources={
+            "isa_features": feature_source,
             "memory_mb": "MemTotal in /proc/meminfo",
             "storage_budget_mb": "EdgePress default: a quarter of memory",
             "peak_gops.fp32": derived,
@@ -160,6 +162,9 @@ def profile_from_cpuinfo(cpuinfo: str, meminfo: str, machine: str, cores: int) -
 @cache
 def host_profile() -> DeviceProfile:
     """The profile of this machine's CPU (computed once per process)."""
+    from service.engine.devices.cpuid import x86_features
+
     return profile_from_cpuinfo(
-        _read("/proc/cpuinfo"), _read("/proc/meminfo"), platform.machine(), _usable_cores()
+        _read("/proc/cpuinfo"), _read("/proc/meminfo"), platform.machine(), _usable_cores(),
+        cpuid_features=x86_features(),
     )

@@ -14,6 +14,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from service.engine.devices.features import kernel_features
+
 Precision = Literal["fp32", "tf32", "fp16", "bf16", "fp8", "int8", "int16", "int4"]
 
 # Quantization formats a device can run fast. The auto search maps each to a recipe:
@@ -120,6 +122,14 @@ class DeviceProfile(BaseModel):
     def peak(self, precision: str) -> float:
         """Peak GOP/s for ``precision``; a precision the target lacks runs at fp32 speed."""
         return self.peak_gops.get(precision, self.peak_gops["fp32"])  # type: ignore[call-overload]
+
+    def same_kernels_as(self, other: DeviceProfile) -> bool:
+        """Whether ONNX Runtime runs the same CPU kernels on both (so a measurement on one
+        stands for the other): CPUs of one architecture with equal kernel-selecting features
+        (AVX2 / AVX-512 / VNNI / AMX / dot-product / i8mm / fp16 arithmetic)."""
+        return (self.kind == other.kind == "cpu" and self.architecture == other.architecture
+                and kernel_features(self.architecture, self.isa_features)
+                == kernel_features(other.architecture, other.isa_features))
 
     def runs_fast(self, fmt: str) -> bool:
         """Whether ``fmt`` (a quantization format or a precision) is fast on this target."""

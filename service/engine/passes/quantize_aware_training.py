@@ -35,6 +35,11 @@ class QuantizeAwareTrainingConfig(PassConfig, DistillationSettings):
     calibration_samples: int = Field(
         256, ge=1, description="samples observed to initialise the activation scales"
     )
+    reduce_range: bool | None = Field(
+        None,
+        description="7-bit weights (|w| <= 64) for x86 CPUs without VNNI/AMX, whose int8 "
+        "kernels saturate otherwise; None = chosen for the job's target and measuring host",
+    )
     scale_lr: float = Field(
         0.02, gt=0, le=1.0, description="Adam learning rate of the log activation scales"
     )
@@ -86,7 +91,9 @@ class QuantizeAwareTraining(Pass[QuantizeAwareTrainingConfig]):
         module = OnnxModule(model)
         rng = np.random.default_rng(config.budget.seed)
         calib_idx = np.sort(rng.permutation(n)[: config.calibration_samples])
-        fq = FakeQuantizedModule(module, plan, {k: v[calib_idx] for k, v in data.items()})
+        encoding = ctx.int8_encoding(config.reduce_range)
+        fq = FakeQuantizedModule(module, plan, {k: v[calib_idx] for k, v in data.items()},
+                                 weight_max=encoding.weight_max)
         settings = DistillationSettings.model_validate(
             config.model_dump(include=set(DistillationSettings.model_fields))
         )
@@ -110,6 +117,7 @@ class QuantizeAwareTraining(Pass[QuantizeAwareTrainingConfig]):
         notes: dict[str, Any] = {
             "training": result.as_notes(),
             "format": "QDQ (int8 per-channel weights, uint8 activations, int32 biases)",
+            "encoding": encoding.as_notes(),
             "quantized_weights": len(plan.weights),
             "quantized_activations": len(plan.activations),
             "activation_scales": {k: round(q.scale, 8) for k, q in fq.quantizers.items()},

@@ -79,10 +79,11 @@ class QuantizeDynamicConfig(PassConfig):
     weight_type: Literal["int8", "uint8"] = Field(
         "int8", description="Storage type of quantized weights (int8 = symmetric)."
     )
-    reduce_range: bool = Field(
-        False,
+    reduce_range: bool | None = Field(
+        None,
         description="Quantize weights to 7 bits: avoids int16 saturation on x86 CPUs without "
-        "VNNI (pre-Cascade Lake), costs some accuracy elsewhere.",
+        "VNNI/AMX (pre-Cascade Lake, AVX2-only EPYC). None = chosen for the job's target and "
+        "measuring host (recorded in the notes).",
     )
     min_elements: int = Field(
         1024, ge=1, description="Weights with fewer elements stay float (not worth a scale)."
@@ -476,7 +477,9 @@ class QuantizeDynamic(Pass[QuantizeDynamicConfig]):
                 "(ONNX Runtime's per-tensor dynamic MatMul is the fastest)"
             )
             notes["per_channel_evidence"] = evidence[:20]
+        encoding = ctx.int8_encoding(config.reduce_range, config.weight_type)
         if ort_nodes:
+            notes["encoding"] = encoding.as_notes()
             ctx.progress(0.2, f"ONNX Runtime dynamic int8 on {len(ort_nodes)} nodes")
             src, dst = ctx.workdir / "qd_in.onnx", ctx.workdir / "qd_out.onnx"
             onnx.save_model(work, str(src))
@@ -487,7 +490,7 @@ class QuantizeDynamic(Pass[QuantizeDynamicConfig]):
                     str(dst),
                     op_types_to_quantize=sorted({op for _, op, _ in ort_nodes}),
                     per_channel=per_channel,
-                    reduce_range=config.reduce_range,
+                    reduce_range=encoding.reduce_range,
                     weight_type=weight_type,
                     nodes_to_exclude=ort_exclude,
                     extra_options={"MatMulConstBOnly": True},

@@ -77,9 +77,10 @@ class QuantizeStaticConfig(PassConfig):
         False, description="Force zero-point 0 for activations (some NPUs need it)."
     )
     symmetric_weights: bool = Field(True, description="Force zero-point 0 for weights.")
-    reduce_range: bool = Field(
-        False,
-        description="7-bit weights: avoids int16 saturation on x86 CPUs without VNNI.",
+    reduce_range: bool | None = Field(
+        None,
+        description="7-bit weights: avoids int16 saturation on x86 CPUs without VNNI/AMX. None "
+        "= chosen for the job's target and measuring host (recorded in the notes).",
     )
     quant_format: Literal["qdq", "qoperator"] = Field(
         "qdq",
@@ -247,6 +248,8 @@ class QuantizeStatic(Pass[QuantizeStaticConfig]):
         }
         if config.calibration_method == "percentile":
             extra["CalibPercentile"] = config.percentile
+        encoding = ctx.int8_encoding(config.reduce_range, config.weight_type)
+        ctx.notes["encoding"] = encoding.as_notes()
         # Histogram methods keep every value: feed them a few samples at a time.
         batch = 16 if config.calibration_method == "minmax" else 4
         src, dst = ctx.workdir / "qs_in.onnx", ctx.workdir / "qs_out.onnx"
@@ -266,7 +269,7 @@ class QuantizeStatic(Pass[QuantizeStaticConfig]):
                     else QuantFormat.QOperator,
                     op_types_to_quantize=config.op_types,
                     per_channel=config.per_channel,
-                    reduce_range=config.reduce_range,
+                    reduce_range=encoding.reduce_range,
                     activation_type=qtypes[config.activation_type],
                     weight_type=qtypes[config.weight_type],
                     nodes_to_exclude=list(config.nodes_to_exclude),

@@ -82,17 +82,21 @@ def _round_ste(x: torch.Tensor) -> torch.Tensor:
     return x + (torch.round(x) - x).detach()
 
 
-def fake_quant_weight(w: torch.Tensor, axis: int) -> torch.Tensor:
-    """Symmetric int8 per-channel fake quantization with straight-through rounding."""
+def fake_quant_weight(w: torch.Tensor, axis: int, qmax: int = 127) -> torch.Tensor:
+    """Symmetric int8 per-channel fake quantization with straight-through rounding.
+
+    ``qmax`` is the largest integer weight: 127 (full range) or 64 (7-bit weights for CPUs
+    whose int8 kernels saturate, see ``service.engine.int8_encoding``).
+    """
     dims = [d for d in range(w.dim()) if d != axis]
-    scale = (w.detach().abs().amax(dim=dims, keepdim=True) / 127.0).clamp_min(1e-12)
-    return torch.clamp(_round_ste(w / scale), -127, 127) * scale
+    scale = (w.detach().abs().amax(dim=dims, keepdim=True) / float(qmax)).clamp_min(1e-12)
+    return torch.clamp(_round_ste(w / scale), -qmax, qmax) * scale
 
 
-def weight_scales(w: np.ndarray, axis: int) -> np.ndarray:
+def weight_scales(w: np.ndarray, axis: int, qmax: int = 127) -> np.ndarray:
     """The per-channel scales ``fake_quant_weight`` uses, as float32 [channels]."""
     dims = tuple(d for d in range(w.ndim) if d != axis)
-    return np.maximum(np.abs(w).max(axis=dims) / 127.0, 1e-12).astype(np.float32)
+    return np.maximum(np.abs(w).max(axis=dims) / float(qmax), 1e-12).astype(np.float32)
 
 
 class ActivationQuantizer(nn.Module):
@@ -118,9 +122,11 @@ class ActivationQuantizer(nn.Module):
 class FakeQuantizedModule:
     """Attach fake quantization to an :class:`OnnxModule` per a :class:`QuantPlan`."""
 
-    def __init__(self, module: OnnxModule, plan: QuantPlan, calibration: dict[str, np.ndarray]):
+    def __init__(self, module: OnnxModule, plan: QuantPlan, calibration: dict[str, np.ndarray],
+                 weight_max: int = 127):
         self.module = module
         self.plan = plan
+        self.weight_max = weight_max
         with torch.no_grad():
             seen = module(
                 {k: torch.from_numpy(v) for k, v in calibration.items()},
@@ -135,7 +141,7 @@ class FakeQuantizedModule:
         def weight_hook(node: onnx.NodeProto, index: int, value: torch.Tensor) -> torch.Tensor:
             name = node.input[index]
             if index == 1 and name in weight_names:
-                return fake_quant_weight(value, plan.weights[name])
+                return fake_quant_weight(value, plan.weights[name], weight_max)
             return value
 
         def activation_hook(name: str, value: torch.Tensor) -> torch.Tensor:
@@ -165,10 +171,11 @@ def export_qdq(float_model: onnx.ModelProto, fq: FakeQuantizedModule) -> onnx.Mo
     replaced: set[str] = set()
     for name, axis in plan.weights.items():
         w = arrays[name]
-        scale = weight_scales(w, axis)
+        scale = weight_scales(w, axis, fq.weight_max)
         shape = [1] * w.ndim
         shape[axis] = -1
-        q = np.clip(np.round(w / scale.reshape(shape)), -127, 127).astype(np.int8)
+        q = np.clip(np.round(w / scale.reshape(shape)), -fq.weight_max, fq.weight_max)
+        q = q.astype(np.int8)
         new_inits += [
             numpy_helper.from_array(q, f"{name}__q"),
             numpy_helper.from_array(scale, f"{name}__scale"),
@@ -186,7 +193,8 @@ def export_qdq(float_model: onnx.ModelProto, fq: FakeQuantizedModule) -> onnx.Mo
         replaced.add(name)
     for bias, (act, weight) in plan.biases.items():
         b = arrays[bias]
-        scale = weight_scales(arrays[weight], plan.weights[weight]) * fq.quantizers[act].scale
+        scale = (weight_scales(arrays[weight], plan.weights[weight], fq.weight_max)
+                 * fq.quantizers[act].scale)
         scale = scale.astype(np.float32)
         q = np.round(b / scale).astype(np.int64)
         if np.abs(q).max(initial=0) >= 2**31:

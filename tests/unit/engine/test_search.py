@@ -110,6 +110,11 @@ def test_candidates_follow_the_device_formats() -> None:
     assert names["apple_m2"] == ["fp16"]
     laptop = _plan("x86_laptop_avx2", "cnn")[0]
     assert laptop.recipe[0]["reduce_range"] is True
+    # Every int8 candidate for a target whose u8s8 kernels saturate uses 7-bit weights.
+    for cand in [c for f in ("cnn", "transformer", "recurrent") for c in _plan("x86_laptop_avx2", f)]:
+        for step in cand.recipe:
+            if step["pass"] in ("quantize_static", "quantize_dynamic"):
+                assert step.get("reduce_range") is True, cand.name
 
 
 def test_candidates_follow_the_model() -> None:
@@ -316,7 +321,12 @@ def test_mixed_precision_keeps_the_sensitive_layer_float(tmp_path: Path) -> None
                                        "training": False})
     auto = result.report["auto"]
     assert auto["chosen"]["candidate"].endswith("+mixed_precision")
-    record = auto["mixed_precision"]
+    tried = auto["mixed_precision"]  # one record per candidate tried, always a list
+    assert isinstance(tried, list) and tried
+    assert all({"from", "sensitivity", "kept_float"} <= set(r) for r in tried)
+    record = next(r for r in tried if r["kept_float"])
+    assert auto["chosen"]["candidate"] == record["from"] + "+mixed_precision"
+    assert all(set(s) == {"layer", "op", "metric_if_float", "gain"} for s in record["sensitivity"])
     assert record["sensitivity"][0]["layer"] == "conv1"  # the most sensitive, measured
     assert record["kept_float"] == ["conv1"]
     step = next(s for s in auto["chosen"]["recipe"] if s["pass"] == "quantize_static")
