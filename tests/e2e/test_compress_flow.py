@@ -65,3 +65,33 @@ def test_engine_refusal_fails_the_job_precisely(api, tmp_path) -> None:  # type:
     assert done["error"]["code"] in {"no_effect", "nothing_to_quantize"}
     assert done["error"]["message"]
     assert "/tmp" not in done["error"]["message"]
+
+
+def test_int8_for_a_non_vnni_target_through_the_api(api, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """A job for an AVX2 laptop gets 7-bit weights (its u8s8 kernels saturate), says so with
+    the reason, and says whether this host's kernels stand for the target's."""
+    import onnx
+    from onnx import numpy_helper
+
+    from service.engine.devices import get_device, host_profile
+    from tests.unit.engine.test_int8_encoding import _saturation_prone_mlp
+
+    model, x, ref = _saturation_prone_mlp()
+    source = tmp_path / "sat.onnx"
+    onnx.save_model(model, str(source))
+    uploaded = api.upload_model(source)
+    job = api.submit(model_id=uploaded["id"], device="x86_laptop_avx2",
+                     recipe=[{"pass": "quantize_dynamic", "per_channel": False}])
+    done = api.wait(job["id"])
+    assert done["state"] == "succeeded", done.get("error")
+    report = json.loads(api.download(done["id"], "report.json", tmp_path / "r.json").read_text())
+    encoding = report["passes"][0]["notes"]["encoding"]
+    assert encoding["reduce_range"] is True and encoding["target"] == "x86_laptop_avx2"
+    assert encoding["target_saturates"] is True and "vpmaddubsw" in encoding["reason"]
+    compressed = onnx.load(str(api.download(done["id"], "model.onnx", tmp_path / "out.onnx")))
+    weights = {t.name: numpy_helper.to_array(t) for t in compressed.graph.initializer}
+    assert int(np.abs(weights["w_quantized"].astype(np.int32)).max()) <= 64
+    same = host_profile().same_kernels_as(get_device("x86_laptop_avx2"))
+    assert report["measurement"]["host_is_target"] is same
+    warned = any("measured with this host's kernels" in w for w in done["result"]["warnings"])
+    assert warned is (not same)

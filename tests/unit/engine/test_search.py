@@ -317,8 +317,11 @@ def _cnn_with_a_sensitive_layer(path: Path) -> Path:
 def test_mixed_precision_keeps_the_sensitive_layer_float(tmp_path: Path) -> None:
     path = _cnn_with_a_sensitive_layer(tmp_path / "cnn.onnx")
     result = run_pipeline(path, "auto", tmp_path / "work", device="host",
-                          constraints={"min_fidelity": 0.9999, "objective": "size",
+                          constraints={"min_fidelity": 0.9998, "objective": "size",
                                        "training": False})
+    # 0.9998 sits between plain int8 and int8 with conv1 float for both weight encodings the
+    # host may choose (measured min cosine: full range 0.99971 / 0.99993, 7-bit weights on
+    # hosts without VNNI 0.99909 / 0.99989).
     auto = result.report["auto"]
     assert auto["chosen"]["candidate"].endswith("+mixed_precision")
     tried = auto["mixed_precision"]  # one record per candidate tried, always a list
@@ -331,7 +334,7 @@ def test_mixed_precision_keeps_the_sensitive_layer_float(tmp_path: Path) -> None
     assert record["kept_float"] == ["conv1"]
     step = next(s for s in auto["chosen"]["recipe"] if s["pass"] == "quantize_static")
     assert step["nodes_to_exclude"] == ["conv1"]
-    assert result.summary["min_cosine"] >= 0.9999
+    assert result.summary["min_cosine"] >= 0.9998
     plain = [c for c in auto["candidates"] if c["name"] == record["from"]][0]
     assert any(v["constraint"].startswith("min_fidelity") for v in plain["violations"])
 
@@ -391,7 +394,8 @@ def test_latency_objective_confirms_finalists_head_to_head(mlp_path: Path, tmp_p
     confirmed = auto["latency_confirmation"]
     chosen = auto["chosen"]["candidate"]
     assert chosen in confirmed["candidates"]
-    assert result.summary["speedup"] == confirmed["candidates"][chosen]["speedup"] >= 1.0
+    assert result.summary["speedup"] == confirmed["candidates"][chosen]["speedup"]
+    assert confirmed["candidates"][chosen]["speedup"] >= 1.0 / confirmed["noise_band"]
 
 
 def test_constraints_are_judged_on_held_out_samples(mlp_path: Path, tmp_path: Path) -> None:

@@ -200,7 +200,7 @@ def test_recipe_prune_recover_quantize_through_the_pipeline(digits, tmp_path):
     """Recipes compose: prune_channels -> distill -> quantize_static via run_pipeline."""
     from service.engine.pipeline import run_pipeline
 
-    x_tr, y_tr, _, _ = corpus.load_digits_split()
+    x_tr, y_tr, x_te, y_te = corpus.load_digits_split()
     data = tmp_path / "train.npz"
     np.savez(data, image=x_tr[:512], labels=y_tr[:512])
     recipe = [
@@ -214,4 +214,16 @@ def test_recipe_prune_recover_quantize_through_the_pipeline(digits, tmp_path):
     notes = result.report["passes"][1]["notes"]
     assert notes["training"]["steps"] == 100 and notes["teachers"][0]["model"] == "original model"
     assert result.summary["size_ratio"] > 6
-    assert result.summary["accuracy_after"] > result.summary["accuracy_before"] - 0.05
+    # Accuracy on the held-out test split (360 digits never trained or calibrated on), not on
+    # the 16 training samples the job evaluates: one sample there is 6 points.
+    import onnxruntime as ort
+
+    def test_accuracy(path: object) -> float:
+        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        name = session.get_inputs()[0].name
+        logits = np.concatenate([session.run(None, {name: x_te[i:i + 1]})[0]
+                                 for i in range(len(x_te))])
+        return float((logits.argmax(axis=1) == y_te).mean())
+
+    before, after = test_accuracy(digits.path), test_accuracy(result.model_path)
+    assert after > before - 0.03, (before, after)

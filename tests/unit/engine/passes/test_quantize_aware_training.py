@@ -11,7 +11,9 @@ import pytest
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
+from service.engine.devices import host_profile
 from service.engine.errors import EngineError
+from service.engine.int8_encoding import choose_int8_encoding
 from service.engine.registry import PassContext, get_pass
 from service.engine.training.bridge import OnnxModule
 from service.engine.training.distillation import accuracy, run_onnx
@@ -74,9 +76,15 @@ def test_qdq_export_reproduces_fake_quantization():
     plan = plan_quantization(model, ["Gemm"])
     assert set(plan.weights) == {"w1", "w2", "w3"}
     assert plan.activations == ["x", "r1", "r2"]  # after Relu, not before; logits stay float
-    fq = FakeQuantizedModule(module, plan, {"x": x})
+    # The weight range this host's int8 kernels run without saturating (7-bit without VNNI):
+    # with it, ONNX Runtime computes what the fake quantization trained, on any x86 level.
+    host = host_profile()
+    weight_max = choose_int8_encoding(None, weight_type="int8", target=None, host=host).weight_max
+    fq = FakeQuantizedModule(module, plan, {"x": x}, weight_max=weight_max)
     qdq = export_qdq(model, fq)
     onnx.checker.check_model(qdq)
+    assert int(np.abs(numpy_helper.to_array(
+        next(t for t in qdq.graph.initializer if t.name == "w1__q"))).max()) == weight_max
     ops = [n.op_type for n in qdq.graph.node]
     assert ops.count("QuantizeLinear") == 3 and ops.count("DequantizeLinear") == 3 + 3 + 3
     weights = {t.name: t for t in qdq.graph.initializer}
