@@ -14,6 +14,9 @@ from service.worker import webhooks
 from tests.models import mlp
 from tests.openapi import validate_response
 
+# Every test here talks to the live stack's S3 server / broker (fixtures in tests/conftest.py).
+pytestmark = pytest.mark.stack
+
 KEY_A, KEY_B = "key-for-acme-0123456789", "key-for-globex-0123456789"
 
 
@@ -216,7 +219,6 @@ def receiver():  # type: ignore[no-untyped-def]
     server.shutdown()
 
 
-@pytest.mark.stack
 def test_webhook_delivered_signed_and_retried(live_stack, receiver) -> None:  # type: ignore[no-untyped-def]
     """On the live stack: the terminal-state webhook arrives signed, after a failed attempt."""
     import time
