@@ -49,6 +49,8 @@ import requests
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench_output import machine_header, tee_to  # noqa: E402
+
 from service.client import EdgePressClient, EdgePressError  # noqa: E402
 from service.devstack import LocalStack, free_port  # noqa: E402
 
@@ -404,8 +406,24 @@ def main() -> int:
     parser.add_argument("--skip", action="append", default=[],
                         choices=["load", "upload", "overhead"])
     parser.add_argument("--json", help="also write the results to this file")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="also write the printed tables here, after a header naming the "
+                             "machine (docs/bench/api.txt is the committed one)")
     args = parser.parse_args()
+    api_workers = os.environ.get("EDGEPRESS_API_WORKERS", "2")
+    api_threads = os.environ.get("EDGEPRESS_API_THREADS", "8")  # gunicorn_conf.py defaults
+    header = machine_header(
+        "scripts/bench_api.py", sys.argv[1:],
+        threads=f"{args.concurrency} client threads; API gunicorn workers {api_workers}, "
+        f"threads {api_threads}; one Celery worker (concurrency 1); engine defaults"
+        + (f"; measured API {args.api}" if args.api else "; own stack on this machine"))
+    with tee_to(args.out, header):
+        return run(args)
 
+
+def run(args: argparse.Namespace) -> int:
+    """The phases not skipped; 1 when a load request failed, else 0 (a failing job or upload
+    raises)."""
     from tests.models import write_mlp
 
     results: dict[str, Any] = {"host_cpus": os.cpu_count()}
@@ -461,6 +479,10 @@ def main() -> int:
                 print(f"    all runs: {json.dumps(row['all'])}")
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
+    errors = sum(row["errors"] for row in results.get("load", []))
+    if errors:
+        print(f"\nFAILED: {errors} load request(s) did not answer 200")
+        return 1
     return 0
 
 

@@ -32,8 +32,12 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 import numpy as np  # noqa: E402
+from bench_output import machine_header, tee_to  # noqa: E402
 
 from tests import corpus  # noqa: E402
+
+LATENCY_RUNS = 21
+LATENCY_THREADS = 1
 
 # name -> recipe given to run_pipeline (a list of steps, or "auto").
 TECHNIQUES: dict[str, list[dict[str, Any]] | str] = {
@@ -43,6 +47,8 @@ TECHNIQUES: dict[str, list[dict[str, Any]] | str] = {
     "int4_weight_only": [{"pass": "int4_weight_only"}],
     "graph_optimize": [{"pass": "graph_optimize", "level": "extended"}],
 }
+# The plain one-call ONNX Runtime row beside each model: a comparison, not judged by the bars.
+PLAIN = "plain ORT quantize_dynamic"
 # technique -> models it is meant for (absent = all models).
 APPLIES_TO: dict[str, set[str]] = {}
 
@@ -109,7 +115,9 @@ def _limits(model: corpus.CorpusModel) -> Any:
     from service.engine.limits import EngineLimits
 
     samples = len(next(iter(model.inputs.values())))
-    return EngineLimits(eval_samples=samples, latency_runs=21, latency_threads=1)
+    return EngineLimits(
+        eval_samples=samples, latency_runs=LATENCY_RUNS, latency_threads=LATENCY_THREADS
+    )
 
 
 def _row_from_summary(model: str, technique: str, summary: dict, seconds: float) -> Row:
@@ -182,6 +190,9 @@ def bench_auto(model: corpus.CorpusModel, workdir: Path) -> Row:
         )
     except EngineError as exc:
         return Row(model.name, "auto", error=f"{exc.code}: {exc.message[:160]}")
+    except Exception as exc:  # a bug: show it, keep benchmarking the other rows
+        traceback.print_exc()
+        return Row(model.name, "auto", error=f"{type(exc).__name__}: {str(exc)[:160]}")
     print(f"  auto on {model.name}: chose {result.report['auto']['chosen']['candidate']}")
     return _row_from_summary(model.name, "auto", result.summary, time.perf_counter() - started)
 
@@ -206,7 +217,7 @@ def bench_plain_ort(model: corpus.CorpusModel, workdir: Path) -> Row:
     except Exception as exc:  # the plain call's failure is a result here
         return Row(
             model.name,
-            "plain ORT quantize_dynamic",
+            PLAIN,
             error=f"{type(exc).__name__}: {str(exc)[:160]}",
         )
     acc = ev["accuracy"]
@@ -220,7 +231,7 @@ def bench_plain_ort(model: corpus.CorpusModel, workdir: Path) -> Row:
         "accuracy_after": acc["after"] if acc else None,
     }
     return _row_from_summary(
-        model.name, "plain ORT quantize_dynamic", summary, time.perf_counter() - started
+        model.name, PLAIN, summary, time.perf_counter() - started
     )
 
 
@@ -253,23 +264,66 @@ def print_table(model: corpus.CorpusModel, rows: list[Row], plain: Row) -> None:
         print(f"{row.technique:<18} | {_cells(row):<62} | {_cells(plain)}")
 
 
-def check_bars(rows: list[Row]) -> list[tuple[str, str, str, bool | None]]:
-    results: list[tuple[str, str, str, bool | None]] = []
-    for model, technique, what, check in BARS:
+@dataclass(frozen=True)
+class BarResult:
+    """One bar judged on one row: ``PASS``, ``FAIL``, or ``ERROR`` (the row raised, or its
+    numbers could not be judged). Only a run whose bars all ``PASS`` exits 0."""
+
+    model: str
+    technique: str
+    what: str
+    status: str
+    detail: str = ""
+
+
+def _judge(model: str, technique: str, what: str, check: Any, row: Any) -> BarResult:
+    if row is None:
+        return BarResult(model, technique, what, "ERROR", "row missing")
+    if row.error:
+        return BarResult(model, technique, what, "ERROR", row.error)
+    try:
+        ok = bool(check(row))
+    except Exception as exc:  # e.g. a number the bar needs is None: not a pass
+        return BarResult(model, technique, what, "ERROR", f"{type(exc).__name__}: {exc}")
+    return BarResult(model, technique, what, "PASS" if ok else "FAIL")
+
+
+def _errored_rows_without_bar(rows: list[Any], results: list[BarResult],
+                              model_of: Any) -> list[BarResult]:
+    """An errored row that no bar covers still fails the run (a technique that raises is a
+    broken technique, whatever its bars say)."""
+    covered = {(r.model, r.technique) for r in results}
+    return [BarResult(model_of(row), row.technique, "runs without error", "ERROR", row.error)
+            for row in rows if row.error and (model_of(row), row.technique) not in covered]
+
+
+def check_bars(rows: list[Row], bars: list | None = None) -> list[BarResult]:
+    """Judge ``bars`` (default ``BARS``) on the engine rows (the plain ORT rows are a
+    comparison, not judged). A bar on ``"*"`` covers every row, errored ones included."""
+    results: list[BarResult] = []
+    for model, technique, what, check in BARS if bars is None else bars:
         for row in rows:
-            if row.technique == "plain ORT quantize_dynamic":
+            if row.technique == PLAIN:
                 continue
             wanted = (technique in ("*", row.technique)) or (
                 technique.startswith("!") and row.technique != technique[1:]
             )
             if (model in ("*", row.model)) and wanted:
-                if row.error:
-                    if model != "*":
-                        results.append((row.model, row.technique, what, None))
-                    continue
-                results.append((row.model, row.technique, what, bool(check(row))))
-    return results
+                results.append(_judge(row.model, row.technique, what, check, row))
+    engine_rows = [r for r in rows if r.technique != PLAIN]
+    return results + _errored_rows_without_bar(engine_rows, results, lambda r: r.model)
 
+
+def exit_code(results: list[BarResult]) -> int:
+    """0 only when every bar passed; a failed or errored bar makes the benchmark fail."""
+    return 0 if all(r.status == "PASS" for r in results) else 1
+
+
+def print_bars(title: str, results: list[BarResult]) -> None:
+    print(f"\n== bars ({title})")
+    for r in results:
+        detail = f"  ({r.detail[:100]})" if r.detail else ""
+        print(f"  {r.status:<6} {r.model:<20} {r.technique:<30} {r.what}{detail}")
 
 
 # --------------------------------------------------------------------------- issue 8 (training)
@@ -384,8 +438,16 @@ TRAINING_BARS = [
 ]
 
 
-def print_training(rows: list[TrainingRow]) -> int:
-    """Print the issue-8 table and bars; returns the number of failed bars."""
+def check_training_bars(rows: list[TrainingRow]) -> list[BarResult]:
+    """Judge ``TRAINING_BARS``; a technique whose row is missing or errored is ``ERROR``."""
+    by_name = {r.technique: r for r in rows}
+    results = [_judge("digits_cnn", technique, what, check, by_name.get(technique))
+               for technique, what, check in TRAINING_BARS]
+    return results + _errored_rows_without_bar(rows, results, lambda r: "digits_cnn")
+
+
+def print_training(rows: list[TrainingRow]) -> None:
+    """Print the issue-8 table."""
     print("\n== digits_cnn, training techniques (dataset: train split; accuracy: test split)")
     print(f"{'technique':<30} {'size':>7} {'zstd':>7} {'speedup':>7} {'float>out ms':>16} "
           f"{'FLOPs':>6} {'acc before>after':>17}")
@@ -399,16 +461,6 @@ def print_training(rows: list[TrainingRow]) -> int:
             f"{_fmt(r.latency_ms_after, '7.3f')} {_fmt(r.macs_ratio, '5.2f')}x "
             f"{_fmt(r.test_accuracy_before, '.4f')}>{_fmt(r.test_accuracy_after, '.4f')}"
         )
-    print("\n== bars (issue 8)")
-    failed = 0
-    by_name = {r.technique: r for r in rows}
-    for technique, what, check in TRAINING_BARS:
-        row = by_name.get(technique)
-        ok = None if row is None or row.error else bool(check(row))
-        failed += ok is False
-        mark = "n/a (error)" if ok is None else ("PASS" if ok else "FAIL")
-        print(f"  {mark:<11} digits_cnn           {technique:<30} {what}")
-    return failed
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -426,8 +478,23 @@ def main(argv: list[str] | None = None) -> int:
         "--training", action="store_true",
         help="also run the issue-8 rows (pruning, clustering, distillation, QAT on digits_cnn)",
     )
+    parser.add_argument(
+        "--out", type=Path, default=None,
+        help="also write the printed tables here, after a header naming the machine "
+        "(docs/bench/engine.txt is the committed one)",
+    )
     args = parser.parse_args(argv)
+    header = machine_header(
+        "scripts/bench_engine.py", sys.argv[1:] if argv is None else argv,
+        threads=f"latency at {LATENCY_THREADS} intra-op thread, {LATENCY_RUNS} runs per model, "
+        "original and compressed interleaved",
+    )
+    with tee_to(args.out, header):
+        return run(args)
 
+
+def run(args: argparse.Namespace) -> int:
+    """Every row, the tables and the bars; the exit code (see ``exit_code``)."""
     all_rows: list[Row] = []
     with tempfile.TemporaryDirectory(prefix="bench_engine_") as tmp:
         workdir = Path(tmp)
@@ -444,21 +511,23 @@ def main(argv: list[str] | None = None) -> int:
             print_table(model, rows, plain)
             all_rows.extend(rows + [plain])
 
-    print("\n== bars (issue 3)")
-    failed = 0
-    for model_name, technique, what, ok in check_bars(all_rows):
-        mark = "n/a (error)" if ok is None else ("PASS" if ok else "FAIL")
-        failed += ok is False
-        print(f"  {mark:<11} {model_name:<20} {technique:<18} {what}")
+    results = check_bars(all_rows)
+    print_bars("issue 3", results)
     training_rows: list[TrainingRow] = []
     if args.training:
         with tempfile.TemporaryDirectory(prefix="bench_training_") as tmp:
             training_rows = bench_training(args.cache_dir, Path(tmp))
-        failed += print_training(training_rows)
+        print_training(training_rows)
+        training_results = check_training_bars(training_rows)
+        print_bars("issue 8", training_results)
+        results += training_results
     if args.json:
         payload = [asdict(r) for r in all_rows] + [asdict(r) for r in training_rows]
         args.json.write_text(json.dumps(payload, indent=2))
-    return 1 if failed else 0
+    code = exit_code(results)
+    bad = sum(r.status != "PASS" for r in results)
+    print(f"\n{len(results) - bad}/{len(results)} bars passed; exit {code}")
+    return code
 
 
 if __name__ == "__main__":

@@ -23,6 +23,9 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from service.engine.headline import headline
+from service.engine.wording import describe_speedup
+
 EXIT_CODES = """\
 exit codes:
   0  success (for wait: the job succeeded and met its constraints)
@@ -607,7 +610,8 @@ def _print_job(out: Output, job: Any) -> None:
                      + (f" ({ratio:.2f}x smaller)" if ratio else "")),
             ("latency", f"{r.get('latency_ms_before', 0):.4f} -> "
                         f"{r.get('latency_ms_after', 0):.4f} ms on the worker"
-                        + (f" ({r['speedup']:.2f}x)" if r.get("speedup") else "")),
+                        + (f" ({describe_speedup(r['speedup'], r.get('placebo_band'))})"
+                           if r.get("speedup") else "")),
             ("min cosine", r.get("min_cosine")),
             ("accuracy", f"{r['accuracy_before']:.4f} -> {r['accuracy_after']:.4f}"
              if r.get("accuracy_before") is not None and r.get("accuracy_after") is not None
@@ -705,9 +709,10 @@ def cmd_download(args: argparse.Namespace, out: Output) -> int:
 
 
 def summarize_report(report: dict[str, Any]) -> list[tuple[str, Any]]:
-    """The headline of a ``report.json`` as (label, value) pairs."""
-    s = report.get("summary") or {}
-    size, lat = report.get("size") or {}, report.get("latency") or {}
+    """The headline of a ``report.json`` as (label, value) pairs: the numbers of its summary
+    (``service.engine.headline``), the same that ``report.html`` and the job's result show."""
+    h = headline(report)
+    size = report.get("size") or {}
     auto = report.get("auto") or {}
     rows: list[tuple[str, Any]] = [
         ("mode", "auto" if auto else "recipe"),
@@ -715,25 +720,30 @@ def summarize_report(report: dict[str, Any]) -> list[tuple[str, Any]]:
         ("device", (report.get("device") or {}).get("name")),
         ("size", f"{_mb(size.get('bytes_before'))} -> {_mb(size.get('bytes_after'))}"
                  + (f" ({size['ratio']:.2f}x smaller)" if size.get("ratio") else "")),
-        ("latency (host)", f"{lat.get('before_ms', 0):.4f} -> {lat.get('after_ms', 0):.4f} ms"
-                           + (f" ({lat['speedup']:.2f}x)" if lat.get("speedup") else "")),
-        ("min cosine", s.get("min_cosine")),
+        ("latency (host)", f"{h.latency_ms_before or 0:.4f} -> {h.latency_ms_after or 0:.4f} ms"
+                           + (f" ({h.speedup:.2f}x: {h.speed_words})" if h.speedup else "")),
+        ("latency measured", h.latency_how if h.speedup else None),
+        ("min cosine", h.min_cosine),
+        ("evaluated on", (f"{h.eval_inputs} inputs"
+                          + (f", {h.eval_samples} samples" if h.eval_samples else ""))
+         if h.eval_inputs else None),
     ]
-    if s.get("accuracy_before") is not None:
-        rows.append(("accuracy", f"{s['accuracy_before']:.4f} -> {s.get('accuracy_after')}"))
+    if h.accuracy_before is not None:
+        rows.append(("accuracy", f"{h.accuracy_before:.4f} -> {h.accuracy_after}"))
     chosen = auto.get("chosen") or {}
     if chosen:
         rows.append(("chosen", chosen.get("candidate")))
         rows.append(("why", chosen.get("why")))
         est = chosen.get("target_estimate") or {}
-        if est:
+        # An estimate only where the target was not measured (never beside a measurement).
+        if est and h.target_measured is False:
             rows.append((f"estimate on {est.get('device')}",
                          f"{est.get('latency_ms')} ms, {est.get('peak_memory_mb')} MB peak, "
-                         f"{est.get('energy_mj')} mJ"))
+                         f"{est.get('energy_mj')} mJ (cost model)"))
         front = (auto.get("pareto_front") or {}).get("front")
         if front:
             rows.append(("pareto front", ", ".join(front)))
-    for name, f in (report.get("fidelity") or {}).items():
+    for name, f in h.fidelity.items():
         rows.append((f"output {name}", f"cosine {f.get('cosine')}, SQNR {f.get('sqnr_db')} dB"))
     for w in report.get("warnings") or []:
         rows.append(("warning", w))

@@ -24,6 +24,21 @@ from service.devstack import (
 )
 
 
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Refuse a test that starts the live stack without the ``stack`` marker: ``-m "not
+    stack"`` must never start the stack, and the marker must say which tests need it."""
+    unmarked = [
+        item.nodeid
+        for item in items
+        if "live_stack" in getattr(item, "fixturenames", ())
+        and item.get_closest_marker("stack") is None
+    ]
+    if unmarked:
+        raise pytest.UsageError(
+            "tests use the live stack without @pytest.mark.stack: " + ", ".join(unmarked)
+        )
+
+
 @pytest.fixture(scope="session")
 def live_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[StackState]:
     """A running stack for this test session (started once, stopped at the end)."""

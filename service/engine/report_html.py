@@ -26,6 +26,8 @@ from typing import Any
 
 import numpy as np
 
+from service.engine.headline import Headline, headline
+
 __all__ = ["render_report_html", "op_type_latency", "op_latency_section"]
 
 # ---------------------------------------------------------------------------------------------
@@ -320,29 +322,40 @@ def _hbar_svg(rows: list[tuple[str, list[float | None]]], series: list[str],
 
 
 def _summary(report: dict) -> str:
-    s = report.get("summary") or {}
+    h = headline(report)
     size = report.get("size") or {}
-    lat = report.get("latency") or {}
     cards = [
         ("Size", f"{_bytes(size.get('bytes_before'))} → {_bytes(size.get('bytes_after'))}",
          f"{_x(size.get('ratio'))} smaller" if size.get("ratio") else ""),
-        ("Latency (this host)", f"{_ms(lat.get('before_ms'))} → {_ms(lat.get('after_ms'))}",
-         f"{_x(lat.get('speedup'))} speed" if lat.get("speedup") else ""),
-        ("Fidelity", f"min cosine {_num(s.get('min_cosine'), 5)}",
-         f"on {_e(s.get('eval_inputs') or (report.get('eval_inputs') or {}).get('source', ''))}"
-         " inputs"),
+        ("Latency (this host)", f"{_ms(h.latency_ms_before)} → {_ms(h.latency_ms_after)}",
+         _speed(h)),
+        ("Fidelity", f"min cosine {_num(h.min_cosine, 5)}", f"on {_e(_evidence(h))}"),
     ]
-    if s.get("accuracy_before") is not None:
-        cards.append(("Accuracy", f"{_num(s['accuracy_before'] * 100, 2)}% → "
-                      f"{_num((s.get('accuracy_after') or 0) * 100, 2)}%", ""))
-    auto = (s.get("auto") or {})
-    if auto.get("target_latency_ms") is not None:
+    if h.accuracy_before is not None:
+        cards.append(("Accuracy", f"{_num(h.accuracy_before * 100, 2)}% → "
+                      f"{_num((h.accuracy_after or 0) * 100, 2)}%", ""))
+    auto = (report.get("summary") or {}).get("auto") or {}
+    # An estimate only where nothing was measured: beside a measurement on the same machine
+    # a cost-model figure is a second, worse answer to the same question.
+    if auto.get("target_latency_ms") is not None and h.target_measured is False:
         cards.append((f"Estimated on {auto.get('device')}", _ms(auto["target_latency_ms"]),
-                      f"{_x(auto.get('target_speedup'))} speed" if auto.get("target_speedup")
-                      else ""))
+                      f"{_x(auto.get('target_speedup'))} speed (cost model)"
+                      if auto.get("target_speedup") else "cost model"))
     return '<div class="cards">' + "".join(
         f'<div class="card"><div class="ct">{_e(t)}</div><div class="cv">{v}</div>'
         f'<div class="cs">{sub}</div></div>' for t, v, sub in cards) + "</div>"
+
+
+def _speed(h: Headline) -> str:
+    """"1.31× · 1.31x faster": the ratio and its words (the words say slower when it is)."""
+    if not isinstance(h.speedup, (int, float)):
+        return ""
+    return f"{_x(h.speedup)} · {_e(h.speed_words)}"
+
+
+def _evidence(h: Headline) -> str:
+    source = h.eval_inputs or "unknown"
+    return f"{source} inputs" + (f", {h.eval_samples} samples" if h.eval_samples else "")
 
 
 def _model(report: dict) -> str:
@@ -403,6 +416,7 @@ def _chosen(auto: dict) -> str:
 def _candidates(auto: dict) -> str:
     rows = []
     chosen = (auto.get("chosen") or {}).get("candidate")
+    measured = bool(auto.get("target_measured"))  # the target is this host: no estimate
     for c in auto.get("candidates") or []:
         m = c.get("metrics") or {}
         if c.get("status") == "ok" or m:
@@ -415,11 +429,13 @@ def _candidates(auto: dict) -> str:
         rows.append([
             f"<strong>{name}</strong> ✓" if c.get("name") == chosen else name,
             _e(c.get("status")), _bytes(m.get("bytes")), _x(m.get("size_ratio")),
-            _ms(m.get("host_latency_ms")), _ms(m.get("target_latency_ms")),
+            _ms(m.get("host_latency_ms")),
+            *([] if measured else [_ms(m.get("target_latency_ms"))]),
             _num(m.get("min_cosine"), 5), _num(m.get("accuracy_after"), 4),
             f'<span class="small">{_e(outcome)}</span>',
         ])
-    return _table(["Candidate", "Status", "Size", "Smaller", "Host latency", "Target latency",
+    return _table(["Candidate", "Status", "Size", "Smaller", "Host latency (measured)",
+                   *([] if measured else ["Target latency (estimated)"]),
                    "Min cosine", "Accuracy", "Outcome"], rows)
 
 
@@ -504,7 +520,9 @@ def _estimates(report: dict) -> str:
     orig = cm.get("target_original") or {}
     new = (auto.get("chosen") or {}).get("target_estimate") or {}
     body = ""
-    if orig or new:
+    # The target is this host: its numbers are measured (Summary, Measurements); a cost-model
+    # estimate beside them would be a second answer. The calibration below compares the two.
+    if (orig or new) and not auto.get("target_measured"):
         keys = [("latency_ms", "Latency", _ms), ("peak_memory_mb", "Peak memory (MB)", _num),
                 ("weight_mb", "Weights (MB)", _num), ("energy_mj", "Energy (mJ)", _num),
                 ("compute_bound_fraction", "Compute-bound fraction", _num)]
@@ -532,35 +550,36 @@ def _estimates(report: dict) -> str:
 def _measurements(report: dict) -> str:
     size, lat = report.get("size") or {}, report.get("latency") or {}
     s = report.get("summary") or {}
+    h = headline(report)
     body = "<h3>Size</h3>" + _table(["", "Before", "After"], [
         ["File", _bytes(size.get("bytes_before")), _bytes(size.get("bytes_after"))],
         ["zstd artifact", "–", _bytes(size.get("bytes_after_zstd"))],
         ["Parameters", _num(s.get("params_before")), _num(s.get("params_after"))],
     ])
-    body += "<h3>Latency on this host</h3>" + _table(["", "Value"], [
-        ["Before (median)", _ms(lat.get("before_ms"))],
-        ["After (median)", _ms(lat.get("after_ms"))],
-        ["Speedup (paired median)", _x(lat.get("speedup"))],
-        ["Rounds after faster", _num(lat.get("win_fraction"), 2)],
-        ["Rounds × threads", f"{_num(lat.get('rounds'))} × {_num(lat.get('threads'))}"],
-        ["Input shapes", _e(json.dumps(lat.get("input_shapes")))],
-    ])
-    fid = report.get("fidelity") or {}
-    if fid:
+    rows = [
+        ["Before (median)", _ms(h.latency_ms_before)],
+        ["After (median)", _ms(h.latency_ms_after)],
+        ["Speedup", _speed(h) or "–"],
+        ["Measured", _e(h.latency_how)],
+    ]
+    if h.win_fraction is not None:
+        rows.append(["Rounds after faster", _num(h.win_fraction, 2)])
+    rows.append(["Input shapes", _e(json.dumps(lat.get("input_shapes")))])
+    body += "<h3>Latency on this host</h3>" + _table(["", "Value"], rows)
+    if h.fidelity:
         body += "<h3>Fidelity per output</h3>" + _table(
             ["Output", "Cosine", "SQNR (dB)", "Max abs error", "Top-1 agreement"],
             [[f"<code>{_e(n)}</code>", _num(f.get("cosine"), 6), _num(f.get("sqnr_db"), 2),
               _num(f.get("max_abs_error"), 4), _num(f.get("top1_agreement"), 4)]
-             for n, f in fid.items()])
-    acc = report.get("accuracy")
-    if acc:
+             for n, f in h.fidelity.items()])
+    acc = report.get("accuracy") or {}
+    if h.accuracy_before is not None and h.accuracy_after is not None:
         body += "<h3>Accuracy</h3>" + _table(["Output", "Before", "After", "Change", "Samples"], [[
-            f"<code>{_e(acc.get('output'))}</code>", _num(acc.get("before"), 4),
-            _num(acc.get("after"), 4), _num(acc.get("delta"), 4), _num(acc.get("samples"))]])
-    ev = report.get("eval_inputs") or {}
-    if ev:
-        body += (f"<p class=\"small\">Evaluation inputs: {_e(ev.get('source'))}, "
-                 f"{_num(ev.get('samples'))} samples.</p>")
+            f"<code>{_e(acc.get('output'))}</code>", _num(h.accuracy_before, 4),
+            _num(h.accuracy_after, 4), _num(h.accuracy_after - h.accuracy_before, 4),
+            _num(h.eval_samples if h.eval_inputs == "dataset_holdout" else acc.get("samples"))]])
+    if h.eval_inputs:
+        body += f'<p class="small">Evaluation inputs: {_e(_evidence(h))}.</p>'
     return body
 
 

@@ -72,7 +72,8 @@ def test_empty_and_minimal_reports_render() -> None:
 
 def test_auto_report_has_pareto_sensitivity_and_op_latency_charts() -> None:
     report = {
-        "summary": {"min_cosine": 0.995, "auto": {"device": "raspberry_pi_5",
+        "summary": {"min_cosine": 0.995, "speedup": 1.6, "latency_ms_before": 1.0,
+                    "latency_ms_after": 0.6, "auto": {"device": "raspberry_pi_5",
                                                   "target_latency_ms": 2.0,
                                                   "target_speedup": 2.5}},
         "size": {"bytes_before": 4_000_000, "bytes_after": 1_000_000, "ratio": 4.0},
@@ -81,6 +82,7 @@ def test_auto_report_has_pareto_sensitivity_and_op_latency_charts() -> None:
                                    "after": {"QLinearConv": 0.45, "Relu": 0.1},
                                    "runs": 10}},
         "auto": {
+            "target_measured": False,
             "chosen": {"candidate": "int8_u8s8", "why": "smallest that meets every constraint",
                        "target_estimate": {"device": "raspberry_pi_5", "latency_ms": 2.0,
                                            "by_precision": {"int8": {"ms": 1.5},
@@ -107,6 +109,7 @@ def test_auto_report_has_pareto_sensitivity_and_op_latency_charts() -> None:
     assert page.count("<svg") >= 4
     assert "QLinearConv" in page and "conv1 (Conv)" in page
     assert "smallest that meets every constraint" in page
+    assert "1.60× · 1.60x faster" in page and "Estimated on raspberry_pi_5" in page
 
 
 def test_op_type_latency_profiles_a_real_model(tmp_path: Path) -> None:
@@ -148,7 +151,12 @@ def test_job_report_html_in_headless_chromium(live_stack: Any, tmp_path: Path) -
     pareto = html[html.index('id="pareto"'):]
     assert "<svg" in pareto[:pareto.index("</section>")]
     assert "<circle" in html and "Chosen candidate" in html
-    assert job.result and (job.result.get("auto") or {}).get("candidate", "") in html
+    chosen = ((job.result or {}).get("auto") or {}).get("candidate")
+    assert chosen, f"an auto job's result names its chosen candidate: {job.result}"
+    assert f'<p class="why"><strong>{chosen}</strong>' in html  # the page names the same one
+    speedup = job.result["speedup"]
+    card = html[html.find("Latency (this host)"):][:400]
+    assert f"{speedup:.2f}× · " in card, card  # the result's speedup, the one the page shows
 
     shot = tmp_path / "report.png"
     run = subprocess.run([*base, "--hide-scrollbars", "--window-size=412,2200",

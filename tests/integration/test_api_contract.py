@@ -12,6 +12,9 @@ import pytest
 from tests.models import mlp
 from tests.openapi import flask_rule_to_template, spec, validate_response
 
+# Every test here talks to the live stack's S3 server / broker (fixtures in tests/conftest.py).
+pytestmark = pytest.mark.stack
+
 
 @pytest.fixture
 def checked(client):  # type: ignore[no-untyped-def]

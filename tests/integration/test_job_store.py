@@ -11,6 +11,9 @@ from service.jobs.models import Job, JobState, new_job_id, utcnow
 from service.jobs.store import JobStore
 from service.storage.s3 import make_store
 
+# Every test here talks to the live stack's S3 server / broker (fixtures in tests/conftest.py).
+pytestmark = pytest.mark.stack
+
 
 @pytest.fixture
 def jobs(isolated_settings):  # type: ignore[no-untyped-def]

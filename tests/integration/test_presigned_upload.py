@@ -1,9 +1,13 @@
 """Large uploads straight to the store with a presigned POST (size policy), then complete."""
 
+import pytest
 import requests
 
 from tests.models import mlp
 from tests.openapi import validate_response
+
+# Every test here talks to the live stack's S3 server / broker (fixtures in tests/conftest.py).
+pytestmark = pytest.mark.stack
 
 
 def test_presigned_model_upload(client) -> None:  # type: ignore[no-untyped-def]

@@ -16,6 +16,9 @@ from service.uploads.store import UploadStore
 from service.worker.runner import JobRunner, _artifact_path, _EarlyUploads
 from tests.models import write_mlp
 
+# Every test here talks to the live stack's S3 server / broker (fixtures in tests/conftest.py).
+pytestmark = pytest.mark.stack
+
 
 def _setup(settings, tmp_path: Path):  # type: ignore[no-untyped-def]
     store = make_store(settings).scoped(tenant_prefix(DEFAULT_TENANT))

@@ -6,6 +6,9 @@ import requests
 from service.errors import PreconditionFailed
 from service.storage.s3 import make_store
 
+# Every test here talks to the live stack's S3 server / broker (fixtures in tests/conftest.py).
+pytestmark = pytest.mark.stack
+
 
 @pytest.fixture
 def store(isolated_settings):  # type: ignore[no-untyped-def]

@@ -194,11 +194,14 @@ def test_progress_is_a_bar_on_a_tty_and_lines_otherwise() -> None:
 
 def test_report_summary_of_an_auto_report() -> None:
     report = {
-        "summary": {"min_cosine": 0.996},
+        # The summary's head-to-head numbers, not the first measurement in "latency".
+        "summary": {"min_cosine": 0.996, "speedup": 2.0, "latency_ms_before": 1.0,
+                    "latency_ms_after": 0.5},
         "size": {"bytes_before": 2_000_000, "bytes_after": 500_000, "ratio": 4.0},
-        "latency": {"before_ms": 1.0, "after_ms": 0.5, "speedup": 2.0},
+        "latency": {"before_ms": 1.1, "after_ms": 0.8, "speedup": 1.37},
         "passes": [{"pass": "quantize_static"}], "device": {"name": "raspberry_pi_5"},
-        "auto": {"chosen": {"candidate": "int8_u8s8", "why": "smallest that fits",
+        "auto": {"target_measured": False,
+                 "chosen": {"candidate": "int8_u8s8", "why": "smallest that fits",
                             "target_estimate": {"device": "raspberry_pi_5", "latency_ms": 3.2,
                                                 "peak_memory_mb": 1.1, "energy_mj": 20}},
                  "pareto_front": {"front": ["original", "int8_u8s8"]}},
@@ -207,7 +210,8 @@ def test_report_summary_of_an_auto_report() -> None:
     }
     rows = dict(summarize_report(report))
     assert rows["mode"] == "auto" and rows["chosen"] == "int8_u8s8"
-    assert "4.00x smaller" in rows["size"] and "2.00x" in rows["latency (host)"]
+    assert "4.00x smaller" in rows["size"]
+    assert rows["latency (host)"] == "1.0000 -> 0.5000 ms (2.00x: 2.00x faster)"
     assert rows["estimate on raspberry_pi_5"].startswith("3.2 ms")
     assert rows["warning"] == "latency on raspberry_pi_5 is estimated"
 

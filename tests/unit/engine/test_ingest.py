@@ -217,7 +217,13 @@ def test_minus_inf_mask_constant_is_accepted(tmp_path: Path) -> None:
     path = tmp_path / "m.onnx"
     path.write_bytes(h.make_model(g, opset_imports=[h.make_opsetid("", 17)],
                                   ir_version=8).SerializeToString())
-    inspect_upload(path)
+    # -inf is a legitimate attention-mask value: accepted, described, and kept as it is.
+    description = inspect_upload(path)
+    assert description["node_count"] == 1 and description["parameter_count"] == 16
+    ingested = load_model(path, tmp_path / "work")
+    kept = onnx.numpy_helper.to_array(ingested.model.graph.initializer[0])
+    np.testing.assert_array_equal(kept, mask)
+    assert np.isneginf(kept).sum() == 6
 
 
 def test_max_opset_matches_the_installed_onnxruntime() -> None:

@@ -232,8 +232,10 @@ def _dataset(model, directory: Path) -> Path:  # type: ignore[no-untyped-def]
 
 @pytest.mark.slow
 def test_auto_over_the_corpus_for_three_targets(corpus_models: dict, tmp_path: Path) -> None:
-    """Every corpus model x (x86 VNNI, ARM CPU, TensorRT): meets the constraints or fails
-    precisely; the chosen formats are the target's fast ones and differ between targets."""
+    """Every corpus model x (x86 VNNI, ARM CPU, TensorRT) meets the constraints; only on a
+    target measured on this host may a model fail, and then only because every candidate
+    that fits was slower here. The chosen formats are the target's fast ones and differ
+    between targets."""
     chosen: dict[str, dict[str, tuple[str, ...]]] = {t: {} for t in PROOF_TARGETS}
     for target in PROOF_TARGETS:
         profile = get_device(target)
@@ -245,17 +247,27 @@ def test_auto_over_the_corpus_for_three_targets(corpus_models: dict, tmp_path: P
                                       dataset_path=_dataset(model, workdir), device=target,
                                       constraints={"training": False})
             except EngineError as exc:
+                # Only this host's wall clock may stand in the way: some candidate met every
+                # constraint but "not slower than the original on this host", which a busy host
+                # can make it miss. A fidelity, size or format miss is the search failing.
                 assert exc.code == "constraints_unsatisfiable", (target, name, exc.to_dict())
-                assert exc.details["missed"] or exc.details["candidates"]
                 for miss in exc.details["missed"]:
                     assert {"constraint", "limit", "value"} <= set(miss)
+                clock_only = [c["candidate"] for c in exc.details["candidates"]
+                              if c["status"] == "ok" and c["violations"]
+                              and all(v["constraint"] == "not_slower_on_host"
+                                      for v in c["violations"])]
+                assert clock_only, (target, name, exc.details["missed"])
+                assert exc.details["auto"]["target_measured"], (target, name)
                 continue
             auto = result.report["auto"]
             pick = next(c for c in auto["candidates"] if c["name"] == auto["chosen"]["candidate"])
             assert pick["meets_constraints"] and not pick["violations"]
             assert set(auto["chosen"]["formats"]) <= set(profile.quant_formats) | {"pruning"}
             assert result.summary["min_cosine"] >= 0.99
-            if auto["target_measured"]:  # never slower than the original on this host
+            if auto["target_measured"]:
+                # The engine's own rule, not a claim about this CPU: the speedup the choice
+                # was judged on (the summary's) is never below 1 for a chosen candidate.
                 assert result.summary["speedup"] >= 1.0, (target, name)
             chosen[target][name] = tuple(auto["chosen"]["formats"])
     assert chosen["x86_xeon_spr_vnni_amx"], "auto found nothing on x86"
@@ -270,15 +282,16 @@ def test_auto_over_the_corpus_for_three_targets(corpus_models: dict, tmp_path: P
 
 @pytest.mark.slow
 def test_auto_digits_cnn_accuracy_drop_bars(corpus_models: dict, tmp_path: Path) -> None:
-    """Issue 4's bar on this CPU: >= 3.5x smaller within 0.5 accuracy points and not slower
-    (the >= 1.5x speed bar is printed by scripts/bench_engine.py, not asserted on wall-clock)."""
+    """Issue 4's bar: >= 3.5x smaller within 0.5 accuracy points. Speed on this CPU (the
+    >= 1.5x bar, not slower) is printed by scripts/bench_engine.py, never asserted on
+    wall-clock: a busy host would make the job miss "not slower" and this test fail."""
     model = corpus_models["digits_cnn"]
     result = run_pipeline(model.path, "auto", tmp_path, dataset_path=_dataset(model, tmp_path),
-                          device="host", constraints={"max_accuracy_drop": 0.005})
+                          device="host", constraints={"max_accuracy_drop": 0.005,
+                                                      "objective": "size"})
     s = result.summary
     assert s["size_ratio"] >= 3.5
     assert s["accuracy_before"] - s["accuracy_after"] <= 0.005
-    assert s["speedup"] >= 1.0
     # the cost model agrees the chosen model is faster on this CPU (not a wall-clock number)
     assert result.report["auto"]["chosen"]["target_estimate"]["latency_ms"] < (
         result.report["auto"]["cost_model"]["target_original"]["latency_ms"])
@@ -382,20 +395,47 @@ def test_already_quantized_model_is_refused(tmp_path: Path) -> None:
     assert info.value.code == "already_quantized"
 
 
-def test_latency_objective_confirms_finalists_head_to_head(mlp_path: Path, tmp_path: Path) -> None:
-    try:
-        result = run_pipeline(mlp_path, "auto", tmp_path, device="host",
-                              constraints={"objective": "latency", "training": False})
-    except EngineError as exc:  # every candidate slower on this (busy) host: said precisely
-        assert exc.code == "constraints_unsatisfiable"
-        assert any(m["constraint"] == "not_slower_on_host" for m in exc.details["missed"])
-        return
+def test_latency_objective_confirms_finalists_head_to_head(
+    mlp_path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The choice rests on the head-to-head re-measurement, not on each candidate's first
+    numbers. The clock is scripted (wall-clock on a shared host decides nothing here): each
+    candidate's own pipeline sees it 2x faster than the original; head to head, the finalist
+    that sorts last by name is 4x faster and the others 1.25x."""
+    import service.engine.evaluate as evaluate
+
+    calls: list[list[str]] = []
+
+    def scripted(sessions: dict, feed: object, *, runs: int, warmup: int,
+                 check_cancelled: object = None) -> dict[str, dict]:
+        keys = list(sessions)
+        calls.append(keys)
+        if "original" in keys:  # the head-to-head confirmation (+ the original's placebo)
+            last = sorted(k for k in keys if k not in ("original", "placebo"))[-1]
+            ms = {k: 4.0 if k in ("original", "placebo") else (1.0 if k == last else 3.2)
+                  for k in keys}
+        else:  # one candidate's own pipeline: "before" and "after"
+            ms = {"before": 4.0, "after": 2.0}
+        return {k: {"median_ms": v, "min_ms": v, "max_ms": v, "runs": runs,
+                    "runs_per_sample": 1, "samples_ms": [v] * runs} for k, v in ms.items()}
+
+    monkeypatch.setattr(evaluate, "measure_latency", scripted)
+    result = run_pipeline(mlp_path, "auto", tmp_path, device="host",
+                          constraints={"objective": "latency", "training": False, "workers": 1})
     auto = result.report["auto"]
     confirmed = auto["latency_confirmation"]
+    assert confirmed is not None, "the latency objective must confirm its finalists"
+    finalists = sorted(confirmed["candidates"])
+    assert [k for k in calls[-1] if k not in ("original", "placebo")] == list(
+        confirmed["candidates"])
+    assert "placebo" in calls[-1] and confirmed["noise_band"] == pytest.approx(1.0)
+    assert len(finalists) >= 2, "head to head needs more than one finalist"
     chosen = auto["chosen"]["candidate"]
-    assert chosen in confirmed["candidates"]
-    assert result.summary["speedup"] == confirmed["candidates"][chosen]["speedup"]
-    assert confirmed["candidates"][chosen]["speedup"] >= 1.0 / confirmed["noise_band"]
+    assert chosen == finalists[-1]  # the head-to-head winner, not the first numbers' tie
+    assert confirmed["candidates"][chosen]["speedup"] == pytest.approx(4.0)
+    assert result.summary["speedup"] == pytest.approx(4.0)
+    for name in finalists[:-1]:
+        assert confirmed["candidates"][name]["speedup"] == pytest.approx(1.25)
 
 
 def test_constraints_are_judged_on_held_out_samples(mlp_path: Path, tmp_path: Path) -> None:

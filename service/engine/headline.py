@@ -1,0 +1,97 @@
+"""A job's headline numbers, read from one place: ``report["summary"]``.
+
+``report.json``'s summary is what the job's ``result`` carries and what auto mode's choice
+rests on (in auto mode: the head-to-head latency confirmation and the held-out fidelity and
+accuracy, where the report's ``latency``/``fidelity`` sections keep each candidate's first,
+in-sample numbers). ``report.html`` and ``edgepress report`` show these numbers through
+``headline(report)``, so the three never disagree. Pure Python, no heavy imports.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from service.engine.wording import PlaceboBand, describe_speedup
+
+__all__ = ["Headline", "headline"]
+
+
+@dataclass(frozen=True)
+class Headline:
+    """The one speedup, fidelity and accuracy of a job, and how the latency was measured."""
+
+    speedup: float | None
+    placebo_band: PlaceboBand | None
+    latency_ms_before: float | None
+    latency_ms_after: float | None
+    latency_how: str
+    win_fraction: float | None
+    min_cosine: float | None
+    fidelity: dict[str, dict[str, Any]] = field(default_factory=dict)
+    accuracy_before: float | None = None
+    accuracy_after: float | None = None
+    eval_inputs: str | None = None
+    eval_samples: int | None = None
+    target_measured: bool | None = None  # auto mode: the target is this host (else estimated)
+
+    @property
+    def speed_words(self) -> str:
+        """``describe_speedup`` of the speedup, with its placebo band when one was measured."""
+        return describe_speedup(self.speedup, self.placebo_band)
+
+
+def _confirmed(report: Mapping[str, Any], summary: Mapping[str, Any]) -> Mapping[str, Any] | None:
+    """Auto mode's head-to-head confirmation when the summary's speedup is its number."""
+    auto = report.get("auto") or {}
+    confirmation = auto.get("latency_confirmation") or {}
+    chosen = (summary.get("auto") or {}).get("candidate") or (auto.get("chosen") or {}).get(
+        "candidate")
+    entry = (confirmation.get("candidates") or {}).get(chosen)
+    if entry is None or entry.get("speedup") != summary.get("speedup"):
+        return None
+    return confirmation
+
+
+def headline(report: Mapping[str, Any]) -> Headline:
+    """The headline of a ``report.json`` dict (missing numbers are None)."""
+    summary = report.get("summary") or {}
+    latency = report.get("latency") or {}
+    auto = report.get("auto") or {}
+    confirmation = _confirmed(report, summary)
+    band = summary.get("placebo_band", summary.get("placebo_speedup"))
+    win_fraction = None
+    if confirmation is not None:
+        others = len(confirmation.get("candidates") or {}) - 1
+        how = ("head to head with the original"
+               + (f" and {others} other finalist{'s' if others != 1 else ''}" if others > 0
+                  else "")
+               + f", {confirmation.get('rounds')} interleaved rounds, medians")
+    else:
+        how = (f"{latency.get('rounds', '?')} interleaved rounds x "
+               f"{latency.get('threads', '?')} thread(s), paired median")
+        if band is None:
+            band = latency.get("placebo_speedup")
+        if band is not None:
+            how += ", confirmed against a placebo run (the original against itself)"
+        win_fraction = latency.get("win_fraction")
+    source = summary.get("eval_inputs")
+    samples = (report.get("eval_inputs") or {}).get("samples")
+    if source == "dataset_holdout":
+        samples = (auto.get("evaluation") or {}).get("holdout_samples")
+    return Headline(
+        speedup=summary.get("speedup"),
+        placebo_band=band,
+        latency_ms_before=summary.get("latency_ms_before"),
+        latency_ms_after=summary.get("latency_ms_after"),
+        latency_how=how,
+        win_fraction=win_fraction,
+        min_cosine=summary.get("min_cosine"),
+        fidelity=dict(summary.get("fidelity") or {}),
+        accuracy_before=summary.get("accuracy_before"),
+        accuracy_after=summary.get("accuracy_after"),
+        eval_inputs=source,
+        eval_samples=samples,
+        target_measured=auto.get("target_measured") if auto else None,
+    )
