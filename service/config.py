@@ -6,6 +6,8 @@ from the field descriptions here.
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
@@ -98,8 +100,14 @@ class Settings(BaseSettings):
         default=1.0, ge=0.0, description="Minimum seconds between progress writes to a job."
     )
 
-    # Access. With no key configured the API is open and everything belongs to tenant "default"
-    # (the local stack); with keys, every /v1 request needs "Authorization: Bearer <key>".
+    # Access. The API fails closed: it refuses to start without keys unless the operator says
+    # EDGEPRESS_AUTH=open (the local stack and the tests), where everything belongs to tenant
+    # "default"; with keys, every /v1 request needs "Authorization: Bearer <key>".
+    auth: Literal["keys", "open"] = Field(
+        default="keys",
+        description='"keys": the API refuses to start without API keys; "open": no keys, '
+        'every caller is tenant "default" (local stacks only).',
+    )
     api_keys: SecretStr | None = Field(
         default=None,
         description='API keys as "tenant:key,tenant:key" (hashed at start-up; prefer the file).',

@@ -14,7 +14,7 @@ def offline_client():  # type: ignore[no-untyped-def]
     # Points at a closed port: any store access would fail, so these tests prove the
     # errors come from validation alone.
     app = create_app(Settings(s3_endpoint_url="http://127.0.0.1:9", broker_url="redis://127.0.0.1:9/0",
-                              s3_connect_timeout=0.2, s3_read_timeout=0.2))
+                              s3_connect_timeout=0.2, s3_read_timeout=0.2, auth="open"))
     return app.test_client()
 
 
