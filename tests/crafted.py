@@ -289,6 +289,52 @@ def _nested_if(depth: int) -> onnx.GraphProto:
                         [h.make_tensor_value_info(out, T.FLOAT, ["N", 4])])
 
 
+LOCAL = "local.fns"
+
+
+def function_chain(levels: int, calls: int = 2, leaf: onnx.NodeProto | None = None,
+                   cycle_to: int | None = None) -> onnx.ModelProto:
+    """``levels`` model-local functions f0..f{levels-1}, each calling the one below ``calls``
+    times in sequence (f0 holds ``leaf``, an Identity by default); the graph calls the top one
+    once. Once inlined that is ``calls ** (levels - 1)`` leaves: a 2 KB file of 24 levels x 2
+    calls is 2^23 nodes. ``cycle_to=k`` makes f0 call f{k} instead (recursion)."""
+    opsets = [h.make_opsetid("", 17), h.make_opsetid(LOCAL, 1)]
+    body = leaf or h.make_node("Identity", ["a"], ["b"])
+    if cycle_to is not None:
+        body = h.make_node(f"f{cycle_to}", ["a"], ["b"], domain=LOCAL)
+    fns = [h.make_function(LOCAL, "f0", ["a"], ["b"], [body], opsets)]
+    for k in range(1, levels):
+        nodes, prev = [], "a"
+        for j in range(calls):
+            out = "b" if j == calls - 1 else f"t{j}"
+            nodes.append(h.make_node(f"f{k - 1}", [prev], [out], domain=LOCAL))
+            prev = out
+        fns.append(h.make_function(LOCAL, f"f{k}", ["a"], ["b"], nodes, opsets))
+    graph = _tiny_graph([h.make_node(f"f{levels - 1}", ["x"], ["y"], domain=LOCAL, name="top")])
+    m = _model(graph, extra=[h.make_opsetid(LOCAL, 1)])
+    m.functions.extend(fns)
+    return m
+
+
+def sparse_tensor(values: np.ndarray, indices: np.ndarray, dims: list[int],
+                  name: str = "s") -> onnx.SparseTensorProto:
+    return h.make_sparse_tensor(nh.from_array(values, name), nh.from_array(indices, name + "_idx"),
+                                dims)
+
+
+def _with_sparse_initializer(sp: onnx.SparseTensorProto) -> onnx.ModelProto:
+    """A Relu model carrying an unused sparse initializer ``sp``."""
+    m = _relu_model()
+    m.graph.sparse_initializer.append(sp)
+    return m
+
+
+def _sparse_constant_model(sp: onnx.SparseTensorProto) -> onnx.ModelProto:
+    return _model(_tiny_graph([
+        h.make_node("Constant", [], ["c"], sparse_value=sp, name="sc"),
+        h.make_node("Relu", ["x"], ["y"], name="relu")]))
+
+
 def hostile_models() -> dict[str, tuple[onnx.ModelProto, str]]:
     """Malformed or hostile ONNX models: name -> (model, expected EngineError code)."""
     out: dict[str, tuple[onnx.ModelProto, str]] = {}
@@ -358,6 +404,35 @@ def hostile_models() -> dict[str, tuple[onnx.ModelProto, str]]:
     w[0, 0] = np.inf
     out["inf_weights"] = (_model(_tiny_graph([h.make_node("MatMul", ["x", "w"], ["y"])],
                                              [nh.from_array(w, "w")])), "invalid_model")
+
+    # Model-local functions: exponential expansion, recursion, depth, custom ops inside.
+    out["functions_2_pow_24"] = (function_chain(25, 2), "model_too_large")
+    out["function_recursive"] = (function_chain(1, cycle_to=0), "invalid_model")
+    out["function_cycle"] = (function_chain(3, 1, cycle_to=2), "invalid_model")
+    out["function_chain_too_deep"] = (function_chain(40, 1), "unsupported_model")
+    m = function_chain(2, 1, leaf=h.make_node("Steal", ["a"], ["b"], domain="evil.ops"))
+    m.functions[0].opset_import.append(h.make_opsetid("evil.ops", 1))
+    m.opset_import.append(h.make_opsetid("evil.ops", 1))
+    out["function_unknown_domain"] = (m, "unsupported_model")
+    nan = nh.from_array(np.array([1.0, np.nan], np.float32), "k")
+    out["function_constant_nan"] = (function_chain(2, 1, leaf=h.make_node(
+        "Constant", [], ["b"], value=nan)), "invalid_model")
+    huge = sparse_tensor(np.ones(1, np.float32), np.zeros(1, np.int64), [1 << 20, 1 << 20])
+    out["function_sparse_constant_huge"] = (function_chain(2, 1, leaf=h.make_node(
+        "Constant", [], ["b"], sparse_value=huge)), "model_too_large")
+
+    # Sparse tensors: the dense rules apply to them too.
+    out["sparse_initializer_2_pow_40"] = (_with_sparse_initializer(sparse_tensor(
+        np.ones(1, np.float32), np.zeros(1, np.int64), [1 << 40])), "model_too_large")
+    out["sparse_constant_huge"] = (_sparse_constant_model(huge), "model_too_large")
+    out["sparse_dim_2_pow_40"] = (_with_sparse_initializer(sparse_tensor(
+        np.ones(1, np.float32), np.zeros((1, 2), np.int64), [1 << 40, 1])), "model_too_large")
+    out["sparse_nan_values"] = (_with_sparse_initializer(sparse_tensor(
+        np.array([1.0, np.nan], np.float32), np.array([0, 3], np.int64), [4, 4])), "invalid_model")
+    out["sparse_index_outside"] = (_with_sparse_initializer(sparse_tensor(
+        np.ones(2, np.float32), np.array([0, 16], np.int64), [4, 4])), "invalid_model")
+    out["sparse_negative_dim"] = (_with_sparse_initializer(sparse_tensor(
+        np.ones(1, np.float32), np.zeros(1, np.int64), [-4, 4])), "invalid_model")
     return out
 
 
