@@ -47,6 +47,14 @@ class Settings(BaseSettings):
     max_dataset_bytes: int = Field(
         default=512 * 1024**2, ge=1024, description="Largest accepted dataset upload."
     )
+    max_json_body_bytes: int = Field(
+        default=1024 * 1024,
+        ge=1024,
+        description="Largest body of any request but an upload (JSON bodies; 413 beyond).",
+    )
+    max_json_depth: int = Field(
+        default=32, ge=2, le=256, description="Deepest nesting of a JSON body (400 beyond)."
+    )
     inspect_memory_limit_mb: int = Field(
         default=6144, ge=128, description="Address-space limit of the process inspecting an upload."
     )

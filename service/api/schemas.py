@@ -7,9 +7,10 @@ from __future__ import annotations
 
 from typing import Any, Literal, TypeVar
 
-from flask import request
 from pydantic import BaseModel, ConfigDict, Field
 
+from service.api.context import services
+from service.api.json_body import read_json_body
 from service.engine.constraints import AutoConstraints
 from service.errors import ValidationFailed
 
@@ -18,7 +19,7 @@ BodyT = TypeVar("BodyT", bound=BaseModel)
 
 def parse_body(model: type[BodyT]) -> BodyT:
     """The request's JSON object validated as ``model`` (422 naming the field otherwise)."""
-    body = request.get_json(silent=True)
+    body = read_json_body(services().settings)
     if not isinstance(body, dict):
         raise ValidationFailed(
             "the body must be a JSON object",
