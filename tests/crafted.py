@@ -436,6 +436,25 @@ def hostile_models() -> dict[str, tuple[onnx.ModelProto, str]]:
     return out
 
 
+def huge_pax_header_tar(path: Path, payload: bytes, declared: int = (1 << 33) - 1) -> Path:
+    """A tar whose first header is a PAX header declaring ``declared`` bytes (8 GiB) but
+    holding a few: the size field (11 octal digits) is rewritten and the checksum recomputed."""
+    with tarfile.open(path, "w", format=tarfile.PAX_FORMAT) as tf:
+        info = tarfile.TarInfo("model.onnx")
+        info.size = len(payload)
+        info.pax_headers = {"comment": "x"}
+        tf.addfile(info, io.BytesIO(payload))
+    data = bytearray(path.read_bytes())
+    assert data[156:157] == b"x"  # the PAX header comes first
+    field = f"{declared:011o}\0".encode()
+    assert len(field) == 12, "the size must fit 11 octal digits"
+    data[124:136] = field
+    data[148:156] = b" " * 8
+    data[148:156] = f"{sum(data[:512]):06o}\0 ".encode()
+    path.write_bytes(bytes(data))
+    return path
+
+
 def write_hostile_files(directory: Path) -> dict[str, tuple[Path, str]]:
     """Hostile uploads as files: name -> (path, expected EngineError code)."""
     directory.mkdir(parents=True, exist_ok=True)
@@ -495,6 +514,33 @@ def write_hostile_files(directory: Path) -> dict[str, tuple[Path, str]]:
         zf.writestr(zi, "/etc/passwd")
         zf.writestr("model.onnx", relu)
     out["symlink.zip"] = (p, "invalid_archive")
+    # A file and a directory of the same name ("a" then "a/model.onnx").
+    for kind in ("zip", "tar"):
+        out[f"file_dir_collision.{kind}"] = (build_archive(
+            {"a": b"\x00" * 16, "a/model.onnx": relu}, directory / f"file_dir_collision.{kind}",
+            kind), "invalid_archive")
+    # Hard links, FIFOs and devices are not regular files.
+    for name, kind in (("hardlink", tarfile.LNKTYPE), ("fifo", tarfile.FIFOTYPE),
+                       ("device", tarfile.CHRTYPE)):
+        p = directory / f"{name}.tar"
+        with tarfile.open(p, "w") as tf:
+            info = tarfile.TarInfo("model.onnx")
+            info.size = len(relu)
+            tf.addfile(info, io.BytesIO(relu))
+            info = tarfile.TarInfo("model.onnx.data")
+            info.type = kind
+            info.linkname = "model.onnx" if kind == tarfile.LNKTYPE else ""
+            tf.addfile(info)
+        out[f"{name}.tar"] = (p, "invalid_archive")
+    # A real PAX header of 128 KB, and one that declares 8 GiB (tarfile would read it whole).
+    p = directory / "big_pax.tar"
+    with tarfile.open(p, "w", format=tarfile.PAX_FORMAT) as tf:
+        info = tarfile.TarInfo("model.onnx")
+        info.size = len(relu)
+        info.pax_headers = {"comment": "x" * (128 << 10)}
+        tf.addfile(info, io.BytesIO(relu))
+    out["big_pax.tar"] = (p, "invalid_archive")
+    out["huge_pax.tar"] = (huge_pax_header_tar(directory / "huge_pax.tar", relu), "invalid_archive")
     # Zip bomb: 32 MB of zeros deflate to ~32 KB.
     p = directory / "bomb.zip"
     with zipfile.ZipFile(p, "w", zipfile.ZIP_DEFLATED) as zf:

@@ -247,8 +247,12 @@ def _looks_like_safetensors(head: bytes) -> bool:
 
 
 def _is_tar(path: Path) -> bool:
+    # tarfile.is_tarfile would read a first PAX header whole, whatever size it declares.
     try:
-        return tarfile.is_tarfile(path)
+        with tarfile.open(path, mode="r:*", tarinfo=_BoundedTarInfo):
+            return True
+    except EngineError:
+        return True  # a tar with an oversized header: _extract_tar refuses it by name
     except (OSError, EOFError, tarfile.TarError):
         return False
 
@@ -330,6 +334,48 @@ def _safe_member_path(raw: str) -> PurePosixPath:
     return p
 
 
+def _make_dirs(directory: Path, member: str) -> None:
+    """Create a member's directory; a file already holding that name is the archive's fault."""
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        raise EngineError(
+            "invalid_archive",
+            "the archive has a file and a directory of the same name",
+            {"member": member[:200]},
+        ) from None
+    except OSError:
+        raise EngineError(
+            "invalid_archive", "an archive member cannot be extracted", {"member": member[:200]}
+        ) from None
+
+
+# Largest PAX / GNU long-name header: tarfile reads one whole into memory before yielding the
+# member it describes, so its declared size must be bounded before that read.
+_MAX_TAR_META_BYTES = 64 * 1024
+_TAR_META_TYPES = frozenset(
+    {tarfile.XHDTYPE, tarfile.XGLTYPE, tarfile.SOLARIS_XHDTYPE, tarfile.GNUTYPE_LONGNAME,
+     tarfile.GNUTYPE_LONGLINK}
+)
+
+
+class _BoundedTarInfo(tarfile.TarInfo):
+    """A TarInfo that refuses oversized metadata headers before tarfile reads them whole.
+
+    ``tarinfo=`` is tarfile's public hook; ``_proc_member`` is where CPython dispatches each
+    header (PAX, GNU long names) and has been since Python 2.
+    """
+
+    def _proc_member(self, tarfile_: tarfile.TarFile) -> tarfile.TarInfo:
+        if self.type in _TAR_META_TYPES and self.size > _MAX_TAR_META_BYTES:
+            raise EngineError(
+                "invalid_archive",
+                "the tar archive has an oversized extended (PAX or long-name) header",
+                {"bytes": self.size, "limit": _MAX_TAR_META_BYTES},
+            )
+        return super()._proc_member(tarfile_)  # type: ignore[misc]
+
+
 def _check_totals(count: int, total: int, packed: int, limits: EngineLimits) -> None:
     if count > limits.max_archive_members:
         raise EngineError(
@@ -367,9 +413,9 @@ def _extract_zip(path: Path, root: Path, limits: EngineLimits) -> None:
             target = _member_target(root, info.filename,
                                     not mode or mode in (stat.S_IFREG, stat.S_IFDIR))
             if info.is_dir():
-                target.mkdir(parents=True, exist_ok=True)
+                _make_dirs(target, info.filename)
                 continue
-            target.parent.mkdir(parents=True, exist_ok=True)
+            _make_dirs(target.parent, info.filename)
             # Headers can lie: count what actually comes out of the decompressor.
             budget = info.file_size
             try:
@@ -401,7 +447,7 @@ def _extract_zip(path: Path, root: Path, limits: EngineLimits) -> None:
 def _extract_tar(path: Path, root: Path, limits: EngineLimits) -> None:
     packed = path.stat().st_size
     try:
-        tf = tarfile.open(path, mode="r:*")  # noqa: SIM115 - closed by the `with` below
+        tf = tarfile.open(path, mode="r:*", tarinfo=_BoundedTarInfo)  # noqa: SIM115 - closed by the `with` below
     except (tarfile.TarError, OSError, EOFError):
         raise EngineError("invalid_archive", "the tar archive cannot be read") from None
     with tf:
@@ -417,9 +463,9 @@ def _extract_tar(path: Path, root: Path, limits: EngineLimits) -> None:
         for m in members:
             target = _member_target(root, m.name, m.isfile() or m.isdir())
             if m.isdir():
-                target.mkdir(parents=True, exist_ok=True)
+                _make_dirs(target, m.name)
                 continue
-            target.parent.mkdir(parents=True, exist_ok=True)
+            _make_dirs(target.parent, m.name)
             src = tf.extractfile(m)
             if src is None:
                 raise EngineError(

@@ -31,6 +31,8 @@ HOSTILE_NAMES = sorted([
     "torch_save_named.onnx", "exported.pt2", "traversal.zip", "traversal.tar", "absolute.zip",
     "absolute.tar", "symlink.tar", "symlink.zip", "bomb.zip", "no_model.zip",
     "lone_external.onnx", "bogus_offset.zip", "bogus_length.zip", "ext_traversal.zip", "ext_absolute.zip",
+    "file_dir_collision.zip", "file_dir_collision.tar", "hardlink.tar", "fifo.tar", "device.tar",
+    "big_pax.tar", "huge_pax.tar",
     *(f"{n}.onnx" for n in crafted.hostile_models()),
 ])
 
