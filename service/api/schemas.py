@@ -9,8 +9,6 @@ from typing import Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from service.api.context import services
-from service.api.json_body import read_json_body
 from service.engine.constraints import AutoConstraints
 from service.errors import ValidationFailed
 
@@ -19,6 +17,10 @@ BodyT = TypeVar("BodyT", bound=BaseModel)
 
 def parse_body(model: type[BodyT]) -> BodyT:
     """The request's JSON object validated as ``model`` (422 naming the field otherwise)."""
+    # Imported here: the client imports these schemas and needs no server modules.
+    from service.api.context import services
+    from service.api.json_body import read_json_body
+
     body = read_json_body(services().settings)
     if not isinstance(body, dict):
         raise ValidationFailed(
