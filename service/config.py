@@ -6,10 +6,13 @@ from the field descriptions here.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+if TYPE_CHECKING:
+    from service.engine.limits import EngineLimits
 
 
 class Settings(BaseSettings):
@@ -169,3 +172,13 @@ class Settings(BaseSettings):
     worker_metrics_port: int = Field(default=9808, description="Worker's Prometheus port.")
     worker_metrics_host: str = Field(default="0.0.0.0", description="Worker metrics bind address.")
     log_level: str = Field(default="INFO", description="Log level.")
+
+    def engine_limits(self) -> EngineLimits:
+        """The engine's input limits from the operator's settings: the same for the API's
+        inspection of an upload and for the worker's engine (the job spec carries them)."""
+        from service.engine.limits import EngineLimits
+
+        return EngineLimits(
+            max_model_bytes=min(self.max_upload_bytes, EngineLimits().max_model_bytes),
+            max_dataset_bytes=self.max_dataset_bytes,
+        )
