@@ -3,12 +3,16 @@
 # engine. Exits non-zero on the first failing step.
 #
 #   scripts/validate_deploy.sh            # all steps
-#   scripts/validate_deploy.sh STEP...    # some: tools render schemas checkov hadolint promtool
+#   scripts/validate_deploy.sh STEP...    # some: tools render auth schemas checkov hadolint promtool
 #
 # Steps
 #   tools     install the validators, idempotently (see "Tools" below)
 #   prometheus  only Debian's prometheus package (prometheus + promtool), as `tools` does
 #   render    `kubectl kustomize` every overlay and k8s/monitoring into $RENDER_DIR
+#   auth      every prod overlay (prod*) fails closed: the API gets its keys from a Secret
+#             (EDGEPRESS_API_KEYS_FILE inside a mounted Secret volume, or EDGEPRESS_API_KEYS
+#             from a secretKeyRef), never EDGEPRESS_AUTH=open, and its Ingress routes only
+#             /v1 and /healthz (no /metrics, no /readyz)
 #   schemas   every rendered object against the Kubernetes OpenAPI schemas
 #             (kubernetes-validate, strict: unknown fields fail, for Kubernetes 1.30 and 1.37);
 #             custom resources (KEDA, Prometheus Operator) against k8s/schemas/crd-subsets.json;
@@ -105,6 +109,81 @@ step_render() {
 
 need_render() {
   [[ -s "$RENDER_DIR/prod.yaml" ]] || step_render
+}
+
+step_auth() {
+  need_tools
+  need_render
+  log "auth: prod overlays run with API keys and route only /v1 and /healthz"
+  "$VENV/bin/python" - "$RENDER_DIR" <<'PY'
+import posixpath
+import sys
+from pathlib import Path
+
+import yaml
+
+PUBLIC = {("/v1", "Prefix"), ("/healthz", "Exact")}
+render_dir = Path(sys.argv[1])
+failures = []
+overlays = sorted(p for p in render_dir.glob("prod*.yaml"))
+if not overlays:
+    failures.append(f"no prod overlay rendered in {render_dir}")
+for path in overlays:
+    objs = [o for o in yaml.safe_load_all(path.read_text()) if o]
+    def fail(msg, _name=path.stem):
+        failures.append(f"{_name}: {msg}")
+    config = {}
+    for obj in objs:
+        if obj["kind"] == "ConfigMap":
+            config[obj["metadata"]["name"]] = obj.get("data", {})
+    apis = [o for o in objs if o["kind"] == "Deployment" and o["metadata"]["name"] == "edgepress-api"]
+    if len(apis) != 1:
+        fail("expected one Deployment edgepress-api")
+        continue
+    spec = apis[0]["spec"]["template"]["spec"]
+    volumes = {v["name"]: v for v in spec.get("volumes", [])}
+    for c in spec["containers"]:
+        env = {}
+        for source in c.get("envFrom", []):
+            env.update(config.get(source.get("configMapRef", {}).get("name"), {}))
+        env.update({e["name"]: e for e in c.get("env", [])})
+        def value(name):
+            v = env.get(name)
+            return v.get("value") if isinstance(v, dict) else v
+        if str(value("EDGEPRESS_AUTH") or "").strip().lower() == "open":
+            fail(f"container {c['name']}: EDGEPRESS_AUTH=open (the API would run without keys)")
+        keyed = False
+        keys_file = value("EDGEPRESS_API_KEYS_FILE")
+        if keys_file:
+            for m in c.get("volumeMounts", []):
+                vol = volumes.get(m["name"], {})
+                inside = posixpath.commonpath([m["mountPath"], keys_file]) == m["mountPath"]
+                if inside and "secret" in vol and vol["secret"].get("optional") is not True:
+                    keyed = True
+            if not keyed:
+                fail(f"container {c['name']}: EDGEPRESS_API_KEYS_FILE={keys_file} is not in a "
+                     "mounted (non-optional) Secret volume")
+        keys_env = env.get("EDGEPRESS_API_KEYS")
+        if isinstance(keys_env, dict):
+            ref = keys_env.get("valueFrom", {}).get("secretKeyRef")
+            if ref and ref.get("optional") is not True:
+                keyed = True
+        if not keyed:
+            fail(f"container {c['name']}: no API keys from a Secret (EDGEPRESS_API_KEYS_FILE or "
+                 "EDGEPRESS_API_KEYS): the API would refuse to start, or run open")
+    for ing in [o for o in objs if o["kind"] == "Ingress"]:
+        if ing["spec"].get("defaultBackend"):
+            fail(f"Ingress {ing['metadata']['name']}: a defaultBackend routes every path")
+        for rule in ing["spec"].get("rules", []):
+            for p in rule.get("http", {}).get("paths", []):
+                if (p.get("path"), p.get("pathType")) not in PUBLIC:
+                    fail(f"Ingress {ing['metadata']['name']}: routes {p.get('path')} "
+                         f"({p.get('pathType')}); only /v1 (Prefix) and /healthz (Exact) are public")
+    print(f"{path.stem}: checked")
+for f in failures:
+    print(f"ERROR {f}")
+sys.exit(1 if failures else 0)
+PY
 }
 
 step_schemas() {
@@ -214,12 +293,12 @@ PY
 
 main() {
   local steps=("$@")
-  [[ ${#steps[@]} -gt 0 ]] || steps=(tools render schemas checkov hadolint promtool)
+  [[ ${#steps[@]} -gt 0 ]] || steps=(tools render auth schemas checkov hadolint promtool)
   local s
   for s in "${steps[@]}"; do
     case "$s" in
-      tools|prometheus|render|schemas|checkov|hadolint|promtool) "step_$s" ;;
-      *) die "unknown step '$s' (tools prometheus render schemas checkov hadolint promtool)" ;;
+      tools|prometheus|render|auth|schemas|checkov|hadolint|promtool) "step_$s" ;;
+      *) die "unknown step '$s' (tools prometheus render auth schemas checkov hadolint promtool)" ;;
     esac
   done
   log "OK: ${steps[*]}"

@@ -694,6 +694,9 @@ def cmd_download(args: argparse.Namespace, out: Output) -> int:
     if not names:
         raise CliError(f"job {job.id} has no artifacts (state {job.state.value})",
                        EXIT_REFUSED)
+    from service.client import safe_artifact_name
+
+    names = [safe_artifact_name(n) for n in names]  # the server's names: all checked first
     target = Path(args.output)
     target.mkdir(parents=True, exist_ok=True)
     saved = []

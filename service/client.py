@@ -38,6 +38,7 @@ import hashlib
 import io
 import os
 import random
+import re
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -64,6 +65,21 @@ MAX_BACKOFF_S = 30.0
 MAX_RETRY_AFTER_S = 120.0
 RETRY_STATUSES = frozenset({429, 503})
 PRESIGNED_THRESHOLD = 256 * 1024**2  # larger uploads go straight to the object store
+
+
+_ARTIFACT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+
+
+def safe_artifact_name(name: str) -> str:
+    """``name`` when it is a plain file name (``model.onnx``, ``report.json``); an artifact
+    name comes from the server, so a path (``../x``, ``/etc/x``, ``a/b``), a hidden or odd
+    name raises ``EdgePressError`` (``bad_response``) instead of choosing where we write."""
+    if not isinstance(name, str) or not _ARTIFACT_NAME.fullmatch(name):
+        raise EdgePressError(
+            None, "bad_response", f"the server named an artifact {str(name)[:80]!r}: not a plain "
+            "file name; nothing was written"
+        )
+    return name
 
 
 class EdgePressError(Exception):
@@ -642,7 +658,7 @@ class EdgePressClient:
         """
         dest = Path(target)
         if dest.is_dir():
-            dest = dest / name
+            dest = dest / safe_artifact_name(name)
         dest.parent.mkdir(parents=True, exist_ok=True)
         if name == "model.onnx" and job is None:
             job = self.get_job(job_id)

@@ -6,8 +6,13 @@ from the field descriptions here.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Literal
+
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+if TYPE_CHECKING:
+    from service.engine.limits import EngineLimits
 
 
 class Settings(BaseSettings):
@@ -44,6 +49,14 @@ class Settings(BaseSettings):
     )
     max_dataset_bytes: int = Field(
         default=512 * 1024**2, ge=1024, description="Largest accepted dataset upload."
+    )
+    max_json_body_bytes: int = Field(
+        default=1024 * 1024,
+        ge=1024,
+        description="Largest body of any request but an upload (JSON bodies; 413 beyond).",
+    )
+    max_json_depth: int = Field(
+        default=32, ge=2, le=256, description="Deepest nesting of a JSON body (400 beyond)."
     )
     inspect_memory_limit_mb: int = Field(
         default=6144, ge=128, description="Address-space limit of the process inspecting an upload."
@@ -98,8 +111,14 @@ class Settings(BaseSettings):
         default=1.0, ge=0.0, description="Minimum seconds between progress writes to a job."
     )
 
-    # Access. With no key configured the API is open and everything belongs to tenant "default"
-    # (the local stack); with keys, every /v1 request needs "Authorization: Bearer <key>".
+    # Access. The API fails closed: it refuses to start without keys unless the operator says
+    # EDGEPRESS_AUTH=open (the local stack and the tests), where everything belongs to tenant
+    # "default"; with keys, every /v1 request needs "Authorization: Bearer <key>".
+    auth: Literal["keys", "open"] = Field(
+        default="keys",
+        description='"keys": the API refuses to start without API keys; "open": no keys, '
+        'every caller is tenant "default" (local stacks only).',
+    )
     api_keys: SecretStr | None = Field(
         default=None,
         description='API keys as "tenant:key,tenant:key" (hashed at start-up; prefer the file).',
@@ -153,3 +172,13 @@ class Settings(BaseSettings):
     worker_metrics_port: int = Field(default=9808, description="Worker's Prometheus port.")
     worker_metrics_host: str = Field(default="0.0.0.0", description="Worker metrics bind address.")
     log_level: str = Field(default="INFO", description="Log level.")
+
+    def engine_limits(self) -> EngineLimits:
+        """The engine's input limits from the operator's settings: the same for the API's
+        inspection of an upload and for the worker's engine (the job spec carries them)."""
+        from service.engine.limits import EngineLimits
+
+        return EngineLimits(
+            max_model_bytes=min(self.max_upload_bytes, EngineLimits().max_model_bytes),
+            max_dataset_bytes=self.max_dataset_bytes,
+        )

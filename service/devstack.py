@@ -220,6 +220,9 @@ class LocalStack:
         env.setdefault("EDGEPRESS_WEBHOOK_SECRET", secrets.token_hex(16))
         env.setdefault("EDGEPRESS_WEBHOOK_ALLOW_LOOPBACK_HTTP", "true")
         env.update(self.extra_env)
+        # The API fails closed; a local stack without keys says "open" explicitly.
+        if not {"EDGEPRESS_API_KEYS", "EDGEPRESS_API_KEYS_FILE"} & env.keys():
+            env.setdefault("EDGEPRESS_AUTH", "open")
         try:
             env["EDGEPRESS_S3_ENDPOINT_URL"] = self._s3(env)
             env["EDGEPRESS_BROKER_URL"] = self._redis()

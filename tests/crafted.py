@@ -289,6 +289,52 @@ def _nested_if(depth: int) -> onnx.GraphProto:
                         [h.make_tensor_value_info(out, T.FLOAT, ["N", 4])])
 
 
+LOCAL = "local.fns"
+
+
+def function_chain(levels: int, calls: int = 2, leaf: onnx.NodeProto | None = None,
+                   cycle_to: int | None = None) -> onnx.ModelProto:
+    """``levels`` model-local functions f0..f{levels-1}, each calling the one below ``calls``
+    times in sequence (f0 holds ``leaf``, an Identity by default); the graph calls the top one
+    once. Once inlined that is ``calls ** (levels - 1)`` leaves: a 2 KB file of 24 levels x 2
+    calls is 2^23 nodes. ``cycle_to=k`` makes f0 call f{k} instead (recursion)."""
+    opsets = [h.make_opsetid("", 17), h.make_opsetid(LOCAL, 1)]
+    body = leaf or h.make_node("Identity", ["a"], ["b"])
+    if cycle_to is not None:
+        body = h.make_node(f"f{cycle_to}", ["a"], ["b"], domain=LOCAL)
+    fns = [h.make_function(LOCAL, "f0", ["a"], ["b"], [body], opsets)]
+    for k in range(1, levels):
+        nodes, prev = [], "a"
+        for j in range(calls):
+            out = "b" if j == calls - 1 else f"t{j}"
+            nodes.append(h.make_node(f"f{k - 1}", [prev], [out], domain=LOCAL))
+            prev = out
+        fns.append(h.make_function(LOCAL, f"f{k}", ["a"], ["b"], nodes, opsets))
+    graph = _tiny_graph([h.make_node(f"f{levels - 1}", ["x"], ["y"], domain=LOCAL, name="top")])
+    m = _model(graph, extra=[h.make_opsetid(LOCAL, 1)])
+    m.functions.extend(fns)
+    return m
+
+
+def sparse_tensor(values: np.ndarray, indices: np.ndarray, dims: list[int],
+                  name: str = "s") -> onnx.SparseTensorProto:
+    return h.make_sparse_tensor(nh.from_array(values, name), nh.from_array(indices, name + "_idx"),
+                                dims)
+
+
+def _with_sparse_initializer(sp: onnx.SparseTensorProto) -> onnx.ModelProto:
+    """A Relu model carrying an unused sparse initializer ``sp``."""
+    m = _relu_model()
+    m.graph.sparse_initializer.append(sp)
+    return m
+
+
+def _sparse_constant_model(sp: onnx.SparseTensorProto) -> onnx.ModelProto:
+    return _model(_tiny_graph([
+        h.make_node("Constant", [], ["c"], sparse_value=sp, name="sc"),
+        h.make_node("Relu", ["x"], ["y"], name="relu")]))
+
+
 def hostile_models() -> dict[str, tuple[onnx.ModelProto, str]]:
     """Malformed or hostile ONNX models: name -> (model, expected EngineError code)."""
     out: dict[str, tuple[onnx.ModelProto, str]] = {}
@@ -358,7 +404,55 @@ def hostile_models() -> dict[str, tuple[onnx.ModelProto, str]]:
     w[0, 0] = np.inf
     out["inf_weights"] = (_model(_tiny_graph([h.make_node("MatMul", ["x", "w"], ["y"])],
                                              [nh.from_array(w, "w")])), "invalid_model")
+
+    # Model-local functions: exponential expansion, recursion, depth, custom ops inside.
+    out["functions_2_pow_24"] = (function_chain(25, 2), "model_too_large")
+    out["function_recursive"] = (function_chain(1, cycle_to=0), "invalid_model")
+    out["function_cycle"] = (function_chain(3, 1, cycle_to=2), "invalid_model")
+    out["function_chain_too_deep"] = (function_chain(40, 1), "unsupported_model")
+    m = function_chain(2, 1, leaf=h.make_node("Steal", ["a"], ["b"], domain="evil.ops"))
+    m.functions[0].opset_import.append(h.make_opsetid("evil.ops", 1))
+    m.opset_import.append(h.make_opsetid("evil.ops", 1))
+    out["function_unknown_domain"] = (m, "unsupported_model")
+    nan = nh.from_array(np.array([1.0, np.nan], np.float32), "k")
+    out["function_constant_nan"] = (function_chain(2, 1, leaf=h.make_node(
+        "Constant", [], ["b"], value=nan)), "invalid_model")
+    huge = sparse_tensor(np.ones(1, np.float32), np.zeros(1, np.int64), [1 << 20, 1 << 20])
+    out["function_sparse_constant_huge"] = (function_chain(2, 1, leaf=h.make_node(
+        "Constant", [], ["b"], sparse_value=huge)), "model_too_large")
+
+    # Sparse tensors: the dense rules apply to them too.
+    out["sparse_initializer_2_pow_40"] = (_with_sparse_initializer(sparse_tensor(
+        np.ones(1, np.float32), np.zeros(1, np.int64), [1 << 40])), "model_too_large")
+    out["sparse_constant_huge"] = (_sparse_constant_model(huge), "model_too_large")
+    out["sparse_dim_2_pow_40"] = (_with_sparse_initializer(sparse_tensor(
+        np.ones(1, np.float32), np.zeros((1, 2), np.int64), [1 << 40, 1])), "model_too_large")
+    out["sparse_nan_values"] = (_with_sparse_initializer(sparse_tensor(
+        np.array([1.0, np.nan], np.float32), np.array([0, 3], np.int64), [4, 4])), "invalid_model")
+    out["sparse_index_outside"] = (_with_sparse_initializer(sparse_tensor(
+        np.ones(2, np.float32), np.array([0, 16], np.int64), [4, 4])), "invalid_model")
+    out["sparse_negative_dim"] = (_with_sparse_initializer(sparse_tensor(
+        np.ones(1, np.float32), np.zeros(1, np.int64), [-4, 4])), "invalid_model")
     return out
+
+
+def huge_pax_header_tar(path: Path, payload: bytes, declared: int = (1 << 33) - 1) -> Path:
+    """A tar whose first header is a PAX header declaring ``declared`` bytes (8 GiB) but
+    holding a few: the size field (11 octal digits) is rewritten and the checksum recomputed."""
+    with tarfile.open(path, "w", format=tarfile.PAX_FORMAT) as tf:
+        info = tarfile.TarInfo("model.onnx")
+        info.size = len(payload)
+        info.pax_headers = {"comment": "x"}
+        tf.addfile(info, io.BytesIO(payload))
+    data = bytearray(path.read_bytes())
+    assert data[156:157] == b"x"  # the PAX header comes first
+    field = f"{declared:011o}\0".encode()
+    assert len(field) == 12, "the size must fit 11 octal digits"
+    data[124:136] = field
+    data[148:156] = b" " * 8
+    data[148:156] = f"{sum(data[:512]):06o}\0 ".encode()
+    path.write_bytes(bytes(data))
+    return path
 
 
 def write_hostile_files(directory: Path) -> dict[str, tuple[Path, str]]:
@@ -420,6 +514,33 @@ def write_hostile_files(directory: Path) -> dict[str, tuple[Path, str]]:
         zf.writestr(zi, "/etc/passwd")
         zf.writestr("model.onnx", relu)
     out["symlink.zip"] = (p, "invalid_archive")
+    # A file and a directory of the same name ("a" then "a/model.onnx").
+    for kind in ("zip", "tar"):
+        out[f"file_dir_collision.{kind}"] = (build_archive(
+            {"a": b"\x00" * 16, "a/model.onnx": relu}, directory / f"file_dir_collision.{kind}",
+            kind), "invalid_archive")
+    # Hard links, FIFOs and devices are not regular files.
+    for name, kind in (("hardlink", tarfile.LNKTYPE), ("fifo", tarfile.FIFOTYPE),
+                       ("device", tarfile.CHRTYPE)):
+        p = directory / f"{name}.tar"
+        with tarfile.open(p, "w") as tf:
+            info = tarfile.TarInfo("model.onnx")
+            info.size = len(relu)
+            tf.addfile(info, io.BytesIO(relu))
+            info = tarfile.TarInfo("model.onnx.data")
+            info.type = kind
+            info.linkname = "model.onnx" if kind == tarfile.LNKTYPE else ""
+            tf.addfile(info)
+        out[f"{name}.tar"] = (p, "invalid_archive")
+    # A real PAX header of 128 KB, and one that declares 8 GiB (tarfile would read it whole).
+    p = directory / "big_pax.tar"
+    with tarfile.open(p, "w", format=tarfile.PAX_FORMAT) as tf:
+        info = tarfile.TarInfo("model.onnx")
+        info.size = len(relu)
+        info.pax_headers = {"comment": "x" * (128 << 10)}
+        tf.addfile(info, io.BytesIO(relu))
+    out["big_pax.tar"] = (p, "invalid_archive")
+    out["huge_pax.tar"] = (huge_pax_header_tar(directory / "huge_pax.tar", relu), "invalid_archive")
     # Zip bomb: 32 MB of zeros deflate to ~32 KB.
     p = directory / "bomb.zip"
     with zipfile.ZipFile(p, "w", zipfile.ZIP_DEFLATED) as zf:

@@ -17,7 +17,17 @@ from service.jobs.events import JobEvents
 
 def create_app(settings: Settings | None = None) -> Flask:
     """Build the app from ``settings`` (default: read from the environment)."""
-    from service.api import auth, datasets, devices, health, jobs, models, problems, uploads
+    from service.api import (
+        auth,
+        datasets,
+        devices,
+        health,
+        jobs,
+        json_body,
+        models,
+        problems,
+        uploads,
+    )
     from service.api.context import Services
     from service.metrics import ServiceMetrics
     from service.storage.s3 import make_store
@@ -47,6 +57,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     )
 
     problems.init_app(app)
+    json_body.init_app(app, settings)
     auth.init_app(app, settings)
     for module in (health, models, datasets, uploads, jobs, devices):
         app.register_blueprint(module.bp)

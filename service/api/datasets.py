@@ -11,7 +11,6 @@ from service.api.problems import from_engine_error
 from service.api.quotas import check_storage_quota
 from service.api.streaming import ReceivedFile, receive_upload
 from service.engine.errors import EngineError
-from service.engine.limits import EngineLimits
 
 bp = Blueprint("datasets", __name__, url_prefix="/v1/datasets")
 
@@ -30,7 +29,7 @@ def upload_dataset() -> Response:
 def store_dataset(received: ReceivedFile) -> Response:
     """Validate and store a received dataset file (direct or presigned-POST upload)."""
     svc = services()
-    limits = EngineLimits(max_dataset_bytes=svc.settings.max_dataset_bytes)
+    limits = svc.settings.engine_limits()
     svc.metrics.uploads_bytes.labels("dataset").inc(received.size)
     replayed = replay(f"dataset:{received.sha256}")
     if replayed is not None:

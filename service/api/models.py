@@ -12,7 +12,6 @@ from service.api.problems import from_engine_error
 from service.api.quotas import check_storage_quota
 from service.api.streaming import ReceivedFile, receive_upload
 from service.engine.errors import EngineError
-from service.engine.limits import EngineLimits
 
 bp = Blueprint("models", __name__, url_prefix="/v1/models")
 
@@ -33,7 +32,7 @@ def upload_model() -> Response:
 def store_model(received: ReceivedFile) -> Response:
     """Describe and store a received model file (direct upload or presigned-POST upload)."""
     svc = services()
-    limits = EngineLimits(max_model_bytes=svc.settings.max_upload_bytes)
+    limits = svc.settings.engine_limits()
     svc.metrics.uploads_bytes.labels("model").inc(received.size)
     replayed = replay(f"model:{received.sha256}")
     if replayed is not None:

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 from typing import Any, Literal, TypeVar
 
-from flask import request
 from pydantic import BaseModel, ConfigDict, Field
 
 from service.engine.constraints import AutoConstraints
@@ -18,7 +17,11 @@ BodyT = TypeVar("BodyT", bound=BaseModel)
 
 def parse_body(model: type[BodyT]) -> BodyT:
     """The request's JSON object validated as ``model`` (422 naming the field otherwise)."""
-    body = request.get_json(silent=True)
+    # Imported here: the client imports these schemas and needs no server modules.
+    from service.api.context import services
+    from service.api.json_body import read_json_body
+
+    body = read_json_body(services().settings)
     if not isinstance(body, dict):
         raise ValidationFailed(
             "the body must be a JSON object",

@@ -25,8 +25,8 @@ import stat
 import tarfile
 import tempfile
 import zipfile
-from collections import Counter
-from collections.abc import Iterator
+from collections import Counter, deque
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
@@ -247,8 +247,12 @@ def _looks_like_safetensors(head: bytes) -> bool:
 
 
 def _is_tar(path: Path) -> bool:
+    # tarfile.is_tarfile would read a first PAX header whole, whatever size it declares.
     try:
-        return tarfile.is_tarfile(path)
+        with tarfile.open(path, mode="r:*", tarinfo=_BoundedTarInfo):
+            return True
+    except EngineError:
+        return True  # a tar with an oversized header: _extract_tar refuses it by name
     except (OSError, EOFError, tarfile.TarError):
         return False
 
@@ -330,6 +334,48 @@ def _safe_member_path(raw: str) -> PurePosixPath:
     return p
 
 
+def _make_dirs(directory: Path, member: str) -> None:
+    """Create a member's directory; a file already holding that name is the archive's fault."""
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        raise EngineError(
+            "invalid_archive",
+            "the archive has a file and a directory of the same name",
+            {"member": member[:200]},
+        ) from None
+    except OSError:
+        raise EngineError(
+            "invalid_archive", "an archive member cannot be extracted", {"member": member[:200]}
+        ) from None
+
+
+# Largest PAX / GNU long-name header: tarfile reads one whole into memory before yielding the
+# member it describes, so its declared size must be bounded before that read.
+_MAX_TAR_META_BYTES = 64 * 1024
+_TAR_META_TYPES = frozenset(
+    {tarfile.XHDTYPE, tarfile.XGLTYPE, tarfile.SOLARIS_XHDTYPE, tarfile.GNUTYPE_LONGNAME,
+     tarfile.GNUTYPE_LONGLINK}
+)
+
+
+class _BoundedTarInfo(tarfile.TarInfo):
+    """A TarInfo that refuses oversized metadata headers before tarfile reads them whole.
+
+    ``tarinfo=`` is tarfile's public hook; ``_proc_member`` is where CPython dispatches each
+    header (PAX, GNU long names) and has been since Python 2.
+    """
+
+    def _proc_member(self, tarfile_: tarfile.TarFile) -> tarfile.TarInfo:
+        if self.type in _TAR_META_TYPES and self.size > _MAX_TAR_META_BYTES:
+            raise EngineError(
+                "invalid_archive",
+                "the tar archive has an oversized extended (PAX or long-name) header",
+                {"bytes": self.size, "limit": _MAX_TAR_META_BYTES},
+            )
+        return super()._proc_member(tarfile_)  # type: ignore[misc]
+
+
 def _check_totals(count: int, total: int, packed: int, limits: EngineLimits) -> None:
     if count > limits.max_archive_members:
         raise EngineError(
@@ -367,9 +413,9 @@ def _extract_zip(path: Path, root: Path, limits: EngineLimits) -> None:
             target = _member_target(root, info.filename,
                                     not mode or mode in (stat.S_IFREG, stat.S_IFDIR))
             if info.is_dir():
-                target.mkdir(parents=True, exist_ok=True)
+                _make_dirs(target, info.filename)
                 continue
-            target.parent.mkdir(parents=True, exist_ok=True)
+            _make_dirs(target.parent, info.filename)
             # Headers can lie: count what actually comes out of the decompressor.
             budget = info.file_size
             try:
@@ -401,7 +447,7 @@ def _extract_zip(path: Path, root: Path, limits: EngineLimits) -> None:
 def _extract_tar(path: Path, root: Path, limits: EngineLimits) -> None:
     packed = path.stat().st_size
     try:
-        tf = tarfile.open(path, mode="r:*")  # noqa: SIM115 - closed by the `with` below
+        tf = tarfile.open(path, mode="r:*", tarinfo=_BoundedTarInfo)  # noqa: SIM115 - closed by the `with` below
     except (tarfile.TarError, OSError, EOFError):
         raise EngineError("invalid_archive", "the tar archive cannot be read") from None
     with tf:
@@ -417,9 +463,9 @@ def _extract_tar(path: Path, root: Path, limits: EngineLimits) -> None:
         for m in members:
             target = _member_target(root, m.name, m.isfile() or m.isdir())
             if m.isdir():
-                target.mkdir(parents=True, exist_ok=True)
+                _make_dirs(target, m.name)
                 continue
-            target.parent.mkdir(parents=True, exist_ok=True)
+            _make_dirs(target.parent, m.name)
             src = tf.extractfile(m)
             if src is None:
                 raise EngineError(
@@ -543,23 +589,72 @@ def _max_depth(graph: onnx.GraphProto, depth: int, limit: int) -> int:
     return deepest
 
 
-def _all_tensors(model: onnx.ModelProto) -> Iterator[tuple[TensorProto, str]]:
-    """Every stored tensor: initializers and Constant/attribute tensors, in every graph."""
+def _attr_graphs(attr: onnx.AttributeProto) -> list[onnx.GraphProto]:
+    if attr.type == onnx.AttributeProto.GRAPH:
+        return [attr.g]
+    if attr.type == onnx.AttributeProto.GRAPHS:
+        return list(attr.graphs)
+    return []
+
+
+def _function_subgraphs(fn: onnx.FunctionProto) -> Iterator[tuple[onnx.GraphProto, int]]:
+    """Every If/Loop/Scan body inside a function's nodes, with its depth (the body = 0)."""
+    for node in fn.node:
+        for attr in node.attribute:
+            for g in _attr_graphs(attr):
+                for sub, depth in iter_graphs(g):
+                    yield sub, depth + 1
+
+
+@dataclass
+class _Body:
+    """Nodes and stored tensors of one graph or function body."""
+
+    initializers: list[TensorProto]
+    sparse_initializers: list[onnx.SparseTensorProto]
+    nodes: list[onnx.NodeProto]
+
+
+def _bodies(model: onnx.ModelProto) -> Iterator[_Body]:
+    """The main graph, every subgraph, every model-local function and the subgraphs in it."""
     for g, _ in iter_graphs(model.graph):
-        for t in g.initializer:
+        yield _Body(list(g.initializer), list(g.sparse_initializer), list(g.node))
+    for fn in model.functions:
+        yield _Body([], [], list(fn.node))
+        for g, _ in _function_subgraphs(fn):
+            yield _Body(list(g.initializer), list(g.sparse_initializer), list(g.node))
+
+
+def _all_sparse(model: onnx.ModelProto) -> Iterator[tuple[onnx.SparseTensorProto, str]]:
+    """Every sparse tensor: sparse initializers and sparse Constant/attribute values."""
+    for body in _bodies(model):
+        for s in body.sparse_initializers:
+            yield s, "sparse_initializer"
+        for node in body.nodes:
+            for attr in node.attribute:
+                if attr.type == onnx.AttributeProto.SPARSE_TENSOR:
+                    yield attr.sparse_tensor, "attribute"
+                elif attr.type == onnx.AttributeProto.SPARSE_TENSORS:
+                    for s in attr.sparse_tensors:
+                        yield s, "attribute"
+
+
+def _all_tensors(model: onnx.ModelProto) -> Iterator[tuple[TensorProto, str]]:
+    """Every stored tensor: initializers and Constant/attribute tensors, in every graph and
+    function body, and the values and indices of every sparse tensor."""
+    for body in _bodies(model):
+        for t in body.initializers:
             yield t, "initializer"
-        for node in g.node:
+        for node in body.nodes:
             for attr in node.attribute:
                 if attr.type == onnx.AttributeProto.TENSOR:
                     yield attr.t, "attribute"
                 elif attr.type == onnx.AttributeProto.TENSORS:
                     for t in attr.tensors:
                         yield t, "attribute"
-    for fn in model.functions:
-        for node in fn.node:
-            for attr in node.attribute:
-                if attr.type == onnx.AttributeProto.TENSOR:
-                    yield attr.t, "attribute"
+    for s, where in _all_sparse(model):
+        yield s.values, f"{where} values"
+        yield s.indices, f"{where} indices"
 
 
 def _expected_nbytes(t: TensorProto) -> int | None:
@@ -758,11 +853,11 @@ def validate(model: onnx.ModelProto, limits: EngineLimits | None = None) -> None
         )
     _check_opsets(model)
     graphs = list(iter_graphs(model.graph))
-    n_nodes = sum(len(g.node) for g, _ in graphs)
+    n_nodes = expanded_node_count(model, limits)
     if n_nodes > limits.max_nodes:
         raise EngineError(
             "model_too_large",
-            "the graph has too many nodes",
+            "the graph has too many nodes (model-local functions counted as their bodies)",
             {"nodes": n_nodes, "limit": limits.max_nodes},
         )
     if not model.graph.node or not model.graph.output:
@@ -770,6 +865,7 @@ def validate(model: onnx.ModelProto, limits: EngineLimits | None = None) -> None
     _check_domains(model, graphs)
     _check_names_and_order(model.graph, set())
     _check_tensors(model, limits)
+    _check_sparse(model, limits)
     _check_declared_shapes(model, limits)
     try:
         onnx.checker.check_model(model, full_check=False)
@@ -795,12 +891,14 @@ def _clean_message(msg: str) -> str:
     return " ".join(lines[:3])[:500]
 
 
-def _check_opsets(model: onnx.ModelProto) -> None:
+def _check_opsets(model: onnx.ModelProto | onnx.FunctionProto, what: str = "") -> None:
     seen = set()
     for op in model.opset_import:
         domain = _DOMAIN_ALIASES.get(op.domain, op.domain)
         if domain in seen:
-            raise EngineError("invalid_model", f"opset for domain {op.domain!r} imported twice")
+            raise EngineError(
+                "invalid_model", f"{what or 'the model'}: opset for domain {op.domain!r} imported twice"
+            )
         seen.add(domain)
         if domain in MAX_OPSET and op.version > MAX_OPSET[domain]:
             raise EngineError(
@@ -812,19 +910,125 @@ def _check_opsets(model: onnx.ModelProto) -> None:
             )
         if domain in MAX_OPSET and op.version < 1:
             raise EngineError("invalid_model", f"invalid opset {op.version}")
-    if "" not in seen:
+    if "" not in seen and isinstance(model, onnx.ModelProto):
         raise EngineError("invalid_model", "the model imports no ai.onnx opset")
 
 
-def _check_domains(model: onnx.ModelProto, graphs: list[tuple[onnx.GraphProto, int]]) -> None:
-    functions = {(f.domain, f.name) for f in model.functions}
-    unknown: Counter[str] = Counter()
-    for g, _ in graphs:
+def _function_key(domain: str, name: str, overload: str = "") -> tuple[str, str, str]:
+    return (_DOMAIN_ALIASES.get(domain, domain), name, overload)
+
+
+def _node_calls(node: onnx.NodeProto) -> tuple[str, str, str]:
+    return _function_key(node.domain, node.op_type, node.overload)
+
+
+def _walk_nodes(
+    nodes: Iterable[onnx.NodeProto], limits: EngineLimits, depth: int = 0
+) -> Iterator[onnx.NodeProto]:
+    """Every node of a body and of the If/Loop/Scan bodies inside it (depth bounded)."""
+    if depth > limits.max_subgraph_depth:
+        raise EngineError(
+            "unsupported_model",
+            "subgraphs (If/Loop/Scan) are nested too deeply",
+            {"limit": limits.max_subgraph_depth},
+        )
+    for node in nodes:
+        yield node
+        for attr in node.attribute:
+            for g in _attr_graphs(attr):
+                yield from _walk_nodes(g.node, limits, depth + 1)
+
+
+def expanded_node_count(model: onnx.ModelProto, limits: EngineLimits | None = None) -> int:
+    """Nodes of the model once every model-local function call is replaced by its body.
+
+    Counted with multiplicities without expanding anything (each function's size is computed
+    once), so a chain of functions each calling the next twice is measured in linear time.
+    A function that calls itself, directly or through others, is refused (``invalid_model``);
+    so is a call chain deeper than ``max_function_depth`` (``unsupported_model``) and any
+    function whose body alone expands past ``max_nodes`` (``model_too_large``).
+    """
+    limits = limits or EngineLimits()
+    functions: dict[tuple[str, str, str], onnx.FunctionProto] = {}
+    for fn in model.functions:
+        key = _function_key(fn.domain, fn.name, fn.overload)
+        if key in functions:
+            raise EngineError(
+                "invalid_model", f"function {fn.domain}::{fn.name} is defined twice"
+            )
+        functions[key] = fn
+    sizes: dict[tuple[str, str, str], tuple[int, int]] = {}  # key -> (expanded nodes, depth)
+    active: list[tuple[str, str, str]] = []
+
+    def measure(nodes: Iterable[onnx.NodeProto]) -> tuple[int, int]:
+        total, deepest = 0, 0
+        for node in _walk_nodes(nodes, limits):
+            total += 1
+            key = _node_calls(node)
+            if key in functions:
+                size, depth = function_size(key)
+                total += size
+                deepest = max(deepest, depth)
+            if total > limits.max_nodes:
+                break  # already too many: the caller refuses, no need to count on
+        return total, deepest
+
+    def too_deep() -> EngineError:
+        return EngineError(
+            "unsupported_model",
+            "model-local functions call each other too deeply",
+            {"limit": limits.max_function_depth},
+        )
+
+    def function_size(key: tuple[str, str, str]) -> tuple[int, int]:
+        if key in sizes:
+            return sizes[key]
+        if key in active:
+            cycle = [f"{d}::{n}" for d, n, _ in active[active.index(key):]] + [f"{key[0]}::{key[1]}"]
+            raise EngineError(
+                "invalid_model",
+                "model-local functions call themselves (recursion): " + " -> ".join(cycle[:10]),
+                {"cycle": cycle[:50]},
+            )
+        if len(active) >= limits.max_function_depth:
+            raise too_deep()
+        active.append(key)
+        size, depth = measure(functions[key].node)
+        active.pop()
+        if depth + 1 > limits.max_function_depth:  # a chain measured from its bottom up
+            raise too_deep()
+        if size > limits.max_nodes:
+            raise EngineError(
+                "model_too_large",
+                f"function {key[0]}::{key[1]} expands to more nodes than this server accepts",
+                {"function": f"{key[0]}::{key[1]}", "limit": limits.max_nodes},
+            )
+        sizes[key] = (size, depth + 1)
+        return sizes[key]
+
+    for key in functions:  # unused functions too: a malformed one is refused all the same
+        function_size(key)
+    total = 0
+    for g, _ in iter_graphs(model.graph):
         for node in g.node:
-            domain = _DOMAIN_ALIASES.get(node.domain, node.domain)
-            if domain in MAX_OPSET or (node.domain, node.op_type) in functions:
-                continue
-            unknown[f"{node.domain}::{node.op_type}"] += 1
+            total += 1 + (sizes[_node_calls(node)][0] if _node_calls(node) in sizes else 0)
+    return total
+
+
+def _check_domains(model: onnx.ModelProto, graphs: list[tuple[onnx.GraphProto, int]]) -> None:
+    """Every op, in the graphs and in function bodies, is of a known domain or a local function."""
+    functions = {_function_key(f.domain, f.name, f.overload) for f in model.functions}
+    unknown: Counter[str] = Counter()
+    nodes: list[onnx.NodeProto] = [n for g, _ in graphs for n in g.node]
+    for fn in model.functions:
+        _check_opsets(fn, what=f"function {fn.domain}::{fn.name}")
+        nodes += [n for n in fn.node]
+        nodes += [n for g, _ in _function_subgraphs(fn) for n in g.node]
+    for node in nodes:
+        domain = _DOMAIN_ALIASES.get(node.domain, node.domain)
+        if domain in MAX_OPSET or _node_calls(node) in functions:
+            continue
+        unknown[f"{node.domain}::{node.op_type}"] += 1
     if unknown:
         raise EngineError(
             "unsupported_model",
@@ -886,9 +1090,9 @@ def _check_names_and_order(graph: onnx.GraphProto, outer: set[str]) -> None:
     for i, d in remaining.items():
         for j in d:
             users.setdefault(j, []).append(i)
-    ready = [i for i, d in remaining.items() if not d]
+    ready = deque(i for i, d in remaining.items() if not d)
     while ready:
-        i = ready.pop(0)
+        i = ready.popleft()
         order.append(i)
         for u in users.get(i, []):
             remaining[u].discard(i)
@@ -1000,6 +1204,69 @@ def _check_tensors(model: onnx.ModelProto, limits: EngineLimits) -> None:
             "the model's tensors exceed the size limit",
             {"bytes": total, "limit": limits.max_model_bytes},
         )
+
+
+def _check_sparse(model: onnx.ModelProto, limits: EngineLimits) -> None:
+    """Sparse tensors obey the dense rules for their dense shape (the runtime densifies sparse
+    initializers when it loads them): dims and element count bounded, values 1-D, indices
+    ``[NNZ]`` (linear) or ``[NNZ, rank]`` int64 inside the dense shape. Their values and
+    indices are also checked as ordinary tensors (``_check_tensors``: bytes, NaN)."""
+    dense_bytes = 0
+    for sp, _ in _all_sparse(model):
+        name = sp.values.name or "<unnamed>"
+        if any(d < 0 for d in sp.dims):
+            raise EngineError("invalid_model", f"sparse tensor {name!r} has a negative dimension")
+        big = next((d for d in sp.dims if d > limits.max_dim), None)
+        if big is not None:
+            raise EngineError(
+                "model_too_large",
+                f"sparse tensor {name!r} declares a dimension of {big}",
+                {"limit": limits.max_dim},
+            )
+        n = math.prod(sp.dims) if sp.dims else 1
+        if n > limits.max_tensor_elements:
+            raise EngineError(
+                "model_too_large",
+                f"sparse tensor {name!r} has {n} elements once dense",
+                {"limit": limits.max_tensor_elements},
+            )
+        dense_bytes += n * _itemsize(sp.values.data_type)
+        if len(sp.values.dims) != 1:
+            raise EngineError("invalid_model", f"sparse tensor {name!r}: values must be 1-D")
+        nnz = sp.values.dims[0]
+        idx = sp.indices
+        if nnz > n:
+            raise EngineError(
+                "invalid_model", f"sparse tensor {name!r} holds more values than elements"
+            )
+        if idx.data_type != TensorProto.INT64 or list(idx.dims) not in ([nnz], [nnz, len(sp.dims)]):
+            raise EngineError(
+                "invalid_model",
+                f"sparse tensor {name!r}: indices must be int64 of shape [NNZ] or [NNZ, rank]",
+            )
+        arr = _to_array(idx) if nnz else None
+        if nnz and arr is None:
+            raise EngineError("invalid_model", f"sparse tensor {name!r}: unreadable indices")
+        if arr is not None:
+            bounds = np.array([n]) if arr.ndim == 1 else np.array(list(sp.dims))
+            if (arr < 0).any() or (arr >= bounds).any():
+                raise EngineError(
+                    "invalid_model", f"sparse tensor {name!r} has indices outside its shape"
+                )
+    if dense_bytes > limits.max_model_bytes:
+        raise EngineError(
+            "model_too_large",
+            "the model's sparse tensors exceed the size limit once dense",
+            {"bytes": dense_bytes, "limit": limits.max_model_bytes},
+        )
+
+
+def _itemsize(data_type: int) -> int:
+    """Bytes per element (at least 1: 4-bit types are rounded up, strings unknown -> 1)."""
+    try:
+        return max(1, np.dtype(helper.tensor_dtype_to_np_dtype(data_type)).itemsize)
+    except (KeyError, TypeError, ValueError):
+        return 1
 
 
 def _typed_field_len(t: TensorProto) -> int | None:
@@ -1170,6 +1437,8 @@ def describe(model: onnx.ModelProto) -> dict:
         "outputs": [_value_desc(v) for v in model.graph.output],
         "parameter_count": parameter_count(model),
         "node_count": n_nodes,
+        "expanded_node_count": expanded_node_count(model),
+        "function_count": len(model.functions),
         "subgraph_depth": depth,
         "control_flow": control_flow,
         "external_data": False,

@@ -37,9 +37,20 @@ class EngineLimits(BaseModel):
         "inferred intermediates, ConstantOfShape results).",
     )
     max_dim: int = Field(default=1 << 31, gt=0, description="Largest single declared dimension.")
-    max_nodes: int = Field(default=200_000, gt=0, description="Most nodes, all subgraphs included.")
+    max_nodes: int = Field(
+        default=200_000,
+        gt=0,
+        description="Most nodes, all subgraphs included and every call of a model-local "
+        "function counted as its whole (expanded) body.",
+    )
     max_subgraph_depth: int = Field(
         default=8, ge=0, description="Deepest nesting of If/Loop/Scan bodies (main graph = 0)."
+    )
+    max_function_depth: int = Field(
+        default=32,
+        ge=0,
+        description="Deepest chain of calls between model-local functions (a graph calling a "
+        "function = 1); recursion is refused outright.",
     )
     max_dataset_bytes: int = Field(
         default=512 * 1024 * 1024, gt=0, description="Largest dataset .npz, in bytes, compressed or not."

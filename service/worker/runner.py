@@ -194,6 +194,8 @@ class JobRunner:
                 "device": device,
                 "constraints": job.constraints,
                 "store_prefix": self.store.prefix,
+                # Without it the engine would run under EngineLimits' defaults.
+                "limits": self.settings.engine_limits().model_dump(mode="json"),
             }
             (workdir / "spec.json").write_text(json.dumps(spec))
             timings["download"] = time.monotonic() - clock

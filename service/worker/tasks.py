@@ -50,7 +50,7 @@ def register_tasks(app: Celery, settings: Settings, metrics: ServiceMetrics) -> 
         max_retries=10,
     )
     def run_job(self: Any, job_id: str, tenant: str = DEFAULT_TENANT) -> None:
-        if not TENANT_NAME.match(tenant):
+        if not TENANT_NAME.fullmatch(tenant):
             log.warning("dropping a message with an invalid tenant %r", tenant)
             return
         final = runner(tenant).run(job_id)
@@ -59,7 +59,7 @@ def register_tasks(app: Celery, settings: Settings, metrics: ServiceMetrics) -> 
 
     @app.task(name=WEBHOOK_TASK, acks_late=True)
     def deliver_webhook(job_id: str, tenant: str, attempt: int = 1) -> None:
-        if not TENANT_NAME.match(tenant):
+        if not TENANT_NAME.fullmatch(tenant):
             return
         if "root" not in stores:
             stores["root"] = make_store(settings)
@@ -105,7 +105,7 @@ class Reconciler:
         """One pass over every tenant; returns the ids re-enqueued."""
         requeued: list[str] = []
         for tenant in self.root.list_prefixes("tenants/"):
-            if TENANT_NAME.match(tenant):
+            if TENANT_NAME.fullmatch(tenant):
                 jobs = JobStore(
                     self.root.scoped(tenant_prefix(tenant)), JobEvents.from_settings(self.settings)
                 )

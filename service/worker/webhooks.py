@@ -27,7 +27,36 @@ class CallbackRefused(EngineError):
         super().__init__("invalid_callback_url", message)
 
 
+# IPv6 prefixes that carry an IPv4 address in their last 32 bits: the IPv4-compatible
+# ``::a.b.c.d`` (deprecated, still routed by some stacks) and NAT64's well-known prefix
+# (RFC 6052), through which a gateway reaches whatever IPv4 address is embedded.
+_EMBEDS_IPV4_LOW32 = (ipaddress.ip_network("::/96"), ipaddress.ip_network("64:ff9b::/96"))
+# Local-use NAT64 (RFC 8215): the embedded address is not even at a fixed place.
+_NEVER = (ipaddress.ip_network("64:ff9b:1::/48"),)
+
+
+def _embedded_ipv4(addr: ipaddress.IPv6Address) -> ipaddress.IPv4Address | None:
+    """The IPv4 address an IPv6 one stands for (mapped, compatible, NAT64, 6to4, Teredo)."""
+    if addr.ipv4_mapped is not None:
+        return addr.ipv4_mapped
+    if addr.sixtofour is not None:
+        return addr.sixtofour
+    if addr.teredo is not None:
+        return addr.teredo[1]
+    if int(addr) > 1 and any(addr in net for net in _EMBEDS_IPV4_LOW32):  # not :: or ::1
+        return ipaddress.IPv4Address(int(addr) & 0xFFFFFFFF)
+    return None
+
+
 def _allowed(addr: ipaddress.IPv4Address | ipaddress.IPv6Address, host: str, settings: Settings) -> bool:
+    if isinstance(addr, ipaddress.IPv6Address):
+        if any(addr in net for net in _NEVER):
+            return False
+        # Python's is_global judges these by their IPv6 prefix (``::127.0.0.1`` and
+        # ``64:ff9b::7f00:1`` count as global): judge the IPv4 address they reach instead.
+        inner = _embedded_ipv4(addr)
+        if inner is not None:
+            return _allowed(inner, host, settings)
     entries = [e.strip() for e in settings.webhook_allow_hosts.split(",") if e.strip()]
     for entry in entries:
         if entry == host:

@@ -263,6 +263,71 @@ def test_schemas_reject_typos(render_dir: Path, tmp_path: Path) -> None:
     assert "livenesProbe" in proc.stdout and "minReplicas" in proc.stdout, proc.stdout
 
 
+def test_prod_overlays_fail_closed(render_dir: Path) -> None:
+    proc = run_step("auth", render_dir=render_dir)
+    assert proc.returncode == 0, output(proc)
+    assert "prod: checked" in proc.stdout and "prod-cpu-hpa: checked" in proc.stdout
+
+
+def _api_container(objs: list[Obj]) -> Obj:
+    return pod_spec(one(objs, "Deployment", "edgepress-api"))["containers"][0]
+
+
+def _drop_keys_file(objs: list[Obj]) -> None:
+    c = _api_container(objs)
+    c["env"] = [e for e in c["env"] if e["name"] != "EDGEPRESS_API_KEYS_FILE"]
+
+
+def _say_open(objs: list[Obj]) -> None:
+    config = next(o for o in objs if o["kind"] == "ConfigMap"
+                  and o["metadata"]["name"].startswith("edgepress-config"))
+    config["data"]["EDGEPRESS_AUTH"] = "open"
+
+
+def _optional_secret(objs: list[Obj]) -> None:
+    for volume in pod_spec(one(objs, "Deployment", "edgepress-api"))["volumes"]:
+        if "secret" in volume:
+            volume["secret"]["optional"] = True
+
+
+def _keys_file_outside_the_secret(objs: list[Obj]) -> None:
+    for e in _api_container(objs)["env"]:
+        if e["name"] == "EDGEPRESS_API_KEYS_FILE":
+            e["value"] = "/tmp/keys.json"
+
+
+def _route_everything(objs: list[Obj]) -> None:
+    paths = one(objs, "Ingress", "edgepress-api")["spec"]["rules"][0]["http"]["paths"]
+    paths[0]["path"] = "/"
+
+
+def _route_metrics(objs: list[Obj]) -> None:
+    paths = one(objs, "Ingress", "edgepress-api")["spec"]["rules"][0]["http"]["paths"]
+    paths.append({**paths[0], "path": "/metrics", "pathType": "Exact"})
+
+
+@pytest.mark.parametrize(
+    ("mutate", "message"),
+    [
+        (_drop_keys_file, "no API keys from a Secret"),
+        (_say_open, "EDGEPRESS_AUTH=open"),
+        (_optional_secret, "not in a mounted (non-optional) Secret"),
+        (_keys_file_outside_the_secret, "not in a mounted (non-optional) Secret"),
+        (_route_everything, "routes / (Prefix)"),
+        (_route_metrics, "routes /metrics (Exact)"),
+    ],
+)
+def test_auth_step_fails_an_open_prod_overlay(
+    render_dir: Path, tmp_path: Path, mutate: Any, message: str
+) -> None:
+    objs = [o for o in yaml.safe_load_all((render_dir / "prod.yaml").read_text()) if o]
+    mutate(objs)
+    (tmp_path / "prod.yaml").write_text(yaml.safe_dump_all(objs))
+    proc = run_step("auth", render_dir=tmp_path)
+    assert proc.returncode != 0, output(proc)
+    assert message in proc.stdout, proc.stdout
+
+
 @pytest.mark.slow
 def test_checkov_finds_no_failing_check(render_dir: Path) -> None:
     proc = run_step("checkov", render_dir=render_dir)

@@ -29,7 +29,7 @@ def keyed_app(isolated_settings, tmp_path):  # type: ignore[no-untyped-def]
     ]))
     settings = isolated_settings.model_copy(update={
         "api_keys_file": str(keys_file), "quota_concurrent_jobs": 2,
-        "rate_limit_per_minute": 0,
+        "rate_limit_per_minute": 0, "auth": "keys",
     })
     # model_copy skips validation: SecretStr must be built explicitly.
     from pydantic import SecretStr
@@ -91,6 +91,7 @@ def test_rate_limit_per_key(isolated_settings) -> None:  # type: ignore[no-untyp
 
     settings = isolated_settings.model_copy(update={
         "api_keys": SecretStr(f"acme:rl-{isolated_settings.s3_prefix[-8:]}"), "rate_limit_per_minute": 5,
+        "auth": "keys",
     })
     c = create_app(settings).test_client()
     # Another app instance shares the counter through Redis (as API replicas do).
@@ -106,6 +107,27 @@ def test_rate_limit_per_key(isolated_settings) -> None:  # type: ignore[no-untyp
     assert statuses == [200] * 5 + [429] * 2, statuses
     last = c2.get("/v1/devices", headers=key)
     assert last.get_json()["code"] == "rate_limited" and int(last.headers["Retry-After"]) >= 1
+
+
+def test_failed_attempts_are_counted_and_limited(isolated_settings) -> None:  # type: ignore[no-untyped-def]
+    from pydantic import SecretStr
+
+    key = f"good-{isolated_settings.s3_prefix[-8:]}"
+    settings = isolated_settings.model_copy(update={
+        "api_keys": SecretStr(f"acme:{key}"), "rate_limit_per_minute": 4, "auth": "keys",
+    })
+    c = create_app(settings).test_client()
+    # A guesser from one address (its own, so other tests' counters are not shared).
+    guess = {"REMOTE_ADDR": f"198.51.100.{int(isolated_settings.s3_prefix[-2:], 16) % 250}"}
+    statuses = [c.get("/v1/devices", headers={"Authorization": f"Bearer guess-{i}"},
+                      environ_base=guess).status_code for i in range(6)]
+    assert statuses[:4] == [401] * 4 and statuses[4:] == [429, 429]
+    last = c.get("/v1/devices", environ_base=guess)  # no key at all counts as a failure too
+    assert last.status_code == 429 and last.get_json()["code"] == "rate_limited"
+    assert int(last.headers["Retry-After"]) >= 1
+    # The valid key is not limited by the guesser's failures.
+    assert c.get("/v1/devices", headers={"Authorization": f"Bearer {key}"},
+                 environ_base=guess).status_code == 200
 
 
 def test_idempotency_key(client) -> None:  # type: ignore[no-untyped-def]

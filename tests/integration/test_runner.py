@@ -46,6 +46,17 @@ def test_runs_a_job_once(isolated_settings, tmp_path) -> None:  # type: ignore[n
     assert again is not None and again.state is JobState.succeeded and again.attempts == 1
 
 
+def test_the_engine_gets_the_operators_limits(isolated_settings, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    # A ~140 KB model under an operator's 64 KiB model limit: the engine itself refuses it
+    # (with EngineLimits' defaults, as before the spec carried limits, it would succeed).
+    tight = isolated_settings.model_copy(update={"max_upload_bytes": 64 * 1024})
+    _, _, job, _, _ = _setup(tight, tmp_path)
+    final = JobRunner(tight, make_store(tight).scoped(tenant_prefix(DEFAULT_TENANT)),
+                      ServiceMetrics(), name="tight-runner").run(job.id)
+    assert final is not None and final.state is JobState.failed, final
+    assert final.error is not None and final.error.code == "model_too_large", final.error
+
+
 def test_deleted_model_fails_precisely(isolated_settings, tmp_path) -> None:  # type: ignore[no-untyped-def]
     store, jobs, job, runner, record = _setup(isolated_settings, tmp_path)
     UploadStore(store).delete_model(record.id)

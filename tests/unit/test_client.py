@@ -467,3 +467,33 @@ def test_real_errors_and_devices(live_stack: Any, tmp_path: Path) -> None:
     assert all(isinstance(d, DeviceProfile) for d in devices)
     assert "host" in {d.name for d in devices}
     assert client.get_device("raspberry_pi_5").architecture == "arm64"
+
+
+# ---------------------------------------------------------------------------------------------
+# Names the server supplies never choose where we write
+
+
+@pytest.mark.parametrize("name", ["../escape.onnx", "/tmp/escape.onnx", "a/b.onnx", "..", ".",
+                                  ".bashrc", "x\x00.onnx", "a\\b.onnx", ""])
+def test_download_refuses_artifact_names_that_are_paths(tmp_path: Path, name: str) -> None:
+    from service import cli
+
+    out = tmp_path / "out"
+    job = _job(state="succeeded", artifacts=["model.onnx", name])
+    with _Scripted([_json(200, job)]) as server:
+        code = cli.main(["--api", server.url, "download", "job_1", "-o", str(out)])
+        assert code == cli.EXIT_UNREACHABLE  # a server answering nonsense
+        assert [r["path"] for r in server.requests] == ["/v1/jobs/job_1"]  # nothing fetched
+    assert list(tmp_path.rglob("*")) == []  # not even the output directory
+    out.mkdir()
+    with pytest.raises(EdgePressError) as info:
+        EdgePressClient("http://127.0.0.1:9").download_artifact("job_1", name, out)
+    assert info.value.code == "bad_response"  # before any request (the port is closed)
+    assert list(tmp_path.rglob("*")) == [out]
+
+
+def test_plain_artifact_names_pass() -> None:
+    from service.client import safe_artifact_name
+
+    for name in ("model.onnx", "report.json", "report.html", "model.onnx.zst"):
+        assert safe_artifact_name(name) == name

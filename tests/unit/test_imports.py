@@ -9,7 +9,7 @@ def test_api_does_not_import_heavy_libraries() -> None:
         "import sys\n"
         "from service.api import create_app\n"
         "from service.config import Settings\n"
-        "create_app(Settings())\n"
+        "create_app(Settings(auth=\"open\"))\n"
         "import service.api.jobs, service.api.models, service.api.datasets, service.api.devices\n"
         "from service.engine.registry import registered_passes\n"
         "registered_passes()\n"

@@ -34,3 +34,13 @@ def test_memory_limit_is_a_precise_refusal(tmp_path: Path) -> None:
         inspect_in_child("model", path, "big.onnx", EngineLimits(), tight)
     assert info.value.code in {"model_too_large", "invalid_model"}
     assert "memory" in info.value.message or "resources" in info.value.message
+
+
+def test_exponential_functions_are_refused_by_the_child(tmp_path: Path) -> None:
+    from tests.crafted import function_chain
+
+    path = tmp_path / "bomb.onnx"
+    path.write_bytes(function_chain(25, 2).SerializeToString())
+    with pytest.raises(EngineError) as info:
+        inspect_in_child("model", path, "bomb.onnx", EngineLimits(), Settings(inspect_timeout_seconds=20))
+    assert info.value.code == "model_too_large"

@@ -31,6 +31,8 @@ HOSTILE_NAMES = sorted([
     "torch_save_named.onnx", "exported.pt2", "traversal.zip", "traversal.tar", "absolute.zip",
     "absolute.tar", "symlink.tar", "symlink.zip", "bomb.zip", "no_model.zip",
     "lone_external.onnx", "bogus_offset.zip", "bogus_length.zip", "ext_traversal.zip", "ext_absolute.zip",
+    "file_dir_collision.zip", "file_dir_collision.tar", "hardlink.tar", "fifo.tar", "device.tar",
+    "big_pax.tar", "huge_pax.tar",
     *(f"{n}.onnx" for n in crafted.hostile_models()),
 ])
 
@@ -253,3 +255,90 @@ def test_ingest_and_dataset_import_no_onnxruntime_or_torch() -> None:
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
                           timeout=60)
     assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_local_functions_count_as_their_expanded_bodies(tmp_path: Path) -> None:
+    # f0 = Identity; f1 calls f0 twice; f2 calls f1 twice; the graph calls f2 once.
+    path = tmp_path / "fns.onnx"
+    path.write_bytes(crafted.function_chain(3, 2).SerializeToString())
+    desc = inspect_upload(path)
+    assert desc["node_count"] == 1 and desc["function_count"] == 3
+    assert desc["expanded_node_count"] == 1 + 2 * (1 + 2 * (1 + 1))
+    with pytest.raises(EngineError) as info:
+        inspect_upload(path, limits=EngineLimits(max_nodes=10))
+    assert info.value.code == "model_too_large"
+    with pytest.raises(EngineError) as info:
+        inspect_upload(path, limits=EngineLimits(max_function_depth=2))
+    assert info.value.code == "unsupported_model"
+    assert inspect_upload(path, limits=EngineLimits(max_function_depth=3))["function_count"] == 3
+
+
+def test_exponential_functions_are_refused_fast(tmp_path: Path) -> None:
+    import time
+
+    path = tmp_path / "bomb.onnx"
+    path.write_bytes(crafted.function_chain(25, 2).SerializeToString())  # 2^24 leaves inlined
+    assert path.stat().st_size < 4096
+    started = time.perf_counter()
+    with pytest.raises(EngineError) as info:
+        inspect_upload(path)
+    # Before functions were counted this upload held a worker for 11 minutes.
+    assert time.perf_counter() - started < 5
+    assert info.value.code == "model_too_large" and "expands" in info.value.message
+
+
+def test_function_defined_twice_is_refused(tmp_path: Path) -> None:
+    m = crafted.function_chain(2, 1)
+    m.functions.append(m.functions[0])
+    path = tmp_path / "twice.onnx"
+    path.write_bytes(m.SerializeToString())
+    with pytest.raises(EngineError) as info:
+        inspect_upload(path)
+    assert info.value.code == "invalid_model" and "defined twice" in info.value.message
+
+
+def test_function_opset_newer_than_the_runtime_is_refused(tmp_path: Path) -> None:
+    m = crafted.function_chain(2, 1)
+    m.functions[0].opset_import[0].version = 99
+    path = tmp_path / "fn-opset.onnx"
+    path.write_bytes(m.SerializeToString())
+    with pytest.raises(EngineError) as info:
+        inspect_upload(path)
+    assert info.value.code == "unsupported_model" and "opset 99" in info.value.message
+
+
+def test_valid_sparse_initializer_is_accepted_and_counted(tmp_path: Path) -> None:
+    sp = crafted.sparse_tensor(np.array([1.5, -2.0], np.float32), np.array([1, 14], np.int64), [4, 4])
+    m = crafted.hostile_models()["sparse_nan_values"][0]
+    del m.graph.sparse_initializer[:]
+    m.graph.sparse_initializer.append(sp)
+    path = tmp_path / "sparse.onnx"
+    path.write_bytes(m.SerializeToString())
+    desc = inspect_upload(path)
+    assert desc["parameter_count"] == 2
+    # Coordinate indices ([NNZ, rank]) are accepted too, and checked against each dimension.
+    del m.graph.sparse_initializer[:]
+    m.graph.sparse_initializer.append(crafted.sparse_tensor(
+        np.array([1.0], np.float32), np.array([[3, 3]], np.int64), [4, 4]))
+    path.write_bytes(m.SerializeToString())
+    inspect_upload(path)
+    m.graph.sparse_initializer[0].CopyFrom(crafted.sparse_tensor(
+        np.array([1.0], np.float32), np.array([[0, 4]], np.int64), [4, 4]))
+    path.write_bytes(m.SerializeToString())
+    with pytest.raises(EngineError) as info:
+        inspect_upload(path)
+    assert info.value.code == "invalid_model" and "outside its shape" in info.value.message
+
+
+def test_sparse_tensors_count_towards_the_model_size_once_dense(tmp_path: Path) -> None:
+    # 1024 x 1024 float32 = 4 MiB once dense, from a file of a few hundred bytes.
+    m = crafted.hostile_models()["sparse_nan_values"][0]
+    del m.graph.sparse_initializer[:]
+    m.graph.sparse_initializer.append(crafted.sparse_tensor(
+        np.ones(1, np.float32), np.zeros(1, np.int64), [1024, 1024]))
+    path = tmp_path / "dense.onnx"
+    path.write_bytes(m.SerializeToString())
+    inspect_upload(path)
+    with pytest.raises(EngineError) as info:
+        inspect_upload(path, limits=EngineLimits(max_model_bytes=1 << 20))
+    assert info.value.code == "model_too_large" and "once dense" in info.value.message
