@@ -26,6 +26,8 @@ if TYPE_CHECKING:  # pragma: no cover
     import numpy as np
     import onnx
 
+    from service.engine.inputs import InputPlan
+
 
 class PassConfig(BaseModel):
     """Base for every pass config: frozen, unknown fields refused."""
@@ -52,6 +54,8 @@ class PassContext:
     - ``resolve_model(model_id)``: a local path for another uploaded model (a student or an
       extra teacher named in a config), or None where the caller offers no such lookup.
     - ``notes``: the pass writes what it did here (JSON-able); it lands in report.json.
+    - ``inputs``: without a dataset, the resolved input plan (``service.engine.inputs``:
+      shapes and values the original runs on); ``inputs.feeds(n, seed)`` generates samples.
     """
 
     workdir: Path
@@ -62,6 +66,7 @@ class PassContext:
     check_cancelled: Callable[[], None] = lambda: None
     resolve_model: Callable[[str], Path] | None = None
     notes: dict[str, Any] = field(default_factory=dict)
+    inputs: InputPlan | None = None
 
 
 class Pass(Generic[ConfigT]):

@@ -319,7 +319,7 @@ def test_auto_delegates_to_the_search(tmp_path: Path, monkeypatch: pytest.Monkey
     assert out == "delegated"
     assert seen["constraints"] == {"max_bytes": 1} and seen["limits"] is FAST
     assert set(seen) == {"model_path", "workdir", "dataset_path", "device", "constraints",
-                         "progress", "check_cancelled", "resolve_model", "limits"}
+                         "progress", "check_cancelled", "resolve_model", "limits", "inputs"}
 
 
 def test_model_that_fails_on_generated_inputs_is_refused_before_the_passes(

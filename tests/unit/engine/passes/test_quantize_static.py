@@ -8,7 +8,7 @@ from onnx import TensorProto as T
 from onnx import helper as h
 
 from service.engine.errors import EngineError
-from service.engine.passes.quantize_static import QuantizeStaticConfig, generate_inputs
+from service.engine.passes.quantize_static import QuantizeStaticConfig
 from tests import crafted
 
 
@@ -74,13 +74,6 @@ def test_generated_calibration_is_reported_and_keeps_dynamic_dims(kit) -> None:
     ref, out = kit.outputs(model, {"ids": ids}), kit.outputs(run.model, {"ids": ids})
     assert out[0].shape == (3, 21, 64)
     assert kit.min_cosine(ref, out) >= 0.98
-
-
-def test_generate_inputs_follows_the_signature() -> None:
-    arrays = generate_inputs(crafted.dynamic_dims(), samples=5, dim=7)
-    assert arrays["ids"].shape == (5, 7) and arrays["ids"].dtype == np.int64
-    again = generate_inputs(crafted.dynamic_dims(), samples=5, dim=7)
-    np.testing.assert_array_equal(arrays["ids"], again["ids"])  # fixed seed
 
 
 def test_dataset_without_the_model_input_is_refused(kit) -> None:
