@@ -246,7 +246,7 @@ def split_feeds(
     total = next(iter(dataset.values())).shape[0]
     if samples_layout(model, dataset):
         count = min(max_feeds, total)
-        feeds = [{k: a[i] for k, a in dataset.items()} for i in range(count)]
+        feeds = [{k: a[i, ...] for k, a in dataset.items()} for i in range(count)]  # 0-d kept
         chunks = None if labels is None else [labels[i:i + 1] for i in range(count)]
         return feeds, chunks
     fixed = next((s.dims[0] for s in input_signature(model)

@@ -675,9 +675,14 @@ def _refusal(draft: _Draft, failures: list[tuple[dict, dict, str]], tried: int, 
     scalars = list(draft.scalar_choices)
     hints = []
     if dynamic or not given:
-        example = dynamic[0] if dynamic else draft.slots[0].name if draft.slots else "x"
-        hints.append(f"the input shapes (--input-shape {example}=1x3x640x640, or \"inputs\": "
-                     f"{{\"{example}\": {{\"shape\": [...]}}}} in the job)")
+        slot = next((s for s in draft.slots if s.name in dynamic), None) or (
+            draft.slots[0] if draft.slots else None)
+        name = slot.name if slot is not None else "x"
+        shape = "x".join(
+            str(a) if isinstance(a, int) else "1" if draft.variables.get(a) == "batch" else "<n>"
+            for a in (draft.axes.get(name, []) if slot is not None else [])) or "<n>"
+        hints.append(f"the input shapes (--input-shape {name}={shape}, or \"inputs\": "
+                     f"{{\"{name}\": {{\"shape\": [...]}}}} in the job)")
     if scalars:
         hints.append(f"the values of {', '.join(scalars)} (--input-value {scalars[0]}=16000)")
     hints.append("a dataset of real inputs")
