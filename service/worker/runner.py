@@ -193,6 +193,7 @@ class JobRunner:
                 "recipe": job.recipe,
                 "device": device,
                 "constraints": job.constraints,
+                "inputs": job.inputs,
                 "store_prefix": self.store.prefix,
             }
             (workdir / "spec.json").write_text(json.dumps(spec))
