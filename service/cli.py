@@ -225,6 +225,25 @@ def parse_shape(spec: str) -> tuple[str, list[int]]:
     return name.strip(), shape
 
 
+def parse_value(spec: str) -> tuple[str, bool | int | float]:
+    """``name=16000`` -> ("name", 16000); ``name=0.5``, ``name=true`` alike."""
+    name, eq, raw = spec.partition("=")
+    raw = raw.strip()
+    value: bool | int | float
+    try:
+        if raw.lower() in ("true", "false"):
+            value = raw.lower() == "true"
+        elif raw.lstrip("+-").isdigit():
+            value = int(raw)
+        else:
+            value = float(raw)
+    except ValueError:
+        raise CliError(f"--input-value {spec!r}: expected name=16000", EXIT_USAGE) from None
+    if not eq or not name.strip():
+        raise CliError(f"--input-value {spec!r}: expected name=16000", EXIT_USAGE)
+    return name.strip(), value
+
+
 def parse_dynamic(spec: str) -> tuple[str, dict[int, str]]:
     """``name=0:batch,1:seq`` -> ("name", {0: "batch", 1: "seq"})."""
     name, eq, axes = spec.partition("=")
@@ -561,7 +580,9 @@ def cmd_submit(args: argparse.Namespace, out: Output) -> int:
     model_id = _resolve_model(client, args.model, out)
     dataset_id = _resolve_dataset(client, args.dataset, out)
     job = client.submit_job(model_id, recipe, device=device, constraints=_constraints(args),
-                            dataset_id=dataset_id, callback_url=args.callback_url)
+                            dataset_id=dataset_id, callback_url=args.callback_url,
+                            input_shapes=dict(parse_shape(s) for s in args.input_shape or []),
+                            input_values=dict(parse_value(v) for v in args.input_value or []))
     if args.wait:
         out.note(f"submitted {job.id}")
         return _wait_and_report(client, job.id, args, out)
@@ -888,6 +909,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "quantize_static:per_channel=true,calibration=entropy")
     p.add_argument("--auto", action="store_true", help="search for the best recipe")
     p.add_argument("--dataset", help="a dataset file (.npz, uploaded first) or id (ds_...)")
+    p.add_argument("--input-shape", action="append", metavar="NAME=1x3x640x640",
+                   help="the shape of a model input for generated inputs (repeatable; without "
+                        "it and without a dataset, dynamic dims are probed)")
+    p.add_argument("--input-value", action="append", metavar="NAME=16000",
+                   help="fill a model input with this value, e.g. a sample rate (repeatable)")
     p.add_argument("--max-size-mb", type=float)
     p.add_argument("--max-latency-ms", type=float)
     p.add_argument("--latency-on", choices=["target", "host"])
@@ -988,5 +1014,5 @@ if __name__ == "__main__":
     sys.exit(main())
 
 __all__ = ["main", "build_parser", "parse_pass", "parse_recipe_arg", "parse_shape",
-           "parse_dynamic", "unmet_constraints", "job_exit_code", "summarize_report",
+           "parse_dynamic", "parse_value", "unmet_constraints", "job_exit_code", "summarize_report",
            "EXIT_CODES"]

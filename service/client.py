@@ -41,7 +41,7 @@ import random
 import re
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import IO, Any
 
@@ -523,19 +523,31 @@ class EdgePressClient:
         constraints: Constraints | dict[str, Any] | None = None,
         dataset_id: str | None = None,
         callback_url: str | None = None,
+        input_shapes: dict[str, Sequence[int]] | None = None,
+        input_values: dict[str, bool | int | float] | None = None,
     ) -> Job:
         """Start a job: ``recipe`` is ``"auto"`` or ordered steps ``[{"pass": name, ...}]``.
+
+        ``input_shapes`` (``{"image": [1, 3, 640, 640]}``) and ``input_values`` (``{"sr":
+        16000}``) say what generated evaluation/calibration inputs are when no dataset is
+        given; the API checks them against the model's inputs (names, rank, static dims).
 
         The request is validated here with the API's ``JobCreate`` first (a typo in a
         constraint fails before any network call, as ``EdgePressError(None,
         "validation_error")``).
         """
+        inputs: dict[str, dict[str, Any]] = {}
+        for name, shape in (input_shapes or {}).items():
+            inputs.setdefault(name, {})["shape"] = list(shape)
+        for name, value in (input_values or {}).items():
+            inputs.setdefault(name, {})["value"] = value
         try:
             spec = JobCreate(
                 model_id=model_id, device=device, recipe=recipe,  # type: ignore[arg-type]
                 constraints=(constraints if isinstance(constraints, Constraints)
                              else Constraints.model_validate(constraints or {})),
                 dataset_id=dataset_id, callback_url=callback_url,
+                inputs=inputs,  # type: ignore[arg-type]
             )
         except ValidationError as exc:
             errors = [{"field": ".".join(str(p) for p in e["loc"]), "message": e["msg"]}
@@ -549,6 +561,8 @@ class EdgePressClient:
         """Start a job from a ready ``JobCreate``."""
         body = spec.model_dump(mode="json", exclude_none=True)
         body["constraints"] = spec.constraints.model_dump(mode="json", exclude_none=True)
+        if not body.get("inputs"):
+            body.pop("inputs", None)
         out: Job = self._parse(Job, self._json(self._request("POST", "/v1/jobs", json=body)))
         return out
 

@@ -21,6 +21,7 @@ from service.api.quotas import check_job_quota
 from service.api.schemas import JobCreate, parse_body
 from service.engine.devices import parse_device
 from service.engine.errors import EngineError
+from service.engine.inputs import check_inputs, slots_from_description
 from service.engine.registry import parse_recipe
 from service.errors import Conflict, NotFound, Unavailable, ValidationFailed
 from service.jobs.models import Job, JobState, new_job_id, utcnow
@@ -42,6 +43,12 @@ def create_job() -> tuple[Response, int, dict[str, str]]:
     dataset = space().uploads.get_dataset(spec.dataset_id) if spec.dataset_id else None
     if dataset is not None:
         _check_dataset_matches(dataset, model)
+    if spec.inputs:
+        try:
+            check_inputs(spec.inputs, slots_from_description(model.inputs))
+        except EngineError as exc:
+            raise ValidationFailed(exc.message, code="invalid_inputs",
+                                   extra={"errors": exc.details.get("errors", [])}) from None
     try:
         if spec.recipe != "auto":
             parse_recipe(spec.recipe)
@@ -58,6 +65,7 @@ def create_job() -> tuple[Response, int, dict[str, str]]:
         device=spec.device if isinstance(spec.device, dict) else device.name,
         recipe=spec.recipe,
         constraints=spec.constraints.model_dump(exclude_none=True),
+        inputs={name: i.model_dump(exclude_none=True) for name, i in spec.inputs.items()},
         callback_url=spec.callback_url,
         created_at=utcnow(),
     )

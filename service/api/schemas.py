@@ -10,6 +10,7 @@ from typing import Any, Literal, TypeVar
 from pydantic import BaseModel, ConfigDict, Field
 
 from service.engine.constraints import AutoConstraints
+from service.engine.inputs import MAX_INPUTS, JobInputs
 from service.errors import ValidationFailed
 
 BodyT = TypeVar("BodyT", bound=BaseModel)
@@ -45,3 +46,8 @@ class JobCreate(BaseModel):
     constraints: AutoConstraints = Field(default_factory=lambda: AutoConstraints.model_validate({}))
     dataset_id: str | None = Field(default=None, max_length=64)
     callback_url: str | None = Field(default=None, max_length=2048)
+    inputs: JobInputs = Field(
+        default_factory=dict, max_length=MAX_INPUTS,
+        description='Shapes and values of model inputs by name, e.g. {"image": {"shape": '
+        '[1, 3, 640, 640]}, "sr": {"value": 16000}}: what generated evaluation and calibration '
+        "inputs use (without a dataset) instead of probing.")

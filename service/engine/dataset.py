@@ -1,9 +1,19 @@
 """Datasets: ``.npz`` files of calibration / evaluation samples, keyed by model input name.
 
-Layout: one array per model input, axis 0 is the model's batch axis and counts samples; an
-optional ``labels`` array holds one integer class per sample. Arrays with one more axis than the
-model input whose axis 1 is 1 (``[samples, 1, ...]`` for a batch-1 model) are accepted and
-squeezed. Loading never unpickles (``allow_pickle=False``; object arrays are refused).
+Layout: one array per model input, in either form:
+
+- ``[N, *input_shape]``: N samples, each exactly what the model takes in one run (its declared
+  shape, dynamic dims free), wherever its batch axis is: a recurrent state ``[layers, batch,
+  hidden]`` is given as ``[N, layers, 1, hidden]``, a scalar input (a sample rate) as ``[N]``;
+- ``[rows, ...]`` with the model input's own rank: axis 0 is the model's batch axis (axis 0) and
+  counts samples; a model with a fixed batch B takes them B rows at a time.
+
+An optional ``labels`` array holds one integer class per sample. ``load_dataset`` returns the
+*batched* layout (every array with the input's rank, axis 0 the batch) when every input allows
+it (``[N, 1, ...]`` for a batch-1 input is squeezed to ``[N, ...]``), else the *samples* layout
+(every array ``[N, *input_shape]``); ``split_feeds`` cuts either into model feeds, one sample at
+a time where the batch is fixed. Loading never unpickles (``allow_pickle=False``; object arrays
+are refused).
 
 This module imports only numpy and onnx (the API calls ``inspect_dataset`` on upload).
 """
@@ -11,6 +21,7 @@ This module imports only numpy and onnx (the API calls ``inspect_dataset`` on up
 from __future__ import annotations
 
 import zipfile
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +30,7 @@ from onnx import helper
 
 from service.engine.errors import EngineError
 from service.engine.ingest import graph_inputs
+from service.engine.inputs import InputSlot, input_signature
 from service.engine.limits import EngineLimits
 
 LABELS = "labels"
@@ -139,7 +151,7 @@ def load_dataset(
         raise EngineError("invalid_dataset", "dataset arrays must be named after the model "
                           f"inputs {names} (plus optional 'labels')",
                           {"missing": missing, "unexpected": extra})
-    out: dict[str, np.ndarray] = {}
+    arrays_in: dict[str, np.ndarray] = {}
     for v in inputs:
         arr = arrays[v.name]
         tt = v.type.tensor_type
@@ -158,27 +170,93 @@ def load_dataset(
         if arr.dtype.kind == "f" and not np.isfinite(arr).all():
             raise EngineError("invalid_dataset", f"array {v.name!r} contains NaN or infinite "
                               "values")
-        dims = [d.dim_value if d.HasField("dim_value") else None for d in tt.shape.dim] \
-            if tt.HasField("shape") else None
-        if dims is not None:
-            if arr.ndim == len(dims) + 1 and arr.shape[1] == 1 and dims and dims[0] in (1, None):
-                arr = arr[:, 0]
-            if arr.ndim != len(dims):
-                raise EngineError("invalid_dataset", f"array {v.name!r} has shape "
-                                  f"{list(arr.shape)}, the model input has rank {len(dims)} "
-                                  f"({_fmt(dims)}); axis 0 counts samples",
-                                  {"input": v.name, "shape": list(arr.shape)})
-            for axis, d in enumerate(dims):
-                if axis == 0 and d == 1:
-                    continue  # samples are fed one at a time along the batch axis
-                if d is not None and arr.shape[axis] != d and not (axis == 0 and
-                                                                    arr.shape[0] % d == 0):
-                    raise EngineError("invalid_dataset", f"array {v.name!r} has shape "
-                                      f"{list(arr.shape)}, the model input is {_fmt(dims)}",
-                                      {"input": v.name, "axis": axis})
-        out[v.name] = np.ascontiguousarray(arr)
-    return out, labels
+        arrays_in[v.name] = arr
+    return _canonical(input_signature(model), arrays_in), labels
 
 
-def _fmt(dims: list[int | None]) -> str:
+def _fits(shape: tuple[int, ...], dims: tuple[int | None, ...]) -> bool:
+    return len(shape) == len(dims) and all(d is None or s == d for s, d in
+                                           zip(shape, dims, strict=True))
+
+
+def _canonical(slots: list[InputSlot], arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Every array checked against its input, then all in one layout (module docstring)."""
+    sample_form: dict[str, bool] = {}
+    for slot in slots:
+        arr, dims = arrays[slot.name], slot.dims
+        if dims is None:  # no declared shape: taken as rows along axis 0
+            sample_form[slot.name] = False
+            continue
+        if arr.ndim == len(dims) + 1 and _fits(arr.shape[1:], dims):
+            sample_form[slot.name] = True
+        elif dims and arr.ndim == len(dims) and _fits(arr.shape[1:], dims[1:]) and (
+                dims[0] is None or arr.shape[0] % dims[0] == 0):
+            sample_form[slot.name] = False
+        else:
+            expected = "[N" + "".join(f", {'?' if d is None else d}" for d in dims) + "]"
+            rows = " or rows along its batch axis 0 at the input's rank" if dims else ""
+            raise EngineError(
+                "invalid_dataset",
+                f"array {slot.name!r} has shape {list(arr.shape)}; the model input is "
+                f"{_fmt(dims)} (rank {len(dims)}): give {expected} (N samples of the input's "
+                f"shape){rows}",
+                {"input": slot.name, "shape": list(arr.shape), "expected": expected})
+    out: dict[str, np.ndarray] = {}
+    squeezable = all(
+        not sample_form[s.name] or (s.dims and s.dims[0] in (None, 1)
+                                    and arrays[s.name].shape[1] == 1)
+        for s in slots)
+    if squeezable:
+        for slot in slots:
+            arr = arrays[slot.name]
+            out[slot.name] = np.ascontiguousarray(arr[:, 0] if sample_form[slot.name] else arr)
+        return out
+    for slot in slots:  # the samples layout: rows of a batched array become batch-1 samples
+        arr = arrays[slot.name]
+        if not sample_form[slot.name]:
+            if slot.dims and slot.dims[0] not in (None, 1):
+                raise EngineError(
+                    "invalid_dataset",
+                    f"array {slot.name!r} has shape {list(arr.shape)}: with other inputs given "
+                    f"as [N, *input_shape], give it as [N, {_fmt(slot.dims)[1:-1]}] too",
+                    {"input": slot.name, "shape": list(arr.shape)})
+            arr = arr[:, None]
+        out[slot.name] = np.ascontiguousarray(arr)
+    return out
+
+
+def samples_layout(model: onnx.ModelProto, dataset: dict[str, np.ndarray]) -> bool:
+    """Whether a loaded dataset is in the samples layout (arrays ``[N, *input_shape]``)."""
+    return any(s.dims is not None and s.name in dataset
+               and dataset[s.name].ndim == len(s.dims) + 1 for s in input_signature(model))
+
+
+def split_feeds(
+    model: onnx.ModelProto,
+    dataset: dict[str, np.ndarray],
+    labels: np.ndarray | None,
+    max_feeds: int,
+    group: int = 1,
+) -> tuple[list[dict[str, np.ndarray]], list[np.ndarray] | None]:
+    """Cut a loaded dataset into at most ``max_feeds`` model feeds (labels alike).
+
+    Samples layout: one sample per feed. Batched layout: the input's fixed batch B rows at a
+    time (the first input with a fixed axis 0), or ``group`` rows where the batch is dynamic.
+    """
+    total = next(iter(dataset.values())).shape[0]
+    if samples_layout(model, dataset):
+        count = min(max_feeds, total)
+        feeds = [{k: a[i, ...] for k, a in dataset.items()} for i in range(count)]  # 0-d kept
+        chunks = None if labels is None else [labels[i:i + 1] for i in range(count)]
+        return feeds, chunks
+    fixed = next((s.dims[0] for s in input_signature(model)
+                  if s.dims and s.dims[0] is not None), None)
+    unit = fixed or max(1, group)
+    count = min(max_feeds, total // unit if fixed else -(-total // unit))
+    feeds = [{k: a[i * unit:(i + 1) * unit] for k, a in dataset.items()} for i in range(count)]
+    chunks = None if labels is None else [labels[i * unit:(i + 1) * unit] for i in range(count)]
+    return feeds, chunks
+
+
+def _fmt(dims: Sequence[int | None]) -> str:
     return "[" + ", ".join("?" if d is None else str(d) for d in dims) + "]"

@@ -12,11 +12,12 @@
   classifier-like outputs (2-D ``[batch, classes]`` with at least 2 classes); null elsewhere.
 - Accuracy: argmax of the first classifier-like output against the dataset labels.
 
-Evaluation inputs come from the dataset (first ``limits.eval_samples`` samples) or are generated
-from the input signature with a fixed seed: a symbolic batch axis (axis 0) gets 1, every other
-symbolic dim gets 16 (a sequence length); floats are standard normal; integer inputs used as
-``Gather`` indices into an initializer draw from its valid rows, other integers from {0, 1};
-booleans are random.
+Evaluation inputs come from the dataset (first ``limits.eval_samples`` samples, see
+``service.engine.dataset.split_feeds``) or are generated with a fixed seed from an
+``InputPlan`` (``service.engine.inputs``: given shapes and values, static dims, probed dynamic
+dims). Without a plan, a default one: batch axes 1, other dynamic dims 16; floats standard
+normal; integer inputs used as ``Gather`` indices into a constant table draw from its valid
+rows, other integers from {0, 1}; masks are ones; booleans random.
 """
 
 from __future__ import annotations
@@ -30,14 +31,12 @@ from typing import Any
 
 import numpy as np
 import onnx
-from onnx import helper
 
-from service.engine.errors import EngineError
-from service.engine.ingest import graph_inputs, parameter_count
+from service.engine.dataset import split_feeds
+from service.engine.ingest import parameter_count
+from service.engine.inputs import InputPlan, default_plan
 from service.engine.limits import EngineLimits
 
-DEFAULT_BATCH = 1
-DEFAULT_DYNAMIC_DIM = 16
 SEED = 0
 SQNR_CAP_DB = 200.0
 _BURST_SECONDS = 0.005
@@ -49,57 +48,11 @@ Feed = dict[str, np.ndarray]
 # Evaluation inputs
 
 
-def _input_dims(v: onnx.ValueInfoProto) -> list[int]:
-    tt = v.type.tensor_type
-    dims = []
-    for axis, d in enumerate(tt.shape.dim):
-        if d.HasField("dim_value") and d.dim_value > 0:
-            dims.append(d.dim_value)
-        else:
-            dims.append(DEFAULT_BATCH if axis == 0 else DEFAULT_DYNAMIC_DIM)
-    return dims
-
-
-def _index_bounds(model: onnx.ModelProto) -> dict[str, int]:
-    """Graph inputs used as Gather indices into an initializer -> number of valid rows."""
-    inits = {t.name: t for t in model.graph.initializer}
-    bounds: dict[str, int] = {}
-    for node in model.graph.node:
-        if node.op_type == "Gather" and len(node.input) > 1 and node.input[0] in inits:
-            axis = next((a.i for a in node.attribute if a.name == "axis"), 0)
-            dims = inits[node.input[0]].dims
-            if dims:
-                rows = dims[axis]
-                bounds[node.input[1]] = min(bounds.get(node.input[1], rows), rows)
-    return bounds
-
-
-def generate_feeds(model: onnx.ModelProto, samples: int, seed: int = SEED) -> list[Feed]:
-    """``samples`` feeds generated from the input signature (see the module docstring)."""
-    rng = np.random.default_rng(seed)
-    bounds = _index_bounds(model)
-    feeds: list[Feed] = []
-    inputs = graph_inputs(model)
-    for _ in range(samples):
-        feed: Feed = {}
-        for v in inputs:
-            if not v.type.HasField("tensor_type"):
-                raise EngineError("unsupported_model", f"input {v.name!r} is not a tensor "
-                                  "(sequence/map inputs are not supported)")
-            dtype = np.dtype(helper.tensor_dtype_to_np_dtype(v.type.tensor_type.elem_type))
-            dims = _input_dims(v)
-            if dtype.kind == "f":
-                feed[v.name] = rng.standard_normal(dims).astype(dtype)
-            elif dtype.kind in "iu":
-                high = bounds.get(v.name, 2)
-                feed[v.name] = rng.integers(0, max(high, 1), size=dims).astype(dtype)
-            elif dtype.kind == "b":
-                feed[v.name] = rng.integers(0, 2, size=dims).astype(bool)
-            else:
-                raise EngineError("unsupported_model", f"cannot generate evaluation inputs for "
-                                  f"input {v.name!r} of type {dtype}; upload a dataset")
-        feeds.append(feed)
-    return feeds
+def generate_feeds(
+    model: onnx.ModelProto, samples: int, seed: int = SEED, plan: InputPlan | None = None
+) -> list[Feed]:
+    """``samples`` feeds generated from ``plan`` (default: ``default_plan(model)``, unprobed)."""
+    return (plan or default_plan(model)).feeds(samples, seed)
 
 
 def dataset_feeds(
@@ -108,21 +61,9 @@ def dataset_feeds(
     labels: np.ndarray | None,
     samples: int,
 ) -> tuple[list[Feed], list[np.ndarray] | None]:
-    """Split a validated dataset into feeds along the batch axis (batch = the input's fixed
-    axis-0 size, else 1), at most ``samples`` feeds; labels split alike."""
-    batch = 1
-    for v in graph_inputs(model):
-        d0 = v.type.tensor_type.shape.dim[0] if v.type.tensor_type.shape.dim else None
-        if d0 is not None and d0.HasField("dim_value") and d0.dim_value > 0:
-            batch = d0.dim_value
-            break
-    total = next(iter(dataset.values())).shape[0]
-    count = min(samples, total // batch)
-    feeds = [{k: a[i * batch:(i + 1) * batch] for k, a in dataset.items()} for i in range(count)]
-    label_chunks = None
-    if labels is not None:
-        label_chunks = [labels[i * batch:(i + 1) * batch] for i in range(count)]
-    return feeds, label_chunks
+    """At most ``samples`` feeds of a loaded dataset (one sample each, or the model's fixed
+    batch of rows), labels split alike."""
+    return split_feeds(model, dataset, labels, samples)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -175,6 +175,9 @@ def load_model(
     external = _inline_external_data(
         model, onnx_file.parent if fmt == "onnx_archive" else None, limits
     )
+    dynamic = sum(unknown_dynamic_dims(g) for g, _ in iter_graphs(model.graph))
+    if dynamic:
+        notes.append(f"{dynamic} dims declared as -1 or 0 read as dynamic dims")
     validate(model, limits)
     description = describe(model)
     description["format"] = fmt
@@ -1291,6 +1294,21 @@ def _to_array(t: TensorProto) -> np.ndarray | None:
         return None
 
 
+def unknown_dynamic_dims(graph: onnx.GraphProto) -> int:
+    """Make dims declared -1 or 0 (how PaddlePaddle writes dynamic dims) unknown dims, which
+    is what ONNX Runtime takes them for and what shape inference understands; returns how
+    many. The other values of the graph (inputs, outputs, value_info) keep their shapes."""
+    count = 0
+    for v in list(graph.input) + list(graph.output) + list(graph.value_info):
+        if not v.type.HasField("tensor_type") or not v.type.tensor_type.HasField("shape"):
+            continue
+        for d in v.type.tensor_type.shape.dim:
+            if d.HasField("dim_value") and d.dim_value <= 0 and d.dim_value >= -1:
+                d.ClearField("dim_value")
+                count += 1
+    return count
+
+
 def _check_declared_shapes(model: onnx.ModelProto, limits: EngineLimits) -> None:
     for g, _ in iter_graphs(model.graph):
         for v in list(g.input) + list(g.output) + list(g.value_info):
@@ -1300,10 +1318,15 @@ def _check_declared_shapes(model: onnx.ModelProto, limits: EngineLimits) -> None
             n = 1
             for d in tt.shape.dim:
                 if d.HasField("dim_value"):
-                    if d.dim_value < 0:
+                    # -1 and 0 are how some exporters (PaddlePaddle) write a dynamic dim.
+                    if d.dim_value < -1:
                         raise EngineError(
-                            "invalid_model", f"{v.name!r} declares a negative dimension"
+                            "invalid_model",
+                            f"{v.name!r} declares the dimension {d.dim_value} (only -1 or 0 "
+                            "may stand for a dynamic dimension)",
                         )
+                    if d.dim_value <= 0:
+                        continue
                     if d.dim_value > limits.max_dim:
                         raise EngineError(
                             "model_too_large",
@@ -1337,9 +1360,9 @@ def _value_desc(v: onnx.ValueInfoProto) -> dict:
     if tt.HasField("shape"):
         shape = []
         for d in tt.shape.dim:
-            if d.HasField("dim_value"):
+            if d.HasField("dim_value") and d.dim_value > 0:
                 shape.append(d.dim_value)
-            elif d.HasField("dim_param"):
+            elif d.HasField("dim_param") and d.dim_param:
                 shape.append(d.dim_param)
             else:
                 shape.append(None)

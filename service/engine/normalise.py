@@ -6,7 +6,7 @@ see weights that are initializers, and per-channel QDQ needs opset >= 13. ``norm
 that without changing what the model computes:
 
 1. initializers listed as main-graph inputs (old ``keep_initializers_as_inputs`` exports) become
-   plain constants;
+   plain constants; dims declared ``-1``/``0`` (PaddlePaddle's dynamic dims) become unknown dims;
 2. ``Constant`` nodes become initializers of the graph they live in (subgraphs included);
 3. opsets older than ``min_opset`` are upgraded with ``onnx.version_converter``;
 4. constant folding of simple ops whose inputs are all constants (size-bounded, never across
@@ -29,7 +29,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from service.engine.errors import EngineError
-from service.engine.ingest import _subgraph_free_names, iter_graphs
+from service.engine.ingest import _subgraph_free_names, iter_graphs, unknown_dynamic_dims
 from service.engine.limits import EngineLimits
 
 __all__ = ["iter_graphs", "iter_initializers", "normalise", "MIN_OPSET"]
@@ -130,6 +130,9 @@ def normalise(
     n = _drop_initializer_inputs(out.graph)
     if n:
         notes.append(f"{n} initializers listed as graph inputs made constant")
+    n = sum(unknown_dynamic_dims(g) for g, _ in iter_graphs(out.graph))
+    if n:
+        notes.append(f"{n} dims declared as -1 or 0 made dynamic (unknown) dims")
     n = sum(_constants_to_initializers(g) for g, _ in iter_graphs(out.graph))
     if n:
         notes.append(f"{n} Constant nodes folded into initializers")

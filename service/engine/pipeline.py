@@ -32,6 +32,13 @@ import onnx
 from service.engine.dataset import load_dataset
 from service.engine.errors import EngineError
 from service.engine.ingest import fit_ir_version, load_model
+from service.engine.inputs import (
+    InputPlan,
+    check_inputs,
+    input_signature,
+    parse_inputs,
+    resolve_inputs,
+)
 from service.engine.limits import EngineLimits
 from service.engine.normalise import normalise
 from service.engine.registry import PassContext, parse_recipe
@@ -108,6 +115,7 @@ def run_pipeline(
     resolve_model: Callable[[str], Path] | None = None,
     limits: EngineLimits | None = None,
     artifact_ready: Callable[[str, Path], None] | None = None,
+    inputs: dict[str, Any] | None = None,
 ) -> PipelineResult:
     """Compress ``model_path`` with ``recipe`` (a list of ``{"pass": name, **config}`` steps, or
     ``"auto"``), working under ``workdir``; returns the compressed model and its report.
@@ -115,6 +123,11 @@ def run_pipeline(
     ``artifact_ready(name, path)`` is told of an artifact as soon as its file is final (the
     compressed model, before it is evaluated), so a caller can start storing it; the job may
     still fail after that (the caller then discards it).
+
+    ``inputs`` (the job's, ``{name: {"shape": [...], "value": v}}``, see
+    ``service.engine.inputs``) fixes shapes and values of generated inputs; without a dataset,
+    the rest is resolved by probing the original model (``report["eval_inputs"]["resolution"]``
+    says what was chosen and why). With a dataset, the dataset gives the inputs.
 
     Progress stages: "ingest", "normalise", "pass:<name>" per step, "evaluate", "report".
     Raises ``EngineError`` (codes in ``service.engine.errors``); a library exception inside a
@@ -126,7 +139,7 @@ def run_pipeline(
         return run_auto(
             model_path, workdir, dataset_path=dataset_path, device=device,
             constraints=constraints, progress=progress, check_cancelled=check_cancelled,
-            resolve_model=resolve_model, limits=limits,
+            resolve_model=resolve_model, limits=limits, inputs=inputs,
         )
     limits = limits or EngineLimits()
     workdir = Path(workdir)
@@ -142,6 +155,8 @@ def run_pipeline(
     progress("ingest", 0.0)
     ingested = load_model(Path(model_path), workdir / "input", limits=limits)
     description = ingested.description
+    given = parse_inputs(inputs)
+    check_inputs(given, input_signature(ingested.model))
     check_cancelled()
     dataset = labels = None
     if dataset_path is not None:
@@ -162,16 +177,27 @@ def run_pipeline(
     _save(ingested.model, original_path)
     from service.engine.evaluate import dataset_feeds, evaluate_candidate, generate_feeds
 
+    session = _load_session(original_path, limits, workdir)
+    plan: InputPlan | None = None
     if dataset is not None:
         feeds, label_chunks = dataset_feeds(ingested.model, dataset, labels, limits.eval_samples)
         eval_source = "dataset"
         if not feeds:
             raise EngineError("invalid_dataset", "the dataset holds fewer samples than one "
                               "batch of the model")
+        _check_runs(session, feeds[0], workdir)
+        resolution: dict[str, Any] = {"source": "dataset"}
+        if given:
+            warnings.append("the job's inputs were not used: the dataset gives the inputs")
     else:
-        feeds, label_chunks, eval_source = (generate_feeds(ingested.model, limits.eval_samples),
-                                            None, "generated")
-    _check_runs(original_path, feeds[0], eval_source, limits, workdir)
+        progress("ingest", 0.02)
+        plan = resolve_inputs(ingested.model, session, given,
+                              scrub=lambda text: _scrub(text, workdir),
+                              check_cancelled=check_cancelled)
+        feeds, label_chunks, eval_source = (
+            generate_feeds(ingested.model, limits.eval_samples, plan=plan), None, "generated")
+        resolution = plan.record
+    del session
 
     # ---- normalise
     progress("normalise", 0.05)
@@ -200,7 +226,7 @@ def run_pipeline(
         ctx = PassContext(
             workdir=step_dir, dataset=dataset, labels=labels, original=original_copy,
             progress=_step_progress(progress, stage, base, span),
-            check_cancelled=check_cancelled, resolve_model=resolve_model,
+            check_cancelled=check_cancelled, resolve_model=resolve_model, inputs=plan,
             target=profile,
         )
         started = time.perf_counter()
@@ -374,7 +400,8 @@ def run_pipeline(
         "accuracy": acc,
         "calibration": calibration,
         "eval_inputs": {"source": eval_source, "samples": len(feeds),
-                        "shapes": {k: list(v.shape) for k, v in feeds[0].items()}},
+                        "shapes": {k: list(v.shape) for k, v in feeds[0].items()},
+                        "resolution": resolution},
         "artifacts": {name: p.stat().st_size for name, p in artifacts.items()},
         "summary": summary,
         "warnings": warnings,
@@ -447,28 +474,29 @@ def _target_estimates(
     }
 
 
-def _check_runs(
-    path: Path, feed: dict, source: str, limits: EngineLimits, workdir: Path
-) -> None:
-    """Refuse up front a model that ONNX Runtime cannot load or run on the evaluation inputs
-    (no pass could help, and a later failure would wrongly blame a pass)."""
-    from service.engine.evaluate import DEFAULT_BATCH, DEFAULT_DYNAMIC_DIM, adapt_feed, make_session
+def _load_session(path: Path, limits: EngineLimits, workdir: Path) -> Any:
+    """An ONNX Runtime session of the original; ``unsupported_model`` if it cannot load."""
+    from service.engine.evaluate import make_session
 
     try:
-        session = make_session(path, limits.latency_threads)
+        return make_session(path, limits.latency_threads)
     except Exception as exc:
         raise EngineError("unsupported_model", "ONNX Runtime cannot load the model: "
                           + _scrub(str(exc), workdir)) from None
+
+
+def _check_runs(session: Any, feed: dict, workdir: Path) -> None:
+    """Refuse up front a model that ONNX Runtime cannot run on the dataset's first sample
+    (no pass could help, and a later failure would wrongly blame a pass)."""
+    from service.engine.evaluate import adapt_feed
+
     try:
         session.run(None, adapt_feed(session, feed))
     except Exception as exc:
-        hint = (f" (generated inputs use batch {DEFAULT_BATCH} and {DEFAULT_DYNAMIC_DIM} for "
-                "other dynamic dims; upload a dataset with real inputs)"
-                if source == "generated" else "")
         raise EngineError(
             "unsupported_model",
-            f"the model fails on the evaluation inputs{hint}: {_scrub(str(exc), workdir)}",
-            {"eval_inputs": source, "shapes": {k: list(v.shape) for k, v in feed.items()}},
+            f"the model fails on the dataset's first sample: {_scrub(str(exc), workdir)}",
+            {"eval_inputs": "dataset", "shapes": {k: list(v.shape) for k, v in feed.items()}},
         ) from None
 
 

@@ -28,6 +28,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
     from service.engine.devices.profile import DeviceProfile
     from service.engine.int8_encoding import Int8Encoding
+    from service.engine.inputs import InputPlan
 
 
 class PassConfig(BaseModel):
@@ -58,6 +59,8 @@ class PassContext:
     - ``target``: the job's target device (None: the host itself); ``host``: the machine that
       measures the job (None: this one). Encodings that depend on the CPU's kernels (int8
       ``reduce_range``) are chosen from both with ``int8_encoding``.
+    - ``inputs``: without a dataset, the resolved input plan (``service.engine.inputs``:
+      shapes and values the original runs on); ``inputs.feeds(n, seed)`` generates samples.
     """
 
     workdir: Path
@@ -78,6 +81,7 @@ class PassContext:
 
         return choose_int8_encoding(requested, weight_type=weight_type, target=self.target,
                                     host=self.host or host_profile())
+    inputs: InputPlan | None = None
 
 
 class Pass(Generic[ConfigT]):

@@ -60,6 +60,7 @@ from service.engine import cost_model
 from service.engine.constraints import AutoConstraints, parse_constraints
 from service.engine.devices import DeviceProfile, host_profile, parse_device
 from service.engine.errors import EngineError
+from service.engine.inputs import InputPlan
 from service.engine.int8_encoding import saturates
 from service.engine.limits import EngineLimits
 
@@ -331,7 +332,7 @@ def _run_candidate(job: dict, check_cancelled: Callable[[], None] | None = None)
             Path(job["model_path"]), job["recipe"], Path(job["workdir"]),
             dataset_path=Path(job["dataset_path"]) if job["dataset_path"] else None,
             device=job["device"], limits=EngineLimits.model_validate(job["limits"]),
-            check_cancelled=check_cancelled or (lambda: None),
+            check_cancelled=check_cancelled or (lambda: None), inputs=job.get("inputs"),
         )
     except EngineError as exc:
         if exc.code == "cancelled":
@@ -364,6 +365,7 @@ class _Context:
     # Speed noise on this host: max(p, 1/p) for the original measured against a second session
     # of itself, set by the head-to-head confirmation; "not slower" allows that much.
     placebo_band: float | None = None
+    inputs: InputPlan | None = None  # resolved inputs when there is no dataset
 
 
 def _metrics(cand: Candidate, result: Any, ctx: _Context) -> None:
@@ -564,7 +566,7 @@ def _mixed_precision(
     if eval_set is not None:
         feeds, label_chunks = dataset_feeds(model, eval_set, eval_labels, SENSITIVITY_SAMPLES * 4)
     else:
-        feeds, label_chunks = generate_feeds(model, SENSITIVITY_SAMPLES // 4), None
+        feeds, label_chunks = generate_feeds(model, SENSITIVITY_SAMPLES // 4, plan=ctx.inputs), None
     ref_session = make_session(original_path, limits.latency_threads)
     ref = run_all(ref_session, feeds)
     acc_before = None
@@ -585,7 +587,8 @@ def _mixed_precision(
             original_copy.CopyFrom(model)
             current = cls().run(current, config, PassContext(
                 workdir=step_dir, dataset=dataset, labels=labels, original=original_copy,
-                check_cancelled=check_cancelled, target=ctx.profile))
+                check_cancelled=check_cancelled, target=ctx.profile,
+                inputs=ctx.inputs))
         path = workdir / f"{tag}.onnx"
         onnx.save_model(current, str(path))
         out = run_all(make_session(path, limits.latency_threads), feeds)
@@ -755,7 +758,7 @@ def _confirm_latency(
     if dataset is not None:
         feed = dataset_feeds(model, dataset, labels, 1)[0][0]
     else:
-        feed = generate_feeds(model, 1)[0]
+        feed = generate_feeds(model, 1, plan=ctx.inputs)[0]
     # A second session of the original is the placebo: how far two runs of the very same model
     # differ here bounds what "not slower" can claim.
     sessions = {"original": make_session(original_path, limits.latency_threads),
@@ -850,6 +853,7 @@ def run_auto(
     check_cancelled: Callable[[], None] = lambda: None,
     resolve_model: Callable[[str], Path] | None = None,
     limits: EngineLimits | None = None,
+    inputs: dict[str, Any] | None = None,
 ) -> Any:
     """Search compression candidates for ``device`` under ``constraints``; return the best.
 
@@ -858,9 +862,13 @@ def run_auto(
     docstring). Raises ``EngineError``: ``invalid_device``/``unknown_device``,
     ``invalid_constraints``, the ingest codes, ``already_quantized``, ``cancelled`` (from
     ``check_cancelled``) and ``constraints_unsatisfiable`` with the closest candidate.
+
+    Without a dataset, the inputs (``inputs`` given with the job, the rest probed) are
+    resolved once here and handed to every candidate as given shapes and values.
     """
     from service.engine.dataset import load_dataset
     from service.engine.ingest import load_model
+    from service.engine.inputs import check_inputs, input_signature, parse_inputs
     from service.engine.normalise import normalise
     from service.engine.pipeline import PipelineResult
     from service.engine.registry import registered_passes
@@ -884,6 +892,8 @@ def run_auto(
             "the model is already quantized (" + ", ".join(description["quantization"])
             + "); auto mode compresses float models. Send the float model.",
             {"quantization": description["quantization"]})
+    given = parse_inputs(inputs)
+    check_inputs(given, input_signature(ingested.model))
     dataset = labels = None
     holdout: dict | None = None
     holdout_labels = None
@@ -932,12 +942,17 @@ def run_auto(
     original_path.parent.mkdir(parents=True, exist_ok=True)
     onnx.save_model(model, str(original_path))
     device_arg = profile.model_dump(mode="json")
+    if dataset is None:
+        ctx.inputs = _resolve_once(model, original_path, given, eval_limits, workdir,
+                                   check_cancelled)
+    job_inputs = ctx.inputs.as_inputs() if ctx.inputs is not None else None
 
     def job(cand: Candidate, index: int) -> dict:
         return {"model_path": str(model_path), "recipe": cand.recipe,
                 "workdir": str(workdir / "candidates" / f"{index:02d}_{cand.name}"),
                 "dataset_path": str(run_dataset_path) if run_dataset_path else None,
-                "device": device_arg, "limits": eval_limits.model_dump(mode="json")}
+                "device": device_arg, "limits": eval_limits.model_dump(mode="json"),
+                "inputs": job_inputs}
 
     best: Candidate | None = None
     stop_reason: str | None = None
@@ -1150,6 +1165,9 @@ def run_auto(
         warnings.append(f"latency on {profile.name} is estimated by the cost model, not measured")
     summary["warnings"] = warnings
     report = dict(result.report)
+    if ctx.inputs is not None:  # the candidates were given what the search resolved
+        report["eval_inputs"] = dict(report.get("eval_inputs") or {},
+                                     resolution=ctx.inputs.record)
     report["recipe"] = chosen.recipe
     report["mode"] = "auto"
     report["auto"] = auto_section
@@ -1159,6 +1177,19 @@ def run_auto(
     progress("report", 1.0)
     return PipelineResult(model_path=artifacts["model.onnx"], report=report, summary=summary,
                           artifacts=artifacts)
+
+
+def _resolve_once(
+    model: onnx.ModelProto, path: Path, given: dict, limits: EngineLimits, workdir: Path,
+    check_cancelled: Callable[[], None],
+) -> InputPlan:
+    """The inputs every candidate is evaluated on (probed once on the normalised original)."""
+    from service.engine.inputs import resolve_inputs
+    from service.engine.pipeline import _load_session, _scrub
+
+    session = _load_session(path, limits, workdir)
+    return resolve_inputs(model, session, given, scrub=lambda text: _scrub(text, workdir),
+                          check_cancelled=check_cancelled)
 
 
 def _why(chosen: Candidate, cands: list[Candidate], ctx: _Context) -> str:

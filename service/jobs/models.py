@@ -71,6 +71,7 @@ class Job(BaseModel):
     device: str | dict[str, Any]
     recipe: list[dict[str, Any]] | str
     constraints: dict[str, Any] = Field(default_factory=dict)
+    inputs: dict[str, Any] = Field(default_factory=dict)  # given shapes/values by input name
     callback_url: str | None = None
     created_at: datetime
     started_at: datetime | None = None

@@ -159,6 +159,7 @@ def main(spec_path: str, send: Callable[[dict[str, Any]], None] = _print_message
             dataset_path=Path(spec["dataset_path"]) if spec.get("dataset_path") else None,
             device=spec.get("device"),
             constraints=spec.get("constraints") or {},
+            inputs=spec.get("inputs") or None,
             progress=emit,
             resolve_model=resolve_model,
             limits=limits,

@@ -193,6 +193,7 @@ class JobRunner:
                 "recipe": job.recipe,
                 "device": device,
                 "constraints": job.constraints,
+                "inputs": job.inputs,
                 "store_prefix": self.store.prefix,
                 # Without it the engine would run under EngineLimits' defaults.
                 "limits": self.settings.engine_limits().model_dump(mode="json"),

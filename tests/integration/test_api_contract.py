@@ -212,6 +212,15 @@ def test_dataset_upload_and_mismatch(checked, tmp_path) -> None:  # type: ignore
     bad = checked.request("POST", "/v1/jobs", json={"model_id": model["id"], "recipe": "auto",
                                                     "dataset_id": ds2["id"]})
     assert bad.status_code == 422 and bad.get_json()["code"] == "dataset_mismatch"
+    shaped = checked.request("POST", "/v1/jobs", json={
+        "model_id": model["id"], "recipe": "auto", "inputs": {"x": {"shape": [4, 32]}}})
+    assert shaped.status_code == 202 and shaped.get_json()["inputs"] == {"x": {"shape": [4, 32]}}
+    for inputs, field in (({"nope": {"shape": [1, 32]}}, "inputs.nope"),
+                          ({"x": {"shape": [1, 31]}}, "inputs.x.shape")):
+        refused = checked.request("POST", "/v1/jobs", json={
+            "model_id": model["id"], "recipe": "auto", "inputs": inputs})
+        assert refused.status_code == 422 and refused.get_json()["code"] == "invalid_inputs"
+        assert refused.get_json()["errors"][0]["field"] == field
     pickled = checked.request("POST", "/v1/datasets", data=b"\x80\x04K\x01.",
                               content_type="application/octet-stream")
     assert pickled.status_code == 422 and pickled.get_json()["code"] == "invalid_dataset"

@@ -33,6 +33,7 @@ from service.cli import (
     parse_pass,
     parse_recipe_arg,
     parse_shape,
+    parse_value,
     summarize_report,
     unmet_constraints,
 )
@@ -91,6 +92,11 @@ def test_shapes_and_dynamic_axes() -> None:
             parse_shape(bad)
     with pytest.raises(CliError):
         parse_dynamic("x=batch:0")
+    assert parse_value("sr=16000") == ("sr", 16000)
+    assert parse_value("scale=0.5") == ("scale", 0.5) and parse_value("f=true") == ("f", True)
+    for bad in ("sr", "=1", "sr=fast"):
+        with pytest.raises(CliError):
+            parse_value(bad)
 
 
 def test_usage_errors_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
@@ -107,6 +113,8 @@ def test_usage_errors_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
     # A constraint the API's schema refuses is a usage error, found by the client first.
     assert main(["--api", f"http://127.0.0.1:{free_port()}", "submit", "mdl_x", "--auto",
                  "--min-fidelity", "3"]) == EXIT_USAGE
+    assert main(["--api", f"http://127.0.0.1:{free_port()}", "submit", "mdl_x", "--auto",
+                 "--input-shape", "image=1x3x640", "--input-value", "sr=x"]) == EXIT_USAGE
 
 
 def test_help_documents_the_exit_codes(capsys: pytest.CaptureFixture[str]) -> None:

@@ -126,6 +126,19 @@ def test_503_is_retried_after_retry_after_with_the_same_idempotency_key() -> Non
     assert sent["recipe"] == [{"pass": "quantize_dynamic"}] and "dataset_id" not in sent
 
 
+def test_input_shapes_and_values_travel_as_job_inputs() -> None:
+    with _Scripted([_json(202, _job())]) as srv:
+        EdgePressClient(srv.url).submit_job(
+            "mdl_" + "0" * 32, "auto", input_shapes={"image": (1, 3, 640, 640)},
+            input_values={"sr": 16000})
+    sent = json.loads(srv.requests[0]["body"])
+    assert sent["inputs"] == {"image": {"shape": [1, 3, 640, 640]}, "sr": {"value": 16000}}
+    with pytest.raises(EdgePressError) as info:  # refused before any request
+        EdgePressClient("http://127.0.0.1:9").submit_job(
+            "mdl_x", "auto", input_shapes={"image": [1, 0, 640]})
+    assert info.value.code == "validation_error" and "inputs" in info.value.errors[0]["field"]
+
+
 def test_each_logical_post_gets_its_own_idempotency_key() -> None:
     with _Scripted([_json(202, _job()), _json(202, _job())]) as srv:
         client = EdgePressClient(srv.url)

@@ -5,10 +5,12 @@ QuantizeLinear/DequantizeLinear pairs around the ops it supports, with per-chann
 by default. A ``Relu`` after a quantized ``Conv`` is absorbed into the activation range, and ONNX
 Runtime runs each ``DQ -> Conv -> Q`` group as one int8 convolution (VNNI/AMX kernels on x86).
 
-Calibration data comes from ``ctx.dataset`` (the user's ``.npz``; first axis = samples) or,
-when none was given, is generated from the input signature with a fixed seed (standard normal
-floats, small non-negative integers). Generated data only gives rough activation ranges: the
-report says which one was used (``ctx.notes["calibration"]``).
+Calibration data comes from ``ctx.dataset`` (the user's ``.npz``, fed in the model's own batch:
+one sample at a time where the batch is fixed) or, when none was given, is generated with a
+seed of its own (never the evaluation rows) from the pipeline's resolved input plan
+(``ctx.inputs``: the shapes the model runs on), else from the input signature. Generated data
+only gives rough activation ranges: the report says which one was used
+(``ctx.notes["calibration"]``).
 
 Weights inside If/Loop/Scan bodies, which ONNX Runtime's static quantizer does not visit, are
 stored as int8 + DequantizeLinear (``subgraph_weights``).
@@ -31,17 +33,6 @@ from service.engine.normalise import strip_debug_metadata
 from service.engine.passes.graph_optimize import iter_graphs
 from service.engine.passes.quantize_dynamic import ensure_opset, weight_only_int8
 from service.engine.registry import Pass, PassConfig, PassContext, register
-
-_NUMPY_OF: dict[int, type] = {
-    TensorProto.FLOAT: np.float32,
-    TensorProto.DOUBLE: np.float64,
-    TensorProto.FLOAT16: np.float16,
-    TensorProto.INT64: np.int64,
-    TensorProto.INT32: np.int32,
-    TensorProto.INT8: np.int8,
-    TensorProto.UINT8: np.uint8,
-    TensorProto.BOOL: np.bool_,
-}
 
 
 class QuantizeStaticConfig(PassConfig):
@@ -119,47 +110,23 @@ def _signature(model: onnx.ModelProto) -> list[tuple[str, int, list[int | str | 
     return out
 
 
-def generate_inputs(
-    model: onnx.ModelProto, samples: int, dim: int, seed: int = 0
-) -> dict[str, np.ndarray]:
-    """Seeded synthetic inputs from the input signature: first axis = samples.
-
-    Symbolic non-batch dims get ``dim``; floats are standard normal, integers in [0, 16),
-    booleans random. Raises ``EngineError('unsupported_model')`` for inputs it cannot fill.
-    """
-    rng = np.random.default_rng(seed)
-    out: dict[str, np.ndarray] = {}
-    for name, elem, dims in _signature(model):
-        if elem not in _NUMPY_OF:
-            raise EngineError(
-                "unsupported_model",
-                f"cannot generate calibration data for input {name!r} "
-                f"({TensorProto.DataType.Name(elem)}); upload a dataset",
-            )
-        shape = [samples] + [d if isinstance(d, int) else dim for d in dims[1:]]
-        if not dims:  # a scalar input: one value per sample is impossible; use the scalar
-            shape = []
-        dtype = _NUMPY_OF[elem]
-        arr: np.ndarray
-        if np.issubdtype(dtype, np.floating):
-            arr = rng.standard_normal(shape).astype(dtype)
-        elif dtype == np.bool_:
-            arr = rng.integers(0, 2, shape).astype(np.bool_)
-        else:
-            arr = rng.integers(0, 16, shape).astype(dtype)
-        out[name] = arr
-    return out
+# A fixed seed of calibration's own: generated calibration rows are never the evaluation rows
+# (those use seed 0).
+CALIBRATION_SEED = 1
 
 
-def _calibration_inputs(
-    model: onnx.ModelProto, config: QuantizeStaticConfig, ctx: PassContext
-) -> tuple[dict[str, np.ndarray], str]:
+def _calibration_feeds(
+    model: onnx.ModelProto, config: QuantizeStaticConfig, ctx: PassContext, group: int
+) -> tuple[list[dict[str, np.ndarray]], int, str]:
+    """(feeds, samples, source): ``group`` samples per feed where the batch is dynamic."""
+    from service.engine.dataset import split_feeds
+    from service.engine.inputs import default_plan
+
     names = [n for n, _, _ in _signature(model)]
     if ctx.dataset is None:
-        return (
-            generate_inputs(model, config.calibration_samples, config.generated_dim),
-            "generated",
-        )
+        plan = ctx.inputs or default_plan(model, dynamic_dim=config.generated_dim)
+        feeds = plan.feeds(config.calibration_samples, CALIBRATION_SEED)
+        return feeds, len(feeds), "generated"
     missing = [n for n in names if n not in ctx.dataset]
     if missing:
         raise EngineError(
@@ -167,18 +134,16 @@ def _calibration_inputs(
             f"the dataset has no array for model input(s) {', '.join(missing)}; "
             f"it must hold one array per input: {', '.join(names)}",
         )
-    return {n: np.asarray(ctx.dataset[n])[: config.calibration_samples] for n in names}, "dataset"
+    data = {n: np.asarray(ctx.dataset[n])[: config.calibration_samples] for n in names}
+    feeds, _ = split_feeds(model, data, None, config.calibration_samples, group=group)
+    return feeds, next(iter(data.values())).shape[0] if data else 0, "dataset"
 
 
 class _Reader:
-    """CalibrationDataReader over arrays (first axis = samples), a few samples per call."""
+    """CalibrationDataReader over ready feeds, one per call."""
 
-    def __init__(self, arrays: dict[str, np.ndarray], batch: int) -> None:
-        n = min((len(a) for a in arrays.values() if a.ndim), default=1)
-        self._feeds = [
-            {k: (a[i : i + batch] if a.ndim else a) for k, a in arrays.items()}
-            for i in range(0, n, batch)
-        ]
+    def __init__(self, feeds: list[dict[str, np.ndarray]]) -> None:
+        self._feeds = feeds
         self._pos = 0
 
     def get_next(self) -> dict[str, np.ndarray] | None:
@@ -220,8 +185,9 @@ class QuantizeStatic(Pass[QuantizeStaticConfig]):
         # Shape inference helps the quantizer; a model it cannot infer still quantizes.
         with contextlib.suppress(Exception):
             work = onnx.shape_inference.infer_shapes(work)
-        arrays, source = _calibration_inputs(work, config, ctx)
-        samples = min((len(a) for a in arrays.values() if a.ndim), default=1)
+        # Histogram methods keep every value: feed them a few samples at a time.
+        group = 16 if config.calibration_method == "minmax" else 4
+        feeds, samples, source = _calibration_feeds(work, config, ctx, group)
         ctx.notes["calibration"] = {
             "source": source,
             "samples": int(samples),
@@ -250,8 +216,6 @@ class QuantizeStatic(Pass[QuantizeStaticConfig]):
             extra["CalibPercentile"] = config.percentile
         encoding = ctx.int8_encoding(config.reduce_range, config.weight_type)
         ctx.notes["encoding"] = encoding.as_notes()
-        # Histogram methods keep every value: feed them a few samples at a time.
-        batch = 16 if config.calibration_method == "minmax" else 4
         src, dst = ctx.workdir / "qs_in.onnx", ctx.workdir / "qs_out.onnx"
         onnx.save_model(work, str(src))
         ctx.progress(
@@ -263,7 +227,7 @@ class QuantizeStatic(Pass[QuantizeStaticConfig]):
                 quantize_static(
                     str(src),
                     str(dst),
-                    Reader(arrays, batch),
+                    Reader(feeds),
                     quant_format=QuantFormat.QDQ
                     if config.quant_format == "qdq"
                     else QuantFormat.QOperator,

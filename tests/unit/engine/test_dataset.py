@@ -99,3 +99,48 @@ def test_load_integer_inputs(tmp_path: Path) -> None:
     assert inputs["ids"].dtype == np.int64 and inputs["ids"].shape == (4, 10)
     p = _npz(tmp_path / "f.npz", ids=np.ones((4, 10), np.float32))
     assert _code(load_dataset, p, model) == "invalid_dataset"
+
+
+def test_samples_of_the_input_shape_any_batch_axis_and_scalars(tmp_path: Path) -> None:
+    from service.engine.evaluate import dataset_feeds
+    from tests import real_exports
+
+    model = real_exports.reflect_audio(hidden=16, channels=8)  # wave[b, t], sr[], state[1, b, 16]
+    n = 5
+    p = _npz(tmp_path / "a.npz", wave=np.ones((n, 1, 2000), np.float32),
+             sr=np.full(n, 16000), state=np.zeros((n, 1, 1, 16), np.float32))
+    inputs, _ = load_dataset(p, model)
+    assert inputs["state"].shape == (n, 1, 1, 16) and inputs["sr"].shape == (n,)
+    feeds, _ = dataset_feeds(model, inputs, None, 10)
+    assert len(feeds) == n
+    assert feeds[0]["wave"].shape == (1, 2000) and feeds[0]["state"].shape == (1, 1, 16)
+    assert feeds[0]["sr"].shape == () and int(feeds[0]["sr"]) == 16000
+    # Rows along the batch axis mix with [N, *input_shape] for the others.
+    p = _npz(tmp_path / "b.npz", wave=np.ones((n, 2000), np.float32), sr=np.full(n, 16000),
+             state=np.zeros((n, 1, 1, 16), np.float32))
+    inputs, _ = load_dataset(p, model)
+    assert dataset_feeds(model, inputs, None, 1)[0][0]["wave"].shape == (1, 2000)
+    # The state with its batch folded into axis 0 (the old layout) is refused, naming it.
+    p = _npz(tmp_path / "c.npz", wave=np.ones((n, 2000), np.float32), sr=np.full(n, 16000),
+             state=np.zeros((n, 16), np.float32))
+    with pytest.raises(EngineError) as info:
+        load_dataset(p, model)
+    assert info.value.code == "invalid_dataset"
+    assert "'state'" in info.value.message and "[N, 1, ?, 16]" in info.value.message
+
+
+def test_fixed_batch_datasets_are_fed_one_sample_at_a_time(tmp_path: Path) -> None:
+    from service.engine.evaluate import dataset_feeds
+    from tests import real_exports
+
+    model = real_exports.fixed_batch_cnn()
+    x = np.random.default_rng(0).standard_normal((20, 3, 32, 32)).astype(np.float32)
+    for arr in (x, x[:, None]):  # [N, *input_shape] or rows along the batch axis
+        inputs, labels = load_dataset(_npz(tmp_path / "d.npz", x=arr, labels=np.arange(20) % 10),
+                                      model)
+        feeds, chunks = dataset_feeds(model, inputs, labels, 100)
+        assert len(feeds) == 20 and all(f["x"].shape == (1, 3, 32, 32) for f in feeds)
+        assert chunks is not None and [int(c[0]) for c in chunks[:3]] == [0, 1, 2]
+    with pytest.raises(EngineError) as info:
+        load_dataset(_npz(tmp_path / "e.npz", x=x[:, :, :16]), model)
+    assert "[N, 1, 3, 32, 32]" in info.value.message

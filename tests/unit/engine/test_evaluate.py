@@ -11,7 +11,6 @@ from onnx import helper as h
 from onnx import numpy_helper as nh
 
 from service.engine.evaluate import (
-    DEFAULT_DYNAMIC_DIM,
     compare_output,
     dataset_feeds,
     evaluate_candidate,
@@ -19,6 +18,7 @@ from service.engine.evaluate import (
     make_session,
     measure_latency,
 )
+from service.engine.inputs import DEFAULT_DYNAMIC_DIM
 from service.engine.limits import EngineLimits
 from tests import crafted
 

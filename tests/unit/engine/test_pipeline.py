@@ -333,7 +333,7 @@ def test_auto_delegates_to_the_search(tmp_path: Path, monkeypatch: pytest.Monkey
     assert out == "delegated"
     assert seen["constraints"] == {"max_bytes": 1} and seen["limits"] is FAST
     assert set(seen) == {"model_path", "workdir", "dataset_path", "device", "constraints",
-                         "progress", "check_cancelled", "resolve_model", "limits"}
+                         "progress", "check_cancelled", "resolve_model", "limits", "inputs"}
 
 
 def test_model_that_fails_on_generated_inputs_is_refused_before_the_passes(
@@ -353,8 +353,11 @@ def test_model_that_fails_on_generated_inputs_is_refused_before_the_passes(
         run_pipeline(_write(tmp_path, model), DYNAMIC, tmp_path / "work", limits=FAST,
                      progress=lambda stage, fraction: stages.append(stage))
     assert info.value.code == "unsupported_model"
-    assert "upload a dataset" in info.value.message
+    assert "--input-shape x=1x<n>" in info.value.message and "dataset" in info.value.message
     assert "pass:quantize_dynamic" not in stages
+    given = run_pipeline(_write(tmp_path, model), DYNAMIC, tmp_path / "work1", limits=FAST,
+                         inputs={"x": {"shape": [1, 64]}})
+    assert given.report["eval_inputs"]["resolution"]["inputs"]["x"]["source"] == "job"
     np.savez(tmp_path / "d.npz", x=np.ones((4, 64), np.float32))
     result = run_pipeline(_write(tmp_path, model), DYNAMIC, tmp_path / "work2", limits=FAST,
                           dataset_path=tmp_path / "d.npz")
@@ -375,3 +378,31 @@ def test_target_device_gets_cost_model_estimates(tmp_path: Path) -> None:
         run_pipeline(_write(tmp_path, crafted.mlp()), DYNAMIC, tmp_path / "w2",
                      device="no_such_board", limits=FAST)
     assert info.value.code in ("unknown_device", "invalid_device")
+
+
+def test_fixed_batch_cnn_with_a_dataset_through_static_int8(tmp_path: Path) -> None:
+    from tests import real_exports
+
+    x = np.random.default_rng(0).standard_normal((20, 1, 3, 32, 32)).astype(np.float32)
+    data = tmp_path / "d.npz"
+    np.savez(data, x=x)
+    result = run_pipeline(_write(tmp_path, real_exports.fixed_batch_cnn()),
+                          [{"pass": "quantize_static"}], tmp_path / "w", dataset_path=data,
+                          limits=FAST)
+    assert result.report["calibration"]["samples"] == 20
+    assert result.report["eval_inputs"]["shapes"] == {"x": [1, 3, 32, 32]}
+    assert result.summary["min_cosine"] > 0.98
+
+
+def test_recurrent_state_and_scalar_inputs_from_a_dataset(tmp_path: Path) -> None:
+    from tests import real_exports
+
+    n, rng = 6, np.random.default_rng(0)
+    data = tmp_path / "d.npz"
+    np.savez(data, wave=rng.standard_normal((n, 1, 4000)).astype(np.float32),
+             sr=np.full(n, 16000), state=rng.standard_normal((n, 1, 1, 64)).astype(np.float32))
+    result = run_pipeline(_write(tmp_path, real_exports.reflect_audio()), DYNAMIC,
+                          tmp_path / "w", dataset_path=data, limits=FAST)
+    assert result.report["eval_inputs"]["shapes"] == {"wave": [1, 4000], "sr": [],
+                                                      "state": [1, 1, 64]}
+    assert result.report["eval_inputs"]["resolution"] == {"source": "dataset"}

@@ -8,7 +8,7 @@ from onnx import TensorProto as T
 from onnx import helper as h
 
 from service.engine.errors import EngineError
-from service.engine.passes.quantize_static import QuantizeStaticConfig, generate_inputs
+from service.engine.passes.quantize_static import QuantizeStaticConfig
 from tests import crafted
 
 
@@ -74,13 +74,6 @@ def test_generated_calibration_is_reported_and_keeps_dynamic_dims(kit) -> None:
     ref, out = kit.outputs(model, {"ids": ids}), kit.outputs(run.model, {"ids": ids})
     assert out[0].shape == (3, 21, 64)
     assert kit.min_cosine(ref, out) >= 0.98
-
-
-def test_generate_inputs_follows_the_signature() -> None:
-    arrays = generate_inputs(crafted.dynamic_dims(), samples=5, dim=7)
-    assert arrays["ids"].shape == (5, 7) and arrays["ids"].dtype == np.int64
-    again = generate_inputs(crafted.dynamic_dims(), samples=5, dim=7)
-    np.testing.assert_array_equal(arrays["ids"], again["ids"])  # fixed seed
 
 
 def test_dataset_without_the_model_input_is_refused(kit) -> None:
@@ -150,3 +143,40 @@ def test_dynamic_batch_and_sequence_survive(kit, dynamic_dims) -> None:
         ref, out = kit.outputs(model, {"tokens": x}), kit.outputs(run.model, {"tokens": x})
         assert out[0].shape == (batch, seq, 12)
         assert kit.min_cosine(ref, out) >= 0.99
+
+
+def test_fixed_batch_model_calibrates_one_sample_at_a_time(kit) -> None:
+    from tests import real_exports
+
+    model = kit.load(real_exports.fixed_batch_cnn())  # x[1, 3, 32, 32]
+    x = np.random.default_rng(0).standard_normal((20, 3, 32, 32)).astype(np.float32)
+    for method in ("minmax", "entropy"):  # both used to batch 16 / 4 samples into one feed
+        run = kit.run("quantize_static", model, dataset={"x": x}, calibration_method=method)
+        assert run.notes["calibration"]["samples"] == 20
+        assert run.notes["quantized_ops"].get("Conv") == 3
+        feeds = {"x": x[:1]}
+        assert kit.min_cosine(kit.outputs(model, feeds), kit.outputs(run.model, feeds)) >= 0.98
+
+
+def test_generated_calibration_uses_the_resolved_plan_and_its_own_rows(kit) -> None:
+    import onnxruntime as ort
+
+    from service.engine.inputs import resolve_inputs
+    from service.engine.passes.quantize_static import CALIBRATION_SEED
+    from tests import real_exports
+
+    model = kit.load(real_exports.stride_detector())  # fails at the default 16 x 16
+    plan = resolve_inputs(model, ort.InferenceSession(model.SerializeToString(),
+                                                      providers=["CPUExecutionProvider"]))
+    from service.engine.passes.quantize_static import QuantizeStatic
+    from service.engine.registry import PassContext
+
+    ctx = PassContext(workdir=kit.workdir, inputs=plan)
+    QuantizeStatic().run(model, QuantizeStaticConfig(calibration_samples=4), ctx)
+    assert ctx.notes["calibration"]["source"] == "generated"
+    assert ctx.notes["calibration"]["samples"] == 4
+    assert CALIBRATION_SEED != 0  # evaluation generates with seed 0
+    assert ctx.notes["quantized_ops"].get("Conv", 0) >= 7
+    with pytest.raises(EngineError):  # without the plan: 16 x 16 calibration inputs fail
+        QuantizeStatic().run(model, QuantizeStaticConfig(calibration_samples=4),
+                             PassContext(workdir=kit.workdir))
