@@ -27,8 +27,8 @@ if TYPE_CHECKING:  # pragma: no cover
     import onnx
 
     from service.engine.devices.profile import DeviceProfile
-    from service.engine.int8_encoding import Int8Encoding
     from service.engine.inputs import InputPlan
+    from service.engine.int8_encoding import Int8Encoding
 
 
 class PassConfig(BaseModel):
