@@ -42,6 +42,7 @@ from service.engine.inputs import (
 from service.engine.limits import EngineLimits
 from service.engine.normalise import normalise
 from service.engine.registry import PassContext, parse_recipe
+from service.engine.wording import describe_speedup
 
 log = logging.getLogger(__name__)
 
@@ -334,7 +335,7 @@ def run_pipeline(
              "bytes_after_zstd": size["bytes_after_zstd"], "speedup": round(speedup, 3)},
         )
     if speedup < SLOWER_SPEEDUP:
-        warnings.append(f"compressed model is {speedup:.2f}x the speed of the original on "
+        warnings.append(f"compressed model is {describe_speedup(speedup)} than the original on "
                         "this host")
 
     target = _target_estimates(profile, original_path, output_path, feeds[0], warnings)

@@ -63,6 +63,7 @@ from service.engine.errors import EngineError
 from service.engine.inputs import InputPlan
 from service.engine.int8_encoding import saturates
 from service.engine.limits import EngineLimits
+from service.engine.wording import describe_speedup
 
 log = logging.getLogger(__name__)
 
@@ -1200,8 +1201,10 @@ def _why(chosen: Candidate, cands: list[Candidate], ctx: _Context) -> str:
         f"{chosen.name} meets every constraint and is the best of {len(meeting)} that do on "
         f"the '{ctx.constraints.objective}' objective",
         f"{m['size_ratio']:.2f}x smaller" if m.get("size_ratio") else "",
-        (f"{m['host_speedup']:.2f}x faster {lat_word}" if ctx.measurable and m.get("host_speedup")
-         else f"{m['target_speedup']:.2f}x faster {lat_word}" if m.get("target_speedup") else ""),
+        (f"{describe_speedup(m['host_speedup'], ctx.placebo_band)} {lat_word}"
+         if ctx.measurable and m.get("host_speedup")
+         else f"{describe_speedup(m['target_speedup'])} {lat_word}"
+         if m.get("target_speedup") else ""),
         f"min cosine {m['min_cosine']:.4f}" if m.get("min_cosine") is not None else "",
     ]
     if m.get("accuracy_drop") is not None:
