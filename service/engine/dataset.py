@@ -260,3 +260,51 @@ def split_feeds(
 
 def _fmt(dims: Sequence[int | None]) -> str:
     return "[" + ", ".join("?" if d is None else str(d) for d in dims) + "]"
+
+
+# Every third sample (or fixed-size batch of samples) is kept out of calibration and training.
+HOLDOUT_EVERY = 3
+
+
+def split_for_evaluation(
+    model: onnx.ModelProto, dataset: dict[str, np.ndarray], labels: np.ndarray | None
+) -> tuple[dict[str, np.ndarray], np.ndarray | None, dict[str, np.ndarray] | None,
+           np.ndarray | None, dict]:
+    """Split a loaded dataset so that evaluation never sees a calibration/training sample.
+
+    Every third unit is held out for evaluation (a unit is one sample, or the model's fixed
+    batch of rows); with two units the second is. Returns (train, train labels, held-out,
+    held-out labels, record); held-out is None when the dataset has a single unit (then the
+    record says the evaluation is in-sample). ``record`` carries the counts and the rule.
+    """
+    total = next(iter(dataset.values())).shape[0]
+    fixed = None
+    if not samples_layout(model, dataset):
+        fixed = next((s.dims[0] for s in input_signature(model)
+                      if s.dims and s.dims[0] is not None), None)
+    unit = fixed or 1
+    units = total // unit
+    if units < 2:
+        return dataset, labels, None, None, {
+            "disjoint": False, "samples": int(total), "calibration_samples": int(total),
+            "evaluation_samples": int(total),
+            "rule": "a single sample (or batch): evaluated on the samples it was calibrated on"}
+    held_units = np.arange(units)
+    held_units = held_units[held_units % HOLDOUT_EVERY == HOLDOUT_EVERY - 1] if units >= 3 \
+        else np.array([1])
+    held_mask = np.zeros(total, dtype=bool)
+    for u in held_units:
+        held_mask[u * unit:(u + 1) * unit] = True
+    held_mask[units * unit:] = False  # a ragged tail stays with calibration
+    train = {k: a[~held_mask] for k, a in dataset.items()}
+    held = {k: a[held_mask] for k, a in dataset.items()}
+    record = {
+        "disjoint": True, "samples": int(total),
+        "calibration_samples": int((~held_mask).sum()),
+        "evaluation_samples": int(held_mask.sum()),
+        "rule": (f"every {HOLDOUT_EVERY}rd " + ("sample" if unit == 1 else f"batch of {unit}")
+                 + " held out for evaluation; calibration and training use the rest"),
+        "evaluation_indices": [int(i) for i in np.flatnonzero(held_mask)[:64]],
+    }
+    return (train, None if labels is None else labels[~held_mask], held,
+            None if labels is None else labels[held_mask], record)

@@ -29,7 +29,7 @@ from typing import IO, Any, Literal, cast
 
 import onnx
 
-from service.engine.dataset import load_dataset
+from service.engine.dataset import load_dataset, samples_layout, split_for_evaluation
 from service.engine.errors import EngineError
 from service.engine.ingest import fit_ir_version, load_model
 from service.engine.inputs import (
@@ -117,9 +117,14 @@ def run_pipeline(
     limits: EngineLimits | None = None,
     artifact_ready: Callable[[str, Path], None] | None = None,
     inputs: dict[str, Any] | None = None,
+    eval_dataset_path: Path | None = None,
 ) -> PipelineResult:
     """Compress ``model_path`` with ``recipe`` (a list of ``{"pass": name, **config}`` steps, or
     ``"auto"``), working under ``workdir``; returns the compressed model and its report.
+
+    Evaluation never sees a calibration or training sample: the dataset is split (every third
+    sample held out, ``dataset.split_for_evaluation``; counts in ``report["evaluation"]``), or,
+    given ``eval_dataset_path``, the passes use the whole dataset and evaluation that one.
 
     ``artifact_ready(name, path)`` is told of an artifact as soon as its file is final (the
     compressed model, before it is evaluated), so a caller can start storing it; the job may
@@ -159,9 +164,25 @@ def run_pipeline(
     given = parse_inputs(inputs)
     check_inputs(given, input_signature(ingested.model))
     check_cancelled()
-    dataset = labels = None
+    dataset = labels = eval_set = eval_labels = None
+    evaluation_split: dict[str, Any] = {"disjoint": True, "rule": "no dataset: evaluated on "
+                                        "generated inputs (seed 0), calibration generates its "
+                                        "own (seed 1)"}
     if dataset_path is not None:
         dataset, labels = load_dataset(Path(dataset_path), ingested.model, limits)
+        if eval_dataset_path is not None:
+            eval_set, eval_labels = load_dataset(Path(eval_dataset_path), ingested.model, limits)
+            evaluation_split = {
+                "disjoint": True, "rule": "evaluation samples given apart from the calibration "
+                "samples", "calibration_samples": int(next(iter(dataset.values())).shape[0]),
+                "evaluation_samples": int(next(iter(eval_set.values())).shape[0])}
+        else:
+            dataset, labels, eval_set, eval_labels, evaluation_split = split_for_evaluation(
+                ingested.model, dataset, labels)
+            if eval_set is None:
+                eval_set, eval_labels = dataset, labels
+                warnings.append("the dataset holds a single sample: it was evaluated on the "
+                                "sample it was calibrated on (upload more samples)")
     if description["already_quantized"] and all(_quantizes(cls) for cls, _ in steps):
         raise EngineError(
             "already_quantized",
@@ -181,7 +202,9 @@ def run_pipeline(
     session = _load_session(original_path, limits, workdir)
     plan: InputPlan | None = None
     if dataset is not None:
-        feeds, label_chunks = dataset_feeds(ingested.model, dataset, labels, limits.eval_samples)
+        feeds, label_chunks = dataset_feeds(
+            ingested.model, eval_set if eval_set is not None else dataset, eval_labels,
+            limits.eval_samples)
         eval_source = "dataset"
         if not feeds:
             raise EngineError("invalid_dataset", "the dataset holds fewer samples than one "
@@ -360,6 +383,15 @@ def run_pipeline(
         artifacts["model.onnx.zst"] = zst
     fidelity = evaluation["fidelity"]
     acc = evaluation["accuracy"]
+    first_input = next(iter(feeds[0]))
+    eval_samples = (len(feeds) if dataset is not None and eval_set is not None
+                    and samples_layout(ingested.model, eval_set)
+                    else sum(int(f[first_input].shape[0]) if f[first_input].ndim else 1
+                             for f in feeds))
+    evaluation_split["evaluated_samples"] = eval_samples
+    if eval_source == "generated":
+        warnings.append("fidelity was measured on generated inputs, not real data: it says "
+                        "little about accuracy on real inputs (upload a dataset)")
     summary = {
         "bytes_before": size["bytes_before"],
         "bytes_after": size["bytes_after"],
@@ -376,6 +408,7 @@ def run_pipeline(
         },
         "min_cosine": evaluation["min_cosine"],
         "eval_inputs": eval_source,
+        "eval_samples": eval_samples,
         "measured_on": measurement["host"],
         "accuracy_before": acc["before"] if acc else None,
         "accuracy_after": acc["after"] if acc else None,
@@ -400,6 +433,7 @@ def run_pipeline(
         "fidelity": fidelity,
         "accuracy": acc,
         "calibration": calibration,
+        "evaluation": evaluation_split,
         "eval_inputs": {"source": eval_source, "samples": len(feeds),
                         "shapes": {k: list(v.shape) for k, v in feeds[0].items()},
                         "resolution": resolution},

@@ -22,7 +22,7 @@
    sensitivity (each quantized layer kept in float alone) and keeps the most sensitive layers
    in float, one more at a time, until it fits ("accuracy-aware mixed precision", as Intel
    Neural Compressor's tuning does), recording which layers;
-6. judges accuracy and fidelity on held-out samples: with a dataset of at least 48 samples,
+6. judges accuracy and fidelity on held-out samples: with a dataset of at least 2 samples,
    every third one is kept out of calibration and retraining (the candidates' pipelines get
    the other two thirds);
 7. when the objective involves latency and the host can stand for the target, re-measures the
@@ -71,9 +71,6 @@ DEFAULT_MIN_FIDELITY = 0.99  # cosine, when the job gives no accuracy or fidelit
 AUTO_EVAL_SAMPLES = 512  # evaluation samples for auto (accuracy needs more than a recipe job)
 SENSITIVITY_MAX_LAYERS = 16  # most layers probed one by one for mixed precision
 SENSITIVITY_SAMPLES = 128
-# Held-out evaluation: with at least HOLDOUT_MIN_SAMPLES dataset samples, every third sample
-# is kept out of calibration and training, and the constraints are judged on those.
-HOLDOUT_MIN_SAMPLES = 48
 # Recovery training of pruning candidates is bounded by steps, not seconds, so that the same
 # job gives the same model on a busy worker (the seconds cap only guards against a stall).
 PRUNING_RECOVERY_BUDGET = {"max_steps": 150, "max_seconds": 300.0}
@@ -332,6 +329,8 @@ def _run_candidate(job: dict, check_cancelled: Callable[[], None] | None = None)
         result = run_pipeline(
             Path(job["model_path"]), job["recipe"], Path(job["workdir"]),
             dataset_path=Path(job["dataset_path"]) if job["dataset_path"] else None,
+            eval_dataset_path=(Path(job["eval_dataset_path"])
+                               if job.get("eval_dataset_path") else None),
             device=job["device"], limits=EngineLimits.model_validate(job["limits"]),
             check_cancelled=check_cancelled or (lambda: None), inputs=job.get("inputs"),
         )
@@ -652,31 +651,32 @@ def _mixed_precision(
 
 
 def _split_holdout(
-    dataset: dict, labels: Any, directory: Path,
-) -> tuple[dict, Any, dict | None, Any, Path | None]:
-    """Keep every third sample out of calibration and training (when there are enough).
+    model: onnx.ModelProto, dataset: dict, labels: Any, directory: Path,
+) -> tuple[dict, Any, dict | None, Any, Path | None, Path | None, dict]:
+    """Keep every third sample out of calibration and training (``split_for_evaluation``).
 
-    Returns (train arrays, train labels, holdout arrays, holdout labels, train .npz path); the
-    holdout is None (and the path None: use the dataset as given) for small datasets.
+    Returns (train arrays, train labels, holdout arrays, holdout labels, train .npz path,
+    holdout .npz path, split record); the holdout (and both paths) are None for a dataset of a
+    single sample. Candidates calibrate/train on the train file and evaluate on the holdout.
     """
     import numpy as np
 
-    total = next(iter(dataset.values())).shape[0]
-    if total < HOLDOUT_MIN_SAMPLES:
-        return dataset, labels, None, None, None
-    index = np.arange(total)
-    keep, held = index[index % 3 != 2], index[index % 3 == 2]
-    train = {k: v[keep] for k, v in dataset.items()}
-    hold = {k: v[held] for k, v in dataset.items()}
-    train_labels = labels[keep] if labels is not None else None
-    hold_labels = labels[held] if labels is not None else None
+    from service.engine.dataset import split_for_evaluation
+
+    train, train_labels, hold, hold_labels, record = split_for_evaluation(model, dataset, labels)
+    if hold is None:
+        return dataset, labels, None, None, None, None, record
     directory.mkdir(parents=True, exist_ok=True)
-    path = directory / "train_split.npz"
-    arrays = dict(train)
-    if train_labels is not None:
-        arrays["labels"] = train_labels
-    np.savez(path, **arrays)  # type: ignore[arg-type]
-    return train, train_labels, hold, hold_labels, path
+    paths = []
+    for name, arrays_in, lab in (("train_split", train, train_labels),
+                                 ("holdout_split", hold, hold_labels)):
+        arrays = dict(arrays_in)
+        if lab is not None:
+            arrays["labels"] = lab
+        path = directory / f"{name}.npz"
+        np.savez(path, **arrays)  # type: ignore[arg-type]
+        paths.append(path)
+    return train, train_labels, hold, hold_labels, paths[0], paths[1], record
 
 
 def _holdout_metrics(
@@ -714,11 +714,13 @@ def _holdout_metrics(
         m["accuracy_drop"] = before - after
 
 
-def _evaluation_note(dataset: dict | None, holdout: dict | None) -> dict:
+def _evaluation_note(dataset: dict | None, holdout: dict | None,
+                     record: dict | None = None) -> dict:
     if holdout is None:
-        return {"split": None, "note": "constraints judged on the evaluation inputs of each "
-                "candidate's pipeline" + (" (dataset too small to hold samples out)"
-                                          if dataset is not None else " (generated inputs)")}
+        return {"split": None, "record": record,
+                "note": "constraints judged on the evaluation inputs of each candidate's "
+                "pipeline" + (" (a single sample: evaluated in-sample)"
+                              if dataset is not None else " (generated inputs)")}
     n_train = next(iter(dataset.values())).shape[0] if dataset else 0
     n_hold = next(iter(holdout.values())).shape[0]
     return {"split": "every third sample held out", "train_samples": int(n_train),
@@ -899,10 +901,12 @@ def run_auto(
     holdout: dict | None = None
     holdout_labels = None
     train_path: Path | None = None
+    holdout_path: Path | None = None
+    split_record: dict | None = None
     if dataset_path is not None:
         dataset, labels = load_dataset(Path(dataset_path), ingested.model, limits)
-        dataset, labels, holdout, holdout_labels, train_path = _split_holdout(
-            dataset, labels, workdir / "auto_input")
+        (dataset, labels, holdout, holdout_labels, train_path, holdout_path,
+         split_record) = _split_holdout(ingested.model, dataset, labels, workdir / "auto_input")
     run_dataset_path = train_path or dataset_path
     if cons.max_accuracy_drop is not None and labels is None:
         raise EngineError(
@@ -952,6 +956,7 @@ def run_auto(
         return {"model_path": str(model_path), "recipe": cand.recipe,
                 "workdir": str(workdir / "candidates" / f"{index:02d}_{cand.name}"),
                 "dataset_path": str(run_dataset_path) if run_dataset_path else None,
+                "eval_dataset_path": str(holdout_path) if holdout_path else None,
                 "device": device_arg, "limits": eval_limits.model_dump(mode="json"),
                 "inputs": job_inputs}
 
@@ -1111,7 +1116,7 @@ def run_auto(
         },
         "workers": workers,
         "latency_confirmation": confirmation,
-        "evaluation": _evaluation_note(dataset, holdout),
+        "evaluation": _evaluation_note(dataset, holdout, split_record),
         "search_seconds": round(time.perf_counter() - started, 2),
     }
     if not measurable:

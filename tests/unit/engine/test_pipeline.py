@@ -389,7 +389,9 @@ def test_fixed_batch_cnn_with_a_dataset_through_static_int8(tmp_path: Path) -> N
     result = run_pipeline(_write(tmp_path, real_exports.fixed_batch_cnn()),
                           [{"pass": "quantize_static"}], tmp_path / "w", dataset_path=data,
                           limits=FAST)
-    assert result.report["calibration"]["samples"] == 20
+    # 20 samples: every third (6) held out for evaluation, the other 14 calibrate.
+    assert result.report["calibration"]["samples"] == 14
+    assert result.report["evaluation"]["evaluation_samples"] == 6
     assert result.report["eval_inputs"]["shapes"] == {"x": [1, 3, 32, 32]}
     assert result.summary["min_cosine"] > 0.98
 
@@ -406,3 +408,55 @@ def test_recurrent_state_and_scalar_inputs_from_a_dataset(tmp_path: Path) -> Non
     assert result.report["eval_inputs"]["shapes"] == {"wave": [1, 4000], "sr": [],
                                                       "state": [1, 1, 64]}
     assert result.report["eval_inputs"]["resolution"] == {"source": "dataset"}
+
+
+class _RecordsItsData(Pass[_NoConfig]):
+    """quantize_dynamic that also records which samples the pass was given."""
+
+    name: ClassVar[str] = "test_records_data"
+    config_model = _NoConfig
+    seen: ClassVar[list[float]] = []
+
+    def run(self, model: onnx.ModelProto, config: _NoConfig, ctx: PassContext) -> onnx.ModelProto:
+        assert ctx.dataset is not None
+        type(self).seen.extend(float(v) for v in np.asarray(ctx.dataset["x"])[:, 0])
+        cls = registry.get_pass("quantize_dynamic")
+        return cls().run(model, cls.config_model(), ctx)
+
+
+@pytest.mark.parametrize("samples", [2, 12, 61])
+def test_evaluation_never_sees_a_calibration_sample(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, samples: int
+) -> None:
+    """Sample identity: x[i, 0] = 1000 + i names sample i; what the passes get and what the
+    evaluation runs are disjoint, and together they are the whole dataset."""
+    import service.engine.evaluate as evaluate
+
+    registry.registered_passes()
+    monkeypatch.setitem(registry._REGISTRY, _RecordsItsData.name, _RecordsItsData)
+    _RecordsItsData.seen = []
+    evaluated: list[float] = []
+    real = evaluate.evaluate_candidate
+
+    def recording(original: Any, candidate: Any, feeds: list, **kwargs: Any) -> Any:
+        for feed in feeds:
+            evaluated.extend(float(v) for v in np.atleast_2d(feed["x"])[:, 0])
+        return real(original, candidate, feeds, **kwargs)
+
+    monkeypatch.setattr(evaluate, "evaluate_candidate", recording)
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((samples, 64)).astype(np.float32)
+    x[:, 0] = 1000 + np.arange(samples)
+    np.savez(tmp_path / "d.npz", x=x, labels=rng.integers(0, 10, samples))
+    result = run_pipeline(_write(tmp_path, crafted.mlp()), [{"pass": "test_records_data"}],
+                          tmp_path / "work", dataset_path=tmp_path / "d.npz",
+                          limits=EngineLimits(eval_samples=64))
+    calibrated = set(_RecordsItsData.seen)
+    assert calibrated and evaluated
+    assert not calibrated & set(evaluated)
+    assert calibrated | set(evaluated) == set(x[:, 0].tolist())
+    split = result.report["evaluation"]
+    assert split["disjoint"] is True
+    assert split["calibration_samples"] == len(calibrated)
+    assert split["evaluation_samples"] == len(set(evaluated)) == result.summary["eval_samples"]
+    assert result.report["accuracy"]["samples"] == len(set(evaluated))
