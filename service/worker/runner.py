@@ -322,7 +322,16 @@ class JobRunner:
         result_file = workdir / "result.json"
         if result_file.exists():
             with contextlib.suppress(ValueError):
-                return dict(json.loads(result_file.read_text()))
+                outcome = dict(json.loads(result_file.read_text()))
+                error = outcome.get("error") or {}
+                if error.get("code") == "internal_error":
+                    # The job's message names only the exception type (no paths, no internals);
+                    # the operator gets the engine's traceback, with the job id, in this log.
+                    trace = (stderr_path.read_bytes()[-20000:].decode(errors="replace")
+                             if stderr_path.exists() else "(no engine stderr)")
+                    log.error("engine for job %s failed unexpectedly: %s\n%s", job_id,
+                              error.get("message"), trace)
+                return outcome
         code = proc.returncode
         tail = (
             stderr_path.read_bytes()[-2000:].decode(errors="replace") if stderr_path.exists() else ""

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -72,7 +73,7 @@ def test_upload_submit_wait_download_report(run: Any, tmp_path: Path) -> None:
 
     rep = run("report", job_id)
     assert rep.returncode == 0, rep.stderr
-    assert "recipe          quantize_dynamic" in rep.stdout and "x smaller" in rep.stdout
+    assert re.search(r"^recipe\s+quantize_dynamic$", rep.stdout, re.M) and "x smaller" in rep.stdout
     listed = run("--json", "list", "--limit", "50")
     assert job_id in {j["id"] for j in json.loads(listed.stdout)}
     status = run("status", job_id, "--json")

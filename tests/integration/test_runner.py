@@ -153,3 +153,30 @@ def test_engine_server_gets_the_huge_pages_tunable_and_the_worker_does_not() -> 
     assert any(e.startswith(b"GLIBC_TUNABLES=") and b"glibc.malloc.hugetlb=1" in e
                for e in environ)
     assert "glibc.malloc.hugetlb" not in os.environ.get("GLIBC_TUNABLES", "")
+
+
+def test_unexpected_engine_error_is_logged_with_its_traceback(isolated_settings, tmp_path, caplog) -> None:  # type: ignore[no-untyped-def]
+    """An engine failure that is no EngineError reaches the job as internal_error naming only
+    the exception type, and the worker log as the whole traceback with the job id."""
+    import json
+    import logging
+
+    _, _, job, runner, _ = _setup(isolated_settings, tmp_path)
+    workdir = tmp_path / "work"
+    workdir.mkdir()
+    model = write_mlp(workdir / "m.onnx", inputs=16, hidden=16)
+    # A limits entry EngineLimits does not know: pydantic raises inside the engine, outside
+    # every pass (what a bug there looks like).
+    (workdir / "spec.json").write_text(json.dumps({
+        "workdir": str(workdir), "model_path": str(model), "dataset_path": None,
+        "recipe": [{"pass": "quantize_dynamic"}], "device": "host", "constraints": {},
+        "limits": {"no_such_limit": 1}}))
+    runner._heartbeat = lambda *args: job  # the record stays ours (not claimed in this test)
+    with caplog.at_level(logging.ERROR, logger="service.worker.runner"):
+        outcome = runner._run_engine(job.id, workdir)
+    assert outcome.get("ok") is False, outcome
+    assert outcome["error"]["code"] == "internal_error"
+    assert "Traceback" not in outcome["error"]["message"]
+    logged = "\n".join(r.getMessage() for r in caplog.records)
+    assert job.id in logged and "Traceback (most recent call last)" in logged
+    assert "ValidationError" in logged and "no_such_limit" in logged
