@@ -276,9 +276,24 @@ class BarResult:
     detail: str = ""
 
 
-def _judge(model: str, technique: str, what: str, check: Any, row: Any) -> BarResult:
+# Engine refusals that are answers, not breakage: a technique that cannot help this model
+# (``no_effect``: int4 on a CNN without MatMul) or a search with no candidate meeting the
+# constraints (``constraints_unsatisfiable``: it delivers nothing rather than a slower model).
+# A bar on every technique ("*") does not apply to such a row (REFUSED, printed with the
+# reason); a bar that names the technique still fails on it, and any other error is ERROR.
+REFUSAL_CODES = ("no_effect", "constraints_unsatisfiable")
+
+
+def _refused(row: Any) -> bool:
+    return bool(row.error) and row.error.split(":", 1)[0] in REFUSAL_CODES
+
+
+def _judge(model: str, technique: str, what: str, check: Any, row: Any,
+           wildcard: bool = False) -> BarResult:
     if row is None:
         return BarResult(model, technique, what, "ERROR", "row missing")
+    if row.error and wildcard and _refused(row):
+        return BarResult(model, technique, what, "REFUSED", row.error)
     if row.error:
         return BarResult(model, technique, what, "ERROR", row.error)
     try:
@@ -293,7 +308,8 @@ def _errored_rows_without_bar(rows: list[Any], results: list[BarResult],
     """An errored row that no bar covers still fails the run (a technique that raises is a
     broken technique, whatever its bars say)."""
     covered = {(r.model, r.technique) for r in results}
-    return [BarResult(model_of(row), row.technique, "runs without error", "ERROR", row.error)
+    return [BarResult(model_of(row), row.technique, "runs without error",
+                      "REFUSED" if _refused(row) else "ERROR", row.error)
             for row in rows if row.error and (model_of(row), row.technique) not in covered]
 
 
@@ -309,14 +325,17 @@ def check_bars(rows: list[Row], bars: list | None = None) -> list[BarResult]:
                 technique.startswith("!") and row.technique != technique[1:]
             )
             if (model in ("*", row.model)) and wanted:
-                results.append(_judge(row.model, row.technique, what, check, row))
+                results.append(_judge(row.model, row.technique, what, check, row,
+                                      wildcard=technique == "*" or technique.startswith("!")
+                                      or model == "*"))
     engine_rows = [r for r in rows if r.technique != PLAIN]
     return results + _errored_rows_without_bar(engine_rows, results, lambda r: r.model)
 
 
 def exit_code(results: list[BarResult]) -> int:
-    """0 only when every bar passed; a failed or errored bar makes the benchmark fail."""
-    return 0 if all(r.status == "PASS" for r in results) else 1
+    """0 only when every bar passed or did not apply (a precise refusal on a bar over every
+    technique); a failed or errored bar makes the benchmark fail."""
+    return 0 if all(r.status in ("PASS", "REFUSED") for r in results) else 1
 
 
 def print_bars(title: str, results: list[BarResult]) -> None:
@@ -525,8 +544,10 @@ def run(args: argparse.Namespace) -> int:
         payload = [asdict(r) for r in all_rows] + [asdict(r) for r in training_rows]
         args.json.write_text(json.dumps(payload, indent=2))
     code = exit_code(results)
-    bad = sum(r.status != "PASS" for r in results)
-    print(f"\n{len(results) - bad}/{len(results)} bars passed; exit {code}")
+    passed = sum(r.status == "PASS" for r in results)
+    refused = sum(r.status == "REFUSED" for r in results)
+    print(f"\n{passed}/{len(results)} bars passed, {refused} did not apply (the engine refused "
+          f"with a precise reason), {len(results) - passed - refused} failed; exit {code}")
     return code
 
 

@@ -84,7 +84,7 @@ def test_a_row_that_passes_its_bars_exits_zero_and_out_has_the_machine_header(
     assert keys[:6] == ["command", "date", "commit", "cpu", "cores", "threads"]
     assert "latency at 1 intra-op thread" in text
     assert "== fake" in text and "PASS   fake" in text  # the tables follow the header
-    assert "1/1 bars passed; exit 0" in text
+    assert "1/1 bars passed, 0 did not apply" in text and text.rstrip().endswith("exit 0")
     assert "# command" not in capsys.readouterr().out  # the header goes to the file only
 
 
@@ -174,3 +174,20 @@ def test_header_names_the_machine(scripts: Any) -> None:
     assert lines[5] == "# threads: 2 workers"
     if sys.platform == "linux":
         assert "cores: " in lines[4] and "usable" in lines[4]
+
+
+def test_a_precise_refusal_does_not_fail_a_bar_over_every_technique(scripts: Any) -> None:
+    """int4 on a CNN is refused with no_effect: a bar on every technique does not apply to it,
+    a bar naming the technique still fails, and an unexpected error always fails."""
+    bench = scripts("bench_engine")
+    refused = bench.Row("digits_cnn", "int4_weight_only", error="no_effect: no MatMul/Gemm")
+    good = bench.Row("digits_cnn", "quantize_static", size_ratio=3.8, speedup=2.0,
+                     min_cosine=0.999)
+    wildcard = [("*", "*", "cosine >= 0.99", lambda r: r.min_cosine >= 0.99)]
+    results = bench.check_bars([refused, good], wildcard)
+    assert [r.status for r in results] == ["REFUSED", "PASS"]
+    assert bench.exit_code(results) == 0
+    named = [("digits_cnn", "int4_weight_only", "int4 >= 6x", lambda r: r.size_ratio >= 6)]
+    assert bench.exit_code(bench.check_bars([refused], named)) == 1
+    broken = bench.Row("digits_cnn", "fp16", error="pass_failed: boom")
+    assert bench.exit_code(bench.check_bars([broken, good], wildcard)) == 1
