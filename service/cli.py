@@ -634,6 +634,9 @@ def _print_job(out: Output, job: Any) -> None:
                         + (f" ({describe_speedup(r['speedup'], r.get('placebo_band'))})"
                            if r.get("speedup") else "")),
             ("min cosine", r.get("min_cosine")),
+            ("evaluated on", (f"{r['eval_inputs']} inputs"
+                              + (f", {r['eval_samples']} samples" if r.get("eval_samples") else ""))
+             if r.get("eval_inputs") else None),
             ("accuracy", f"{r['accuracy_before']:.4f} -> {r['accuracy_after']:.4f}"
              if r.get("accuracy_before") is not None and r.get("accuracy_after") is not None
              else None),

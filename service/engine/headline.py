@@ -77,7 +77,7 @@ def headline(report: Mapping[str, Any]) -> Headline:
             how += ", confirmed against a placebo run (the original against itself)"
         win_fraction = latency.get("win_fraction")
     source = summary.get("eval_inputs")
-    samples = (report.get("eval_inputs") or {}).get("samples")
+    samples = summary.get("eval_samples") or (report.get("eval_inputs") or {}).get("samples")
     if source == "dataset_holdout":
         samples = (auto.get("evaluation") or {}).get("holdout_samples")
     return Headline(

@@ -56,6 +56,9 @@ def test_upload_submit_wait_download_report(run: Any, tmp_path: Path) -> None:
     assert progress[-1] == f"{job_id} succeeded succeeded 100.0%"  # plain lines, not a TTY
     assert "\r" not in wait.stderr
     assert "x smaller" in wait.stdout and "state        succeeded" in wait.stdout
+    # No dataset: the fidelity's evidence and the warning that says so are printed.
+    assert re.search(r"^evaluated on\s+generated inputs, \d+ samples$", wait.stdout, re.M)
+    assert "measured on generated inputs" in wait.stdout
 
     out_dir = tmp_path / "out"
     dl = run("--json", "download", job_id, "-o", str(out_dir), "--check")
