@@ -275,6 +275,8 @@ def run_pipeline(
         encoding = notes.get("encoding")
         if isinstance(encoding, dict) and encoding.get("warning"):
             warnings.append(str(encoding["warning"]))
+        if notes.get("load_hint"):  # how to load the result for the speed it can have
+            warnings.append(f"{cls.name}: {notes['load_hint']}")
         if "calibration" in notes and isinstance(notes["calibration"], dict):
             calibration = notes["calibration"]
         pass_reports.append({"pass": cls.name, "config": config.model_dump(mode="json"),

@@ -74,6 +74,7 @@ SENSITIVITY_SAMPLES = 128
 # Recovery training of pruning candidates is bounded by steps, not seconds, so that the same
 # job gives the same model on a busy worker (the seconds cap only guards against a stall).
 PRUNING_RECOVERY_BUDGET = {"max_steps": 150, "max_seconds": 300.0}
+WEIGHT_ONLY, WEIGHT_ONLY_PASS = "int8_weight_only", "quantize_weight_only"
 _QUANT_OPS = ("Conv", "MatMul", "Gemm", "LSTM", "GRU", "ConvTranspose", "Attention")
 
 
@@ -1057,6 +1058,21 @@ def run_auto(
             if best is not None:
                 break
 
+    # The safe win: weight-only int8 needs no data, no calibration and no int8 kernels, so it
+    # is tried whenever nothing else met the constraints; it is chosen when it meets them (its
+    # speed under the default session counts: an objective that cares about latency keeps it
+    # out unless it is not slower).
+    if best is None and WEIGHT_ONLY_PASS in passes and not any(
+            c.name == WEIGHT_ONLY for c in cands):
+        check_cancelled()
+        progress("search:weight_only", 0.88)
+        safe = Candidate(WEIGHT_ONLY, [{"pass": WEIGHT_ONLY_PASS}], ["int8_weight_only"],
+                         "int8 weights with float compute (no data, no int8 kernels): the "
+                         "fallback when no faster format met the constraints", 0.25, 1.0)
+        cands.append(safe)
+        total += 1
+        finish(safe, _run_candidate(job(safe, len(cands) - 1), check_cancelled))
+
     # Head-to-head re-measurement of the finalists on this host: one process, interleaved
     # rounds, twice as many as a single candidate got; the choice rests on these numbers.
     confirmation = None
@@ -1214,7 +1230,10 @@ def _why(chosen: Candidate, cands: list[Candidate], ctx: _Context) -> str:
     ]
     if m.get("accuracy_drop") is not None:
         parts.append(f"accuracy drop {m['accuracy_drop'] * 100:.2f} points")
-    parts.append(f"formats {', '.join(chosen.formats)} (fast on {ctx.profile.name})")
+    if chosen.name == WEIGHT_ONLY:
+        parts.append("int8 weights, float compute: runs wherever ONNX runs")
+    else:
+        parts.append(f"formats {', '.join(chosen.formats)} (fast on {ctx.profile.name})")
     return "; ".join(p for p in parts if p)
 
 

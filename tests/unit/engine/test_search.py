@@ -458,3 +458,38 @@ def test_constraints_are_judged_on_held_out_samples(mlp_path: Path, tmp_path: Pa
     chosen = result.report["auto"]["chosen"]["candidate"]
     pick = next(c for c in result.report["auto"]["candidates"] if c["name"] == chosen)
     assert pick["metrics"]["holdout_samples"] == 20
+
+
+def test_weight_only_int8_is_the_safe_fallback(tmp_path: Path) -> None:
+    """A CPU whose only fast format is static int8 cannot quantize an LSTM (no QDQ kernels):
+    the plan falls back to fp16, which misses the size budget. Auto then tries int8 weights
+    with float compute, which fits, instead of failing the job."""
+    rng = np.random.default_rng(3)
+    inp, hidden = 64, 128
+    weights = [numpy_helper.from_array(rng.normal(0, 0.1, shape).astype(np.float32), name)
+               for name, shape in (("W", (1, 4 * hidden, inp)), ("R", (1, 4 * hidden, hidden)),
+                                   ("B", (1, 8 * hidden)))]
+    graph = helper.make_graph(
+        [helper.make_node("LSTM", ["x", "W", "R", "B"], ["y", "h"], name="lstm",
+                          hidden_size=hidden)], "lstm",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["seq", "batch", inp])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["seq", 1, "batch", hidden]),
+         helper.make_tensor_value_info("h", TensorProto.FLOAT, [1, "batch", hidden])],
+        weights)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    path = tmp_path / "m.onnx"
+    onnx.save_model(model, str(path))
+    mb = path.stat().st_size / 1e6
+    device = {"extends": "host", "name": "static_only_cpu",
+              "quant_formats": ["int8_static_qdq_u8s8"]}
+    result = run_pipeline(path, "auto", tmp_path / "work", device=device,
+                          constraints={"max_size_mb": round(0.4 * mb, 4), "min_fidelity": 0.999,
+                                       "objective": "size", "training": False})
+    auto = result.report["auto"]
+    assert auto["chosen"]["candidate"] == "int8_weight_only"
+    others = [c for c in auto["candidates"] if c["name"] != "int8_weight_only"]
+    assert [c["name"] for c in others] == ["fp16"]
+    assert any(v["constraint"] == "max_size_mb" for v in others[0]["violations"])
+    assert result.summary["size_ratio"] >= 3.5 and result.summary["min_cosine"] >= 0.999
+    assert any("session.disable_quant_qdq" in w for w in result.summary["warnings"])
