@@ -207,6 +207,17 @@ def plan_candidates(
             return
         out.append(Candidate(name, recipe, formats, reason, size, speed))
 
+    def add_dynamic(seven_bit: bool) -> None:
+        if seven_bit:
+            add("int8_dynamic_reduce_range",
+                [{"pass": "quantize_dynamic", "reduce_range": True}], ["int8_dynamic"],
+                "dynamic int8 with 7-bit weights (x86 without VNNI)",
+                0.25 + 0.75 * share["conv"], max(int8_speed, bw))
+        else:
+            add("int8_dynamic", [{"pass": "quantize_dynamic"}], ["int8_dynamic"],
+                "dynamic int8 for MatMul/Gemm/LSTM/GRU (weights dominate, CPU kernels)",
+                0.25 + 0.75 * share["conv"], max(int8_speed, bw))
+
     for fmt in profile.quant_formats:
         if fmt in _STATIC or fmt == "int8_reduce_range":
             static_fmt = "int8_static_qdq_u8s8" if fmt == "int8_reduce_range" else fmt
@@ -231,21 +242,10 @@ def plan_candidates(
             else:
                 skipped.append({"format": fmt, "reason": "no Conv/MatMul layer to quantize statically"})
             if rr and (has_mm or has_rnn):
-                add("int8_dynamic_reduce_range",
-                    [{"pass": "quantize_dynamic", "reduce_range": True}], ["int8_dynamic"],
-                    "dynamic int8 with 7-bit weights (x86 without VNNI)",
-                    0.25 + 0.75 * share["conv"], max(int8_speed, bw))
+                add_dynamic(seven_bit=True)
         elif fmt == "int8_dynamic":
             if has_mm or has_rnn:
-                if target_saturates:
-                    add("int8_dynamic_reduce_range",
-                        [{"pass": "quantize_dynamic", "reduce_range": True}], ["int8_dynamic"],
-                        "dynamic int8 with 7-bit weights (x86 without VNNI)",
-                        0.25 + 0.75 * share["conv"], max(int8_speed, bw))
-                else:
-                    add("int8_dynamic", [{"pass": "quantize_dynamic"}], ["int8_dynamic"],
-                        "dynamic int8 for MatMul/Gemm/LSTM/GRU (weights dominate, CPU kernels)",
-                        0.25 + 0.75 * share["conv"], max(int8_speed, bw))
+                add_dynamic(seven_bit=target_saturates)
             else:
                 skipped.append({"format": fmt, "reason": "no MatMul/recurrent layer (dynamic "
                                 "int8 convolutions are slower than float in ONNX Runtime)"})
