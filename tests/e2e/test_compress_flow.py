@@ -74,9 +74,9 @@ def test_int8_for_a_non_vnni_target_through_the_api(api, tmp_path) -> None:  # t
     from onnx import numpy_helper
 
     from service.engine.devices import get_device, host_profile
-    from tests.unit.engine.test_int8_encoding import _saturation_prone_mlp
+    from tests.int8_reference import saturation_prone_mlp
 
-    model, x, ref = _saturation_prone_mlp()
+    model, x, ref = saturation_prone_mlp()
     source = tmp_path / "sat.onnx"
     onnx.save_model(model, str(source))
     uploaded = api.upload_model(source)

@@ -18,9 +18,6 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-from onnx import TensorProto as T
-from onnx import helper as h
-from onnx import numpy_helper as nh
 
 from service.engine.devices import get_device, host_profile
 from service.engine.devices.cpuid import x86_features
@@ -28,7 +25,7 @@ from service.engine.devices.features import canonical, kernel_features, u8s8_sat
 from service.engine.devices.host import profile_from_cpuinfo
 from service.engine.int8_encoding import choose_int8_encoding, saturates
 from service.engine.registry import PassContext, get_pass
-from tests.int8_reference import dynamic_int8_matmul
+from tests.int8_reference import cosine, dynamic_int8_matmul, quantized_weight, saturation_prone_mlp
 
 _MEM = "MemTotal: 8000000 kB\n"
 
@@ -117,41 +114,13 @@ def test_encoding_rules() -> None:
                                 host=VNNI_HOST).warning is None
 
 
-def _saturation_prone_mlp() -> tuple[onnx.ModelProto, np.ndarray, np.ndarray]:
-    """x[N,256] (bright-image-like values in [0.3, 1]) -> MatMul w[256,32] -> y. Half the
-    weight rows are large and repeated in adjacent pairs: full-range int8 weights of +-127 next
-    to uint8 activations above 129 overflow the int16 pair sum of vpmaddubsw."""
-    rng = np.random.default_rng(7)
-    k, n = 256, 32
-    w = rng.normal(0, 0.05, (k, n)).astype(np.float32)
-    big = (0.5 * np.sign(rng.normal(size=(k // 4, n)))).astype(np.float32)
-    w[0 : k // 2 : 2] = big
-    w[1 : k // 2 : 2] = big
-    graph = h.make_graph([h.make_node("MatMul", ["x", "w"], ["y"], name="fc")], "mlp",
-                         [h.make_tensor_value_info("x", T.FLOAT, ["N", k])],
-                         [h.make_tensor_value_info("y", T.FLOAT, ["N", n])],
-                         [nh.from_array(w, "w")])
-    model = h.make_model(graph, opset_imports=[h.make_opsetid("", 17)], ir_version=8)
-    x = rng.uniform(0.3, 1.0, (64, k)).astype(np.float32)
-    return model, x, x @ w
-
-
-def _quantized_weight(model: onnx.ModelProto) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    inits = {t.name: nh.to_array(t) for t in model.graph.initializer}
-    return inits["w_quantized"], inits["w_scale"], inits["w_zero_point"]
-
-
-def _cosine(a: np.ndarray, b: np.ndarray) -> float:
-    return float((a * b).sum() / (np.linalg.norm(a) * np.linalg.norm(b)))
-
-
 @pytest.mark.parametrize("target,host", [("x86_laptop_avx2", VNNI_HOST),
                                          ("x86_laptop_avx2", AVX2_HOST),
                                          ("host", AVX2_HOST)])
 def test_non_vnni_target_keeps_accuracy_where_full_range_saturates(
     tmp_path: Path, target: str, host: object
 ) -> None:
-    model, x, ref = _saturation_prone_mlp()
+    model, x, ref = saturation_prone_mlp()
     labels = ref.argmax(axis=1)
 
     def quantize(target_profile: object, host_profile_: object) -> tuple[onnx.ModelProto, dict]:
@@ -165,24 +134,24 @@ def test_non_vnni_target_keeps_accuracy_where_full_range_saturates(
     tgt = host if target == "host" else get_device(target)
     chosen, notes = quantize(None if target == "host" else tgt, host)
     assert notes["encoding"]["reduce_range"] is True
-    w_q, w_s, w_zp = _quantized_weight(chosen)
+    w_q, w_s, w_zp = quantized_weight(chosen)
     assert int(np.abs(w_q.astype(np.int32)).max()) <= 64  # no u8 x s8 pair can pass 32767
     on_avx2 = dynamic_int8_matmul(x, w_q, w_s, w_zp, saturate_pairs=True)
     exact = dynamic_int8_matmul(x, w_q, w_s, w_zp, saturate_pairs=False)
     np.testing.assert_array_equal(on_avx2, exact)  # the saturating kernel changes nothing
-    assert _cosine(on_avx2, ref) >= 0.999
+    assert cosine(on_avx2, ref) >= 0.999
     assert (on_avx2.argmax(axis=1) == labels).mean() >= 0.95
 
     # What the rule protects against: the full-range encoding a VNNI target gets, run by the
     # saturating kernel, loses accuracy on the same inputs.
     full, full_notes = quantize(get_device("x86_xeon_spr_vnni_amx"), VNNI_HOST)
     assert full_notes["encoding"]["reduce_range"] is False
-    f_q, f_s, f_zp = _quantized_weight(full)
+    f_q, f_s, f_zp = quantized_weight(full)
     assert int(np.abs(f_q.astype(np.int32)).max()) == 127
     clipped = dynamic_int8_matmul(x, f_q, f_s, f_zp, saturate_pairs=True)
     unclipped = dynamic_int8_matmul(x, f_q, f_s, f_zp, saturate_pairs=False)
-    assert _cosine(unclipped, ref) >= 0.999  # fine where products accumulate in 32 bits
-    assert _cosine(clipped, ref) < _cosine(on_avx2, ref) - 0.001
+    assert cosine(unclipped, ref) >= 0.999  # fine where products accumulate in 32 bits
+    assert cosine(clipped, ref) < cosine(on_avx2, ref) - 0.001
     assert (clipped.argmax(axis=1) == labels).mean() < (on_avx2.argmax(axis=1) == labels).mean()
 
 
@@ -192,14 +161,14 @@ def test_reference_matches_this_hosts_kernels(tmp_path: Path) -> None:
     exact with VNNI/AMX or on Arm) - on whichever CPU the suite runs."""
     import onnxruntime as ort
 
-    model, x, ref = _saturation_prone_mlp()
+    model, x, ref = saturation_prone_mlp()
     ctx = PassContext(workdir=tmp_path, target=None, host=host_profile())
     cls = get_pass("quantize_dynamic")
     full = cls().run(model, cls.config_model(per_channel=False, reduce_range=False), ctx)
     path = tmp_path / "full.onnx"
     onnx.save_model(full, str(path))
     got = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
-    w_q, w_s, w_zp = _quantized_weight(full)
+    w_q, w_s, w_zp = quantized_weight(full)
     expected = dynamic_int8_matmul(x, w_q, w_s, w_zp, saturate_pairs=saturates(host_profile()))
     np.testing.assert_allclose(got, expected, rtol=0, atol=1e-3)
 
@@ -211,9 +180,8 @@ import numpy as np, onnx, onnxruntime as ort
 from service.engine.devices import host_profile
 from service.engine.int8_encoding import saturates
 from service.engine.registry import PassContext, get_pass
-from tests.int8_reference import dynamic_int8_matmul
-from tests.unit.engine.test_int8_encoding import _cosine, _quantized_weight, _saturation_prone_mlp
-model, x, ref = _saturation_prone_mlp()
+from tests.int8_reference import cosine, dynamic_int8_matmul, quantized_weight, saturation_prone_mlp
+model, x, ref = saturation_prone_mlp()
 out = {"features": list(host_profile().isa_features), "saturates": saturates(host_profile())}
 for label, requested in (("chosen", None), ("full_range", False)):
     work = Path(tempfile.mkdtemp())
@@ -223,10 +191,10 @@ for label, requested in (("chosen", None), ("full_range", False)):
     onnx.save_model(q, str(work / "q.onnx"))
     y = ort.InferenceSession(str(work / "q.onnx"), providers=["CPUExecutionProvider"]).run(
         None, {"x": x})[0]
-    w_q, w_s, w_zp = _quantized_weight(q)
+    w_q, w_s, w_zp = quantized_weight(q)
     sat = dynamic_int8_matmul(x, w_q, w_s, w_zp, saturate_pairs=True)
     out[label] = {"reduce_range": ctx.notes["encoding"]["reduce_range"],
-                  "cosine": _cosine(y, ref), "max_abs_vs_reference": float(np.abs(y - sat).max())}
+                  "cosine": cosine(y, ref), "max_abs_vs_reference": float(np.abs(y - sat).max())}
 print("RESULT " + json.dumps(out))
 """
 
