@@ -15,7 +15,7 @@
    needs it whole): that peak is reported separately (``rss_peak_after_stream_mb``).
 3. **Overhead**: the same model, recipe and device (``host``) through the service (upload,
    submit, wait, download: what a pipeline step does with ``EdgePressClient`` and its default
-   ``wait``) vs ``run_pipeline`` called directly in this process (imports and ONNX Runtime
+   ``wait``) vs ``compress`` called directly in this process (imports and ONNX Runtime
    warm: the best case) and in a fresh process (``python -c`` calling the engine: what a
    script pays), on MLPs of ``--overhead-hidden`` widths (17 MB and 68 MB by default). Rounds
    are interleaved, each in another order, and medians reported; ``service_first_s`` is the
@@ -265,7 +265,7 @@ def upload_memory(api_url: str, api_pid: int, size: int, sized: bool) -> dict:
 def overhead(api_url: str, model: Path, recipe: Any, rounds: int, poll: float) -> dict:
     """The three paths on one model, interleaved round by round (each round in another order)
     so that load drifting on a shared host weighs on all of them alike; medians."""
-    from service.engine.pipeline import run_pipeline
+    from service.engine.compress import compress
 
     direct_parts: list[dict[str, float]] = []
 
@@ -278,7 +278,7 @@ def overhead(api_url: str, model: Path, recipe: Any, rounds: int, poll: float) -
                 marks.append((stage, time.perf_counter()))
 
         with tempfile.TemporaryDirectory(prefix="bench-direct-") as tmp:
-            run_pipeline(model, recipe, Path(tmp), device=DEVICE, progress=progress)
+            compress(model, recipe, Path(tmp), device=DEVICE, progress=progress)
         marks.append(("end", time.perf_counter()))
         stages: dict[str, float] = {}
         for (stage, t0), (_, t1) in zip(marks, marks[1:], strict=False):
@@ -287,8 +287,8 @@ def overhead(api_url: str, model: Path, recipe: Any, rounds: int, poll: float) -
 
     code = (
         "import sys, tempfile; from pathlib import Path; "
-        "from service.engine.pipeline import run_pipeline; "
-        f"run_pipeline(Path({str(model)!r}), {recipe!r}, Path(tempfile.mkdtemp()), "
+        "from service.engine.compress import compress; "
+        f"compress(Path({str(model)!r}), {recipe!r}, Path(tempfile.mkdtemp()), "
         f"device={DEVICE!r})"
     )
     root = str(Path(__file__).resolve().parent.parent)

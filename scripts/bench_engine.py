@@ -1,7 +1,7 @@
 """Benchmark the engine's techniques on the test corpus, next to the plain ONNX Runtime call.
 
 For every corpus model (tests/corpus.py) and every technique, runs the engine's
-``run_pipeline`` (ingest, normalise, the pass, evaluate) and prints size ratio, latency ratio
+``compress`` (ingest, normalise, the pass, evaluate) and prints size ratio, latency ratio
 (speedup at batch 1, fixed threads, original and compressed interleaved, medians), the lowest
 fidelity cosine over all outputs and the accuracy delta (digits CNN), beside the same numbers
 for the plain one-call ``onnxruntime.quantization.quantize_dynamic(input, output)`` on the same
@@ -39,7 +39,7 @@ from tests import corpus  # noqa: E402
 LATENCY_RUNS = 21
 LATENCY_THREADS = 1
 
-# name -> recipe given to run_pipeline (a list of steps, or "auto").
+# name -> recipe given to compress (a list of steps, or "auto").
 TECHNIQUES: dict[str, list[dict[str, Any]] | str] = {
     "quantize_dynamic": [{"pass": "quantize_dynamic"}],
     "quantize_static": [{"pass": "quantize_static"}],
@@ -102,7 +102,7 @@ class Row:
 
 
 def _dataset(model: corpus.CorpusModel, workdir: Path) -> Path:
-    """The model's evaluation inputs (and labels) as a dataset .npz for run_pipeline."""
+    """The model's evaluation inputs (and labels) as a dataset .npz for compress."""
     path = workdir / f"{model.name}_dataset.npz"
     arrays = dict(model.inputs)
     if model.labels is not None:
@@ -140,13 +140,13 @@ def _row_from_summary(model: str, technique: str, summary: dict, seconds: float)
 def bench_engine(
     model: corpus.CorpusModel, technique: str, recipe: list[dict] | str, workdir: Path
 ) -> Row:
-    """One technique through ``run_pipeline``."""
+    """One technique through ``compress``."""
+    from service.engine.compress import compress
     from service.engine.errors import EngineError
-    from service.engine.pipeline import run_pipeline
 
     started = time.perf_counter()
     try:
-        result = run_pipeline(
+        result = compress(
             model.path,
             recipe,  # type: ignore[arg-type]
             workdir / f"{model.name}_{technique}",
@@ -174,12 +174,12 @@ BARS.extend(AUTO_BARS)
 
 def bench_auto(model: corpus.CorpusModel, workdir: Path) -> Row:
     """``recipe: "auto"`` for the host, with the model's constraints (``AUTO_CONSTRAINTS``)."""
+    from service.engine.compress import compress
     from service.engine.errors import EngineError
-    from service.engine.pipeline import run_pipeline
 
     started = time.perf_counter()
     try:
-        result = run_pipeline(
+        result = compress(
             model.path,
             "auto",
             workdir / f"{model.name}_auto",
@@ -394,11 +394,11 @@ class TrainingRow:
 
 
 def bench_training(cache_dir: Path, workdir: Path) -> list[TrainingRow]:
-    """Run every ``TRAINING_RECIPES`` entry on the digits CNN through ``run_pipeline``."""
+    """Run every ``TRAINING_RECIPES`` entry on the digits CNN through ``compress``."""
     import onnx
 
+    from service.engine.compress import compress
     from service.engine.errors import EngineError
-    from service.engine.pipeline import run_pipeline
     from service.engine.training.distillation import accuracy
     from service.engine.training.graph import count_macs
 
@@ -412,7 +412,7 @@ def bench_training(cache_dir: Path, workdir: Path) -> list[TrainingRow]:
     for name, recipe in TRAINING_RECIPES.items():
         started = time.perf_counter()
         try:
-            result = run_pipeline(
+            result = compress(
                 model.path, recipe, workdir / f"train_{name}", dataset_path=data,
                 limits=_limits(model),
             )

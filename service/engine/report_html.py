@@ -1,6 +1,6 @@
 """``report.html``: a job's report as one self-contained page (no external resources).
 
-``render_report_html(report)`` turns the ``report.json`` dict of ``run_pipeline`` (recipe or
+``render_report_html(report)`` turns the ``report.json`` dict of ``compress`` (recipe or
 auto mode) into HTML with inline SVG charts drawn here (no plotting library): model summary,
 the chosen candidate and why (auto), the Pareto front (size vs latency, coloured by fidelity),
 per-layer sensitivity and precision, latency by op type before/after (when the report has it),

@@ -48,7 +48,7 @@ PRELOAD = [
     "onnxruntime",
     "onnxruntime.quantization",
     "boto3",
-    "service.engine.pipeline",
+    "service.engine.compress",
     "service.engine.evaluate",
     "service.engine.registry",
     "service.worker.engine_process",
@@ -125,9 +125,9 @@ def main(spec_path: str, send: Callable[[dict[str, Any]], None] = _print_message
 
     try:
         from service.config import Settings
+        from service.engine.compress import compress
         from service.engine.errors import EngineError
         from service.engine.limits import EngineLimits
-        from service.engine.pipeline import run_pipeline
         from service.storage.s3 import make_store
         from service.uploads.store import model_source_key
 
@@ -152,7 +152,7 @@ def main(spec_path: str, send: Callable[[dict[str, Any]], None] = _print_message
             return target
 
         limits = EngineLimits(**spec.get("limits", {}))
-        result = run_pipeline(
+        result = compress(
             Path(spec["model_path"]),
             spec["recipe"],
             workdir / "engine",

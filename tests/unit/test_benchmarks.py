@@ -28,7 +28,7 @@ def scripts(monkeypatch: pytest.MonkeyPatch) -> Any:
 
 def _fake_model(tmp_path: Path) -> Any:
     path = tmp_path / "fake.onnx"
-    path.write_bytes(b"not read: run_pipeline is replaced")
+    path.write_bytes(b"not read: compress is replaced")
     return SimpleNamespace(name="fake", path=path, info={"exporter": "test"},
                            inputs={"x": np.zeros((2, 3), np.float32)}, labels=None)
 
@@ -39,14 +39,14 @@ def _summary(cosine: float) -> dict[str, Any]:
 
 
 def _run_bench(scripts: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-               run_pipeline: Any, *extra: str) -> tuple[int, Any]:
-    """bench_engine.main on one fake model and one technique, with ``run_pipeline``
+               compress: Any, *extra: str) -> tuple[int, Any]:
+    """bench_engine.main on one fake model and one technique, with ``compress``
     replaced (the plain ORT comparison row replaced by a good one)."""
     bench = scripts("bench_engine")
-    import service.engine.pipeline as pipeline
+    import service.engine.compress as compress_module
 
     model = _fake_model(tmp_path)
-    monkeypatch.setattr(pipeline, "run_pipeline", run_pipeline)
+    monkeypatch.setattr(compress_module, "compress", compress)
     monkeypatch.setitem(bench.corpus.BUILDERS, "fake", lambda cache_dir: model)
     monkeypatch.setattr(bench, "bench_plain_ort", lambda m, w: bench._row_from_summary(
         m.name, bench.PLAIN, _summary(0.999), 0.1))

@@ -39,7 +39,7 @@ def auto_report(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     held-out split), with the latency clock scripted so that the head-to-head speedup (the
     summary's) differs from each candidate's first one (report["latency"])."""
     import service.engine.evaluate as evaluate
-    from service.engine.pipeline import run_pipeline
+    from service.engine.compress import compress
 
     tmp = tmp_path_factory.mktemp("headline")
     model = write_mlp(tmp / "mlp.onnx", inputs=64, hidden=256)
@@ -47,7 +47,7 @@ def auto_report(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     np.savez(tmp / "data.npz", x=x)
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(evaluate, "measure_latency", _scripted_clock)
-        result = run_pipeline(model, "auto", tmp / "work", dataset_path=tmp / "data.npz",
+        result = compress(model, "auto", tmp / "work", dataset_path=tmp / "data.npz",
                               device="host", constraints={"objective": "latency",
                                                           "training": False, "workers": 1})
     # Through JSON, as report.json is stored and read back.

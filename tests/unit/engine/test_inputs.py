@@ -9,6 +9,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 
+from service.engine.compress import compress
 from service.engine.errors import EngineError
 from service.engine.ingest import load_model
 from service.engine.inputs import (
@@ -21,7 +22,6 @@ from service.engine.inputs import (
 )
 from service.engine.limits import EngineLimits
 from service.engine.normalise import normalise
-from service.engine.pipeline import run_pipeline
 from tests import crafted, real_exports
 
 FAST = EngineLimits(eval_samples=4, latency_runs=5, latency_warmup=1)
@@ -72,7 +72,7 @@ def test_paddle_minus_one_dims_are_dynamic_everywhere(tmp_path: Path) -> None:
         assert all(d.dim_value >= 0 for d in v.type.tensor_type.shape.dim)
     plan = resolve_inputs(ingested.model, _session(ingested.model))
     assert plan.shapes() == {"x": [1, 3, 224, 224]}
-    result = run_pipeline(_write(tmp_path, model, "p.onnx"), [{"pass": "quantize_static"}],
+    result = compress(_write(tmp_path, model, "p.onnx"), [{"pass": "quantize_static"}],
                           tmp_path / "job", limits=FAST)
     assert result.report["eval_inputs"]["shapes"] == {"x": [1, 3, 224, 224]}
     assert result.report["eval_inputs"]["resolution"]["inputs"]["x"]["source"] == "probe"
@@ -180,7 +180,7 @@ def test_job_inputs_are_typed_and_bounded(raw: dict) -> None:
 
 def test_auto_resolves_once_and_hands_the_inputs_to_every_candidate(tmp_path: Path) -> None:
     model = real_exports.stride_detector()
-    result = run_pipeline(_write(tmp_path, model), "auto", tmp_path / "job", device="host",
+    result = compress(_write(tmp_path, model), "auto", tmp_path / "job", device="host",
                           constraints={"max_candidates": 2, "training": False,
                                        "objective": "size", "min_fidelity": 0.9},
                           limits=FAST)

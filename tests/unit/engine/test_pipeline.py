@@ -1,4 +1,4 @@
-"""run_pipeline end to end on crafted models: every one compresses or is refused precisely.
+"""compress end to end on crafted models: every one compresses or is refused precisely.
 
 The real ``quantize_dynamic`` and ``prune_magnitude`` passes do the compression. A few tiny passes
 defined here (registered only for the test that uses them) exercise the pipeline's own rules:
@@ -22,10 +22,11 @@ from onnx import helper as h
 from onnx import numpy_helper as nh
 
 from service.engine import registry
+from service.engine.compress import compress
 from service.engine.errors import EngineError
 from service.engine.limits import EngineLimits
-from service.engine.pipeline import PipelineResult, run_pipeline
 from service.engine.registry import Pass, PassConfig, PassContext
+from service.engine.result import PipelineResult
 from tests import crafted
 
 FAST = EngineLimits(eval_samples=4, latency_runs=5, latency_warmup=1)
@@ -72,7 +73,7 @@ def _check_result(result: PipelineResult, min_ratio: float) -> None:
 )
 def test_quantize_dynamic_compresses_crafted_models(tmp_path: Path, builder, feed) -> None:  # type: ignore[no-untyped-def]
     stages: list[str] = []
-    result = run_pipeline(_write(tmp_path, builder()), DYNAMIC, tmp_path / "work", limits=FAST,
+    result = compress(_write(tmp_path, builder()), DYNAMIC, tmp_path / "work", limits=FAST,
                           progress=lambda stage, fraction: stages.append(stage))
     _check_result(result, 3.0)
     assert stages[0] == "ingest" and stages[-1] == "report"
@@ -86,7 +87,7 @@ def test_quantize_dynamic_compresses_crafted_models(tmp_path: Path, builder, fee
 
 def test_external_data_archive_compresses(tmp_path: Path) -> None:
     archive = crafted.external_data_archive(tmp_path, "zip")
-    result = run_pipeline(archive, DYNAMIC, tmp_path / "work", limits=FAST)
+    result = compress(archive, DYNAMIC, tmp_path / "work", limits=FAST)
     _check_result(result, 3.0)
     assert result.report["input"]["format"] == "onnx_archive"
     assert result.report["input"]["external_data"] is True
@@ -101,7 +102,7 @@ def test_external_data_archive_compresses(tmp_path: Path) -> None:
 )
 def test_already_quantized_models_are_refused(tmp_path: Path, builder) -> None:  # type: ignore[no-untyped-def]
     with pytest.raises(EngineError) as info:
-        run_pipeline(_write(tmp_path, builder()), DYNAMIC, tmp_path / "work", limits=FAST)
+        compress(_write(tmp_path, builder()), DYNAMIC, tmp_path / "work", limits=FAST)
     assert info.value.code == "already_quantized"
     assert info.value.details["quantization"]
 
@@ -110,7 +111,7 @@ def test_dataset_with_labels_gives_accuracy(tmp_path: Path) -> None:
     rng = np.random.default_rng(0)
     x = rng.standard_normal((12, 64)).astype(np.float32)
     np.savez(tmp_path / "d.npz", x=x, labels=rng.integers(0, 10, 12))
-    result = run_pipeline(_write(tmp_path, crafted.mlp()), DYNAMIC, tmp_path / "work",
+    result = compress(_write(tmp_path, crafted.mlp()), DYNAMIC, tmp_path / "work",
                           dataset_path=tmp_path / "d.npz", limits=FAST)
     s = result.summary
     assert s["eval_inputs"] == "dataset"
@@ -120,7 +121,7 @@ def test_dataset_with_labels_gives_accuracy(tmp_path: Path) -> None:
 
 
 def test_pruning_is_stored_as_zstd(tmp_path: Path) -> None:
-    result = run_pipeline(_write(tmp_path, crafted.mlp()),
+    result = compress(_write(tmp_path, crafted.mlp()),
                           [{"pass": "prune_magnitude", "sparsity": 0.8}], tmp_path / "work",
                           limits=FAST)
     zst = result.artifacts["model.onnx.zst"]
@@ -138,7 +139,7 @@ def test_bad_recipes_fail_before_ingest(tmp_path: Path) -> None:
     for recipe, code in (([], "invalid_recipe"), ([{"pass": "no_such_pass"}], "unknown_pass"),
                          ([{"pass": "quantize_dynamic", "bogus": 1}], "invalid_recipe")):
         with pytest.raises(EngineError) as info:
-            run_pipeline(garbage, recipe, tmp_path / "work")
+            compress(garbage, recipe, tmp_path / "work")
         assert info.value.code == code
 
 
@@ -147,7 +148,7 @@ def test_hostile_upload_fails_in_the_pipeline_too(tmp_path: Path) -> None:
     for name in ("pickle_disguised.onnx", "traversal.zip", "cyclic.onnx"):
         path, code = files[name]
         with pytest.raises(EngineError) as info:
-            run_pipeline(path, DYNAMIC, tmp_path / f"work_{name}")
+            compress(path, DYNAMIC, tmp_path / f"work_{name}")
         assert info.value.code == code
 
 
@@ -160,7 +161,7 @@ def test_cancellation_stops_the_job(tmp_path: Path) -> None:
             raise EngineError("cancelled", "the job was cancelled")
 
     with pytest.raises(EngineError) as info:
-        run_pipeline(_write(tmp_path, crafted.mlp()), DYNAMIC, tmp_path / "work",
+        compress(_write(tmp_path, crafted.mlp()), DYNAMIC, tmp_path / "work",
                      check_cancelled=cancel_on_third, limits=FAST)
     assert info.value.code == "cancelled"
 
@@ -259,12 +260,12 @@ def test_passes(monkeypatch: pytest.MonkeyPatch) -> None:
 @pytest.mark.usefixtures("test_passes")
 def test_unchanged_model_fails_with_no_effect(tmp_path: Path) -> None:
     with pytest.raises(EngineError) as info:
-        run_pipeline(_write(tmp_path, crafted.mlp()), [{"pass": "test_unchanged"}],
+        compress(_write(tmp_path, crafted.mlp()), [{"pass": "test_unchanged"}],
                      tmp_path / "work", limits=FAST)
     assert info.value.code == "no_effect" and "unchanged" in info.value.message
     # Not byte-identical, not smaller, not faster: decided by measurement, noise-proof.
     with pytest.raises(EngineError) as info:
-        run_pipeline(_write(tmp_path, crafted.mlp()), [{"pass": "test_touched"}],
+        compress(_write(tmp_path, crafted.mlp()), [{"pass": "test_touched"}],
                      tmp_path / "work2", limits=FAST)
     assert info.value.code == "no_effect"
     assert info.value.details["bytes_after"] >= info.value.details["bytes_before"]
@@ -273,14 +274,14 @@ def test_unchanged_model_fails_with_no_effect(tmp_path: Path) -> None:
 @pytest.mark.usefixtures("test_passes")
 def test_library_errors_become_pass_failed_without_paths(tmp_path: Path) -> None:
     with pytest.raises(EngineError) as info:
-        run_pipeline(_write(tmp_path, crafted.mlp()), [{"pass": "test_crashes"}],
+        compress(_write(tmp_path, crafted.mlp()), [{"pass": "test_crashes"}],
                      tmp_path / "work", limits=FAST)
     err = info.value
     assert err.code == "pass_failed" and err.details["pass"] == "test_crashes"
     assert "test_crashes" in err.message and "ValueError" in err.message
     assert str(tmp_path) not in err.message and "/scratch/" not in err.message
     with pytest.raises(EngineError) as info:
-        run_pipeline(_write(tmp_path, crafted.mlp()), [{"pass": "test_breaks"}],
+        compress(_write(tmp_path, crafted.mlp()), [{"pass": "test_breaks"}],
                      tmp_path / "work2", limits=FAST)
     assert info.value.code == "pass_failed" and "invalid model" in info.value.message
 
@@ -300,7 +301,7 @@ def test_smaller_but_slower_succeeds_with_a_warning(
                     "runs_per_sample": 1, "samples_ms": [ms[k]] * runs} for k in sessions}
 
     monkeypatch.setattr(evaluate, "measure_latency", scripted)
-    result = run_pipeline(_write(tmp_path, crafted.mlp()), [{"pass": "test_smaller_slower"}],
+    result = compress(_write(tmp_path, crafted.mlp()), [{"pass": "test_smaller_slower"}],
                           tmp_path / "work", limits=FAST)
     s = result.summary
     assert s["size_ratio"] > 1.3 and s["speedup"] == pytest.approx(0.5)
@@ -313,7 +314,7 @@ def test_smaller_but_slower_succeeds_with_a_warning(
 def test_already_quantized_model_may_run_non_quantizing_passes(tmp_path: Path) -> None:
     # The refusal only concerns recipes that only quantize.
     with pytest.raises(EngineError) as info:
-        run_pipeline(_write(tmp_path, crafted.already_quantized_qdq()),
+        compress(_write(tmp_path, crafted.already_quantized_qdq()),
                      [{"pass": "test_unchanged"}], tmp_path / "work", limits=FAST)
     assert info.value.code == "no_effect"
 
@@ -328,7 +329,7 @@ def test_auto_delegates_to_the_search(tmp_path: Path, monkeypatch: pytest.Monkey
     module = types.ModuleType("service.engine.search")
     module.run_auto = run_auto  # type: ignore[attr-defined]
     monkeypatch.setitem(sys.modules, "service.engine.search", module)
-    out = run_pipeline(tmp_path / "m.onnx", "auto", tmp_path / "w", constraints={"max_bytes": 1},
+    out = compress(tmp_path / "m.onnx", "auto", tmp_path / "w", constraints={"max_bytes": 1},
                        limits=FAST)
     assert out == "delegated"
     assert seen["constraints"] == {"max_bytes": 1} and seen["limits"] is FAST
@@ -350,23 +351,23 @@ def test_model_that_fails_on_generated_inputs_is_refused_before_the_passes(
     model = h.make_model(g, opset_imports=[h.make_opsetid("", 17)], ir_version=8)
     stages: list[str] = []
     with pytest.raises(EngineError) as info:
-        run_pipeline(_write(tmp_path, model), DYNAMIC, tmp_path / "work", limits=FAST,
+        compress(_write(tmp_path, model), DYNAMIC, tmp_path / "work", limits=FAST,
                      progress=lambda stage, fraction: stages.append(stage))
     assert info.value.code == "unsupported_model"
     assert "--input-shape x=1x<n>" in info.value.message and "dataset" in info.value.message
     assert "pass:quantize_dynamic" not in stages
-    given = run_pipeline(_write(tmp_path, model), DYNAMIC, tmp_path / "work1", limits=FAST,
+    given = compress(_write(tmp_path, model), DYNAMIC, tmp_path / "work1", limits=FAST,
                          inputs={"x": {"shape": [1, 64]}})
     assert given.report["eval_inputs"]["resolution"]["inputs"]["x"]["source"] == "job"
     np.savez(tmp_path / "d.npz", x=np.ones((4, 64), np.float32))
-    result = run_pipeline(_write(tmp_path, model), DYNAMIC, tmp_path / "work2", limits=FAST,
+    result = compress(_write(tmp_path, model), DYNAMIC, tmp_path / "work2", limits=FAST,
                           dataset_path=tmp_path / "d.npz")
     assert result.summary["eval_inputs"] == "dataset", result.summary
     assert result.summary["size_ratio"] > 3, result.summary
 
 
 def test_target_device_gets_cost_model_estimates(tmp_path: Path) -> None:
-    result = run_pipeline(_write(tmp_path, crafted.mlp()), DYNAMIC, tmp_path / "work",
+    result = compress(_write(tmp_path, crafted.mlp()), DYNAMIC, tmp_path / "work",
                           device="raspberry_pi_5", limits=FAST)
     target = result.report["target"]
     assert target["device"] == "raspberry_pi_5"
@@ -375,7 +376,7 @@ def test_target_device_gets_cost_model_estimates(tmp_path: Path) -> None:
     assert result.report["device"]["name"] == "raspberry_pi_5"
     json.dumps(result.report)
     with pytest.raises(EngineError) as info:
-        run_pipeline(_write(tmp_path, crafted.mlp()), DYNAMIC, tmp_path / "w2",
+        compress(_write(tmp_path, crafted.mlp()), DYNAMIC, tmp_path / "w2",
                      device="no_such_board", limits=FAST)
     assert info.value.code in ("unknown_device", "invalid_device")
 
@@ -386,7 +387,7 @@ def test_fixed_batch_cnn_with_a_dataset_through_static_int8(tmp_path: Path) -> N
     x = np.random.default_rng(0).standard_normal((20, 1, 3, 32, 32)).astype(np.float32)
     data = tmp_path / "d.npz"
     np.savez(data, x=x)
-    result = run_pipeline(_write(tmp_path, real_exports.fixed_batch_cnn()),
+    result = compress(_write(tmp_path, real_exports.fixed_batch_cnn()),
                           [{"pass": "quantize_static"}], tmp_path / "w", dataset_path=data,
                           limits=FAST)
     # 20 samples: every third (6) held out for evaluation, the other 14 calibrate.
@@ -403,7 +404,7 @@ def test_recurrent_state_and_scalar_inputs_from_a_dataset(tmp_path: Path) -> Non
     data = tmp_path / "d.npz"
     np.savez(data, wave=rng.standard_normal((n, 1, 4000)).astype(np.float32),
              sr=np.full(n, 16000), state=rng.standard_normal((n, 1, 1, 64)).astype(np.float32))
-    result = run_pipeline(_write(tmp_path, real_exports.reflect_audio()), DYNAMIC,
+    result = compress(_write(tmp_path, real_exports.reflect_audio()), DYNAMIC,
                           tmp_path / "w", dataset_path=data, limits=FAST)
     assert result.report["eval_inputs"]["shapes"] == {"wave": [1, 4000], "sr": [],
                                                       "state": [1, 1, 64]}
@@ -448,7 +449,7 @@ def test_evaluation_never_sees_a_calibration_sample(
     x = rng.standard_normal((samples, 64)).astype(np.float32)
     x[:, 0] = 1000 + np.arange(samples)
     np.savez(tmp_path / "d.npz", x=x, labels=rng.integers(0, 10, samples))
-    result = run_pipeline(_write(tmp_path, crafted.mlp()), [{"pass": "test_records_data"}],
+    result = compress(_write(tmp_path, crafted.mlp()), [{"pass": "test_records_data"}],
                           tmp_path / "work", dataset_path=tmp_path / "d.npz",
                           limits=EngineLimits(eval_samples=64))
     calibrated = set(_RecordsItsData.seen)

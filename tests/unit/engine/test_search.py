@@ -13,9 +13,9 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
+from service.engine.compress import compress
 from service.engine.devices import get_device
 from service.engine.errors import EngineError
-from service.engine.pipeline import run_pipeline
 from service.engine.registry import registered_passes
 from service.engine.search import (
     AutoConstraints,
@@ -145,7 +145,7 @@ def test_candidates_need_their_passes() -> None:
 
 def test_auto_on_host_meets_constraints_with_evidence(mlp_path: Path, tmp_path: Path) -> None:
     stages: list[str] = []
-    result = run_pipeline(mlp_path, "auto", tmp_path, device="host",
+    result = compress(mlp_path, "auto", tmp_path, device="host",
                           constraints={"objective": "size", "training": False},
                           progress=lambda stage, fraction: stages.append(stage))
     auto = result.report["auto"]
@@ -172,7 +172,7 @@ def test_auto_on_host_meets_constraints_with_evidence(mlp_path: Path, tmp_path: 
 
 
 def test_auto_for_tensorrt_picks_its_formats(mlp_path: Path, tmp_path: Path) -> None:
-    result = run_pipeline(mlp_path, "auto", tmp_path, device={"extends": "nvidia_t4"},
+    result = compress(mlp_path, "auto", tmp_path, device={"extends": "nvidia_t4"},
                           constraints={"training": False})
     auto = result.report["auto"]
     t4 = get_device("nvidia_t4")
@@ -186,7 +186,7 @@ def test_auto_for_tensorrt_picks_its_formats(mlp_path: Path, tmp_path: Path) -> 
 
 def test_auto_unsatisfiable_says_what_missed(mlp_path: Path, tmp_path: Path) -> None:
     with pytest.raises(EngineError) as info:
-        run_pipeline(mlp_path, "auto", tmp_path, device="x86_xeon_spr_vnni_amx",
+        compress(mlp_path, "auto", tmp_path, device="x86_xeon_spr_vnni_amx",
                      constraints={"max_size_mb": 0.01, "training": False})
     err = info.value
     assert err.code == "constraints_unsatisfiable"
@@ -199,13 +199,13 @@ def test_auto_unsatisfiable_says_what_missed(mlp_path: Path, tmp_path: Path) -> 
 
 def test_auto_refuses_bad_requests(mlp_path: Path, tmp_path: Path) -> None:
     with pytest.raises(EngineError) as info:
-        run_pipeline(mlp_path, "auto", tmp_path, constraints={"max_accuracy_drop": 0.01})
+        compress(mlp_path, "auto", tmp_path, constraints={"max_accuracy_drop": 0.01})
     assert info.value.code == "invalid_constraints"
     with pytest.raises(EngineError) as info:
-        run_pipeline(mlp_path, "auto", tmp_path, device="tpu_v9")
+        compress(mlp_path, "auto", tmp_path, device="tpu_v9")
     assert info.value.code == "unknown_device"
     with pytest.raises(EngineError) as info:
-        run_pipeline(mlp_path, "auto", tmp_path, device={"extends": "nvidia_t4", "kind": "qpu"})
+        compress(mlp_path, "auto", tmp_path, device={"extends": "nvidia_t4", "kind": "qpu"})
     assert info.value.code == "invalid_device"
 
 
@@ -243,7 +243,7 @@ def test_auto_over_the_corpus_for_three_targets(corpus_models: dict, tmp_path: P
             workdir = tmp_path / target / name
             workdir.mkdir(parents=True)
             try:
-                result = run_pipeline(model.path, "auto", workdir,
+                result = compress(model.path, "auto", workdir,
                                       dataset_path=_dataset(model, workdir), device=target,
                                       constraints={"training": False})
             except EngineError as exc:
@@ -286,7 +286,7 @@ def test_auto_digits_cnn_accuracy_drop_bars(corpus_models: dict, tmp_path: Path)
     >= 1.5x bar, not slower) is printed by scripts/bench_engine.py, never asserted on
     wall-clock: a busy host would make the job miss "not slower" and this test fail."""
     model = corpus_models["digits_cnn"]
-    result = run_pipeline(model.path, "auto", tmp_path, dataset_path=_dataset(model, tmp_path),
+    result = compress(model.path, "auto", tmp_path, dataset_path=_dataset(model, tmp_path),
                           device="host", constraints={"max_accuracy_drop": 0.005,
                                                       "objective": "size"})
     s = result.summary
@@ -329,7 +329,7 @@ def _cnn_with_a_sensitive_layer(path: Path) -> Path:
 
 def test_mixed_precision_keeps_the_sensitive_layer_float(tmp_path: Path) -> None:
     path = _cnn_with_a_sensitive_layer(tmp_path / "cnn.onnx")
-    result = run_pipeline(path, "auto", tmp_path / "work", device="host",
+    result = compress(path, "auto", tmp_path / "work", device="host",
                           constraints={"min_fidelity": 0.9998, "objective": "size",
                                        "training": False})
     # 0.9998 sits between plain int8 and int8 with conv1 float for both weight encodings the
@@ -353,7 +353,7 @@ def test_mixed_precision_keeps_the_sensitive_layer_float(tmp_path: Path) -> None
 
 
 def test_early_stop_skips_candidates_that_cannot_win(mlp_path: Path, tmp_path: Path) -> None:
-    result = run_pipeline(mlp_path, "auto", tmp_path, device="host",
+    result = compress(mlp_path, "auto", tmp_path, device="host",
                           constraints={"objective": "size", "training": False})
     auto = result.report["auto"]
     assert auto["early_stop"]["stopped"]
@@ -362,7 +362,7 @@ def test_early_stop_skips_candidates_that_cannot_win(mlp_path: Path, tmp_path: P
 
 
 def test_candidates_run_in_parallel_processes(mlp_path: Path, tmp_path: Path) -> None:
-    result = run_pipeline(mlp_path, "auto", tmp_path, device="x86_xeon_spr_vnni_amx",
+    result = compress(mlp_path, "auto", tmp_path, device="x86_xeon_spr_vnni_amx",
                           constraints={"workers": 2, "training": False, "max_candidates": 3,
                                        "objective": "size"})
     auto = result.report["auto"]
@@ -380,7 +380,7 @@ def test_cancellation_stops_the_search(mlp_path: Path, tmp_path: Path) -> None:
             raise EngineError("cancelled", "the job was cancelled")
 
     with pytest.raises(EngineError) as info:
-        run_pipeline(mlp_path, "auto", tmp_path, constraints={"training": False},
+        compress(mlp_path, "auto", tmp_path, constraints={"training": False},
                      check_cancelled=check_cancelled)
     assert info.value.code == "cancelled"
 
@@ -391,7 +391,7 @@ def test_already_quantized_model_is_refused(tmp_path: Path) -> None:
     path = tmp_path / "q.onnx"
     onnx.save_model(already_quantized_qdq(), str(path))
     with pytest.raises(EngineError) as info:
-        run_pipeline(path, "auto", tmp_path / "work")
+        compress(path, "auto", tmp_path / "work")
     assert info.value.code == "already_quantized"
 
 
@@ -420,7 +420,7 @@ def test_latency_objective_confirms_finalists_head_to_head(
                     "runs_per_sample": 1, "samples_ms": [v] * runs} for k, v in ms.items()}
 
     monkeypatch.setattr(evaluate, "measure_latency", scripted)
-    result = run_pipeline(mlp_path, "auto", tmp_path, device="host",
+    result = compress(mlp_path, "auto", tmp_path, device="host",
                           constraints={"objective": "latency", "training": False, "workers": 1})
     auto = result.report["auto"]
     confirmed = auto["latency_confirmation"]
@@ -447,7 +447,7 @@ def test_constraints_are_judged_on_held_out_samples(mlp_path: Path, tmp_path: Pa
     labels = session.run(None, {"x": x})[0].argmax(1)
     dataset = tmp_path / "data.npz"
     np.savez(dataset, x=x, labels=labels)
-    result = run_pipeline(mlp_path, "auto", tmp_path / "work", dataset_path=dataset,
+    result = compress(mlp_path, "auto", tmp_path / "work", dataset_path=dataset,
                           device="host", constraints={"max_accuracy_drop": 0.05,
                                                       "objective": "size", "training": False})
     evaluation = result.report["auto"]["evaluation"]
@@ -483,7 +483,7 @@ def test_weight_only_int8_is_the_safe_fallback(tmp_path: Path) -> None:
     mb = path.stat().st_size / 1e6
     device = {"extends": "host", "name": "static_only_cpu",
               "quant_formats": ["int8_static_qdq_u8s8"]}
-    result = run_pipeline(path, "auto", tmp_path / "work", device=device,
+    result = compress(path, "auto", tmp_path / "work", device=device,
                           constraints={"max_size_mb": round(0.4 * mb, 4), "min_fidelity": 0.999,
                                        "objective": "size", "training": False})
     auto = result.report["auto"]

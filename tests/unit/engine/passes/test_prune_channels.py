@@ -197,8 +197,8 @@ def test_schedule_rounds_with_recovery(digits, kit, tmp_path):
 
 @pytest.mark.slow
 def test_recipe_prune_recover_quantize_through_the_pipeline(digits, tmp_path):
-    """Recipes compose: prune_channels -> distill -> quantize_static via run_pipeline."""
-    from service.engine.pipeline import run_pipeline
+    """Recipes compose: prune_channels -> distill -> quantize_static via compress."""
+    from service.engine.compress import compress
 
     x_tr, y_tr, x_te, y_te = corpus.load_digits_split()
     data = tmp_path / "train.npz"
@@ -208,7 +208,7 @@ def test_recipe_prune_recover_quantize_through_the_pipeline(digits, tmp_path):
         {"pass": "distill", "budget": {"max_steps": 100, "lr": 2e-3, "max_seconds": 600}},
         {"pass": "quantize_static"},
     ]
-    result = run_pipeline(digits.path, recipe, tmp_path / "work", dataset_path=data)
+    result = compress(digits.path, recipe, tmp_path / "work", dataset_path=data)
     names = [p["pass"] for p in result.report["passes"]]
     assert names == ["prune_channels", "distill", "quantize_static"]
     notes = result.report["passes"][1]["notes"]

@@ -1,0 +1,75 @@
+"""What a compression job returns: the compressed model, its report and its summary (typed).
+
+The summary is the short form the job record, the CLI and dashboards show; the report is the
+whole ``report.json`` (``docs/architecture.md`` lists its sections). Both are plain dicts at run
+time, so they serialise as they are.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, NotRequired, TypedDict
+
+
+class OutputFidelity(TypedDict):
+    """One model output: the compressed model against the original on the evaluation inputs."""
+
+    cosine: float | None
+    sqnr_db: float | None
+    max_abs_error: float | None
+    top1_agreement: float | None
+
+
+class AutoSummary(TypedDict):
+    """What the auto search chose (``summary["auto"]``)."""
+
+    candidate: str
+    device: str
+    target_latency_ms: float
+    target_speedup: float | None
+
+
+class Summary(TypedDict):
+    """The headline numbers of a job (``summary`` of the job record and of ``report.json``)."""
+
+    bytes_before: int
+    bytes_after: int
+    size_ratio: float
+    bytes_after_zstd: int | None
+    params_before: int
+    params_after: int
+    latency_ms_before: float
+    latency_ms_after: float
+    speedup: float | None
+    fidelity: dict[str, OutputFidelity]
+    min_cosine: float | None
+    # "dataset", "generated", or "dataset_holdout" (auto judged on the held-out split)
+    eval_inputs: str
+    eval_samples: int
+    measured_on: str
+    accuracy_before: float | None
+    accuracy_after: float | None
+    already_quantized: bool
+    warnings: list[str]
+    auto: NotRequired[AutoSummary]
+
+
+@dataclass
+class PipelineResult:
+    """What a job produced. ``artifacts`` always holds ``model.onnx``; ``model.onnx.zst`` when
+    zstd helps; the worker writes ``report.json`` from ``report``."""
+
+    model_path: Path
+    report: dict[str, Any]
+    summary: Summary
+    artifacts: dict[str, Path] = field(default_factory=dict)
+
+
+def engine_version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("edgepress")
+    except Exception:  # not installed as a distribution (tests from a checkout)
+        return "0.1.0"

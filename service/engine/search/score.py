@@ -1,0 +1,163 @@
+"""Judging a candidate: its metrics, which constraints it misses and by how much, its score
+on the objective and the optimistic bound that lets the search stop early.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from service.engine import cost_model
+from service.engine.constraints import AutoConstraints
+from service.engine.devices import DeviceProfile
+from service.engine.inputs import InputPlan
+from service.engine.result import PipelineResult, Summary
+from service.engine.search.candidate import Candidate
+
+DEFAULT_MIN_FIDELITY = 0.99  # cosine, when the job gives no accuracy or fidelity constraint
+
+
+def fidelity_value(summary: Summary, metric: str) -> float | None:
+    if metric == "top1":
+        values = [v for f in summary["fidelity"].values()
+                  if (v := f.get("top1_agreement")) is not None]
+        return min(values) if values else None
+    return summary.get("min_cosine")
+
+
+@dataclass
+class SearchContext:
+    profile: DeviceProfile
+    constraints: AutoConstraints
+    measurable: bool  # the target's latency can be measured on this host
+    input_shapes: dict[str, Sequence[int]] | None = None
+    original_estimate: cost_model.Estimate | None = None
+    original_host_ms: float | None = None
+    original_bytes: int | None = None
+    # Speed noise on this host: max(p, 1/p) for the original measured against a second session
+    # of itself, set by the head-to-head confirmation; "not slower" allows that much.
+    placebo_band: float | None = None
+    inputs: InputPlan | None = None  # resolved inputs when there is no dataset
+
+
+def record_metrics(cand: Candidate, result: PipelineResult, ctx: SearchContext) -> None:
+    s = result.summary
+    shapes = result.report.get("latency", {}).get("input_shapes")
+    est = cost_model.estimate(result.model_path, ctx.profile, input_shapes=shapes)
+    stored = min(s["bytes_after"], s.get("bytes_after_zstd") or s["bytes_after"])
+    drop = None
+    before, after = s.get("accuracy_before"), s.get("accuracy_after")
+    if before is not None and after is not None:
+        drop = before - after
+    cand.metrics = {
+        "bytes": s["bytes_after"],
+        "bytes_stored": stored,
+        "size_mb": round(s["bytes_after"] / 1e6, 4),
+        "size_ratio": s["size_ratio"],
+        "host_latency_ms": s["latency_ms_after"],
+        "host_latency_ms_original": s["latency_ms_before"],
+        "host_speedup": s["speedup"],
+        "target_latency_ms": round(est.latency_ms, 5),
+        "target_speedup": (ctx.original_estimate.latency_ms / est.latency_ms
+                           if ctx.original_estimate and est.latency_ms > 0 else None),
+        "target_memory_mb": round(est.peak_memory_mb, 3),
+        "target_energy_mj": round(est.energy_mj, 5),
+        "target_unsupported": est.unsupported,
+        "min_cosine": s["min_cosine"],
+        "top1_agreement": fidelity_value(s, "top1"),
+        "accuracy_before": s.get("accuracy_before"),
+        "accuracy_after": s.get("accuracy_after"),
+        "accuracy_drop": drop,
+        "warnings": s.get("warnings", []),
+    }
+    if ctx.original_host_ms is None:
+        ctx.original_host_ms = s["latency_ms_before"]
+        ctx.original_bytes = s["bytes_before"]
+
+
+def _miss(constraint: str, limit: float, value: float | None, higher_is_worse: bool = True) -> dict | None:
+    if value is None:
+        return {"constraint": constraint, "limit": limit, "value": None,
+                "missed_by": None, "reason": "not measurable for this model"}
+    over = value - limit if higher_is_worse else limit - value
+    if over <= 0:
+        return None
+    return {"constraint": constraint, "limit": limit, "value": round(value, 6),
+            "missed_by": round(over, 6),
+            "missed_by_pct": round(100.0 * over / abs(limit), 2) if limit else None}
+
+
+def violations(cand: Candidate, ctx: SearchContext) -> list[dict]:
+    c, m, p = ctx.constraints, cand.metrics, ctx.profile
+    out: list[dict | None] = []
+    if c.max_size_mb is not None:
+        out.append(_miss("max_size_mb", c.max_size_mb, m["bytes_stored"] / 1e6))
+    out.append(_miss("device_storage_budget_mb", p.storage_budget_mb, m["bytes_stored"] / 1e6))
+    if c.max_latency_ms is not None:
+        on_host = c.latency_on == "host" or p.name == "host"
+        miss = _miss("max_latency_ms", c.max_latency_ms,
+                     m["host_latency_ms"] if on_host else m["target_latency_ms"])
+        if miss is not None:
+            miss["where"] = "host (measured)" if on_host else f"{p.name} (estimated)"
+        out.append(miss)
+    if c.max_memory_mb is not None:
+        out.append(_miss("max_memory_mb", c.max_memory_mb, m["target_memory_mb"]))
+    out.append(_miss("device_memory_mb", p.memory_mb, m["target_memory_mb"]))
+    if c.max_accuracy_drop is not None:
+        out.append(_miss("max_accuracy_drop", c.max_accuracy_drop, m["accuracy_drop"]))
+    min_fid = c.min_fidelity
+    if min_fid is None and c.max_accuracy_drop is None:
+        min_fid = DEFAULT_MIN_FIDELITY
+    if min_fid is not None:
+        key = "top1_agreement" if c.fidelity_metric == "top1" else "min_cosine"
+        out.append(_miss(f"min_fidelity({c.fidelity_metric})", min_fid, m[key],
+                         higher_is_worse=False))
+    # Never slower than the original when the objective involves latency: measured where the
+    # host can stand for the target, else (objective "latency") on the cost-model estimate.
+    speed, rule = None, None
+    if c.objective in ("latency", "balanced") and ctx.measurable:
+        speed, rule = m["host_speedup"], "not_slower_on_host"
+    elif c.objective == "latency":
+        speed, rule = m["target_speedup"], "not_slower_on_target(estimated)"
+    limit = 1.0 / ctx.placebo_band if ctx.placebo_band and rule == "not_slower_on_host" else 1.0
+    if rule is not None and speed is not None and speed < limit:
+        miss = {"constraint": rule, "limit": round(limit, 4),
+                "value": round(speed, 4), "missed_by": round(limit - speed, 4),
+                "missed_by_pct": round(100.0 * (limit - speed) / limit, 2)}
+        if limit != 1.0:
+            miss["placebo_band"] = round(ctx.placebo_band or 1.0, 4)
+        out.append(miss)
+    return [v for v in out if v is not None]
+
+
+def latency_for_objective(cand: Candidate, ctx: SearchContext) -> float:
+    return cand.metrics["host_latency_ms"] if ctx.measurable else cand.metrics["target_latency_ms"]
+
+
+def score(cand: Candidate, ctx: SearchContext) -> tuple[float, float]:
+    """Lower is better: (primary, tie-break) for the objective."""
+    size = cand.metrics["bytes_stored"] / max(ctx.original_bytes or 1, 1)
+    if ctx.measurable:
+        lat = cand.metrics["host_latency_ms"] / max(ctx.original_host_ms or 1e-9, 1e-9)
+    else:
+        base = ctx.original_estimate.latency_ms if ctx.original_estimate else 1.0
+        lat = cand.metrics["target_latency_ms"] / max(base, 1e-12)
+    if ctx.constraints.objective == "size":
+        return size, lat
+    if ctx.constraints.objective == "latency":
+        return lat, size
+    return math.sqrt(size * lat), size
+
+
+def bound(cand: Candidate, ctx: SearchContext) -> float:
+    """The best primary score ``cand`` could reach (optimistic; for early stopping)."""
+    size = cand.size_factor * 0.9
+    lat = 1.0 / (cand.speed_bound * 1.25)
+    if ctx.constraints.objective == "size":
+        return size
+    if ctx.constraints.objective == "latency":
+        return lat
+    return math.sqrt(size * lat)
+
+
