@@ -14,15 +14,18 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from service.engine.compress import compress
-from service.engine.devices import get_device
+from service.engine.devices import get_device, list_devices
 from service.engine.errors import EngineError
 from service.engine.registry import registered_passes
 from service.engine.search import (
+    PLANNERS,
     AutoConstraints,
     model_family,
     parse_constraints,
     plan_candidates,
 )
+from service.engine.search.plan import Plan, PlanError
+from service.engine.search.plan import step as plan_step
 
 AVAILABLE = set(registered_passes())
 FAMILIES = {
@@ -138,6 +141,22 @@ def test_candidates_need_their_passes() -> None:
                                      available={"fp16"}, training=False)
     assert [c.name for c in cands] == ["fp16"]
     assert any("quantize_static" in s["reason"] for s in skipped)
+
+
+def test_every_device_format_has_a_planner() -> None:
+    formats = {f for d in list_devices() for f in d.quant_formats}
+    assert formats <= set(PLANNERS), f"no planner for {sorted(formats - set(PLANNERS))}"
+
+
+def test_planned_steps_are_checked_against_the_pass_configs() -> None:
+    assert plan_step("quantize_dynamic", reduce_range=True) == {"pass": "quantize_dynamic",
+                                                           "reduce_range": True}
+    with pytest.raises(PlanError, match="no option no_such_option"):
+        plan_step("quantize_dynamic", no_such_option=1)
+    plan = Plan(get_device("nvidia_t4"), FAMILIES["cnn"], False, AVAILABLE, False)
+    plan.add("broken", lambda: [plan_step("fp16", no_such_option=1)], ["fp16"], "test", 0.5, 1.0)
+    assert plan.out[0].status == "failed" and plan.out[0].error is not None
+    assert plan.out[0].error["code"] == "invalid_recipe"
 
 
 # ---------------------------------------------------------------------------- the search
