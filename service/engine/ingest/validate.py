@@ -23,11 +23,10 @@ import re
 import shutil
 import stat
 import tarfile
-import tempfile
 import zipfile
 from collections import Counter, deque
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 import numpy as np
@@ -92,100 +91,6 @@ _WEIGHT_SLOTS = {
     ("RNN", 1),
     ("RNN", 2),
 }
-
-
-@dataclass
-class IngestedModel:
-    """A validated model with its external data inlined (a self-contained ``ModelProto``)."""
-
-    model: onnx.ModelProto
-    description: dict
-    format: str  # "onnx" | "onnx_archive"
-    upload_bytes: int
-    notes: list[str] = field(default_factory=list)
-
-
-# --------------------------------------------------------------------------------------------
-# Public API
-
-
-def inspect_upload(
-    path: Path, filename: str | None = None, limits: EngineLimits | None = None
-) -> dict:
-    """Validate an uploaded model and describe it (no onnxruntime, no torch).
-
-    Returns ``{format, opset, ir_version, producer, inputs, outputs, parameter_count,
-    node_count, external_data, already_quantized, quantization, op_types, ...}``.
-    Raises ``EngineError`` with code not_onnx, unsafe_format, invalid_archive, invalid_model,
-    model_too_large or unsupported_model.
-    """
-    with tempfile.TemporaryDirectory(prefix="edgepress-inspect-") as tmp:
-        ingested = load_model(Path(path), Path(tmp), filename=filename, limits=limits)
-    return ingested.description
-
-
-def load_model(
-    path: Path,
-    workdir: Path,
-    *,
-    filename: str | None = None,
-    limits: EngineLimits | None = None,
-) -> IngestedModel:
-    """Read, check and validate an upload; archives are extracted under ``workdir``.
-
-    The returned model holds all its weights in memory (external data read, confined to the
-    upload's directory, and inlined), so later stages never follow a path from the upload.
-    """
-    limits = limits or EngineLimits()
-    path = Path(path)
-    try:
-        size = path.stat().st_size
-    except OSError:
-        raise EngineError("not_onnx", "the upload could not be read") from None
-    name = filename or path.name
-    kind = sniff(path, name)
-    if kind == "archive_zip" or kind == "archive_tar":
-        if size > limits.max_uncompressed_bytes:
-            raise EngineError(
-                "model_too_large",
-                "the archive is larger than the limit",
-                {"bytes": size, "limit": limits.max_uncompressed_bytes},
-            )
-        workdir.mkdir(parents=True, exist_ok=True)
-        root = Path(tempfile.mkdtemp(prefix="archive-", dir=workdir))
-        if kind == "archive_zip":
-            _extract_zip(path, root, limits)
-        else:
-            _extract_tar(path, root, limits)
-        onnx_file = _pick_archive_model(root)
-        fmt = "onnx_archive"
-    else:
-        onnx_file = path
-        fmt = "onnx"
-    if onnx_file.stat().st_size > limits.max_model_bytes:
-        raise EngineError(
-            "model_too_large",
-            "the model file is larger than the limit",
-            {"bytes": onnx_file.stat().st_size, "limit": limits.max_model_bytes},
-        )
-    model = _parse_onnx(onnx_file, name)
-    notes: list[str] = []
-    # A lone .onnx upload has no data files of its own: whatever sits next to it on the server
-    # is not the user's, so external data is only read from inside an uploaded archive.
-    external = _inline_external_data(
-        model, onnx_file.parent if fmt == "onnx_archive" else None, limits
-    )
-    dynamic = sum(unknown_dynamic_dims(g) for g, _ in iter_graphs(model.graph))
-    if dynamic:
-        notes.append(f"{dynamic} dims declared as -1 or 0 read as dynamic dims")
-    validate(model, limits)
-    description = describe(model)
-    description["format"] = fmt
-    description["external_data"] = external
-    description["upload_bytes"] = size
-    return IngestedModel(
-        model=model, description=description, format=fmt, upload_bytes=size, notes=notes
-    )
 
 
 # --------------------------------------------------------------------------------------------
