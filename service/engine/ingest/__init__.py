@@ -24,14 +24,13 @@ from pathlib import Path
 import onnx
 
 from service.engine.errors import EngineError
+from service.engine.ingest.sniff import EXPORT_HINT, _parse_onnx, sniff
 from service.engine.ingest.validate import (
-    EXPORT_HINT,
     MAX_OPSET,
     RUNTIME_MAX_IR_VERSION,
     _extract_tar,
     _extract_zip,
     _inline_external_data,
-    _parse_onnx,
     _pick_archive_model,
     describe,
     detect_quantization,
@@ -41,7 +40,6 @@ from service.engine.ingest.validate import (
     graph_inputs,
     iter_graphs,
     parameter_count,
-    sniff,
     unknown_dynamic_dims,
     validate,
 )
