@@ -36,12 +36,12 @@ from service.engine.ingest.validate import (
     expanded_node_count,
     fit_ir_version,
     graph_inputs,
-    iter_graphs,
     parameter_count,
     unknown_dynamic_dims,
     validate,
 )
 from service.engine.ingest.validate import _subgraph_free_names as _subgraph_free_names
+from service.engine.ingest.walk import iter_graphs
 from service.engine.limits import EngineLimits
 
 

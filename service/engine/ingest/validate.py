@@ -22,7 +22,6 @@ import os
 import re
 from collections import Counter, deque
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 import numpy as np
@@ -30,6 +29,14 @@ import onnx
 from onnx import TensorProto, helper
 
 from service.engine.errors import EngineError
+from service.engine.ingest.walk import (
+    _all_sparse,
+    _all_tensors,
+    _attr_graphs,
+    _expected_nbytes,
+    _function_subgraphs,
+    iter_graphs,
+)
 from service.engine.limits import EngineLimits
 
 # Highest opset per domain that the worker's ONNX Runtime (1.20+) loads; a test keeps these
@@ -87,18 +94,6 @@ _WEIGHT_SLOTS = {
 # Parsing and external data
 
 
-def iter_graphs(graph: onnx.GraphProto, depth: int = 0) -> Iterator[tuple[onnx.GraphProto, int]]:
-    """Yield ``(graph, depth)`` for a graph and every subgraph below it (If/Loop/Scan bodies)."""
-    yield graph, depth
-    for node in graph.node:
-        for attr in node.attribute:
-            if attr.type == onnx.AttributeProto.GRAPH:
-                yield from iter_graphs(attr.g, depth + 1)
-            elif attr.type == onnx.AttributeProto.GRAPHS:
-                for g in attr.graphs:
-                    yield from iter_graphs(g, depth + 1)
-
-
 def _max_depth(graph: onnx.GraphProto, depth: int, limit: int) -> int:
     """Deepest nesting, stopping as soon as ``limit`` is passed (protects the recursion)."""
     deepest = depth
@@ -116,87 +111,6 @@ def _max_depth(graph: onnx.GraphProto, depth: int, limit: int) -> int:
                 if deepest > limit:
                     return deepest
     return deepest
-
-
-def _attr_graphs(attr: onnx.AttributeProto) -> list[onnx.GraphProto]:
-    if attr.type == onnx.AttributeProto.GRAPH:
-        return [attr.g]
-    if attr.type == onnx.AttributeProto.GRAPHS:
-        return list(attr.graphs)
-    return []
-
-
-def _function_subgraphs(fn: onnx.FunctionProto) -> Iterator[tuple[onnx.GraphProto, int]]:
-    """Every If/Loop/Scan body inside a function's nodes, with its depth (the body = 0)."""
-    for node in fn.node:
-        for attr in node.attribute:
-            for g in _attr_graphs(attr):
-                for sub, depth in iter_graphs(g):
-                    yield sub, depth + 1
-
-
-@dataclass
-class _Body:
-    """Nodes and stored tensors of one graph or function body."""
-
-    initializers: list[TensorProto]
-    sparse_initializers: list[onnx.SparseTensorProto]
-    nodes: list[onnx.NodeProto]
-
-
-def _bodies(model: onnx.ModelProto) -> Iterator[_Body]:
-    """The main graph, every subgraph, every model-local function and the subgraphs in it."""
-    for g, _ in iter_graphs(model.graph):
-        yield _Body(list(g.initializer), list(g.sparse_initializer), list(g.node))
-    for fn in model.functions:
-        yield _Body([], [], list(fn.node))
-        for g, _ in _function_subgraphs(fn):
-            yield _Body(list(g.initializer), list(g.sparse_initializer), list(g.node))
-
-
-def _all_sparse(model: onnx.ModelProto) -> Iterator[tuple[onnx.SparseTensorProto, str]]:
-    """Every sparse tensor: sparse initializers and sparse Constant/attribute values."""
-    for body in _bodies(model):
-        for s in body.sparse_initializers:
-            yield s, "sparse_initializer"
-        for node in body.nodes:
-            for attr in node.attribute:
-                if attr.type == onnx.AttributeProto.SPARSE_TENSOR:
-                    yield attr.sparse_tensor, "attribute"
-                elif attr.type == onnx.AttributeProto.SPARSE_TENSORS:
-                    for s in attr.sparse_tensors:
-                        yield s, "attribute"
-
-
-def _all_tensors(model: onnx.ModelProto) -> Iterator[tuple[TensorProto, str]]:
-    """Every stored tensor: initializers and Constant/attribute tensors, in every graph and
-    function body, and the values and indices of every sparse tensor."""
-    for body in _bodies(model):
-        for t in body.initializers:
-            yield t, "initializer"
-        for node in body.nodes:
-            for attr in node.attribute:
-                if attr.type == onnx.AttributeProto.TENSOR:
-                    yield attr.t, "attribute"
-                elif attr.type == onnx.AttributeProto.TENSORS:
-                    for t in attr.tensors:
-                        yield t, "attribute"
-    for s, where in _all_sparse(model):
-        yield s.values, f"{where} values"
-        yield s.indices, f"{where} indices"
-
-
-def _expected_nbytes(t: TensorProto) -> int | None:
-    if t.data_type in (TensorProto.STRING, TensorProto.UNDEFINED):
-        return None
-    n = math.prod(t.dims)
-    if t.data_type in (TensorProto.INT4, TensorProto.UINT4, TensorProto.FLOAT4E2M1):
-        return (n + 1) // 2
-    try:
-        itemsize = np.dtype(helper.tensor_dtype_to_np_dtype(t.data_type)).itemsize
-    except (KeyError, TypeError, ValueError):
-        return None
-    return n * itemsize
 
 
 def _inline_external_data(model: onnx.ModelProto, base: Path | None, limits: EngineLimits) -> bool:
