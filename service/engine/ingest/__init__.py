@@ -25,18 +25,20 @@ import onnx
 
 from service.engine.errors import EngineError
 from service.engine.ingest.archive import _extract_tar, _extract_zip, _pick_archive_model
+from service.engine.ingest.describe import (
+    describe,
+    detect_quantization,
+    dtype_name,
+    graph_inputs,
+    parameter_count,
+)
 from service.engine.ingest.external_data import _inline_external_data
 from service.engine.ingest.sniff import EXPORT_HINT, _parse_onnx, sniff
 from service.engine.ingest.validate import (
     MAX_OPSET,
     RUNTIME_MAX_IR_VERSION,
-    describe,
-    detect_quantization,
-    dtype_name,
     expanded_node_count,
     fit_ir_version,
-    graph_inputs,
-    parameter_count,
     unknown_dynamic_dims,
     validate,
 )
