@@ -5,7 +5,7 @@ one ``.onnx`` file and its external-data files. Everything whose loading runs co
 (pickled checkpoints, ``torch.save`` zips, TorchScript, ``torch.export`` ``.pt2``): PyTorch users
 convert on their side with ``edgepress export``. Nothing is ever unpickled.
 
-This module imports only onnx and numpy (the API calls ``inspect_upload`` on upload).
+This package imports only onnx and numpy (the API calls ``inspect_upload`` on upload).
 
 Public entry points:
 
@@ -13,6 +13,20 @@ Public entry points:
 - ``load_model(path, workdir, filename=None, limits=None) -> IngestedModel``: the same checks,
   returning the model with its external data inlined (worker / pipeline).
 - ``describe(model) -> dict`` and ``detect_quantization(model) -> list[str]``.
+
+Its modules, bottom up (each imports only from modules listed before it):
+
+- ``sniff``: what an upload is, by its bytes (code-running formats refused), and the ONNX parse.
+- ``archive``: safe zip/tar extraction and the archive's one ``.onnx`` file.
+- ``walk``: every graph, function body and stored tensor of a model.
+- ``external_data``: an archive's external data, confined to it and inlined.
+- ``validate``: the checks that refuse a malformed, hostile or unloadable model.
+- ``describe``: the JSON description of a validated model.
+
+This file holds the entry points, which run them in that order, and re-exports the names callers
+import from ``service.engine.ingest``. ``sniff``, ``validate`` and ``describe`` are both a module
+and its main function: as attributes of this package they are the functions (as before the
+split); reach a module's other names with ``from service.engine.ingest.<module> import ...``.
 """
 
 from __future__ import annotations

@@ -1,18 +1,14 @@
-"""Ingest: read an untrusted upload, refuse what is unsafe or broken, and describe the model.
+"""Validation: refuse a model that is malformed, hostile or unloadable on the worker.
 
-Accepted: a single ``.onnx`` file, or a ``.zip``/``.tar`` (optionally gzip/bz2/xz) archive holding
-one ``.onnx`` file and its external-data files. Everything whose loading runs code is refused
-(pickled checkpoints, ``torch.save`` zips, TorchScript, ``torch.export`` ``.pt2``): PyTorch users
-convert on their side with ``edgepress export``. Nothing is ever unpickled.
-
-This module imports only onnx and numpy (the API calls ``inspect_upload`` on upload).
-
-Public entry points:
-
-- ``inspect_upload(path, filename=None, limits=None) -> dict``: validate and describe (API).
-- ``load_model(path, workdir, filename=None, limits=None) -> IngestedModel``: the same checks,
-  returning the model with its external data inlined (worker / pipeline).
-- ``describe(model) -> dict`` and ``detect_quantization(model) -> list[str]``.
+``validate`` runs our own checks first, for precise messages and for what the checker misses:
+IR version, subgraph nesting, opsets against ``MAX_OPSET``, the node count with model-local
+functions expanded (``expanded_node_count``: no recursion, bounded call depth), known op domains,
+unique SSA names in topological order (an out-of-order acyclic graph is sorted in place), every
+tensor's bytes against its dims and dtype, NaN and infinite weights, sparse tensors, declared
+shapes within the limits; then the ONNX checker and strict shape inference, then the same bounds
+on every inferred shape. Also the two fix-ups ingest makes to a model: ``unknown_dynamic_dims``
+(dims declared -1 or 0 become dynamic) and ``fit_ir_version`` (an IR version too new for the
+runtime lowered to what the opsets need). Depends on ``walk``.
 """
 
 from __future__ import annotations
@@ -43,52 +39,6 @@ from service.engine.limits import EngineLimits
 MAX_OPSET: dict[str, int] = {"": 26, "ai.onnx.ml": 5, "com.microsoft": 1}
 _DOMAIN_ALIASES = {"ai.onnx": ""}
 
-
-# (op type, input index) where an initializer is a learned weight (Inf there is a broken export;
-# -Inf elsewhere is legitimately used as an attention mask).
-_WEIGHT_SLOTS = {
-    ("Conv", 1),
-    ("ConvTranspose", 1),
-    ("MatMul", 1),
-    ("MatMul", 0),
-    ("Gemm", 1),
-    ("Gemm", 0),
-    ("LSTM", 1),
-    ("LSTM", 2),
-    ("GRU", 1),
-    ("GRU", 2),
-    ("RNN", 1),
-    ("RNN", 2),
-}
-
-
-# --------------------------------------------------------------------------------------------
-# Parsing and external data
-
-
-def _max_depth(graph: onnx.GraphProto, depth: int, limit: int) -> int:
-    """Deepest nesting, stopping as soon as ``limit`` is passed (protects the recursion)."""
-    deepest = depth
-    if depth > limit:
-        return depth
-    for node in graph.node:
-        for attr in node.attribute:
-            subs = (
-                [attr.g]
-                if attr.type == onnx.AttributeProto.GRAPH
-                else (list(attr.graphs) if attr.type == onnx.AttributeProto.GRAPHS else [])
-            )
-            for g in subs:
-                deepest = max(deepest, _max_depth(g, depth + 1, limit))
-                if deepest > limit:
-                    return deepest
-    return deepest
-
-
-# --------------------------------------------------------------------------------------------
-# Validation
-
-
 # Newest IR version the worker's ONNX Runtime loads (tests/unit/engine/test_ingest.py checks it
 # against the installed onnxruntime).
 RUNTIME_MAX_IR_VERSION = 13
@@ -114,6 +64,23 @@ _CLASSIC_TYPES = frozenset(
         TensorProto.BFLOAT16,
     }
 )
+
+# (op type, input index) where an initializer is a learned weight (Inf there is a broken export;
+# -Inf elsewhere is legitimately used as an attention mask).
+_WEIGHT_SLOTS = {
+    ("Conv", 1),
+    ("ConvTranspose", 1),
+    ("MatMul", 1),
+    ("MatMul", 0),
+    ("Gemm", 1),
+    ("Gemm", 0),
+    ("LSTM", 1),
+    ("LSTM", 2),
+    ("GRU", 1),
+    ("GRU", 2),
+    ("RNN", 1),
+    ("RNN", 2),
+}
 
 
 def fit_ir_version(model: onnx.ModelProto) -> str | None:
@@ -204,6 +171,25 @@ def _clean_message(msg: str) -> str:
     msg = re.sub(r"(/[\w.\-]+)+", "<path>", msg)
     lines = [ln.strip() for ln in msg.strip().splitlines() if ln.strip()]
     return " ".join(lines[:3])[:500]
+
+
+def _max_depth(graph: onnx.GraphProto, depth: int, limit: int) -> int:
+    """Deepest nesting, stopping as soon as ``limit`` is passed (protects the recursion)."""
+    deepest = depth
+    if depth > limit:
+        return depth
+    for node in graph.node:
+        for attr in node.attribute:
+            subs = (
+                [attr.g]
+                if attr.type == onnx.AttributeProto.GRAPH
+                else (list(attr.graphs) if attr.type == onnx.AttributeProto.GRAPHS else [])
+            )
+            for g in subs:
+                deepest = max(deepest, _max_depth(g, depth + 1, limit))
+                if deepest > limit:
+                    return deepest
+    return deepest
 
 
 def _check_opsets(model: onnx.ModelProto | onnx.FunctionProto, what: str = "") -> None:
