@@ -13,12 +13,11 @@ from __future__ import annotations
 import math
 from collections import Counter
 
-import numpy as np
 import onnx
-from onnx import TensorProto, helper
+from onnx import TensorProto
 
 from service.engine.ingest.validate import expanded_node_count
-from service.engine.ingest.walk import _all_tensors, _expected_nbytes, iter_graphs
+from service.engine.ingest.walk import _all_tensors, _expected_nbytes, _np_dtype, iter_graphs
 
 # Quantized-format markers (op type -> format name).
 _QUANT_OPS: dict[str, str] = {
@@ -55,10 +54,8 @@ _CONTROL_FLOW = {"If", "Loop", "Scan"}
 
 def dtype_name(elem_type: int) -> str:
     """``TensorProto`` element type as a NumPy-style name ("float32", "int64", ...)."""
-    try:
-        return str(np.dtype(helper.tensor_dtype_to_np_dtype(elem_type)))
-    except (KeyError, TypeError, ValueError):
-        return TensorProto.DataType.Name(elem_type).lower()
+    dtype = _np_dtype(elem_type)
+    return TensorProto.DataType.Name(elem_type).lower() if dtype is None else str(dtype)
 
 
 def _value_desc(v: onnx.ValueInfoProto) -> dict:

@@ -20,7 +20,7 @@ from collections.abc import Iterable, Iterator
 
 import numpy as np
 import onnx
-from onnx import TensorProto, helper
+from onnx import TensorProto
 
 from service.engine.errors import EngineError
 from service.engine.ingest.walk import (
@@ -29,6 +29,7 @@ from service.engine.ingest.walk import (
     _attr_graphs,
     _expected_nbytes,
     _function_subgraphs,
+    _np_dtype,
     iter_graphs,
 )
 from service.engine.limits import EngineLimits
@@ -180,12 +181,7 @@ def _max_depth(graph: onnx.GraphProto, depth: int, limit: int) -> int:
         return depth
     for node in graph.node:
         for attr in node.attribute:
-            subs = (
-                [attr.g]
-                if attr.type == onnx.AttributeProto.GRAPH
-                else (list(attr.graphs) if attr.type == onnx.AttributeProto.GRAPHS else [])
-            )
-            for g in subs:
+            for g in _attr_graphs(attr):
                 deepest = max(deepest, _max_depth(g, depth + 1, limit))
                 if deepest > limit:
                     return deepest
@@ -420,12 +416,7 @@ def _subgraph_free_names(node: onnx.NodeProto) -> set[str]:
     """Names a node's subgraphs read from the enclosing scope."""
     free: set[str] = set()
     for attr in node.attribute:
-        subs = (
-            [attr.g]
-            if attr.type == onnx.AttributeProto.GRAPH
-            else (list(attr.graphs) if attr.type == onnx.AttributeProto.GRAPHS else [])
-        )
-        for g in subs:
+        for g in _attr_graphs(attr):
             local = {v.name for v in g.input} | {t.name for t in g.initializer}
             for n in g.node:
                 local |= set(n.output)
@@ -564,10 +555,8 @@ def _check_sparse(model: onnx.ModelProto, limits: EngineLimits) -> None:
 
 def _itemsize(data_type: int) -> int:
     """Bytes per element (at least 1: 4-bit types are rounded up, strings unknown -> 1)."""
-    try:
-        return max(1, np.dtype(helper.tensor_dtype_to_np_dtype(data_type)).itemsize)
-    except (KeyError, TypeError, ValueError):
-        return 1
+    dtype = _np_dtype(data_type)
+    return 1 if dtype is None else max(1, dtype.itemsize)
 
 
 def _typed_field_len(t: TensorProto) -> int | None:

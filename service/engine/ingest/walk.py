@@ -4,8 +4,9 @@
 ``_bodies`` adds model-local functions and the subgraphs inside them; ``_all_tensors`` and
 ``_all_sparse`` yield every stored tensor (initializers, Constant and other attribute values,
 the values and indices of sparse tensors) wherever it sits; ``_expected_nbytes`` is how many
-bytes a tensor's dims and dtype call for. External data, validation and description all read the
-model through these. A leaf of the package: imports only onnx and numpy.
+bytes a tensor's dims and dtype call for, ``_np_dtype`` the NumPy dtype of an element type.
+External data, validation and description all read the model through these. A leaf of the
+package: imports only onnx and numpy.
 """
 
 from __future__ import annotations
@@ -105,8 +106,13 @@ def _expected_nbytes(t: TensorProto) -> int | None:
     n = math.prod(t.dims)
     if t.data_type in (TensorProto.INT4, TensorProto.UINT4, TensorProto.FLOAT4E2M1):
         return (n + 1) // 2
+    dtype = _np_dtype(t.data_type)
+    return None if dtype is None else n * dtype.itemsize
+
+
+def _np_dtype(data_type: int) -> np.dtype | None:
+    """The NumPy dtype of a ``TensorProto`` element type; None where NumPy has none."""
     try:
-        itemsize = np.dtype(helper.tensor_dtype_to_np_dtype(t.data_type)).itemsize
+        return np.dtype(helper.tensor_dtype_to_np_dtype(data_type))
     except (KeyError, TypeError, ValueError):
         return None
-    return n * itemsize
