@@ -38,6 +38,20 @@ def _member_target(root: Path, name: str, regular_or_dir: bool) -> Path:
 
 def _safe_member_path(raw: str) -> PurePosixPath:
     """A member name as a relative path without ``..``; refuse anything else."""
+    p = _relative_path(raw)
+    if p is None:
+        raise EngineError(
+            "invalid_archive",
+            "the archive has a member outside the archive (absolute path or '..')",
+            {"member": raw[:200]},
+        )
+    return p
+
+
+def _relative_path(raw: str) -> PurePosixPath | None:
+    """``raw`` (backslashes read as slashes) as a path that stays inside the folder it is read
+    from, or None: empty, absolute, drive (``C:``), ``..`` anywhere or a NUL is not. The rule
+    for archive member names and for the external-data locations inside an archive."""
     name = raw.replace("\\", "/")
     p = PurePosixPath(name)
     if (
@@ -47,11 +61,7 @@ def _safe_member_path(raw: str) -> PurePosixPath:
         or any(part == ".." for part in p.parts)
         or "\x00" in name
     ):
-        raise EngineError(
-            "invalid_archive",
-            "the archive has a member outside the archive (absolute path or '..')",
-            {"member": raw[:200]},
-        )
+        return None
     return p
 
 

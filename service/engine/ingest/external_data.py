@@ -4,19 +4,20 @@ Only an archive upload may carry external data (a lone ``.onnx`` file has no dat
 own). Every location is confined to the extracted archive by our own rules (relative, no ``..``,
 no absolute or drive path, no link anywhere on the way), every offset and length must lie inside
 its file and match what the tensor's dims and dtype need, and the total is bounded; the bytes
-are then inlined, so later stages never follow a path from the upload. Depends on ``walk``.
+are then inlined, so later stages never follow a path from the upload. Depends on ``walk``
+and on ``archive`` (the path rule it shares with member names).
 """
 
 from __future__ import annotations
 
 import os
-import re
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 
 import onnx
 from onnx import TensorProto
 
 from service.engine.errors import EngineError
+from service.engine.ingest.archive import _relative_path
 from service.engine.ingest.walk import _all_tensors, _expected_nbytes
 from service.engine.limits import EngineLimits
 
@@ -49,23 +50,18 @@ def _inline_external_data(model: onnx.ModelProto, base: Path | None, limits: Eng
         loc = info.get("location", "")
         name = t.name or "<unnamed>"
         rel = loc.replace("\\", "/")
-        if (
-            not rel
-            or rel.startswith("/")
-            or re.match(r"^[A-Za-z]:", rel)
-            or ".." in PurePosixPath(rel).parts
-            or "\x00" in rel
-        ):
+        rel_path = _relative_path(loc)
+        if rel_path is None:
             raise EngineError(
                 "invalid_model",
                 f"tensor {name!r} points at external data outside "
                 "the upload (absolute path or '..'); external data files must "
                 "sit next to the .onnx file",
             )
-        candidate = base.joinpath(*PurePosixPath(rel).parts)
+        candidate = base.joinpath(*rel_path.parts)
         # Walk each component: refuse symlinks (they could lead anywhere).
         cur = base
-        for part in PurePosixPath(rel).parts:
+        for part in rel_path.parts:
             cur = cur / part
             if cur.is_symlink():
                 raise EngineError(
