@@ -129,11 +129,7 @@ def validate(model: onnx.ModelProto, limits: EngineLimits | None = None) -> None
         )
     depth = _max_depth(model.graph, 0, limits.max_subgraph_depth)
     if depth > limits.max_subgraph_depth:
-        raise EngineError(
-            "unsupported_model",
-            "subgraphs (If/Loop/Scan) are nested too deeply",
-            {"limit": limits.max_subgraph_depth},
-        )
+        raise _too_deep_subgraphs(limits)
     _check_opsets(model)
     graphs = list(iter_graphs(model.graph))
     n_nodes = expanded_node_count(model, limits)
@@ -188,6 +184,14 @@ def _max_depth(graph: onnx.GraphProto, depth: int, limit: int) -> int:
     return deepest
 
 
+def _too_deep_subgraphs(limits: EngineLimits) -> EngineError:
+    return EngineError(
+        "unsupported_model",
+        "subgraphs (If/Loop/Scan) are nested too deeply",
+        {"limit": limits.max_subgraph_depth},
+    )
+
+
 def _check_opsets(model: onnx.ModelProto | onnx.FunctionProto, what: str = "") -> None:
     seen = set()
     for op in model.opset_import:
@@ -224,11 +228,7 @@ def _walk_nodes(
 ) -> Iterator[onnx.NodeProto]:
     """Every node of a body and of the If/Loop/Scan bodies inside it (depth bounded)."""
     if depth > limits.max_subgraph_depth:
-        raise EngineError(
-            "unsupported_model",
-            "subgraphs (If/Loop/Scan) are nested too deeply",
-            {"limit": limits.max_subgraph_depth},
-        )
+        raise _too_deep_subgraphs(limits)
     for node in nodes:
         yield node
         for attr in node.attribute:
