@@ -38,7 +38,7 @@ from pathlib import Path
 import onnx
 
 from service.engine.errors import EngineError
-from service.engine.ingest.archive import _extract_tar, _extract_zip, _pick_archive_model
+from service.engine.ingest.archive import extract_archive
 from service.engine.ingest.describe import (
     describe,
     detect_quantization,
@@ -108,19 +108,7 @@ def load_model(
     name = filename or path.name
     kind = sniff(path, name)
     if kind == "archive_zip" or kind == "archive_tar":
-        if size > limits.max_uncompressed_bytes:
-            raise EngineError(
-                "model_too_large",
-                "the archive is larger than the limit",
-                {"bytes": size, "limit": limits.max_uncompressed_bytes},
-            )
-        workdir.mkdir(parents=True, exist_ok=True)
-        root = Path(tempfile.mkdtemp(prefix="archive-", dir=workdir))
-        if kind == "archive_zip":
-            _extract_zip(path, root, limits)
-        else:
-            _extract_tar(path, root, limits)
-        onnx_file = _pick_archive_model(root)
+        onnx_file = extract_archive(path, kind, size, workdir, limits)
         fmt = "onnx_archive"
     else:
         onnx_file = path

@@ -1,10 +1,10 @@
 """Archives: a ``.zip`` or ``.tar`` upload (tar optionally gzip/bz2/xz) extracted safely.
 
-Member names are confined (relative, no ``..``, no absolute or drive path, no NUL), links and
-special files are refused, and the archive is bounded before and while it is extracted: member
-count, total expanded size, compression ratio (the zip bomb guard), and what really comes out of
-the decompressor against each member's declared size. Then the one ``.onnx`` file in it is
-picked. Depends only on ``sniff`` (the export hint and the bounded tar header reader).
+``extract_archive`` confines member names (relative, no ``..``, no absolute or drive path, no
+NUL), refuses links and special files, and bounds the archive before and while it is extracted:
+member count, total expanded size, compression ratio (the zip bomb guard), and what really comes
+out of the decompressor against each member's declared size; then it picks the archive's one
+``.onnx`` file. Depends only on ``sniff`` (the export hint and the bounded tar header reader).
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ import re
 import shutil
 import stat
 import tarfile
+import tempfile
 import zipfile
 from pathlib import Path, PurePosixPath
 
@@ -21,6 +22,27 @@ from service.engine.ingest.sniff import EXPORT_HINT, _BoundedTarInfo
 from service.engine.limits import EngineLimits
 
 _CHUNK = 1 << 20
+
+
+def extract_archive(
+    path: Path, kind: str, size: int, workdir: Path, limits: EngineLimits
+) -> Path:
+    """Extract an upload ``sniff`` found to be an archive (``kind`` "archive_zip" or
+    "archive_tar", ``size`` its bytes) into a new folder under ``workdir``; return the one
+    ``.onnx`` file in it. An upload larger than the expanded-size limit is refused first."""
+    if size > limits.max_uncompressed_bytes:
+        raise EngineError(
+            "model_too_large",
+            "the archive is larger than the limit",
+            {"bytes": size, "limit": limits.max_uncompressed_bytes},
+        )
+    workdir.mkdir(parents=True, exist_ok=True)
+    root = Path(tempfile.mkdtemp(prefix="archive-", dir=workdir))
+    if kind == "archive_zip":
+        _extract_zip(path, root, limits)
+    else:
+        _extract_tar(path, root, limits)
+    return _pick_archive_model(root)
 
 
 def _member_target(root: Path, name: str, regular_or_dir: bool) -> Path:
