@@ -11,6 +11,7 @@ from service.api.problems import from_engine_error
 from service.api.quotas import check_storage_quota
 from service.api.streaming import ReceivedFile, receive_upload
 from service.engine.errors import EngineError
+from service.uploads.records import DATASET
 
 bp = Blueprint("datasets", __name__, url_prefix="/v1/datasets")
 
@@ -37,7 +38,7 @@ def store_dataset(received: ReceivedFile) -> Response:
     check_storage_quota(received.size)
     try:
         description = inspect_in_child(
-            "dataset", received.path, received.filename, limits, svc.settings
+            DATASET, received.path, received.filename, limits, svc.settings
         )
     except EngineError as exc:
         raise from_engine_error(exc) from None

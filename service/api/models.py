@@ -12,6 +12,7 @@ from service.api.problems import from_engine_error
 from service.api.quotas import check_storage_quota
 from service.api.streaming import ReceivedFile, receive_upload
 from service.engine.errors import EngineError
+from service.uploads.records import MODEL
 
 bp = Blueprint("models", __name__, url_prefix="/v1/models")
 
@@ -44,7 +45,7 @@ def store_model(received: ReceivedFile) -> Response:
         check_storage_quota(received.size)
         try:
             description = inspect_in_child(
-                "model", received.path, received.filename, limits, svc.settings
+                MODEL, received.path, received.filename, limits, svc.settings
             )
         except EngineError as exc:
             raise from_engine_error(exc) from None
