@@ -121,18 +121,6 @@ class UploadStore:
     def delete_model(self, model_id: str) -> None:
         self.delete(MODEL, model_id)
 
-    def find_model(self, sha256: str) -> ModelRecord | None:
-        return self.find(MODEL, sha256)
-
-    def list_models(self, *, limit: int, after: str | None) -> tuple[list[ModelRecord], str | None]:
-        return self.page(MODEL, limit=limit, after=after)
-
-    def save_dataset(self, path: Path, **fields: Any) -> tuple[DatasetRecord, bool]:
-        return self.save(DATASET, path, **fields)
-
-    def delete_dataset(self, dataset_id: str) -> None:
-        self.delete(DATASET, dataset_id)
-
 
 __all__ = [
     "DatasetRecord",
