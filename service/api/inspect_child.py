@@ -11,23 +11,18 @@ import json
 import sys
 from pathlib import Path
 
+from service.uploads.records import UPLOAD_KINDS
+
 
 def main(spec_json: str) -> int:
     spec = json.loads(spec_json)
+    kind = UPLOAD_KINDS[spec["kind"]]
     try:
         from service.engine.errors import EngineError
         from service.engine.limits import EngineLimits
 
         limits = EngineLimits(**spec["limits"])
-        path = Path(spec["path"])
-        if spec["kind"] == "model":
-            from service.engine.ingest import inspect_upload
-
-            description = inspect_upload(path, spec.get("filename"), limits)
-        else:
-            from service.engine.dataset import inspect_dataset
-
-            description = inspect_dataset(path, limits)
+        description = kind.inspector(Path(spec["path"]), spec.get("filename"), limits)
         print(json.dumps({"ok": True, "description": description}, default=str))
         return 0
     except MemoryError:
@@ -36,7 +31,7 @@ def main(spec_json: str) -> int:
                 {
                     "ok": False,
                     "error": {
-                        "code": "model_too_large" if spec["kind"] == "model" else "invalid_dataset",
+                        "code": kind.out_of_memory_code,
                         "message": "inspecting the upload needs more memory than this server allows",
                     },
                 }

@@ -8,11 +8,12 @@ import resource
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from service.config import Settings
 from service.engine.errors import EngineError
 from service.engine.limits import EngineLimits
+from service.uploads.records import UploadKind
 
 
 def _child_env() -> dict[str, str]:
@@ -22,7 +23,7 @@ def _child_env() -> dict[str, str]:
 
 
 def inspect_in_child(
-    kind: Literal["model", "dataset"],
+    kind: UploadKind[Any],
     path: Path,
     filename: str | None,
     limits: EngineLimits,
@@ -38,12 +39,12 @@ def inspect_in_child(
         resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
 
     spec = {
-        "kind": kind,
+        "kind": kind.name,
         "path": str(path),
         "filename": filename,
         "limits": limits.model_dump(mode="json"),
     }
-    bad = "invalid_model" if kind == "model" else "invalid_dataset"
+    bad = kind.invalid_code
     try:
         proc = subprocess.run(  # noqa: S603 - fixed argv, our own module
             [sys.executable, "-m", "service.api.inspect_child", json.dumps(spec)],

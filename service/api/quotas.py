@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from service.api.context import services, space
 from service.errors import ServiceError
+from service.uploads.records import UPLOAD_KINDS
 
 
 class QuotaExceeded(ServiceError):
@@ -24,7 +25,7 @@ def check_storage_quota(incoming: int) -> None:
     if not limit:
         return
     store = space().store
-    used = store.total_bytes("models/") + store.total_bytes("datasets/")
+    used = sum(store.total_bytes(f"{kind.folder}/") for kind in UPLOAD_KINDS.values())
     if used + incoming > limit:
         raise QuotaExceeded(
             f"storing {incoming} more bytes would exceed the tenant's quota of {limit} bytes "

@@ -1,9 +1,15 @@
-"""``/v1/uploads``: large models and datasets go straight to the object store.
+"""The one upload path, for every kind in ``service.uploads.records.UPLOAD_KINDS``.
 
-``POST /v1/uploads`` returns a presigned POST (URL + form fields) whose policy caps the size;
-the client sends the file there, then calls ``POST /v1/uploads/{id}/complete``, which checks
-and stores it exactly like a direct upload (content addressed, inspected, quota counted) and
-removes the temporary object. Unfinished uploads expire with their URL.
+``upload_blueprint(kind)`` serves ``/v1/<folder>`` (``/v1/models``, ``/v1/datasets``): upload (raw
+body or multipart), list, describe, delete. ``store_upload`` is what every upload goes through,
+direct or presigned: bytes already stored answer 200 with their record; new bytes are counted
+against the quota once and inspected once, in a child process, before their record is written.
+
+``/v1/uploads``: large models and datasets go straight to the object store. ``POST /v1/uploads``
+returns a presigned POST (URL + form fields) whose policy caps the size; the client sends the
+file there, then calls ``POST /v1/uploads/{id}/complete``, which checks and stores it exactly
+like a direct upload (``store_upload``) and removes the temporary object. Unfinished uploads
+expire with their URL.
 """
 
 from __future__ import annotations
@@ -11,20 +17,98 @@ from __future__ import annotations
 import json
 import os
 from datetime import timedelta
-from typing import Literal
+from typing import Any, Literal
 
-from flask import Blueprint, Response, jsonify, url_for
+from flask import Blueprint, Response, jsonify, request, url_for
 from pydantic import BaseModel, ConfigDict, Field
 
 from service.api.context import services, space
-from service.api.datasets import store_dataset
-from service.api.idempotency import idempotent
-from service.api.models import store_model
+from service.api.idempotency import idempotent, remember, replay
+from service.api.inspection import inspect_in_child
+from service.api.pagination import page_cursor, page_limit
+from service.api.problems import from_engine_error
+from service.api.quotas import check_storage_quota
 from service.api.schemas import parse_body
-from service.api.streaming import clean_filename, receive_stored_object
+from service.api.streaming import (
+    ReceivedFile,
+    clean_filename,
+    receive_stored_object,
+    receive_upload,
+)
+from service.engine.errors import EngineError
 from service.errors import NotFound
 from service.jobs.models import utcnow
+from service.uploads.records import UPLOAD_KINDS, UploadKind
 
+
+def store_upload(kind: UploadKind[Any], received: ReceivedFile) -> Response:
+    """Describe and store a received file (direct upload or presigned-POST upload)."""
+    svc = services()
+    svc.metrics.uploads_bytes.labels(kind.name).inc(received.size)
+    scope = f"{kind.name}:{received.sha256}"
+    replayed = replay(scope)
+    if replayed is not None:
+        return replayed
+    uploads = space().uploads
+    existing = uploads.find(kind, received.sha256)
+    if existing is not None:
+        record, created = existing, False
+    else:
+        check_storage_quota(received.size)
+        try:
+            description = inspect_in_child(
+                kind, received.path, received.filename, svc.settings.engine_limits(), svc.settings
+            )
+        except EngineError as exc:
+            raise from_engine_error(exc) from None
+        record, created = uploads.save(
+            kind,
+            received.path,
+            sha256=received.sha256,
+            size=received.size,
+            filename=received.filename,
+            description=description,
+        )
+    location = url_for(f"{kind.folder}.get_{kind.name}", **{f"{kind.name}_id": record.id})
+    resp = jsonify(record.model_dump(mode="json"))
+    resp.status_code, resp.headers["Location"] = (201 if created else 200), location
+    return remember(scope, resp)
+
+
+def upload_blueprint(kind: UploadKind[Any], import_name: str) -> Blueprint:
+    """``/v1/<folder>`` for one kind; endpoints ``<folder>.upload_<name>``, ``list_<folder>``,
+    ``get_<name>`` and ``delete_<name>``, with the id as ``<name>_id``."""
+    bp = Blueprint(kind.folder, import_name, url_prefix=f"/v1/{kind.folder}")
+    id_rule = f"/<{kind.name}_id>"
+
+    def upload() -> Response:
+        """Stream the file to the store: 201 with its record, 200 for bytes already stored."""
+        svc = services()
+        with receive_upload(
+            request, max_bytes=kind.size_limit(svc.settings), scratch_dir=svc.settings.scratch_dir
+        ) as received:
+            return store_upload(kind, received)
+
+    def listing() -> Response:
+        items, cursor = space().uploads.page(kind, limit=page_limit(), after=page_cursor())
+        return jsonify({"items": [r.model_dump(mode="json") for r in items], "next_cursor": cursor})
+
+    def describe(**ident: str) -> Response:
+        record = space().uploads.get(kind, ident[f"{kind.name}_id"])
+        return jsonify(record.model_dump(mode="json"))
+
+    def delete(**ident: str) -> tuple[str, int]:
+        space().uploads.delete(kind, ident[f"{kind.name}_id"])
+        return "", 204
+
+    bp.add_url_rule("", f"upload_{kind.name}", upload, methods=["POST"])
+    bp.add_url_rule("", f"list_{kind.folder}", listing, methods=["GET"])
+    bp.add_url_rule(id_rule, f"get_{kind.name}", describe, methods=["GET"])
+    bp.add_url_rule(id_rule, f"delete_{kind.name}", delete, methods=["DELETE"])
+    return bp
+
+
+# -- presigned uploads: /v1/uploads ----------------------------------------------------------
 bp = Blueprint("uploads", __name__, url_prefix="/v1/uploads")
 
 
@@ -51,9 +135,7 @@ def create_upload() -> tuple[Response, int, dict[str, str]]:
     svc = services()
     spec = parse_body(UploadCreate)
     upload_id = "upl_" + os.urandom(12).hex()
-    max_bytes = (
-        svc.settings.max_upload_bytes if spec.kind == "model" else svc.settings.max_dataset_bytes
-    )
+    max_bytes = UPLOAD_KINDS[spec.kind].size_limit(svc.settings)
     ttl = svc.settings.presign_ttl_seconds
     post = space().store.presign_post(_data_key(upload_id), max_bytes=max_bytes, ttl=ttl)
     expires = utcnow() + timedelta(seconds=ttl)
@@ -88,7 +170,7 @@ def complete_upload(upload_id: str) -> Response:
         scratch_dir=svc.settings.scratch_dir,
         filename=record.get("filename"),
     ) as received:
-        resp = store_model(received) if record["kind"] == "model" else store_dataset(received)
+        resp = store_upload(UPLOAD_KINDS[record["kind"]], received)
     if resp.status_code < 300:
         space().store.delete_prefix(f"incoming/{upload_id}")
     return resp

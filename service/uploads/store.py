@@ -1,161 +1,60 @@
 """``UploadStore``: models and datasets, stored once by content hash.
 
-Layout: ``models/<id>/source`` (the bytes as uploaded) + ``models/<id>/meta.json``;
-``datasets/<id>/data.npz`` + ``datasets/<id>/meta.json``. The id is derived from the SHA-256,
-so uploading the same bytes twice returns the same record. The blob is written before the
-record, and the record with If-None-Match: a record that exists always has its blob.
+Layout, per kind (``service.uploads.records.UPLOAD_KINDS``): ``models/<id>/source`` (the bytes
+as uploaded) + ``models/<id>/meta.json``; ``datasets/<id>/data.npz`` + ``datasets/<id>/meta.json``.
+The id is derived from the SHA-256, so uploading the same bytes twice returns the same record.
+The blob is written before the record, and the record with If-None-Match: a record that exists
+always has its blob.
 """
 
 from __future__ import annotations
 
-from datetime import datetime
 from pathlib import Path
-from typing import Any, TypeVar
-
-from pydantic import BaseModel, Field
+from typing import Any
 
 from service.errors import NotFound, PreconditionFailed
 from service.jobs.models import utcnow
 from service.storage.s3 import ObjectStore
-
-
-class ModelRecord(BaseModel):
-    """An uploaded model as the API shows it."""
-
-    id: str
-    sha256: str
-    bytes: int
-    filename: str | None = None
-    created_at: datetime
-    format: str
-    opset: int | None = None
-    ir_version: int | None = None
-    producer: str | None = None
-    inputs: list[dict[str, Any]] = Field(default_factory=list)
-    outputs: list[dict[str, Any]] = Field(default_factory=list)
-    parameter_count: int = 0
-    node_count: int | None = None
-    external_data: bool = False
-    already_quantized: bool = False
-    quantization: list[str] = Field(default_factory=list)
-    op_types: dict[str, int] = Field(default_factory=dict)
-
-
-class DatasetRecord(BaseModel):
-    """An uploaded dataset (.npz keyed by input name, optional ``labels``)."""
-
-    id: str
-    sha256: str
-    bytes: int
-    filename: str | None = None
-    created_at: datetime
-    arrays: dict[str, dict[str, Any]] = Field(default_factory=dict)
-    samples: int = 0
-    has_labels: bool = False
-
-
-RecordT = TypeVar("RecordT", ModelRecord, DatasetRecord)
-
-
-def model_id_for(sha256: str) -> str:
-    return "mdl_" + sha256[:32]
-
-
-def dataset_id_for(sha256: str) -> str:
-    return "ds_" + sha256[:32]
+from service.uploads.records import (
+    DATASET,
+    MODEL,
+    DatasetRecord,
+    ModelRecord,
+    RecordT,
+    UploadKind,
+    dataset_id_for,
+    model_id_for,
+)
 
 
 def model_source_key(model_id: str) -> str:
-    return f"models/{model_id}/source"
+    return MODEL.blob_key(model_id)
 
 
 def dataset_data_key(dataset_id: str) -> str:
-    return f"datasets/{dataset_id}/data.npz"
-
-
-def _valid(prefix: str, ident: str) -> bool:
-    body = ident[len(prefix) :]
-    return (
-        ident.startswith(prefix) and len(body) == 32 and all(c in "0123456789abcdef" for c in body)
-    )
+    return DATASET.blob_key(dataset_id)
 
 
 class UploadStore:
     def __init__(self, store: ObjectStore) -> None:
         self._store = store
 
-    # -- models ----------------------------------------------------------------------------
-    def get_model(self, model_id: str) -> ModelRecord:
-        return self._get("models", "mdl_", model_id, ModelRecord, "model")
+    def get(self, kind: UploadKind[RecordT], ident: str) -> RecordT:
+        obj = self._store.get(kind.record_key(ident)) if kind.is_id(ident) else None
+        if obj is None:
+            raise NotFound(f"{kind.name} {ident!r} not found", code=kind.not_found_code)
+        return kind.record.model_validate_json(obj.body)
 
-    def find_model(self, sha256: str) -> ModelRecord | None:
+    def find(self, kind: UploadKind[RecordT], sha256: str) -> RecordT | None:
+        """The record of these bytes, if they are stored."""
         try:
-            return self.get_model(model_id_for(sha256))
+            return self.get(kind, kind.id_for(sha256))
         except NotFound:
             return None
 
-    def save_model(
+    def save(
         self,
-        path: Path,
-        *,
-        sha256: str,
-        size: int,
-        filename: str | None,
-        description: dict[str, Any],
-    ) -> tuple[ModelRecord, bool]:
-        """Store the file and its record; returns (record, created)."""
-        model_id = model_id_for(sha256)
-        return self._save(
-            "models", "mdl_", model_id, ModelRecord, "model", model_source_key(model_id),
-            path, sha256=sha256, size=size, filename=filename, description=description,
-        )
-
-    def list_models(self, *, limit: int, after: str | None) -> tuple[list[ModelRecord], str | None]:
-        return self._list("models/", ModelRecord, limit, after)
-
-    def delete_model(self, model_id: str) -> None:
-        self.get_model(model_id)
-        self._store.delete_prefix(f"models/{model_id}/")
-
-    # -- datasets --------------------------------------------------------------------------
-    def get_dataset(self, dataset_id: str) -> DatasetRecord:
-        return self._get("datasets", "ds_", dataset_id, DatasetRecord, "dataset")
-
-    def save_dataset(
-        self,
-        path: Path,
-        *,
-        sha256: str,
-        size: int,
-        filename: str | None,
-        description: dict[str, Any],
-    ) -> tuple[DatasetRecord, bool]:
-        """Store the file and its record; returns (record, created)."""
-        dataset_id = dataset_id_for(sha256)
-        return self._save(
-            "datasets", "ds_", dataset_id, DatasetRecord, "dataset", dataset_data_key(dataset_id),
-            path, sha256=sha256, size=size, filename=filename, description=description,
-        )
-
-    def delete_dataset(self, dataset_id: str) -> None:
-        self.get_dataset(dataset_id)
-        self._store.delete_prefix(f"datasets/{dataset_id}/")
-
-    # -- shared ----------------------------------------------------------------------------
-    def _get(self, folder: str, id_prefix: str, ident: str, cls: type[RecordT], kind: str) -> RecordT:
-        obj = self._store.get(f"{folder}/{ident}/meta.json") if _valid(id_prefix, ident) else None
-        if obj is None:
-            raise NotFound(f"{kind} {ident!r} not found", code=f"{kind}_not_found")
-        return cls.model_validate_json(obj.body)
-
-    def _save(
-        self,
-        folder: str,
-        id_prefix: str,
-        ident: str,
-        cls: type[RecordT],
-        kind: str,
-        data_key: str,
+        kind: UploadKind[RecordT],
         path: Path,
         *,
         sha256: str,
@@ -163,33 +62,34 @@ class UploadStore:
         filename: str | None,
         description: dict[str, Any],
     ) -> tuple[RecordT, bool]:
-        """Blob first, then the record with If-None-Match: a record always has its blob."""
-        try:
-            return self._get(folder, id_prefix, ident, cls, kind), False
-        except NotFound:
-            pass
-        fields = {k: v for k, v in description.items() if k in cls.model_fields}
-        record = cls(
+        """Store the file and its record; returns (record, created).
+
+        Blob first, then the record with If-None-Match: a record always has its blob.
+        """
+        ident = kind.id_for(sha256)
+        existing = self.find(kind, sha256)
+        if existing is not None:
+            return existing, False
+        fields = {k: v for k, v in description.items() if k in kind.record.model_fields}
+        record = kind.record(
             **fields, id=ident, sha256=sha256, bytes=size, filename=filename, created_at=utcnow()
         )
-        metadata = {"sha256": sha256}
-        if isinstance(record, ModelRecord):
-            metadata["format"] = record.format
-        self._store.upload_file(data_key, path, metadata=metadata)
+        metadata = {"sha256": sha256, **{f: str(getattr(record, f)) for f in kind.blob_metadata}}
+        self._store.upload_file(kind.blob_key(ident), path, metadata=metadata)
         try:
             self._store.put(
-                f"{folder}/{ident}/meta.json", record.model_dump_json().encode(), if_none_match=True
+                kind.record_key(ident), record.model_dump_json().encode(), if_none_match=True
             )
         except PreconditionFailed:  # a concurrent upload of the same bytes won
-            return self._get(folder, id_prefix, ident, cls, kind), False
+            return self.get(kind, ident), False
         return record, True
 
-    # -- listing ---------------------------------------------------------------------------
-    def _list(
-        self, prefix: str, cls: type[Any], limit: int, after: str | None
-    ) -> tuple[list[Any], str | None]:
+    def page(
+        self, kind: UploadKind[RecordT], *, limit: int, after: str | None
+    ) -> tuple[list[RecordT], str | None]:
         """Records in id order (content ids carry no time); ``after`` is the last id seen."""
-        out: list[Any] = []
+        prefix = f"{kind.folder}/"
+        out: list[RecordT] = []
         start = f"{prefix}{after}/~" if after else None
         keys = self._store.list_keys(prefix, start_after=start, limit=1000)
         for key in keys:
@@ -198,8 +98,36 @@ class UploadStore:
             obj = self._store.get(key)
             if obj is None:
                 continue
-            out.append(cls.model_validate_json(obj.body))
+            out.append(kind.record.model_validate_json(obj.body))
             if len(out) >= limit:
                 break
         next_cursor = out[-1].id if len(out) >= limit else None
         return out, next_cursor
+
+    def delete(self, kind: UploadKind[Any], ident: str) -> None:
+        self.get(kind, ident)
+        self._store.delete_prefix(f"{kind.folder}/{ident}/")
+
+    # -- the names the job API, the worker and its tests call ------------------------------
+    def get_model(self, model_id: str) -> ModelRecord:
+        return self.get(MODEL, model_id)
+
+    def get_dataset(self, dataset_id: str) -> DatasetRecord:
+        return self.get(DATASET, dataset_id)
+
+    def save_model(self, path: Path, **fields: Any) -> tuple[ModelRecord, bool]:
+        return self.save(MODEL, path, **fields)
+
+    def delete_model(self, model_id: str) -> None:
+        self.delete(MODEL, model_id)
+
+
+__all__ = [
+    "DatasetRecord",
+    "ModelRecord",
+    "UploadStore",
+    "dataset_data_key",
+    "dataset_id_for",
+    "model_id_for",
+    "model_source_key",
+]

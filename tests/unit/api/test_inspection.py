@@ -8,6 +8,7 @@ from service.api.inspection import _child_env, inspect_in_child
 from service.config import Settings
 from service.engine.errors import EngineError
 from service.engine.limits import EngineLimits
+from service.uploads.records import MODEL
 from tests.models import mlp
 
 
@@ -22,7 +23,7 @@ def test_child_gets_no_credentials(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_describes_a_model(tmp_path: Path) -> None:
     path = tmp_path / "m.onnx"
     path.write_bytes(mlp(inputs=8, hidden=8).SerializeToString())
-    desc = inspect_in_child("model", path, "m.onnx", EngineLimits(), Settings())
+    desc = inspect_in_child(MODEL, path, "m.onnx", EngineLimits(), Settings())
     assert desc["inputs"][0]["name"] == "x" and desc["format"] == "onnx"
 
 
@@ -31,7 +32,7 @@ def test_memory_limit_is_a_precise_refusal(tmp_path: Path) -> None:
     path.write_bytes(mlp(inputs=1024, hidden=2048).SerializeToString())  # ~8 MB
     tight = Settings(inspect_memory_limit_mb=128)
     with pytest.raises(EngineError) as info:
-        inspect_in_child("model", path, "big.onnx", EngineLimits(), tight)
+        inspect_in_child(MODEL, path, "big.onnx", EngineLimits(), tight)
     assert info.value.code in {"model_too_large", "invalid_model"}
     assert "memory" in info.value.message or "resources" in info.value.message
 
@@ -42,5 +43,5 @@ def test_exponential_functions_are_refused_by_the_child(tmp_path: Path) -> None:
     path = tmp_path / "bomb.onnx"
     path.write_bytes(function_chain(25, 2).SerializeToString())
     with pytest.raises(EngineError) as info:
-        inspect_in_child("model", path, "bomb.onnx", EngineLimits(), Settings(inspect_timeout_seconds=20))
+        inspect_in_child(MODEL, path, "bomb.onnx", EngineLimits(), Settings(inspect_timeout_seconds=20))
     assert info.value.code == "model_too_large"
