@@ -24,7 +24,7 @@ from service.engine.errors import EngineError
 from service.engine.inputs import check_inputs, slots_from_description
 from service.engine.registry import parse_recipe
 from service.errors import Conflict, NotFound, Unavailable, ValidationFailed
-from service.jobs.models import Job, JobState, new_job_id, utcnow
+from service.jobs.record import Job, JobState, new_job_id, utcnow
 from service.jobs.store import artifact_key, bare_etag
 from service.uploads.store import DatasetRecord, ModelRecord
 from service.worker.webhooks import check_callback_url

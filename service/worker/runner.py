@@ -30,7 +30,7 @@ from service.config import Settings
 from service.engine.devices import parse_device
 from service.errors import NotFound, Unavailable
 from service.jobs.events import JobEvents
-from service.jobs.models import Job, JobError, JobState, utcnow
+from service.jobs.record import Job, JobError, JobState, utcnow
 from service.jobs.store import JobStore, artifact_key
 from service.metrics import ServiceMetrics
 from service.storage.s3 import S3ObjectStore

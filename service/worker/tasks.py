@@ -18,7 +18,7 @@ from celery import Celery
 from service.config import Settings
 from service.errors import NotFound, PreconditionFailed, Unavailable
 from service.jobs.events import JobEvents
-from service.jobs.models import Job, JobState, utcnow
+from service.jobs.record import Job, JobState, utcnow
 from service.jobs.store import JobStore
 from service.metrics import ServiceMetrics
 from service.storage.s3 import S3ObjectStore, make_store

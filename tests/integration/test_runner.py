@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from service.jobs.models import Job, JobState, new_job_id, utcnow
+from service.jobs.record import Job, JobState, new_job_id, utcnow
 from service.jobs.store import JobStore, artifact_key
 from service.metrics import ServiceMetrics
 from service.storage.s3 import make_store
