@@ -29,8 +29,9 @@ from typing import Any
 from service.config import Settings
 from service.engine.devices import parse_device
 from service.errors import NotFound, Unavailable
+from service.jobs import lifecycle
 from service.jobs.events import JobEvents
-from service.jobs.record import Job, JobError, JobState, utcnow
+from service.jobs.record import Job, JobState
 from service.jobs.store import JobStore, artifact_key
 from service.metrics import ServiceMetrics
 from service.storage.s3 import S3ObjectStore
@@ -92,55 +93,19 @@ class JobRunner:
             self.scratch / "edgepress-source-cache", settings.worker_source_cache_mb * 1024 * 1024
         )
 
-    # -- claiming ----------------------------------------------------------------------------
-    def _claim(self, job: Job) -> Job | None:
-        if job.state.terminal:
-            return None
-        if job.cancel_requested:
-            return job.transition(JobState.cancelled, message="cancelled by the user")
-        if job.state is JobState.running and not self.is_stale(job) and job.worker != self.name:
-            return None  # a live worker runs it; a duplicate delivery ends here
-        attempts = job.attempts + 1
-        if attempts > self.settings.job_max_attempts:
-            return job.transition(
-                JobState.failed,
-                error=JobError(
-                    code="worker_lost",
-                    message=f"the job's worker was lost {job.attempts} times; giving up",
-                ),
-            )
-        return job.transition(
-            JobState.running,
-            attempts=attempts,
-            worker=self.name,
-            stage="download",  # the first thing a claimed job does; no record write of its own
-            progress=0.0,
-            message=None,
-        )
-
-    def is_stale(self, job: Job) -> bool:
-        seen = job.updated_at or job.started_at or job.created_at
-        return (utcnow() - seen).total_seconds() > self.settings.job_stale_seconds
-
     # -- running -----------------------------------------------------------------------------
     def run(self, job_id: str) -> Job | None:
         """Run job ``job_id`` if it is ours to run; returns the final record (or None)."""
-        ended_here: list[Job] = []  # set when the claim itself ends the job
-
-        def claim(job: Job) -> Job | None:
-            ended_here.clear()
-            new = self._claim(job)
-            if new is not None and new.state.terminal:
-                ended_here.append(new)
-            return new
-
+        s = self.settings
         try:
-            claimed = self.jobs.update(job_id, claim)
+            claim = lifecycle.claim(self.jobs, job_id, self.name, max_attempts=s.job_max_attempts,
+                                    stale_seconds=s.job_stale_seconds)
         except NotFound:
             log.warning("job %s has no record; dropping the message", job_id)
             return None
+        claimed = claim.job
         if claimed.state is not JobState.running or claimed.worker != self.name:
-            if ended_here:  # cancelled or worker_lost by this claim: count it once
+            if claim.ended:  # cancelled or worker_lost by this claim: count it once
                 self._finished(claimed)
             return claimed
         started = time.monotonic()
@@ -152,10 +117,11 @@ class JobRunner:
             # backoff and this worker re-claims its own job (or the reconciler hands it on).
             raise
         except NotFound as exc:  # the model or dataset was deleted after the job was queued
-            final = self._fail(job_id, exc.code, exc.message)
+            final = lifecycle.fail(self.jobs, job_id, exc.code, exc.message)
         except Exception as exc:  # a bug: fail the job, keep the worker
             log.exception("job %s failed in the worker", job_id)
-            final = self._fail(
+            final = lifecycle.fail(
+                self.jobs,
                 job_id,
                 "internal_error",
                 f"the worker failed while running the job ({type(exc).__name__})",
@@ -208,11 +174,12 @@ class JobRunner:
                 return self.jobs.get(job.id)
             if outcome.get("cancelled"):
                 early.discard()
-                return self._cancelled(job.id)
+                return lifecycle.mark_cancelled(self.jobs, job.id)
             if not outcome.get("ok"):
                 early.discard()
                 err = outcome.get("error") or {}
-                return self._fail(
+                return lifecycle.fail(
+                    self.jobs,
                     job.id,
                     err.get("code", "internal_error"),
                     err.get("message", "the engine failed"),
@@ -224,7 +191,7 @@ class JobRunner:
             except ValueError as exc:  # the engine named a file it may not hand out
                 early.discard()
                 log.error("job %s: %s", job.id, exc)
-                return self._fail(job.id, "internal_error", "the engine's output was refused")
+                return lifecycle.fail(self.jobs, job.id, "internal_error", "the engine's output was refused")
             timings["upload"] = time.monotonic() - clock
             if early.seconds:
                 timings["upload_during_engine"] = early.seconds
@@ -233,14 +200,7 @@ class JobRunner:
             summary["timings_s"] = {k: round(v, 3) for k, v in timings.items()}
             summary["inputs_from_worker_cache"] = sum(hits)  # not downloaded: seen before
 
-            def succeed(current: Job) -> Job | None:
-                if current.state is not JobState.running or current.worker != self.name:
-                    return None
-                return current.transition(
-                    JobState.succeeded, result=summary, artifacts=sorted(names)
-                )
-
-            return self.jobs.update(job.id, succeed)
+            return lifecycle.succeed(self.jobs, job.id, self.name, result=summary, artifacts=names)
         finally:
             early.close()  # no upload may still be reading the workdir
             shutil.rmtree(workdir, ignore_errors=True)
@@ -366,42 +326,7 @@ class JobRunner:
 
     # -- record updates ------------------------------------------------------------------------
     def _heartbeat(self, job_id: str, stage: str, fraction: float) -> Job | None:
-        def change(job: Job) -> Job | None:
-            if job.state is not JobState.running or job.worker != self.name:
-                return None
-            return job.model_copy(
-                update={
-                    "stage": stage,
-                    "progress": max(job.progress, min(fraction, 0.97)),
-                    "updated_at": utcnow(),
-                }
-            )
-
-        try:
-            job = self.jobs.update(job_id, change)
-        except NotFound:
-            return None
-        return job if job.state is JobState.running and job.worker == self.name else None
-
-    def _fail(
-        self, job_id: str, code: str, message: str, details: dict[str, Any] | None = None
-    ) -> Job:
-        def change(job: Job) -> Job | None:
-            if job.state.terminal:
-                return None
-            return job.transition(
-                JobState.failed, error=JobError(code=code, message=message, details=details)
-            )
-
-        return self.jobs.update(job_id, change)
-
-    def _cancelled(self, job_id: str) -> Job:
-        def change(job: Job) -> Job | None:
-            if job.state.terminal:
-                return None
-            return job.transition(JobState.cancelled, message="cancelled by the user")
-
-        return self.jobs.update(job_id, change)
+        return lifecycle.heartbeat(self.jobs, job_id, self.name, stage, fraction)
 
     def _finished(self, job: Job) -> None:
         if not job.state.terminal:
