@@ -30,9 +30,8 @@ def create_app(settings: Settings | None = None) -> Flask:
     )
     from service.api.context import Services
     from service.metrics import ServiceMetrics
+    from service.queue import JobQueue, create_celery_app
     from service.storage.s3 import make_store
-    from service.worker.celery_app import create_celery_app
-    from service.worker.queue import JobQueue
 
     settings = settings or Settings()
     logging.basicConfig(level=settings.log_level.upper())

@@ -28,7 +28,7 @@ from service.jobs import lifecycle
 from service.jobs.record import Job, JobState, new_job_id, utcnow
 from service.jobs.store import artifact_key, bare_etag
 from service.uploads.store import DatasetRecord, ModelRecord
-from service.worker.webhooks import check_callback_url
+from service.webhooks import check_callback_url
 
 log = logging.getLogger(__name__)
 

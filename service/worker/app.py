@@ -25,9 +25,8 @@ def create_worker_app(settings: Settings | None = None) -> Celery:
             stale.unlink(missing_ok=True)
 
     from service.metrics import ServiceMetrics
+    from service.queue import JobQueue, create_celery_app
     from service.storage.s3 import make_store
-    from service.worker.celery_app import create_celery_app
-    from service.worker.queue import JobQueue
     from service.worker.tasks import Reconciler, register_tasks
 
     logging.basicConfig(level=settings.log_level.upper())

@@ -15,6 +15,7 @@ from typing import Any
 
 from celery import Celery
 
+from service import webhooks
 from service.config import Settings
 from service.errors import NotFound, PreconditionFailed, Unavailable
 from service.jobs import lifecycle
@@ -22,11 +23,9 @@ from service.jobs.events import JobEvents
 from service.jobs.record import JobState, utcnow
 from service.jobs.store import JobStore
 from service.metrics import ServiceMetrics
+from service.queue import RUN_JOB_TASK, WEBHOOK_TASK, JobQueue
 from service.storage.s3 import S3ObjectStore, make_store
 from service.tenants import DEFAULT_TENANT, TENANT_NAME, tenant_prefix
-from service.worker import webhooks
-from service.worker.celery_app import RUN_JOB_TASK, WEBHOOK_TASK
-from service.worker.queue import JobQueue
 from service.worker.runner import JobRunner
 
 log = logging.getLogger(__name__)
