@@ -14,7 +14,7 @@ import logging
 
 from celery import Celery
 
-from service.config import Settings
+from service.config import Settings, limits_for
 from service.errors import Unavailable
 
 log = logging.getLogger(__name__)
@@ -24,6 +24,7 @@ WEBHOOK_TASK = "edgepress.deliver_webhook"
 
 
 def create_celery_app(settings: Settings) -> Celery:
+    limits = limits_for(settings)
     app = Celery("edgepress", broker=settings.broker_url, set_as_current=False)
     app.conf.update(
         task_default_queue=settings.queue_name,
@@ -40,13 +41,13 @@ def create_celery_app(settings: Settings) -> Celery:
         accept_content=["json"],
         # The engine enforces the job's own limits in its child process; these are the
         # backstop for the task body itself (download, upload, bookkeeping).
-        task_soft_time_limit=settings.job_time_limit + 120,
-        task_time_limit=settings.job_time_limit + 180,
+        task_soft_time_limit=limits.task_soft_seconds,
+        task_time_limit=limits.task_hard_seconds,
         broker_connection_retry_on_startup=True,
         broker_transport_options={
             # Longer than any job: a message is redelivered by the broker only as a last
             # resort; the reconciler is what retries jobs of dead workers promptly.
-            "visibility_timeout": settings.job_time_limit + 600,
+            "visibility_timeout": limits.redelivery_seconds,
             "socket_timeout": 5,
             "socket_connect_timeout": 5,
         },

@@ -16,12 +16,12 @@ def create_worker_app(settings: Settings | None = None) -> Celery:
     settings = settings or Settings()
     # prometheus_client picks multiprocess mode from this variable when the first metric is
     # made; pool processes must share one directory with the main process that serves /metrics.
-    if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+    if not settings.prometheus_multiproc_dir:
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(
             prefix="edgepress-worker-metrics-"
         )
     else:  # a restarted container may find the previous process's samples: start empty
-        for stale in Path(os.environ["PROMETHEUS_MULTIPROC_DIR"]).glob("*.db"):
+        for stale in Path(settings.prometheus_multiproc_dir).glob("*.db"):
             stale.unlink(missing_ok=True)
 
     from service.metrics import ServiceMetrics

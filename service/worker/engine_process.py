@@ -77,7 +77,7 @@ def _tune_malloc(ctypes: Any) -> None:
             libc.mallopt(param, value)
 
 
-def run_forked(spec_path: str, conn: Any, limits: dict[str, int]) -> None:
+def run_forked(spec_path: str, conn: Any, limits: dict[str, tuple[int, int]]) -> None:
     """Entry point in the forked child: isolate, limit, run ``main``, report through ``conn``."""
     import ctypes
     import os
@@ -88,9 +88,8 @@ def run_forked(spec_path: str, conn: Any, limits: dict[str, int]) -> None:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
     workdir = Path(json.loads(Path(spec_path).read_text())["workdir"])
     (workdir / "engine.pid").write_text(str(os.getpid()))
-    for name, value in limits.items():
-        limit = getattr(resource, name)
-        resource.setrlimit(limit, (value, value + 5 if name == "RLIMIT_CPU" else value))
+    for name, (soft, hard) in limits.items():  # ``Limits.job_rlimits``
+        resource.setrlimit(getattr(resource, name), (soft, hard))
     log_fd = os.open(workdir / "engine.stderr", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     os.dup2(log_fd, 1)  # library chatter on stdout/stderr goes to the job's log file
     os.dup2(log_fd, 2)

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from service.config import Settings
+from service.config import Settings, limits_for
 from service.engine.devices import parse_device
 from service.errors import NotFound, Unavailable
 from service.jobs import lifecycle
@@ -162,7 +162,7 @@ class JobRunner:
                 "inputs": job.inputs,
                 "store_prefix": self.store.prefix,
                 # Without it the engine would run under EngineLimits' defaults.
-                "limits": self.settings.engine_limits().model_dump(mode="json"),
+                "limits": limits_for(self.settings).engine.model_dump(mode="json"),
             }
             (workdir / "spec.json").write_text(json.dumps(spec))
             timings["download"] = time.monotonic() - clock
@@ -240,9 +240,10 @@ class JobRunner:
         on_artifact: Callable[[str, str], None] | None = None,
     ) -> dict[str, Any]:
         s = self.settings
+        limits = limits_for(s)
         progress = _Progress(durations=timings if timings is not None else {})
         stderr_path = workdir / "engine.stderr"
-        proc = _EngineProcess(workdir / "spec.json", _limits(s), s.engine_huge_pages)
+        proc = _EngineProcess(workdir / "spec.json", limits.job_rlimits, s.engine_huge_pages)
         reader = threading.Thread(
             target=_read_progress,
             args=(proc, progress, self.metrics, on_artifact or (lambda name, path: None)),
@@ -256,10 +257,10 @@ class JobRunner:
         while proc.poll() is None:
             proc.wait_for(0.25)  # returns as soon as the engine ends
             elapsed = time.monotonic() - started
-            if elapsed > s.job_time_limit:
+            if elapsed > limits.job_hard_seconds:
                 _kill(proc, signal.SIGKILL)
                 break
-            if elapsed > s.job_soft_time_limit and not soft_sent:
+            if elapsed > limits.job_soft_seconds and not soft_sent:
                 _kill(proc, signal.SIGTERM)
                 soft_sent = True
             now = time.monotonic()
@@ -297,12 +298,12 @@ class JobRunner:
             stderr_path.read_bytes()[-2000:].decode(errors="replace") if stderr_path.exists() else ""
         )
         log.warning("engine for job %s ended with %s: %s", job_id, code, tail)
-        if elapsed > s.job_soft_time_limit:
+        if elapsed > limits.job_soft_seconds:
             return {
                 "ok": False,
                 "error": {
                     "code": "timeout",
-                    "message": f"the job ran past its time limit of {s.job_soft_time_limit} s",
+                    "message": f"the job ran past its time limit of {limits.job_soft_seconds} s",
                 },
             }
         if code is not None and code < 0 and -code in _SIGNAL_CODES:
@@ -429,16 +430,6 @@ def _source_suffix(fmt: str, filename: str | None) -> str:
     return ".onnx"
 
 
-def _limits(settings: Settings) -> dict[str, int]:
-    """Resource limits of a job's engine process (names of ``resource.RLIMIT_*``)."""
-    return {
-        "RLIMIT_AS": settings.job_memory_limit_mb * 1024 * 1024,
-        "RLIMIT_CPU": settings.job_time_limit * max(1, os.cpu_count() or 1),
-        "RLIMIT_FSIZE": settings.job_max_output_mb * 1024 * 1024,
-        "RLIMIT_CORE": 0,
-    }
-
-
 _CONTEXT: list[Any] = []  # this process's engine forkserver context, made on first use
 
 
@@ -483,7 +474,9 @@ def start_engine_server(huge_pages: bool = True) -> None:
 class _EngineProcess:
     """A job's engine process, forked from the forkserver (libraries already imported)."""
 
-    def __init__(self, spec_path: Path, limits: dict[str, int], huge_pages: bool = True) -> None:
+    def __init__(
+        self, spec_path: Path, limits: dict[str, tuple[int, int]], huge_pages: bool = True
+    ) -> None:
         import multiprocessing
 
         from service.worker.engine_process import run_forked
