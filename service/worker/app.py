@@ -49,7 +49,7 @@ def create_worker_app(settings: Settings | None = None) -> Celery:
     def _on_child_start(**_: object) -> None:
         # The engine forkserver imports ONNX, ONNX Runtime and the engine (~1 s): start it
         # with the pool process, not on its first job.
-        from service.worker.runner import start_engine_server
+        from service.worker.engine_host import start_engine_server
 
         try:
             start_engine_server(settings.engine_huge_pages)
