@@ -18,7 +18,7 @@ from service.api.idempotency import idempotent
 from service.api.pagination import page_cursor, page_limit
 from service.api.problems import from_engine_error
 from service.api.quotas import check_job_quota
-from service.api.schemas import JobCreate, parse_body
+from service.api.schemas import parse_body
 from service.engine.devices import parse_device
 from service.engine.errors import EngineError
 from service.engine.inputs import check_inputs, slots_from_description
@@ -27,6 +27,7 @@ from service.errors import Conflict, NotFound, Unavailable, ValidationFailed
 from service.jobs import lifecycle
 from service.jobs.record import Job, JobState, new_job_id, utcnow
 from service.jobs.store import artifact_key, bare_etag
+from service.schemas import JobCreate
 from service.uploads.store import DatasetRecord, ModelRecord
 from service.webhooks import check_callback_url
 
