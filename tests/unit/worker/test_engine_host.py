@@ -29,7 +29,7 @@ def _run(workdir: Path, tick, **limits):  # type: ignore[no-untyped-def]
     announced: list[str] = []
     outcome = run_engine(
         "job_test", workdir, dataclasses.replace(limits_for(Settings()), **limits),
-        huge_pages=False, every=0.0, tick=tick,
+        huge_pages=True, every=0.0, tick=tick,  # as the worker starts it (one per process)
         on_artifact=lambda name, path: announced.append(name),
         on_stage=lambda stage, seconds: stages.append(stage),
     )
