@@ -52,6 +52,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench_output import machine_header, tee_to  # noqa: E402
 
 from service.client import EdgePressClient, EdgePressError  # noqa: E402
+from service.config import Settings  # noqa: E402
 from service.devstack import LocalStack, free_port  # noqa: E402
 
 GIB = 1024**3
@@ -202,7 +203,7 @@ class _GeneratedBody:
 def upload_memory(api_url: str, api_pid: int, size: int, sized: bool) -> dict:
     # gunicorn answers /readyz as soon as one worker is up: wait for all of them, and re-list
     # them at every sample (a worker that is replaced must still be counted).
-    workers = int(os.environ.get("EDGEPRESS_API_WORKERS", "2"))
+    workers = Settings().api_workers
     deadline = time.monotonic() + 60
     while len(_children(api_pid)) < workers and time.monotonic() < deadline:
         time.sleep(0.5)
@@ -410,8 +411,7 @@ def main() -> int:
                         help="also write the printed tables here, after a header naming the "
                              "machine (docs/bench/api.txt is the committed one)")
     args = parser.parse_args()
-    api_workers = os.environ.get("EDGEPRESS_API_WORKERS", "2")
-    api_threads = os.environ.get("EDGEPRESS_API_THREADS", "8")  # gunicorn_conf.py defaults
+    api_workers, api_threads = Settings().api_workers, Settings().api_threads  # gunicorn's
     header = machine_header(
         "scripts/bench_api.py", sys.argv[1:],
         threads=f"{args.concurrency} client threads; API gunicorn workers {api_workers}, "

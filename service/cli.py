@@ -291,7 +291,7 @@ def unmet_constraints(job: Any) -> list[str]:
 
 def job_exit_code(job: Any) -> int:
     """The exit code ``wait`` returns for a finished job."""
-    from service.jobs.models import JobState
+    from service.jobs.record import JobState
 
     if job.state is JobState.succeeded:
         return EXIT_UNMET if unmet_constraints(job) else EXIT_OK

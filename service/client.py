@@ -48,10 +48,10 @@ from typing import IO, Any
 import requests
 from pydantic import ValidationError
 
-from service.api.schemas import JobCreate
 from service.engine.constraints import AutoConstraints as Constraints
 from service.engine.devices.profile import DeviceProfile
-from service.jobs.models import Job, JobState
+from service.jobs.record import Job, JobState
+from service.schemas import JobCreate
 from service.uploads.store import DatasetRecord, ModelRecord, dataset_id_for, model_id_for
 
 __all__ = ["EdgePressClient", "EdgePressError", "DEFAULT_TIMEOUT", "DEFAULT_MAX_RETRIES"]

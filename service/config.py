@@ -1,18 +1,21 @@
-"""Settings: the one place that reads the environment (``EDGEPRESS_*``).
+"""Settings: the one place that reads the environment (``EDGEPRESS_*``, and the
+``PROMETHEUS_MULTIPROC_DIR`` that prometheus_client reads too); ``limits_for``: every limit
+the service enforces, derived from them in one place.
 
-Everything else receives a ``Settings`` instance. The README's configuration table is written
-from the field descriptions here.
+Everything else receives a ``Settings`` instance (gunicorn's config file too). The README's
+configuration table is written from the field descriptions here.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Literal
+import os
+from dataclasses import dataclass
+from typing import Literal
 
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-if TYPE_CHECKING:
-    from service.engine.limits import EngineLimits
+from service.engine.limits import EngineLimits
 
 
 class Settings(BaseSettings):
@@ -172,13 +175,82 @@ class Settings(BaseSettings):
     worker_metrics_port: int = Field(default=9808, description="Worker's Prometheus port.")
     worker_metrics_host: str = Field(default="0.0.0.0", description="Worker metrics bind address.")
     log_level: str = Field(default="INFO", description="Log level.")
+    bind: str = Field(default="127.0.0.1:8080", description="API address (gunicorn bind).")
+    api_workers: int = Field(default=2, ge=1, description="API processes (gunicorn workers).")
+    api_threads: int = Field(
+        default=8,
+        ge=1,
+        description="Threads per API process (gthread); a long-polled status request holds "
+        "one (at most EDGEPRESS_LONG_POLL_MAX_WAITERS of them).",
+    )
+    api_timeout: int = Field(
+        default=120, ge=1, description="Seconds of silence before gunicorn restarts an API process."
+    )
+    api_graceful_timeout: int = Field(
+        default=30, ge=0, description="Seconds an API process gets to finish its requests on stop."
+    )
+    api_keepalive: int = Field(
+        default=5, ge=0, description="Seconds an idle keep-alive connection stays open."
+    )
+    prometheus_multiproc_dir: str | None = Field(
+        default=None,
+        validation_alias="PROMETHEUS_MULTIPROC_DIR",
+        description="An empty directory per process group for multiprocess metrics (no "
+        "EDGEPRESS_ prefix: prometheus_client reads it too).",
+    )
 
     def engine_limits(self) -> EngineLimits:
-        """The engine's input limits from the operator's settings: the same for the API's
-        inspection of an upload and for the worker's engine (the job spec carries them)."""
-        from service.engine.limits import EngineLimits
+        """``limits_for(self).engine`` (kept for the upload views until they call it)."""
+        return limits_for(self).engine
 
-        return EngineLimits(
-            max_model_bytes=min(self.max_upload_bytes, EngineLimits().max_model_bytes),
-            max_dataset_bytes=self.max_dataset_bytes,
-        )
+
+@dataclass(frozen=True)
+class Limits:
+    """Every limit the service enforces, from the operator's settings (``limits_for``)."""
+
+    engine: EngineLimits  # the engine's input caps: the API's inspection and the worker alike
+    upload_bytes: dict[str, int]  # largest upload by kind ("model", "dataset"); 413 beyond
+    request_bytes: int  # Werkzeug refuses a larger body before reading it (multipart allowed)
+    form_memory_bytes: int  # largest non-file multipart part kept in memory
+    inspect_rlimits: dict[str, tuple[int, int]]  # (soft, hard) RLIMIT_* of upload inspection
+    inspect_seconds: int  # wall clock for one inspection (CPU limit + slack)
+    job_rlimits: dict[str, tuple[int, int]]  # (soft, hard) RLIMIT_* of a job's engine process
+    job_soft_seconds: int  # the engine is asked to stop (timeout)
+    job_hard_seconds: int  # the engine is killed
+    task_soft_seconds: int  # Celery's backstop for the task body (download, upload, records)
+    task_hard_seconds: int
+    redelivery_seconds: int  # the broker's visibility timeout: longer than any job
+
+
+def limits_for(settings: Settings, cpus: int | None = None) -> Limits:
+    """The limits under ``settings`` (``cpus``: this machine's, scaling the engine's CPU-time
+    limit, which counts every thread of the process)."""
+    mib = 1024 * 1024
+    cpu_seconds = settings.job_time_limit * max(1, cpus or os.cpu_count() or 1)
+    return Limits(
+        engine=EngineLimits(
+            max_model_bytes=min(settings.max_upload_bytes, EngineLimits().max_model_bytes),
+            max_dataset_bytes=settings.max_dataset_bytes,
+        ),
+        upload_bytes={"model": settings.max_upload_bytes, "dataset": settings.max_dataset_bytes},
+        request_bytes=max(settings.max_upload_bytes, settings.max_dataset_bytes) + mib,
+        form_memory_bytes=mib,
+        inspect_rlimits={
+            "RLIMIT_AS": (settings.inspect_memory_limit_mb * mib,) * 2,
+            "RLIMIT_CPU": (settings.inspect_timeout_seconds, settings.inspect_timeout_seconds + 2),
+            "RLIMIT_CORE": (0, 0),
+        },
+        inspect_seconds=settings.inspect_timeout_seconds + 5,
+        job_rlimits={
+            "RLIMIT_AS": (settings.job_memory_limit_mb * mib,) * 2,
+            # The hard limit a little later: SIGXCPU at the soft one, SIGKILL if ignored.
+            "RLIMIT_CPU": (cpu_seconds, cpu_seconds + 5),
+            "RLIMIT_FSIZE": (settings.job_max_output_mb * mib,) * 2,
+            "RLIMIT_CORE": (0, 0),
+        },
+        job_soft_seconds=settings.job_soft_time_limit,
+        job_hard_seconds=settings.job_time_limit,
+        task_soft_seconds=settings.job_time_limit + 120,
+        task_hard_seconds=settings.job_time_limit + 180,
+        redelivery_seconds=settings.job_time_limit + 600,
+    )

@@ -11,7 +11,7 @@ import time
 
 from flask import Flask, g, request
 
-from service.config import Settings
+from service.config import Settings, limits_for
 from service.jobs.events import JobEvents
 
 
@@ -30,18 +30,16 @@ def create_app(settings: Settings | None = None) -> Flask:
     )
     from service.api.context import Services
     from service.metrics import ServiceMetrics
+    from service.queue import JobQueue, create_celery_app
     from service.storage.s3 import make_store
-    from service.worker.celery_app import create_celery_app
-    from service.worker.queue import JobQueue
 
     settings = settings or Settings()
+    limits = limits_for(settings)
     logging.basicConfig(level=settings.log_level.upper())
     app = Flask(__name__)
     # Werkzeug refuses bodies past this before reading them (multipart overhead allowed).
-    app.config["MAX_CONTENT_LENGTH"] = (
-        max(settings.max_upload_bytes, settings.max_dataset_bytes) + 1024 * 1024
-    )
-    app.config["MAX_FORM_MEMORY_SIZE"] = 1024 * 1024
+    app.config["MAX_CONTENT_LENGTH"] = limits.request_bytes
+    app.config["MAX_FORM_MEMORY_SIZE"] = limits.form_memory_bytes
     app.json.sort_keys = False  # type: ignore[attr-defined]
 
     store = make_store(settings)

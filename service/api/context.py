@@ -12,10 +12,10 @@ from service.config import Settings
 from service.jobs.events import JobEvents
 from service.jobs.store import JobStore
 from service.metrics import ServiceMetrics
+from service.queue import JobQueue
 from service.storage.s3 import S3ObjectStore
 from service.tenants import DEFAULT_TENANT, tenant_prefix
 from service.uploads.store import UploadStore
-from service.worker.queue import JobQueue
 
 
 @dataclass

@@ -1,4 +1,6 @@
-"""gunicorn settings for the API (kept in the repo; values from EDGEPRESS_* where relevant).
+"""gunicorn settings for the API (kept in the repo; values from ``Settings``, so from the
+same EDGEPRESS_* variables as everything else: EDGEPRESS_BIND, EDGEPRESS_API_WORKERS,
+EDGEPRESS_API_THREADS, EDGEPRESS_API_TIMEOUT ...).
 
 Prometheus multiprocess mode needs PROMETHEUS_MULTIPROC_DIR set to an empty directory before
 any metric is created; the local stack script and the k8s manifests set it (emptyDir). The
@@ -7,25 +9,29 @@ child_exit hook tells prometheus_client that a worker's live gauges are gone.
 
 import os
 
-bind = os.environ.get("EDGEPRESS_BIND", "127.0.0.1:8080")
-workers = int(os.environ.get("EDGEPRESS_API_WORKERS", "2"))
+from service.config import Settings
+
+_settings = Settings()
+
+bind = _settings.bind
+workers = _settings.api_workers
 # Long-polled status requests hold a thread each (at most EDGEPRESS_LONG_POLL_MAX_WAITERS).
-threads = int(os.environ.get("EDGEPRESS_API_THREADS", "8"))
+threads = _settings.api_threads
 worker_class = "gthread"
-timeout = 120
-graceful_timeout = 30
-keepalive = 5
+timeout = _settings.api_timeout
+graceful_timeout = _settings.api_graceful_timeout
+keepalive = _settings.api_keepalive
 # Uploads stream to disk; keep request line/header limits at their safe defaults.
 limit_request_line = 8190
 accesslog = "-"
 errorlog = "-"
-loglevel = os.environ.get("EDGEPRESS_LOG_LEVEL", "info").lower()
+loglevel = _settings.log_level.lower()
 
 
 def on_starting(server):  # type: ignore[no-untyped-def]
     # A restarted container can find the previous process's files in its emptyDir: stale
     # samples would distort gauges and counters. Start from an empty directory.
-    directory = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    directory = _settings.prometheus_multiproc_dir
     if directory and os.path.isdir(directory):
         for name in os.listdir(directory):
             if name.endswith(".db"):
@@ -33,7 +39,7 @@ def on_starting(server):  # type: ignore[no-untyped-def]
 
 
 def child_exit(server, worker):  # type: ignore[no-untyped-def]
-    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+    if _settings.prometheus_multiproc_dir:
         from prometheus_client import multiprocess
 
         multiprocess.mark_process_dead(worker.pid)

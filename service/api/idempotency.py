@@ -24,7 +24,7 @@ from flask.typing import ResponseReturnValue
 
 from service.api.context import services, space
 from service.errors import Conflict, PreconditionFailed, ServiceError
-from service.jobs.models import utcnow
+from service.jobs.record import utcnow
 
 HEADER = "Idempotency-Key"
 _KEEP_HEADERS = ("Location",)

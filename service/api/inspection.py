@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from service.config import Settings
+from service.config import Settings, limits_for
 from service.engine.errors import EngineError
 from service.engine.limits import EngineLimits
 from service.uploads.records import UploadKind
@@ -30,13 +30,11 @@ def inspect_in_child(
     settings: Settings,
 ) -> dict[str, Any]:
     """The engine's description of the upload, or ``EngineError`` with a precise code."""
-    memory = settings.inspect_memory_limit_mb * 1024 * 1024
-    cpu = settings.inspect_timeout_seconds
+    service_limits = limits_for(settings)
 
     def apply_limits() -> None:
-        resource.setrlimit(resource.RLIMIT_AS, (memory, memory))
-        resource.setrlimit(resource.RLIMIT_CPU, (cpu, cpu + 2))
-        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+        for name, pair in service_limits.inspect_rlimits.items():
+            resource.setrlimit(getattr(resource, name), pair)
 
     spec = {
         "kind": kind.name,
@@ -49,7 +47,7 @@ def inspect_in_child(
         proc = subprocess.run(  # noqa: S603 - fixed argv, our own module
             [sys.executable, "-m", "service.api.inspect_child", json.dumps(spec)],
             capture_output=True,
-            timeout=settings.inspect_timeout_seconds + 5,
+            timeout=service_limits.inspect_seconds,
             preexec_fn=apply_limits,  # noqa: PLW1509 - limits for the child only
             stdin=subprocess.DEVNULL,
             check=False,

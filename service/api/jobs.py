@@ -18,16 +18,18 @@ from service.api.idempotency import idempotent
 from service.api.pagination import page_cursor, page_limit
 from service.api.problems import from_engine_error
 from service.api.quotas import check_job_quota
-from service.api.schemas import JobCreate, parse_body
+from service.api.schemas import parse_body
 from service.engine.devices import parse_device
 from service.engine.errors import EngineError
 from service.engine.inputs import check_inputs, slots_from_description
 from service.engine.registry import parse_recipe
 from service.errors import Conflict, NotFound, Unavailable, ValidationFailed
-from service.jobs.models import Job, JobState, new_job_id, utcnow
+from service.jobs import lifecycle
+from service.jobs.record import Job, JobState, new_job_id, utcnow
 from service.jobs.store import artifact_key, bare_etag
+from service.schemas import JobCreate
 from service.uploads.store import DatasetRecord, ModelRecord
-from service.worker.webhooks import check_callback_url
+from service.webhooks import check_callback_url
 
 log = logging.getLogger(__name__)
 
@@ -171,21 +173,9 @@ def cancel_job(job_id: str) -> tuple[Response, int]:
     """A queued job is cancelled at once; a running one is asked to stop (the worker stops
     its engine process within seconds and marks it cancelled)."""
     svc = services()
-    cancelled_here: list[bool] = []
-
-    def change(job: Job) -> Job | None:
-        cancelled_here.clear()
-        if job.state.terminal:
-            return None
-        if job.state is JobState.queued:
-            cancelled_here.append(True)
-            return job.transition(JobState.cancelled, message="cancelled by the user")
-        if job.cancel_requested:
-            return None
-        return job.model_copy(update={"cancel_requested": True, "updated_at": utcnow()})
-
-    job = space().jobs.update(job_id, change)
-    if cancelled_here:
+    done = lifecycle.cancel(space().jobs, job_id)
+    job = done.job
+    if done.ended:
         # Finished here, while queued (a running job is finished by its worker).
         svc.metrics.jobs_finished.labels("cancelled").inc()
         if job.callback_url:

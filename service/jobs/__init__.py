@@ -1,6 +1,5 @@
-"""Jobs: the record, its state machine and its store on S3."""
+"""Jobs: the record and its states (``record``), its named transitions (``lifecycle``), its
+store on S3 (``store``) and change notices (``events``).
 
-from service.jobs.models import Job, JobError, JobState, new_job_id
-from service.jobs.store import JobStore
-
-__all__ = ["Job", "JobError", "JobState", "JobStore", "new_job_id"]
+Importing this package imports nothing else: the client imports ``record`` without the store.
+"""

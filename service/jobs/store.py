@@ -19,7 +19,7 @@ from typing import Any
 
 from service.errors import NotFound, PreconditionFailed, ValidationFailed
 from service.jobs.events import JobEvents
-from service.jobs.models import Job, JobState
+from service.jobs.record import Job, JobState
 from service.storage.s3 import ObjectStore
 
 _MAX_MS = 16**12 - 1

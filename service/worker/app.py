@@ -16,18 +16,17 @@ def create_worker_app(settings: Settings | None = None) -> Celery:
     settings = settings or Settings()
     # prometheus_client picks multiprocess mode from this variable when the first metric is
     # made; pool processes must share one directory with the main process that serves /metrics.
-    if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+    if not settings.prometheus_multiproc_dir:
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(
             prefix="edgepress-worker-metrics-"
         )
     else:  # a restarted container may find the previous process's samples: start empty
-        for stale in Path(os.environ["PROMETHEUS_MULTIPROC_DIR"]).glob("*.db"):
+        for stale in Path(settings.prometheus_multiproc_dir).glob("*.db"):
             stale.unlink(missing_ok=True)
 
     from service.metrics import ServiceMetrics
+    from service.queue import JobQueue, create_celery_app
     from service.storage.s3 import make_store
-    from service.worker.celery_app import create_celery_app
-    from service.worker.queue import JobQueue
     from service.worker.tasks import Reconciler, register_tasks
 
     logging.basicConfig(level=settings.log_level.upper())
@@ -50,7 +49,7 @@ def create_worker_app(settings: Settings | None = None) -> Celery:
     def _on_child_start(**_: object) -> None:
         # The engine forkserver imports ONNX, ONNX Runtime and the engine (~1 s): start it
         # with the pool process, not on its first job.
-        from service.worker.runner import start_engine_server
+        from service.worker.engine_host import start_engine_server
 
         try:
             start_engine_server(settings.engine_huge_pages)

@@ -15,17 +15,17 @@ from typing import Any
 
 from celery import Celery
 
+from service import webhooks
 from service.config import Settings
 from service.errors import NotFound, PreconditionFailed, Unavailable
+from service.jobs import lifecycle
 from service.jobs.events import JobEvents
-from service.jobs.models import Job, JobState, utcnow
+from service.jobs.record import JobState, utcnow
 from service.jobs.store import JobStore
 from service.metrics import ServiceMetrics
+from service.queue import RUN_JOB_TASK, WEBHOOK_TASK, JobQueue
 from service.storage.s3 import S3ObjectStore, make_store
 from service.tenants import DEFAULT_TENANT, TENANT_NAME, tenant_prefix
-from service.worker import webhooks
-from service.worker.celery_app import RUN_JOB_TASK, WEBHOOK_TASK
-from service.worker.queue import JobQueue
 from service.worker.runner import JobRunner
 
 log = logging.getLogger(__name__)
@@ -128,29 +128,15 @@ class Reconciler:
             seen = job.updated_at or job.created_at
             age = (now - seen).total_seconds()
             if job.state is JobState.queued and age > s.job_queued_requeue_seconds:
-                action = "requeue-queued"
+                action, requeue = "requeue-queued", lifecycle.requeue_queued
             elif job.state is JobState.running and age > s.job_stale_seconds:
-                action = "requeue-lost"
+                action, requeue = "requeue-lost", lifecycle.requeue_lost
             else:
                 continue
-
-            def change(current: Job, action: str = action, seen: Any = seen) -> Job | None:
-                if (current.updated_at or current.created_at) != seen or current.state.terminal:
-                    return None  # someone touched it since we looked: not lost
-                if action == "requeue-lost":
-                    return current.transition(
-                        JobState.queued,
-                        stage="queued",
-                        message="worker lost; retrying",
-                        worker=None,
-                    )
-                return current.model_copy(update={"updated_at": utcnow()})
-
             try:
-                updated = jobs.update(job_id, change)
+                if requeue(jobs, job_id, seen) is None:
+                    continue  # someone touched it since we looked: not lost
             except (PreconditionFailed, NotFound):
-                continue
-            if updated.updated_at == seen:
                 continue
             try:
                 self.queue.enqueue(job_id, tenant)

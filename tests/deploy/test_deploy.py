@@ -448,8 +448,8 @@ def test_worker_contract_and_graceful_shutdown(
         int(config["EDGEPRESS_JOB_TIME_LIMIT"]),
     )
     assert soft < hard
-    # Celery's own hard limit on the task is the job limit + 180 s (service/worker/
-    # celery_app.py); the grace period lets a running job finish within it.
+    # Celery's own hard limit on the task is the job limit + 180 s (limits_for in
+    # service/config.py); the grace period lets a running job finish within it.
     assert pod_spec(worker)["terminationGracePeriodSeconds"] >= hard + 180
 
 

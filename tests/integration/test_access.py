@@ -10,8 +10,8 @@ from http.server import BaseHTTPRequestHandler, HTTPServer
 
 import pytest
 
+from service import webhooks
 from service.api import create_app
-from service.worker import webhooks
 from tests.models import mlp
 from tests.openapi import validate_response
 

@@ -7,7 +7,7 @@ import pytest
 
 from service.jobs import events as events_mod
 from service.jobs.events import JobEvents
-from service.jobs.models import Job, JobState, new_job_id, utcnow
+from service.jobs.record import Job, JobState, new_job_id, utcnow
 from service.jobs.store import JobStore
 from service.storage.s3 import make_store
 

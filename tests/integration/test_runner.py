@@ -7,13 +7,14 @@ from pathlib import Path
 
 import pytest
 
-from service.jobs.models import Job, JobState, new_job_id, utcnow
+from service.jobs.record import Job, JobState, new_job_id, utcnow
 from service.jobs.store import JobStore, artifact_key
 from service.metrics import ServiceMetrics
 from service.storage.s3 import make_store
 from service.tenants import DEFAULT_TENANT, tenant_prefix
 from service.uploads.store import UploadStore
-from service.worker.runner import JobRunner, _artifact_path, _EarlyUploads
+from service.worker.artifacts import JobArtifacts, artifact_path
+from service.worker.runner import JobRunner
 from tests.models import write_mlp
 
 # Every test here talks to the live stack's S3 server / broker (fixtures in tests/conftest.py).
@@ -81,14 +82,14 @@ def test_stored_model_is_the_engine_output_announced_early(isolated_settings, tm
 
 
 def test_early_artifacts_of_a_job_that_does_not_succeed_are_removed(isolated_settings, tmp_path) -> None:  # type: ignore[no-untyped-def]
-    store, _, job, runner, _ = _setup(isolated_settings, tmp_path)
+    store, _, job, _, _ = _setup(isolated_settings, tmp_path)
     workdir = tmp_path / "work"
     (workdir / "engine").mkdir(parents=True)
     model = workdir / "engine" / "model.onnx"
     model.write_bytes(b"compressed bytes")
-    early = _EarlyUploads(runner, job.id, workdir)
-    early.start("model.onnx", str(model))
-    assert early.wait_all() == ["model.onnx"]
+    early = JobArtifacts(store, job.id, workdir)
+    early.announce("model.onnx", str(model))
+    assert early.wait_announced() == ["model.onnx"]
     assert store.exists(artifact_key(job.id, "model.onnx"))
     early.discard()
     early.close()
@@ -96,7 +97,7 @@ def test_early_artifacts_of_a_job_that_does_not_succeed_are_removed(isolated_set
 
 
 def test_engine_cannot_hand_out_files_outside_its_workdir(isolated_settings, tmp_path) -> None:  # type: ignore[no-untyped-def]
-    store, _, job, runner, _ = _setup(isolated_settings, tmp_path)
+    store, _, job, _, _ = _setup(isolated_settings, tmp_path)
     workdir = tmp_path / "work"
     workdir.mkdir()
     secret = tmp_path / "secret.txt"
@@ -108,16 +109,16 @@ def test_engine_cannot_hand_out_files_outside_its_workdir(isolated_settings, tmp
                       ("model.onnx", "real.onnx"),  # relative: refused, never resolved
                       ("evil.sh", str(workdir / "real.onnx"))]:
         with pytest.raises(ValueError):
-            _artifact_path(workdir, name, raw)
-    assert _artifact_path(workdir, "model.onnx", str(workdir / "real.onnx")) == \
+            artifact_path(workdir, name, raw)
+    assert artifact_path(workdir, "model.onnx", str(workdir / "real.onnx")) == \
         (workdir / "real.onnx").resolve()
     # Announced early, a refused path is ignored (nothing stored), and the final outcome
     # naming it is refused as a whole.
-    early = _EarlyUploads(runner, job.id, workdir)
-    early.start("model.onnx", str(secret))
-    assert early.wait_all() == []
+    early = JobArtifacts(store, job.id, workdir)
+    early.announce("model.onnx", str(secret))
+    assert early.wait_announced() == []
     with pytest.raises(ValueError):
-        runner._store_artifacts(job.id, {"report.json": str(secret)}, workdir, early)
+        early.store({"report.json": str(secret)})
     early.close()
     assert not store.exists(artifact_key(job.id, "model.onnx"))
     assert not store.exists(artifact_key(job.id, "report.json"))
@@ -145,7 +146,7 @@ def test_engine_server_gets_the_huge_pages_tunable_and_the_worker_does_not() -> 
     import os
     from multiprocessing import forkserver
 
-    from service.worker.runner import start_engine_server
+    from service.worker.engine_host import start_engine_server
 
     start_engine_server(huge_pages=True)
     pid = forkserver._forkserver._forkserver_pid  # type: ignore[attr-defined]
@@ -172,7 +173,7 @@ def test_unexpected_engine_error_is_logged_with_its_traceback(isolated_settings,
         "recipe": [{"pass": "quantize_dynamic"}], "device": "host", "constraints": {},
         "limits": {"no_such_limit": 1}}))
     runner._heartbeat = lambda *args: job  # the record stays ours (not claimed in this test)
-    with caplog.at_level(logging.ERROR, logger="service.worker.runner"):
+    with caplog.at_level(logging.ERROR, logger="service.worker.engine_host"):
         outcome = runner._run_engine(job.id, workdir)
     assert outcome.get("ok") is False, outcome
     assert outcome["error"]["code"] == "internal_error"

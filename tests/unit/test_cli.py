@@ -38,7 +38,7 @@ from service.cli import (
     unmet_constraints,
 )
 from service.devstack import free_port
-from service.jobs.models import Job, JobError, JobState
+from service.jobs.record import Job, JobError, JobState
 
 
 def _job(**over: Any) -> Job:

@@ -26,7 +26,7 @@ import requests
 from service.client import EdgePressClient, EdgePressError, _retry_after
 from service.devstack import free_port
 from service.engine.devices.profile import DeviceProfile
-from service.jobs.models import Job, JobState
+from service.jobs.record import Job, JobState
 from service.uploads.store import ModelRecord
 
 Reply = tuple[int, dict[str, str], bytes]

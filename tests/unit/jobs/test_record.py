@@ -3,7 +3,7 @@ from datetime import timedelta
 import pytest
 
 from service.errors import Conflict
-from service.jobs.models import Job, JobState, new_job_id, utcnow
+from service.jobs.record import Job, JobState, new_job_id, utcnow
 
 
 def make_job(**kw):  # type: ignore[no-untyped-def]

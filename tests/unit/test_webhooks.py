@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 from pydantic import SecretStr
 
+from service import webhooks
 from service.config import Settings
-from service.worker import webhooks
 
 
 def settings(**over: object) -> Settings:

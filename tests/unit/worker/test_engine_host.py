@@ -1,0 +1,52 @@
+"""The engine process under supervision: run to its outcome, with progress, stage ends and
+announced artifacts reported on the way, or stopped by its caller (time limits, crashes and
+memory exhaustion: tests/e2e/test_faults.py)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+from service.config import Settings, limits_for
+from service.worker.engine_host import run_engine
+from tests.models import write_mlp
+
+
+def _spec(workdir: Path) -> Path:
+    workdir.mkdir()
+    model = write_mlp(workdir / "m.onnx", inputs=128, hidden=256)
+    spec = workdir / "spec.json"
+    spec.write_text(json.dumps({
+        "workdir": str(workdir), "model_path": str(model), "dataset_path": None,
+        "recipe": [{"pass": "quantize_dynamic"}], "device": "host", "constraints": {},
+        "limits": {"eval_samples": 2, "latency_runs": 2, "latency_warmup": 0}}))
+    return spec
+
+
+def _run(workdir: Path, tick, **limits):  # type: ignore[no-untyped-def]
+    stages: list[str] = []
+    announced: list[str] = []
+    outcome = run_engine(
+        "job_test", workdir, dataclasses.replace(limits_for(Settings()), **limits),
+        huge_pages=True, every=0.0, tick=tick,  # as the worker starts it (one per process)
+        on_artifact=lambda name, path: announced.append(name),
+        on_stage=lambda stage, seconds: stages.append(stage),
+    )
+    return outcome, stages, announced
+
+
+def test_runs_to_its_outcome_reporting_progress(tmp_path: Path) -> None:
+    _spec(tmp_path / "w")
+    ticks: list[tuple[str, float]] = []
+    outcome, stages, announced = _run(tmp_path / "w", lambda s, f: ticks.append((s, f)) or True)
+    assert outcome.get("ok") is True, outcome
+    assert set(outcome["artifacts"]) >= {"model.onnx", "report.json", "report.html"}
+    assert "model.onnx" in announced and len(stages) >= 2 and ticks
+
+
+def test_the_caller_stops_it(tmp_path: Path) -> None:
+    _spec(tmp_path / "w")
+    outcome, _, _ = _run(tmp_path / "w", lambda s, f: False)
+    assert outcome == {"stopped": True}
+
