@@ -52,7 +52,7 @@ from service.engine.constraints import AutoConstraints as Constraints
 from service.engine.devices.profile import DeviceProfile
 from service.jobs.record import Job, JobState
 from service.schemas import JobCreate
-from service.uploads.store import DatasetRecord, ModelRecord, dataset_id_for, model_id_for
+from service.uploads.records import DatasetRecord, ModelRecord, dataset_id_for, model_id_for
 
 __all__ = ["EdgePressClient", "EdgePressError", "DEFAULT_TIMEOUT", "DEFAULT_MAX_RETRIES"]
 

@@ -199,11 +199,6 @@ class Settings(BaseSettings):
         "EDGEPRESS_ prefix: prometheus_client reads it too).",
     )
 
-    def engine_limits(self) -> EngineLimits:
-        """``limits_for(self).engine`` (kept for the upload views until they call it)."""
-        return limits_for(self).engine
-
-
 @dataclass(frozen=True)
 class Limits:
     """Every limit the service enforces, from the operator's settings (``limits_for``)."""

@@ -35,9 +35,10 @@ from service.api.streaming import (
     receive_stored_object,
     receive_upload,
 )
+from service.config import limits_for
 from service.engine.errors import EngineError
 from service.errors import NotFound
-from service.jobs.models import utcnow
+from service.jobs.record import utcnow
 from service.uploads.records import UPLOAD_KINDS, UploadKind
 
 
@@ -57,7 +58,7 @@ def store_upload(kind: UploadKind[Any], received: ReceivedFile) -> Response:
         check_storage_quota(received.size)
         try:
             description = inspect_in_child(
-                kind, received.path, received.filename, svc.settings.engine_limits(), svc.settings
+                kind, received.path, received.filename, limits_for(svc.settings).engine, svc.settings
             )
         except EngineError as exc:
             raise from_engine_error(exc) from None

@@ -34,7 +34,7 @@ import onnx
 
 from service.engine.dataset import split_feeds
 from service.engine.ingest import parameter_count
-from service.engine.inputs import InputPlan, default_plan
+from service.engine.inputs import InputPlan, adapt_feed, default_plan
 from service.engine.limits import EngineLimits
 
 SEED = 0
@@ -81,23 +81,6 @@ def make_session(path: Path, threads: int) -> Any:
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     opts.log_severity_level = 3
     return ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
-
-
-_ORT_TYPES = {
-    "tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64,
-    "tensor(int64)": np.int64, "tensor(int32)": np.int32, "tensor(int8)": np.int8,
-    "tensor(uint8)": np.uint8, "tensor(bool)": np.bool_,
-}
-
-
-def adapt_feed(session: Any, feed: Feed) -> Feed:
-    """Cast a feed to the session's input types (a pass may have changed an input's dtype)."""
-    out = {}
-    for i in session.get_inputs():
-        arr = feed[i.name]
-        want = _ORT_TYPES.get(i.type)
-        out[i.name] = arr.astype(want) if want is not None and arr.dtype != want else arr
-    return out
 
 
 def run_all(session: Any, feeds: Sequence[Feed]) -> dict[str, list[np.ndarray]]:

@@ -624,7 +624,6 @@ def resolve_inputs(
     tried = skipped = 0
     import onnxruntime as ort
 
-    from service.engine.evaluate import adapt_feed
 
     quiet = ort.RunOptions()
     quiet.log_severity_level = 4  # a failed trial is expected: keep the worker log clean
@@ -695,3 +694,20 @@ def _refusal(draft: _Draft, failures: list[tuple[dict, dict, str]], tried: int, 
         "eval_inputs": "generated", "tried": tried,
         "failures": [{"shapes": s, "values": v, "error": e} for s, v, e in failures[:10]],
         "dynamic_inputs": dynamic, "scalar_inputs": scalars})
+
+
+_ORT_TYPES = {
+    "tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64,
+    "tensor(int64)": np.int64, "tensor(int32)": np.int32, "tensor(int8)": np.int8,
+    "tensor(uint8)": np.uint8, "tensor(bool)": np.bool_,
+}
+
+
+def adapt_feed(session: Any, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Cast a feed to the session's input types (a pass may have changed an input's dtype)."""
+    out = {}
+    for i in session.get_inputs():
+        arr = feed[i.name]
+        want = _ORT_TYPES.get(i.type)
+        out[i.name] = arr.astype(want) if want is not None and arr.dtype != want else arr
+    return out

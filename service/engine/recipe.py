@@ -443,7 +443,7 @@ def _target_estimates(
 def _check_runs(session: Any, feed: dict, workdir: Path) -> None:
     """Refuse up front a model that ONNX Runtime cannot run on the dataset's first sample
     (no pass could help, and a later failure would wrongly blame a pass)."""
-    from service.engine.evaluate import adapt_feed
+    from service.engine.inputs import adapt_feed
 
     try:
         session.run(None, adapt_feed(session, feed))

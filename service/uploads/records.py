@@ -87,10 +87,15 @@ class UploadKind(Generic[RecordT]):
     id_prefix: str
     record: type[RecordT]
     blob: str  # the uploaded bytes' name inside <folder>/<id>/
-    size_limit: Callable[[Settings], int]  # the largest accepted upload, from the settings
     inspector: Inspector  # run in the inspection child (service.api.inspect_child)
     out_of_memory_code: str  # the refusal when inspecting needs more memory than allowed
     blob_metadata: tuple[str, ...] = ()  # record fields also written as the blob's metadata
+
+    def size_limit(self, settings: Settings) -> int:
+        """The largest accepted upload of this kind (``limits_for(settings).upload_bytes``)."""
+        from service.config import limits_for
+
+        return limits_for(settings).upload_bytes[self.name]
 
     def id_for(self, sha256: str) -> str:
         return self.id_prefix + sha256[:32]
@@ -125,7 +130,6 @@ MODEL: UploadKind[ModelRecord] = UploadKind(
     id_prefix="mdl_",
     record=ModelRecord,
     blob="source",
-    size_limit=lambda settings: settings.max_upload_bytes,
     inspector=_inspect_model,
     out_of_memory_code="model_too_large",
     blob_metadata=("format",),
@@ -136,7 +140,6 @@ DATASET: UploadKind[DatasetRecord] = UploadKind(
     id_prefix="ds_",
     record=DatasetRecord,
     blob="data.npz",
-    size_limit=lambda settings: settings.max_dataset_bytes,
     inspector=_inspect_dataset,
     out_of_memory_code="invalid_dataset",
 )

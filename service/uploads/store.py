@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from service.errors import NotFound, PreconditionFailed
-from service.jobs.models import utcnow
+from service.jobs.record import utcnow
 from service.storage.s3 import ObjectStore
 from service.uploads.records import (
     DATASET,
