@@ -691,6 +691,16 @@ def cmd_list(args: argparse.Namespace, out: Output) -> int:
             out.table(["id", "file", "size", "params", "opset", "quantized", "created"],
                       _model_rows(models))
         return EXIT_OK
+    if args.datasets:
+        datasets = list(itertools.islice(client.list_datasets(), args.limit))
+        if out.as_json:
+            out.json([d.model_dump(mode="json") for d in datasets])
+        else:
+            out.table(["id", "file", "size", "samples", "inputs", "labels", "created"],
+                      [[d.id, d.filename, _mb(d.bytes), d.samples, ", ".join(d.arrays),
+                        "yes" if d.has_labels else "no",
+                        d.created_at.strftime("%Y-%m-%d %H:%M")] for d in datasets])
+        return EXIT_OK
     jobs = list(itertools.islice(client.list_jobs(state=args.state), args.limit))
     if out.as_json:
         out.json([j.public() for j in jobs])
@@ -944,9 +954,11 @@ def build_parser() -> argparse.ArgumentParser:
     stack_opts(p)
     p = add("cancel", cmd_cancel, "cancel a job")
     p.add_argument("job")
-    p = add("list", cmd_list, "list jobs (newest first) or models")
+    p = add("list", cmd_list, "list jobs (newest first), models or datasets")
     p.add_argument("--state", choices=["queued", "running", "succeeded", "failed", "cancelled"])
-    p.add_argument("--models", action="store_true", help="list models instead of jobs")
+    what = p.add_mutually_exclusive_group()
+    what.add_argument("--models", action="store_true", help="list models instead of jobs")
+    what.add_argument("--datasets", action="store_true", help="list datasets instead of jobs")
     p.add_argument("--limit", type=int, default=20, help="at most this many (default 20)")
     p = add("download", cmd_download, "download a job's artifacts (all by default), verified")
     p.add_argument("job")

@@ -513,6 +513,10 @@ class EdgePressClient:
             DatasetRecord, self._json(self._request("GET", f"/v1/datasets/{dataset_id}")))
         return out
 
+    def list_datasets(self, page_size: int = 100) -> Iterator[DatasetRecord]:
+        """Every uploaded dataset (pages are fetched as the iterator advances)."""
+        return self._pages("/v1/datasets", DatasetRecord, {"limit": page_size})
+
     # -- jobs --------------------------------------------------------------------------------
     def submit_job(
         self,

@@ -107,3 +107,23 @@ def test_unknown_pass_is_refused_with_exit_5(run: Any, tmp_path: Path) -> None:
     done = run("--json", "submit", str(source), "--pass", "no_such_pass")
     assert done.returncode == 5, done.stdout + done.stderr
     assert json.loads(done.stdout)["error"]["code"] == "unknown_pass"
+
+
+def test_uploaded_datasets_are_listed(run: Any, tmp_path: Path) -> None:
+    data = tmp_path / "samples.npz"
+    rng = np.random.default_rng(11)
+    np.savez(data, x=rng.standard_normal((6, 128)).astype(np.float32),
+             labels=rng.integers(0, 10, 6))
+    up = run("--json", "upload", str(data))
+    assert up.returncode == 0, up.stderr
+    dataset = json.loads(up.stdout)
+    assert dataset["id"].startswith("ds_")
+    listed = run("--json", "list", "--datasets", "--limit", "500")
+    assert listed.returncode == 0, listed.stderr
+    mine = [d for d in json.loads(listed.stdout) if d["id"] == dataset["id"]]
+    assert mine and mine[0]["samples"] == 6 and mine[0]["has_labels"] is True
+    table = run("list", "--datasets", "--limit", "500")
+    row = next(line for line in table.stdout.splitlines() if line.startswith(dataset["id"]))
+    assert "samples.npz" in row and " 6 " in f" {row} " and "yes" in row
+    both = run("list", "--datasets", "--models")
+    assert both.returncode != 0 and "not allowed with" in both.stderr
