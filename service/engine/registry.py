@@ -1,9 +1,11 @@
 """The pass registry: one frozen pydantic config and one class per technique.
 
 A pass declares ``name``, ``config_model`` (a frozen pydantic model with defaults and field
-descriptions) and ``run(model, config, ctx) -> model``. Registering a pass never edits the
-pipeline: ``run_pipeline`` looks passes up here by name. Heavy libraries (onnxruntime, torch)
-are imported inside ``run`` so that the API can validate recipes without them.
+descriptions), what kind of technique it is (``quantizes``, ``calibrates``, ``trains``,
+``scoped``: see ``Pass``) and ``run(model, config, ctx) -> model``. Registering a pass never
+edits the pipeline: ``run_pipeline`` looks passes up here by name and asks the class what it
+does instead of matching names. Heavy libraries (onnxruntime, torch) are imported inside
+``run`` so that the API can validate recipes without them.
 
 ``ctx`` (``PassContext``) stands where STYLE.md says ``workdir``: besides the working
 directory a pass needs the calibration/training data, a progress hook and a cancel check.
@@ -85,11 +87,25 @@ class PassContext:
 
 
 class Pass(Generic[ConfigT]):
-    """A compression technique. Subclasses set ``name``, ``config_model`` and ``run``."""
+    """A compression technique. Subclasses set ``name``, ``config_model`` and ``run``, and say
+    what kind of technique they are (every registered pass sets all four itself):
+
+    - ``quantizes``: lowers the precision of weights or activations (int8, int4, fp16); a
+      recipe made only of such passes is refused on an already quantized model.
+    - ``calibrates``: sets activation ranges from sample inputs without training (the dataset,
+      or generated inputs when there is none); the report says what it calibrated on.
+    - ``trains``: runs torch training on the job's dataset (always, or when its config asks for
+      recovery rounds).
+    - ``scoped``: its config can restrict it to part of the graph (op types, nodes to exclude).
+    """
 
     name: ClassVar[str]
     config_model: ClassVar[type[PassConfig]]
     description: ClassVar[str] = ""
+    quantizes: ClassVar[bool] = False
+    calibrates: ClassVar[bool] = False
+    trains: ClassVar[bool] = False
+    scoped: ClassVar[bool] = False
 
     def run(self, model: onnx.ModelProto, config: ConfigT, ctx: PassContext) -> onnx.ModelProto:
         raise NotImplementedError
@@ -120,6 +136,7 @@ def registered_passes() -> dict[str, type[Pass[Any]]]:
 
 
 def get_pass(name: str) -> type[Pass[Any]]:
+    """The pass class registered as ``name``; ``EngineError('unknown_pass')`` otherwise."""
     passes = registered_passes()
     try:
         return passes[name]

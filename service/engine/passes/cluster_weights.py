@@ -138,6 +138,10 @@ def cluster_tensor(
 class ClusterWeights(Pass[ClusterWeightsConfig]):
     name = "cluster_weights"
     config_model = ClusterWeightsConfig
+    quantizes = False
+    calibrates = False
+    trains = False
+    scoped = True
     description = (
         "Per-layer k-means weight sharing (16 or 256 centroids) stored as packed integer "
         "indices plus a float codebook, rebuilt in-graph with Gather: a smaller file that "

@@ -49,6 +49,10 @@ class DistillConfig(PassConfig, DistillationSettings):
 class Distill(Pass[DistillConfig]):
     name = "distill"
     config_model = DistillConfig
+    quantizes = False
+    calibrates = False
+    trains = True
+    scoped = False
     description = (
         "Knowledge distillation (softened-logit KL, optional label CE and feature matching) "
         "from the original model and optional extra teachers into the current or an uploaded "

@@ -124,6 +124,10 @@ class Fp16(Pass[Fp16Config]):
 
     name = "fp16"
     config_model = Fp16Config
+    quantizes = True
+    calibrates = False
+    trains = False
+    scoped = True
     description = (
         "float16 weights and compute (2x smaller), float32 inputs/outputs, accuracy-sensitive "
         "ops (exp, log, reductions, softmax, normalisations) kept float32; fast on GPUs/ARM."

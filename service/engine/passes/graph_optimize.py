@@ -188,6 +188,10 @@ class GraphOptimize(Pass[GraphOptimizeConfig]):
 
     name = "graph_optimize"
     config_model = GraphOptimizeConfig
+    quantizes = False
+    calibrates = False
+    trains = False
+    scoped = False
     description = (
         "ONNX Runtime offline graph optimisation (fusions, constant folding) at a chosen level; "
         "extended/all produce files that need ONNX Runtime, all/layout are tuned to the host CPU."

@@ -87,6 +87,10 @@ class Int4WeightOnly(Pass[Int4WeightOnlyConfig]):
 
     name = "int4_weight_only"
     config_model = Int4WeightOnlyConfig
+    quantizes = True
+    calibrates = False
+    trains = False
+    scoped = True
     description = (
         "4-bit blockwise weights for MatMul/Gemm layers (ONNX Runtime MatMulNBits, RTN): ~6x "
         "smaller transformers and MLPs; other ops stay float. Needs ONNX Runtime."

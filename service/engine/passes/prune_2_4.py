@@ -80,6 +80,10 @@ def satisfies_2_4(weight: np.ndarray, axis: int) -> bool:
 class Prune24(Pass[Prune24Config]):
     name = "prune_2_4"
     config_model = Prune24Config
+    quantizes = False
+    calibrates = False
+    trains = True  # with recover: distillation after pruning
+    scoped = True
     description = (
         "2:4 semi-structured sparsity along the input dimension of Conv/Gemm/MatMul weights "
         "(verified on every pruned weight); accelerated by NVIDIA Ampere+ with TensorRT only."

@@ -321,6 +321,10 @@ def prune_groups(
 class PruneChannels(Pass[PruneChannelsConfig]):
     name = "prune_channels"
     config_model = PruneChannelsConfig
+    quantizes = False
+    calibrates = False
+    trains = True  # with recover: distillation after each round
+    scoped = True
     description = (
         "Structured output-channel pruning of Conv/Gemm/MatMul by weight norm with the graph "
         "rewired (bias, BatchNorm, per-channel constants, consumers, Flatten); residual-tied "

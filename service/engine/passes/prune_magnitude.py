@@ -102,6 +102,10 @@ def magnitude_prune(
 class PruneMagnitude(Pass[PruneMagnitudeConfig]):
     name = "prune_magnitude"
     config_model = PruneMagnitudeConfig
+    quantizes = False
+    calibrates = False
+    trains = True  # with recover: distillation after each round
+    scoped = True
     description = (
         "Unstructured magnitude pruning (per layer or global), first/last layers kept dense; "
         "saves space through the zstd artifact and on top of int8; optional iterative schedule "

@@ -53,6 +53,10 @@ class QuantizeAwareTrainingConfig(PassConfig, DistillationSettings):
 class QuantizeAwareTraining(Pass[QuantizeAwareTrainingConfig]):
     name = "quantize_aware_training"
     config_model = QuantizeAwareTrainingConfig
+    quantizes = True
+    calibrates = False  # its activation scales are learned (initialised on dataset samples)
+    trains = True
+    scoped = True
     description = (
         "Quantization-aware training: fake-quantized int8 (per-channel weights, learned "
         "activation scales) fine-tuned against the float model, exported as QDQ ONNX."

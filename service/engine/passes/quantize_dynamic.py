@@ -416,6 +416,10 @@ class QuantizeDynamic(Pass[QuantizeDynamicConfig]):
 
     name = "quantize_dynamic"
     config_model = QuantizeDynamicConfig
+    quantizes = True
+    calibrates = False
+    trains = False
+    scoped = True
     description = (
         "int8 weights with activations quantized at run time: MatMul/Gemm/LSTM/Attention use "
         "ONNX Runtime's integer kernels, GRU and subgraph weights are stored int8 (weight-only)."

@@ -162,6 +162,10 @@ class QuantizeStatic(Pass[QuantizeStaticConfig]):
 
     name = "quantize_static"
     config_model = QuantizeStaticConfig
+    quantizes = True
+    calibrates = True
+    trains = False
+    scoped = True
     description = (
         "int8 QDQ with per-channel weights and calibrated activation ranges (minmax, entropy, "
         "percentile) from the uploaded dataset or generated inputs; the fast int8 path for CNNs."

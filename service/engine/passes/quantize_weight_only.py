@@ -68,6 +68,9 @@ class QuantizeWeightOnly(Pass[QuantizeWeightOnlyConfig]):
     name = "quantize_weight_only"
     config_model = QuantizeWeightOnlyConfig
     quantizes = True
+    calibrates = False
+    trains = False
+    scoped = True
     description = (
         "int8 weights with a DequantizeLinear in front, float compute: ~4x smaller weights "
         "with no data and no int8 kernels (also inside If/Loop bodies and embedding tables)"
