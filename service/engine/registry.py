@@ -33,6 +33,10 @@ if TYPE_CHECKING:  # pragma: no cover
     from service.engine.int8_encoding import Int8Encoding
 
 
+# A pass result counts as smaller when it is at most this fraction of the input's bytes.
+SMALLER_RATIO = 0.98
+
+
 class PassConfig(BaseModel):
     """Base for every pass config: frozen, unknown fields refused."""
 

@@ -22,6 +22,7 @@ from onnx import helper, numpy_helper
 from pydantic import Field
 
 from service.engine.errors import EngineError
+from service.engine.graph import default_opset
 from service.engine.registry import Pass, PassConfig, PassContext, register
 from service.engine.training.graph import get_array, select_layers, serialized_sizes
 from service.engine.training.settings import LAYER_OPS, LayerOp
@@ -70,10 +71,6 @@ def _int64(name: str, values: list[int]) -> onnx.TensorProto:
     return numpy_helper.from_array(np.array(values, dtype=np.int64), name)
 
 
-def _opset(model: onnx.ModelProto) -> int:
-    return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 1)
-
-
 def cluster_tensor(
     model: onnx.ModelProto, weight: str, k: int, iterations: int
 ) -> tuple[list[onnx.NodeProto], list[onnx.TensorProto], dict[str, Any]]:
@@ -105,7 +102,7 @@ def cluster_tensor(
         )
         nodes.append(helper.make_node("Div", [f"{p}_p32", f"{p}_sixteen"], [f"{p}_hi"]))
         nodes.append(helper.make_node("Mod", [f"{p}_p32", f"{p}_sixteen"], [f"{p}_lo"]))
-        if _opset(model) >= 13:
+        if default_opset(model, missing=1) >= 13:
             inits.append(_int64(f"{p}_axis1", [1]))
             nodes.append(helper.make_node("Unsqueeze", [f"{p}_hi", f"{p}_axis1"], [f"{p}_hi2"]))
             nodes.append(helper.make_node("Unsqueeze", [f"{p}_lo", f"{p}_axis1"], [f"{p}_lo2"]))

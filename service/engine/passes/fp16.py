@@ -23,8 +23,8 @@ from onnx import TensorProto, numpy_helper
 from pydantic import Field
 
 from service.engine.errors import EngineError
+from service.engine.graph import all_nodes, float_weights, iter_graphs, toposort
 from service.engine.normalise import strip_debug_metadata
-from service.engine.passes.graph_optimize import iter_graphs, toposort
 from service.engine.registry import Pass, PassConfig, PassContext, register
 
 # Ops kept float32 for accuracy, on top of ONNX Runtime's DEFAULT_OP_BLOCK_LIST.
@@ -71,21 +71,10 @@ class Fp16Config(PassConfig):
     )
 
 
-def _float_weights(model: onnx.ModelProto) -> tuple[int, int]:
-    """(float32 initializer count, float32 initializer bytes) over all graphs."""
-    count = size = 0
-    for graph in iter_graphs(model.graph):
-        for t in graph.initializer:
-            if t.data_type == TensorProto.FLOAT:
-                count += 1
-                size += int(np.prod(t.dims) if t.dims else 1) * 4
-    return count, size
-
-
 def _out_of_range(model: onnx.ModelProto) -> int:
     """Float32 weight values fp16 cannot hold (|w| > 65504, or 0 < |w| < 5.96e-8)."""
     total = 0
-    for graph in iter_graphs(model.graph):
+    for graph, _ in iter_graphs(model.graph):
         for t in graph.initializer:
             if t.data_type == TensorProto.FLOAT:
                 a = np.abs(numpy_helper.to_array(t))
@@ -100,7 +89,7 @@ def _drop_duplicate_nodes(model: onnx.ModelProto) -> int:
     initializer, all with the same name and output: the model would be invalid.
     """
     removed = 0
-    for graph in iter_graphs(model.graph):
+    for graph, _ in iter_graphs(model.graph):
         seen: set[bytes] = set()
         produced: set[str] = set()
         keep = []
@@ -139,7 +128,7 @@ class Fp16(Pass[Fp16Config]):
             convert_float_to_float16,
         )
 
-        count_before, bytes_before = _float_weights(model)
+        count_before, bytes_before = float_weights(model, double=False)
         if count_before == 0:
             raise EngineError(
                 "no_effect",
@@ -169,12 +158,11 @@ class Fp16(Pass[Fp16Config]):
         _drop_duplicate_nodes(out)
         toposort(out)
         debug_bytes = strip_debug_metadata(out)
-        count_after, bytes_after = _float_weights(out)
-        present = {n.op_type for g in iter_graphs(model.graph) for n in g.node}
+        count_after, bytes_after = float_weights(out, double=False)
+        present = {n.op_type for n in all_nodes(model)}
         kept = sorted(
             n.name or n.op_type
-            for g in iter_graphs(out.graph)
-            for n in g.node
+            for n in all_nodes(out)
             if n.op_type in block or n.name in config.nodes_to_exclude
         )
         ctx.notes.update(
@@ -184,10 +172,8 @@ class Fp16(Pass[Fp16Config]):
                 "float32_weight_bytes_after": bytes_after,
                 "blocked_op_types_present": sorted(present & set(block)),
                 "nodes_kept_float32": kept[:200],
-                "casts_added": sum(
-                    1 for g in iter_graphs(out.graph) for n in g.node if n.op_type == "Cast"
-                )
-                - sum(1 for g in iter_graphs(model.graph) for n in g.node if n.op_type == "Cast"),
+                "casts_added": sum(1 for n in all_nodes(out) if n.op_type == "Cast")
+                - sum(1 for n in all_nodes(model) if n.op_type == "Cast"),
                 "values_clamped_to_fp16_range": clamped,
                 "debug_metadata_bytes_removed": debug_bytes,
                 "io_types": "float32" if config.keep_io_types else "float16",

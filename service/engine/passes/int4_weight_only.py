@@ -24,9 +24,15 @@ from onnx import TensorProto
 from pydantic import Field, field_validator
 
 from service.engine.errors import EngineError
+from service.engine.graph import (
+    all_nodes,
+    ensure_opset,
+    float_weight_bytes,
+    gemm_to_matmul,
+    iter_graphs,
+    op_histogram,
+)
 from service.engine.normalise import strip_debug_metadata
-from service.engine.passes.graph_optimize import iter_graphs, op_histogram
-from service.engine.passes.quantize_dynamic import ensure_opset, float_weight_bytes, gemm_to_matmul
 from service.engine.registry import Pass, PassConfig, PassContext, register
 
 
@@ -68,9 +74,8 @@ class Int4WeightOnlyConfig(PassConfig):
 def _matmul_weights(model: onnx.ModelProto) -> list[tuple[str, str, int, bool]]:
     """(node name, weight name, elements, in_subgraph) for MatMuls with a 2-D float constant B."""
     out = []
-    graphs = list(iter_graphs(model.graph))
     visible: dict[str, onnx.TensorProto] = {}
-    for depth, graph in enumerate(graphs):
+    for graph, depth in iter_graphs(model.graph):
         visible.update({t.name: t for t in graph.initializer})
         for node in graph.node:
             if node.op_type != "MatMul" or len(node.input) < 2:
@@ -159,9 +164,7 @@ class Int4WeightOnly(Pass[Int4WeightOnlyConfig]):
         finally:
             logger.setLevel(level)
         out = quantizer.model.model
-        nbits = [
-            n.name for g in iter_graphs(out.graph) for n in g.node if n.op_type == "MatMulNBits"
-        ]
+        nbits = [n.name for n in all_nodes(out) if n.op_type == "MatMulNBits"]
         debug_bytes = strip_debug_metadata(out)
         bytes_after = out.ByteSize()
         left = float_weight_bytes(out)

@@ -16,15 +16,10 @@ import onnx
 from pydantic import Field
 
 from service.engine.errors import EngineError
-from service.engine.registry import Pass, PassConfig, PassContext, register
-from service.engine.training.graph import (
-    attr,
-    get_array,
-    select_layers,
-    serialized_sizes,
-    set_array,
-)
-from service.engine.training.settings import LAYER_OPS, LayerOp, RecoverySettings
+from service.engine.registry import Pass, PassContext, register
+from service.engine.sparsity import RecoveryConfig, input_axis
+from service.engine.training.graph import get_array, select_layers, serialized_sizes, set_array
+from service.engine.training.settings import LAYER_OPS, LayerOp
 
 ACCELERATION_NOTE = (
     "2:4 sparsity is accelerated only by NVIDIA Ampere or newer GPUs through TensorRT "
@@ -32,28 +27,15 @@ ACCELERATION_NOTE = (
 )
 
 
-class Prune24Config(PassConfig):
+class Prune24Config(RecoveryConfig):
     """2:4 pruning along the input dimension; optional distillation recovery afterwards."""
 
-    recover: bool = Field(
-        False, description="distill from the unpruned model after pruning (needs a dataset)"
-    )
-    recovery: RecoverySettings = Field(default_factory=lambda: RecoverySettings.model_validate({}))
     op_types: list[LayerOp] = Field(
         default_factory=lambda: list(LAYER_OPS), description="layer types to prune"
     )
     skip: list[str] = Field(default_factory=list, description="node or weight names left dense")
     skip_first_last: bool = Field(True, description="leave the first and last layers dense")
     min_elements: int = Field(64, ge=1, description="tensors smaller than this stay dense")
-
-
-def input_axis(node: onnx.NodeProto, weight: np.ndarray) -> int:
-    """The reduction (input-feature) axis of a layer's weight."""
-    if node.op_type == "Conv":
-        return 1
-    if node.op_type == "Gemm":
-        return 1 if attr(node, "transB", 0) else 0
-    return weight.ndim - 2  # MatMul: [..., K, N]
 
 
 def _groups(weight: np.ndarray, axis: int) -> np.ndarray:

@@ -28,8 +28,8 @@ import onnx
 from pydantic import Field, field_validator
 
 from service.engine.errors import EngineError
-from service.engine.passes.prune_magnitude import validate_schedule
-from service.engine.registry import Pass, PassConfig, PassContext, register
+from service.engine.registry import Pass, PassContext, register
+from service.engine.sparsity import RecoveryConfig, input_axis, output_axis, validate_schedule
 from service.engine.training.graph import (
     attr,
     consumers,
@@ -40,7 +40,7 @@ from service.engine.training.graph import (
     set_array,
     value_shapes,
 )
-from service.engine.training.settings import LAYER_OPS, LayerOp, RecoverySettings
+from service.engine.training.settings import LAYER_OPS, LayerOp
 
 # Ops that keep the channel axis and the channel set unchanged.
 _TRANSPARENT = {
@@ -70,7 +70,7 @@ _TRANSPARENT = {
 _ELEMENTWISE = {"Add", "Sub", "Mul", "Div", "Pow", "Max", "Min"}
 
 
-class PruneChannelsConfig(PassConfig):
+class PruneChannelsConfig(RecoveryConfig):
     """Remove a fraction of output channels from every prunable Conv/Gemm/MatMul."""
 
     ratio: float = Field(0.5, gt=0, lt=1, description="fraction of output channels removed")
@@ -78,10 +78,6 @@ class PruneChannelsConfig(PassConfig):
     schedule: list[float] | None = Field(
         None, description="iterative ratios, e.g. [0.25, 0.5]; overrides ratio"
     )
-    recover: bool = Field(
-        False, description="distill from the unpruned model after each round (needs a dataset)"
-    )
-    recovery: RecoverySettings = Field(default_factory=lambda: RecoverySettings.model_validate({}))
     op_types: list[LayerOp] = Field(
         default_factory=lambda: list(LAYER_OPS), description="layer types to prune"
     )
@@ -106,22 +102,6 @@ class ChannelGroup:
     channels: int
     # (initializer name, axis, block): slice ``axis`` keeping whole blocks of size ``block``
     edits: list[tuple[str, int, int]] = field(default_factory=list)
-
-
-def _out_axis(node: onnx.NodeProto, w: np.ndarray) -> int:
-    if node.op_type == "Conv":
-        return 0
-    if node.op_type == "Gemm":
-        return 0 if attr(node, "transB", 0) else 1
-    return w.ndim - 1
-
-
-def _in_axis(node: onnx.NodeProto, w: np.ndarray) -> int:
-    if node.op_type == "Conv":
-        return 1
-    if node.op_type == "Gemm":
-        return 1 if attr(node, "transB", 0) else 0
-    return w.ndim - 2
 
 
 def analyse(
@@ -163,7 +143,7 @@ def analyse(
         if node.op_type == "MatMul" and w.ndim != 2:
             skipped[weight] = "batched MatMul weight"
             continue
-        axis = _out_axis(node, w)
+        axis = output_axis(node, w)
         group = ChannelGroup(node, weight, axis, int(w.shape[axis]))
         group.edits.append((weight, axis, 1))
         if len(node.input) > 2 and node.input[2]:
@@ -273,7 +253,7 @@ def _trace(
                 rank = len(shapes.get(tensor, [])) or 2
                 if op != "Conv" and axis != rank - 1:
                     return f"consumer {op} reads a non-feature axis"
-                group.edits.append((w_name, _in_axis(user, w), blk))
+                group.edits.append((w_name, input_axis(user, w), blk))
             else:
                 return f"its channels reach {op} (node {user.name or '?'})"
     for node in visited_nodes:  # a binary op mixing in another branch ties the channels

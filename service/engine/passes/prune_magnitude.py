@@ -18,30 +18,18 @@ import onnx
 from pydantic import Field, field_validator
 
 from service.engine.errors import EngineError
-from service.engine.registry import Pass, PassConfig, PassContext, register
+from service.engine.registry import Pass, PassContext, register
+from service.engine.sparsity import RecoveryConfig, validate_schedule
 from service.engine.training.graph import (
     get_array,
     select_layers,
     serialized_sizes,
     set_array,
 )
-from service.engine.training.settings import LAYER_OPS, LayerOp, RecoverySettings
+from service.engine.training.settings import LAYER_OPS, LayerOp
 
 
-def validate_schedule(schedule: list[float] | None) -> list[float] | None:
-    """A schedule is a strictly increasing list of fractions in (0, 1)."""
-    if schedule is None:
-        return None
-    if not schedule:
-        raise ValueError("schedule must not be empty")
-    if any(not 0 < s < 1 for s in schedule):
-        raise ValueError("schedule values must be fractions between 0 and 1")
-    if any(b <= a for a, b in zip(schedule, schedule[1:], strict=False)):
-        raise ValueError("schedule must be strictly increasing")
-    return schedule
-
-
-class PruneMagnitudeConfig(PassConfig):
+class PruneMagnitudeConfig(RecoveryConfig):
     """Unstructured pruning to ``sparsity`` (or through ``schedule``)."""
 
     sparsity: float = Field(0.5, gt=0, lt=1, description="fraction of weights set to zero")
@@ -53,10 +41,6 @@ class PruneMagnitudeConfig(PassConfig):
     schedule: list[float] | None = Field(
         None, description="iterative targets, e.g. [0.3, 0.5, 0.7]; overrides sparsity"
     )
-    recover: bool = Field(
-        False, description="distill from the unpruned model after each round (needs a dataset)"
-    )
-    recovery: RecoverySettings = Field(default_factory=lambda: RecoverySettings.model_validate({}))
     op_types: list[LayerOp] = Field(
         default_factory=lambda: list(LAYER_OPS), description="layer types to prune"
     )

@@ -29,9 +29,9 @@ from onnx import TensorProto
 from pydantic import Field
 
 from service.engine.errors import EngineError
+from service.engine.graph import ensure_opset, iter_graphs
+from service.engine.int8 import weight_only_int8
 from service.engine.normalise import strip_debug_metadata
-from service.engine.passes.graph_optimize import iter_graphs
-from service.engine.passes.quantize_dynamic import ensure_opset, weight_only_int8
 from service.engine.registry import Pass, PassConfig, PassContext, register
 
 

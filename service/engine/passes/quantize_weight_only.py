@@ -13,8 +13,8 @@ Speed: ONNX Runtime's default session runs the DequantizeLinear nodes at every i
 ``session.disable_quant_qdq=1`` they are constant-folded at load instead: the original float
 speed, with the small file. The pass says so in its notes (``load_hint``).
 
-Shares ``weight_only_int8`` with ``quantize_dynamic`` (which uses it for GRU and subgraph
-weights); what this pass adds is using it for every op, as a pass of its own.
+Shares ``service.engine.int8.weight_only_int8`` with ``quantize_dynamic`` (which uses it for
+GRU and subgraph weights); what this pass adds is using it for every op, as a pass of its own.
 """
 
 from __future__ import annotations
@@ -25,14 +25,10 @@ import onnx
 from pydantic import Field
 
 from service.engine.errors import EngineError
+from service.engine.graph import ensure_opset, float_weight_bytes
+from service.engine.int8 import weight_only_int8
 from service.engine.normalise import strip_debug_metadata
-from service.engine.passes.quantize_dynamic import (
-    SMALLER_RATIO,
-    ensure_opset,
-    float_weight_bytes,
-    weight_only_int8,
-)
-from service.engine.registry import Pass, PassConfig, PassContext, register
+from service.engine.registry import SMALLER_RATIO, Pass, PassConfig, PassContext, register
 
 WeightOp = Literal["MatMul", "Gemm", "Conv", "ConvTranspose", "LSTM", "GRU", "RNN", "Attention",
                    "Gather"]
