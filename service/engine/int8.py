@@ -12,6 +12,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from service.engine.graph import initializers_with_graph, tensor_uses
+from service.engine.scope import EXCLUDED
 
 # Which inputs of an op are weights, and the output-channel axis of each for per-channel scales.
 # MatMul/Gemm B is [K, N] (axis 1, or 0 when Gemm has transB); LSTM/GRU W and R are
@@ -139,7 +140,7 @@ def weight_only_int8(
         }
         numel = int(np.prod(tensor.dims)) if tensor.dims else 1
         if any(u.node.name in exclude for u in targets):
-            skipped.append({**label, "reason": "excluded by nodes_to_exclude"})
+            skipped.append({**label, "reason": EXCLUDED})
             continue
         if numel < min_elements:
             skipped.append({**label, "reason": f"{numel} elements < min_elements"})

@@ -38,12 +38,13 @@ SMALLER_RATIO = 0.98
 
 
 class PassConfig(BaseModel):
-    """Base for every pass config: frozen, unknown fields refused."""
+    """Base for every pass config: frozen, unknown fields refused.
+
+    A pass that can be restricted to part of the graph derives its config from
+    ``service.engine.scope.ScopeConfig`` (one set of field names for every such pass).
+    """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
-
-    # Optional restriction of a pass to part of the graph (by op type or node name).
-    # Passes that support it read these; the others ignore them.
 
 
 ConfigT = TypeVar("ConfigT", bound=PassConfig)
@@ -85,8 +86,10 @@ class PassContext:
         from service.engine.devices import host_profile
         from service.engine.int8_encoding import choose_int8_encoding
 
-        return choose_int8_encoding(requested, weight_type=weight_type, target=self.target,
-                                    host=self.host or host_profile())
+        return choose_int8_encoding(
+            requested, weight_type=weight_type, target=self.target, host=self.host or host_profile()
+        )
+
     inputs: InputPlan | None = None
 
 
@@ -100,7 +103,8 @@ class Pass(Generic[ConfigT]):
       or generated inputs when there is none); the report says what it calibrated on.
     - ``trains``: runs torch training on the job's dataset (always, or when its config asks for
       recovery rounds).
-    - ``scoped``: its config can restrict it to part of the graph (op types, nodes to exclude).
+    - ``scoped``: its config derives from ``service.engine.scope.ScopeConfig`` (op types, nodes
+      to exclude...); ``register`` checks that the two agree.
     """
 
     name: ClassVar[str]
@@ -120,8 +124,15 @@ _REGISTRY: dict[str, type[Pass[Any]]] = {}
 
 def register(cls: type[Pass[Any]]) -> type[Pass[Any]]:
     """Class decorator: add a pass to the registry under ``cls.name``."""
+    from service.engine.scope import ScopeConfig
+
     if cls.name in _REGISTRY and _REGISTRY[cls.name] is not cls:
         raise ValueError(f"pass {cls.name!r} registered twice")
+    if cls.scoped != issubclass(cls.config_model, ScopeConfig):
+        raise ValueError(
+            f"pass {cls.name!r}: scoped={cls.scoped} but its config "
+            f"{'does not derive' if cls.scoped else 'derives'} from ScopeConfig"
+        )
     _REGISTRY[cls.name] = cls
     return cls
 
@@ -149,6 +160,17 @@ def get_pass(name: str) -> type[Pass[Any]]:
             "unknown_pass",
             f"unknown pass {name!r}; known passes: {', '.join(sorted(passes))}",
         ) from None
+
+
+def config_keys(cls: type[Pass[Any]]) -> set[str]:
+    """The option names a recipe step of ``cls`` may use: its config's fields, plus the older
+    scope names it still accepts (``ScopeConfig.legacy_names``)."""
+    from service.engine.scope import ScopeConfig
+
+    fields = set(cls.config_model.model_fields)
+    if issubclass(cls.config_model, ScopeConfig):
+        fields |= cls.config_model.legacy_names
+    return fields
 
 
 def parse_step(step: dict[str, Any]) -> tuple[type[Pass[Any]], PassConfig]:

@@ -7,8 +7,8 @@ too), with:
 - a block list of ops that stay float32 because fp16's 10-bit mantissa and 65504 range break
   them: exponentials and logs (overflow), reductions and cumulative sums (accumulation error),
   normalisations (variance of small numbers), softmax; plus ONNX Runtime's own list (ops without
-  fp16 kernels, ML ops, Range, TopK...). ``op_block_list`` replaces it, ``nodes_to_exclude`` adds
-  node names;
+  fp16 kernels, ML ops, Range, TopK...). ``op_types_to_exclude`` (formerly ``op_block_list``)
+  replaces it, ``nodes_to_exclude`` adds node names;
 - the number of weight values outside fp16's range (clamped) in the notes.
 
 fp16 halves the file. Whether it is faster depends on the target: GPUs and ARM CPUs with fp16
@@ -16,6 +16,8 @@ arithmetic gain, most x86 CPUs convert back and forth and are slower than float3
 """
 
 from __future__ import annotations
+
+from typing import ClassVar
 
 import numpy as np
 import onnx
@@ -25,7 +27,8 @@ from pydantic import Field
 from service.engine.errors import EngineError
 from service.engine.graph import all_nodes, float_weights, iter_graphs, toposort
 from service.engine.normalise import strip_debug_metadata
-from service.engine.registry import Pass, PassConfig, PassContext, register
+from service.engine.registry import Pass, PassContext, register
+from service.engine.scope import ScopeConfig, nodes_to_exclude_field, scope_of
 
 # Ops kept float32 for accuracy, on top of ONNX Runtime's DEFAULT_OP_BLOCK_LIST.
 ACCURACY_BLOCK_LIST = [
@@ -55,16 +58,19 @@ _FP16_MAX = 65504.0
 _FP16_MIN_POSITIVE = 5.96e-08
 
 
-class Fp16Config(PassConfig):
+class Fp16Config(ScopeConfig):
     """float16 conversion with float32 I/O and a block list of accuracy-sensitive ops."""
 
-    op_block_list: list[str] | None = Field(
+    legacy_names: ClassVar[frozenset[str]] = frozenset({"op_block_list"})
+
+    op_types_to_exclude: list[str] | None = Field(
         None,
-        description="Op types kept float32. None = exponentials, logs, reductions, softmax and "
-        "normalisations, plus ONNX Runtime's default list (ops without fp16 kernels).",
+        description="Op types kept float32 (formerly op_block_list). None = exponentials, logs, "
+        "reductions, softmax and normalisations, plus ONNX Runtime's default list (ops without "
+        "fp16 kernels).",
     )
-    nodes_to_exclude: list[str] = Field(
-        default_factory=list, description="Node names kept float32 (sensitive layers)."
+    nodes_to_exclude: list[str] = nodes_to_exclude_field(
+        "Node names kept float32 (sensitive layers)."
     )
     keep_io_types: bool = Field(
         True, description="Keep float32 model inputs/outputs (Cast nodes inside the model)."
@@ -134,9 +140,10 @@ class Fp16(Pass[Fp16Config]):
                 "no_effect",
                 "the model has no float32 weights to convert to float16",
             )
+        scope = scope_of(config)
         block = (
-            list(config.op_block_list)
-            if config.op_block_list is not None
+            list(scope.op_types_to_exclude)
+            if scope.op_types_to_exclude is not None
             else sorted(set(DEFAULT_OP_BLOCK_LIST) | set(ACCURACY_BLOCK_LIST))
         )
         clamped = _out_of_range(model)
@@ -148,7 +155,7 @@ class Fp16(Pass[Fp16Config]):
                 work,
                 keep_io_types=config.keep_io_types,
                 op_block_list=block,
-                node_block_list=list(config.nodes_to_exclude),
+                node_block_list=list(scope.nodes_to_exclude),
             )
         except Exception as exc:  # library failure -> pass failure, with its reason
             raise EngineError(
@@ -163,7 +170,7 @@ class Fp16(Pass[Fp16Config]):
         kept = sorted(
             n.name or n.op_type
             for n in all_nodes(out)
-            if n.op_type in block or n.name in config.nodes_to_exclude
+            if n.op_type in block or scope.excludes(n.name)
         )
         ctx.notes.update(
             {

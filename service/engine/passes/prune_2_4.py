@@ -13,13 +13,12 @@ from typing import Any
 
 import numpy as np
 import onnx
-from pydantic import Field
 
 from service.engine.errors import EngineError
 from service.engine.registry import Pass, PassContext, register
+from service.engine.scope import LayerScopeConfig, require, select_layers
 from service.engine.sparsity import RecoveryConfig, input_axis
-from service.engine.training.graph import get_array, select_layers, serialized_sizes, set_array
-from service.engine.training.settings import LAYER_OPS, LayerOp
+from service.engine.training.graph import get_array, serialized_sizes, set_array
 
 ACCELERATION_NOTE = (
     "2:4 sparsity is accelerated only by NVIDIA Ampere or newer GPUs through TensorRT "
@@ -27,15 +26,8 @@ ACCELERATION_NOTE = (
 )
 
 
-class Prune24Config(RecoveryConfig):
+class Prune24Config(LayerScopeConfig, RecoveryConfig):
     """2:4 pruning along the input dimension; optional distillation recovery afterwards."""
-
-    op_types: list[LayerOp] = Field(
-        default_factory=lambda: list(LAYER_OPS), description="layer types to prune"
-    )
-    skip: list[str] = Field(default_factory=list, description="node or weight names left dense")
-    skip_first_last: bool = Field(True, description="leave the first and last layers dense")
-    min_elements: int = Field(64, ge=1, description="tensors smaller than this stay dense")
 
 
 def _groups(weight: np.ndarray, axis: int) -> np.ndarray:
@@ -76,9 +68,7 @@ class Prune24(Pass[Prune24Config]):
     ) -> onnx.ModelProto:
         from service.engine.training.rounds import run_rounds
 
-        layers, skipped = select_layers(
-            model, list(config.op_types), config.skip, config.skip_first_last, config.min_elements
-        )
+        layers, skipped = select_layers(model, config)
         chosen: list[tuple[str, int]] = []
         for node, weight in layers:
             array = get_array(model, weight)
@@ -87,12 +77,9 @@ class Prune24(Pass[Prune24Config]):
                 skipped[weight] = f"input dimension {array.shape[axis]} is not a multiple of 4"
             else:
                 chosen.append((weight, axis))
-        if not chosen:
-            raise EngineError(
-                "no_effect",
-                "prune_2_4 found no layer whose input dimension is a multiple of 4",
-                {"skipped": skipped},
-            )
+        require(
+            chosen, skipped, "prune_2_4 found no layer whose input dimension is a multiple of 4"
+        )
 
         def prune(m: onnx.ModelProto, target: float) -> tuple[onnx.ModelProto, dict[str, Any]]:
             out = onnx.ModelProto()

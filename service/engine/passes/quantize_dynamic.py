@@ -41,7 +41,8 @@ from service.engine.graph import (
 )
 from service.engine.int8 import WEIGHT_INPUTS, choose_per_channel, weight_only_int8
 from service.engine.normalise import strip_debug_metadata
-from service.engine.registry import SMALLER_RATIO, Pass, PassConfig, PassContext, register
+from service.engine.registry import SMALLER_RATIO, Pass, PassContext, register
+from service.engine.scope import EXCLUDED, ScopeConfig, nodes_to_exclude_field, scope_of
 
 DynamicOp = Literal["MatMul", "Gemm", "LSTM", "GRU", "Attention", "Conv", "Gather"]
 _DEFAULT_DYNAMIC_OPS: tuple[DynamicOp, ...] = ("MatMul", "Gemm", "LSTM", "GRU", "Attention")
@@ -50,7 +51,7 @@ _DEFAULT_DYNAMIC_OPS: tuple[DynamicOp, ...] = ("MatMul", "Gemm", "LSTM", "GRU", 
 _ORT_DYNAMIC = {"MatMul", "Attention", "LSTM", "Conv", "Gather"}
 
 
-class QuantizeDynamicConfig(PassConfig):
+class QuantizeDynamicConfig(ScopeConfig):
     """Dynamic int8 quantization (int8 weights, activations quantized per call)."""
 
     op_types: list[DynamicOp] = Field(
@@ -76,9 +77,7 @@ class QuantizeDynamicConfig(PassConfig):
     min_elements: int = Field(
         1024, ge=1, description="Weights with fewer elements stay float (not worth a scale)."
     )
-    nodes_to_exclude: list[str] = Field(
-        default_factory=list, description="Node names to keep in float (sensitive layers)."
-    )
+    nodes_to_exclude: list[str] = nodes_to_exclude_field()
     subgraph_weights: Literal["int8_weight_only", "keep_float"] = Field(
         "int8_weight_only",
         description="Weights inside If/Loop/Scan bodies: store as int8 + DequantizeLinear "
@@ -135,7 +134,8 @@ class QuantizeDynamic(Pass[QuantizeDynamicConfig]):
         work = ensure_opset(work)
         bytes_before = model.ByteSize()
         wanted: set[str] = set(config.op_types)
-        exclude = set(config.nodes_to_exclude)
+        scope = scope_of(config)
+        exclude = set(scope.nodes_to_exclude)
         notes: dict = {"quantized": [], "weight_only_int8": [], "skipped": []}
 
         # 1. Gemm -> MatMul (+Add) so Gemm gets the dynamic int8 MatMul kernel.
@@ -143,7 +143,7 @@ class QuantizeDynamic(Pass[QuantizeDynamicConfig]):
             gemms = {
                 n.name
                 for n, w, numel in _candidates(work, {"Gemm"})
-                if w and numel >= config.min_elements and n.name not in exclude
+                if w and numel >= config.min_elements and not scope.excludes(n.name)
             }
             notes["gemm_as_matmul"] = gemm_to_matmul(work, gemms) if gemms else []
             wanted_ort = (wanted & _ORT_DYNAMIC) | {"MatMul"}
@@ -155,8 +155,8 @@ class QuantizeDynamic(Pass[QuantizeDynamicConfig]):
         ort_exclude = []
         for node, weight, numel in _candidates(work, wanted_ort):
             label = {"node": node.name, "op": node.op_type}
-            if node.name in exclude:
-                notes["skipped"].append({**label, "reason": "excluded by nodes_to_exclude"})
+            if scope.excludes(node.name):
+                notes["skipped"].append({**label, "reason": EXCLUDED})
                 ort_exclude.append(node.name)
             elif weight is None:
                 notes["skipped"].append(

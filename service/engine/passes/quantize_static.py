@@ -32,10 +32,11 @@ from service.engine.errors import EngineError
 from service.engine.graph import ensure_opset, iter_graphs
 from service.engine.int8 import weight_only_int8
 from service.engine.normalise import strip_debug_metadata
-from service.engine.registry import Pass, PassConfig, PassContext, register
+from service.engine.registry import Pass, PassContext, register
+from service.engine.scope import ScopeConfig, nodes_to_exclude_field
 
 
-class QuantizeStaticConfig(PassConfig):
+class QuantizeStaticConfig(ScopeConfig):
     """Static int8 quantization in QDQ format with calibrated activations."""
 
     calibration_method: Literal["minmax", "entropy", "percentile"] = Field(
@@ -83,9 +84,7 @@ class QuantizeStaticConfig(PassConfig):
         description="Op types to quantize (e.g. ['Conv', 'MatMul']); None = every op ONNX "
         "Runtime can quantize statically.",
     )
-    nodes_to_exclude: list[str] = Field(
-        default_factory=list, description="Node names to keep in float (sensitive layers)."
-    )
+    nodes_to_exclude: list[str] = nodes_to_exclude_field()
     subgraph_weights: Literal["int8_weight_only", "keep_float"] = Field(
         "int8_weight_only",
         description="Weights inside If/Loop/Scan bodies: int8 + DequantizeLinear, or float.",

@@ -28,7 +28,8 @@ from service.engine.errors import EngineError
 from service.engine.graph import ensure_opset, float_weight_bytes
 from service.engine.int8 import weight_only_int8
 from service.engine.normalise import strip_debug_metadata
-from service.engine.registry import SMALLER_RATIO, Pass, PassConfig, PassContext, register
+from service.engine.registry import SMALLER_RATIO, Pass, PassContext, register
+from service.engine.scope import ScopeConfig, nodes_to_exclude_field, scope_of
 
 WeightOp = Literal["MatMul", "Gemm", "Conv", "ConvTranspose", "LSTM", "GRU", "RNN", "Attention",
                    "Gather"]
@@ -41,7 +42,7 @@ LOAD_HINT = ("DequantizeLinear runs at every inference in ONNX Runtime's default
              "float model's speed")
 
 
-class QuantizeWeightOnlyConfig(PassConfig):
+class QuantizeWeightOnlyConfig(ScopeConfig):
     """Weight-only int8: which ops, how small a weight stays float, which nodes stay float."""
 
     op_types: list[WeightOp] = Field(
@@ -51,9 +52,7 @@ class QuantizeWeightOnlyConfig(PassConfig):
     min_elements: int = Field(
         1024, ge=1, description="Weights with fewer elements stay float (not worth a scale)."
     )
-    nodes_to_exclude: list[str] = Field(
-        default_factory=list, description="Node names to keep in float (sensitive layers)."
-    )
+    nodes_to_exclude: list[str] = nodes_to_exclude_field()
     subgraphs: bool = Field(True, description="Also weights inside If/Loop/Scan bodies.")
 
 
@@ -81,7 +80,8 @@ class QuantizeWeightOnly(Pass[QuantizeWeightOnlyConfig]):
         bytes_before = model.ByteSize()
         done, skipped = weight_only_int8(
             work, set(config.op_types), min_elements=config.min_elements,
-            exclude=set(config.nodes_to_exclude), main_graph=True, subgraphs=config.subgraphs,
+            exclude=set(scope_of(config).nodes_to_exclude), main_graph=True,
+            subgraphs=config.subgraphs,
             per_channel=True, symmetric=True,
         )
         debug_bytes = strip_debug_metadata(work)
