@@ -1,9 +1,11 @@
 """The pass registry: one frozen pydantic config and one class per technique.
 
 A pass declares ``name``, ``config_model`` (a frozen pydantic model with defaults and field
-descriptions) and ``run(model, config, ctx) -> model``. Registering a pass never edits the
-pipeline: ``run_pipeline`` looks passes up here by name. Heavy libraries (onnxruntime, torch)
-are imported inside ``run`` so that the API can validate recipes without them.
+descriptions), what kind of technique it is (``quantizes``, ``calibrates``, ``trains``,
+``scoped``: see ``Pass``) and ``run(model, config, ctx) -> model``. Registering a pass never
+edits the pipeline: ``run_pipeline`` looks passes up here by name and asks the class what it
+does instead of matching names. Heavy libraries (onnxruntime, torch) are imported inside
+``run`` so that the API can validate recipes without them.
 
 ``ctx`` (``PassContext``) stands where STYLE.md says ``workdir``: besides the working
 directory a pass needs the calibration/training data, a progress hook and a cancel check.
@@ -31,13 +33,18 @@ if TYPE_CHECKING:  # pragma: no cover
     from service.engine.int8_encoding import Int8Encoding
 
 
+# A pass result counts as smaller when it is at most this fraction of the input's bytes.
+SMALLER_RATIO = 0.98
+
+
 class PassConfig(BaseModel):
-    """Base for every pass config: frozen, unknown fields refused."""
+    """Base for every pass config: frozen, unknown fields refused.
+
+    A pass that can be restricted to part of the graph derives its config from
+    ``service.engine.scope.ScopeConfig`` (one set of field names for every such pass).
+    """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
-
-    # Optional restriction of a pass to part of the graph (by op type or node name).
-    # Passes that support it read these; the others ignore them.
 
 
 ConfigT = TypeVar("ConfigT", bound=PassConfig)
@@ -79,17 +86,34 @@ class PassContext:
         from service.engine.devices import host_profile
         from service.engine.int8_encoding import choose_int8_encoding
 
-        return choose_int8_encoding(requested, weight_type=weight_type, target=self.target,
-                                    host=self.host or host_profile())
+        return choose_int8_encoding(
+            requested, weight_type=weight_type, target=self.target, host=self.host or host_profile()
+        )
+
     inputs: InputPlan | None = None
 
 
 class Pass(Generic[ConfigT]):
-    """A compression technique. Subclasses set ``name``, ``config_model`` and ``run``."""
+    """A compression technique. Subclasses set ``name``, ``config_model`` and ``run``, and say
+    what kind of technique they are (every registered pass sets all four itself):
+
+    - ``quantizes``: lowers the precision of weights or activations (int8, int4, fp16); a
+      recipe made only of such passes is refused on an already quantized model.
+    - ``calibrates``: sets activation ranges from sample inputs without training (the dataset,
+      or generated inputs when there is none); the report says what it calibrated on.
+    - ``trains``: runs torch training on the job's dataset (always, or when its config asks for
+      recovery rounds).
+    - ``scoped``: its config derives from ``service.engine.scope.ScopeConfig`` (op types, nodes
+      to exclude...); ``register`` checks that the two agree.
+    """
 
     name: ClassVar[str]
     config_model: ClassVar[type[PassConfig]]
     description: ClassVar[str] = ""
+    quantizes: ClassVar[bool] = False
+    calibrates: ClassVar[bool] = False
+    trains: ClassVar[bool] = False
+    scoped: ClassVar[bool] = False
 
     def run(self, model: onnx.ModelProto, config: ConfigT, ctx: PassContext) -> onnx.ModelProto:
         raise NotImplementedError
@@ -100,8 +124,15 @@ _REGISTRY: dict[str, type[Pass[Any]]] = {}
 
 def register(cls: type[Pass[Any]]) -> type[Pass[Any]]:
     """Class decorator: add a pass to the registry under ``cls.name``."""
+    from service.engine.scope import ScopeConfig
+
     if cls.name in _REGISTRY and _REGISTRY[cls.name] is not cls:
         raise ValueError(f"pass {cls.name!r} registered twice")
+    if cls.scoped != issubclass(cls.config_model, ScopeConfig):
+        raise ValueError(
+            f"pass {cls.name!r}: scoped={cls.scoped} but its config "
+            f"{'does not derive' if cls.scoped else 'derives'} from ScopeConfig"
+        )
     _REGISTRY[cls.name] = cls
     return cls
 
@@ -120,6 +151,7 @@ def registered_passes() -> dict[str, type[Pass[Any]]]:
 
 
 def get_pass(name: str) -> type[Pass[Any]]:
+    """The pass class registered as ``name``; ``EngineError('unknown_pass')`` otherwise."""
     passes = registered_passes()
     try:
         return passes[name]
@@ -128,6 +160,17 @@ def get_pass(name: str) -> type[Pass[Any]]:
             "unknown_pass",
             f"unknown pass {name!r}; known passes: {', '.join(sorted(passes))}",
         ) from None
+
+
+def config_keys(cls: type[Pass[Any]]) -> set[str]:
+    """The option names a recipe step of ``cls`` may use: its config's fields, plus the older
+    scope names it still accepts (``ScopeConfig.legacy_names``)."""
+    from service.engine.scope import ScopeConfig
+
+    fields = set(cls.config_model.model_fields)
+    if issubclass(cls.config_model, ScopeConfig):
+        fields |= cls.config_model.legacy_names
+    return fields
 
 
 def parse_step(step: dict[str, Any]) -> tuple[type[Pass[Any]], PassConfig]:

@@ -21,24 +21,21 @@ import onnx
 from onnx import helper, numpy_helper
 from pydantic import Field
 
-from service.engine.errors import EngineError
-from service.engine.registry import Pass, PassConfig, PassContext, register
-from service.engine.training.graph import get_array, select_layers, serialized_sizes
-from service.engine.training.settings import LAYER_OPS, LayerOp
+from service.engine.graph import default_opset
+from service.engine.registry import Pass, PassContext, register
+from service.engine.scope import LayerScopeConfig, select_layers
+from service.engine.training.graph import get_array, serialized_sizes
 
 
-class ClusterWeightsConfig(PassConfig):
+class ClusterWeightsConfig(LayerScopeConfig):
     """k-means weight sharing per layer."""
 
     centroids: Literal[16, 256] = Field(
         16, description="codebook size: 16 (4-bit packed indices) or 256 (8-bit indices)"
     )
     iterations: int = Field(30, ge=1, le=500, description="Lloyd iterations per layer")
-    op_types: list[LayerOp] = Field(
-        default_factory=lambda: list(LAYER_OPS), description="layer types to cluster"
-    )
-    skip: list[str] = Field(default_factory=list, description="node or weight names left as is")
-    skip_first_last: bool = Field(False, description="leave the first and last layers as is")
+    exclude_first: bool = Field(False, description="leave the first layer as is")
+    exclude_last: bool = Field(False, description="leave the last layer as is")
     min_elements: int = Field(
         256, ge=16, description="smaller tensors stay float (the codebook would not pay off)"
     )
@@ -68,10 +65,6 @@ def kmeans_1d(values: np.ndarray, k: int, iterations: int) -> tuple[np.ndarray, 
 
 def _int64(name: str, values: list[int]) -> onnx.TensorProto:
     return numpy_helper.from_array(np.array(values, dtype=np.int64), name)
-
-
-def _opset(model: onnx.ModelProto) -> int:
-    return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 1)
 
 
 def cluster_tensor(
@@ -105,7 +98,7 @@ def cluster_tensor(
         )
         nodes.append(helper.make_node("Div", [f"{p}_p32", f"{p}_sixteen"], [f"{p}_hi"]))
         nodes.append(helper.make_node("Mod", [f"{p}_p32", f"{p}_sixteen"], [f"{p}_lo"]))
-        if _opset(model) >= 13:
+        if default_opset(model, missing=1) >= 13:
             inits.append(_int64(f"{p}_axis1", [1]))
             nodes.append(helper.make_node("Unsqueeze", [f"{p}_hi", f"{p}_axis1"], [f"{p}_hi2"]))
             nodes.append(helper.make_node("Unsqueeze", [f"{p}_lo", f"{p}_axis1"], [f"{p}_lo2"]))
@@ -138,6 +131,10 @@ def cluster_tensor(
 class ClusterWeights(Pass[ClusterWeightsConfig]):
     name = "cluster_weights"
     config_model = ClusterWeightsConfig
+    quantizes = False
+    calibrates = False
+    trains = False
+    scoped = True
     description = (
         "Per-layer k-means weight sharing (16 or 256 centroids) stored as packed integer "
         "indices plus a float codebook, rebuilt in-graph with Gather: a smaller file that "
@@ -148,14 +145,11 @@ class ClusterWeights(Pass[ClusterWeightsConfig]):
         self, model: onnx.ModelProto, config: ClusterWeightsConfig, ctx: PassContext
     ) -> onnx.ModelProto:
         layers, skipped = select_layers(
-            model, list(config.op_types), config.skip, config.skip_first_last, config.min_elements
+            model,
+            config,
+            none_left=f"cluster_weights found no weight with at least {config.min_elements} "
+            "elements",
         )
-        if not layers:
-            raise EngineError(
-                "no_effect",
-                f"cluster_weights found no weight with at least {config.min_elements} elements",
-                {"skipped": skipped},
-            )
         out = onnx.ModelProto()
         out.CopyFrom(model)
         new_nodes: list[onnx.NodeProto] = []

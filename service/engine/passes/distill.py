@@ -17,7 +17,7 @@ import onnx
 from pydantic import BaseModel, ConfigDict, Field
 
 from service.engine.registry import Pass, PassConfig, PassContext, register
-from service.engine.training.settings import DistillationSettings
+from service.engine.training.settings import DistillationSettings, TrainingBudget
 
 
 class TeacherRef(BaseModel):
@@ -43,12 +43,20 @@ class DistillConfig(PassConfig, DistillationSettings):
     student_model_id: str | None = Field(
         None, description="an uploaded ONNX student; default: the model entering this pass"
     )
+    budget: TrainingBudget = Field(
+        default_factory=lambda: TrainingBudget.model_validate({}),
+        description="training budget: steps, seconds, batch size, learning rate, seed, threads",
+    )
 
 
 @register
 class Distill(Pass[DistillConfig]):
     name = "distill"
     config_model = DistillConfig
+    quantizes = False
+    calibrates = False
+    trains = True
+    scoped = False
     description = (
         "Knowledge distillation (softened-logit KL, optional label CE and feature matching) "
         "from the original model and optional extra teachers into the current or an uploaded "

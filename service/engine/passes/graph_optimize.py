@@ -14,15 +14,12 @@ Levels:
   blocked convolutions for the host's AVX2/AVX-512 width). Such a file is tied to ONNX Runtime
   *and* to CPUs like the worker's: a smaller or older target may run it slower or not at all.
 
-This module also holds the small ONNX helpers the quantization passes share (``ort_optimize``,
-``iter_graphs``, ``op_histogram``), so each pass file stays about its technique.
+``ort_optimize`` is the ONNX Runtime call itself; the graph helpers every pass shares
+(``iter_graphs``, ``op_histogram``, ``toposort``...) live in ``service.engine.graph``.
 """
 
 from __future__ import annotations
 
-import heapq
-from collections import Counter
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Literal
 
@@ -30,6 +27,7 @@ import onnx
 from pydantic import Field
 
 from service.engine.errors import EngineError
+from service.engine.graph import op_histogram
 from service.engine.registry import Pass, PassConfig, PassContext, register
 
 OptLevel = Literal["basic", "extended", "layout", "all"]
@@ -43,88 +41,7 @@ _LEVEL_NOTES = {
 }
 
 
-# --------------------------------------------------------------------------- shared helpers
-
-
-def iter_graphs(graph: onnx.GraphProto) -> Iterator[onnx.GraphProto]:
-    """Yield ``graph`` and every subgraph (If/Loop/Scan bodies), depth first."""
-    yield graph
-    for node in graph.node:
-        for attr in node.attribute:
-            if attr.type == onnx.AttributeProto.GRAPH:
-                yield from iter_graphs(attr.g)
-            elif attr.type == onnx.AttributeProto.GRAPHS:
-                for sub in attr.graphs:
-                    yield from iter_graphs(sub)
-
-
-def _nested_inputs(node: onnx.NodeProto) -> set[str]:
-    """Every tensor name read by ``node`` or by nodes of its subgraphs (outer-scope reads)."""
-    names = set(node.input)
-    for attr in node.attribute:
-        subs = [attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)
-        for sub in subs:
-            for inner in sub.node:
-                names |= _nested_inputs(inner)
-    return names
-
-
-def toposort(model: onnx.ModelProto) -> int:
-    """Sort the nodes of every graph topologically, in place (stable). Returns nodes moved.
-
-    Some converters append nodes (I/O casts) after their consumers: ONNX Runtime tolerates it,
-    the ONNX checker and other runtimes do not.
-    """
-    moved = 0
-    for graph in iter_graphs(model.graph):
-        producer = {o: i for i, n in enumerate(graph.node) for o in n.output if o}
-        needs = [
-            {
-                producer[name]
-                for name in _nested_inputs(n)
-                if name in producer and producer[name] != i
-            }
-            for i, n in enumerate(graph.node)
-        ]
-        # Kahn's algorithm, always taking the ready node that came first (stable order).
-        users: dict[int, list[int]] = {}
-        indegree = [len(d) for d in needs]
-        for i, deps in enumerate(needs):
-            for d in deps:
-                users.setdefault(d, []).append(i)
-        ready = [i for i, k in enumerate(indegree) if k == 0]
-        heapq.heapify(ready)
-        order: list[int] = []
-        while ready:
-            i = heapq.heappop(ready)
-            order.append(i)
-            for u in users.get(i, []):
-                indegree[u] -= 1
-                if indegree[u] == 0:
-                    heapq.heappush(ready, u)
-        if len(order) != len(graph.node):  # a cycle: leave it, the checker will say so
-            continue
-        if order != list(range(len(graph.node))):
-            moved += sum(1 for a, b in zip(order, range(len(order)), strict=True) if a != b)
-            nodes = [graph.node[i] for i in order]
-            copies = [onnx.NodeProto() for _ in nodes]
-            for c, n in zip(copies, nodes, strict=True):
-                c.CopyFrom(n)
-            del graph.node[:]
-            graph.node.extend(copies)
-    return moved
-
-
-def op_histogram(model: onnx.ModelProto) -> dict[str, int]:
-    """Op type -> count over the main graph and all subgraphs (domain-qualified if not ONNX)."""
-    counts: Counter[str] = Counter()
-    for graph in iter_graphs(model.graph):
-        for node in graph.node:
-            key = (
-                node.op_type if node.domain in ("", "ai.onnx") else f"{node.domain}.{node.op_type}"
-            )
-            counts[key] += 1
-    return dict(counts)
+# --------------------------------------------------------------------------- ONNX Runtime
 
 
 def ort_optimize(
@@ -188,6 +105,10 @@ class GraphOptimize(Pass[GraphOptimizeConfig]):
 
     name = "graph_optimize"
     config_model = GraphOptimizeConfig
+    quantizes = False
+    calibrates = False
+    trains = False
+    scoped = False
     description = (
         "ONNX Runtime offline graph optimisation (fusions, constant folding) at a chosen level; "
         "extended/all produce files that need ONNX Runtime, all/layout are tuned to the host CPU."

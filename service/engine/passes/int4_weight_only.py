@@ -24,13 +24,20 @@ from onnx import TensorProto
 from pydantic import Field, field_validator
 
 from service.engine.errors import EngineError
+from service.engine.graph import (
+    all_nodes,
+    ensure_opset,
+    float_weight_bytes,
+    gemm_to_matmul,
+    iter_graphs,
+    op_histogram,
+)
 from service.engine.normalise import strip_debug_metadata
-from service.engine.passes.graph_optimize import iter_graphs, op_histogram
-from service.engine.passes.quantize_dynamic import ensure_opset, float_weight_bytes, gemm_to_matmul
-from service.engine.registry import Pass, PassConfig, PassContext, register
+from service.engine.registry import Pass, PassContext, register
+from service.engine.scope import EXCLUDED, ScopeConfig, nodes_to_exclude_field, require, scope_of
 
 
-class Int4WeightOnlyConfig(PassConfig):
+class Int4WeightOnlyConfig(ScopeConfig):
     """Blockwise int4 weight-only quantization of MatMul/Gemm weights."""
 
     block_size: int = Field(
@@ -53,8 +60,8 @@ class Int4WeightOnlyConfig(PassConfig):
     min_elements: int = Field(
         4096, ge=1, description="MatMul weights with fewer elements stay float."
     )
-    nodes_to_exclude: list[str] = Field(
-        default_factory=list, description="Node names kept in float (sensitive layers)."
+    nodes_to_exclude: list[str] = nodes_to_exclude_field(
+        "Node names kept in float (sensitive layers)."
     )
 
     @field_validator("block_size")
@@ -68,9 +75,8 @@ class Int4WeightOnlyConfig(PassConfig):
 def _matmul_weights(model: onnx.ModelProto) -> list[tuple[str, str, int, bool]]:
     """(node name, weight name, elements, in_subgraph) for MatMuls with a 2-D float constant B."""
     out = []
-    graphs = list(iter_graphs(model.graph))
     visible: dict[str, onnx.TensorProto] = {}
-    for depth, graph in enumerate(graphs):
+    for graph, depth in iter_graphs(model.graph):
         visible.update({t.name: t for t in graph.initializer})
         for node in graph.node:
             if node.op_type != "MatMul" or len(node.input) < 2:
@@ -87,6 +93,10 @@ class Int4WeightOnly(Pass[Int4WeightOnlyConfig]):
 
     name = "int4_weight_only"
     config_model = Int4WeightOnlyConfig
+    quantizes = True
+    calibrates = False
+    trains = False
+    scoped = True
     description = (
         "4-bit blockwise weights for MatMul/Gemm layers (ONNX Runtime MatMulNBits, RTN): ~6x "
         "smaller transformers and MLPs; other ops stay float. Needs ONNX Runtime."
@@ -104,28 +114,30 @@ class Int4WeightOnly(Pass[Int4WeightOnlyConfig]):
         work.CopyFrom(model)
         work = ensure_opset(work, 13)
         bytes_before = model.ByteSize()
-        excluded = set(config.nodes_to_exclude)
-        gemms = {n.name for n in work.graph.node if n.op_type == "Gemm" and n.name not in excluded}
+        scope = scope_of(config)
+        gemms = {
+            n.name for n in work.graph.node if n.op_type == "Gemm" and not scope.excludes(n.name)
+        }
         rewritten = gemm_to_matmul(work, gemms) if gemms else []
 
         candidates = _matmul_weights(work)
         skipped = []
-        exclude = set(excluded)
+        exclude = set(scope.nodes_to_exclude)
         for node, _weight, numel, _sub in candidates:
-            if node in excluded:
-                skipped.append({"node": node, "reason": "excluded by nodes_to_exclude"})
+            if scope.excludes(node):
+                skipped.append({"node": node, "reason": EXCLUDED})
             elif numel < config.min_elements:
                 skipped.append({"node": node, "reason": f"{numel} elements < min_elements"})
                 exclude.add(node)
-        targets = [c for c in candidates if c[0] not in exclude]
-        if not targets:
-            raise EngineError(
-                "no_effect",
+        targets = require(
+            [c for c in candidates if c[0] not in exclude],
+            skipped,
+            lambda _: (
                 "no MatMul/Gemm with a constant 2-D float weight of at least "
                 f"{config.min_elements} elements: int4 weight-only has nothing to compress "
-                f"(the model's ops: {', '.join(sorted(op_histogram(model))[:15])})",
-                {"skipped": skipped},
-            )
+                f"(the model's ops: {', '.join(sorted(op_histogram(model))[:15])})"
+            ),
+        )
         ctx.progress(0.2, f"int4 quantization of {len(targets)} MatMul weights")
         algo = DefaultWeightOnlyQuantConfig(
             block_size=config.block_size,
@@ -155,9 +167,7 @@ class Int4WeightOnly(Pass[Int4WeightOnlyConfig]):
         finally:
             logger.setLevel(level)
         out = quantizer.model.model
-        nbits = [
-            n.name for g in iter_graphs(out.graph) for n in g.node if n.op_type == "MatMulNBits"
-        ]
+        nbits = [n.name for n in all_nodes(out) if n.op_type == "MatMulNBits"]
         debug_bytes = strip_debug_metadata(out)
         bytes_after = out.ByteSize()
         left = float_weight_bytes(out)

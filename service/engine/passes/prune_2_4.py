@@ -13,18 +13,12 @@ from typing import Any
 
 import numpy as np
 import onnx
-from pydantic import Field
 
 from service.engine.errors import EngineError
-from service.engine.registry import Pass, PassConfig, PassContext, register
-from service.engine.training.graph import (
-    attr,
-    get_array,
-    select_layers,
-    serialized_sizes,
-    set_array,
-)
-from service.engine.training.settings import LAYER_OPS, LayerOp, RecoverySettings
+from service.engine.registry import Pass, PassContext, register
+from service.engine.scope import LayerScopeConfig, require, select_layers
+from service.engine.sparsity import RecoveryConfig, input_axis
+from service.engine.training.graph import get_array, serialized_sizes, set_array
 
 ACCELERATION_NOTE = (
     "2:4 sparsity is accelerated only by NVIDIA Ampere or newer GPUs through TensorRT "
@@ -32,28 +26,8 @@ ACCELERATION_NOTE = (
 )
 
 
-class Prune24Config(PassConfig):
+class Prune24Config(LayerScopeConfig, RecoveryConfig):
     """2:4 pruning along the input dimension; optional distillation recovery afterwards."""
-
-    recover: bool = Field(
-        False, description="distill from the unpruned model after pruning (needs a dataset)"
-    )
-    recovery: RecoverySettings = Field(default_factory=lambda: RecoverySettings.model_validate({}))
-    op_types: list[LayerOp] = Field(
-        default_factory=lambda: list(LAYER_OPS), description="layer types to prune"
-    )
-    skip: list[str] = Field(default_factory=list, description="node or weight names left dense")
-    skip_first_last: bool = Field(True, description="leave the first and last layers dense")
-    min_elements: int = Field(64, ge=1, description="tensors smaller than this stay dense")
-
-
-def input_axis(node: onnx.NodeProto, weight: np.ndarray) -> int:
-    """The reduction (input-feature) axis of a layer's weight."""
-    if node.op_type == "Conv":
-        return 1
-    if node.op_type == "Gemm":
-        return 1 if attr(node, "transB", 0) else 0
-    return weight.ndim - 2  # MatMul: [..., K, N]
 
 
 def _groups(weight: np.ndarray, axis: int) -> np.ndarray:
@@ -80,6 +54,10 @@ def satisfies_2_4(weight: np.ndarray, axis: int) -> bool:
 class Prune24(Pass[Prune24Config]):
     name = "prune_2_4"
     config_model = Prune24Config
+    quantizes = False
+    calibrates = False
+    trains = True  # with recover: distillation after pruning
+    scoped = True
     description = (
         "2:4 semi-structured sparsity along the input dimension of Conv/Gemm/MatMul weights "
         "(verified on every pruned weight); accelerated by NVIDIA Ampere+ with TensorRT only."
@@ -90,9 +68,7 @@ class Prune24(Pass[Prune24Config]):
     ) -> onnx.ModelProto:
         from service.engine.training.rounds import run_rounds
 
-        layers, skipped = select_layers(
-            model, list(config.op_types), config.skip, config.skip_first_last, config.min_elements
-        )
+        layers, skipped = select_layers(model, config)
         chosen: list[tuple[str, int]] = []
         for node, weight in layers:
             array = get_array(model, weight)
@@ -101,12 +77,9 @@ class Prune24(Pass[Prune24Config]):
                 skipped[weight] = f"input dimension {array.shape[axis]} is not a multiple of 4"
             else:
                 chosen.append((weight, axis))
-        if not chosen:
-            raise EngineError(
-                "no_effect",
-                "prune_2_4 found no layer whose input dimension is a multiple of 4",
-                {"skipped": skipped},
-            )
+        require(
+            chosen, skipped, "prune_2_4 found no layer whose input dimension is a multiple of 4"
+        )
 
         def prune(m: onnx.ModelProto, target: float) -> tuple[onnx.ModelProto, dict[str, Any]]:
             out = onnx.ModelProto()

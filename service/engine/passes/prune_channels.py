@@ -28,8 +28,9 @@ import onnx
 from pydantic import Field, field_validator
 
 from service.engine.errors import EngineError
-from service.engine.passes.prune_magnitude import validate_schedule
-from service.engine.registry import Pass, PassConfig, PassContext, register
+from service.engine.registry import Pass, PassContext, register
+from service.engine.scope import LayerScopeConfig, require, select_layers
+from service.engine.sparsity import RecoveryConfig, input_axis, output_axis, validate_schedule
 from service.engine.training.graph import (
     attr,
     consumers,
@@ -40,7 +41,6 @@ from service.engine.training.graph import (
     set_array,
     value_shapes,
 )
-from service.engine.training.settings import LAYER_OPS, LayerOp, RecoverySettings
 
 # Ops that keep the channel axis and the channel set unchanged.
 _TRANSPARENT = {
@@ -70,7 +70,7 @@ _TRANSPARENT = {
 _ELEMENTWISE = {"Add", "Sub", "Mul", "Div", "Pow", "Max", "Min"}
 
 
-class PruneChannelsConfig(PassConfig):
+class PruneChannelsConfig(LayerScopeConfig, RecoveryConfig):
     """Remove a fraction of output channels from every prunable Conv/Gemm/MatMul."""
 
     ratio: float = Field(0.5, gt=0, lt=1, description="fraction of output channels removed")
@@ -78,19 +78,13 @@ class PruneChannelsConfig(PassConfig):
     schedule: list[float] | None = Field(
         None, description="iterative ratios, e.g. [0.25, 0.5]; overrides ratio"
     )
-    recover: bool = Field(
-        False, description="distill from the unpruned model after each round (needs a dataset)"
-    )
-    recovery: RecoverySettings = Field(default_factory=lambda: RecoverySettings.model_validate({}))
-    op_types: list[LayerOp] = Field(
-        default_factory=lambda: list(LAYER_OPS), description="layer types to prune"
-    )
-    skip: list[str] = Field(default_factory=list, description="node or weight names not pruned")
-    skip_first: bool = Field(
+    exclude_first: bool = Field(False, description="leave the first layer whole")
+    exclude_last: bool = Field(
         False,
-        description="leave the first layer whole (the last is never prunable: its "
-        "channels are the model's outputs)",
+        description="leave the last layer whole (the model's last layer is never prunable "
+        "anyway: its channels are the model's outputs)",
     )
+    min_elements: int = Field(1, ge=1, description="weights smaller than this are not pruned")
     min_channels: int = Field(4, ge=1, description="never keep fewer channels than this")
 
     _check_schedule = field_validator("schedule")(validate_schedule)
@@ -108,24 +102,8 @@ class ChannelGroup:
     edits: list[tuple[str, int, int]] = field(default_factory=list)
 
 
-def _out_axis(node: onnx.NodeProto, w: np.ndarray) -> int:
-    if node.op_type == "Conv":
-        return 0
-    if node.op_type == "Gemm":
-        return 0 if attr(node, "transB", 0) else 1
-    return w.ndim - 1
-
-
-def _in_axis(node: onnx.NodeProto, w: np.ndarray) -> int:
-    if node.op_type == "Conv":
-        return 1
-    if node.op_type == "Gemm":
-        return 1 if attr(node, "transB", 0) else 0
-    return w.ndim - 2
-
-
 def analyse(
-    model: onnx.ModelProto, op_types: list[str], skip: list[str], skip_first: bool
+    model: onnx.ModelProto, config: PruneChannelsConfig
 ) -> tuple[list[ChannelGroup], dict[str, str]]:
     """Find prunable layers and the edits each implies; the others with a reason."""
     inits = initializers(model)
@@ -135,21 +113,8 @@ def analyse(
     constants = set(inits) | {n.output[0] for n in model.graph.node if n.op_type == "Constant"}
     weight_uses = {name: len(uses.get(name, [])) for name in inits}
     groups: list[ChannelGroup] = []
-    skipped: dict[str, str] = {}
-    first = True
-    for node in model.graph.node:
-        if node.op_type not in ("Conv", "Gemm", "MatMul") or len(node.input) < 2:
-            continue
-        weight = node.input[1]
-        if weight not in inits:
-            continue
-        was_first, first = first, False
-        if node.op_type not in op_types or node.name in skip or weight in skip:
-            skipped[weight] = "not selected"
-            continue
-        if skip_first and was_first:
-            skipped[weight] = "first layer"
-            continue
+    layers, skipped = select_layers(model, config)
+    for node, weight in layers:
         w = get_array(model, weight)
         if weight_uses[weight] > 1:
             skipped[weight] = "weight shared by several nodes"
@@ -163,7 +128,7 @@ def analyse(
         if node.op_type == "MatMul" and w.ndim != 2:
             skipped[weight] = "batched MatMul weight"
             continue
-        axis = _out_axis(node, w)
+        axis = output_axis(node, w)
         group = ChannelGroup(node, weight, axis, int(w.shape[axis]))
         group.edits.append((weight, axis, 1))
         if len(node.input) > 2 and node.input[2]:
@@ -273,7 +238,7 @@ def _trace(
                 rank = len(shapes.get(tensor, [])) or 2
                 if op != "Conv" and axis != rank - 1:
                     return f"consumer {op} reads a non-feature axis"
-                group.edits.append((w_name, _in_axis(user, w), blk))
+                group.edits.append((w_name, input_axis(user, w), blk))
             else:
                 return f"its channels reach {op} (node {user.name or '?'})"
     for node in visited_nodes:  # a binary op mixing in another branch ties the channels
@@ -321,6 +286,10 @@ def prune_groups(
 class PruneChannels(Pass[PruneChannelsConfig]):
     name = "prune_channels"
     config_model = PruneChannelsConfig
+    quantizes = False
+    calibrates = False
+    trains = True  # with recover: distillation after each round
+    scoped = True
     description = (
         "Structured output-channel pruning of Conv/Gemm/MatMul by weight norm with the graph "
         "rewired (bias, BatchNorm, per-channel constants, consumers, Flatten); residual-tied "
@@ -332,17 +301,12 @@ class PruneChannels(Pass[PruneChannelsConfig]):
     ) -> onnx.ModelProto:
         from service.engine.training.rounds import run_rounds
 
-        groups, skipped = analyse(model, list(config.op_types), config.skip, config.skip_first)
-        if not groups:
-            raise EngineError(
-                "no_effect",
-                "prune_channels found no layer whose channels can be removed",
-                {"skipped": skipped},
-            )
+        groups, skipped = analyse(model, config)
+        require(groups, skipped, "prune_channels found no layer whose channels can be removed")
         original = {g.weight: g.channels for g in groups}
 
         def prune(m: onnx.ModelProto, ratio: float) -> tuple[onnx.ModelProto, dict[str, Any]]:
-            current, _ = analyse(m, list(config.op_types), config.skip, config.skip_first)
+            current, _ = analyse(m, config)
             current = [g for g in current if g.weight in original]
             return prune_groups(m, current, original, ratio, config)
 

@@ -1,7 +1,8 @@
 """``prune_magnitude``: unstructured magnitude pruning of Conv/Gemm/MatMul weights.
 
 Zeroes the smallest-magnitude weights to a target sparsity, per layer or with one global
-threshold, skipping layers named in ``skip`` and (by default) the first and last weight layers.
+threshold, skipping layers named in ``nodes_to_exclude`` (formerly ``skip``) and (by default)
+the first and last weight layers.
 Dense ONNX stores zeros like any other value, so the file does not shrink by itself: the saving
 is realised by the zstd-compressed artifact the pipeline stores for such models (the pass notes
 both sizes) and compounds with int8 quantization afterwards. With a ``schedule`` the pass prunes
@@ -17,31 +18,13 @@ import numpy as np
 import onnx
 from pydantic import Field, field_validator
 
-from service.engine.errors import EngineError
-from service.engine.registry import Pass, PassConfig, PassContext, register
-from service.engine.training.graph import (
-    get_array,
-    select_layers,
-    serialized_sizes,
-    set_array,
-)
-from service.engine.training.settings import LAYER_OPS, LayerOp, RecoverySettings
+from service.engine.registry import Pass, PassContext, register
+from service.engine.scope import LayerScopeConfig, select_layers
+from service.engine.sparsity import RecoveryConfig, validate_schedule
+from service.engine.training.graph import get_array, serialized_sizes, set_array
 
 
-def validate_schedule(schedule: list[float] | None) -> list[float] | None:
-    """A schedule is a strictly increasing list of fractions in (0, 1)."""
-    if schedule is None:
-        return None
-    if not schedule:
-        raise ValueError("schedule must not be empty")
-    if any(not 0 < s < 1 for s in schedule):
-        raise ValueError("schedule values must be fractions between 0 and 1")
-    if any(b <= a for a, b in zip(schedule, schedule[1:], strict=False)):
-        raise ValueError("schedule must be strictly increasing")
-    return schedule
-
-
-class PruneMagnitudeConfig(PassConfig):
+class PruneMagnitudeConfig(LayerScopeConfig, RecoveryConfig):
     """Unstructured pruning to ``sparsity`` (or through ``schedule``)."""
 
     sparsity: float = Field(0.5, gt=0, lt=1, description="fraction of weights set to zero")
@@ -53,18 +36,6 @@ class PruneMagnitudeConfig(PassConfig):
     schedule: list[float] | None = Field(
         None, description="iterative targets, e.g. [0.3, 0.5, 0.7]; overrides sparsity"
     )
-    recover: bool = Field(
-        False, description="distill from the unpruned model after each round (needs a dataset)"
-    )
-    recovery: RecoverySettings = Field(default_factory=lambda: RecoverySettings.model_validate({}))
-    op_types: list[LayerOp] = Field(
-        default_factory=lambda: list(LAYER_OPS), description="layer types to prune"
-    )
-    skip: list[str] = Field(
-        default_factory=list, description="node or weight names left dense (sensitive layers)"
-    )
-    skip_first_last: bool = Field(True, description="leave the first and last layers dense")
-    min_elements: int = Field(64, ge=1, description="tensors smaller than this stay dense")
 
     _check_schedule = field_validator("schedule")(validate_schedule)
 
@@ -102,6 +73,10 @@ def magnitude_prune(
 class PruneMagnitude(Pass[PruneMagnitudeConfig]):
     name = "prune_magnitude"
     config_model = PruneMagnitudeConfig
+    quantizes = False
+    calibrates = False
+    trains = True  # with recover: distillation after each round
+    scoped = True
     description = (
         "Unstructured magnitude pruning (per layer or global), first/last layers kept dense; "
         "saves space through the zstd artifact and on top of int8; optional iterative schedule "
@@ -114,14 +89,12 @@ class PruneMagnitude(Pass[PruneMagnitudeConfig]):
         from service.engine.training.rounds import run_rounds
 
         layers, skipped = select_layers(
-            model, list(config.op_types), config.skip, config.skip_first_last, config.min_elements
+            model,
+            config,
+            none_left=lambda skipped: (
+                f"prune_magnitude found no layer to prune ({len(skipped)} weight layer(s) skipped)"
+            ),
         )
-        if not layers:
-            raise EngineError(
-                "no_effect",
-                f"prune_magnitude found no layer to prune ({len(skipped)} weight layer(s) skipped)",
-                {"skipped": skipped},
-            )
         weights = [w for _, w in layers]
         targets = config.schedule or [config.sparsity]
         result, rounds = run_rounds(

@@ -17,7 +17,8 @@ import onnx
 from pydantic import Field
 
 from service.engine.errors import EngineError
-from service.engine.registry import Pass, PassConfig, PassContext, register
+from service.engine.registry import Pass, PassContext, register
+from service.engine.scope import ScopeConfig
 from service.engine.training.settings import (
     LAYER_OPS,
     DistillationSettings,
@@ -26,7 +27,7 @@ from service.engine.training.settings import (
 )
 
 
-class QuantizeAwareTrainingConfig(PassConfig, DistillationSettings):
+class QuantizeAwareTrainingConfig(ScopeConfig, DistillationSettings):
     """QAT: which layers, how many calibration samples, and the distillation loss and budget."""
 
     op_types: list[LayerOp] = Field(
@@ -53,6 +54,10 @@ class QuantizeAwareTrainingConfig(PassConfig, DistillationSettings):
 class QuantizeAwareTraining(Pass[QuantizeAwareTrainingConfig]):
     name = "quantize_aware_training"
     config_model = QuantizeAwareTrainingConfig
+    quantizes = True
+    calibrates = False  # its activation scales are learned (initialised on dataset samples)
+    trains = True
+    scoped = True
     description = (
         "Quantization-aware training: fake-quantized int8 (per-channel weights, learned "
         "activation scales) fine-tuned against the float model, exported as QDQ ONNX."

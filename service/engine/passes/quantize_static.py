@@ -29,13 +29,14 @@ from onnx import TensorProto
 from pydantic import Field
 
 from service.engine.errors import EngineError
+from service.engine.graph import ensure_opset, iter_graphs
+from service.engine.int8 import weight_only_int8
 from service.engine.normalise import strip_debug_metadata
-from service.engine.passes.graph_optimize import iter_graphs
-from service.engine.passes.quantize_dynamic import ensure_opset, weight_only_int8
-from service.engine.registry import Pass, PassConfig, PassContext, register
+from service.engine.registry import Pass, PassContext, register
+from service.engine.scope import ScopeConfig, nodes_to_exclude_field
 
 
-class QuantizeStaticConfig(PassConfig):
+class QuantizeStaticConfig(ScopeConfig):
     """Static int8 quantization in QDQ format with calibrated activations."""
 
     calibration_method: Literal["minmax", "entropy", "percentile"] = Field(
@@ -83,9 +84,7 @@ class QuantizeStaticConfig(PassConfig):
         description="Op types to quantize (e.g. ['Conv', 'MatMul']); None = every op ONNX "
         "Runtime can quantize statically.",
     )
-    nodes_to_exclude: list[str] = Field(
-        default_factory=list, description="Node names to keep in float (sensitive layers)."
-    )
+    nodes_to_exclude: list[str] = nodes_to_exclude_field()
     subgraph_weights: Literal["int8_weight_only", "keep_float"] = Field(
         "int8_weight_only",
         description="Weights inside If/Loop/Scan bodies: int8 + DequantizeLinear, or float.",
@@ -162,6 +161,10 @@ class QuantizeStatic(Pass[QuantizeStaticConfig]):
 
     name = "quantize_static"
     config_model = QuantizeStaticConfig
+    quantizes = True
+    calibrates = True
+    trains = False
+    scoped = True
     description = (
         "int8 QDQ with per-channel weights and calibrated activation ranges (minmax, entropy, "
         "percentile) from the uploaded dataset or generated inputs; the fast int8 path for CNNs."

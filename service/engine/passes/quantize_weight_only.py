@@ -13,8 +13,8 @@ Speed: ONNX Runtime's default session runs the DequantizeLinear nodes at every i
 ``session.disable_quant_qdq=1`` they are constant-folded at load instead: the original float
 speed, with the small file. The pass says so in its notes (``load_hint``).
 
-Shares ``weight_only_int8`` with ``quantize_dynamic`` (which uses it for GRU and subgraph
-weights); what this pass adds is using it for every op, as a pass of its own.
+Shares ``service.engine.int8.weight_only_int8`` with ``quantize_dynamic`` (which uses it for
+GRU and subgraph weights); what this pass adds is using it for every op, as a pass of its own.
 """
 
 from __future__ import annotations
@@ -25,14 +25,11 @@ import onnx
 from pydantic import Field
 
 from service.engine.errors import EngineError
+from service.engine.graph import ensure_opset, float_weight_bytes
+from service.engine.int8 import weight_only_int8
 from service.engine.normalise import strip_debug_metadata
-from service.engine.passes.quantize_dynamic import (
-    SMALLER_RATIO,
-    ensure_opset,
-    float_weight_bytes,
-    weight_only_int8,
-)
-from service.engine.registry import Pass, PassConfig, PassContext, register
+from service.engine.registry import SMALLER_RATIO, Pass, PassContext, register
+from service.engine.scope import ScopeConfig, nodes_to_exclude_field, scope_of
 
 WeightOp = Literal["MatMul", "Gemm", "Conv", "ConvTranspose", "LSTM", "GRU", "RNN", "Attention",
                    "Gather"]
@@ -45,7 +42,7 @@ LOAD_HINT = ("DequantizeLinear runs at every inference in ONNX Runtime's default
              "float model's speed")
 
 
-class QuantizeWeightOnlyConfig(PassConfig):
+class QuantizeWeightOnlyConfig(ScopeConfig):
     """Weight-only int8: which ops, how small a weight stays float, which nodes stay float."""
 
     op_types: list[WeightOp] = Field(
@@ -55,9 +52,7 @@ class QuantizeWeightOnlyConfig(PassConfig):
     min_elements: int = Field(
         1024, ge=1, description="Weights with fewer elements stay float (not worth a scale)."
     )
-    nodes_to_exclude: list[str] = Field(
-        default_factory=list, description="Node names to keep in float (sensitive layers)."
-    )
+    nodes_to_exclude: list[str] = nodes_to_exclude_field()
     subgraphs: bool = Field(True, description="Also weights inside If/Loop/Scan bodies.")
 
 
@@ -68,6 +63,9 @@ class QuantizeWeightOnly(Pass[QuantizeWeightOnlyConfig]):
     name = "quantize_weight_only"
     config_model = QuantizeWeightOnlyConfig
     quantizes = True
+    calibrates = False
+    trains = False
+    scoped = True
     description = (
         "int8 weights with a DequantizeLinear in front, float compute: ~4x smaller weights "
         "with no data and no int8 kernels (also inside If/Loop bodies and embedding tables)"
@@ -82,7 +80,8 @@ class QuantizeWeightOnly(Pass[QuantizeWeightOnlyConfig]):
         bytes_before = model.ByteSize()
         done, skipped = weight_only_int8(
             work, set(config.op_types), min_elements=config.min_elements,
-            exclude=set(config.nodes_to_exclude), main_graph=True, subgraphs=config.subgraphs,
+            exclude=set(scope_of(config).nodes_to_exclude), main_graph=True,
+            subgraphs=config.subgraphs,
             per_channel=True, symmetric=True,
         )
         debug_bytes = strip_debug_metadata(work)

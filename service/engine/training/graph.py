@@ -147,30 +147,3 @@ def serialized_sizes(model: onnx.ModelProto, level: int = 3) -> dict[str, int]:
         "bytes_zstd": len(zstandard.ZstdCompressor(level=level).compress(raw)),
     }
 
-
-def select_layers(
-    model: onnx.ModelProto,
-    op_types: list[str],
-    skip: list[str],
-    skip_first_last: bool,
-    min_elements: int,
-) -> tuple[list[tuple[onnx.NodeProto, str]], dict[str, str]]:
-    """Weight layers a compression pass may touch, and the skipped ones with the reason.
-
-    ``skip`` matches node names or weight initializer names. With ``skip_first_last`` the first
-    and last weight layers of the graph (the usual sensitive ones) are left alone.
-    """
-    inits = initializers(model)
-    layers = [(n, w) for n, w in weight_layers(model) if n.op_type in op_types]
-    skipped: dict[str, str] = {}
-    chosen = []
-    for i, (node, weight) in enumerate(layers):
-        if node.name in skip or weight in skip:
-            skipped[weight] = "named in skip"
-        elif skip_first_last and len(layers) > 1 and i in (0, len(layers) - 1):
-            skipped[weight] = "first layer" if i == 0 else "last layer"
-        elif int(np.prod(inits[weight].dims)) < min_elements:
-            skipped[weight] = f"fewer than {min_elements} weights"
-        else:
-            chosen.append((node, weight))
-    return chosen, skipped

@@ -116,7 +116,7 @@ class Toolkit:
 
     @staticmethod
     def ops(model: onnx.ModelProto) -> dict[str, int]:
-        from service.engine.passes.graph_optimize import op_histogram
+        from service.engine.graph import op_histogram
 
         return op_histogram(model)
 

@@ -9,7 +9,8 @@ from onnx import TensorProto as T
 from onnx import helper as h
 
 from service.engine.errors import EngineError
-from service.engine.passes.graph_optimize import GraphOptimizeConfig, toposort
+from service.engine.graph import toposort
+from service.engine.passes.graph_optimize import GraphOptimizeConfig
 from service.engine.registry import registered_passes
 from tests import crafted
 

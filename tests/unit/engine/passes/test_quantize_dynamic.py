@@ -10,7 +10,8 @@ from onnx import helper as h
 from onnx import numpy_helper as nh
 
 from service.engine.errors import EngineError
-from service.engine.passes.quantize_dynamic import QuantizeDynamicConfig, gemm_to_matmul
+from service.engine.graph import gemm_to_matmul
+from service.engine.passes.quantize_dynamic import QuantizeDynamicConfig
 from tests import crafted
 
 
@@ -171,9 +172,9 @@ def test_per_channel_auto_goes_per_channel_only_where_it_helps(kit) -> None:
 def test_uint8_weights_use_zero_points_in_subgraphs_too(kit) -> None:
     model = kit.load(crafted.if_branch_weights())
     run = kit.run("quantize_dynamic", model, weight_type="uint8")
-    from service.engine.passes.graph_optimize import iter_graphs
+    from service.engine.graph import iter_graphs
 
-    names = {t.name for g in iter_graphs(run.model.graph) for t in g.initializer}
+    names = {t.name for g, _ in iter_graphs(run.model.graph) for t in g.initializer}
     assert {"w_then__zero_point", "w_else__zero_point"} <= names
     x = np.abs(np.random.default_rng(2).normal(0, 1, (4, 64)).astype(np.float32))
     assert kit.min_cosine(kit.outputs(model, {"x": x}), kit.outputs(run.model, {"x": x})) >= 0.99
