@@ -52,7 +52,7 @@ from onnx import helper, numpy_helper
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from service.engine.errors import EngineError
-from service.engine.ingest import iter_graphs
+from service.engine.graph import iter_graphs
 
 Feed = dict[str, np.ndarray]
 

@@ -29,7 +29,8 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from service.engine.errors import EngineError
-from service.engine.ingest import _subgraph_free_names, iter_graphs, unknown_dynamic_dims
+from service.engine.graph import iter_graphs
+from service.engine.ingest import _subgraph_free_names, unknown_dynamic_dims
 from service.engine.limits import EngineLimits
 
 __all__ = ["iter_graphs", "iter_initializers", "normalise", "MIN_OPSET"]

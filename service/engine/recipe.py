@@ -40,28 +40,18 @@ from service.engine.pipeline import (
     save,
     scrub,
 )
-from service.engine.registry import Pass, PassContext, parse_recipe
+from service.engine.registry import SMALLER_RATIO, Pass, PassContext, parse_recipe
 from service.engine.result import OutputFidelity, PipelineResult, Summary, engine_version
 from service.engine.wording import describe_speedup
 
 log = logging.getLogger(__name__)
 
-# Passes that only lower precision: running them on an already quantized model is refused.
-# A pass class may say so itself with ``quantizes = True``.
-QUANTIZING_PASSES = frozenset(
-    {"quantize_dynamic", "quantize_static", "int4_weight_only", "fp16", "mixed_precision"}
-)
-SMALLER_RATIO = 0.98  # bytes_after <= 98 % of bytes_before counts as smaller
 FASTER_SPEEDUP = 1.05  # speedup >= 1.05 counts as faster
 FASTER_WIN_FRACTION = 0.75  # ... in at least 75 % of the interleaved rounds (speed-only wins)
 SPEED_ONLY_SPEEDUP = 1.10  # a result that is not smaller must be this much faster (x placebo)
 SLOWER_SPEEDUP = 0.95  # below this, the result is reported as slower than the original
 ZSTD_KEEP_RATIO = 0.90
 ZSTD_LEVEL = 9
-
-
-def _quantizes(cls: Any) -> bool:
-    return bool(getattr(cls, "quantizes", cls.name in QUANTIZING_PASSES))
 
 def run_recipe(
     model_path: Path,
@@ -132,7 +122,7 @@ def run_recipe(
                 eval_set, eval_labels = dataset, labels
                 warnings.append("the dataset holds a single sample: it was evaluated on the "
                                 "sample it was calibrated on (upload more samples)")
-    if description["already_quantized"] and all(_quantizes(cls) for cls, _ in steps):
+    if description["already_quantized"] and all(cls.quantizes for cls, _ in steps):
         refuse_requantizing(description, "quantizing it again would not make it smaller. Send "
                             "the float model, or use a recipe with non-quantizing passes (e.g. "
                             "graph_optimize)")
@@ -346,7 +336,7 @@ def run_recipe(
         "already_quantized": description["already_quantized"],
         "warnings": warnings,
     }
-    if calibration is None and any("static" in p["pass"] for p in pass_reports):
+    if calibration is None and any(cls.calibrates for cls, _ in steps):
         calibration = {"source": "dataset" if dataset is not None else "generated",
                        "samples": None}
     report = {

@@ -19,17 +19,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
-
-def iter_graphs(graph: onnx.GraphProto, depth: int = 0) -> Iterator[tuple[onnx.GraphProto, int]]:
-    """Yield ``(graph, depth)`` for a graph and every subgraph below it (If/Loop/Scan bodies)."""
-    yield graph, depth
-    for node in graph.node:
-        for attr in node.attribute:
-            if attr.type == onnx.AttributeProto.GRAPH:
-                yield from iter_graphs(attr.g, depth + 1)
-            elif attr.type == onnx.AttributeProto.GRAPHS:
-                for g in attr.graphs:
-                    yield from iter_graphs(g, depth + 1)
+from service.engine.graph import iter_graphs
 
 
 def _attr_graphs(attr: onnx.AttributeProto) -> list[onnx.GraphProto]:

@@ -8,7 +8,6 @@ same guard as any job), with the probed layers excluded by the passes' shared sc
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -19,6 +18,7 @@ from service.engine.errors import EngineError
 from service.engine.limits import EngineLimits
 from service.engine.pipeline import apply_steps
 from service.engine.registry import PassContext, parse_recipe
+from service.engine.scope import can_exclude_nodes, exclude_nodes, weighted_layers
 from service.engine.search.candidate import Candidate, LayerSensitivity, MixedPrecisionRecord
 from service.engine.search.score import DEFAULT_MIN_FIDELITY, SearchContext
 
@@ -31,18 +31,6 @@ SENSITIVITY_SAMPLES = 128
 
 # ---------------------------------------------------------------------------------------------
 # Mixed precision (accuracy-aware tuning)
-
-
-def quantized_layers(model: onnx.ModelProto) -> list[tuple[str, str, int]]:
-    inits = {i.name: i for i in model.graph.initializer}
-    out = []
-    for node in model.graph.node:
-        if node.op_type in _QUANT_OPS and node.name:
-            weight = sum(math.prod(inits[i].dims) for i in node.input if i in inits)
-            if weight:
-                out.append((node.name, node.op_type, int(weight)))
-    return sorted(out, key=lambda t: -t[2])
-
 
 
 def tune_mixed_precision(
@@ -67,7 +55,7 @@ def tune_mixed_precision(
     )
 
     excl_steps = [i for i, s in enumerate(cand.recipe)
-                  if "nodes_to_exclude" in available[s["pass"]].config_model.model_fields]
+                  if can_exclude_nodes(available[s["pass"]])]
     record: MixedPrecisionRecord = {"from": cand.name, "sensitivity": [], "kept_float": []}
     if not excl_steps:
         record["result"] = "no pass of this candidate can keep layers in float"
@@ -93,7 +81,7 @@ def tune_mixed_precision(
         acc_before = accuracy(ref[cls_out], label_chunks)
 
     def quick(excluded: list[str], tag: str) -> float:
-        recipe = [dict(s, nodes_to_exclude=excluded) if i in excl_steps else dict(s)
+        recipe = [exclude_nodes(s, excluded) if i in excl_steps else dict(s)
                   for i, s in enumerate(cand.recipe)]
         current = onnx.ModelProto()
         current.CopyFrom(model)
@@ -123,7 +111,7 @@ def tune_mixed_precision(
             return -value <= (c.max_accuracy_drop or 0.0)
         return value >= target
 
-    layers = quantized_layers(model)[:SENSITIVITY_MAX_LAYERS]
+    layers = weighted_layers(model, _QUANT_OPS)[:SENSITIVITY_MAX_LAYERS]
     try:
         base = quick([], "base")
         scores: list[LayerSensitivity] = []
@@ -150,7 +138,7 @@ def tune_mixed_precision(
             if fits(value):
                 record["kept_float"] = list(kept)
                 record["quick_metric"] = round(value, 6)
-                recipe = [dict(s, nodes_to_exclude=list(kept)) if i in excl_steps else dict(s)
+                recipe = [exclude_nodes(s, kept) if i in excl_steps else dict(s)
                           for i, s in enumerate(cand.recipe)]
                 return recipe, record
     except EngineError as exc:
