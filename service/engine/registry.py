@@ -46,6 +46,11 @@ class PassConfig(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
+    # Set by ``ScopeConfig``: the config restricts its pass to part of the graph, and the older
+    # scope option names its recipes may still use (read here without importing the scope).
+    is_scope: ClassVar[bool] = False
+    legacy_names: ClassVar[frozenset[str]] = frozenset()
+
 
 ConfigT = TypeVar("ConfigT", bound=PassConfig)
 
@@ -124,11 +129,9 @@ _REGISTRY: dict[str, type[Pass[Any]]] = {}
 
 def register(cls: type[Pass[Any]]) -> type[Pass[Any]]:
     """Class decorator: add a pass to the registry under ``cls.name``."""
-    from service.engine.scope import ScopeConfig
-
     if cls.name in _REGISTRY and _REGISTRY[cls.name] is not cls:
         raise ValueError(f"pass {cls.name!r} registered twice")
-    if cls.scoped != issubclass(cls.config_model, ScopeConfig):
+    if cls.scoped != cls.config_model.is_scope:
         raise ValueError(
             f"pass {cls.name!r}: scoped={cls.scoped} but its config "
             f"{'does not derive' if cls.scoped else 'derives'} from ScopeConfig"
@@ -165,12 +168,7 @@ def get_pass(name: str) -> type[Pass[Any]]:
 def config_keys(cls: type[Pass[Any]]) -> set[str]:
     """The option names a recipe step of ``cls`` may use: its config's fields, plus the older
     scope names it still accepts (``ScopeConfig.legacy_names``)."""
-    from service.engine.scope import ScopeConfig
-
-    fields = set(cls.config_model.model_fields)
-    if issubclass(cls.config_model, ScopeConfig):
-        fields |= cls.config_model.legacy_names
-    return fields
+    return set(cls.config_model.model_fields) | cls.config_model.legacy_names
 
 
 def parse_step(step: dict[str, Any]) -> tuple[type[Pass[Any]], PassConfig]:

@@ -82,7 +82,7 @@ class ScopeConfig(PassConfig):
     in ``legacy_names`` the older names its recipes used.
     """
 
-    legacy_names: ClassVar[frozenset[str]] = frozenset()
+    is_scope: ClassVar[bool] = True
 
     @model_validator(mode="before")
     @classmethod
