@@ -3,7 +3,7 @@
 A pass declares ``name``, ``config_model`` (a frozen pydantic model with defaults and field
 descriptions), what kind of technique it is (``quantizes``, ``calibrates``, ``trains``,
 ``scoped``: see ``Pass``) and ``run(model, config, ctx) -> model``. Registering a pass never
-edits the pipeline: ``run_pipeline`` looks passes up here by name and asks the class what it
+edits the pipeline: ``parse_recipe`` looks passes up here by name and the pipeline asks the class what it
 does instead of matching names. Heavy libraries (onnxruntime, torch) are imported inside
 ``run`` so that the API can validate recipes without them.
 
