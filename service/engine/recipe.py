@@ -336,7 +336,7 @@ def run_recipe(
         "already_quantized": description["already_quantized"],
         "warnings": warnings,
     }
-    if calibration is None and any(cls.calibrates for cls, _ in steps):
+    if calibration is None and any(cls.calibrates_with(config) for cls, config in steps):
         calibration = {"source": "dataset" if dataset is not None else "generated",
                        "samples": None}
     report = {

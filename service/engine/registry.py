@@ -105,7 +105,8 @@ class Pass(Generic[ConfigT]):
     - ``quantizes``: lowers the precision of weights or activations (int8, int4, fp16); a
       recipe made only of such passes is refused on an already quantized model.
     - ``calibrates``: sets activation ranges from sample inputs without training (the dataset,
-      or generated inputs when there is none); the report says what it calibrated on.
+      or generated inputs when there is none); the report says what it calibrated on. A pass
+      whose use of sample inputs depends on its config says so in ``calibrates_with``.
     - ``trains``: runs torch training on the job's dataset (always, or when its config asks for
       recovery rounds).
     - ``scoped``: its config derives from ``service.engine.scope.ScopeConfig`` (op types, nodes
@@ -119,6 +120,12 @@ class Pass(Generic[ConfigT]):
     calibrates: ClassVar[bool] = False
     trains: ClassVar[bool] = False
     scoped: ClassVar[bool] = False
+
+    @classmethod
+    def calibrates_with(cls, config: PassConfig) -> bool:
+        """Whether a step with ``config`` calibrates on sample inputs (default: ``calibrates``;
+        ``int4_weight_only`` does only for its data-driven methods)."""
+        return cls.calibrates
 
     def run(self, model: onnx.ModelProto, config: ConfigT, ctx: PassContext) -> onnx.ModelProto:
         raise NotImplementedError

@@ -79,3 +79,16 @@ def describe(architecture: str, features: Iterable[str]) -> str:
     """A short human description of the kernel-relevant features, e.g. ``"avx2, fma"``."""
     kernel = sorted(kernel_features(architecture, features))
     return ", ".join(kernel) if kernel else f"baseline {architecture} (no vector extensions listed)"
+
+
+# Instructions with which ONNX Runtime's MatMulNBits kernels (MLAS SQNBitGemm) compute int4 x
+# int8 products (``accuracy_level`` 4): VNNI/AMX and AVX-512 on x86, the dot products on arm64.
+_INT8_COMPUTE = {
+    "x86_64": frozenset({"avx512_vnni", "avx_vnni", "amx_int8", "avx512bw"}),
+    "arm64": frozenset({"dotprod", "i8mm"}),
+}
+
+
+def int8_compute_features(architecture: str, features: Iterable[str]) -> frozenset[str]:
+    """The features of this CPU that give MatMulNBits a fast int8 compute path (empty: none)."""
+    return canonical(features) & _INT8_COMPUTE.get(architecture, frozenset())
