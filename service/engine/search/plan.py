@@ -226,6 +226,18 @@ def _plan_int4(plan: Plan, fmt: str) -> None:
                  ["int4_weight_only", "int8_dynamic"],
                  "mix: int4 MatMul weights, dynamic int8 for the remaining layers",
                  0.14 * mm + 0.25 * (1 - mm), 8.0)
+    # Calibration-aware int4 (same size as RTN, closer to float): HQQ needs no data, GPTQ and
+    # AWQ calibrate on the job's dataset.
+    methods = {"hqq": "HQQ (data-free fitted scales)"}
+    if plan.has_dataset:
+        methods |= {"gptq": "GPTQ (error compensation from the dataset)",
+                    "awq": "AWQ-style activation-aware scales from the dataset"}
+    for method, why in methods.items():
+        plan.add(f"int4_{method}",
+                 lambda method=method: [  # type: ignore[misc]
+                     step("int4_weight_only", method=method)],
+                 ["int4_weight_only"], f"int4 block-wise weights for MatMul, {why}",
+                 0.14 * mm + (1 - mm), 8.0)
 
 
 def _plan_fp16(plan: Plan, fmt: str) -> None:

@@ -129,6 +129,12 @@ def test_candidates_follow_the_model() -> None:
     assert [s["pass"] for s in mixed.recipe] == ["quantize_static", "quantize_dynamic"]
     tf = [c.name for c in _plan("raspberry_pi_5", "transformer")]
     assert "int4_weight_only" in tf and "fp16" in tf
+    assert "int4_hqq" in tf and "int4_gptq" not in tf  # GPTQ/AWQ calibrate on a dataset
+    tf_data = {c.name: c.recipe for c in plan_candidates(
+        get_device("raspberry_pi_5"), FAMILIES["transformer"], has_dataset=True,
+        available=AVAILABLE, training=True)[0]}
+    assert tf_data["int4_gptq"] == [{"pass": "int4_weight_only", "method": "gptq"}]
+    assert tf_data["int4_awq"] == [{"pass": "int4_weight_only", "method": "awq"}]
     assert "int4_weight_only" not in [c.name for c in _plan("raspberry_pi_5", "cnn")]
     with_data = [c.name for c in plan_candidates(
         get_device("x86_xeon_spr_vnni_amx"), FAMILIES["cnn"], has_dataset=True,

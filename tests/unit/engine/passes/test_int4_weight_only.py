@@ -1,8 +1,10 @@
-"""int4_weight_only: MatMulNBits with configurable blocks, Gemm and subgraphs reached."""
+"""int4_weight_only: MatMulNBits with configurable blocks, Gemm and subgraphs reached; HQQ, GPTQ
+and AWQ against RTN on held-out digits; embedding and LM head precisions; accuracy level."""
 
 from __future__ import annotations
 
 import numpy as np
+import onnx
 import pytest
 from onnx import TensorProto as T
 from onnx import helper as h
@@ -10,7 +12,10 @@ from onnx import numpy_helper as nh
 
 from service.engine.errors import EngineError
 from service.engine.passes.int4_weight_only import Int4WeightOnlyConfig
+from service.engine.passes.quantize_static import QuantizeStaticConfig
+from service.engine.registry import get_pass
 from tests import crafted
+from tests.models import digits_mlp
 
 
 def test_block_size_must_be_a_power_of_two_in_range() -> None:
@@ -73,3 +78,97 @@ def test_models_without_matmul_weights_are_refused(kit, lstm) -> None:
     with pytest.raises(EngineError) as info:
         kit.run("int4_weight_only", kit.load(crafted.mlp()), nodes_to_exclude=["fc1", "fc2", "fc3"])
     assert info.value.code == "no_effect"
+
+
+# ---- calibration-aware methods, tables, accuracy level
+
+
+@pytest.fixture(scope="module")
+def digits() -> tuple:
+    """A trained digits MLP, its training rows (calibration) and its test rows (held out)."""
+    return digits_mlp()
+
+
+def _kld(p: np.ndarray, q: np.ndarray) -> float:
+    return float(np.mean(np.sum(p * (np.log(p + 1e-10) - np.log(q + 1e-10)), axis=1)))
+
+
+@pytest.mark.parametrize("block_size", [32, 128])
+def test_hqq_gptq_awq_beat_rtn_on_heldout_kld(kit, digits, block_size) -> None:
+    model, x_cal, x_test = digits
+    reference = kit.outputs(model, {"x": x_test})[0]
+    kld = {}
+    for method in ("rtn", "hqq", "gptq", "awq"):
+        run = kit.run("int4_weight_only", kit.load(model), dataset={"x": x_cal}, method=method,
+                      block_size=block_size, min_elements=1024, calibration_samples=512)
+        assert run.notes["quantized"] == 3 and run.notes["method"] == method
+        kld[method] = _kld(reference, kit.outputs(run.model, {"x": x_test})[0])
+    assert kld["rtn"] > 0, kld  # int4 error is visible on this model
+    for method in ("hqq", "gptq", "awq"):
+        assert kld[method] < kld["rtn"], (block_size, kld)
+    assert run.notes["calibration"] == {"source": "dataset", "samples": 512, "method": "awq"}
+
+
+def test_gptq_and_awq_need_a_dataset(kit, digits) -> None:
+    for method in ("gptq", "awq"):
+        with pytest.raises(EngineError) as info:
+            kit.run("int4_weight_only", kit.load(digits[0]), method=method, min_elements=1024)
+        assert info.value.code == "invalid_dataset"
+        assert repr(method) in info.value.message and "dataset" in info.value.message
+    cls = get_pass("int4_weight_only")
+    assert [cls.calibrates_with(Int4WeightOnlyConfig(method=m))
+            for m in ("rtn", "hqq", "gptq", "awq")] == [False, False, True, True]
+    assert get_pass("quantize_static").calibrates_with(QuantizeStaticConfig())
+
+
+def _tiny_lm() -> onnx.ModelProto:
+    """ids -> Gather(table [1024, 64]) -> MatMul 64x256 -> Relu -> MatMul 256x1024 -> logits."""
+    rng = np.random.default_rng(0)
+    inits = [nh.from_array(rng.normal(0, 1, (1024, 64)).astype(np.float32), "table"),
+             nh.from_array(rng.normal(0, 0.1, (64, 256)).astype(np.float32), "w_in"),
+             nh.from_array(rng.normal(0, 0.1, (256, 1024)).astype(np.float32), "w_head")]
+    nodes = [h.make_node("Gather", ["table", "ids"], ["e"], name="embed"),
+             h.make_node("MatMul", ["e", "w_in"], ["m"], name="fc"),
+             h.make_node("Relu", ["m"], ["r"], name="relu"),
+             h.make_node("MatMul", ["r", "w_head"], ["logits"], name="lm_head")]
+    g = h.make_graph(nodes, "lm", [h.make_tensor_value_info("ids", T.INT64, ["B", "S"])],
+                     [h.make_tensor_value_info("logits", T.FLOAT, ["B", "S", 1024])], inits)
+    return h.make_model(g, opset_imports=[h.make_opsetid("", 17)], ir_version=8)
+
+
+def test_embedding_and_lm_head_precisions(kit) -> None:
+    model = kit.load(_tiny_lm())
+    ids = {"ids": np.array([[0, 5, 1023, 7]], np.int64)}
+    reference = kit.outputs(model, ids)
+    sizes = {}
+    for embedding, lm_head, op in (("float", "int4", None),
+                                   ("int4", "int4", "com.microsoft.GatherBlockQuantized"),
+                                   ("int8", "float", "DequantizeLinear"),
+                                   ("float", "int8", "DequantizeLinear")):
+        run = kit.run("int4_weight_only", model, embedding=embedding, lm_head=lm_head,
+                      block_size=32)
+        ops = kit.ops(run.model)
+        assert run.notes["lm_head"]["nodes"] == ["lm_head"]
+        assert ops.get("com.microsoft.MatMulNBits") == (2 if lm_head == "int4" else 1)
+        assert op is None or ops.get(op) == 1, ops
+        assert kit.min_cosine(reference, kit.outputs(run.model, ids)) >= 0.98
+        sizes[embedding, lm_head] = run.model.ByteSize()
+    table = 1024 * 64 * 4  # float32 embedding bytes
+    assert sizes["float", "int4"] - sizes["int4", "int4"] > 0.8 * table  # int4 table: ~1/7
+    assert sizes["float", "int4"] < sizes["float", "int8"] < model.ByteSize()
+    assert max(sizes.values()) < model.ByteSize()
+
+
+def test_accuracy_level_follows_the_target(tmp_path) -> None:
+    from service.engine.devices import get_device
+    from service.engine.passes.int4_weight_only import choose_accuracy_level
+    from service.engine.registry import PassContext
+
+    chosen = {name: choose_accuracy_level(Int4WeightOnlyConfig(),
+                                          PassContext(tmp_path, target=get_device(name)))[0]
+              for name in ("x86_xeon_spr_vnni_amx", "x86_laptop_avx2", "raspberry_pi_5",
+                           "raspberry_pi_4")}
+    assert chosen == {"x86_xeon_spr_vnni_amx": 4, "x86_laptop_avx2": None,
+                      "raspberry_pi_5": 4, "raspberry_pi_4": None}
+    explicit = Int4WeightOnlyConfig(accuracy_level=1)
+    assert choose_accuracy_level(explicit, PassContext(tmp_path))[0] == 1
