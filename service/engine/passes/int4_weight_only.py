@@ -9,7 +9,12 @@ reached as well. How the 4-bit values are chosen is ``method``:
   ``DefaultWeightOnlyQuantConfig``; walks If/Loop/Scan bodies too.
 - ``hqq``: Half-Quadratic Quantization, data-free: scales and zero points fitted to each block
   by a proximal solver. ONNX Runtime's ``HQQWeightOnlyQuantConfig`` (needs torch). HQQ blocks
-  are always asymmetric with float zero points (``symmetric`` does not apply).
+  are always asymmetric with float zero points (``symmetric`` does not apply), and ONNX
+  Runtime 1.31's CPU MatMulNBits has no fast kernel for float zero points: measured on an AMD
+  EPYC (AVX-512 VNNI), 2 x 1024x1024 MatMuls, batch 1, 1 thread: float32 0.28 ms, RTN 0.08 ms,
+  HQQ 2.35 ms. Rounding HQQ's zero points to uint4 (and refitting codes and scales) made it as
+  fast as RTN but lost its accuracy gain (digits MLP, block 32: KLD 5.9e-4 vs RTN 5.1e-4), so
+  HQQ is for size and accuracy, not CPU speed (docs/bench/int4.txt).
 - ``gptq``: GPTQ, from the job's dataset, written here: each MatMul's input is captured by
   running the model in ONNX Runtime on the calibration samples, its Hessian ``X^T X`` drives
   row-by-row error compensation, and the int4 codes go straight into a MatMulNBits node.
