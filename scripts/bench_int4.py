@@ -95,8 +95,9 @@ def run(args: argparse.Namespace, cores: int) -> int:
         for block in BLOCKS:
             for method in METHODS:
                 ctx = PassContext(workdir=Path(tmp), dataset={"x": x_cal})
-                config = Int4WeightOnlyConfig(method=method, block_size=block, min_elements=1024,
-                                          calibration_samples=512)
+                config = Int4WeightOnlyConfig.model_validate(
+                    {"method": method, "block_size": block, "min_elements": 1024,
+                     "calibration_samples": 512})
                 try:
                     start = time.perf_counter()
                     out = Int4WeightOnly().run(model, config, ctx)
