@@ -9,12 +9,11 @@ reached as well. How the 4-bit values are chosen is ``method``:
   ``DefaultWeightOnlyQuantConfig``; walks If/Loop/Scan bodies too.
 - ``hqq``: Half-Quadratic Quantization, data-free: scales and zero points fitted to each block
   by a proximal solver. ONNX Runtime's ``HQQWeightOnlyQuantConfig`` (needs torch). HQQ blocks
-  are always asymmetric with float zero points (``symmetric`` does not apply), and ONNX
-  Runtime 1.31's CPU MatMulNBits has no fast kernel for float zero points: measured on an AMD
-  EPYC (AVX-512 VNNI), 2 x 1024x1024 MatMuls, batch 1, 1 thread: float32 0.28 ms, RTN 0.08 ms,
-  HQQ 2.35 ms. Rounding HQQ's zero points to uint4 (and refitting codes and scales) made it as
-  fast as RTN but lost its accuracy gain (digits MLP, block 32: KLD 5.9e-4 vs RTN 5.1e-4), so
-  HQQ is for size and accuracy, not CPU speed (docs/bench/int4.txt).
+  are always asymmetric with float zero points (``symmetric`` does not apply); ONNX Runtime's
+  CPU kernel is slow with float zero points, so they are rewritten here as an exact correction
+  term the fast kernel can run beside (``_zero_point_corrections``). Rounding HQQ's zero
+  points to uint4 instead (and refitting codes and scales) lost its accuracy gain (digits MLP,
+  block 32: KLD 5.9e-4 vs RTN 5.1e-4).
 - ``gptq``: GPTQ, from the job's dataset, written here: each MatMul's input is captured by
   running the model in ONNX Runtime on the calibration samples, its Hessian ``X^T X`` drives
   row-by-row error compensation, and the int4 codes go straight into a MatMulNBits node.
@@ -228,7 +227,65 @@ def _hqq(model: onnx.ModelProto, config: Int4WeightOnlyConfig, targets: list[str
     quantizer = MatMulNBitsQuantizer(model, bits=4, block_size=config.block_size,
                                      nodes_to_exclude=sorted(exclude), algo_config=algo)
     quantizer.process()
-    return quantizer.model.model
+    out = quantizer.model.model
+    ctx.notes["hqq_zero_point_corrections"] = _zero_point_corrections(out.graph)
+    return out
+
+
+def _zero_point_corrections(graph: onnx.GraphProto) -> int:
+    """Main-graph MatMulNBits with float zero points (HQQ's) rewritten exactly for the fast
+    kernel: ``(q - z) s = (q - 8) s + (8 - z) s``, i.e. MatMulNBits without zero points (the
+    implicit 8) plus ``blocksum(x) @ C`` with ``C[b, n] = (8 - z[b, n]) s[b, n]`` (Reshape,
+    ReduceSum, MatMul, Reshape to the output's shape, Add). C has as many floats as the zero
+    points it replaces. Needs K a multiple of the block size; other nodes keep float zero
+    points. Returns how many were rewritten.
+
+    Why: ONNX Runtime 1.31's CPU MatMulNBits has no fast kernel for float zero points. Measured
+    on an AMD EPYC (AVX-512 VNNI), 2 x 1024x1024 MatMuls, batch 1, 1 thread: float32 0.28 ms,
+    RTN int4 0.08 ms, HQQ as ONNX Runtime writes it 2.35 ms.
+    """
+    inits = {t.name: t for t in graph.initializer}
+    nodes: list[onnx.NodeProto] = []
+    done = 0
+    for node in graph.node:
+        nodes.append(node)
+        zp = inits.get(node.input[3]) if node.op_type == "MatMulNBits" and len(
+            node.input) > 3 else None
+        if zp is None or zp.data_type != TensorProto.FLOAT or node.input[2] not in inits:
+            continue
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        k, n, block = int(attrs["K"]), int(attrs["N"]), int(attrs["block_size"])
+        if k % block:
+            continue
+        blocks = k // block
+        scale = numpy_helper.to_array(inits[node.input[2]]).reshape(n, blocks)
+        zero = numpy_helper.to_array(zp).reshape(n, blocks)
+        base = node.name or node.output[0]
+        correction = numpy_helper.from_array(((8.0 - zero) * scale).T.astype(np.float32),
+                                             f"{base}_zp_correction")
+        shape = numpy_helper.from_array(np.array([-1, blocks, block], np.int64),
+                                        f"{base}_zp_blocks")
+        axes = numpy_helper.from_array(np.array([-1], np.int64), f"{base}_zp_axes")
+        graph.initializer.extend([correction, shape, axes])
+        output = node.output[0]
+        node.output[0] = f"{output}_nbits"
+        del node.input[3:]
+        t = f"{base}_zp"
+        nodes += [
+            helper.make_node("Reshape", [node.input[0], shape.name], [f"{t}_x"], name=f"{t}_x"),
+            helper.make_node("ReduceSum", [f"{t}_x", axes.name], [f"{t}_sum"], keepdims=0,
+                             name=f"{t}_sum"),
+            helper.make_node("MatMul", [f"{t}_sum", correction.name], [f"{t}_mm"],
+                             name=f"{t}_mm"),
+            helper.make_node("Shape", [node.output[0]], [f"{t}_shape"], name=f"{t}_shape"),
+            helper.make_node("Reshape", [f"{t}_mm", f"{t}_shape"], [f"{t}_y"], name=f"{t}_y"),
+            helper.make_node("Add", [node.output[0], f"{t}_y"], [output], name=f"{t}_add"),
+        ]
+        done += 1
+    del graph.node[:]
+    graph.node.extend(nodes)
+    _drop_unused_initializers(graph)
+    return done
 
 
 def _gptq(model: onnx.ModelProto, config: Int4WeightOnlyConfig, targets: list[str],

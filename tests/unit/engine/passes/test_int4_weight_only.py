@@ -172,3 +172,25 @@ def test_accuracy_level_follows_the_target(tmp_path) -> None:
                       "raspberry_pi_5": 4, "raspberry_pi_4": None}
     explicit = Int4WeightOnlyConfig(accuracy_level=1)
     assert choose_accuracy_level(explicit, PassContext(tmp_path))[0] == 1
+
+
+def test_hqq_zero_points_are_rewritten_exactly_for_the_fast_kernel(kit) -> None:
+    """HQQ's float zero points become a correction term: same outputs as ONNX Runtime's HQQ
+    model, and no MatMulNBits left with a float zero point."""
+    from onnxruntime.quantization.matmul_nbits_quantizer import (
+        HQQWeightOnlyQuantConfig,
+        MatMulNBitsQuantizer,
+    )
+
+    model = kit.load(crafted.mlp())
+    plain = onnx.ModelProto()
+    plain.CopyFrom(model)
+    quantizer = MatMulNBitsQuantizer(plain, bits=4, block_size=32,
+                                     algo_config=HQQWeightOnlyQuantConfig(block_size=32))
+    quantizer.process()
+    run = kit.run("int4_weight_only", model, method="hqq", block_size=32, accuracy_level=1)
+    assert run.notes["hqq_zero_point_corrections"] == 3 and run.notes["quantized"] == 3
+    assert all(len(n.input) == 3 for n in run.model.graph.node if n.op_type == "MatMulNBits")
+    x = {"x": np.random.default_rng(0).normal(size=(5, 64)).astype(np.float32)}
+    expected = kit.outputs(quantizer.model.model, x)[0]
+    assert np.abs(kit.outputs(run.model, x)[0] - expected).max() <= 1e-4 * np.abs(expected).max()
