@@ -7,7 +7,9 @@ row: size ratio (float bytes / int4 bytes), KL divergence of the softmax outputs
 agreement vs float32 on the held-out test rows (disjoint from calibration), and latency ratio
 (int4 / float32; below 1 = faster) at batch 1 with 1 intra-op thread and with the host's usable
 cores, float32 and every int4 model interleaved, medians. ``accuracy_level`` is the pass's
-choice for this host (printed). The bar: every calibration-aware method has a lower KLD than
+choice for this host (printed). The digits MLP is small enough for per-node overhead to show in
+its latency, so a second table times a random-weight 1024-4096-1024 MLP (32 MB of float
+weights) the same way. The bar: every calibration-aware method has a lower KLD than
 RTN at the same block size; the script exits 1 when it fails or a row errors.
 
     .venv/bin/python scripts/bench_int4.py --out docs/bench/int4.txt
@@ -140,9 +142,51 @@ def run(args: argparse.Namespace, cores: int) -> int:
             detail = ("error" if "error" in ours or "error" in rtn
                       else f"{ours['kld']:.2e} < {rtn['kld']:.2e}")
             print(f"  {'PASS' if ok else 'FAIL'} {method} block {block}: {detail}")
+    failed += wide_latency(args, cores)
     code = 1 if failed or bars else 0
     print(f"\n{failed} rows errored, {bars} bars failed; exit {code}")
     return code
+
+
+def wide_latency(args: argparse.Namespace, cores: int) -> int:
+    """Latency where int4 matters (weights too big for the caches): a random-weight MLP
+    x[1, 1024] -> 1024x4096 -> 4096x1024, each method calibrated on 64 random rows. Returns
+    the number of rows that errored."""
+    from service.engine.normalise import normalise
+    from service.engine.passes.int4_weight_only import Int4WeightOnly, Int4WeightOnlyConfig
+    from service.engine.registry import PassContext
+    from tests.models import mlp
+
+    model = normalise(mlp(inputs=1024, hidden=4096, outputs=1024))[0]  # as the pipeline does
+    rng = np.random.default_rng(0)
+    data = {"x": rng.standard_normal((64, 1024)).astype(np.float32)}
+    models: dict[str, object] = {"fp32": model}
+    sizes: dict[str, float] = {}
+    failed = 0
+    with tempfile.TemporaryDirectory(prefix="bench_int4_") as tmp:
+        for block in BLOCKS:
+            for method in METHODS:
+                config = Int4WeightOnlyConfig.model_validate(
+                    {"method": method, "block_size": block})
+                try:
+                    out = Int4WeightOnly().run(model, config,
+                                               PassContext(workdir=Path(tmp), dataset=data))
+                except Exception:
+                    traceback.print_exc()
+                    failed += 1
+                    continue
+                models[f"{method}/{block}"] = out
+                sizes[f"{method}/{block}"] = model.ByteSize() / out.ByteSize()
+    feed = {"x": data["x"][:1]}
+    one = latency_ratios(models, feed, 1, args.runs)
+    many = latency_ratios(models, feed, cores, args.runs)
+    print(f"\nlatency on a random-weight MLP 1024-4096-1024 (float32 {model.ByteSize()} bytes, "
+          "batch 1): int4 median / float32 median")
+    print(f"{'method':<7} {'block':>5} {'size x':>7} {'lat 1t':>7} {f'lat {cores}t':>7}")
+    for key, size in sizes.items():
+        method, block = key.split("/")
+        print(f"{method:<7} {block:>5} {size:>7.2f} {one[key]:>7.2f} {many[key]:>7.2f}")
+    return failed
 
 
 if __name__ == "__main__":

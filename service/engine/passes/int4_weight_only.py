@@ -293,19 +293,20 @@ def _gptq(model: onnx.ModelProto, config: Int4WeightOnlyConfig, targets: list[st
     feeds = _calibration(model, config, ctx)
     inits = {t.name: t for t in model.graph.initializer}
     chosen = set(targets)
-    nodes = [n for n in model.graph.node if n.name in chosen]
+    positions = [i for i, n in enumerate(model.graph.node) if n.name in chosen]
+    nodes = [model.graph.node[i] for i in positions]
     captured = capture_inputs(model, sorted({n.input[0] for n in nodes}), feeds, GPTQ_ROWS)
-    replaced: dict[str, list[onnx.NodeProto]] = {}
-    for index, node in enumerate(nodes):
+    replaced: dict[int, onnx.NodeProto] = {}
+    for index, (position, node) in enumerate(zip(positions, nodes, strict=True)):
         ctx.check_cancelled()
         w = numpy_helper.to_array(inits[node.input[1]]).astype(np.float32)
         codes, scales, zeros = gptq_int4(captured[node.input[0]], w, config.block_size,
                                          config.symmetric)
-        new, tensors = matmul_nbits(node, codes, scales, zeros, config.block_size)
+        new, tensors = matmul_nbits(node, codes, scales, zeros, config.block_size, index)
         model.graph.initializer.extend(tensors)
-        replaced[node.name] = [new]
+        replaced[position] = new
         ctx.progress(0.2 + 0.5 * (index + 1) / len(nodes), f"gptq for {node.name}")
-    kept = [m for n in model.graph.node for m in replaced.get(n.name, [n])]
+    kept = [replaced.get(i, n) for i, n in enumerate(model.graph.node)]
     del model.graph.node[:]
     model.graph.node.extend(kept)
     _drop_unused_initializers(model.graph)
@@ -332,11 +333,11 @@ def _awq(model: onnx.ModelProto, config: Int4WeightOnlyConfig, targets: list[str
         scaled = numpy_helper.from_array((w * scale[:, None]).astype(np.float32),
                                          f"{node.input[1]}_awq_{index}")
         inverse = numpy_helper.from_array((1.0 / scale).astype(np.float32),
-                                          f"{node.name}_awq_inv_scale")
+                                          f"{node.input[1]}_awq_inv_scale_{index}")
         model.graph.initializer.extend([scaled, inverse])
         scaled_input = f"{node.input[0]}_awq_{index}"
         mul = helper.make_node("Mul", [node.input[0], inverse.name], [scaled_input],
-                               name=f"{node.name}_awq_scale")
+                               name=f"{node.name}_awq_scale_{index}")
         node.input[0], node.input[1] = scaled_input, scaled.name
         model.graph.node.insert(list(model.graph.node).index(node), mul)
         ctx.progress(0.2 + 0.5 * (index + 1) / len(nodes), f"awq scales for {node.name}")
@@ -494,8 +495,8 @@ def gptq_int4(x: np.ndarray, w: np.ndarray, block_size: int, symmetric: bool,
 
 
 def matmul_nbits(node: onnx.NodeProto, codes: np.ndarray, scales: np.ndarray,
-                 zeros: np.ndarray | None, block_size: int) -> tuple[onnx.NodeProto,
-                                                                    list[TensorProto]]:
+                 zeros: np.ndarray | None, block_size: int,
+                 index: int) -> tuple[onnx.NodeProto, list[TensorProto]]:
     """A MatMulNBits node (and its tensors) for int4 ``codes`` [K, N], ``scales``/``zeros``
     [K/block_size, N], in the layout of ONNX Runtime's contrib op: B [N, blocks, block/2]
     (low nibble first), scales [N, blocks], zero points [N, ceil(blocks/2)] per column."""
@@ -505,7 +506,7 @@ def matmul_nbits(node: onnx.NodeProto, codes: np.ndarray, scales: np.ndarray,
     padded[:k] = codes
     per_column = padded.T.reshape(n, blocks, block_size)
     packed = per_column[..., ::2] | (per_column[..., 1::2] << 4)
-    base = node.input[1] + "_gptq"
+    base = f"{node.input[1]}_gptq_{index}"
     tensors = [numpy_helper.from_array(np.ascontiguousarray(packed), base + "_q4"),
                numpy_helper.from_array(np.ascontiguousarray(scales.T), base + "_scales")]
     if zeros is not None:
