@@ -51,3 +51,14 @@ def test_int4_method_through_the_api(api, digits, method) -> None:  # type: igno
                                providers=["CPUExecutionProvider"]).run(None, feeds)[0]
     got = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"]).run(None, feeds)[0]
     assert float((ref.argmax(1) == got.argmax(1)).mean()) >= 0.97
+
+
+def test_awq_without_a_dataset_fails_the_job_precisely(api, digits) -> None:  # type: ignore[no-untyped-def]
+    d, _ = digits
+    model = api.upload_model(d / "digits_mlp.onnx")
+    job = api.submit(model_id=model["id"], device="host",
+                     recipe=[{"pass": "int4_weight_only", "method": "awq"}])
+    done = api.wait(job["id"])
+    assert done["state"] == "failed"
+    assert done["error"]["code"] == "invalid_dataset"
+    assert "'awq'" in done["error"]["message"] and "dataset" in done["error"]["message"]
