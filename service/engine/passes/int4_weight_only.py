@@ -17,12 +17,14 @@ reached as well. How the 4-bit values are chosen is ``method``:
 - ``gptq``: GPTQ, from the job's dataset, written here: each MatMul's input is captured by
   running the model in ONNX Runtime on the calibration samples, its Hessian ``X^T X`` drives
   row-by-row error compensation, and the int4 codes go straight into a MatMulNBits node.
-  ONNX Runtime ships a GPTQ (``onnxruntime.quantization.neural_compressor.gptq_quantize``, no
-  INC package needed) but it is not used: it rounds on GPTQ's grid and then rounds the result
-  again on a different one (symmetric: scale 2·max/15 vs max/7.5), which on the test MLP made
-  it 4x worse than RTN (KLD 1.4e-3 vs 3.0e-4, block 32, symmetric); it also ignores
-  ``nodes_to_exclude`` and packs zero points wrongly for an odd number of blocks. Main graph
-  only: MatMuls inside If/Loop/Scan bodies get RTN.
+  ONNX Runtime 1.31 ships a GPTQ (``onnxruntime.quantization.neural_compressor``, a copy of
+  Intel Neural Compressor's, no INC package needed) but it is not used: its update reads the
+  column below the diagonal of an upper-triangular factor (zeros), so it compensates nothing
+  (its ``gptq()`` returns exactly plain RTN on its grid: checked on random correlated inputs),
+  and it then rounds that result again on a different grid (symmetric: scale 2·max/15, then
+  max/7.5), which on the digits MLP made it 4x worse than RTN (KLD 1.4e-3 vs 3.0e-4, block 32,
+  symmetric); it also ignores ``nodes_to_exclude`` and packs zero points wrongly for an odd
+  number of blocks. Main graph only: MatMuls inside If/Loop/Scan bodies get RTN.
 - ``awq``: activation-aware scale search, from the job's dataset, written here (ONNX Runtime's
   only AWQ is NVIDIA ModelOpt's, a CUDA-oriented extra package). Per MatMul, per input channel
   ``s = mean|x| ** alpha``, ``alpha`` searched on a grid to minimise the MatMul's output error
