@@ -23,7 +23,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from service.engine.headline import headline
+from service.engine.headline import headline, lm_rows
 from service.engine.wording import describe_speedup
 
 EXIT_CODES = """\
@@ -640,6 +640,7 @@ def _print_job(out: Output, job: Any) -> None:
             ("accuracy", f"{r['accuracy_before']:.4f} -> {r['accuracy_after']:.4f}"
              if r.get("accuracy_before") is not None and r.get("accuracy_after") is not None
              else None),
+            *lm_rows(r.get("lm") or {}),
             ("chosen", (r.get("auto") or {}).get("candidate")),
             ("warnings", "; ".join(r.get("warnings") or []) or None),
             ("artifacts", job.artifacts or None)])
@@ -767,6 +768,7 @@ def summarize_report(report: dict[str, Any]) -> list[tuple[str, Any]]:
     ]
     if h.accuracy_before is not None:
         rows.append(("accuracy", f"{h.accuracy_before:.4f} -> {h.accuracy_after}"))
+    rows.extend(lm_rows(h.lm))
     chosen = auto.get("chosen") or {}
     if chosen:
         rows.append(("chosen", chosen.get("candidate")))

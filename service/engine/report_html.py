@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from service.engine.headline import Headline, headline
+from service.engine.headline import Headline, headline, lm_rows
 
 __all__ = ["render_report_html", "op_type_latency", "op_latency_section"]
 
@@ -334,6 +334,10 @@ def _summary(report: dict) -> str:
     if h.accuracy_before is not None:
         cards.append(("Accuracy", f"{_num(h.accuracy_before * 100, 2)}% → "
                       f"{_num((h.accuracy_after or 0) * 100, 2)}%", ""))
+    if h.lm:
+        cards.append(("Language model", f"KL divergence {_num(h.lm.get('kl_divergence'), 5)}",
+                      f"perplexity {_num(h.lm.get('perplexity_before'), 3)} → "
+                      f"{_num(h.lm.get('perplexity_after'), 3)}"))
     auto = (report.get("summary") or {}).get("auto") or {}
     # An estimate only where nothing was measured: beside a measurement on the same machine
     # a cost-model figure is a second, worse answer to the same question.
@@ -578,6 +582,16 @@ def _measurements(report: dict) -> str:
             f"<code>{_e(acc.get('output'))}</code>", _num(h.accuracy_before, 4),
             _num(h.accuracy_after, 4), _num(h.accuracy_after - h.accuracy_before, 4),
             _num(h.eval_samples if h.eval_inputs == "dataset_holdout" else acc.get("samples"))]])
+    if h.lm:
+        lm = report.get("lm") or {}
+        body += "<h3>Language model</h3>" + _table(
+            ["", "Value"], [[_e(label), _e(text)] for label, text in lm_rows(h.lm)])
+        body += (f'<p class="small">On {_num(lm.get("sequences"))} evaluation sequences of '
+                 f'{_num(lm.get("sequence_length"))} tokens ({_e(lm.get("source"))}); '
+                 f'perplexity targets: {_e(lm.get("perplexity_targets"))}; tokens/s: a '
+                 f'{_num(lm.get("prompt_length"))}-token prefill and '
+                 f'{_num(lm.get("decode_tokens"))} decode steps, {_num(lm.get("threads"))} '
+                 "thread(s).</p>")
     if h.eval_inputs:
         body += f'<p class="small">Evaluation inputs: {_e(_evidence(h))}.</p>'
     return body
