@@ -9,7 +9,7 @@ Layout: one array per model input, in either form:
   counts samples; a model with a fixed batch B takes them B rows at a time.
 
 An optional ``labels`` array holds one integer class per sample. A causal decoder's dataset
-(``service.engine.lm``) may hold only token sequences ``input_ids`` [N, L]; its ``labels``, if
+(``service.engine.decoder``) may hold only token sequences ``input_ids`` [N, L]; its ``labels``, if
 any, are the next token of every position [N, L]. ``load_dataset`` returns the
 *batched* layout (every array with the input's rank, axis 0 the batch) when every input allows
 it (``[N, 1, ...]`` for a batch-1 input is squeezed to ``[N, ...]``), else the *samples* layout
@@ -30,11 +30,11 @@ import numpy as np
 import onnx
 from onnx import helper
 
+from service.engine.decoder import DecoderSpec, decoder_arrays, decoder_spec
 from service.engine.errors import EngineError
 from service.engine.ingest import graph_inputs
 from service.engine.inputs import InputSlot, input_signature
 from service.engine.limits import EngineLimits
-from service.engine.lm import DecoderSpec, decoder_arrays, decoder_spec
 
 LABELS = "labels"
 
@@ -196,7 +196,7 @@ def _decoder_dataset(spec: DecoderSpec, arrays: dict[str, np.ndarray]) -> tuple[
     """A causal decoder's dataset: token sequences ``input_ids`` [N, L] (ids in the
     vocabulary), optional ``labels`` [N, L] (next tokens, -100 for none); the other decoder
     inputs (mask, positions, an empty past) are made from the ids when absent, one sequence per
-    row (``service.engine.lm.decoder_arrays``)."""
+    row (``service.engine.decoder.decoder_arrays``)."""
     arrays = dict(arrays)
     ids = arrays.get(spec.input_ids)
     if ids is None or ids.ndim != 2 or ids.dtype.kind not in "iu":

@@ -26,7 +26,7 @@ and gives finite outputs.
   integers try the constants the graph compares them against, then 1 and 0; booleans are
   random; other integers are 0 or 1.
 
-A causal decoder (``service.engine.lm.decoder_spec``: token ids in, logits out, a KV cache) is
+A causal decoder (``service.engine.decoder.decoder_spec``: token ids in, logits out, a KV cache) is
 not probed: ``decoder_plan`` gives a prefill of ``DECODER_PROMPT`` token ids from the vocabulary
 (or the job's ``input_ids`` shape), an attention mask of ones, position ids 0..L-1 and past
 tensors of length 0, and ``resolve_inputs`` checks that it runs and that a decode step (past of
@@ -57,9 +57,9 @@ import onnx
 from onnx import helper, numpy_helper
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from service.engine.decoder import DecoderSpec, decode_feed, decoder_spec
 from service.engine.errors import EngineError
 from service.engine.graph import iter_graphs
-from service.engine.lm import DecoderSpec, decoder_spec
 
 Feed = dict[str, np.ndarray]
 
@@ -548,7 +548,7 @@ def _build(draft: _Draft, assignment: dict[tuple[str, ...], int],
 
 
 # ---------------------------------------------------------------------------------------------
-# Causal decoders (``service.engine.lm`` recognises them)
+# Causal decoders (``service.engine.decoder`` recognises them)
 
 DECODER_PROMPT = 64  # the prompt length of a decoder's generated prefill
 
@@ -589,7 +589,6 @@ def _resolve_decoder(model: onnx.ModelProto, spec: DecoderSpec, session: Any,
                      seed: int) -> InputPlan:
     """``decoder_plan`` checked on ``session``: the prefill runs with finite logits, and so does
     one decode step fed the prefill's ``present`` tensors as its past (length L)."""
-    from service.engine.lm import decode_feed
 
     plan = decoder_plan(model, spec, given)
     feed = plan.feeds(1, seed)[0]

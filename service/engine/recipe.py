@@ -27,11 +27,12 @@ from typing import IO, Any, cast
 import onnx
 
 from service.engine.dataset import load_dataset, samples_layout, split_for_evaluation
+from service.engine.decoder import decoder_spec
 from service.engine.errors import EngineError
 from service.engine.ingest import fit_ir_version
 from service.engine.inputs import InputPlan, resolve_inputs
 from service.engine.limits import EngineLimits
-from service.engine.lm import decoder_spec, lm_evaluation, lm_summary
+from service.engine.lm import lm_evaluation, lm_summary
 from service.engine.normalise import normalise
 from service.engine.pipeline import (
     apply_steps,

@@ -13,10 +13,11 @@ import onnx
 import pytest
 
 from service.engine.dataset import load_dataset, split_feeds
+from service.engine.decoder import decode_feed, decoder_spec, prefill_feed
 from service.engine.errors import EngineError
 from service.engine.evaluate import make_session
 from service.engine.inputs import resolve_inputs
-from service.engine.lm import decode_feed, decoder_spec, evaluate_lm, prefill_feed
+from service.engine.lm import evaluate_lm
 from service.engine.search.plan import model_family
 
 
