@@ -111,3 +111,80 @@ def test_evaluate_lm_compares_two_decoders(byte_lm, tmp_path: Path) -> None:  # 
     assert out["perplexity_after"] != out["perplexity_before"]
     assert out["decode_tokens_per_s_after"] > 0 and out["prefill_tokens_per_s_before"] > 0
     assert out["peak_memory_mb_before"] > out["memory"]["before"]["baseline_mb"] > 0
+
+
+def _judged(constraints: dict, metrics: dict, decoder: bool) -> list[str]:
+    from service.engine.constraints import parse_constraints
+    from service.engine.devices import get_device
+    from service.engine.search.candidate import Candidate
+    from service.engine.search.score import SearchContext, violations
+
+    cand = Candidate("int4_weight_only", [], ["int4_weight_only"], "", 0.2, 8.0)
+    cand.metrics = {"bytes_stored": 1000, "target_memory_mb": 1.0, "host_speedup": 1.0,
+                    "target_speedup": 1.0, "min_cosine": 0.9, "top1_agreement": None,
+                    "accuracy_drop": None, **metrics}
+    ctx = SearchContext(get_device("raspberry_pi_5"), parse_constraints(constraints), False,
+                        decoder=decoder)
+    return [v["constraint"] for v in violations(cand, ctx)]
+
+
+def test_decoders_are_judged_by_kl_divergence_not_cosine() -> None:
+    good, bad = {"kl_divergence": 0.001}, {"kl_divergence": 0.05}
+    # a decoder: the default budget is on KLD (0.02 nats); a low logits cosine does not count
+    assert _judged({"objective": "size"}, good, decoder=True) == []
+    assert _judged({"objective": "size"}, bad, decoder=True) == ["max_kl_divergence"]
+    assert _judged({"objective": "size", "max_kl_divergence": 0.1}, bad, decoder=True) == []
+    assert _judged({"max_perplexity_increase": 0.01},
+                   {**good, "perplexity_increase": 0.02}, decoder=True) == [
+        "max_perplexity_increase"]
+    # a missing measurement misses the budget (the LM evaluation failed)
+    assert _judged({}, {"kl_divergence": None}, decoder=True) == ["max_kl_divergence"]
+    # other models keep the cosine default, and cannot meet a KLD budget
+    assert _judged({}, good, decoder=False) == ["min_fidelity(cosine)"]
+    assert "max_kl_divergence" in _judged({"max_kl_divergence": 0.1}, good, decoder=False)
+
+
+def test_a_decoder_is_recognised_by_its_group_query_attention_cache() -> None:
+    """Cache tensors named freely, tied to the graph by ONNX Runtime's GroupQueryAttention."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    vocab, hidden, heads, kv, dim = 32, 16, 2, 1, 8
+    rng = np.random.default_rng(0)
+    emb = numpy_helper.from_array(rng.standard_normal((vocab, hidden)).astype(np.float32), "emb")
+    wq = numpy_helper.from_array(rng.standard_normal((hidden, hidden)).astype(np.float32), "wq")
+    wkv = numpy_helper.from_array(rng.standard_normal((hidden, kv * dim)).astype(np.float32),
+                                  "wkv")
+    head = numpy_helper.from_array(rng.standard_normal((hidden, vocab)).astype(np.float32),
+                                   "head")
+    nodes = [
+        helper.make_node("Gather", ["emb", "ids"], ["x"]),
+        helper.make_node("MatMul", ["x", "wq"], ["q"]),
+        helper.make_node("MatMul", ["x", "wkv"], ["k"]),
+        helper.make_node("MatMul", ["x", "wkv"], ["v"]),
+        helper.make_node("ReduceSum", ["attention_mask"], ["total"], keepdims=0),
+        helper.make_node("Cast", ["total"], ["total32"], to=TensorProto.INT32),
+        helper.make_node("Sub", ["total32", "one"], ["seqlens"]),
+        helper.make_node("GroupQueryAttention", ["q", "k", "v", "cache_k", "cache_v", "seqlens",
+                                                 "total32"], ["attn", "cache_k_out", "cache_v_out"],
+                         domain="com.microsoft", num_heads=heads, kv_num_heads=kv),
+        helper.make_node("MatMul", ["attn", "head"], ["scores"]),
+    ]
+    cache = ["batch", kv, "past", dim]
+    graph = helper.make_graph(
+        nodes, "gqa",
+        [helper.make_tensor_value_info("ids", TensorProto.INT64, ["batch", "seq"]),
+         helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["batch", "total"]),
+         helper.make_tensor_value_info("cache_k", TensorProto.FLOAT, cache),
+         helper.make_tensor_value_info("cache_v", TensorProto.FLOAT, cache)],
+        [helper.make_tensor_value_info("scores", TensorProto.FLOAT, ["batch", "seq", vocab]),
+         helper.make_tensor_value_info("cache_k_out", TensorProto.FLOAT, cache),
+         helper.make_tensor_value_info("cache_v_out", TensorProto.FLOAT, cache)],
+        [emb, wq, wkv, head, numpy_helper.from_array(np.array([1], np.int32), "one")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18),
+                                                    helper.make_opsetid("com.microsoft", 1)])
+    spec = decoder_spec(model)
+    assert spec is not None and "GroupQueryAttention" in spec.recognised_by
+    assert (spec.input_ids, spec.logits, spec.vocab) == ("ids", "scores", vocab)
+    assert [(p.input, p.output, p.heads, p.head_dim) for p in spec.past] == [
+        ("cache_k", "cache_k_out", kv, dim), ("cache_v", "cache_v_out", kv, dim)]
+    assert model_family(model)["family"] == "decoder"
