@@ -421,6 +421,7 @@ def _candidates(auto: dict) -> str:
     rows = []
     chosen = (auto.get("chosen") or {}).get("candidate")
     measured = bool(auto.get("target_measured"))  # the target is this host: no estimate
+    decoder = (auto.get("model") or {}).get("family") == "decoder"
     for c in auto.get("candidates") or []:
         m = c.get("metrics") or {}
         if c.get("status") == "ok" or m:
@@ -435,12 +436,15 @@ def _candidates(auto: dict) -> str:
             _e(c.get("status")), _bytes(m.get("bytes")), _x(m.get("size_ratio")),
             _ms(m.get("host_latency_ms")),
             *([] if measured else [_ms(m.get("target_latency_ms"))]),
-            _num(m.get("min_cosine"), 5), _num(m.get("accuracy_after"), 4),
+            _num(m.get("min_cosine"), 5),
+            *([_num(m.get("kl_divergence"), 5), _num(m.get("perplexity_after"), 3)] if decoder
+              else [_num(m.get("accuracy_after"), 4)]),
             f'<span class="small">{_e(outcome)}</span>',
         ])
     return _table(["Candidate", "Status", "Size", "Smaller", "Host latency (measured)",
                    *([] if measured else ["Target latency (estimated)"]),
-                   "Min cosine", "Accuracy", "Outcome"], rows)
+                   "Min cosine", *(["KL divergence", "Perplexity"] if decoder else ["Accuracy"]),
+                   "Outcome"], rows)
 
 
 def _pareto(auto: dict) -> str:
