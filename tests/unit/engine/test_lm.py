@@ -188,3 +188,20 @@ def test_a_decoder_is_recognised_by_its_group_query_attention_cache() -> None:
     assert [(p.input, p.output, p.heads, p.head_dim) for p in spec.past] == [
         ("cache_k", "cache_k_out", kv, dim), ("cache_v", "cache_v_out", kv, dim)]
     assert model_family(model)["family"] == "decoder"
+
+
+def test_a_recipe_job_on_a_decoder_reports_the_lm_section(byte_lm, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    from service.engine.recipe import run_recipe
+
+    ids = byte_lm.heldout[:12]
+    labels = np.concatenate([ids[:, 1:], np.full((12, 1), -100)], axis=1)
+    np.savez(tmp_path / "tokens.npz", input_ids=ids, labels=labels)
+    result = run_recipe(byte_lm.path, [{"pass": "int4_weight_only"}], tmp_path / "job",
+                        dataset_path=tmp_path / "tokens.npz")
+    lm = result.report["lm"]
+    assert lm["source"] == "dataset" and lm["perplexity_targets"] == "labels"
+    assert lm["sequences"] == result.report["evaluation"]["evaluation_samples"] == 4
+    assert lm["perplexity_tokens"] == 4 * 127  # the -100 labels are not counted
+    assert result.summary["lm"]["kl_divergence"] == lm["kl_divergence"] > 0
+    assert result.report["accuracy"] is None  # token labels are not class labels
+    assert not any("labels were given" in w for w in result.summary["warnings"])
