@@ -248,7 +248,7 @@ def lm_evaluation(
     """A job's ``lm`` section when ``model`` is a causal decoder (else None): ``evaluate_lm``
     on the evaluation token sequences (the dataset's evaluation split, never its calibration
     samples), or on the generated evaluation feeds' token ids without a dataset (random tokens:
-    KL divergence and agreement still compare the two models; perplexity means little)."""
+    KL divergence and agreement still compare the two models; perplexity is left out)."""
     spec = decoder_spec(model)
     if spec is None:
         return None
@@ -272,9 +272,11 @@ def lm_evaluation(
         return {"error": f"the language-model evaluation failed: {type(exc).__name__}",
                 **{k: None for k in SUMMARY_KEYS}}
     out["source"] = source
-    if source == "generated":
-        out["note"] = ("no dataset: measured on random token ids; upload token sequences "
-                       "(input_ids [N, L]) for held-out KL divergence and perplexity")
+    if source == "generated":  # random ids are no text: their perplexity would mislead
+        out.update(perplexity_before=None, perplexity_after=None, perplexity_increase=None)
+        out["note"] = ("no dataset: KL divergence and agreement measured on random token ids, "
+                       "no perplexity; upload token sequences (input_ids [N, L]) for held-out "
+                       "text")
     return out
 
 

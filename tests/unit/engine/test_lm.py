@@ -205,3 +205,14 @@ def test_a_recipe_job_on_a_decoder_reports_the_lm_section(byte_lm, tmp_path: Pat
     assert result.summary["lm"]["kl_divergence"] == lm["kl_divergence"] > 0
     assert result.report["accuracy"] is None  # token labels are not class labels
     assert not any("labels were given" in w for w in result.summary["warnings"])
+
+
+def test_without_a_dataset_the_decoder_runs_on_the_given_prompt_length(byte_lm, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    from service.engine.recipe import run_recipe
+
+    result = run_recipe(byte_lm.path, [{"pass": "int4_weight_only"}], tmp_path / "job",
+                        inputs={"input_ids": {"shape": [1, 24]}})
+    assert result.report["eval_inputs"]["shapes"]["attention_mask"] == [1, 24]
+    lm = result.report["lm"]
+    assert lm["source"] == "generated" and lm["sequence_length"] == 24
+    assert lm["kl_divergence"] > 0 and lm["perplexity_after"] is None  # random ids: no text
