@@ -23,7 +23,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from service.engine.headline import headline
+from service.engine.headline import headline, lm_rows
 from service.engine.wording import describe_speedup
 
 EXIT_CODES = """\
@@ -264,7 +264,8 @@ def unmet_constraints(job: Any) -> list[str]:
     """Constraints of a finished recipe job that its result misses (auto jobs fail instead).
 
     Checked from the job's own result: size, host latency (a target latency cannot be checked
-    without the auto search's estimate, and is skipped), fidelity, accuracy drop.
+    without the auto search's estimate, and is skipped), fidelity, accuracy drop, and a
+    decoder's KL divergence and perplexity increase.
     """
     c, r = job.constraints or {}, job.result or {}
     if not c or not r:
@@ -286,6 +287,15 @@ def unmet_constraints(job: Any) -> list[str]:
             misses.append("max_accuracy_drop: accuracy was not measured (no labels)")
         elif before - after > c["max_accuracy_drop"]:
             misses.append(f"max_accuracy_drop: {before - after:.4f} > {c['max_accuracy_drop']}")
+    lm = r.get("lm") or {}
+    for key, value in (("max_kl_divergence", lm.get("kl_divergence")),
+                       ("max_perplexity_increase", lm.get("perplexity_increase"))):
+        if c.get(key) is None:
+            continue
+        if value is None:
+            misses.append(f"{key}: not measured (not a decoder LLM)")
+        elif value > c[key]:
+            misses.append(f"{key}: {value:.5f} > {c[key]}")
     return misses
 
 
@@ -558,7 +568,9 @@ def _constraints(args: argparse.Namespace) -> dict[str, Any]:
     fields = {"max_size_mb": args.max_size_mb, "max_latency_ms": args.max_latency_ms,
               "max_accuracy_drop": args.max_accuracy_drop, "min_fidelity": args.min_fidelity,
               "max_memory_mb": args.max_memory_mb, "objective": args.objective,
-              "latency_on": args.latency_on}
+              "latency_on": args.latency_on,
+              "max_kl_divergence": args.max_kl_divergence,
+              "max_perplexity_increase": args.max_perplexity_increase}
     return {k: v for k, v in fields.items() if v is not None}
 
 
@@ -640,6 +652,7 @@ def _print_job(out: Output, job: Any) -> None:
             ("accuracy", f"{r['accuracy_before']:.4f} -> {r['accuracy_after']:.4f}"
              if r.get("accuracy_before") is not None and r.get("accuracy_after") is not None
              else None),
+            *lm_rows(r.get("lm") or {}),
             ("chosen", (r.get("auto") or {}).get("candidate")),
             ("warnings", "; ".join(r.get("warnings") or []) or None),
             ("artifacts", job.artifacts or None)])
@@ -767,6 +780,7 @@ def summarize_report(report: dict[str, Any]) -> list[tuple[str, Any]]:
     ]
     if h.accuracy_before is not None:
         rows.append(("accuracy", f"{h.accuracy_before:.4f} -> {h.accuracy_after}"))
+    rows.extend(lm_rows(h.lm))
     chosen = auto.get("chosen") or {}
     if chosen:
         rows.append(("chosen", chosen.get("candidate")))
@@ -933,6 +947,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-accuracy-drop", type=float, help="fraction, e.g. 0.01")
     p.add_argument("--min-fidelity", type=float, help="min cosine similarity, e.g. 0.99")
     p.add_argument("--max-memory-mb", type=float)
+    p.add_argument("--max-kl-divergence", type=float,
+                   help="decoder LLMs: next-token KL divergence in nats, e.g. 0.01")
+    p.add_argument("--max-perplexity-increase", type=float,
+                   help="decoder LLMs: relative perplexity increase, e.g. 0.05")
     p.add_argument("--objective", choices=["size", "latency", "balanced"])
     p.add_argument("--callback-url")
     p.add_argument("--wait", action="store_true", help="wait for the job (exit code as wait)")

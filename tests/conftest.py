@@ -11,6 +11,7 @@ import os
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -117,3 +118,23 @@ def mlp_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from tests.models import write_mlp
 
     return write_mlp(tmp_path_factory.mktemp("models") / "mlp.onnx")
+
+
+@pytest.fixture(scope="session")
+def byte_lm(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """The trained byte-level Llama decoder with its KV cache (``tests.llm``), built once into
+    pytest's cache (keyed by its source and the torch/transformers versions), else a fresh
+    session directory."""
+    import hashlib
+
+    from tests import llm
+
+    cache = getattr(request.config, "cache", None)
+    if cache is None:  # -p no:cacheprovider
+        return llm.byte_llama(tmp_path_factory.mktemp("llm"))
+    import torch
+    import transformers
+
+    key = hashlib.sha256(Path(llm.__file__).read_bytes() + torch.__version__.encode()
+                         + transformers.__version__.encode()).hexdigest()[:12]
+    return llm.byte_llama(Path(cache.mkdir(f"edgepress_llm_{key}")))

@@ -85,7 +85,9 @@ def create_job() -> tuple[Response, int, dict[str, str]]:
 def _check_dataset_matches(dataset: DatasetRecord, model: ModelRecord) -> None:
     inputs = {i["name"] for i in model.inputs}
     arrays = set(dataset.arrays) - {"labels"}
-    missing = sorted(inputs - arrays)
+    # a decoder's token dataset may hold its ids alone: the engine makes the rest from them
+    derived = set((model.decoder or {}).get("inputs_from_ids") or [])
+    missing = sorted(inputs - arrays - derived)
     unknown = sorted(arrays - inputs)
     if missing or unknown:
         raise ValidationFailed(

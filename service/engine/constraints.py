@@ -25,6 +25,12 @@ class AutoConstraints(BaseModel):
       agreement of the class output, against the original. Without either accuracy or fidelity
       constraint, ``min_fidelity`` = 0.99 (cosine) applies.
     - ``max_memory_mb``: estimated peak memory on the target (weights + live activations).
+    - ``max_kl_divergence``: causal decoders (``service.engine.lm``): mean next-token KL
+      divergence of the candidate from the original on held-out token sequences, in nats.
+      A decoder without an accuracy, fidelity or perplexity constraint is held to
+      ``max_kl_divergence`` = 0.02 (not the cosine default).
+    - ``max_perplexity_increase``: causal decoders: relative perplexity increase on the held-out
+      sequences (0.05 = perplexity at most 5 % above the original's).
     - ``objective``: ``size``, ``latency`` or ``balanced`` (geometric mean of both ratios).
     """
 
@@ -37,6 +43,12 @@ class AutoConstraints(BaseModel):
     min_fidelity: float | None = Field(None, ge=-1, le=1)
     fidelity_metric: Literal["cosine", "top1"] = "cosine"
     max_memory_mb: float | None = Field(None, gt=0)
+    max_kl_divergence: float | None = Field(
+        None, gt=0, description="Decoders: mean next-token KL divergence from the original on "
+        "held-out token sequences (nats).")
+    max_perplexity_increase: float | None = Field(
+        None, ge=0, description="Decoders: relative perplexity increase on held-out token "
+        "sequences (0.05 = 5 %).")
     objective: Literal["size", "latency", "balanced"] = "balanced"
     max_candidates: int = Field(10, ge=1, le=40, description="Most candidates to build.")
     training: bool = Field(

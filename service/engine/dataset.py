@@ -8,7 +8,9 @@ Layout: one array per model input, in either form:
 - ``[rows, ...]`` with the model input's own rank: axis 0 is the model's batch axis (axis 0) and
   counts samples; a model with a fixed batch B takes them B rows at a time.
 
-An optional ``labels`` array holds one integer class per sample. ``load_dataset`` returns the
+An optional ``labels`` array holds one integer class per sample. A causal decoder's dataset
+(``service.engine.decoder``) may hold only token sequences ``input_ids`` [N, L]; its ``labels``, if
+any, are the next token of every position [N, L]. ``load_dataset`` returns the
 *batched* layout (every array with the input's rank, axis 0 the batch) when every input allows
 it (``[N, 1, ...]`` for a batch-1 input is squeezed to ``[N, ...]``), else the *samples* layout
 (every array ``[N, *input_shape]``); ``split_feeds`` cuts either into model feeds, one sample at
@@ -28,6 +30,7 @@ import numpy as np
 import onnx
 from onnx import helper
 
+from service.engine.decoder import DecoderSpec, decoder_arrays, decoder_spec
 from service.engine.errors import EngineError
 from service.engine.ingest import graph_inputs
 from service.engine.inputs import InputSlot, input_signature
@@ -99,6 +102,16 @@ def _samples(arrays: dict[str, np.ndarray]) -> int:
     return n
 
 
+def _check_token_labels(labels: np.ndarray) -> np.ndarray:
+    if labels.ndim != 2 or labels.dtype.kind not in "iu":
+        raise EngineError("invalid_dataset", "'labels' of token sequences must be a 2-D "
+                          "integer array [N, L]: the next token of every position (-100 "
+                          "where there is none)")
+    if labels.dtype.kind == "i" and ((labels < 0) & (labels != -100)).any():
+        raise EngineError("invalid_dataset", "'labels' must be token ids or -100")
+    return labels.astype(np.int64)
+
+
 def _check_labels(labels: np.ndarray) -> np.ndarray:
     if labels.ndim != 1 or labels.dtype.kind not in "iub":
         raise EngineError("invalid_dataset", "'labels' must be a 1-D integer array, one class "
@@ -117,8 +130,8 @@ def inspect_dataset(path: Path, limits: EngineLimits | None = None) -> dict:
     limits = limits or EngineLimits()
     arrays = _open(path, limits)
     samples = _samples(arrays)
-    if LABELS in arrays:
-        _check_labels(arrays[LABELS])
+    if LABELS in arrays:  # a class per sample, or (token sequences) the next token per position
+        (_check_token_labels if arrays[LABELS].ndim == 2 else _check_labels)(arrays[LABELS])
     for key, arr in arrays.items():
         if arr.dtype.kind == "f" and not np.isfinite(arr).all():
             raise EngineError("invalid_dataset", f"array {key!r} contains NaN or infinite values")
@@ -142,7 +155,11 @@ def load_dataset(
     limits = limits or EngineLimits()
     arrays = _open(path, limits)
     _samples(arrays)
-    labels = _check_labels(arrays.pop(LABELS)) if LABELS in arrays else None
+    decoder = decoder_spec(model)
+    if decoder is not None:
+        arrays, labels = _decoder_dataset(decoder, arrays)
+    else:
+        labels = _check_labels(arrays.pop(LABELS)) if LABELS in arrays else None
     inputs = graph_inputs(model)
     names = [v.name for v in inputs]
     missing = [n for n in names if n not in arrays]
@@ -172,6 +189,34 @@ def load_dataset(
                               "values")
         arrays_in[v.name] = arr
     return _canonical(input_signature(model), arrays_in), labels
+
+
+def _decoder_dataset(spec: DecoderSpec, arrays: dict[str, np.ndarray]) -> tuple[
+        dict[str, np.ndarray], np.ndarray | None]:
+    """A causal decoder's dataset: token sequences ``input_ids`` [N, L] (ids in the
+    vocabulary), optional ``labels`` [N, L] (next tokens, -100 for none); the other decoder
+    inputs (mask, positions, an empty past) are made from the ids when absent, one sequence per
+    row (``service.engine.decoder.decoder_arrays``)."""
+    arrays = dict(arrays)
+    ids = arrays.get(spec.input_ids)
+    if ids is None or ids.ndim != 2 or ids.dtype.kind not in "iu":
+        raise EngineError("invalid_dataset", f"a decoder's dataset holds {spec.input_ids!r}: "
+                          "token ids [N, L] (integers), N sequences of L tokens",
+                          {"input": spec.input_ids})
+    if ids.size and (int(ids.min()) < 0 or int(ids.max()) >= spec.vocab):
+        raise EngineError("invalid_dataset", f"{spec.input_ids!r} holds ids outside the "
+                          f"vocabulary [0, {spec.vocab})")
+    labels = arrays.pop(LABELS, None)
+    if labels is not None:
+        labels = _check_token_labels(labels)
+        if labels.shape != ids.shape:
+            raise EngineError("invalid_dataset", f"'labels' has shape {list(labels.shape)}; "
+                              f"it must be {list(ids.shape)} like {spec.input_ids!r}")
+        if int(labels.max(initial=0)) >= spec.vocab:
+            raise EngineError("invalid_dataset", "'labels' holds ids outside the vocabulary")
+    for name, arr in decoder_arrays(spec, ids).items():
+        arrays.setdefault(name, arr)
+    return arrays, labels
 
 
 def _fits(shape: tuple[int, ...], dims: tuple[int | None, ...]) -> bool:

@@ -15,7 +15,7 @@ from typing import Any
 
 from service.engine.wording import PlaceboBand, describe_speedup
 
-__all__ = ["Headline", "headline"]
+__all__ = ["Headline", "headline", "lm_rows"]
 
 
 @dataclass(frozen=True)
@@ -35,6 +35,8 @@ class Headline:
     eval_inputs: str | None = None
     eval_samples: int | None = None
     target_measured: bool | None = None  # auto mode: the target is this host (else estimated)
+    # causal decoders: ``summary["lm"]`` (KL divergence, top-1, perplexity, tokens/s, memory)
+    lm: dict[str, Any] = field(default_factory=dict)
 
     @property
     def speed_words(self) -> str:
@@ -94,4 +96,32 @@ def headline(report: Mapping[str, Any]) -> Headline:
         eval_inputs=source,
         eval_samples=samples,
         target_measured=auto.get("target_measured") if auto else None,
+        lm=dict(summary.get("lm") or {}),
     )
+
+
+def _fmt(value: Any, digits: int) -> str:
+    return "–" if value is None else f"{value:.{digits}f}"
+
+
+def lm_rows(lm: Mapping[str, Any]) -> list[tuple[str, str]]:
+    """A decoder's language-model numbers (``summary["lm"]``) as (label, text) rows; empty for
+    other models. What the CLI prints and ``report.html`` shows."""
+    if not lm:
+        return []
+    before, after = lm.get("perplexity_before"), lm.get("perplexity_after")
+    change = lm.get("perplexity_increase")
+    return [
+        ("next-token KL divergence", _fmt(lm.get("kl_divergence"), 5) + " nats"),
+        ("next-token top-1 agreement", _fmt(lm.get("top1_agreement"), 4)),
+        ("perplexity", f"{_fmt(before, 3)} -> {_fmt(after, 3)}"
+                       + (f" ({change * 100:+.2f}%)" if change is not None else "")),
+        ("prefill tokens/s", f"{_fmt(lm.get('prefill_tokens_per_s_before'), 0)} -> "
+                             f"{_fmt(lm.get('prefill_tokens_per_s_after'), 0)}"),
+        ("decode tokens/s", f"{_fmt(lm.get('decode_tokens_per_s_before'), 1)} -> "
+                            f"{_fmt(lm.get('decode_tokens_per_s_after'), 1)} (KV cache on "
+                            "the host)"),
+        ("peak memory", f"{_fmt(lm.get('peak_memory_mb_before'), 1)} -> "
+                        f"{_fmt(lm.get('peak_memory_mb_after'), 1)} MB (peak RSS of a "
+                        "process running only that model)"),
+    ]

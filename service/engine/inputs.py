@@ -26,6 +26,12 @@ and gives finite outputs.
   integers try the constants the graph compares them against, then 1 and 0; booleans are
   random; other integers are 0 or 1.
 
+A causal decoder (``service.engine.decoder.decoder_spec``: token ids in, logits out, a KV cache) is
+not probed: ``decoder_plan`` gives a prefill of ``DECODER_PROMPT`` token ids from the vocabulary
+(or the job's ``input_ids`` shape), an attention mask of ones, position ids 0..L-1 and past
+tensors of length 0, and ``resolve_inputs`` checks that it runs and that a decode step (past of
+length L, the prefill's ``present`` tensors) runs too.
+
 Trials are ordered so that the first candidate of every role comes first and later ones are
 mixed in by rank; probing stops at ``PROBE_TRIALS`` trials or ``PROBE_SECONDS``. The plan's
 ``record`` (``report["eval_inputs"]["resolution"]``) says, per input, the shape, how its values
@@ -51,6 +57,7 @@ import onnx
 from onnx import helper, numpy_helper
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from service.engine.decoder import DecoderSpec, decode_feed, decoder_spec
 from service.engine.errors import EngineError
 from service.engine.graph import iter_graphs
 
@@ -317,8 +324,8 @@ class InputRule:
     name: str
     dtype: np.dtype
     shape: tuple[int, ...]
-    values: str  # normal | integers | ones | constant | bool
-    high: int = 2  # integers: [0, high)
+    values: str  # normal | integers | ones | constant | bool | positions
+    high: int = 2  # integers: [0, high); positions: the first position
     constant: float | int | bool | None = None
     source: str = "model"  # job | model | probe | default
     why: str = ""
@@ -327,7 +334,9 @@ class InputRule:
         values = {"normal": "standard normal", "ones": "ones",
                   "bool": "random booleans",
                   "integers": f"integers in [0, {self.high})",
-                  "constant": f"the constant {self.constant!r}"}[self.values]
+                  "constant": f"the constant {self.constant!r}",
+                  "positions": f"positions {self.high}, {self.high + 1}, ... along the last "
+                               "axis"}[self.values]
         return {"shape": list(self.shape), "dtype": str(self.dtype), "values": values,
                 "source": self.source, "why": self.why}
 
@@ -354,6 +363,10 @@ class InputPlan:
                     feed[r.name] = rng.integers(0, 2, size=r.shape).astype(bool)
                 elif r.values == "ones":
                     feed[r.name] = np.ones(r.shape, r.dtype)
+                elif r.values == "positions":
+                    feed[r.name] = np.broadcast_to(np.arange(
+                        r.high, r.high + (r.shape[-1] if r.shape else 1), dtype=r.dtype),
+                        r.shape).copy()
                 else:
                     feed[r.name] = np.full(r.shape, r.constant, r.dtype)
             out.append(feed)
@@ -367,6 +380,8 @@ class InputPlan:
         given these builds the same plan without probing."""
         out: dict[str, dict[str, Any]] = {}
         for r in self.rules:
+            if r.source == "decoder":  # derived from the token ids by ``decoder_plan``
+                continue
             spec: dict[str, Any] = {"shape": list(r.shape)} if r.shape else {}
             if r.values == "constant":
                 spec["value"] = r.constant
@@ -532,9 +547,82 @@ def _build(draft: _Draft, assignment: dict[tuple[str, ...], int],
     return InputPlan(tuple(rules))
 
 
+# ---------------------------------------------------------------------------------------------
+# Causal decoders (``service.engine.decoder`` recognises them)
+
+DECODER_PROMPT = 64  # the prompt length of a decoder's generated prefill
+
+
+def decoder_plan(model: onnx.ModelProto, spec: DecoderSpec,
+                 given: dict[str, InputSpec] | None = None,
+                 prompt_length: int = DECODER_PROMPT) -> InputPlan:
+    """A decoder's prefill: token ids drawn from the embedding table's rows (``[batch,
+    prompt]``, from the job's ``input_ids`` shape when given), an attention mask of ones,
+    position ids 0..L-1 and past tensors of length 0 (``[batch, heads, 0, head_dim]``)."""
+    given = given or {}
+    check_inputs(given, input_signature(model))
+    ids_spec = given.get(spec.input_ids)
+    source = "job" if ids_spec is not None and ids_spec.shape else "default"
+    batch, length = (ids_spec.shape if ids_spec is not None and ids_spec.shape
+                     else (DEFAULT_BATCH, prompt_length))
+    why = (f"a causal decoder ({spec.recognised_by}): prefill of {length} tokens, past 0")
+    rules = [InputRule(spec.input_ids, np.dtype(spec.ids_dtype), (batch, length), "integers",
+                       high=spec.vocab, source=source,
+                       why=f"{why}; token ids in [0, {spec.vocab}) (the vocabulary)")]
+    if spec.attention_mask:
+        rules.append(InputRule(spec.attention_mask, np.dtype(spec.mask_dtype), (batch, length),
+                               "ones", source="decoder", why=f"{why}; every position attended"))
+    if spec.position_ids:
+        rules.append(InputRule(spec.position_ids, np.dtype(spec.positions_dtype),
+                               (batch, length), "positions", high=0, source="decoder",
+                               why=f"{why}; positions 0..{length - 1}"))
+    for p in spec.past:
+        rules.append(InputRule(p.input, np.dtype(p.dtype), (batch, p.heads, 0, p.head_dim),
+                               "constant", constant=0.0, source="decoder",
+                               why=f"{why}; empty KV cache"))
+    return InputPlan(tuple(rules), {"inputs": {r.name: r.describe() for r in rules},
+                                    "probed": False, "decoder": spec.describe()})
+
+
+def _resolve_decoder(model: onnx.ModelProto, spec: DecoderSpec, session: Any,
+                     given: dict[str, InputSpec], scrub: Callable[[str], str],
+                     seed: int) -> InputPlan:
+    """``decoder_plan`` checked on ``session``: the prefill runs with finite logits, and so does
+    one decode step fed the prefill's ``present`` tensors as its past (length L)."""
+
+    plan = decoder_plan(model, spec, given)
+    feed = plan.feeds(1, seed)[0]
+    length = int(feed[spec.input_ids].shape[1])
+    names = [o.name for o in session.get_outputs()]
+    try:
+        out = dict(zip(names, session.run(names, adapt_feed(session, feed)), strict=True))
+        step = decode_feed(spec, feed[spec.input_ids][:, -1:], out, length)
+        stepped = session.run(names, adapt_feed(session, step))
+    except Exception as exc:
+        raise EngineError("unsupported_model", "ONNX Runtime cannot run the decoder's prefill "
+                          f"and decode step: {_short(exc, scrub)}. Give the token ids' shape "
+                          f"(\"inputs\": {{\"{spec.input_ids}\": {{\"shape\": [1, 64]}}}}) "
+                          "or a dataset of token ids", {"eval_inputs": "generated"}) from None
+    if not (_finite(list(out.values())) and _finite(stepped)):
+        raise EngineError("unsupported_model", "the decoder's logits hold NaN or infinite "
+                          "values on generated token ids; give a dataset of token ids",
+                          {"eval_inputs": "generated"})
+    record = dict(plan.record)
+    record["decoder_steps"] = {
+        "prefill": {k: list(v.shape) for k, v in feed.items()},
+        "decode": {k: list(v.shape) for k, v in step.items()},
+        "note": "both ran on the original model; the decode step's past is the prefill's "
+                "present (KV cache on the host)"}
+    return InputPlan(plan.rules, record)
+
+
 def default_plan(model: onnx.ModelProto, given: dict[str, InputSpec] | None = None,
                  dynamic_dim: int = DEFAULT_DYNAMIC_DIM) -> InputPlan:
-    """A plan without probing: batch axes 1, other dynamic dims ``dynamic_dim``."""
+    """A plan without probing: batch axes 1, other dynamic dims ``dynamic_dim`` (a causal
+    decoder: ``decoder_plan``)."""
+    spec = decoder_spec(model)
+    if spec is not None:
+        return decoder_plan(model, spec, given)
     draft = _draft(model, given or {})
     assignment = {k: DEFAULT_BATCH if r == "batch" else dynamic_dim
                   for k, r in draft.variables.items()}
@@ -617,6 +705,9 @@ def resolve_inputs(
     shapes, and what the user can give).
     """
     given = given or {}
+    spec = decoder_spec(model)
+    if spec is not None:
+        return _resolve_decoder(model, spec, session, given, scrub, seed)
     draft = _draft(model, given)
     probing = bool(draft.variables or draft.scalar_choices)
     started = time.perf_counter()

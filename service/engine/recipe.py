@@ -27,10 +27,12 @@ from typing import IO, Any, cast
 import onnx
 
 from service.engine.dataset import load_dataset, samples_layout, split_for_evaluation
+from service.engine.decoder import decoder_spec
 from service.engine.errors import EngineError
 from service.engine.ingest import fit_ir_version
 from service.engine.inputs import InputPlan, resolve_inputs
 from service.engine.limits import EngineLimits
+from service.engine.lm import lm_evaluation, lm_summary
 from service.engine.normalise import normalise
 from service.engine.pipeline import (
     apply_steps,
@@ -214,10 +216,14 @@ def run_recipe(
         artifact_ready("model.onnx", output_path)  # not written again from here on
     try:
         evaluation = evaluate_candidate(
-            original_path, output_path, feeds, labels=label_chunks, limits=limits,
-            original_model=ingested.model, candidate_model=model,
+            original_path, output_path, feeds,
+            labels=label_chunks if decoder_spec(ingested.model) is None else None,
+            limits=limits, original_model=ingested.model, candidate_model=model,
             check_cancelled=check_cancelled,
         )
+        lm = lm_evaluation(original_path, output_path, ingested.model, feeds,
+                           eval_set if dataset is not None else None, eval_labels,
+                           threads=limits.latency_threads, check_cancelled=check_cancelled)
     except EngineError:
         raise
     except Exception as exc:
@@ -336,6 +342,10 @@ def run_recipe(
         "already_quantized": description["already_quantized"],
         "warnings": warnings,
     }
+    if lm is not None:
+        summary["lm"] = lm_summary(lm)
+        if lm.get("error"):
+            warnings.append(str(lm["error"]))
     if calibration is None and any(cls.calibrates_with(config) for cls, config in steps):
         calibration = {"source": "dataset" if dataset is not None else "generated",
                        "samples": None}
@@ -353,6 +363,7 @@ def run_recipe(
         "latency": latency,
         "fidelity": fidelity,
         "accuracy": acc,
+        "lm": lm,
         "calibration": calibration,
         "evaluation": evaluation_split,
         "eval_inputs": {"source": eval_source, "samples": len(feeds),

@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from service.engine.headline import Headline, headline
+from service.engine.headline import Headline, headline, lm_rows
 
 __all__ = ["render_report_html", "op_type_latency", "op_latency_section"]
 
@@ -334,6 +334,10 @@ def _summary(report: dict) -> str:
     if h.accuracy_before is not None:
         cards.append(("Accuracy", f"{_num(h.accuracy_before * 100, 2)}% → "
                       f"{_num((h.accuracy_after or 0) * 100, 2)}%", ""))
+    if h.lm:
+        cards.append(("Language model", f"KL divergence {_num(h.lm.get('kl_divergence'), 5)}",
+                      f"perplexity {_num(h.lm.get('perplexity_before'), 3)} → "
+                      f"{_num(h.lm.get('perplexity_after'), 3)}"))
     auto = (report.get("summary") or {}).get("auto") or {}
     # An estimate only where nothing was measured: beside a measurement on the same machine
     # a cost-model figure is a second, worse answer to the same question.
@@ -417,6 +421,7 @@ def _candidates(auto: dict) -> str:
     rows = []
     chosen = (auto.get("chosen") or {}).get("candidate")
     measured = bool(auto.get("target_measured"))  # the target is this host: no estimate
+    decoder = (auto.get("model") or {}).get("family") == "decoder"
     for c in auto.get("candidates") or []:
         m = c.get("metrics") or {}
         if c.get("status") == "ok" or m:
@@ -431,12 +436,15 @@ def _candidates(auto: dict) -> str:
             _e(c.get("status")), _bytes(m.get("bytes")), _x(m.get("size_ratio")),
             _ms(m.get("host_latency_ms")),
             *([] if measured else [_ms(m.get("target_latency_ms"))]),
-            _num(m.get("min_cosine"), 5), _num(m.get("accuracy_after"), 4),
+            _num(m.get("min_cosine"), 5),
+            *([_num(m.get("kl_divergence"), 5), _num(m.get("perplexity_after"), 3)] if decoder
+              else [_num(m.get("accuracy_after"), 4)]),
             f'<span class="small">{_e(outcome)}</span>',
         ])
     return _table(["Candidate", "Status", "Size", "Smaller", "Host latency (measured)",
                    *([] if measured else ["Target latency (estimated)"]),
-                   "Min cosine", "Accuracy", "Outcome"], rows)
+                   "Min cosine", *(["KL divergence", "Perplexity"] if decoder else ["Accuracy"]),
+                   "Outcome"], rows)
 
 
 def _pareto(auto: dict) -> str:
@@ -578,6 +586,16 @@ def _measurements(report: dict) -> str:
             f"<code>{_e(acc.get('output'))}</code>", _num(h.accuracy_before, 4),
             _num(h.accuracy_after, 4), _num(h.accuracy_after - h.accuracy_before, 4),
             _num(h.eval_samples if h.eval_inputs == "dataset_holdout" else acc.get("samples"))]])
+    if h.lm:
+        lm = report.get("lm") or {}
+        body += "<h3>Language model</h3>" + _table(
+            ["", "Value"], [[_e(label), _e(text)] for label, text in lm_rows(h.lm)])
+        body += (f'<p class="small">On {_num(lm.get("sequences"))} evaluation sequences of '
+                 f'{_num(lm.get("sequence_length"))} tokens ({_e(lm.get("source"))}); '
+                 f'perplexity targets: {_e(lm.get("perplexity_targets"))}; tokens/s: a '
+                 f'{_num(lm.get("prompt_length"))}-token prefill and '
+                 f'{_num(lm.get("decode_tokens"))} decode steps, {_num(lm.get("threads"))} '
+                 "thread(s).</p>")
     if h.eval_inputs:
         body += f'<p class="small">Evaluation inputs: {_e(_evidence(h))}.</p>'
     return body

@@ -53,6 +53,9 @@ class Summary(TypedDict):
     already_quantized: bool
     warnings: list[str]
     auto: NotRequired[AutoSummary]
+    # causal decoders: KL divergence, top-1 agreement, perplexity, tokens/s, peak memory
+    # (``service.engine.lm.SUMMARY_KEYS``)
+    lm: NotRequired[dict[str, float | None]]
 
 
 @dataclass

@@ -41,6 +41,9 @@ class ModelRecord(BaseModel):
     already_quantized: bool = False
     quantization: list[str] = Field(default_factory=list)
     op_types: dict[str, int] = Field(default_factory=dict)
+    # A causal decoder: its token-ids input and the inputs made from the ids (a token dataset
+    # may hold ``input_ids`` alone); None for other models.
+    decoder: dict[str, Any] | None = None
 
 
 class DatasetRecord(BaseModel):

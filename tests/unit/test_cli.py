@@ -160,6 +160,10 @@ def test_exit_codes_of_finished_jobs() -> None:
     slow = _job(state=JobState.succeeded, result=RESULT,
                 constraints={"max_latency_ms": 1.0, "latency_on": "host"})
     assert unmet_constraints(slow) == ["max_latency_ms (host): 1.5000 > 1.0"]
+    lm = _job(state=JobState.succeeded, result={**RESULT, "lm": {"kl_divergence": 0.03}},
+              constraints={"max_kl_divergence": 0.02, "max_perplexity_increase": 0.05})
+    assert unmet_constraints(lm) == ["max_kl_divergence: 0.03000 > 0.02",
+                                     "max_perplexity_increase: not measured (not a decoder LLM)"]
     # A target latency is the auto search's business (it fails the job instead).
     target = _job(state=JobState.succeeded, result=RESULT, constraints={"max_latency_ms": 1.0})
     assert job_exit_code(target) == EXIT_OK

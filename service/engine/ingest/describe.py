@@ -16,6 +16,7 @@ from collections import Counter
 import onnx
 from onnx import TensorProto
 
+from service.engine.decoder import decoder_spec
 from service.engine.ingest.validate import expanded_node_count
 from service.engine.ingest.walk import _all_tensors, _expected_nbytes, _np_dtype, iter_graphs
 
@@ -134,6 +135,17 @@ def detect_quantization(model: onnx.ModelProto) -> list[str]:
     return sorted(found)
 
 
+def _decoder(model: onnx.ModelProto) -> dict | None:
+    """A causal decoder's token-ids input and the inputs a token dataset may leave out (made
+    from the ids: ``service.engine.decoder``); None for other models."""
+    spec = decoder_spec(model)
+    if spec is None:
+        return None
+    return {"input_ids": spec.input_ids, "recognised_by": spec.recognised_by,
+            "vocab": spec.vocab, "inputs_from_ids": [n for n in (
+                spec.attention_mask, spec.position_ids, *(p.input for p in spec.past)) if n]}
+
+
 def describe(model: onnx.ModelProto) -> dict:
     """A JSON-able description of a (validated) model."""
     ops: Counter[str] = Counter()
@@ -173,4 +185,5 @@ def describe(model: onnx.ModelProto) -> dict:
         "quantization": quant,
         "op_types": dict(sorted(ops.items())),
         "tensor_bytes_by_dtype": dict(sorted(weight_bytes.items())),
+        "decoder": _decoder(model),
     }

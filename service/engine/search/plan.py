@@ -18,6 +18,7 @@ from typing import Any
 import onnx
 from pydantic import ValidationError
 
+from service.engine.decoder import decoder_spec
 from service.engine.devices import DeviceProfile
 from service.engine.int8_encoding import saturates
 from service.engine.registry import registered_passes
@@ -36,7 +37,10 @@ WEIGHT_ONLY, WEIGHT_ONLY_PASS = "int8_weight_only", "quantize_weight_only"
 
 
 def model_family(model: onnx.ModelProto) -> dict:
-    """The share of weight bytes per layer kind and the family it implies."""
+    """The share of weight bytes per layer kind and the family it implies.
+
+    A causal decoder with a KV cache (``service.engine.decoder.decoder_spec``) is ``"decoder"``,
+    with ``recognised_by`` saying how; the other families are told by their weight shares."""
     inits = {i.name: i for i in model.graph.initializer}
     share = {"conv": 0.0, "matmul": 0.0, "recurrent": 0.0, "other": 0.0}
     ops: dict[str, int] = {}
@@ -64,7 +68,12 @@ def model_family(model: onnx.ModelProto) -> dict:
         family = "mlp"
     else:
         family = "other"
-    return {"family": family, "weight_share": share, "op_types": ops}
+    out: dict[str, Any] = {"family": family, "weight_share": share, "op_types": ops}
+    decoder = decoder_spec(model)
+    if decoder is not None:
+        out.update(family="decoder", recognised_by=decoder.recognised_by,
+                   decoder=decoder.describe())
+    return out
 
 
 # ---------------------------------------------------------------------------------------------

@@ -395,7 +395,7 @@ def run_auto(
     eval_limits = limits.model_copy(update={"eval_samples": max(
         limits.eval_samples,
         AUTO_EVAL_SAMPLES if prepared.dataset is not None else limits.eval_samples)})
-    ctx = SearchContext(profile, cons, measurable)
+    ctx = SearchContext(profile, cons, measurable, decoder=family["family"] == "decoder")
     if prepared.dataset is None:
         ctx.inputs = resolve_once(prepared.model, prepared.original_path, prepared.given,
                                   eval_limits, workdir, check_cancelled)

@@ -16,6 +16,8 @@ from service.engine.result import PipelineResult, Summary
 from service.engine.search.candidate import Candidate
 
 DEFAULT_MIN_FIDELITY = 0.99  # cosine, when the job gives no accuracy or fidelity constraint
+# nats; a causal decoder's default instead of the cosine (RTN int4 of the test LM: ~0.003)
+DEFAULT_MAX_KL_DIVERGENCE = 0.02
 
 
 def fidelity_value(summary: Summary, metric: str) -> float | None:
@@ -39,6 +41,7 @@ class SearchContext:
     # of itself, set by the head-to-head confirmation; "not slower" allows that much.
     placebo_band: float | None = None
     inputs: InputPlan | None = None  # resolved inputs when there is no dataset
+    decoder: bool = False  # a causal decoder: judged as a language model (KL divergence)
 
 
 def record_metrics(cand: Candidate, result: PipelineResult, ctx: SearchContext) -> None:
@@ -71,6 +74,15 @@ def record_metrics(cand: Candidate, result: PipelineResult, ctx: SearchContext) 
         "accuracy_drop": drop,
         "warnings": s.get("warnings", []),
     }
+    lm = s.get("lm")
+    if lm is not None:  # a causal decoder, measured on the evaluation (held-out) sequences
+        cand.metrics.update(
+            kl_divergence=lm.get("kl_divergence"), lm_top1_agreement=lm.get("top1_agreement"),
+            perplexity_before=lm.get("perplexity_before"),
+            perplexity_after=lm.get("perplexity_after"),
+            perplexity_increase=lm.get("perplexity_increase"),
+            decode_tokens_per_s=lm.get("decode_tokens_per_s_after"),
+            decode_tokens_per_s_original=lm.get("decode_tokens_per_s_before"))
     if ctx.original_host_ms is None:
         ctx.original_host_ms = s["latency_ms_before"]
         ctx.original_bytes = s["bytes_before"]
@@ -106,8 +118,23 @@ def violations(cand: Candidate, ctx: SearchContext) -> list[dict]:
     out.append(_miss("device_memory_mb", p.memory_mb, m["target_memory_mb"]))
     if c.max_accuracy_drop is not None:
         out.append(_miss("max_accuracy_drop", c.max_accuracy_drop, m["accuracy_drop"]))
+    max_kld = c.max_kl_divergence
+    if ctx.decoder:
+        if max_kld is None and all(v is None for v in (
+                c.min_fidelity, c.max_accuracy_drop, c.max_perplexity_increase)):
+            max_kld = DEFAULT_MAX_KL_DIVERGENCE
+        if max_kld is not None:
+            out.append(_miss("max_kl_divergence", max_kld, m.get("kl_divergence")))
+        if c.max_perplexity_increase is not None:
+            out.append(_miss("max_perplexity_increase", c.max_perplexity_increase,
+                             m.get("perplexity_increase")))
+    elif max_kld is not None or c.max_perplexity_increase is not None:
+        out.append(_miss("max_kl_divergence" if max_kld is not None
+                         else "max_perplexity_increase",
+                         max_kld if max_kld is not None else c.max_perplexity_increase or 0.0,
+                         None))  # not a decoder: not measurable
     min_fid = c.min_fidelity
-    if min_fid is None and c.max_accuracy_drop is None:
+    if min_fid is None and c.max_accuracy_drop is None and not ctx.decoder:
         min_fid = DEFAULT_MIN_FIDELITY
     if min_fid is not None:
         key = "top1_agreement" if c.fidelity_metric == "top1" else "min_cosine"

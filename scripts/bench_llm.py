@@ -1,0 +1,187 @@
+"""Benchmark int4 on a small decoder LLM, side by side, judged as a language model.
+
+The byte-level Llama decoder of ``tests/llm.py`` (trained here on the Python standard
+library's sources, exported with its KV cache). Rows, in one run: fp32; ONNX Runtime's
+``MatMulNBitsQuantizer`` as is (round-to-nearest int4, block 32 and 128); EdgePress's
+``int4_weight_only`` pass (its default, block 32 and block 128, and each ``method`` its config
+accepts: "not available in this build" when it has none); and ``recipe: "auto"`` for
+``raspberry_pi_5`` with objective size and a dataset of token sequences.
+
+Every row is measured the same way, by ``service.engine.lm.evaluate_lm`` against the fp32
+file on held-out sequences no job saw (the last ``--eval`` of the held-out set; jobs get the
+first ones as their dataset): size ratio (file bytes), perplexity and next-token KL divergence,
+top-1 agreement, prefill and decode tokens/s (KV cache on the host, interleaved with fp32,
+medians), peak RSS of a process running only that model.
+
+    .venv/bin/python scripts/bench_llm.py --out docs/bench/llm.txt
+
+Exits 1 when a row errored.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import tempfile
+import traceback
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+import numpy as np  # noqa: E402
+from bench_output import machine_header, tee_to  # noqa: E402
+
+from tests import llm  # noqa: E402
+
+THREADS = 1
+ROUNDS = 5
+DECODE_TOKENS = 32
+
+
+def _ort_rtn(source: Path, target: Path, block: int) -> Path:
+    import onnx
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    quantizer = MatMulNBitsQuantizer(onnx.load(str(source)), block_size=block,
+                                     is_symmetric=True)
+    quantizer.process()
+    onnx.save(quantizer.model.model, str(target))
+    return target
+
+
+def _recipe(source: Path, workdir: Path, steps: list[dict], dataset: Path) -> Path:
+    from service.engine.recipe import run_recipe
+
+    return run_recipe(source, steps, workdir, dataset_path=dataset).model_path
+
+
+def _auto(source: Path, workdir: Path, dataset: Path) -> tuple[Path, str]:
+    from service.engine.search.run import run_auto
+
+    result = run_auto(source, workdir, dataset_path=dataset, device="raspberry_pi_5",
+                      constraints={"objective": "size"})
+    return result.model_path, str((result.summary.get("auto") or {}).get("candidate"))
+
+
+def _variants(source: Path, work: Path, dataset: Path) -> list[tuple[str, Any]]:
+    from service.engine.registry import registered_passes
+
+    rows: list[tuple[str, Any]] = [
+        ("fp32", lambda: source),
+        ("ORT RTN int4 block 32", lambda: _ort_rtn(source, work / "rtn32.onnx", 32)),
+        ("ORT RTN int4 block 128", lambda: _ort_rtn(source, work / "rtn128.onnx", 128)),
+    ]
+    config = registered_passes()["int4_weight_only"].config_model
+    default_block = config.model_fields["block_size"].default
+    rows.append((f"int4_weight_only (default: block {default_block})",
+                 lambda: _recipe(source, work / "p_default", [{"pass": "int4_weight_only"}],
+                                 dataset)))
+    for block in (32, 128):
+        rows.append((f"int4_weight_only block {block}",
+                     lambda block=block: _recipe(  # type: ignore[misc]
+                         source, work / f"p{block}",
+                         [{"pass": "int4_weight_only", "block_size": block}], dataset)))
+    field = config.model_fields.get("method")
+    methods = _choices(field.annotation) if field is not None else []
+    if not methods:
+        rows.append(("int4_weight_only method=...", "not available in this build (the pass's "
+                     "config has no `method` field)"))
+    for method in methods:
+        rows.append((f"int4_weight_only method={method}",
+                     lambda method=method: _recipe(  # type: ignore[misc]
+                         source, work / f"m_{method}",
+                         [{"pass": "int4_weight_only", "method": method}], dataset)))
+    rows.append(("auto raspberry_pi_5 size", lambda: _auto(source, work / "auto", dataset)))
+    return rows
+
+
+def _choices(annotation: Any) -> list[str]:
+    from typing import get_args
+
+    return [a for a in get_args(annotation) if isinstance(a, str)]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--cache-dir", type=Path,
+                        default=Path(tempfile.gettempdir()) / "edgepress_llm")
+    parser.add_argument("--eval", type=int, default=16, help="held-out sequences evaluated")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="also write the printed table here, after the machine header")
+    args = parser.parse_args(argv)
+    header = machine_header(
+        "scripts/bench_llm.py", sys.argv[1:] if argv is None else argv,
+        threads=f"{THREADS} intra-op thread; tokens/s: medians of {ROUNDS} rounds interleaved "
+        f"with fp32, a 64-token prefill and {DECODE_TOKENS} decode steps")
+    with tee_to(args.out, header):
+        return run(args)
+
+
+def run(args: argparse.Namespace) -> int:
+    from service.engine.decoder import decoder_spec
+    from service.engine.lm import evaluate_lm
+
+    logging.getLogger("onnxruntime").setLevel(logging.WARNING)
+    model = llm.byte_llama(args.cache_dir)
+    info = model.info
+    import onnx
+
+    spec = decoder_spec(onnx.load(str(model.path)))
+    assert spec is not None
+    held = model.heldout
+    eval_ids, job_ids = held[-args.eval:], held[:-args.eval]
+    size0 = model.path.stat().st_size
+    print(f"model: byte-level Llama ({info['config']['num_hidden_layers']} layers, hidden "
+          f"{info['config']['hidden_size']}, {size0 / 1e6:.2f} MB fp32), {info['steps']} "
+          f"training steps ({info['train_seconds']} s) on {info['train_bytes']} bytes of "
+          "stdlib sources")
+    print(f"evaluation: {len(eval_ids)} held-out sequences of {eval_ids.shape[1]} tokens "
+          f"(files never trained on, sequences no job saw); jobs' dataset: {len(job_ids)} "
+          "other held-out sequences\n")
+    failed = 0
+    header = (f"{'variant':<44} {'size':>6} {'ppl':>7} {'KLD':>8} {'top1':>6} "
+              f"{'prefill t/s':>11} {'decode t/s':>10} {'x fp32':>6} {'peak MB':>7}")
+    print(header)
+    print("-" * len(header))
+    with tempfile.TemporaryDirectory(prefix="bench_llm_") as tmp:
+        work = Path(tmp)
+        dataset = work / "tokens.npz"
+        np.savez(dataset, input_ids=job_ids)
+        for name, make in _variants(model.path, work, dataset):
+            if isinstance(make, str):
+                print(f"{name:<44} {make}")
+                continue
+            try:
+                made = make()
+                path, note = made if isinstance(made, tuple) else (made, "")
+                r = evaluate_lm(model.path, path, spec, eval_ids, threads=THREADS,
+                                rounds=ROUNDS, decode_tokens=DECODE_TOKENS,
+                                max_sequences=len(eval_ids))
+            except Exception as exc:  # a failed row is printed and fails the run
+                failed += 1
+                print(f"{name:<44} ERROR {type(exc).__name__}: {str(exc)[:120]}")
+                traceback.print_exc(limit=2, file=sys.stderr)
+                continue
+            ratio = size0 / path.stat().st_size
+            speed = r["decode_tokens_per_s_after"] / r["decode_tokens_per_s_before"]
+            print(f"{name:<44} {ratio:>5.2f}x {r['perplexity_after']:>7.3f} "
+                  f"{r['kl_divergence']:>8.5f} {r['top1_agreement']:>6.4f} "
+                  f"{r['prefill_tokens_per_s_after']:>11.0f} "
+                  f"{r['decode_tokens_per_s_after']:>10.1f} {speed:>5.2f}x "
+                  f"{r['peak_memory_mb_after']:>7.1f}" + (f"  (chose {note})" if note else ""))
+    print("\nsize: fp32 file bytes / variant file bytes. ppl: perplexity of the held-out bytes "
+          "(targets: the sequences shifted by one). KLD: mean next-token KL(fp32 || variant), "
+          "nats. top1: next-token argmax agreement with fp32. x fp32: decode tokens/s over "
+          "fp32's in the same interleaved rounds. peak MB: VmHWM of a fresh process that loads "
+          "only that model and runs the prefill and decode loop.")
+    if failed:
+        print(f"FAILED: {failed} row(s) errored")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
