@@ -561,6 +561,8 @@ def _measurements(report: dict) -> str:
         ["After (median)", _ms(h.latency_ms_after)],
         ["Speedup", _speed(h) or "–"],
         ["Measured", _e(h.latency_how)],
+        *[[f"At {e['threads']} thread(s)", _e(line)]
+          for e, line in zip(h.by_threads, h.thread_lines(), strict=True)],
     ]
     if h.win_fraction is not None:
         rows.append(["Rounds after faster", _num(h.win_fraction, 2)])

@@ -230,6 +230,14 @@ def chosen_result(
         summary["latency_ms_before"] = confirmation["original_ms"]
         summary["latency_ms_after"] = confirmation["candidates"][chosen.name]["ms"]
         summary["speedup"] = confirmation["candidates"][chosen.name]["speedup"]
+        by = confirmation["by_threads"]
+        one = next((e for e in by if e["threads"] == 1), None)
+        summary["latency_threads"] = [e["threads"] for e in by]
+        summary["speedup_1_thread"] = (one["candidates"][chosen.name]["speedup"]
+                                       if one else None)
+        summary["speedup_threads"] = summary["speedup"]
+        band = confirmation["noise_band"]
+        summary["placebo_band"] = [round(1.0 / band, 4), band]
     summary["auto"] = {"candidate": chosen.name, "device": profile.name,
                        "target_latency_ms": chosen.metrics["target_latency_ms"],
                        "target_speedup": chosen.metrics["target_speedup"]}

@@ -28,7 +28,7 @@ def _scripted_clock(sessions: dict, feed: object, *, runs: int, warmup: int,
         ms = {k: 4.0 if k in ("original", "placebo") else (1.6 if k == last else 3.2)
               for k in keys}
     else:
-        ms = {"before": 4.0, "after": 3.0}
+        ms = {"before": 4.0, "after": 3.0, "placebo": 4.0}
     return {k: {"median_ms": v, "min_ms": v, "max_ms": v, "runs": runs, "runs_per_sample": 1,
                 "samples_ms": [v] * runs} for k, v in ms.items()}
 

@@ -434,7 +434,7 @@ def test_latency_objective_confirms_finalists_head_to_head(
             ms = {k: 4.0 if k in ("original", "placebo") else (1.0 if k == last else 3.2)
                   for k in keys}
         else:  # one candidate's own pipeline: "before" and "after"
-            ms = {"before": 4.0, "after": 2.0}
+            ms = {"before": 4.0, "after": 2.0, "placebo": 4.0}
         return {k: {"median_ms": v, "min_ms": v, "max_ms": v, "runs": runs,
                     "runs_per_sample": 1, "samples_ms": [v] * runs} for k, v in ms.items()}
 
