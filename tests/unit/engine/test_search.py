@@ -512,3 +512,28 @@ def test_weight_only_int8_is_the_safe_fallback(tmp_path: Path) -> None:
     assert any(v["constraint"] == "max_size_mb" for v in others[0]["violations"])
     assert result.summary["size_ratio"] >= 3.5 and result.summary["min_cosine"] >= 0.999
     assert any("session.disable_quant_qdq" in w for w in result.summary["warnings"])
+
+
+@pytest.mark.parametrize(("own_band", "confirmed_band", "missed"), [
+    (None, None, True),            # no placebo: a 3 % slowdown is slower
+    ([0.95, 1.05], None, False),   # inside the candidate's own placebo band: not slower
+    ([0.99, 1.01], None, True),    # a quiet placebo: slower
+    ([0.95, 1.05], 1.01, True),    # the head-to-head band, once measured, decides
+])
+def test_not_slower_on_host_allows_the_placebo_band(
+    own_band: list[float] | None, confirmed_band: float | None, missed: bool
+) -> None:
+    from service.engine.search.candidate import Candidate
+    from service.engine.search.score import SearchContext, violations
+
+    ctx = SearchContext(get_device("host"), parse_constraints({"objective": "latency"}),
+                        measurable=True, placebo_band=confirmed_band)
+    cand = Candidate("int8", [], [], "", size_factor=0.3, speed_bound=2.0, status="ok")
+    cand.metrics = {"bytes_stored": 1_000, "host_speedup": 0.97, "host_noise_band": own_band,
+                    "target_memory_mb": 1.0, "min_cosine": 0.9999, "top1_agreement": 1.0,
+                    "accuracy_drop": None, "host_latency_ms": 1.03, "target_latency_ms": 1.0,
+                    "target_speedup": 0.97}
+    found = [v for v in violations(cand, ctx) if v["constraint"] == "not_slower_on_host"]
+    assert bool(found) is missed, found
+    if found and (own_band or confirmed_band):
+        assert found[0]["placebo_band"] == pytest.approx(confirmed_band or own_band[1])
