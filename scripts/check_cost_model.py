@@ -169,6 +169,13 @@ def _run(args, cost_model, host, threads, kernel_features) -> int:  # type: igno
               "cache_bandwidth_factor": constants.cache_bandwidth_factor,
               "node_overhead_s": constants.node_overhead_s,
               "reference_kernel_rate": constants.reference_kernel_rate}
+    # Only what some sample depends on is fitted (fit_cpu_constants keeps the rest's default).
+    reference_ops = sorted({t.reference_op for _, _, c, _ in samples
+                            for t in cost_model._terms(c, host)[0] if t.reference_op})
+    error["fitted"] = ["compute_efficiency", "memory_efficiency", "cache_bandwidth_factor",
+                       "node_overhead_s"] + [f"reference_kernel_rate.{op}" for op in reference_ops]
+    if not reference_ops:
+        print("reference_kernel_rate kept at its default: no sample runs a reference kernel")
     print("\nfitted CPU constants: " + ", ".join(f"{k} {v}" for k, v in fitted.items()))
     if args.write_fit:
         record = {

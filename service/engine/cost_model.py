@@ -685,7 +685,8 @@ def fit_cpu_constants(
     error (small and large models count alike) over compute efficiency, memory efficiency,
     cache bandwidth factor and the reference-kernel rate (log-spaced grid, then a finer one
     around the best point), the per-node overhead solved in closed form (non-negative) at each
-    point. Returns the constants and per-sample {model, predicted_ms, measured_ms, error_pct}.
+    point; the reference-kernel rate keeps its default when no sample runs such a kernel.
+    Returns the constants and per-sample {model, predicted_ms, measured_ms, error_pct}.
     """
     rows = [(_terms(cost, profile)[0], float(ms), label) for cost, ms, label in samples
             if ms > 0]
@@ -718,9 +719,14 @@ def fit_cpu_constants(
                             best = (loss, (ce, me, cbf, rate))
         return best
 
+    # A rate no sample depends on cannot be fitted: it keeps its default.
+    default_rate = REFERENCE_KERNEL_RATE["ConvInteger"]
+    rates = np.geomspace(0.02, 1.0, 6) if ref.any() else np.array([default_rate])
     _, point = search([np.geomspace(0.02, 2.0, 14), np.geomspace(0.05, 3.0, 12),
-                       np.geomspace(1.0, 32.0, 6), np.geomspace(0.02, 1.0, 6)])
-    _, point = search([v * np.geomspace(0.7, 1.4, 5) for v in point])
+                       np.geomspace(1.0, 32.0, 6), rates])
+    _, point = search([v * np.geomspace(0.7, 1.4, 5) for v in point[:3]]
+                      + [point[3] * np.geomspace(0.7, 1.4, 5) if ref.any()
+                         else np.array([default_rate])])
     ce, me, cbf, rate = point
     _, overhead, pred = solve(ce, me, cbf, rate)
     points = [{"model": label, "predicted_ms": round(float(p) * 1e3, 4),

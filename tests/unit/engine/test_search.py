@@ -13,6 +13,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
+from service.engine import cost_model
 from service.engine.compress import compress
 from service.engine.devices import get_device, list_devices
 from service.engine.errors import EngineError
@@ -184,6 +185,14 @@ def test_auto_on_host_meets_constraints_with_evidence(mlp_path: Path, tmp_path: 
     cal = auto["cost_model"]["host_calibration"]
     assert cal["points"][0]["model"] == "original"
     assert all(p["measured_ms"] > 0 and p["predicted_ms"] > 0 for p in cal["points"])
+    # The cost model's own host estimate (the stored fit's constants, no per-job calibration)
+    # beside each measurement, with the error the fit states.
+    check = cal["uncalibrated"]
+    assert [p["model"] for p in check["points"]] == [p["model"] for p in cal["points"]]
+    assert check["constants"] == cost_model.constants_for(get_device("host")).source
+    for point in check["points"]:
+        assert point["error_pct"] == pytest.approx(
+            100 * (point["estimated_ms"] - point["measured_ms"]) / point["measured_ms"], abs=0.1)
     for cand in auto["candidates"]:
         assert cand["status"] in ("ok", "failed", "not_run")
         if cand["status"] != "ok":
