@@ -125,8 +125,8 @@ _KERNEL_OPS = {"Conv", "ConvTranspose", "ConvInteger", "QLinearConv", "MatMul", 
                "QLinearGlobalAveragePool", "QLinearAveragePool", "Resize", "Gather",
                "Concat", "Transpose", "ReduceMean", "TopK", "NonMaxSuppression"}
 # A low-precision node on a target without a fast path for it reads a float copy of its weights:
-# the ratio of item sizes (fp32 4 bytes vs int8 1, int16 2, int4 0.5), exact.
-_DEQUANT_GROWTH = {"int8": 4.0, "int16": 2.0, "int4": 8.0}
+# the ratio of item sizes (fp32 4 bytes vs int8 1, int16 2, int4 0.5, fp16/bf16 2), exact.
+_DEQUANT_GROWTH = {"int8": 4.0, "int16": 2.0, "int4": 8.0, "fp16": 2.0, "bf16": 2.0}
 _VIEW_OPS = {"Reshape", "Flatten", "Squeeze", "Unsqueeze", "Identity", "Shape", "Size",
              "Constant", "ConstantOfShape", "Dropout"}
 _TRANSCENDENTAL = {"Exp", "Log", "Tanh", "Sigmoid", "Erf", "Gelu", "FastGelu", "Softplus",
@@ -172,6 +172,7 @@ class NodeCost:
     qdq_format: str | None = None  # the QDQ format a fused int8 node needs (None otherwise)
     fused: bool = False  # a Q/DQ node folded into its neighbour (no cost of its own)
     weight_bytes: float = 0.0  # the part of ``bytes`` read from initializers
+    steps: int = 1  # kernel dispatches on a CPU: a recurrent cell runs one GEMM per time step
 
 
 @dataclass
@@ -499,14 +500,17 @@ def analyse(
             if source in initializers:
                 weights_read += tensor_bytes(source)
         written = sum(tensor_bytes(o) for o in node.output if o)
+        steps = 1
         if op in ("LSTM", "GRU", "RNN", "DynamicQuantizeLSTM") and len(inputs) > 2:
-            # the recurrent weights R are read again at every time step (from cache)
+            # the recurrent weights R are read again at every time step (from cache), and
+            # ONNX Runtime's CPU kernel dispatches the step's GEMMs once per step
             x = shape_of(node.input[0]) or [1]
-            steps = x[1] if _attr(node, "layout", 0) and len(x) > 1 else x[0]
+            steps = int(x[1] if _attr(node, "layout", 0) and len(x) > 1 else x[0])
             read += tensor_bytes(node.input[2]) * max(steps - 1, 0)
         moved = 0.0 if op in _VIEW_OPS else read + written
         costs.append(NodeCost(name, op, precision, flops if precision != "none" else 0.0, moved,
-                              fmt, weight_bytes=0.0 if op in _VIEW_OPS else weights_read))
+                              fmt, weight_bytes=0.0 if op in _VIEW_OPS else weights_read,
+                              steps=max(steps, 1)))
     for node, cost in zip(graph.node, costs, strict=True):
         if id(node) in fused_nodes:
             cost.fused = True
@@ -571,6 +575,7 @@ class _Term:
     weight_s: float  # weights streamed from memory
     activation_s: float  # activations, at DRAM bandwidth (the cache factor divides it)
     reference_op: str | None  # op run by a reference kernel (REFERENCE_KERNEL_RATE)
+    dispatches: int = 1  # what the per-node overhead is paid for
 
 
 def _terms(cost: ModelCost, profile: DeviceProfile) -> tuple[list[_Term], list[str]]:
@@ -598,14 +603,16 @@ def _terms(cost: ModelCost, profile: DeviceProfile) -> tuple[list[_Term], list[s
         reference = node.op_type if node.op_type in REFERENCE_KERNEL_RATE else None
         peak = profile.peak("fp32" if reference or precision == "none" else precision) * 1e9
         terms.append(_Term(node, node.flops / peak, weight_bytes / bandwidth,
-                           (node.bytes - node.weight_bytes) / bandwidth, reference))
+                           (node.bytes - node.weight_bytes) / bandwidth, reference,
+                           node.steps if profile.kind == "cpu" else 1))
     return terms, sorted(unsupported)
 
 
 def _roofline(
     cost: ModelCost, profile: DeviceProfile, constants: Constants | None = None,
 ) -> tuple[float, int, dict[str, dict[str, float]], list[str], float]:
-    """Roofline seconds without overhead, counted nodes, per-precision split, fallbacks."""
+    """Roofline seconds without overhead, dispatches (counted nodes, a CPU recurrent cell once
+    per time step), per-precision split, fallbacks."""
     k = constants or constants_for(profile)
     terms, unsupported = _terms(cost, profile)
     total = 0.0
@@ -630,7 +637,7 @@ def _roofline(
         bucket["nodes"] += 1
     # A Q/DQ node next to an unfused op is real work (its bytes are already in its NodeCost);
     # fused ones were skipped above.
-    return total, len(terms), split, unsupported, compute_bound
+    return total, sum(t.dispatches for t in terms), split, unsupported, compute_bound
 
 
 # ---------------------------------------------------------------------------------------------
@@ -698,7 +705,7 @@ def fit_cpu_constants(
     ref = np.array([x.reference_op is not None for t, _, _ in rows for x in t])
     weight = np.array([x.weight_s for t, _, _ in rows for x in t])
     act = np.array([x.activation_s for t, _, _ in rows for x in t])
-    nodes = np.array([len(t) for t, _, _ in rows], dtype=float)
+    nodes = np.array([sum(x.dispatches for x in t) for t, _, _ in rows], dtype=float)
     measured = np.array([ms for _, ms, _ in rows]) * 1e-3
 
     def solve(ce: float, me: float, cbf: float, rate: float) -> tuple[float, float, np.ndarray]:
