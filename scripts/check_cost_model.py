@@ -78,14 +78,31 @@ def build_variants(model: corpus.CorpusModel, workdir: Path) -> dict[str, Path]:
 PASSES = 3  # measurement passes per model; the least disturbed (lowest median) counts
 
 
-def measure(paths: dict[str, Path], feed: dict, threads: int) -> dict[str, float]:
-    """Median ms per variant, interleaved, the lowest of ``PASSES`` passes: on a shared host
-    other processes only ever add time, so the least disturbed pass is the closest."""
+def measure(paths: dict[str, Path], feed: dict, threads: int) -> dict[str, tuple[float, float]]:
+    """(median ms, spread) per variant, interleaved, the lowest of ``PASSES`` passes: on a
+    shared host other processes only ever add time, so the least disturbed pass is the
+    closest; the spread (slowest / fastest pass) says how disturbed the host was."""
     from service.engine.evaluate import make_session, measure_latency
 
     sessions = {k: make_session(p, threads) for k, p in paths.items()}
     passes = [measure_latency(sessions, feed, runs=15, warmup=3) for _ in range(PASSES)]
-    return {k: min(r[k]["median_ms"] for r in passes) for k in sessions}
+    out = {}
+    for k in sessions:
+        medians = [r[k]["median_ms"] for r in passes]
+        out[k] = (min(medians), max(medians) / min(medians))
+    return out
+
+
+def profile_at(host, threads: int):  # type: ignore[no-untyped-def]
+    """The host's profile for ``threads`` of its cores: peaks and bandwidth scaled to them
+    (what the fit divides measured time by)."""
+    cores = host.cores or 1
+    if threads >= cores:
+        return host
+    share = threads / cores
+    return host.model_copy(update={
+        "cores": threads, "peak_gops": {k: v * share for k, v in host.peak_gops.items()},
+        "memory_bandwidth_gbps": host.memory_bandwidth_gbps * share})
 
 
 def _err(pred: float | None, meas: float) -> float | None:
@@ -105,6 +122,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--write-fit", action="store_true",
                         help="store the fitted constants in service/engine/devices/cost_fit.json")
     parser.add_argument("--out", type=Path, default=None, help="also write the output here")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="intra-op threads (default: the host's usable cores, as jobs run)")
     args = parser.parse_args(argv)
 
     from service.engine import cost_model
@@ -113,11 +132,11 @@ def main(argv: list[str] | None = None) -> int:
     from service.engine.evaluate import latency_thread_counts
     from service.engine.limits import EngineLimits
 
-    host = host_profile()
-    threads = latency_thread_counts(EngineLimits(), None)[-1]
+    threads = args.threads or latency_thread_counts(EngineLimits(), None)[-1]
+    host = profile_at(host_profile(), threads)
     header = machine_header("scripts/check_cost_model.py", argv if argv is not None
-                            else sys.argv[1:], f"ONNX Runtime intra-op {threads} (the host's "
-                            "usable cores), inter-op 1, sequential")
+                            else sys.argv[1:], f"ONNX Runtime intra-op {threads} of "
+                            f"{host_profile().cores} usable cores, inter-op 1, sequential")
     with tee_to(args.out, header):
         return _run(args, cost_model, host, threads, kernel_features)
 
@@ -125,16 +144,20 @@ def main(argv: list[str] | None = None) -> int:
 def _run(args, cost_model, host, threads, kernel_features) -> int:  # type: ignore[no-untyped-def]
     import onnx
 
+    from service.engine.devices import host_profile
+
     samples: list[tuple[str, str, object, float]] = []
+    spreads: list[float] = []
     with tempfile.TemporaryDirectory(prefix="check_cost_model_") as tmp:
         for name in args.models:
             model = corpus.BUILDERS[name](args.cache_dir)
             paths = build_variants(model, Path(tmp) / name)
             feed = {k: v[:1] for k, v in model.inputs.items()}
             shapes = {k: list(v.shape) for k, v in feed.items()}
-            for variant, ms in measure(paths, feed, threads).items():
+            for variant, (ms, spread) in measure(paths, feed, threads).items():
                 cost = cost_model.analyse(onnx.load(str(paths[variant])), shapes)
                 samples.append((name, variant, cost, ms))
+                spreads.append(spread)
     fit_rows = [(c, ms, f"{n}:{v}") for n, v, c, ms in samples]
     constants, points = cost_model.fit_cpu_constants(fit_rows, host)
     defaults = cost_model.Constants.defaults("cpu")
@@ -149,19 +172,22 @@ def _run(args, cost_model, host, threads, kernel_features) -> int:  # type: igno
             roof, counted, *_ = cost_model._roofline(cost, host, k)
             loo = (roof + k.node_overhead_s * counted) * 1e3
         rows.append({"model": name, "variant": variant, "measured_ms": round(ms, 4),
+                     "pass_spread": round(spreads[len(rows)], 3),
                      "defaults_ms": round(default_ms, 4), "fit_ms": point["predicted_ms"],
                      "loo_ms": None if loo is None else round(loo, 4)})
 
     print(f"host: {host.title}; {len(rows)} measurements at {threads} thread(s)\n")
-    print(f"{'model':<22}{'variant':<18}{'measured':>10}{'defaults':>10}{'err%':>7}"
+    print(f"{'model':<22}{'variant':<18}{'measured':>10}{'spread':>8}{'defaults':>10}{'err%':>7}"
           f"{'fit':>9}{'err%':>7}{'loo':>9}{'err%':>7}")
     for r in rows:
         e_def, e_fit = _err(r["defaults_ms"], r["measured_ms"]), _err(r["fit_ms"], r["measured_ms"])
         loo = (f"{r['loo_ms']:9.3f}{_err(r['loo_ms'], r['measured_ms']):7.0f}"
                if r["loo_ms"] is not None else f"{'-':>9}{'-':>7}")
         print(f"{r['model']:<22}{r['variant']:<18}{r['measured_ms']:10.3f}"
-              f"{r['defaults_ms']:10.3f}{e_def:7.0f}{r['fit_ms']:9.3f}{e_fit:7.0f}{loo}")
-    error: dict[str, object] = {"samples": len(rows), "models": sorted({r["model"] for r in rows})}
+              f"{r['pass_spread']:8.2f}{r['defaults_ms']:10.3f}{e_def:7.0f}{r['fit_ms']:9.3f}{e_fit:7.0f}{loo}")
+    error: dict[str, object] = {"samples": len(rows), "models": sorted({r["model"] for r in rows}),
+                                "median_pass_spread": round(statistics.median(spreads), 3)}
+    print(f"(spread: slowest / fastest of {PASSES} passes; median {statistics.median(spreads):.2f})")
     for key in ("defaults", "fit", "loo"):
         errs = [e for r in rows if (e := _err(r[f"{key}_ms"], r["measured_ms"])) is not None]
         if errs:
@@ -189,7 +215,7 @@ def _run(args, cost_model, host, threads, kernel_features) -> int:  # type: igno
             "machine": {"cpu": host.title, "architecture": host.architecture,
                         "kernel_features": sorted(kernel_features(host.architecture,
                                                                   host.isa_features)),
-                        "cores": host.cores, "threads": threads},
+                        "cores": host_profile().cores, "threads": threads},
             "constants": fitted, "error": error, "rows": rows,
         }
         path = ROOT / "service" / "engine" / "devices" / "cost_fit.json"
