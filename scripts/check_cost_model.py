@@ -210,7 +210,7 @@ def _run(args, cost_model, host, threads, kernel_features) -> int:  # type: igno
     print("\nfitted CPU constants: " + ", ".join(f"{k} {v}" for k, v in fitted.items()))
     if args.write_fit:
         record = {
-            "command": "scripts/check_cost_model.py --write-fit",
+            "command": " ".join(["scripts/check_cost_model.py", *sys.argv[1:]]),
             "date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
             "machine": {"cpu": host.title, "architecture": host.architecture,
                         "kernel_features": sorted(kernel_features(host.architecture,

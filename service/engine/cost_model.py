@@ -781,7 +781,8 @@ def estimate(
         machine = constants.fit["machine"]
         assumptions.append(
             f"CPU constants fitted on {machine.get('cpu')} at {machine.get('threads')} "
-            f"thread(s) ({constants.fit.get('date')}): median |error| "
+            f"thread(s) ({constants.fit.get('date')}; peaks scale with the profile's cores): "
+            "median |error| "
             f"{error.get('median_abs_pct')} % in-sample, {error.get('loo_median_abs_pct')} % "
             f"leave-one-model-out, over {error.get('samples')} corpus measurements")
     latency_ms = seconds * 1e3

@@ -192,7 +192,7 @@ def test_auto_on_host_meets_constraints_with_evidence(mlp_path: Path, tmp_path: 
     assert check["constants"] == cost_model.constants_for(get_device("host")).source
     for point in check["points"]:
         assert point["error_pct"] == pytest.approx(
-            100 * (point["estimated_ms"] - point["measured_ms"]) / point["measured_ms"], abs=0.1)
+            100 * (point["estimated_ms"] - point["measured_ms"]) / point["measured_ms"], rel=0.02, abs=0.5)
     for cand in auto["candidates"]:
         assert cand["status"] in ("ok", "failed", "not_run")
         if cand["status"] != "ok":
