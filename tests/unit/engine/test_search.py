@@ -295,8 +295,9 @@ def test_auto_over_the_corpus_for_three_targets(corpus_models: dict, tmp_path: P
             assert result.summary["min_cosine"] >= 0.99
             if auto["target_measured"]:
                 # The engine's own rule, not a claim about this CPU: the speedup the choice
-                # was judged on (the summary's) is never below 1 for a chosen candidate.
-                assert result.summary["speedup"] >= 1.0, (target, name)
+                # was judged on (the summary's) is never below the placebo band's low end.
+                low = (result.summary["placebo_band"] or [1.0])[0]
+                assert result.summary["speedup"] >= low - 1e-4, (target, name, low)
             chosen[target][name] = tuple(auto["chosen"]["formats"])
     assert chosen["x86_xeon_spr_vnni_amx"], "auto found nothing on x86"
     for formats in chosen["nvidia_t4"].values():
