@@ -49,14 +49,17 @@ class Headline:
         return [int(e["threads"]) for e in self.by_threads]
 
     def thread_lines(self) -> list[str]:
-        """One line per thread count: ``"2 threads: 1.31x faster (placebo 0.97-1.03)"``."""
+        """One line per thread count: ``"2 threads: 1.31x faster (placebo band 0.97-1.03)"``,
+        ``"1 thread: 0.95x, 5% slower, within noise (placebo band 0.84-1.19)"``."""
         lines = []
         for e in self.by_threads:
             band = noise_band(e.get("placebo_band"))
             n = e["threads"]
+            words = describe_speedup(e.get("speedup"), band)
+            ratio = f"{e['speedup']:.2f}x" if e.get("speedup") else ""
             lines.append(f"{n} thread{'s' if n != 1 else ''}: "
-                         + (f"{e['speedup']:.2f}x, " if e.get("speedup") else "")
-                         + describe_speedup(e.get("speedup"), band)
+                         + (words if not ratio or words.startswith(ratio)
+                            else f"{ratio}, {words}")
                          + (f" (placebo band {band[0]:.2f}-{band[1]:.2f})" if band else "")
                          + (" [decides]" if e is self.by_threads[-1] and len(self.by_threads) > 1
                             else ""))

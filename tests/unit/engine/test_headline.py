@@ -193,3 +193,22 @@ def test_a_job_result_names_each_thread_count() -> None:
            "placebo_band": [0.95, 1.05]}
     assert threads_words(one) == "1 thread: 2% slower, within noise (placebo band 0.95-1.05)"
     assert threads_words({"speedup": 1.2}) is None
+
+
+def test_each_thread_count_is_worded_with_its_own_placebo_band() -> None:
+    report = {
+        "summary": {"speedup": 0.95, "latency_ms_before": 1.0, "latency_ms_after": 1.05,
+                    "placebo_band": [0.84, 1.19], "latency_threads": [1, 2],
+                    "speedup_1_thread": 3.2},
+        "latency": {"speedup": 0.95, "rounds": 16, "thread_counts": [1, 2], "threads": 2,
+                    "by_threads": [
+                        {"threads": 1, "speedup": 3.2, "noise_band": [0.95, 1.05]},
+                        {"threads": 2, "speedup": 0.95, "noise_band": [0.84, 1.19]}]},
+    }
+    h = headline(report)
+    assert h.thread_lines() == [
+        "1 thread: 3.20x faster (placebo band 0.95-1.05)",
+        "2 threads: 0.95x, 5% slower, within noise (placebo band 0.84-1.19) [decides]"]
+    assert h.speed_words == "5% slower, within noise" and "at 1, 2 thread(s)" in h.latency_how
+    page = render_report_html(report)
+    assert all(line in page for line in h.thread_lines())
