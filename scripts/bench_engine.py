@@ -116,7 +116,8 @@ def _limits(model: corpus.CorpusModel) -> Any:
 
     samples = len(next(iter(model.inputs.values())))
     return EngineLimits(
-        eval_samples=samples, latency_runs=LATENCY_RUNS, latency_threads=LATENCY_THREADS
+        eval_samples=samples, latency_runs=LATENCY_RUNS, latency_threads=LATENCY_THREADS,
+        latency_target_threads=False,  # the header's one thread count, nothing else
     )
 
 

@@ -152,13 +152,16 @@ def latency_thread_counts(limits: EngineLimits, profile: Any = None) -> list[int
     cores for the host (``profile`` None or ``"host"``), else the profile's ``cores`` capped by
     the host's (a profile without ``cores``: the host's). Only counts that differ are kept.
     A target the host cannot stand for (other ISA, GPU, NPU) is measured at the first count
-    only: its own latency is a cost-model estimate.
+    only: its own latency is a cost-model estimate; so is every target when
+    ``limits.latency_target_threads`` is off.
     """
     from service.engine.devices import host_profile
 
     host = host_profile()
     host_cores = host.cores or 1
     first = limits.latency_threads
+    if not limits.latency_target_threads:
+        return [first]
     if profile is None or profile.name == "host":
         device = host_cores
     elif profile.same_kernels_as(host):

@@ -141,6 +141,9 @@ def test_latency_threads_are_one_and_the_targets_own_count_where_the_host_is_the
     assert latency_thread_counts(limits, host.model_copy(update={"name": "one", "cores": 1})) == [1]
     # A target the host cannot stand for is measured at the first count only.
     assert latency_thread_counts(limits, get_device("nvidia_t4")) == [1]
+    # A benchmark pinning one thread count.
+    pinned = EngineLimits(latency_threads=1, latency_target_threads=False)
+    assert latency_thread_counts(pinned, None) == latency_thread_counts(pinned, host) == [1]
     # The same total budget of rounds, split (never below 5 per count).
     assert rounds_per_count(15, 1) == 15 and rounds_per_count(15, 2) == 8
     assert rounds_per_count(3, 2) == 3
