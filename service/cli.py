@@ -23,7 +23,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from service.engine.headline import headline, lm_rows
+from service.engine.headline import headline, lm_rows, threads_words
 from service.engine.wording import describe_speedup
 
 EXIT_CODES = """\
@@ -645,6 +645,7 @@ def _print_job(out: Output, job: Any) -> None:
                         f"{r.get('latency_ms_after', 0):.4f} ms on the worker"
                         + (f" ({describe_speedup(r['speedup'], r.get('placebo_band'))})"
                            if r.get("speedup") else "")),
+            ("latency by threads", threads_words(r)),
             ("min cosine", r.get("min_cosine")),
             ("evaluated on", (f"{r['eval_inputs']} inputs"
                               + (f", {r['eval_samples']} samples" if r.get("eval_samples") else ""))
@@ -773,6 +774,7 @@ def summarize_report(report: dict[str, Any]) -> list[tuple[str, Any]]:
         ("latency (host)", f"{h.latency_ms_before or 0:.4f} -> {h.latency_ms_after or 0:.4f} ms"
                            + (f" ({h.speedup:.2f}x: {h.speed_words})" if h.speedup else "")),
         ("latency measured", h.latency_how if h.speedup else None),
+        *[("latency by threads", line) for line in h.thread_lines()],
         ("min cosine", h.min_cosine),
         ("evaluated on", (f"{h.eval_inputs} inputs"
                           + (f", {h.eval_samples} samples" if h.eval_samples else ""))

@@ -1,11 +1,13 @@
 """Evaluate a compressed model against its original: size, parameters, latency, fidelity, accuracy.
 
 - Size: bytes of the single self-contained ``.onnx`` file on disk.
-- Latency: ONNX Runtime on this host, CPU provider, a fixed number of intra-op threads, both
-  models in one process, warmed up, then timed in interleaved rounds (original, candidate,
-  candidate, original, ...) so that drift on a shared machine hits both alike; the median per
-  model is reported, and the speedup is the median of the per-round before/after ratios (pairs
-  saw the same machine state). Each round times a burst of runs long enough (~5 ms) to be
+- Latency: ONNX Runtime on this host, CPU provider, at 1 intra-op thread and at the target's
+  thread count where the target is this host (``latency_thread_counts``); at each, the
+  original, the candidate and a placebo (a second session of the original) in one process,
+  warmed up, then timed in interleaved rounds (A B C, C B A, ...) so that drift on a shared
+  machine hits all alike; the median per model is reported, the speedup is the median of the
+  per-round before/after ratios (pairs saw the same machine state), and the placebo's ratio
+  is the noise band beside it. Each round times a burst of runs long enough (~5 ms) to be
   measurable.
 - Fidelity, per output (recurrent state outputs included): cosine similarity, SQNR in dB (capped
   at 200 dB when the outputs are identical), max abs error, and top-1 agreement for
@@ -36,6 +38,7 @@ from service.engine.dataset import split_feeds
 from service.engine.ingest import parameter_count
 from service.engine.inputs import InputPlan, adapt_feed, default_plan
 from service.engine.limits import EngineLimits
+from service.engine.wording import noise_band
 
 SEED = 0
 SQNR_CAP_DB = 200.0
@@ -140,22 +143,92 @@ def paired_speedup(before: Sequence[float], after: Sequence[float]) -> tuple[flo
     return statistics.median(ratios), sum(r > 1.0 for r in ratios) / len(ratios)
 
 
+def latency_thread_counts(limits: EngineLimits, profile: Any = None) -> list[int]:
+    """The intra-op thread counts latency is measured at; the last one decides.
+
+    First ``limits.latency_threads`` (1 by default: how a single-core target, or one request on
+    a busy server, runs); then, where the target is this host or runs the host's kernels
+    (``DeviceProfile.same_kernels_as``), the target's own thread count: the host's usable
+    cores for the host (``profile`` None or ``"host"``), else the profile's ``cores`` capped by
+    the host's (a profile without ``cores``: the host's). Only counts that differ are kept.
+    A target the host cannot stand for (other ISA, GPU, NPU) is measured at the first count
+    only: its own latency is a cost-model estimate; so is every target when
+    ``limits.latency_target_threads`` is off.
+    """
+    from service.engine.devices import host_profile
+
+    host = host_profile()
+    host_cores = host.cores or 1
+    first = limits.latency_threads
+    if not limits.latency_target_threads:
+        return [first]
+    if profile is None or profile.name == "host":
+        device = host_cores
+    elif profile.same_kernels_as(host):
+        device = min(profile.cores or host_cores, host_cores)
+    else:
+        return [first]
+    return [first] if device == first else [first, device]
+
+
+def rounds_per_count(runs: int, counts: int) -> int:
+    """Rounds per thread count: the budget of ``runs`` rounds split over ``counts`` counts,
+    never below min(runs, 5) (a paired median of fewer rounds says little)."""
+    return max(min(runs, 5), math.ceil(runs / max(counts, 1)))
+
+
 def compare_latency(
     original_path: Path, candidate_path: Path, feed: Feed, *, runs: int,
-    limits: EngineLimits, check_cancelled: Callable[[], None] = lambda: None,
+    limits: EngineLimits, threads: Sequence[int] | None = None,
+    check_cancelled: Callable[[], None] = lambda: None,
     sessions: tuple[Any, Any] | None = None,
 ) -> dict:
-    """Interleaved latency of original vs candidate: medians, paired speedup, win fraction."""
-    so, sc = sessions or (make_session(original_path, limits.latency_threads),
-                          make_session(candidate_path, limits.latency_threads))
-    lat = measure_latency({"before": so, "after": sc}, feed, runs=runs,
-                          warmup=limits.latency_warmup, check_cancelled=check_cancelled)
-    speedup, wins = paired_speedup(lat["before"]["samples_ms"], lat["after"]["samples_ms"])
-    return {"before_ms": lat["before"]["median_ms"], "after_ms": lat["after"]["median_ms"],
-            "speedup": speedup, "win_fraction": wins,
-            "threads": limits.latency_threads, "rounds": runs,
+    """Interleaved latency of original vs candidate at each thread count, with a placebo.
+
+    At every count of ``threads`` (default ``[limits.latency_threads]``) three sessions are
+    timed in interleaved rounds: the original ("before"), the candidate ("after") and a second
+    session of the original ("placebo"). The placebo's paired ratio against the original is
+    the noise of this host for this model: ``noise_band`` is (1/p, p) with p = max(r, 1/r),
+    and a speedup inside it says nothing. The ``runs`` rounds are split over the counts
+    (``rounds_per_count``). ``sessions`` (before, after) are reused at
+    ``limits.latency_threads``.
+
+    The top-level keys are the last count's (the decision's: the target's thread count);
+    ``by_threads`` holds one entry per count, in order.
+    """
+    counts = list(threads or [limits.latency_threads])
+    per = rounds_per_count(runs, len(counts))
+    entries: list[dict] = []
+    for count in counts:
+        if sessions is not None and count == limits.latency_threads:
+            so, sc = sessions
+        else:
+            so, sc = (make_session(original_path, count), make_session(candidate_path, count))
+        sp = make_session(original_path, count)
+        lat = measure_latency({"before": so, "after": sc, "placebo": sp}, feed, runs=per,
+                              warmup=limits.latency_warmup, check_cancelled=check_cancelled)
+        speedup, wins = paired_speedup(lat["before"]["samples_ms"], lat["after"]["samples_ms"])
+        placebo, _ = paired_speedup(lat["before"]["samples_ms"], lat["placebo"]["samples_ms"])
+        band = noise_band(placebo)
+        entries.append({
+            "threads": count, "rounds": per,
+            "before_ms": lat["before"]["median_ms"], "after_ms": lat["after"]["median_ms"],
+            "placebo_ms": lat["placebo"]["median_ms"],
+            "speedup": speedup, "win_fraction": wins, "placebo_speedup": placebo,
+            "noise_band": [round(band[0], 4), round(band[1], 4)] if band else None,
+            "detail": lat,
+        })
+    decision = entries[-1]
+    return {"before_ms": decision["before_ms"], "after_ms": decision["after_ms"],
+            "speedup": decision["speedup"], "win_fraction": decision["win_fraction"],
+            "placebo_speedup": decision["placebo_speedup"],
+            "noise_band": decision["noise_band"],
+            "threads": decision["threads"], "rounds": per * len(counts),
+            "rounds_per_thread_count": per, "thread_counts": counts,
             "warmup": limits.latency_warmup, "provider": "CPUExecutionProvider",
-            "detail": lat, "input_shapes": {k: list(v.shape) for k, v in feed.items()}}
+            "by_threads": [{k: v for k, v in e.items() if k != "detail"} for e in entries],
+            "detail": decision["detail"],
+            "input_shapes": {k: list(v.shape) for k, v in feed.items()}}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -230,8 +303,12 @@ def evaluate_candidate(
     original_model: onnx.ModelProto | None = None,
     candidate_model: onnx.ModelProto | None = None,
     check_cancelled: Callable[[], None] = lambda: None,
+    threads: Sequence[int] | None = None,
 ) -> dict:
     """Measure the candidate against the original; JSON-able result.
+
+    Latency at each of ``threads`` (default ``[limits.latency_threads]``; see
+    ``latency_thread_counts`` and ``compare_latency``).
 
     Keys: size {bytes_before, bytes_after, ratio}, params {before, after}, latency {before,
     after, speedup, threads, runs, ...}, fidelity {output: {...}}, min_cosine, accuracy
@@ -277,7 +354,8 @@ def evaluate_candidate(
 
     check_cancelled()
     latency = compare_latency(original_path, candidate_path, feeds[0], runs=limits.latency_runs,
-                              limits=limits, check_cancelled=check_cancelled, sessions=(so, sc))
+                              limits=limits, threads=threads, check_cancelled=check_cancelled,
+                              sessions=(so, sc))
     return {
         "size": {"bytes_before": bytes_before, "bytes_after": bytes_after,
                  "ratio": bytes_before / bytes_after if bytes_after else None},

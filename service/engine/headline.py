@@ -13,9 +13,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from service.engine.wording import PlaceboBand, describe_speedup
+from service.engine.wording import PlaceboBand, describe_speedup, noise_band
 
-__all__ = ["Headline", "headline", "lm_rows"]
+__all__ = ["Headline", "headline", "lm_rows", "threads_words"]
 
 
 @dataclass(frozen=True)
@@ -37,11 +37,35 @@ class Headline:
     target_measured: bool | None = None  # auto mode: the target is this host (else estimated)
     # causal decoders: ``summary["lm"]`` (KL divergence, top-1, perplexity, tokens/s, memory)
     lm: dict[str, Any] = field(default_factory=dict)
+    # One entry per intra-op thread count measured, the decision's (``speedup``'s) last:
+    # {threads, speedup, placebo_band, before_ms, after_ms}.
+    by_threads: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def speed_words(self) -> str:
         """``describe_speedup`` of the speedup, with its placebo band when one was measured."""
         return describe_speedup(self.speedup, self.placebo_band)
+
+    @property
+    def latency_threads(self) -> list[int]:
+        return [int(e["threads"]) for e in self.by_threads]
+
+    def thread_lines(self) -> list[str]:
+        """One line per thread count: ``"2 threads: 1.31x faster (placebo band 0.97-1.03)"``,
+        ``"1 thread: 0.95x, 5% slower, within noise (placebo band 0.84-1.19)"``."""
+        lines = []
+        for e in self.by_threads:
+            band = noise_band(e.get("placebo_band"))
+            n = e["threads"]
+            words = describe_speedup(e.get("speedup"), band)
+            ratio = f"{e['speedup']:.2f}x" if e.get("speedup") else ""
+            lines.append(f"{n} thread{'s' if n != 1 else ''}: "
+                         + (words if not ratio or words.startswith(ratio)
+                            else f"{ratio}, {words}")
+                         + (f" (placebo band {band[0]:.2f}-{band[1]:.2f})" if band else "")
+                         + (" [decides]" if e is self.by_threads[-1] and len(self.by_threads) > 1
+                            else ""))
+        return lines
 
 
 def _confirmed(report: Mapping[str, Any], summary: Mapping[str, Any]) -> Mapping[str, Any] | None:
@@ -56,6 +80,23 @@ def _confirmed(report: Mapping[str, Any], summary: Mapping[str, Any]) -> Mapping
     return confirmation
 
 
+def _by_threads(latency: Mapping[str, Any], confirmation: Mapping[str, Any] | None,
+                chosen: str | None) -> list[dict[str, Any]]:
+    """Per-thread-count numbers of the measurement the summary's speedup comes from."""
+    if confirmation is not None:
+        out = []
+        for e in confirmation.get("by_threads") or []:
+            cand = (e.get("candidates") or {}).get(chosen) or {}
+            band = e.get("noise_band")
+            out.append({"threads": e.get("threads"), "speedup": cand.get("speedup"),
+                        "placebo_band": [1.0 / band, band] if band else None,
+                        "before_ms": e.get("original_ms"), "after_ms": cand.get("ms")})
+        return out
+    return [{"threads": e.get("threads"), "speedup": e.get("speedup"),
+             "placebo_band": e.get("noise_band"), "before_ms": e.get("before_ms"),
+             "after_ms": e.get("after_ms")} for e in latency.get("by_threads") or []]
+
+
 def headline(report: Mapping[str, Any]) -> Headline:
     """The headline of a ``report.json`` dict (missing numbers are None)."""
     summary = report.get("summary") or {}
@@ -66,13 +107,16 @@ def headline(report: Mapping[str, Any]) -> Headline:
     win_fraction = None
     if confirmation is not None:
         others = len(confirmation.get("candidates") or {}) - 1
+        counts = confirmation.get("thread_counts") or [confirmation.get("threads", "?")]
         how = ("head to head with the original"
                + (f" and {others} other finalist{'s' if others != 1 else ''}" if others > 0
                   else "")
-               + f", {confirmation.get('rounds')} interleaved rounds, medians")
+               + f", {confirmation.get('rounds')} interleaved rounds at "
+               + ", ".join(str(t) for t in counts) + " thread(s), medians")
     else:
-        how = (f"{latency.get('rounds', '?')} interleaved rounds x "
-               f"{latency.get('threads', '?')} thread(s), paired median")
+        how = (f"{latency.get('rounds', '?')} interleaved rounds at "
+               f"{', '.join(str(t) for t in latency.get('thread_counts') or [latency.get('threads', '?')])}"
+               " thread(s), paired median")
         if band is None:
             band = latency.get("placebo_speedup")
         if band is not None:
@@ -97,6 +141,8 @@ def headline(report: Mapping[str, Any]) -> Headline:
         eval_samples=samples,
         target_measured=auto.get("target_measured") if auto else None,
         lm=dict(summary.get("lm") or {}),
+        by_threads=_by_threads(latency, confirmation,
+                               (summary.get("auto") or {}).get("candidate")),
     )
 
 
@@ -125,3 +171,23 @@ def lm_rows(lm: Mapping[str, Any]) -> list[tuple[str, str]]:
                         f"{_fmt(lm.get('peak_memory_mb_after'), 1)} MB (peak RSS of a "
                         "process running only that model)"),
     ]
+
+
+def threads_words(summary: Mapping[str, Any]) -> str | None:
+    """A job result's (a summary's) speedups per thread count in one line, e.g.
+    ``"1 thread: 1.40x faster; 2 threads: 1.31x faster (decides, placebo band 0.97-1.03)"``;
+    None when the summary has no per-thread numbers."""
+    counts = summary.get("latency_threads") or []
+    if not counts:
+        return None
+    band = noise_band(summary.get("placebo_band"))
+    parts = []
+    if len(counts) > 1 and 1 in counts[:-1]:
+        parts.append(f"1 thread: {describe_speedup(summary.get('speedup_1_thread'))}")
+    n = counts[-1]
+    parts.append(f"{n} thread{'s' if n != 1 else ''}: "
+                 f"{describe_speedup(summary.get('speedup'), band)} ("
+                 + ("decides, " if len(counts) > 1 else "")
+                 + (f"placebo band {band[0]:.2f}-{band[1]:.2f}" if band else "no placebo")
+                 + ")")
+    return "; ".join(parts)

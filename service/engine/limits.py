@@ -63,5 +63,11 @@ class EngineLimits(BaseModel):
     )
     latency_warmup: int = Field(default=3, ge=0, description="Untimed warm-up runs per model.")
     latency_threads: int = Field(
-        default=1, gt=0, description="ONNX Runtime intra-op threads for latency measurement."
+        default=1, gt=0, description="ONNX Runtime intra-op threads of the first latency "
+        "measurement (and of fidelity runs)."
+    )
+    latency_target_threads: bool = Field(
+        default=True, description="Also measure latency at the target's own thread count "
+        "where this host runs the target's kernels (that count decides); false: only at "
+        "latency_threads (a benchmark pinning one thread count).",
     )

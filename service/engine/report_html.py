@@ -545,8 +545,20 @@ def _estimates(report: dict) -> str:
         if assumptions:
             body += "<ul>" + "".join(f"<li>{_e(a)}</li>" for a in assumptions) + "</ul>"
     cal = cm.get("host_calibration") or {}
+    check = cal.get("uncalibrated") or {}
+    if check.get("points"):
+        stated = check.get("stated_error_pct")
+        body += ("<h3>Cost model on this host</h3>"
+                 f"<p>Estimated with the cost model's {_e(check.get('constants'))} constants"
+                 + (f" (stated error: median {_num(stated, 1)}% leave-one-model-out, "
+                    "docs/bench/cost_model.txt)" if stated is not None else "")
+                 + ", against the latency measured here.</p>"
+                 + _table(["Model", "Estimated", "Measured", "Error"],
+                          [[_e(p.get("model")), _ms(p.get("estimated_ms")),
+                            _ms(p.get("measured_ms")), f"{_num(p.get('error_pct'), 1)}%"]
+                           for p in check["points"]]))
     if cal.get("points"):
-        body += ("<h3>Cost model vs measurement on this host</h3>"
+        body += ("<h3>Cost model calibrated on this job</h3>"
                  f"<p>Median error {_num(cal.get('median_abs_error_pct'), 1)}%.</p>"
                  + _table(["Model", "Predicted", "Measured", "Error"],
                           [[_e(p.get("model")), _ms(p.get("predicted_ms")),
@@ -569,6 +581,8 @@ def _measurements(report: dict) -> str:
         ["After (median)", _ms(h.latency_ms_after)],
         ["Speedup", _speed(h) or "–"],
         ["Measured", _e(h.latency_how)],
+        *[[f"At {e['threads']} thread(s)", _e(line)]
+          for e, line in zip(h.by_threads, h.thread_lines(), strict=True)],
     ]
     if h.win_fraction is not None:
         rows.append(["Rounds after faster", _num(h.win_fraction, 2)])

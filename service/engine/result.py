@@ -41,7 +41,11 @@ class Summary(TypedDict):
     params_after: int
     latency_ms_before: float
     latency_ms_after: float
-    speedup: float | None
+    speedup: float | None  # the decision's: at the target's thread count (latency_threads[-1])
+    latency_threads: list[int]  # intra-op thread counts measured, the decision's last
+    speedup_1_thread: float | None
+    speedup_threads: float | None  # at latency_threads[-1]
+    placebo_band: list[float] | None  # [low, high]: the ratios noise alone gives here
     fidelity: dict[str, OutputFidelity]
     min_cosine: float | None
     # "dataset", "generated", or "dataset_holdout" (auto judged on the held-out split)

@@ -11,7 +11,7 @@ import math
 
 __all__ = ["describe_speedup", "noise_band"]
 
-PlaceboBand = float | tuple[float, float]
+PlaceboBand = float | tuple[float, float] | list[float]
 
 
 def noise_band(placebo_band: PlaceboBand | None) -> tuple[float, float] | None:
@@ -19,11 +19,13 @@ def noise_band(placebo_band: PlaceboBand | None) -> tuple[float, float] | None:
 
     ``placebo_band`` is either the ratio measured by timing the original against itself the
     same way (a placebo run, e.g. ``1.04`` or ``0.97``: the band is symmetric, from
-    ``1/r`` to ``r``), or an explicit ``(low, high)`` pair. None, or an unusable value: no band.
+    ``1/r`` to ``r``), or an explicit ``(low, high)`` pair (a list, as read back from JSON, too). None, or an unusable value: no band.
     """
     if placebo_band is None:
         return None
-    if isinstance(placebo_band, tuple):
+    if isinstance(placebo_band, (tuple, list)):
+        if len(placebo_band) != 2:
+            return None
         low, high = (float(v) for v in placebo_band)
     else:
         r = float(placebo_band)

@@ -47,6 +47,20 @@ def test_dynamic_int8_end_to_end(api, tmp_path, live_stack) -> None:  # type: ig
     report = json.loads(api.download(done["id"], "report.json", tmp_path / "report.json").read_text())
     assert report["size"]["bytes_after"] == compressed.stat().st_size
     assert report["passes"][0]["pass"] == "quantize_dynamic"
+    # Latency at 1 thread and at the host's own thread count, each with its placebo band; the
+    # result carries the same numbers as the report (the decision's last).
+    from service.engine.evaluate import latency_thread_counts
+    from service.engine.limits import EngineLimits
+
+    by_threads = report["latency"]["by_threads"]
+    assert [e["threads"] for e in by_threads] == result["latency_threads"] == (
+        latency_thread_counts(EngineLimits(), None))
+    assert result["speedup"] == result["speedup_threads"] == by_threads[-1]["speedup"]
+    assert result["speedup_1_thread"] == by_threads[0]["speedup"]
+    assert result["placebo_band"] == by_threads[-1]["noise_band"]
+    for entry in by_threads:
+        low, high = entry["noise_band"]
+        assert low <= 1.0 <= high
 
     metrics = requests.get(live_stack.api_url + "/metrics", timeout=10).text
     assert "edgepress_jobs_submitted_total" in metrics

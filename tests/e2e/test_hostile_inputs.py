@@ -143,9 +143,9 @@ def test_unicode_and_long_tensor_names(api) -> None:  # type: ignore[no-untyped-
     model.ir_version = 8
     resp = api.request("POST", "/v1/models", data=model.SerializeToString(),
                        headers={"Content-Type": "application/octet-stream"})
-    assert resp.status_code in (201, 200, 422)
-    if resp.status_code == 422:
-        assert resp.json()["code"] in {"invalid_model", "unsupported_model"}
+    # A valid model (the engine's ingest accepts it): stored, not refused.
+    assert resp.status_code in (201, 200), resp.text
+    assert resp.json()["node_count"] == 1 and resp.json()["op_types"] == {"Relu": 1}
     assert_healthy(api)
 
 

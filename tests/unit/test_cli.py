@@ -303,3 +303,20 @@ def test_export_a_user_module_to_onnx(tmp_path: Path, monkeypatch: pytest.Monkey
     dims = onnx.load(str(out)).graph.input[0].type.tensor_type.shape.dim
     assert dims[0].dim_param == "batch" and dims[1].dim_value == 8
     assert main(["export", "--module", "usernet:Missing", "--input-shape", "x=2x8"]) == 8
+
+
+def test_wait_prints_the_speedup_per_thread_count() -> None:
+    # What `edgepress wait` / `status` prints for a finished job: its result's speedups at 1
+    # thread and at the target's thread count, with the placebo band, in the headline's words.
+    import io
+
+    from service.cli import Output, _print_job
+    from service.engine.headline import threads_words
+
+    result = dict(RESULT, speedup_1_thread=1.5, latency_threads=[1, 2],
+                  placebo_band=[0.97, 1.03])
+    stream = io.StringIO()
+    _print_job(Output(False, stream), _job(state=JobState.succeeded, result=result))
+    line = next(t for t in stream.getvalue().splitlines() if t.startswith("latency by threads"))
+    assert line.endswith(threads_words(result) or "-")
+    assert "1 thread: 1.50x faster; 2 threads: 1.33x faster (decides, placebo band 0.97-1.03)" in line

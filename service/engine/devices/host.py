@@ -139,6 +139,7 @@ def profile_from_cpuinfo(
         execution_providers=("CPUExecutionProvider",),
         precisions=tuple(precisions),  # type: ignore[arg-type]
         quant_formats=tuple(formats),  # type: ignore[arg-type]
+        cores=cores,
         memory_mb=memory_mb,
         storage_budget_mb=max(1.0, round(memory_mb / 4, 1)),
         peak_gops=peaks,  # type: ignore[arg-type]
@@ -146,6 +147,7 @@ def profile_from_cpuinfo(
         typical_power_w=round(cores * _WATTS_PER_CORE, 1),
         sources={
             "isa_features": feature_source,
+            "cores": "CPUs this process may run on (sched_getaffinity)",
             "memory_mb": "MemTotal in /proc/meminfo",
             "storage_budget_mb": "EdgePress default: a quarter of memory",
             "peak_gops.fp32": derived,

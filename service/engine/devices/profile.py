@@ -84,6 +84,12 @@ class DeviceProfile(BaseModel):
     static_shapes: bool = Field(
         default=False, description="The runtime needs static input shapes (no dynamic dims)."
     )
+    cores: int | None = Field(
+        default=None, gt=0,
+        description="CPU cores the runtime uses for one inference (CPU targets; latency is "
+        "measured at this many threads, capped by the host's, where the host runs the "
+        "target's kernels).",
+    )
     memory_mb: float = Field(gt=0, description="Memory available to the model (MB).")
     storage_budget_mb: float = Field(gt=0, description="Storage budget for model files (MB).")
     peak_gops: dict[Precision, float] = Field(

@@ -1,5 +1,6 @@
 """Confirming host latency: the original, a placebo second session of it and the best few
-candidates re-measured head to head in one process, interleaved rounds.
+candidates re-measured head to head in one process, interleaved rounds, at 1 thread and at the
+target's thread count (``evaluate.latency_thread_counts``; the last count decides).
 """
 
 from __future__ import annotations
@@ -12,13 +13,9 @@ import onnx
 
 from service.engine.limits import EngineLimits
 from service.engine.search.candidate import Candidate
-from service.engine.search.score import SearchContext, score
+from service.engine.search.score import MAX_NOT_SLOWER_BAND, SearchContext, score
 
 CONFIRM_FINALISTS = 4
-
-
-# A placebo farther off than this says the host was disturbed, not that slower is fine.
-MAX_PLACEBO_BAND = 1.10
 
 
 def confirm_latency(
@@ -32,7 +29,14 @@ def confirm_latency(
     parallel); comparing finalists needs one session with all of them. Updates the candidates'
     ``host_latency_ms``/``host_speedup`` (the first numbers stay as ``*_first``).
     """
-    from service.engine.evaluate import dataset_feeds, generate_feeds, make_session, measure_latency
+    from service.engine.evaluate import (
+        dataset_feeds,
+        generate_feeds,
+        latency_thread_counts,
+        make_session,
+        measure_latency,
+        rounds_per_count,
+    )
 
     finalists = sorted(
         (c for c in cands if c.status == "ok" and all(
@@ -44,32 +48,46 @@ def confirm_latency(
         feed = dataset_feeds(model, dataset, labels, 1)[0][0]
     else:
         feed = generate_feeds(model, 1, plan=ctx.inputs)[0]
-    # A second session of the original is the placebo: how far two runs of the very same model
-    # differ here bounds what "not slower" can claim.
-    sessions = {"original": make_session(original_path, limits.latency_threads),
-                "placebo": make_session(original_path, limits.latency_threads)}
-    for cand in finalists:
-        assert cand.result is not None  # finalists ran
-        sessions[cand.name] = make_session(cand.result.model_path, limits.latency_threads)
-    measured = measure_latency(sessions, feed, runs=2 * limits.latency_runs,
-                               warmup=limits.latency_warmup, check_cancelled=check_cancelled)
-    base = measured["original"]["median_ms"]
+    # At 1 thread and at the target's own thread count (the decision's, last), the budget of
+    # rounds split between them. A second session of the original is the placebo: how far two
+    # runs of the very same model differ here bounds what "not slower" can claim.
+    counts = latency_thread_counts(limits, ctx.profile)
+    rounds = rounds_per_count(2 * limits.latency_runs, len(counts))
+    entries: list[dict[str, Any]] = []
+    measured: dict[str, dict] = {}
+    for count in counts:
+        sessions = {"original": make_session(original_path, count),
+                    "placebo": make_session(original_path, count)}
+        for cand in finalists:
+            assert cand.result is not None  # finalists ran
+            sessions[cand.name] = make_session(cand.result.model_path, count)
+        measured = measure_latency(sessions, feed, runs=rounds,
+                                   warmup=limits.latency_warmup, check_cancelled=check_cancelled)
+        base = measured["original"]["median_ms"]
+        placebo_ms = measured["placebo"]["median_ms"]
+        placebo = base / placebo_ms if placebo_ms > 0 else 1.0
+        band = min(max(placebo, 1.0 / placebo), MAX_NOT_SLOWER_BAND)
+        entries.append({
+            "threads": count, "rounds": rounds, "original_ms": round(base, 5),
+            "placebo_speedup": round(placebo, 4), "noise_band": round(band, 4),
+            "candidates": {c.name: _ratio(base, measured[c.name]["median_ms"])
+                           for c in finalists}})
+    decision = entries[-1]
     ctx.original_host_ms = base
-    placebo_ms = measured["placebo"]["median_ms"]
-    placebo = base / placebo_ms if placebo_ms > 0 else 1.0
-    ctx.placebo_band = min(max(placebo, 1.0 / placebo), MAX_PLACEBO_BAND)
-    out = {"rounds": 2 * limits.latency_runs, "original_ms": round(base, 5),
-           "placebo_speedup": round(placebo, 4), "noise_band": round(ctx.placebo_band, 4),
+    ctx.placebo_band = decision["noise_band"]
+    out = {"rounds": rounds * len(counts), "threads": decision["threads"],
+           "thread_counts": counts, "original_ms": decision["original_ms"],
+           "placebo_speedup": decision["placebo_speedup"], "noise_band": decision["noise_band"],
            "not_slower_means": f"speedup >= {1.0 / ctx.placebo_band:.3f} (1 / noise band)",
-           "candidates": {}}
+           "candidates": decision["candidates"], "by_threads": entries}
     for cand in finalists:
         ms = measured[cand.name]["median_ms"]
         m = cand.metrics
         m["host_latency_ms_first"], m["host_speedup_first"] = m["host_latency_ms"], m["host_speedup"]
         m["host_latency_ms"], m["host_latency_ms_original"] = ms, base
         m["host_speedup"] = base / ms if ms > 0 else None
-        out["candidates"][cand.name] = {"ms": round(ms, 5), "speedup": round(base / ms, 4)
-                                        if ms > 0 else None}
     return out
 
 
+def _ratio(base_ms: float, ms: float) -> dict[str, float | None]:
+    return {"ms": round(ms, 5), "speedup": round(base_ms / ms, 4) if ms > 0 else None}

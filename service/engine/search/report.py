@@ -121,6 +121,22 @@ def fail_unsatisfiable(cands: list[Candidate], ctx: SearchContext, auto_section:
          "auto": auto_section})
 
 
+def host_check(samples: list[tuple[Any, float, str]], host: DeviceProfile,
+               ctx: SearchContext) -> dict[str, Any]:
+    """The cost model's own host estimate (no per-job calibration: the stored fit's constants
+    where they apply, ``cost_model.constants_for``) beside each measured latency, with the
+    error the fit states for itself."""
+    points = []
+    constants, stated = "defaults", None
+    for path, measured, label in samples:
+        est = cost_model.estimate(path, host, input_shapes=ctx.input_shapes)
+        constants, stated = est.constants, est.fit_error_pct
+        points.append({"model": label, "estimated_ms": round(est.latency_ms, 4),
+                       "measured_ms": round(measured, 4),
+                       "error_pct": round(100.0 * (est.latency_ms - measured) / measured, 1)})
+    return {"constants": constants, "stated_error_pct": stated, "points": points}
+
+
 def auto_section(
     cands: list[Candidate], ctx: SearchContext, host: DeviceProfile, original_path: Path,
     family: dict, skipped: list[dict], device_arg: dict, *, evaluation: dict,
@@ -141,6 +157,7 @@ def auto_section(
         try:
             host_cal = cost_model.calibrate_host(samples, host,
                                                  input_shapes=ctx.input_shapes).to_dict()
+            host_cal["uncalibrated"] = host_check(samples, host, ctx)
         except Exception:  # calibration is evidence, never a reason to fail the job
             log.exception("host calibration failed")
 
@@ -230,6 +247,14 @@ def chosen_result(
         summary["latency_ms_before"] = confirmation["original_ms"]
         summary["latency_ms_after"] = confirmation["candidates"][chosen.name]["ms"]
         summary["speedup"] = confirmation["candidates"][chosen.name]["speedup"]
+        by = confirmation["by_threads"]
+        one = next((e for e in by if e["threads"] == 1), None)
+        summary["latency_threads"] = [e["threads"] for e in by]
+        summary["speedup_1_thread"] = (one["candidates"][chosen.name]["speedup"]
+                                       if one else None)
+        summary["speedup_threads"] = summary["speedup"]
+        band = confirmation["noise_band"]
+        summary["placebo_band"] = [round(1.0 / band, 4), band]
     summary["auto"] = {"candidate": chosen.name, "device": profile.name,
                        "target_latency_ms": chosen.metrics["target_latency_ms"],
                        "target_speedup": chosen.metrics["target_speedup"]}

@@ -165,7 +165,10 @@ def test_calibrate_host_recovers_a_known_law() -> None:
         cost_model.calibrate_host([], host)
 
 
-def test_calibrate_host_uses_the_measured_input_shapes() -> None:
+def test_calibrate_host_uses_the_measured_input_shapes(monkeypatch: pytest.MonkeyPatch) -> None:
+    # With the default constants (the stored fit may make these tiny models memory-bound, where
+    # the sequence length barely matters).
+    monkeypatch.setattr(cost_model, "load_cost_fit", lambda: None)
     host = host_profile()
     shapes = {"x": [1, 4, 256]}
     models = [_matmul_model(256, 128 * i) for i in range(1, 4)]
@@ -177,4 +180,69 @@ def test_calibrate_host_uses_the_measured_input_shapes() -> None:
     wrong = cost_model.calibrate_host(samples, host)  # dynamic dims at the defaults
     assert right.median_abs_error_pct < 1.0
     assert right.compute_scale == pytest.approx(2.0, rel=0.02)
-    assert wrong.compute_scale < 0.5  # seq 128 instead of 4: the fit would be far off
+    # seq 128 instead of 4: the fit would be far off (whatever constants this host uses)
+    assert wrong.compute_scale < right.compute_scale / 2
+
+
+def _law(cost: cost_model.ModelCost, profile, k: cost_model.Constants) -> float:  # type: ignore[no-untyped-def]
+    roofline_s, nodes, *_ = cost_model._roofline(cost, profile, k)
+    return (roofline_s + k.node_overhead_s * nodes) * 1e3
+
+
+def test_fit_cpu_constants_recovers_a_known_law() -> None:
+    # Latencies made by known constants (not this host's clock): the least-squares fit must
+    # reproduce them, where the defaults do not.
+    host = host_profile()
+    truth = cost_model.Constants(0.12, 0.4, cost_model.CACHE_BANDWIDTH_FACTOR["cpu"], 6e-6,
+                                 {"ConvInteger": 0.2}, source="fitted")
+    costs = ([cost_model.analyse(_matmul_model(64 * i, 256 * i)) for i in range(1, 5)]
+             + [cost_model.analyse(_conv_model(8 * i, 16 * i, 16)) for i in range(1, 4)])
+    samples = [(c, _law(c, host, truth), f"m{i}") for i, c in enumerate(costs)]
+    fitted, points = cost_model.fit_cpu_constants(samples, host)
+    assert fitted.source == "fitted" and [p["model"] for p in points] == [s[2] for s in samples]
+    assert max(abs(p["error_pct"]) for p in points) < 3.0, points
+    defaults = cost_model.Constants.defaults("cpu")
+    assert max(abs(_law(c, host, defaults) - ms) / ms for c, ms, _ in samples) > 0.3
+    with pytest.raises(ValueError):
+        cost_model.fit_cpu_constants(samples[:1], host)
+
+
+def test_the_fit_is_used_only_for_cpus_with_the_fitted_machines_kernels() -> None:
+    from service.engine.devices.features import kernel_features
+
+    host = host_profile()
+    fit = {"machine": {"architecture": host.architecture, "threads": 2, "cpu": "test cpu",
+                       "kernel_features": sorted(kernel_features(host.architecture,
+                                                                 host.isa_features))},
+           "constants": {"compute_efficiency": 0.1, "memory_efficiency": 0.2,
+                         "cache_bandwidth_factor": 3.0, "node_overhead_s": 2e-6,
+                         "reference_kernel_rate": {"ConvInteger": 0.5}},
+           "date": "2026-01-01", "error": {"median_abs_pct": 9.0, "loo_median_abs_pct": 20.0}}
+    k = cost_model.constants_for(host, fit)
+    assert (k.source, k.compute_efficiency, k.reference_kernel_rate["ConvInteger"]) == (
+        "fitted", 0.1, 0.5)
+    other = host.model_copy(update={"isa_features": ("sse4_2",)})
+    assert cost_model.constants_for(other, fit) == cost_model.Constants.defaults("cpu")
+    assert cost_model.constants_for(get_device("nvidia_t4"), fit).source == "defaults"
+
+
+def test_estimates_on_the_host_state_the_committed_fit_and_its_error() -> None:
+    # The committed fit (scripts/check_cost_model.py --write-fit) is a real record, and an
+    # estimate on a CPU it applies to says so and carries the fit's error.
+    fit = cost_model.load_cost_fit()
+    assert fit is not None, "service/engine/devices/cost_fit.json is committed"
+    assert fit["error"]["samples"] >= 10 and fit["rows"] and fit["date"]
+    assert all(v > 0 for k, v in fit["constants"].items() if k != "reference_kernel_rate")
+    for row in fit["rows"]:
+        assert row["measured_ms"] > 0 and row["fit_ms"] > 0
+    host = host_profile()
+    est = cost_model.estimate(_conv_model(8, 16, 16), host)
+    k = cost_model.constants_for(host)
+    assert est.latency_ms == pytest.approx(_law(cost_model.analyse(_conv_model(8, 16, 16)),
+                                                host, k))
+    if k.source == "fitted":  # this host runs the fitted machine's kernels
+        assert est.constants == "fitted"
+        assert est.fit_error_pct == fit["error"]["loo_median_abs_pct"]
+        assert any("fitted on" in a for a in est.assumptions)
+    else:
+        assert est.constants == "defaults" and est.fit_error_pct is None

@@ -6,17 +6,22 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import pytest
 from onnx import TensorProto as T
 from onnx import helper as h
 from onnx import numpy_helper as nh
 
+from service.engine.devices import get_device, host_profile
 from service.engine.evaluate import (
+    compare_latency,
     compare_output,
     dataset_feeds,
     evaluate_candidate,
     generate_feeds,
+    latency_thread_counts,
     make_session,
     measure_latency,
+    rounds_per_count,
 )
 from service.engine.inputs import DEFAULT_DYNAMIC_DIM
 from service.engine.limits import EngineLimits
@@ -121,3 +126,40 @@ def test_latency_is_measured_interleaved_with_medians(tmp_path: Path) -> None:
     assert lat["small"]["min_ms"] <= lat["small"]["median_ms"] <= lat["small"]["max_ms"]
     # ~40x the multiply-adds: the ordering must show even on a noisy shared host.
     assert lat["large"]["median_ms"] > lat["small"]["median_ms"]
+
+
+def test_latency_threads_are_one_and_the_targets_own_count_where_the_host_is_the_target() -> None:
+    host = host_profile()
+    cores = host.cores or 1
+    limits = EngineLimits()
+    expected_host = [1] if cores == 1 else [1, cores]
+    assert latency_thread_counts(limits, None) == expected_host
+    assert latency_thread_counts(limits, host) == expected_host
+    # A profile with this host's kernels: its own cores, capped by the host's.
+    twin = host.model_copy(update={"name": "twin", "cores": 2 * cores})
+    assert latency_thread_counts(limits, twin) == expected_host
+    assert latency_thread_counts(limits, host.model_copy(update={"name": "one", "cores": 1})) == [1]
+    # A target the host cannot stand for is measured at the first count only.
+    assert latency_thread_counts(limits, get_device("nvidia_t4")) == [1]
+    # A benchmark pinning one thread count.
+    pinned = EngineLimits(latency_threads=1, latency_target_threads=False)
+    assert latency_thread_counts(pinned, None) == latency_thread_counts(pinned, host) == [1]
+    # The same total budget of rounds, split (never below 5 per count).
+    assert rounds_per_count(15, 1) == 15 and rounds_per_count(15, 2) == 8
+    assert rounds_per_count(3, 2) == 3
+
+
+def test_compare_latency_reports_each_thread_count_with_its_placebo(tmp_path: Path) -> None:
+    small = _save(crafted.mlp(hidden=32), tmp_path / "s.onnx")
+    feed = generate_feeds(crafted.mlp(), 1)[0]
+    lat = compare_latency(small, small, feed, runs=6, limits=FAST, threads=[1, 2])
+    assert [e["threads"] for e in lat["by_threads"]] == [1, 2] == lat["thread_counts"]
+    assert lat["threads"] == 2 and lat["rounds"] == 10 and lat["rounds_per_thread_count"] == 5
+    for entry in lat["by_threads"]:
+        # the placebo (the original against a second session of itself) is beside each ratio
+        low, high = entry["noise_band"]
+        assert low <= 1.0 <= high and low == pytest.approx(1 / high, rel=1e-3)
+        assert entry["placebo_speedup"] > 0 and entry["placebo_ms"] > 0
+    decision = lat["by_threads"][-1]
+    assert lat["speedup"] == decision["speedup"] and lat["noise_band"] == decision["noise_band"]
+    assert lat["detail"]["placebo"]["runs"] == 5

@@ -12,25 +12,39 @@ import pytest
 
 from service.cli import main as cli_main
 from service.cli import summarize_report
-from service.engine.headline import headline
+from service.engine.evaluate import latency_thread_counts
+from service.engine.headline import headline, threads_words
+from service.engine.limits import EngineLimits
 from service.engine.report_html import render_report_html
 from tests.models import write_mlp
+
+
+def _threads(sessions: dict) -> int:
+    return int(next(iter(sessions.values())).get_session_options().intra_op_num_threads)
 
 
 def _scripted_clock(sessions: dict, feed: object, *, runs: int, warmup: int,
                     check_cancelled: object = None) -> dict[str, dict]:
     """measure_latency with fixed times: a candidate's own pipeline sees 4.0 -> 3.0 ms
     (1.33x); head to head (keys "original" + finalists) the finalist that sorts last by name
-    runs in 1.6 ms (2.5x), the others in 3.2 ms (1.25x)."""
+    runs in 2.0 ms at 1 thread (2.0x) and 1.6 ms at more (2.5x), the others in 3.2 ms
+    (1.25x)."""
     keys = list(sessions)
     if "original" in keys:
         last = sorted(k for k in keys if k not in ("original", "placebo"))[-1]
-        ms = {k: 4.0 if k in ("original", "placebo") else (1.6 if k == last else 3.2)
+        best = 2.0 if _threads(sessions) == 1 else 1.6
+        ms = {k: 4.0 if k in ("original", "placebo") else (best if k == last else 3.2)
               for k in keys}
     else:
-        ms = {"before": 4.0, "after": 3.0}
+        ms = {"before": 4.0, "after": 3.0, "placebo": 4.0}
     return {k: {"median_ms": v, "min_ms": v, "max_ms": v, "runs": runs, "runs_per_sample": 1,
                 "samples_ms": [v] * runs} for k, v in ms.items()}
+
+
+# The decision is at the target's thread count: this host's cores (2.5x), or 1 thread on a
+# one-core host (2.0x).
+COUNTS = latency_thread_counts(EngineLimits(), None)
+DECISION = 2.5 if len(COUNTS) > 1 else 2.0
 
 
 @pytest.fixture(scope="module")
@@ -60,13 +74,19 @@ def test_the_report_carries_two_speedups_and_the_summary_is_the_one(
     # The premise of the tests below: the engine's report holds other numbers than the
     # summary (first measurement, in-sample fidelity); the views must show the summary's.
     summary = auto_report["summary"]
-    assert summary["speedup"] == pytest.approx(2.5)
+    assert summary["speedup"] == pytest.approx(DECISION)
+    assert summary["latency_threads"] == COUNTS
+    assert summary["speedup_1_thread"] == pytest.approx(2.0)
+    assert summary["speedup_threads"] == summary["speedup"]
+    assert summary["placebo_band"] == [1.0, 1.0]
     assert auto_report["latency"]["speedup"] == pytest.approx(4.0 / 3.0)
     assert summary["eval_inputs"] == "dataset_holdout"
     h = headline(auto_report)
     assert (h.speedup, h.min_cosine) == (summary["speedup"], summary["min_cosine"])
-    assert h.speed_words == "2.50x faster"
+    assert h.speed_words == f"{DECISION:.2f}x faster"
     assert "head to head" in h.latency_how and h.win_fraction is None
+    assert h.latency_threads == COUNTS
+    assert [e["speedup"] for e in h.by_threads] == pytest.approx([2.0, 2.5][:len(COUNTS)])
     assert h.eval_samples == auto_report["auto"]["evaluation"]["holdout_samples"]
     assert h.target_measured is True
 
@@ -74,8 +94,10 @@ def test_the_report_carries_two_speedups_and_the_summary_is_the_one(
 def test_report_html_shows_the_summary_numbers(auto_report: dict[str, Any]) -> None:
     summary = auto_report["summary"]
     page = render_report_html(auto_report)
-    assert "2.50× · 2.50x faster" in page
+    assert f"{DECISION:.2f}× · {DECISION:.2f}x faster" in page
     assert "1.33×" not in page  # the first measurement's ratio is not a second speedup
+    for line in headline(auto_report).thread_lines():  # each thread count, with its placebo
+        assert line in page and "placebo band" in line
     assert f"min cosine {_num5(summary['min_cosine'])}" in page
     for name, f in summary["fidelity"].items():  # per output: the held-out numbers
         assert f"<code>{name}</code></td><td>{_num6(f['cosine'])}" in page
@@ -92,7 +114,9 @@ def test_edgepress_report_shows_the_summary_numbers(
 ) -> None:
     summary = auto_report["summary"]
     rows = dict(summarize_report(auto_report))
-    assert "(2.50x: 2.50x faster)" in rows["latency (host)"]
+    assert f"({DECISION:.2f}x: {DECISION:.2f}x faster)" in rows["latency (host)"]
+    by_threads = [v for k, v in summarize_report(auto_report) if k == "latency by threads"]
+    assert by_threads == headline(auto_report).thread_lines() and len(by_threads) == len(COUNTS)
     assert rows["latency (host)"].startswith(
         f"{summary['latency_ms_before']:.4f} -> {summary['latency_ms_after']:.4f} ms")
     assert rows["min cosine"] == summary["min_cosine"]
@@ -104,7 +128,8 @@ def test_edgepress_report_shows_the_summary_numbers(
     path.write_text(json.dumps(auto_report))
     assert cli_main(["report", str(path)]) == 0
     out = capsys.readouterr().out
-    assert "2.50x faster" in out and "1.33x" not in out
+    assert f"{DECISION:.2f}x faster" in out and "1.33x" not in out
+    assert all(line in out for line in by_threads)
     assert str(summary["min_cosine"]) in out
 
 
@@ -156,3 +181,34 @@ def _num6(value: float) -> str:
     from service.engine.report_html import _num
 
     return _num(value, 6)
+
+
+def test_a_job_result_names_each_thread_count() -> None:
+    # What `edgepress wait` prints from the job's result (its summary).
+    two = {"speedup": 1.31, "speedup_1_thread": 1.4, "latency_threads": [1, 4],
+           "placebo_band": [0.97, 1.03]}
+    assert threads_words(two) == ("1 thread: 1.40x faster; 4 threads: 1.31x faster "
+                                  "(decides, placebo band 0.97-1.03)")
+    one = {"speedup": 0.98, "speedup_1_thread": 0.98, "latency_threads": [1],
+           "placebo_band": [0.95, 1.05]}
+    assert threads_words(one) == "1 thread: 2% slower, within noise (placebo band 0.95-1.05)"
+    assert threads_words({"speedup": 1.2}) is None
+
+
+def test_each_thread_count_is_worded_with_its_own_placebo_band() -> None:
+    report = {
+        "summary": {"speedup": 0.95, "latency_ms_before": 1.0, "latency_ms_after": 1.05,
+                    "placebo_band": [0.84, 1.19], "latency_threads": [1, 2],
+                    "speedup_1_thread": 3.2},
+        "latency": {"speedup": 0.95, "rounds": 16, "thread_counts": [1, 2], "threads": 2,
+                    "by_threads": [
+                        {"threads": 1, "speedup": 3.2, "noise_band": [0.95, 1.05]},
+                        {"threads": 2, "speedup": 0.95, "noise_band": [0.84, 1.19]}]},
+    }
+    h = headline(report)
+    assert h.thread_lines() == [
+        "1 thread: 3.20x faster (placebo band 0.95-1.05)",
+        "2 threads: 0.95x, 5% slower, within noise (placebo band 0.84-1.19) [decides]"]
+    assert h.speed_words == "5% slower, within noise" and "at 1, 2 thread(s)" in h.latency_how
+    page = render_report_html(report)
+    assert all(line in page for line in h.thread_lines())

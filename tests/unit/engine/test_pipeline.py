@@ -296,7 +296,7 @@ def test_smaller_but_slower_succeeds_with_a_warning(
 
     def scripted(sessions: dict, feed: object, *, runs: int, warmup: int,
                  check_cancelled: object = None) -> dict[str, dict]:
-        ms = {"before": 1.0, "after": 2.0}
+        ms = {"before": 1.0, "after": 2.0, "placebo": 1.0}
         return {k: {"median_ms": ms[k], "min_ms": ms[k], "max_ms": ms[k], "runs": runs,
                     "runs_per_sample": 1, "samples_ms": [ms[k]] * runs} for k in sessions}
 
@@ -308,6 +308,66 @@ def test_smaller_but_slower_succeeds_with_a_warning(
     assert any("on this host" in w and "0.50" in w or "50% slower" in w
                for w in s["warnings"]), s["warnings"]
     assert s["min_cosine"] == pytest.approx(1.0, abs=1e-4)
+
+
+def _clock(before: float, after: float, placebo: float):  # type: ignore[no-untyped-def]
+    """measure_latency with fixed times per session (every thread count alike)."""
+    ms = {"before": before, "after": after, "placebo": placebo}
+
+    def scripted(sessions: dict, feed: object, *, runs: int, warmup: int,
+                 check_cancelled: object = None) -> dict[str, dict]:
+        return {k: {"median_ms": ms[k], "min_ms": ms[k], "max_ms": ms[k], "runs": runs,
+                    "runs_per_sample": 1, "samples_ms": [ms[k]] * runs} for k in sessions}
+
+    return scripted
+
+
+@pytest.mark.usefixtures("test_passes")
+@pytest.mark.parametrize(("placebo", "slower"), [(1.0, True), (1.1, False)])
+def test_slower_is_said_only_outside_the_placebo_band(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, placebo: float, slower: bool
+) -> None:
+    # The same 0.93x: beyond a quiet placebo (the original against itself at 1.0 ms) it is
+    # slower; beside a placebo that itself differs 10 % it is within noise.
+    import service.engine.evaluate as evaluate
+
+    monkeypatch.setattr(evaluate, "measure_latency", _clock(1.0, 1.08, placebo))
+    result = compress(_write(tmp_path, crafted.mlp()), [{"pass": "test_smaller_slower"}],
+                      tmp_path / "work", limits=FAST)
+    s = result.summary
+    assert s["speedup"] == pytest.approx(1 / 1.08)
+    assert s["latency_threads"] == evaluate.latency_thread_counts(FAST, None)
+    assert s["speedup_threads"] == s["speedup"] and s["speedup_1_thread"] == s["speedup"]
+    low, high = s["placebo_band"]
+    assert (low, high) == (pytest.approx(min(1 / placebo, placebo), abs=1e-3),
+                           pytest.approx(max(1 / placebo, placebo), abs=1e-3))
+    said = [w for w in s["warnings"] if "slower than the original" in w]
+    assert bool(said) is slower, s["warnings"]
+    for entry in result.report["latency"]["by_threads"]:
+        assert entry["noise_band"] == [round(low, 4), round(high, 4)]
+
+
+@pytest.mark.usefixtures("test_passes")
+@pytest.mark.parametrize(("placebo", "faster"), [(1.0, True), (0.85, False)])
+def test_faster_alone_must_beat_the_placebo_band(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, placebo: float, faster: bool
+) -> None:
+    # A same-size model 1.11x faster: a result when the placebo is quiet, no_effect when the
+    # original against itself already differs by 1.18x.
+    import service.engine.evaluate as evaluate
+
+    monkeypatch.setattr(evaluate, "measure_latency", _clock(1.0, 0.9, placebo))
+    model = _write(tmp_path, crafted.mlp())
+    if faster:
+        result = compress(model, [{"pass": "test_touched"}], tmp_path / "work", limits=FAST)
+        lat = result.report["latency"]
+        assert lat["confirmed"] and lat["required_speedup"] == pytest.approx(1.1)
+        assert result.summary["speedup"] == pytest.approx(1 / 0.9)
+    else:
+        with pytest.raises(EngineError) as info:
+            compress(model, [{"pass": "test_touched"}], tmp_path / "work", limits=FAST)
+        assert info.value.code == "no_effect"
+        assert info.value.details["noise_band"][1] == pytest.approx(1 / 0.85, abs=1e-3)
 
 
 @pytest.mark.usefixtures("test_passes")

@@ -134,3 +134,28 @@ def test_devices_package_imports_no_heavy_library() -> None:
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_a_profile_whose_isa_differs_from_the_hosts_is_never_measured() -> None:
+    """Each kernel-selecting feature the host lacks (added to a copy of the host's profile)
+    and each it has (taken away) makes the copy a target the host cannot stand for: not
+    "measured" (recipe jobs' measurement note), latency at the first thread count only."""
+    from service.engine.devices.features import KERNEL_FEATURES
+    from service.engine.evaluate import latency_thread_counts
+    from service.engine.limits import EngineLimits
+    from service.engine.recipe import measurement_note
+
+    host = host_profile()
+    twin = host.model_copy(update={"name": "twin"})
+    assert host.same_kernels_as(twin) and measurement_note(twin)["host_is_target"] is True
+    kernel = KERNEL_FEATURES.get(host.architecture, frozenset())
+    variants = [(f, (*host.isa_features, f)) for f in sorted(kernel - set(host.isa_features))]
+    variants += [(f, tuple(x for x in host.isa_features if x != f))
+                 for f in sorted(kernel & set(host.isa_features))]
+    assert variants
+    for feature, isa in variants:
+        other = host.model_copy(update={"name": "other", "isa_features": isa})
+        assert not other.same_kernels_as(host), feature
+        note = measurement_note(other)
+        assert note["host_is_target"] is False and "estimate" in note["note"], feature
+        assert latency_thread_counts(EngineLimits(), other) == [1], feature
