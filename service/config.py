@@ -110,6 +110,14 @@ class Settings(BaseSettings):
         description="Local copies of uploaded models/datasets a worker keeps, by content, "
         "so that a model submitted again is not downloaded again (MB; 0: off).",
     )
+    engine_uid: int | None = Field(
+        default=65534,
+        ge=1,
+        description="Where the worker runs as root: the user a job's engine runs as (it must "
+        "be able to read the interpreter and the code; else the engine keeps the worker's user "
+        "and the job's summary says why). Empty: never change user.",
+    )
+    engine_gid: int = Field(default=65534, ge=1, description="The engine's group (with EDGEPRESS_ENGINE_UID).")
     progress_interval_seconds: float = Field(
         default=1.0, ge=0.0, description="Minimum seconds between progress writes to a job."
     )
