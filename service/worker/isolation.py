@@ -179,3 +179,13 @@ def hand_over(workdir: str, uid: int, gid: int, needed: list[str]) -> str | None
             os.lchown(os.path.join(root, name), uid, gid)
     os.chown(workdir, uid, gid)
     return None
+
+
+_PR_SET_DUMPABLE = 4
+
+
+def protect_worker() -> bool:
+    """Make this worker process (and the pool processes it forks) non-dumpable: a process of
+    the same user (an engine that kept the worker's uid, as in the k8s pods) can then neither
+    ptrace it nor read its ``/proc/<pid>/environ`` and memory, where the credentials are."""
+    return bool(_libc().prctl(_PR_SET_DUMPABLE, 0, 0, 0, 0) == 0)

@@ -134,3 +134,47 @@ def test_the_seccomp_program_has_one_instruction_per_8_bytes_and_no_table_elsewh
     program = isolation.seccomp_program("x86_64")
     assert program is not None and len(program) == 13 * 8
     assert isolation.seccomp_program("riscv64") is None
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs two processes of one other user")
+def test_a_protected_worker_hides_its_environment_from_an_engine_of_the_same_user() -> None:
+    def reader_sees(protect: bool) -> str:
+        ready_r, ready_w = os.pipe()
+        worker = os.fork()
+        if worker == 0:  # the "worker": uid 65534 with a secret in its environment
+            try:
+                os.setgid(65534)
+                os.setuid(65534)
+                os.environ["EDGEPRESS_S3_SECRET_KEY"] = "s3-secret-value"
+                # A process started as that user is dumpable (the change of uid here made it
+                # not); then protect it, or not.
+                isolation._libc().prctl(4, 1, 0, 0, 0)  # PR_SET_DUMPABLE
+                if protect:
+                    assert isolation.protect_worker()
+                os.write(ready_w, b"1")
+                time.sleep(5)
+            finally:
+                os._exit(0)
+        os.read(ready_r, 1)
+        out_r, out_w = os.pipe()
+        engine = os.fork()
+        if engine == 0:  # the "engine": the same uid
+            try:
+                os.setgid(65534)
+                os.setuid(65534)
+                try:
+                    Path(f"/proc/{worker}/environ").read_bytes()
+                    os.write(out_w, b"read")
+                except OSError as exc:
+                    os.write(out_w, str(exc.errno).encode())
+            finally:
+                os._exit(0)
+        os.close(out_w)
+        seen = os.read(out_r, 64).decode()
+        os.waitpid(engine, 0)
+        os.kill(worker, 9)
+        os.waitpid(worker, 0)
+        return seen
+
+    assert reader_sees(protect=False) == "read"  # what an engine of the worker's uid could do
+    assert reader_sees(protect=True) == "13"  # EACCES
