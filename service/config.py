@@ -82,10 +82,16 @@ class Settings(BaseSettings):
         default=3, ge=1, description="Deliveries of one job before it fails with worker_lost."
     )
     job_memory_limit_mb: int = Field(
-        default=8192, ge=256, description="Address-space limit of a job's engine process."
+        default=4096,
+        ge=256,
+        description="Address space of all of a job's engine processes together (auto's "
+        "parallel candidates share it); below the worker pod's memory limit.",
     )
     job_max_output_mb: int = Field(
-        default=8192, ge=16, description="Largest file a job's engine process may write."
+        default=4096,
+        ge=16,
+        description="Most bytes a job's engine may write, all files together (and the "
+        "largest single file).",
     )
     job_queued_requeue_seconds: int = Field(
         default=600, ge=5, description="A job queued this long is re-enqueued by the reconciler."
@@ -218,6 +224,7 @@ class Limits:
     inspect_rlimits: dict[str, tuple[int, int]]  # (soft, hard) RLIMIT_* of upload inspection
     inspect_seconds: int  # wall clock for one inspection (CPU limit + slack)
     job_rlimits: dict[str, tuple[int, int]]  # (soft, hard) RLIMIT_* of a job's engine process
+    job_output_bytes: int  # everything a job's engine writes, all files together
     job_soft_seconds: int  # the engine is asked to stop (timeout)
     job_hard_seconds: int  # the engine is killed
     task_soft_seconds: int  # Celery's backstop for the task body (download, upload, records)
@@ -251,6 +258,7 @@ def limits_for(settings: Settings, cpus: int | None = None) -> Limits:
             "RLIMIT_FSIZE": (settings.job_max_output_mb * mib,) * 2,
             "RLIMIT_CORE": (0, 0),
         },
+        job_output_bytes=settings.job_max_output_mb * mib,
         job_soft_seconds=settings.job_soft_time_limit,
         job_hard_seconds=settings.job_time_limit,
         task_soft_seconds=settings.job_time_limit + 120,

@@ -91,9 +91,9 @@ def run_engine(
     )
     reader.start()
     started = time.monotonic()
-    last_tick = 0.0
+    last_tick = last_count = 0.0
     soft_sent = False
-    stopped = False
+    stopped = over_output = False
     while proc.poll() is None:
         proc.wait_for(0.25)  # returns as soon as the engine ends
         elapsed = time.monotonic() - started
@@ -104,6 +104,12 @@ def run_engine(
             proc.kill(signal.SIGTERM)
             soft_sent = True
         now = time.monotonic()
+        if now - last_count >= 1.0:
+            last_count = now
+            if written_bytes(workdir) > limits.job_output_bytes:
+                over_output = True
+                proc.kill(signal.SIGKILL)
+                break
         if now - last_tick >= every:
             last_tick = now
             with progress.lock:
@@ -117,6 +123,17 @@ def run_engine(
     elapsed = time.monotonic() - started
     if stopped:
         return {"stopped": True}
+    # Also what it wrote between the last count and its end.
+    over_output = over_output or written_bytes(workdir) > limits.job_output_bytes
+    if over_output:
+        return {
+            "ok": False,
+            "error": {
+                "code": "output_too_large",
+                "message": "the job wrote more than its output limit of "
+                f"{limits.job_output_bytes // (1024 * 1024)} MB (all files together)",
+            },
+        }
     result_file = workdir / "result.json"
     if result_file.exists():
         with contextlib.suppress(ValueError):
@@ -162,6 +179,19 @@ def run_engine(
             "message": f"the engine process ended unexpectedly (exit {code})",
         },
     }
+
+
+def written_bytes(workdir: Path) -> int:
+    """Bytes of every file under ``workdir`` but the job's inputs (``input``, ``refs``): what
+    the engine wrote, all its processes and files together (apparent sizes)."""
+    total = 0
+    for root, dirs, files in os.walk(workdir):
+        if root == str(workdir):
+            dirs[:] = [d for d in dirs if d not in ("input", "refs")]
+        for name in files:
+            with contextlib.suppress(OSError):
+                total += os.lstat(os.path.join(root, name)).st_size
+    return total
 
 
 _CONTEXT: list[Any] = []  # this process's engine forkserver context, made on first use

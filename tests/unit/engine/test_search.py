@@ -512,3 +512,14 @@ def test_weight_only_int8_is_the_safe_fallback(tmp_path: Path) -> None:
     assert any(v["constraint"] == "max_size_mb" for v in others[0]["violations"])
     assert result.summary["size_ratio"] >= 3.5 and result.summary["min_cosine"] >= 0.999
     assert any("session.disable_quant_qdq" in w for w in result.summary["warnings"])
+
+
+def test_parallel_candidates_are_bounded_by_cores_and_share_one_memory_budget() -> None:
+    from service.engine.search.run import MIN_CANDIDATE_BYTES, memory_plan
+
+    gib = 1 << 30
+    assert memory_plan(64, 2, None) == (2, None)  # no limit to divide: the cores bound it
+    workers, share = memory_plan(64, 16, (8 * gib, gib))  # 7 GiB free
+    assert workers == 6 and share is not None and share >= MIN_CANDIDATE_BYTES
+    assert gib + (workers + 1) * share <= 8 * gib  # this process + candidates within the limit
+    assert memory_plan(4, 4, (2 * gib, gib)) == (1, gib // 2)  # too little for two: sequential
