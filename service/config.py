@@ -174,7 +174,10 @@ class Settings(BaseSettings):
 
     # Webhooks.
     webhook_secret: SecretStr | None = Field(
-        default=None, description="HMAC-SHA256 key for webhook signatures (required for webhooks)."
+        default=None,
+        description="Operator secret webhook signatures derive from: each tenant signs with "
+        'HMAC-SHA256(secret, "edgepress-webhook:" + tenant) (GET /v1/webhook-secret); '
+        "required for webhooks.",
     )
     webhook_allow_hosts: str = Field(
         default="",

@@ -71,7 +71,7 @@ def register_tasks(app: Celery, settings: Settings, metrics: ServiceMetrics) -> 
             return
         payload = {"event": f"job.{job.state.value}", "job": job.public()}
         try:
-            status = webhooks.deliver(job.callback_url, payload, settings)
+            status = webhooks.deliver(job.callback_url, payload, settings, tenant)
             outcome = "delivered" if 200 <= status < 300 else f"http_{status}"
         except webhooks.CallbackRefused as exc:
             log.warning("webhook for %s refused: %s", job_id, exc.message)
