@@ -62,7 +62,16 @@ class Settings(BaseSettings):
         default=32, ge=2, le=256, description="Deepest nesting of a JSON body (400 beyond)."
     )
     inspect_memory_limit_mb: int = Field(
-        default=6144, ge=128, description="Address-space limit of the process inspecting an upload."
+        default=3072,
+        ge=128,
+        description="Address-space limit of a process inspecting an upload (API processes x "
+        "EDGEPRESS_INSPECT_CONCURRENCY of them stay below the API pod's memory limit).",
+    )
+    inspect_concurrency: int = Field(
+        default=1,
+        ge=1,
+        description="Uploads one API process inspects at once; beyond it 503 inspection_busy "
+        "with Retry-After.",
     )
     inspect_timeout_seconds: int = Field(
         default=120, ge=1, description="CPU-seconds limit for inspecting one upload."

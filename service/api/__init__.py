@@ -53,6 +53,7 @@ def create_app(settings: Settings | None = None) -> Flask:
         events=JobEvents.from_settings(settings),
         waiters=(threading.BoundedSemaphore(settings.long_poll_max_waiters)
                  if settings.long_poll_max_waiters > 0 else None),
+        inspections=threading.BoundedSemaphore(settings.inspect_concurrency),
     )
 
     problems.init_app(app)

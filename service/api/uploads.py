@@ -58,7 +58,8 @@ def store_upload(kind: UploadKind[Any], received: ReceivedFile) -> Response:
         check_storage_quota(received.size)
         try:
             description = inspect_in_child(
-                kind, received.path, received.filename, limits_for(svc.settings).engine, svc.settings
+                kind, received.path, received.filename, limits_for(svc.settings).engine,
+                svc.settings, svc.inspections,
             )
         except EngineError as exc:
             raise from_engine_error(exc) from None
