@@ -172,6 +172,16 @@ def test_dataset_pickle_disguised(api) -> None:  # type: ignore[no-untyped-def]
     assert resp.status_code == 422 and resp.json()["code"] == "invalid_dataset"
 
 
+def test_dataset_whose_header_lies_about_its_shape_refused(api) -> None:  # type: ignore[no-untyped-def]
+    from tests.crafted import lying_npz
+
+    resp = api.request("POST", "/v1/datasets", data=lying_npz((1 << 40,)),
+                       headers={"Content-Type": "application/octet-stream"})
+    assert resp.status_code == 422, resp.text
+    assert resp.json()["code"] == "invalid_dataset" and "declares shape" in resp.json()["detail"]
+    assert_healthy(api)
+
+
 def test_dataset_object_array_refused(api, tmp_path) -> None:  # type: ignore[no-untyped-def]
     data = _npz(tmp_path, x=np.array([{"a": 1}, None], dtype=object))
     resp = api.request("POST", "/v1/datasets", data=data, headers={"Content-Type": "application/octet-stream"})
