@@ -163,7 +163,10 @@ class Settings(BaseSettings):
         default=16, ge=0, description="Queued + running jobs per tenant (0: unlimited)."
     )
     quota_stored_bytes: int = Field(
-        default=50 * 1024**3, ge=0, description="Bytes of models + datasets per tenant (0: unlimited)."
+        default=50 * 1024**3,
+        ge=0,
+        description="Bytes a tenant may store (0: unlimited): models, datasets, jobs' records and "
+        "artifacts, idempotency records, presigned uploads (pending ones by their size limit).",
     )
     long_poll_max_seconds: float = Field(
         default=20.0,
