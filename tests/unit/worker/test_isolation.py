@@ -178,3 +178,33 @@ def test_a_protected_worker_hides_its_environment_from_an_engine_of_the_same_use
 
     assert reader_sees(protect=False) == "read"  # what an engine of the worker's uid could do
     assert reader_sees(protect=True) == "13"  # EACCES
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or not _SECCOMP, reason="needs root to become a non-root worker")
+def test_a_non_root_worker_keeps_its_user_and_still_gets_the_filter(scratch: Path) -> None:
+    # As in the k8s pods (uid 10001, no CAP_SETUID): no user change, the filter applies, and a
+    # network namespace only where unprivileged user namespaces are allowed.
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os.setgid(65534)
+            os.setuid(65534)  # the "worker" is not root from here on
+            seen = {"applied": isolation.apply(str(scratch), (12345, 12345), [])}
+            try:
+                socket.socket(socket.AF_INET).close()
+                seen["inet"] = "allowed"
+            except OSError as exc:
+                seen["inet"] = exc.errno
+            seen["uid"] = os.getuid()
+            os.write(write, json.dumps(seen).encode())
+        finally:
+            os._exit(0)
+    os.close(write)
+    with os.fdopen(read) as f:
+        seen = json.loads(f.read())
+    os.waitpid(pid, 0)
+    assert seen["applied"]["user"] == "same (the worker is not root)" and seen["uid"] == 65534
+    assert seen["applied"]["network_filter"] == "seccomp" and seen["inet"] == 13
+    assert seen["applied"]["network_namespace"] in ("userns+netns", "userns+netns (ids unmapped)") \
+        or seen["applied"]["network_namespace"].startswith("none (")
