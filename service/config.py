@@ -62,7 +62,16 @@ class Settings(BaseSettings):
         default=32, ge=2, le=256, description="Deepest nesting of a JSON body (400 beyond)."
     )
     inspect_memory_limit_mb: int = Field(
-        default=6144, ge=128, description="Address-space limit of the process inspecting an upload."
+        default=3072,
+        ge=128,
+        description="Address-space limit of a process inspecting an upload (API processes x "
+        "EDGEPRESS_INSPECT_CONCURRENCY of them stay below the API pod's memory limit).",
+    )
+    inspect_concurrency: int = Field(
+        default=1,
+        ge=1,
+        description="Uploads one API process inspects at once; beyond it 503 inspection_busy "
+        "with Retry-After.",
     )
     inspect_timeout_seconds: int = Field(
         default=120, ge=1, description="CPU-seconds limit for inspecting one upload."
@@ -82,10 +91,16 @@ class Settings(BaseSettings):
         default=3, ge=1, description="Deliveries of one job before it fails with worker_lost."
     )
     job_memory_limit_mb: int = Field(
-        default=8192, ge=256, description="Address-space limit of a job's engine process."
+        default=4096,
+        ge=256,
+        description="Address space of all of a job's engine processes together (auto's "
+        "parallel candidates share it); below the worker pod's memory limit.",
     )
     job_max_output_mb: int = Field(
-        default=8192, ge=16, description="Largest file a job's engine process may write."
+        default=4096,
+        ge=16,
+        description="Most bytes a job's engine may write, all files together (and the "
+        "largest single file).",
     )
     job_queued_requeue_seconds: int = Field(
         default=600, ge=5, description="A job queued this long is re-enqueued by the reconciler."
@@ -110,6 +125,14 @@ class Settings(BaseSettings):
         description="Local copies of uploaded models/datasets a worker keeps, by content, "
         "so that a model submitted again is not downloaded again (MB; 0: off).",
     )
+    engine_uid: int | None = Field(
+        default=65534,
+        ge=1,
+        description="Where the worker runs as root: the user a job's engine runs as (it must "
+        "be able to read the interpreter and the code; else the engine keeps the worker's user "
+        "and the job's summary says why). Empty: never change user.",
+    )
+    engine_gid: int = Field(default=65534, ge=1, description="The engine's group (with EDGEPRESS_ENGINE_UID).")
     progress_interval_seconds: float = Field(
         default=1.0, ge=0.0, description="Minimum seconds between progress writes to a job."
     )
@@ -140,7 +163,10 @@ class Settings(BaseSettings):
         default=16, ge=0, description="Queued + running jobs per tenant (0: unlimited)."
     )
     quota_stored_bytes: int = Field(
-        default=50 * 1024**3, ge=0, description="Bytes of models + datasets per tenant (0: unlimited)."
+        default=50 * 1024**3,
+        ge=0,
+        description="Bytes a tenant may store (0: unlimited): models, datasets, jobs' records and "
+        "artifacts, idempotency records, presigned uploads (pending ones by their size limit).",
     )
     long_poll_max_seconds: float = Field(
         default=20.0,
@@ -160,7 +186,10 @@ class Settings(BaseSettings):
 
     # Webhooks.
     webhook_secret: SecretStr | None = Field(
-        default=None, description="HMAC-SHA256 key for webhook signatures (required for webhooks)."
+        default=None,
+        description="Operator secret webhook signatures derive from: each tenant signs with "
+        'HMAC-SHA256(secret, "edgepress-webhook:" + tenant) (GET /v1/webhook-secret); '
+        "required for webhooks.",
     )
     webhook_allow_hosts: str = Field(
         default="",
@@ -210,6 +239,7 @@ class Limits:
     inspect_rlimits: dict[str, tuple[int, int]]  # (soft, hard) RLIMIT_* of upload inspection
     inspect_seconds: int  # wall clock for one inspection (CPU limit + slack)
     job_rlimits: dict[str, tuple[int, int]]  # (soft, hard) RLIMIT_* of a job's engine process
+    job_output_bytes: int  # everything a job's engine writes, all files together
     job_soft_seconds: int  # the engine is asked to stop (timeout)
     job_hard_seconds: int  # the engine is killed
     task_soft_seconds: int  # Celery's backstop for the task body (download, upload, records)
@@ -243,6 +273,7 @@ def limits_for(settings: Settings, cpus: int | None = None) -> Limits:
             "RLIMIT_FSIZE": (settings.job_max_output_mb * mib,) * 2,
             "RLIMIT_CORE": (0, 0),
         },
+        job_output_bytes=settings.job_max_output_mb * mib,
         job_soft_seconds=settings.job_soft_time_limit,
         job_hard_seconds=settings.job_time_limit,
         task_soft_seconds=settings.job_time_limit + 120,

@@ -1,20 +1,31 @@
 """Webhooks: a signed POST to the job's ``callback_url`` on every terminal state.
 
 Signature: ``X-EdgePress-Signature: t=<unix time>,v1=<hex HMAC-SHA256(secret, "<t>.<body>")>``
-(plus ``X-EdgePress-Timestamp``), so receivers can verify origin and reject replays. Only
-``https`` URLs are accepted (``http`` to loopback when the operator allows it for tests and
-local stacks), and never private, loopback, link-local or otherwise non-global addresses
-unless allow-listed: the host is resolved and checked at submission and again before each
-delivery. Redirects are not followed. Delivery is retried with exponential backoff.
+(plus ``X-EdgePress-Timestamp``), so receivers can verify origin and reject replays. The
+secret is the tenant's own, derived from the operator's ``EDGEPRESS_WEBHOOK_SECRET``:
+``tenant_secret(operator_secret, tenant) = hex HMAC-SHA256(operator_secret, "edgepress-webhook:"
++ tenant)``, so one tenant cannot forge another's webhooks; a tenant reads its secret with
+``GET /v1/webhook-secret``. Only ``https`` URLs are accepted (``http`` to loopback when the
+operator allows it for tests and local stacks), and never private, loopback, link-local or
+otherwise non-global addresses unless allow-listed: the host is resolved and checked at
+submission and again before each delivery, and the delivery connects to the address checked
+(one resolution, pinned; the Host header and TLS SNI/certificate check use the name). The
+response is read for its status within ``DELIVERY_SECONDS`` in all and at most
+``RESPONSE_BYTES`` (a receiver that drips or never ends its answer costs no more). Redirects
+are not followed. Delivery is retried with exponential backoff.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import hmac
+import http.client
 import ipaddress
 import json
 import socket
+import ssl
+import threading
 import time
 from urllib.parse import urlsplit
 
@@ -71,8 +82,9 @@ def _allowed(addr: ipaddress.IPv4Address | ipaddress.IPv6Address, host: str, set
     return addr.is_global
 
 
-def check_callback_url(url: str, settings: Settings) -> None:
-    """Raise ``CallbackRefused`` unless ``url`` may receive webhooks right now."""
+def check_callback_url(url: str, settings: Settings) -> list[str]:
+    """Raise ``CallbackRefused`` unless ``url`` may receive webhooks right now; the addresses
+    its host resolved to (all checked), for the delivery to connect to."""
     if settings.webhook_secret is None:
         raise CallbackRefused("webhooks are not enabled on this server (no signing secret set)")
     parts = urlsplit(url)
@@ -87,6 +99,7 @@ def check_callback_url(url: str, settings: Settings) -> None:
     except (socket.gaierror, UnicodeError):
         raise CallbackRefused(f"callback host {host!r} does not resolve") from None
     addrs = {ipaddress.ip_address(str(info[4][0]).split("%")[0]) for info in infos}
+    ordered = list(dict.fromkeys(str(info[4][0]) for info in infos))
     for addr in addrs:
         if not _allowed(addr, host, settings):
             raise CallbackRefused(
@@ -96,6 +109,14 @@ def check_callback_url(url: str, settings: Settings) -> None:
         settings.webhook_allow_loopback_http and all(a.is_loopback for a in addrs)
     ):
         raise CallbackRefused("callback_url must use https")
+    return ordered
+
+
+def tenant_secret(operator_secret: str, tenant: str) -> str:
+    """The webhook signing secret of ``tenant``: HMAC-SHA256 of its name under the operator's
+    secret (hex). Nothing to store or rotate per tenant; a new operator secret rotates all."""
+    return hmac.new(operator_secret.encode(), f"edgepress-webhook:{tenant}".encode(),
+                    hashlib.sha256).hexdigest()
 
 
 def sign(secret: str, body: bytes, timestamp: int | None = None) -> dict[str, str]:
@@ -117,14 +138,71 @@ def verify(secret: str, body: bytes, header: str, tolerance: int = 300) -> bool:
     return hmac.compare_digest(expected, header)
 
 
-def deliver(url: str, payload: dict, settings: Settings) -> int:
-    """POST once; returns the HTTP status. Raises on refusal or network errors."""
-    import requests
+DELIVERY_SECONDS = 10.0  # connect, send, status line, headers and what is read of the body
+RESPONSE_BYTES = 64 * 1024  # of the body: only the status matters
 
-    check_callback_url(url, settings)
+
+class _PinnedHTTPConnection(http.client.HTTPConnection):
+    """Connects to ``address`` (the one checked), speaks HTTP to ``host``."""
+
+    def __init__(self, host: str, port: int, address: str, timeout: float) -> None:
+        super().__init__(host, port, timeout=timeout)
+        self._address = address
+
+    def connect(self) -> None:
+        self.sock = socket.create_connection((self._address, self.port), self.timeout)
+
+
+class _PinnedHTTPSConnection(http.client.HTTPSConnection):
+    """Connects to ``address``; TLS with SNI and the certificate checked for ``host``."""
+
+    def __init__(self, host: str, port: int, address: str, timeout: float) -> None:
+        super().__init__(host, port, timeout=timeout, context=ssl.create_default_context())
+        self._address = address
+
+    def connect(self) -> None:
+        sock = socket.create_connection((self._address, self.port), self.timeout)
+        self.sock = self._context.wrap_socket(sock, server_hostname=self.host)  # type: ignore[attr-defined]
+
+
+def deliver(url: str, payload: dict, settings: Settings, tenant: str) -> int:
+    """POST once, signed with ``tenant``'s secret; returns the HTTP status. Raises on
+    refusal, network errors, or a receiver that does not answer within ``DELIVERY_SECONDS``."""
+    addresses = check_callback_url(url, settings)
     assert settings.webhook_secret is not None  # checked above
     body = json.dumps(payload, separators=(",", ":"), default=str).encode()
-    headers = {"Content-Type": "application/json", "User-Agent": "EdgePress-Webhook/1"}
-    headers.update(sign(settings.webhook_secret.get_secret_value(), body))
-    resp = requests.post(url, data=body, headers=headers, timeout=10, allow_redirects=False)
-    return resp.status_code
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    https = parts.scheme == "https"
+    port = parts.port or (443 if https else 80)
+    path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+    headers = {"Content-Type": "application/json", "User-Agent": "EdgePress-Webhook/1",
+               "Host": parts.netloc.rsplit("@", 1)[-1]}
+    secret = tenant_secret(settings.webhook_secret.get_secret_value(), tenant)
+    headers.update(sign(secret, body))
+    connection_type = _PinnedHTTPSConnection if https else _PinnedHTTPConnection
+    conn = connection_type(host, port, addresses[0], DELIVERY_SECONDS)
+    # One deadline for everything: per-read timeouts alone let a receiver that sends a byte
+    # now and then hold the delivery forever; at the deadline the socket is shut down.
+    expired = threading.Event()
+
+    def expire() -> None:
+        expired.set()
+        if conn.sock is not None:
+            with contextlib.suppress(OSError):
+                conn.sock.shutdown(socket.SHUT_RDWR)
+
+    timer = threading.Timer(DELIVERY_SECONDS, expire)
+    timer.start()
+    try:
+        conn.request("POST", path, body=body, headers=headers)
+        resp = conn.getresponse()
+        resp.read(RESPONSE_BYTES)  # a little of the body, never all of an endless one
+        return resp.status
+    except (OSError, http.client.HTTPException):
+        if expired.is_set():
+            raise TimeoutError(f"the receiver did not answer within {DELIVERY_SECONDS} s") from None
+        raise
+    finally:
+        timer.cancel()
+        conn.close()

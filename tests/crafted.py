@@ -455,6 +455,20 @@ def huge_pax_header_tar(path: Path, payload: bytes, declared: int = (1 << 33) - 
     return path
 
 
+def lying_npz(shape: tuple[int, ...] = (1 << 40,), holds: int = 16) -> bytes:
+    """An .npz whose one array's header claims ``shape`` (float32) but holds ``holds`` bytes:
+    numpy would allocate the claimed array before reading a zip member."""
+    from numpy.lib import format as npy
+
+    member = io.BytesIO()
+    npy.write_array_header_1_0(member, {"descr": "<f4", "fortran_order": False, "shape": shape})
+    member.write(b"\x00" * holds)
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as zf:
+        zf.writestr("x.npy", member.getvalue())
+    return buf.getvalue()
+
+
 def write_hostile_files(directory: Path) -> dict[str, tuple[Path, str]]:
     """Hostile uploads as files: name -> (path, expected EngineError code)."""
     directory.mkdir(parents=True, exist_ok=True)

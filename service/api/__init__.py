@@ -27,6 +27,7 @@ def create_app(settings: Settings | None = None) -> Flask:
         models,
         problems,
         uploads,
+        webhook_secret,
     )
     from service.api.context import Services
     from service.metrics import ServiceMetrics
@@ -52,12 +53,13 @@ def create_app(settings: Settings | None = None) -> Flask:
         events=JobEvents.from_settings(settings),
         waiters=(threading.BoundedSemaphore(settings.long_poll_max_waiters)
                  if settings.long_poll_max_waiters > 0 else None),
+        inspections=threading.BoundedSemaphore(settings.inspect_concurrency),
     )
 
     problems.init_app(app)
     json_body.init_app(app, settings)
     auth.init_app(app, settings)
-    for module in (health, models, datasets, uploads, jobs, devices):
+    for module in (health, models, datasets, uploads, jobs, devices, webhook_secret):
         app.register_blueprint(module.bp)
 
     @app.before_request

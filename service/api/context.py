@@ -27,6 +27,8 @@ class Services:
     events: JobEvents
     # Long-polled status requests this process may hold at once (None: none are held).
     waiters: threading.BoundedSemaphore | None = None
+    # Upload inspections this process runs at once (``EDGEPRESS_INSPECT_CONCURRENCY``).
+    inspections: threading.BoundedSemaphore | None = None
 
 
 @dataclass

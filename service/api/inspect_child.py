@@ -1,13 +1,15 @@
 """Child process that inspects one upload: ``python -m service.api.inspect_child SPEC_JSON``.
 
-Parsing a stranger's protobuf or archive happens here, under memory and CPU limits set by the
-parent (``service.api.inspection``), so a hostile file can neither bloat nor crash the API's
-own worker processes. The verdict is one JSON line on stdout.
+Parsing a stranger's protobuf or archive happens here, under the memory, CPU and file-size
+limits the parent chose (``service.api.inspection``; the spec's ``rlimits``), set here before
+the upload is opened, so a hostile file can neither bloat nor crash the API's own worker
+processes nor fill its disk. The verdict is one JSON line on stdout.
 """
 
 from __future__ import annotations
 
 import json
+import resource
 import sys
 from pathlib import Path
 
@@ -16,6 +18,8 @@ from service.uploads.records import UPLOAD_KINDS
 
 def main(spec_json: str) -> int:
     spec = json.loads(spec_json)
+    for name, (soft, hard) in spec.get("rlimits", {}).items():  # before the upload is read
+        resource.setrlimit(getattr(resource, name), (soft, hard))
     kind = UPLOAD_KINDS[spec["kind"]]
     try:
         from service.engine.errors import EngineError

@@ -17,7 +17,7 @@ from service.api.context import services, space
 from service.api.idempotency import idempotent
 from service.api.pagination import page_cursor, page_limit
 from service.api.problems import from_engine_error
-from service.api.quotas import check_job_quota
+from service.api.quotas import check_job_quota, check_storage_quota
 from service.api.schemas import parse_body
 from service.engine.devices import parse_device
 from service.engine.errors import EngineError
@@ -60,6 +60,7 @@ def create_job() -> tuple[Response, int, dict[str, str]]:
     except EngineError as exc:
         raise from_engine_error(exc) from None
     check_job_quota()
+    check_storage_quota(0)  # a tenant past its storage quota makes no more artifacts
     job = Job(
         id=new_job_id(),
         model_id=model.id,

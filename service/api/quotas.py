@@ -1,10 +1,15 @@
-"""Per-tenant quotas: concurrent jobs and stored bytes. Over quota is 429 with Retry-After."""
+"""Per-tenant quotas: concurrent jobs and stored bytes. Over quota is 429 with Retry-After.
+
+Stored bytes are everything the tenant makes us keep: every object in its space (models,
+datasets, jobs' records and artifacts, idempotency records, presigned uploads' data), plus the
+size limit of each presigned upload still pending (``service.uploads.incoming``)."""
 
 from __future__ import annotations
 
 from service.api.context import services, space
 from service.errors import ServiceError
-from service.uploads.records import UPLOAD_KINDS
+from service.jobs.record import utcnow
+from service.uploads import incoming
 
 
 class QuotaExceeded(ServiceError):
@@ -20,15 +25,23 @@ def check_job_quota() -> None:
         )
 
 
-def check_storage_quota(incoming: int) -> None:
+def stored_bytes(completing: str | None = None) -> int:
+    """Everything the calling tenant has stored or reserved (``completing``: a presigned
+    upload being completed, whose reservation is its data, already counted)."""
+    store = space().store
+    return store.total_bytes("") + incoming.reserved_bytes(store, utcnow(), completing)
+
+
+def check_storage_quota(adding: int, completing: str | None = None) -> None:
+    """429 if storing ``adding`` more bytes would take the tenant past its quota (0: only
+    when it is past it already, e.g. before a job adds artifacts)."""
     limit = services().settings.quota_stored_bytes
     if not limit:
         return
-    store = space().store
-    used = sum(store.total_bytes(f"{kind.folder}/") for kind in UPLOAD_KINDS.values())
-    if used + incoming > limit:
+    used = stored_bytes(completing)
+    if used + adding > limit or (adding == 0 and used >= limit):
         raise QuotaExceeded(
-            f"storing {incoming} more bytes would exceed the tenant's quota of {limit} bytes "
-            f"({used} used); delete models or datasets first",
+            f"storing {adding} more bytes would exceed the tenant's quota of {limit} bytes "
+            f"({used} used or reserved); delete models, datasets or jobs first",
             headers={"Retry-After": "3600"},
         )

@@ -39,11 +39,15 @@ from service.config import limits_for
 from service.engine.errors import EngineError
 from service.errors import NotFound
 from service.jobs.record import utcnow
+from service.uploads import incoming
 from service.uploads.records import UPLOAD_KINDS, UploadKind
 
 
-def store_upload(kind: UploadKind[Any], received: ReceivedFile) -> Response:
-    """Describe and store a received file (direct upload or presigned-POST upload)."""
+def store_upload(
+    kind: UploadKind[Any], received: ReceivedFile, completing: str | None = None
+) -> Response:
+    """Describe and store a received file (direct upload, or the presigned upload
+    ``completing``, whose data is already in the store)."""
     svc = services()
     svc.metrics.uploads_bytes.labels(kind.name).inc(received.size)
     scope = f"{kind.name}:{received.sha256}"
@@ -55,10 +59,12 @@ def store_upload(kind: UploadKind[Any], received: ReceivedFile) -> Response:
     if existing is not None:
         record, created = existing, False
     else:
-        check_storage_quota(received.size)
+        # A completed upload's data is in incoming/ already (counted): only its copy is new.
+        check_storage_quota(received.size, completing=completing)
         try:
             description = inspect_in_child(
-                kind, received.path, received.filename, limits_for(svc.settings).engine, svc.settings
+                kind, received.path, received.filename, limits_for(svc.settings).engine,
+                svc.settings, svc.inspections,
             )
         except EngineError as exc:
             raise from_engine_error(exc) from None
@@ -122,12 +128,7 @@ class UploadCreate(BaseModel):
     )
 
 
-def _record_key(upload_id: str) -> str:
-    return f"incoming/{upload_id}.json"
-
-
-def _data_key(upload_id: str) -> str:
-    return f"incoming/{upload_id}/data"
+_record_key, _data_key = incoming.record_key, incoming.data_key
 
 
 @bp.post("")
@@ -137,6 +138,7 @@ def create_upload() -> tuple[Response, int, dict[str, str]]:
     spec = parse_body(UploadCreate)
     upload_id = "upl_" + os.urandom(12).hex()
     max_bytes = UPLOAD_KINDS[spec.kind].size_limit(svc.settings)
+    check_storage_quota(max_bytes)  # a pending upload reserves its size limit
     ttl = svc.settings.presign_ttl_seconds
     post = space().store.presign_post(_data_key(upload_id), max_bytes=max_bytes, ttl=ttl)
     expires = utcnow() + timedelta(seconds=ttl)
@@ -171,7 +173,7 @@ def complete_upload(upload_id: str) -> Response:
         scratch_dir=svc.settings.scratch_dir,
         filename=record.get("filename"),
     ) as received:
-        resp = store_upload(UPLOAD_KINDS[record["kind"]], received)
+        resp = store_upload(UPLOAD_KINDS[record["kind"]], received, completing=upload_id)
     if resp.status_code < 300:
         space().store.delete_prefix(f"incoming/{upload_id}")
     return resp

@@ -70,6 +70,7 @@ def _open(path: Path, limits: EngineLimits) -> dict[str, np.ndarray]:
         if not info.filename.endswith(".npy") or "/" in info.filename:
             raise EngineError("invalid_dataset", "the dataset must hold only .npy arrays "
                               "(np.savez)", {"member": info.filename[:200]})
+    _check_headers(path, infos)
     arrays: dict[str, np.ndarray] = {}
     try:
         with np.load(path, allow_pickle=False) as npz:
@@ -89,6 +90,40 @@ def _open(path: Path, limits: EngineLimits) -> dict[str, np.ndarray]:
             raise EngineError("invalid_dataset", f"array {key!r} is a scalar; axis 0 must "
                               "count samples")
     return arrays
+
+
+def _check_headers(path: Path, infos: list[zipfile.ZipInfo]) -> None:
+    """Every member's .npy header (numpy's own reader, ``numpy.lib.format``) must describe
+    exactly the bytes the member holds: numpy allocates an array from the header's shape
+    before reading a member of a zip, so a header that claims 2^40 elements would allocate
+    terabytes. Refused here, before anything is allocated."""
+    from numpy.lib import format as npy
+
+    with zipfile.ZipFile(path) as zf:
+        for info in infos:
+            try:
+                with zf.open(info) as member:
+                    version = npy.read_magic(member)
+                    if version == (1, 0):
+                        shape, _, dtype = npy.read_array_header_1_0(member)
+                    elif version in ((2, 0), (3, 0)):
+                        shape, _, dtype = npy.read_array_header_2_0(member)
+                    else:
+                        raise ValueError(f"unknown .npy version {version}")
+                    header_bytes = member.tell()
+            except (ValueError, OSError, EOFError, zipfile.BadZipFile, RuntimeError):
+                raise EngineError("invalid_dataset", "an array of the dataset has no valid "
+                                  ".npy header", {"member": info.filename[:200]}) from None
+            if dtype.hasobject:
+                continue  # refused (needs pickle) when read, with its own message
+            claimed = int(np.prod(shape, dtype=object)) * dtype.itemsize
+            if claimed != info.file_size - header_bytes:
+                raise EngineError(
+                    "invalid_dataset",
+                    f"array {info.filename[:-4]!r} declares shape {tuple(shape)} ({claimed} "
+                    f"bytes) but holds {info.file_size - header_bytes} bytes",
+                    {"member": info.filename[:200]},
+                )
 
 
 def _samples(arrays: dict[str, np.ndarray]) -> int:

@@ -51,6 +51,11 @@ class PassConfig(BaseModel):
     is_scope: ClassVar[bool] = False
     legacy_names: ClassVar[frozenset[str]] = frozenset()
 
+    def referenced_models(self) -> list[str]:
+        """Ids of other uploaded models this step reads (``PassContext.resolve_model``): the
+        worker fetches them before the engine starts, the engine has no store of its own."""
+        return []
+
 
 ConfigT = TypeVar("ConfigT", bound=PassConfig)
 
@@ -196,6 +201,14 @@ def parse_step(step: dict[str, Any]) -> tuple[type[Pass[Any]], PassConfig]:
             {"pass": step["pass"], "errors": errors},
         ) from None
     return cls, config
+
+
+def referenced_models(recipe: list[dict[str, Any]] | str) -> list[str]:
+    """Every other uploaded model a recipe reads, in order, once each (none for ``"auto"``)."""
+    if not isinstance(recipe, list):
+        return []
+    ids = [mid for _, config in parse_recipe(recipe) for mid in config.referenced_models()]
+    return list(dict.fromkeys(ids))
 
 
 def parse_recipe(recipe: list[dict[str, Any]]) -> list[tuple[type[Pass[Any]], PassConfig]]:

@@ -38,6 +38,10 @@ def create_worker_app(settings: Settings | None = None) -> Celery:
     def _on_ready(sender=None, **_: object) -> None:  # type: ignore[no-untyped-def]
         from prometheus_client import CollectorRegistry, multiprocess, start_http_server
 
+        from service.worker.isolation import protect_worker
+
+        protect_worker()  # the engines (same uid in the pods) cannot read our environment
+
         registry = CollectorRegistry()
         multiprocess.MultiProcessCollector(registry)
         start_http_server(
@@ -50,7 +54,9 @@ def create_worker_app(settings: Settings | None = None) -> Celery:
         # The engine forkserver imports ONNX, ONNX Runtime and the engine (~1 s): start it
         # with the pool process, not on its first job.
         from service.worker.engine_host import start_engine_server
+        from service.worker.isolation import protect_worker
 
+        protect_worker()
         try:
             start_engine_server(settings.engine_huge_pages)
         except Exception:  # noqa: BLE001 - the first job starts it again and reports any error

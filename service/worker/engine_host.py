@@ -18,8 +18,10 @@ stderr (crash, out of memory, CPU time, file size).
 Protocol, over a pipe: progress as ``{"stage": ..., "fraction": ...}``, an artifact whose file
 is final as ``{"artifact": name, "path": ...}`` (the worker may store it early); the outcome as
 ``result.json`` in the spec's workdir: ``{"ok": true, "summary", "artifacts", "report"}`` or
-``{"ok": false, "error": {code, message, details}}``. It reads other models (students,
-teachers) from the object store by id through ``resolve_model``.
+``{"ok": false, "error": {code, message, details}}``, with ``isolation``: what
+``service.worker.isolation`` could apply (environment, network, user). Other models the recipe
+reads (students, teachers) were fetched by the worker into ``workdir/refs`` before the engine
+started: ``resolve_model`` only looks there, the engine has no object store client.
 """
 
 from __future__ import annotations
@@ -69,6 +71,7 @@ def run_engine(
     limits: Limits,
     *,
     huge_pages: bool,
+    engine_user: tuple[int, int] | None = None,
     every: float,
     tick: Callable[[str, float], bool],
     on_artifact: Callable[[str, str], None],
@@ -78,18 +81,19 @@ def run_engine(
     (``result.json``, or an error named from how the process ended). ``tick(stage,
     fraction)`` is called every ``every`` seconds; False stops the engine at once and the
     outcome is ``{"stopped": True}``. ``on_artifact(name, path)``: a final file announced;
-    ``on_stage(stage, seconds)``: a stage ended (both from a reader thread)."""
+    ``on_stage(stage, seconds)``: a stage ended (both from a reader thread). ``engine_user``:
+    (uid, gid) the engine runs as where the worker is root (``isolation``)."""
     progress = _Progress()
     stderr_path = workdir / "engine.stderr"
-    proc = EngineProcess(workdir / "spec.json", limits.job_rlimits, huge_pages)
+    proc = EngineProcess(workdir / "spec.json", limits.job_rlimits, huge_pages, engine_user)
     reader = threading.Thread(
         target=_read_progress, args=(proc, progress, on_artifact, on_stage), daemon=True
     )
     reader.start()
     started = time.monotonic()
-    last_tick = 0.0
+    last_tick = last_count = 0.0
     soft_sent = False
-    stopped = False
+    stopped = over_output = False
     while proc.poll() is None:
         proc.wait_for(0.25)  # returns as soon as the engine ends
         elapsed = time.monotonic() - started
@@ -100,6 +104,12 @@ def run_engine(
             proc.kill(signal.SIGTERM)
             soft_sent = True
         now = time.monotonic()
+        if now - last_count >= 1.0:
+            last_count = now
+            if written_bytes(workdir) > limits.job_output_bytes:
+                over_output = True
+                proc.kill(signal.SIGKILL)
+                break
         if now - last_tick >= every:
             last_tick = now
             with progress.lock:
@@ -113,6 +123,17 @@ def run_engine(
     elapsed = time.monotonic() - started
     if stopped:
         return {"stopped": True}
+    # Also what it wrote between the last count and its end.
+    over_output = over_output or written_bytes(workdir) > limits.job_output_bytes
+    if over_output:
+        return {
+            "ok": False,
+            "error": {
+                "code": "output_too_large",
+                "message": "the job wrote more than its output limit of "
+                f"{limits.job_output_bytes // (1024 * 1024)} MB (all files together)",
+            },
+        }
     result_file = workdir / "result.json"
     if result_file.exists():
         with contextlib.suppress(ValueError):
@@ -160,6 +181,19 @@ def run_engine(
     }
 
 
+def written_bytes(workdir: Path) -> int:
+    """Bytes of every file under ``workdir`` but the job's inputs (``input``, ``refs``): what
+    the engine wrote, all its processes and files together (apparent sizes)."""
+    total = 0
+    for root, dirs, files in os.walk(workdir):
+        if root == str(workdir):
+            dirs[:] = [d for d in dirs if d not in ("input", "refs")]
+        for name in files:
+            with contextlib.suppress(OSError):
+                total += os.lstat(os.path.join(root, name)).st_size
+    return total
+
+
 _CONTEXT: list[Any] = []  # this process's engine forkserver context, made on first use
 
 
@@ -181,27 +215,39 @@ _HUGE_PAGES_TUNABLE = "glibc.malloc.hugetlb=1"
 def start_engine_server(huge_pages: bool = True) -> None:
     """Start this process's engine forkserver (it imports the engine, ~1 s) if it does not
     run: when a worker's pool process starts, and before each job (a dead one is restarted).
-    Tunables are read when a process starts, so the server gets its environment here."""
+    The server is started with the engine's environment only (``engine_environment``: no
+    credentials, so none in any engine's memory or ``/proc/<pid>/environ``), plus the malloc
+    tunable: both are read when a process starts, so it gets them here. ``ensure_running``
+    execs the server with this process's environment, which is swapped for that one call
+    (in the pool process, before a job, while no other thread of ours reads it)."""
     from multiprocessing import forkserver
 
+    from service.worker.isolation import engine_environment
+
     _engine_context()
-    saved = os.environ.get("GLIBC_TUNABLES")
-    if huge_pages and _HUGE_PAGES_TUNABLE not in (saved or ""):
-        os.environ["GLIBC_TUNABLES"] = ":".join(filter(None, [saved, _HUGE_PAGES_TUNABLE]))
+    saved = dict(os.environ)
+    env = engine_environment(saved)
+    if huge_pages and _HUGE_PAGES_TUNABLE not in env.get("GLIBC_TUNABLES", ""):
+        env["GLIBC_TUNABLES"] = ":".join(filter(None, [env.get("GLIBC_TUNABLES"),
+                                                       _HUGE_PAGES_TUNABLE]))
+    os.environ.clear()
+    os.environ.update(env)
     try:
         forkserver.ensure_running()
     finally:
-        if saved is None:
-            os.environ.pop("GLIBC_TUNABLES", None)
-        else:
-            os.environ["GLIBC_TUNABLES"] = saved
+        os.environ.clear()
+        os.environ.update(saved)
 
 
 class EngineProcess:
     """A job's engine process, forked from the forkserver (libraries already imported)."""
 
     def __init__(
-        self, spec_path: Path, limits: dict[str, tuple[int, int]], huge_pages: bool = True
+        self,
+        spec_path: Path,
+        limits: dict[str, tuple[int, int]],
+        huge_pages: bool = True,
+        engine_user: tuple[int, int] | None = None,
     ) -> None:
         start_engine_server(huge_pages)
         ctx = _engine_context()
@@ -217,7 +263,8 @@ class EngineProcess:
         config["authkey"] = multiprocessing.process.AuthenticationString(os.urandom(32))  # type: ignore[attr-defined]
         try:
             self._proc = ctx.Process(
-                target=run_forked, args=(str(spec_path), child_end, limits), name="edgepress-engine"
+                target=run_forked, args=(str(spec_path), child_end, limits, engine_user),
+                name="edgepress-engine",
             )
             self._proc.start()
         finally:
@@ -307,7 +354,6 @@ PRELOAD = [
     "onnx",
     "onnxruntime",
     "onnxruntime.quantization",
-    "boto3",
     "service.engine.compress",
     "service.engine.evaluate",
     "service.engine.registry",
@@ -337,16 +383,32 @@ def _tune_malloc(ctypes: Any) -> None:
             libc.mallopt(param, value)
 
 
-def run_forked(spec_path: str, conn: Any, limits: dict[str, tuple[int, int]]) -> None:
+def run_forked(
+    spec_path: str,
+    conn: Any,
+    limits: dict[str, tuple[int, int]],
+    engine_user: tuple[int, int] | None = None,
+) -> None:
     """Entry point in the forked child: isolate, limit, run ``main``, report through ``conn``."""
     import ctypes
     import os
     import resource
 
+    from service.worker import isolation
+
     os.setsid()  # its own process group: the worker signals the whole engine (and its helpers)
-    with contextlib.suppress(OSError, AttributeError):  # Linux: die with the forkserver
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
     workdir = Path(json.loads(Path(spec_path).read_text())["workdir"])
+    needed = [sys.executable, *(p for p in sys.path if p)]
+    applied = isolation.apply(str(workdir), engine_user, needed)
+    # After the user change (which clears it): die with the forkserver.
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    # Temporary files (libraries', candidates') are the job's, counted and removed with it.
+    (workdir / "tmp").mkdir(exist_ok=True)
+    os.environ.update(TMPDIR=str(workdir / "tmp"), HOME=str(workdir))
+    import tempfile
+
+    tempfile.tempdir = None
     (workdir / "engine.pid").write_text(str(os.getpid()))
     for name, (soft, hard) in limits.items():  # ``Limits.job_rlimits``
         resource.setrlimit(getattr(resource, name), (soft, hard))
@@ -356,15 +418,21 @@ def run_forked(spec_path: str, conn: Any, limits: dict[str, tuple[int, int]]) ->
     os.chdir(workdir)
     _tune_malloc(ctypes)
 
-    code = main(spec_path, lambda message: conn.send_bytes(json.dumps(message).encode()))
+    code = main(spec_path, lambda message: conn.send_bytes(json.dumps(message).encode()),
+                isolation=applied)
     conn.close()
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)  # no atexit handlers inherited from the forkserver
 
 
-def main(spec_path: str, send: Callable[[dict[str, Any]], None] = _print_message) -> int:
-    """Run the job in ``spec_path``; progress and final artifacts go out through ``send``."""
+def main(
+    spec_path: str,
+    send: Callable[[dict[str, Any]], None] = _print_message,
+    isolation: dict[str, str] | None = None,
+) -> int:
+    """Run the job in ``spec_path``; progress and final artifacts go out through ``send``;
+    ``isolation`` (what the process runs under) goes into the outcome."""
 
     def emit(stage: str, fraction: float) -> None:
         send({"stage": stage, "fraction": round(float(fraction), 4)})
@@ -378,37 +446,23 @@ def main(spec_path: str, send: Callable[[dict[str, Any]], None] = _print_message
     result_path = workdir / "result.json"
 
     def write(result: dict[str, Any]) -> None:
+        if isolation is not None:
+            result["isolation"] = isolation
         tmp = result_path.with_suffix(".tmp")
         tmp.write_text(json.dumps(result, default=str))
         tmp.replace(result_path)
 
     try:
-        from service.config import Settings
         from service.engine.compress import compress
         from service.engine.errors import EngineError
         from service.engine.limits import EngineLimits
-        from service.storage.s3 import make_store
-        from service.uploads.store import model_source_key
-
-        stores: list[Any] = []  # the S3 client is made only if a recipe names another model
 
         def resolve_model(model_id: str) -> Path:
-            if not (model_id.startswith("mdl_") and len(model_id) == 36 and model_id[4:].isalnum()):
+            # Fetched by the worker from the job's tenant space (``refs`` in the spec).
+            path = (spec.get("refs") or {}).get(model_id)
+            if not path or not Path(path).is_file():
                 raise EngineError("model_not_found", f"model {model_id!r} not found")
-            target = workdir / "refs" / f"{model_id}.onnx"
-            target.parent.mkdir(exist_ok=True)
-            if not target.exists():
-                if not stores:
-                    # Other models (students, teachers) come from the job's tenant space only.
-                    settings = Settings()
-                    stores.append(
-                        make_store(settings.model_copy(update={"s3_prefix": spec["store_prefix"]}))
-                    )
-                try:
-                    stores[0].download_file(model_source_key(model_id), target)
-                except FileNotFoundError:
-                    raise EngineError("model_not_found", f"model {model_id!r} not found") from None
-            return target
+            return Path(path)
 
         limits = EngineLimits(**spec.get("limits", {}))
         result = compress(

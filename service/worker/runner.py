@@ -10,6 +10,7 @@ progress into the record as heart-beats, honours cancellation, stores the artifa
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -122,6 +123,7 @@ class JobRunner:
                 hits.append(self.sources.fetch(
                     dataset.sha256, dataset.bytes, dataset_path,
                     lambda p: self.store.download_file(dataset_data_key(dataset.id), p)))
+            refs = self._fetch_referenced(job, workdir / "refs", hits)
             device = parse_device(job.device).model_dump(mode="json")
             spec = {
                 "workdir": str(workdir),
@@ -131,7 +133,7 @@ class JobRunner:
                 "device": device,
                 "constraints": job.constraints,
                 "inputs": job.inputs,
-                "store_prefix": self.store.prefix,
+                "refs": refs,
                 # Without it the engine would run under EngineLimits' defaults.
                 "limits": limits_for(self.settings).engine.model_dump(mode="json"),
             }
@@ -174,10 +176,31 @@ class JobRunner:
             # Where the worker's time went (engine stages as the engine reported them).
             summary["timings_s"] = {k: round(v, 3) for k, v in timings.items()}
             summary["inputs_from_worker_cache"] = sum(hits)  # not downloaded: seen before
+            summary["isolation"] = outcome.get("isolation")
             return lifecycle.succeed(self.jobs, job.id, self.name, result=summary, artifacts=names)
         finally:
             artifacts.close()  # no upload may still be reading the workdir
             shutil.rmtree(workdir, ignore_errors=True)
+
+    def _fetch_referenced(self, job: Job, directory: Path, hits: list[bool]) -> dict[str, str]:
+        """The other uploaded models the recipe reads (teachers, students), from the job's
+        tenant space, by id -> local path: the engine reads them from there (it has no store).
+        An id that names no model of this tenant is left out; the engine says model_not_found."""
+        from service.engine.registry import referenced_models
+
+        refs: dict[str, str] = {}
+        for model_id in referenced_models(job.recipe):
+            try:
+                record = self.uploads.get_model(model_id)
+            except NotFound:
+                continue
+            directory.mkdir(exist_ok=True)
+            target = directory / f"{record.id}.onnx"
+            key = model_source_key(record.id)
+            hits.append(self.sources.fetch(record.sha256, record.bytes, target,
+                                           functools.partial(self.store.download_file, key)))
+            refs[model_id] = str(target)
+        return refs
 
     def _run_engine(
         self,
@@ -213,6 +236,7 @@ class JobRunner:
             workdir,
             limits_for(s),
             huge_pages=s.engine_huge_pages,
+            engine_user=(s.engine_uid, s.engine_gid) if s.engine_uid is not None else None,
             every=min(s.progress_interval_seconds, s.job_heartbeat_seconds),
             tick=tick,
             on_artifact=on_artifact or (lambda name, path: None),
@@ -220,6 +244,7 @@ class JobRunner:
         )
         if outcome.get("stopped"):
             return {"lost": True} if seen[-1] is None else {"cancelled": True}
+        log.info("job %s: engine isolation %s", job_id, outcome.get("isolation"))
         return outcome
 
     def _heartbeat(self, job_id: str, stage: str, fraction: float) -> Job | None:

@@ -7,7 +7,9 @@ model, a retried job) need not cross the network again: the worker copies it fro
 Rules:
 - an entry is named by the SHA-256 of its bytes and is used only for a record with that
   SHA-256 and size; entries are written whole (temp file, then rename) by the worker itself,
-  from a download whose size matched the record;
+  from a download whose size and SHA-256 matched the record;
+- every use checks the copy's SHA-256 against the record (hashed while copying): an entry
+  changed on disk since is dropped and the bytes are downloaded again;
 - jobs get a *copy*, never the entry itself: the engine process parses untrusted models, and
   nothing it does to its input can reach the next job's;
 - bounded in bytes (``worker_source_cache_mb``), least recently used entries go first;
@@ -17,6 +19,7 @@ Rules:
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import os
 import re
@@ -52,15 +55,19 @@ class SourceCache:
         entry = self.directory / sha256
         try:
             if entry.stat().st_size == size:
-                shutil.copyfile(entry, dest)
-                os.utime(entry)  # recently used
-                if dest.stat().st_size == size:
+                if _copy_hashing(entry, dest) == sha256:
+                    os.utime(entry)  # recently used
                     return True
+                log.warning("source cache: entry %s does not hash to its name; dropped", sha256)
+                with contextlib.suppress(FileNotFoundError):
+                    entry.unlink()
         except FileNotFoundError:  # not cached, or evicted by another process just now
             pass
         download(dest)
         if dest.stat().st_size != size:
             raise ValueError(f"downloaded {dest.stat().st_size} bytes, the record says {size}")
+        if _sha256_of(dest) != sha256:
+            raise ValueError("the downloaded bytes do not have the record's SHA-256")
         self._keep(entry, dest, size)
         return False
 
@@ -97,3 +104,18 @@ class SourceCache:
             with contextlib.suppress(FileNotFoundError):
                 path.unlink()
             total -= size
+
+
+def _copy_hashing(source: Path, dest: Path) -> str:
+    """Copy ``source`` to ``dest``; the SHA-256 of the bytes copied."""
+    digest = hashlib.sha256()
+    with open(source, "rb") as src, open(dest, "wb") as out:
+        while chunk := src.read(1 << 20):
+            digest.update(chunk)
+            out.write(chunk)
+    return digest.hexdigest()
+
+
+def _sha256_of(path: Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()

@@ -26,6 +26,7 @@ from service.metrics import ServiceMetrics
 from service.queue import RUN_JOB_TASK, WEBHOOK_TASK, JobQueue
 from service.storage.s3 import S3ObjectStore, make_store
 from service.tenants import DEFAULT_TENANT, TENANT_NAME, tenant_prefix
+from service.uploads import incoming
 from service.worker.runner import JobRunner
 
 log = logging.getLogger(__name__)
@@ -71,7 +72,7 @@ def register_tasks(app: Celery, settings: Settings, metrics: ServiceMetrics) -> 
             return
         payload = {"event": f"job.{job.state.value}", "job": job.public()}
         try:
-            status = webhooks.deliver(job.callback_url, payload, settings)
+            status = webhooks.deliver(job.callback_url, payload, settings, tenant)
             outcome = "delivered" if 200 <= status < 300 else f"http_{status}"
         except webhooks.CallbackRefused as exc:
             log.warning("webhook for %s refused: %s", job_id, exc.message)
@@ -102,14 +103,18 @@ class Reconciler:
         self._stop = threading.Event()
 
     def run_once(self) -> list[str]:
-        """One pass over every tenant; returns the ids re-enqueued."""
+        """One pass over every tenant; returns the ids re-enqueued. Also the lifecycle of
+        ``incoming/``: presigned uploads never completed are deleted once expired."""
         requeued: list[str] = []
         for tenant in self.root.list_prefixes("tenants/"):
             if TENANT_NAME.fullmatch(tenant):
-                jobs = JobStore(
-                    self.root.scoped(tenant_prefix(tenant)), JobEvents.from_settings(self.settings)
-                )
+                space = self.root.scoped(tenant_prefix(tenant))
+                jobs = JobStore(space, JobEvents.from_settings(self.settings))
                 requeued += self._reconcile(tenant, jobs)
+                try:
+                    incoming.expire(space, utcnow())
+                except Unavailable:
+                    log.warning("reconciler: store unavailable while expiring uploads")
         return requeued
 
     def _reconcile(self, tenant: str, jobs: JobStore) -> list[str]:

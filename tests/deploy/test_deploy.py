@@ -711,3 +711,32 @@ def test_validate_script_fails_on_an_unknown_step() -> None:
     assert shutil.which("bash")
     proc = run_step("no-such-step", render_dir=ROOT / "build" / "unused", timeout=30)
     assert proc.returncode != 0 and "unknown step" in proc.stderr
+
+
+def _mib(quantity: str) -> int:
+    units = {"Ki": 1 / 1024, "Mi": 1, "Gi": 1024, "Ti": 1024 * 1024}
+    for suffix, factor in units.items():
+        if quantity.endswith(suffix):
+            return int(float(quantity[: -len(suffix)]) * factor)
+    return int(quantity) // (1024 * 1024)
+
+
+@pytest.mark.parametrize("overlay", ("dev", "prod"))
+def test_memory_limits_of_jobs_and_inspections_fit_their_pods(
+    rendered: dict[str, list[Obj]], overlay: str
+) -> None:
+    # What the service lets its children use (the settings as the pods get them) must be
+    # below the pod's limit, or the OOM killer acts before our own limits do.
+    from service.config import Settings
+
+    objs = rendered[overlay]
+    config = config_data(objs)
+    settings = Settings(**{k[len("EDGEPRESS_"):].lower(): v for k, v in config.items()
+                           if k.startswith("EDGEPRESS_")})
+    overhead = 512  # MiB: Celery's main + pool process (~200), gunicorn's master + a worker
+    (worker,) = pod_spec(one(objs, "Deployment", "edgepress-worker"))["containers"]
+    assert settings.job_memory_limit_mb + overhead <= _mib(worker["resources"]["limits"]["memory"])
+    (api,) = pod_spec(one(objs, "Deployment", "edgepress-api"))["containers"]
+    inspections = settings.api_workers * settings.inspect_concurrency
+    assert (inspections * settings.inspect_memory_limit_mb + overhead
+            <= _mib(api["resources"]["limits"]["memory"]))

@@ -172,6 +172,16 @@ def test_dataset_pickle_disguised(api) -> None:  # type: ignore[no-untyped-def]
     assert resp.status_code == 422 and resp.json()["code"] == "invalid_dataset"
 
 
+def test_dataset_whose_header_lies_about_its_shape_refused(api) -> None:  # type: ignore[no-untyped-def]
+    from tests.crafted import lying_npz
+
+    resp = api.request("POST", "/v1/datasets", data=lying_npz((1 << 40,)),
+                       headers={"Content-Type": "application/octet-stream"})
+    assert resp.status_code == 422, resp.text
+    assert resp.json()["code"] == "invalid_dataset" and "declares shape" in resp.json()["detail"]
+    assert_healthy(api)
+
+
 def test_dataset_object_array_refused(api, tmp_path) -> None:  # type: ignore[no-untyped-def]
     data = _npz(tmp_path, x=np.array([{"a": 1}, None], dtype=object))
     resp = api.request("POST", "/v1/datasets", data=data, headers={"Content-Type": "application/octet-stream"})
@@ -211,3 +221,27 @@ def test_dataset_with_nan(api, tmp_path) -> None:  # type: ignore[no-untyped-def
     assert resp.status_code == 422, resp.text
     body = resp.json()
     assert body["code"] == "invalid_dataset" and "NaN" in body["detail"], body
+
+
+# -- what one job may spend ----------------------------------------------------------------------
+
+def test_auto_asking_for_64_workers_gets_the_cores_and_one_memory_budget(api, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    import json
+    import os
+
+    model = api.request("POST", "/v1/models?filename=w64.onnx",
+                        data=mlp(inputs=256, hidden=512, seed=64).SerializeToString(),
+                        headers={"Content-Type": "application/octet-stream"}).json()
+    job = api.submit(model_id=model["id"], recipe="auto",
+                     constraints={"workers": 64, "objective": "size"})
+    done = api.wait(job["id"], timeout=400)
+    assert done["state"] == "succeeded", done.get("error")
+    # The engine ran isolated (this host has seccomp; where it lacks it the field says why).
+    assert done["result"]["isolation"]["environment"] == "allow-list"
+    assert done["result"]["isolation"]["network_filter"] == "seccomp"
+    report = json.loads(api.download(job["id"], "report.json", tmp_path / "r.json").read_text())
+    assert "memory_per_worker_bytes" in report["auto"], sorted(report["auto"])
+    workers, share = report["auto"]["workers"], report["auto"]["memory_per_worker_bytes"]
+    assert 1 <= workers <= len(os.sched_getaffinity(0))  # the stack's worker runs here
+    if workers > 1:  # the engine and its candidates within the job's 4096 MiB together
+        assert share is not None and (workers + 1) * share <= 4096 * 1024 * 1024

@@ -23,6 +23,10 @@ KEY_A, KEY_B = "key-for-acme-0123456789", "key-for-globex-0123456789"
 
 @pytest.fixture
 def keyed_app(isolated_settings, tmp_path):  # type: ignore[no-untyped-def]
+    return keyed(isolated_settings, tmp_path)
+
+
+def keyed(isolated_settings, tmp_path, **update):  # type: ignore[no-untyped-def]
     keys_file = tmp_path / "keys.json"
     keys_file.write_text(json.dumps([
         {"tenant": "globex", "name": "ci", "sha256": hashlib.sha256(KEY_B.encode()).hexdigest()},
@@ -34,7 +38,8 @@ def keyed_app(isolated_settings, tmp_path):  # type: ignore[no-untyped-def]
     # model_copy skips validation: SecretStr must be built explicitly.
     from pydantic import SecretStr
 
-    return create_app(settings.model_copy(update={"api_keys": SecretStr(f"acme:{KEY_A}")}))
+    return create_app(settings.model_copy(update={"api_keys": SecretStr(f"acme:{KEY_A}"),
+                                                   **update}))
 
 
 def auth(key: str) -> dict[str, str]:
@@ -266,5 +271,28 @@ def test_webhook_delivered_signed_and_retried(live_stack, receiver) -> None:  # 
     headers, body = _Receiver.received[0]
     payload = json.loads(body)
     assert payload["event"] == "job.succeeded" and payload["job"]["id"] == job["id"]
-    secret = live_stack.env["EDGEPRESS_WEBHOOK_SECRET"]
+    operator = live_stack.env["EDGEPRESS_WEBHOOK_SECRET"]
+    secret = webhooks.tenant_secret(operator, "default")  # signed with the tenant's own secret
     assert webhooks.verify(secret, body, headers["X-EdgePress-Signature"])
+    assert not webhooks.verify(operator, body, headers["X-EdgePress-Signature"])
+
+
+def test_each_tenant_reads_its_own_webhook_secret(keyed_app, isolated_settings, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from pydantic import SecretStr
+
+    c = keyed_app.test_client()
+    off = c.get("/v1/webhook-secret", headers=auth(KEY_A))
+    assert off.status_code == 404 and off.get_json()["code"] == "webhooks_not_enabled"
+    validate_response("GET", "/v1/webhook-secret", 404, off.content_type, off.get_json())
+    on = keyed(isolated_settings, tmp_path,
+               webhook_secret=SecretStr("operator-secret")).test_client()
+    assert on.get("/v1/webhook-secret").status_code == 401
+    acme = on.get("/v1/webhook-secret", headers=auth(KEY_A))
+    globex = on.get("/v1/webhook-secret", headers=auth(KEY_B)).get_json()
+    validate_response("GET", "/v1/webhook-secret", 200, acme.content_type, acme.get_json())
+    assert acme.get_json() == {"tenant": "acme",
+                               "secret": webhooks.tenant_secret("operator-secret", "acme")}
+    assert globex["tenant"] == "globex" and globex["secret"] != acme.get_json()["secret"]
+    body = b'{"event":"job.succeeded"}'
+    signed = webhooks.sign(acme.get_json()["secret"], body)["X-EdgePress-Signature"]
+    assert not webhooks.verify(globex["secret"], body, signed)

@@ -181,3 +181,48 @@ def test_unexpected_engine_error_is_logged_with_its_traceback(isolated_settings,
     logged = "\n".join(r.getMessage() for r in caplog.records)
     assert job.id in logged and "Traceback (most recent call last)" in logged
     assert "ValidationError" in logged and "no_such_limit" in logged
+
+
+def test_referenced_models_are_fetched_by_the_worker_and_the_engine_holds_no_secret(
+    isolated_settings, tmp_path
+) -> None:  # type: ignore[no-untyped-def]
+    # An extra teacher by id: the worker fetches it from the job's tenant space before the
+    # engine starts (the engine has no store client and none of the worker's credentials);
+    # a teacher id of another tenant is not found, the engine says so.
+    store, jobs, _, runner, record = _setup(isolated_settings, tmp_path)
+    other = make_store(isolated_settings).scoped(tenant_prefix("other"))
+    their_path = write_mlp(tmp_path / "theirs.onnx", inputs=128, hidden=256, seed=1)
+    their_bytes = their_path.read_bytes()
+    theirs, _ = UploadStore(other).save_model(
+        their_path, sha256=hashlib.sha256(their_bytes).hexdigest(), size=len(their_bytes),
+        filename="theirs.onnx", description={"format": "onnx"})
+
+    import numpy as np
+
+    from service.engine.limits import EngineLimits
+    from service.uploads.records import UPLOAD_KINDS
+
+    data_path = tmp_path / "d.npz"
+    np.savez(data_path, x=np.random.default_rng(0).standard_normal((64, 128)).astype(np.float32))
+    kind = UPLOAD_KINDS["dataset"]
+    raw = data_path.read_bytes()
+    dataset, _ = UploadStore(store).save(
+        kind, data_path, sha256=hashlib.sha256(raw).hexdigest(), size=len(raw), filename="d.npz",
+        description=kind.inspector(data_path, "d.npz", EngineLimits()))
+
+    def distill_job(teacher: str) -> Job:
+        return jobs.create(Job(
+            id=new_job_id(), model_id=record.id, device="host", created_at=utcnow(),
+            dataset_id=dataset.id,
+            recipe=[{"pass": "distill", "teachers": [{"model_id": teacher}],
+                     "budget": {"max_steps": 2}}, {"pass": "quantize_dynamic"}]))
+
+    final = runner.run(distill_job(record.id).id)
+    assert final is not None and final.state is JobState.succeeded, final.error
+    isolation = final.result["isolation"]
+    assert isolation["environment"] == "allow-list"
+    assert isolation["network_filter"] == "seccomp" and isolation["network_namespace"] != ""
+    final = runner.run(distill_job(theirs.id).id)
+    assert final is not None and final.state is JobState.failed
+    assert final.error is not None and final.error.code in ("model_not_found", "invalid_recipe")
+    assert theirs.id in final.error.message

@@ -113,3 +113,46 @@ def test_stored_bytes_are_not_inspected_or_counted_again(isolated_settings, monk
     over = _post(c, folder, FILES[folder](12))
     assert over.status_code == 429 and over.get_json()["code"] == "quota_exceeded"
     assert inspected == []
+
+
+def test_an_archive_expanding_past_the_api_scratch_space_is_refused(
+    isolated_settings, tmp_path, monkeypatch
+) -> None:  # type: ignore[no-untyped-def]
+    # Through the HTTP API: a tar.gz whose 3 MB member fits every configured limit but not the
+    # scratch space this API has free (1 MB above the reserve, here): refused before expanding.
+    import gzip
+    import io
+    import shutil
+    import tarfile
+
+    from service.api import inspection
+
+    data = mlp(inputs=512, hidden=1536, seed=31).SerializeToString()
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        info = tarfile.TarInfo("model.onnx")
+        info.size = len(data)
+        tar.addfile(info, io.BytesIO(data))
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    monkeypatch.setattr(inspection, "SCRATCH_RESERVE_BYTES",
+                        shutil.disk_usage(scratch).free - 1024 * 1024)
+    c = create_app(isolated_settings.model_copy(update={"scratch_dir": str(scratch)})).test_client()
+    resp = c.post("/v1/models?filename=m.tar.gz", data=gzip.compress(buf.getvalue()),
+                  content_type="application/octet-stream")
+    assert resp.status_code in (413, 422), resp.get_json()
+    body = resp.get_json()
+    assert body["code"] in ("invalid_archive", "model_too_large"), body
+    assert body["details"]["limit"] < len(data), body
+    assert list(scratch.rglob("model.onnx")) == []
+
+
+def test_a_process_inspecting_all_it_may_answers_503_with_retry_after(isolated_settings) -> None:  # type: ignore[no-untyped-def]
+    app = create_app(isolated_settings)
+    slots = app.extensions["edgepress"].inspections
+    slots.acquire()  # this process's one inspection is running
+    resp = app.test_client().post("/v1/models?filename=m.onnx", data=mlp(inputs=8, hidden=8, seed=32)
+                                  .SerializeToString(), content_type="application/octet-stream")
+    assert resp.status_code == 503 and resp.get_json()["code"] == "inspection_busy"
+    assert resp.headers["Retry-After"] == "5"
+    slots.release()

@@ -91,3 +91,27 @@ def test_off_or_too_big_means_always_downloaded(tmp_path: Path) -> None:
         assert origin.calls == 2
     assert not (tmp_path / "off").exists()
     assert not (tmp_path / "small").exists() or not any((tmp_path / "small").iterdir())
+
+
+def test_an_entry_changed_on_disk_is_caught_by_its_hash_dropped_and_downloaded_again(
+    tmp_path: Path,
+) -> None:
+    data = os.urandom(5000)
+    cache = SourceCache(tmp_path / "cache", 1 << 20)
+    origin = _Origin(data)
+    cache.fetch(_sha(data), len(data), tmp_path / "a.onnx", origin)
+    entry = tmp_path / "cache" / _sha(data)
+    entry.write_bytes(bytes(len(data)))  # same size, other bytes: another tenant's job, a disk
+    assert cache.fetch(_sha(data), len(data), tmp_path / "b.onnx", origin) is False
+    assert origin.calls == 2 and (tmp_path / "b.onnx").read_bytes() == data
+    assert entry.read_bytes() == data  # replaced by the verified download
+
+
+def test_a_download_of_the_right_size_but_other_bytes_is_refused_and_not_kept(
+    tmp_path: Path,
+) -> None:
+    data = os.urandom(5000)
+    cache = SourceCache(tmp_path / "cache", 1 << 20)
+    with pytest.raises(ValueError, match="SHA-256"):
+        cache.fetch(_sha(data), len(data), tmp_path / "a.onnx", _Origin(os.urandom(5000)))
+    assert not (tmp_path / "cache" / _sha(data)).exists()

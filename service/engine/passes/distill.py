@@ -48,6 +48,10 @@ class DistillConfig(PassConfig, DistillationSettings):
         description="training budget: steps, seconds, batch size, learning rate, seed, threads",
     )
 
+    def referenced_models(self) -> list[str]:
+        extra = [self.student_model_id] if self.student_model_id else []
+        return [ref.model_id for ref in self.teachers] + extra
+
 
 @register
 class Distill(Pass[DistillConfig]):

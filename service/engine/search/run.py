@@ -111,6 +111,48 @@ def run_candidate(job: dict, check_cancelled: Callable[[], None] | None = None) 
     return {"ok": True, "result": result, "seconds": time.perf_counter() - started}
 
 
+# The least address space a parallel candidate process gets (it imports numpy, onnx and ONNX
+# Runtime, ~230 MB of address space on this host, then builds sessions): fewer processes run
+# rather than each with less.
+MIN_CANDIDATE_BYTES = 1 << 30
+
+
+def _address_space() -> tuple[int, int] | None:
+    """This process's address-space limit (soft) and its current size, in bytes; None when
+    unlimited (a caller that set no limit: nothing to divide)."""
+    import resource
+
+    soft, _ = resource.getrlimit(resource.RLIMIT_AS)
+    if soft == resource.RLIM_INFINITY:
+        return None
+    with open("/proc/self/statm") as f:
+        size = int(f.read().split()[0]) * os.sysconf("SC_PAGE_SIZE")
+    return soft, size
+
+
+def memory_plan(requested: int, cores: int, space: tuple[int, int] | None) -> tuple[int, int | None]:
+    """(processes, bytes each) for a parallel search: at most ``cores`` processes, and one
+    memory budget for the whole job. The job's address-space limit, less what this process
+    already uses, is split evenly between this process and the candidates (so their sum stays
+    within the limit the worker set for the job); fewer processes if a share would be below
+    ``MIN_CANDIDATE_BYTES``. Bytes is None without a limit."""
+    workers = max(1, min(requested, cores))
+    if space is None:
+        return workers, None
+    limit, used = space
+    free = max(0, limit - used)
+    workers = max(1, min(workers, free // MIN_CANDIDATE_BYTES - 1))
+    return workers, free // (workers + 1)
+
+
+def _limit_candidate(share: int | None) -> None:
+    """In a candidate process: its share of the job's memory, for good (hard limit too)."""
+    import resource
+
+    if share is not None:
+        resource.setrlimit(resource.RLIMIT_AS, (share, share))
+
+
 def _usable_cores() -> int:
     try:
         return max(1, len(os.sched_getaffinity(0)))
@@ -187,6 +229,7 @@ class _Search:
     total: int = 0
     done_count: int = 0
     workers: int = 1
+    memory_share: int | None = None  # address space of each parallel candidate process
     mixed_precision: list[MixedPrecisionRecord] = field(default_factory=list)
 
     def job(self, cand: Candidate) -> dict:
@@ -241,8 +284,11 @@ class _Search:
         """Every planned candidate, most promising first, in parallel processes when the host
         has the cores, until one meets the constraints and none left can beat it."""
         runnable = [c for c in self.cands if c.status == "pending"]
-        workers = self.ctx.constraints.workers or max(1, _usable_cores() // 4)
-        self.workers = min(workers, len(runnable)) or 1
+        requested = self.ctx.constraints.workers or max(1, _usable_cores() // 4)
+        workers, share = memory_plan(min(requested, len(runnable)) or 1, _usable_cores(),
+                                     _address_space())
+        self.workers = workers
+        self.memory_share = share
         self.total = len(runnable)
         pending = sorted(runnable, key=lambda c: bound(c, self.ctx))
         if self.workers <= 1:
@@ -255,29 +301,44 @@ class _Search:
                               0.05 + 0.8 * self.done_count / max(self.total, 1))
                 self.finish(cand, run_candidate(self.job(cand), self.check_cancelled))
         else:
-            import multiprocessing
+            import resource
 
-            with ProcessPoolExecutor(max_workers=self.workers,
-                                     mp_context=multiprocessing.get_context("spawn")) as pool:
-                queue = list(pending)
-                running: dict[Future, Candidate] = {}
-                while queue or running:
-                    self.check_cancelled()
-                    if queue and self.unbeatable(queue) and self.stop_reason is None:
-                        self._stop()
-                        queue = []
-                    while queue and len(running) < self.workers:
-                        cand = queue.pop(0)
-                        running[pool.submit(run_candidate, self.job(cand))] = cand
-                    if not running:
-                        break
-                    done, _ = wait(list(running), timeout=1.0, return_when=FIRST_COMPLETED)
-                    for fut in done:
-                        self.finish(running.pop(fut), fut.result())
+            saved = resource.getrlimit(resource.RLIMIT_AS)
+            space = _address_space()
+            if share is not None and space is not None:
+                # Meanwhile this process keeps what it has plus one share: it and the
+                # candidates together stay within the job's limit.
+                resource.setrlimit(resource.RLIMIT_AS, (min(saved[0], space[1] + share), saved[1]))
+            try:
+                self._run_parallel(pending, share)
+            finally:
+                resource.setrlimit(resource.RLIMIT_AS, saved)
         for cand in self.cands:
             if cand.status == "pending":
                 cand.status = "not_run"
                 cand.error = {"code": "early_stop", "message": self.stop_reason or "not run"}
+
+    def _run_parallel(self, pending: list[Candidate], share: int | None) -> None:
+        import multiprocessing
+
+        with ProcessPoolExecutor(max_workers=self.workers,
+                                 mp_context=multiprocessing.get_context("spawn"),
+                                 initializer=_limit_candidate, initargs=(share,)) as pool:
+            queue = list(pending)
+            running: dict[Future, Candidate] = {}
+            while queue or running:
+                self.check_cancelled()
+                if queue and self.unbeatable(queue) and self.stop_reason is None:
+                    self._stop()
+                    queue = []
+                while queue and len(running) < self.workers:
+                    cand = queue.pop(0)
+                    running[pool.submit(run_candidate, self.job(cand))] = cand
+                if not running:
+                    break
+                done, _ = wait(list(running), timeout=1.0, return_when=FIRST_COMPLETED)
+                for fut in done:
+                    self.finish(running.pop(fut), fut.result())
 
     def run_extra(self, cand: Candidate) -> None:
         """A candidate added after planning (mixed precision, the weight-only fallback)."""
@@ -417,6 +478,8 @@ def run_auto(
         stop_reason=search.stop_reason, mixed_precision=search.mixed_precision,
         workers=search.workers, confirmation=confirmation,
         seconds=time.perf_counter() - started)
+    # One memory budget for the job's processes (memory_plan): what each candidate got.
+    section["memory_per_worker_bytes"] = search.memory_share
     if search.best is None:
         fail_unsatisfiable(cands, ctx, section)
     assert search.best is not None

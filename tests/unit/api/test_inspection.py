@@ -15,9 +15,9 @@ from tests.models import mlp
 def test_child_gets_no_credentials(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("EDGEPRESS_S3_SECRET_KEY", "s3cret")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "s3cret")
-    env = _child_env()
+    env = _child_env("/scratch")
     assert "s3cret" not in env.values()
-    assert "PATH" in env
+    assert "PATH" in env and env["TMPDIR"] == "/scratch"
 
 
 def test_describes_a_model(tmp_path: Path) -> None:
@@ -45,3 +45,54 @@ def test_exponential_functions_are_refused_by_the_child(tmp_path: Path) -> None:
     with pytest.raises(EngineError) as info:
         inspect_in_child(MODEL, path, "bomb.onnx", EngineLimits(), Settings(inspect_timeout_seconds=20))
     assert info.value.code == "model_too_large"
+
+
+def test_no_preexec_fn_anywhere_in_the_api() -> None:
+    # preexec_fn is not safe in a threaded server: the child sets its own limits instead.
+    import service.api
+
+    for source in Path(service.api.__file__).parent.glob("*.py"):
+        assert "preexec_fn=" not in source.read_text(), source.name
+
+
+def test_an_archive_expanding_past_the_free_scratch_space_is_refused_not_written(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A member of 3 MB in a tar, with only 1 MB of the scratch space free above the reserve.
+    import io
+    import shutil
+    import tarfile
+
+    from service.api import inspection
+
+    data = mlp(inputs=512, hidden=1536).SerializeToString()  # ~3 MB
+    archive = tmp_path / "m.tar"
+    with tarfile.open(archive, "w") as tar:
+        info = tarfile.TarInfo("model.onnx")
+        info.size = len(data)
+        tar.addfile(info, io.BytesIO(data))
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    free = shutil.disk_usage(scratch).free
+    reserve = free - 1024 * 1024  # what is left above the reserve: 1 MB
+    monkeypatch.setattr(inspection, "SCRATCH_RESERVE_BYTES", reserve)
+    with pytest.raises(EngineError) as info_:
+        inspect_in_child(MODEL, archive, "m.tar", EngineLimits(), Settings(scratch_dir=str(scratch)))
+    assert info_.value.code in {"archive_too_large", "model_too_large", "invalid_archive"}, info_.value
+    assert list(scratch.rglob("model.onnx")) == []
+
+
+def test_a_full_process_answers_busy_instead_of_starting_another_child(tmp_path: Path) -> None:
+    import threading
+
+    from service.errors import Unavailable
+
+    path = tmp_path / "m.onnx"
+    path.write_bytes(mlp(inputs=8, hidden=8).SerializeToString())
+    slots = threading.BoundedSemaphore(1)
+    slots.acquire()  # one inspection running
+    with pytest.raises(Unavailable) as info:
+        inspect_in_child(MODEL, path, "m.onnx", EngineLimits(), Settings(), slots)
+    assert info.value.code == "inspection_busy" and info.value.headers["Retry-After"] == "5"
+    slots.release()
+    assert inspect_in_child(MODEL, path, "m.onnx", EngineLimits(), Settings(), slots)["format"] == "onnx"

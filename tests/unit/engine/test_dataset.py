@@ -144,3 +144,23 @@ def test_fixed_batch_datasets_are_fed_one_sample_at_a_time(tmp_path: Path) -> No
     with pytest.raises(EngineError) as info:
         load_dataset(_npz(tmp_path / "e.npz", x=x[:, :, :16]), model)
     assert "[N, 1, 3, 32, 32]" in info.value.message
+
+
+@pytest.mark.parametrize("shape", [(1 << 40,), (1 << 20, 1 << 20), (3,)])
+def test_an_npz_whose_header_lies_about_its_shape_is_refused_before_allocating(
+    tmp_path: Path, shape: tuple[int, ...]
+) -> None:
+    import resource
+    import time
+
+    from tests.crafted import lying_npz
+
+    path = tmp_path / "lies.npz"
+    path.write_bytes(lying_npz(shape))  # claims 4 TiB, 4 TiB or 12 bytes; holds 16 bytes
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    started = time.monotonic()
+    with pytest.raises(EngineError) as info:
+        inspect_dataset(path)
+    assert info.value.code == "invalid_dataset" and "declares shape" in info.value.message
+    assert time.monotonic() - started < 1.0
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 64 * 1024  # KiB

@@ -342,3 +342,21 @@ def test_sparse_tensors_count_towards_the_model_size_once_dense(tmp_path: Path) 
     with pytest.raises(EngineError) as info:
         inspect_upload(path, limits=EngineLimits(max_model_bytes=1 << 20))
     assert info.value.code == "model_too_large" and "once dense" in info.value.message
+
+
+@pytest.mark.slow  # ~10 s here, nearly all of it the ONNX checker
+def test_200k_independent_identity_nodes_are_ordered_in_linear_time() -> None:
+    # Every node is ready at once: a list popped from the front made this quadratic (2e10
+    # steps); Kahn's ordering with a deque checks it in well under the inspection's CPU limit.
+    import time
+
+    from service.engine.ingest.validate import validate
+
+    n = 200_000
+    nodes = [h.make_node("Identity", ["x"], [f"y{i}"]) for i in range(n)]
+    graph = h.make_graph(nodes, "wide", [h.make_tensor_value_info("x", T.FLOAT, [1])],
+                         [h.make_tensor_value_info(f"y{n - 1}", T.FLOAT, [1])])
+    model = h.make_model(graph, opset_imports=[h.make_opsetid("", 17)])
+    started = time.process_time()
+    validate(model, EngineLimits(max_nodes=n))
+    assert time.process_time() - started < 20.0

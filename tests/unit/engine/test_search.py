@@ -553,3 +553,14 @@ def test_not_slower_on_host_allows_the_placebo_band(
     assert bool(found) is missed, found
     if found and (own_band or confirmed_band):
         assert found[0]["placebo_band"] == pytest.approx(confirmed_band or own_band[1])
+
+
+def test_parallel_candidates_are_bounded_by_cores_and_share_one_memory_budget() -> None:
+    from service.engine.search.run import MIN_CANDIDATE_BYTES, memory_plan
+
+    gib = 1 << 30
+    assert memory_plan(64, 2, None) == (2, None)  # no limit to divide: the cores bound it
+    workers, share = memory_plan(64, 16, (8 * gib, gib))  # 7 GiB free
+    assert workers == 6 and share is not None and share >= MIN_CANDIDATE_BYTES
+    assert gib + (workers + 1) * share <= 8 * gib  # this process + candidates within the limit
+    assert memory_plan(4, 4, (2 * gib, gib)) == (1, gib // 2)  # too little for two: sequential

@@ -14,8 +14,8 @@ from tests.models import write_mlp
 
 
 def _spec(workdir: Path) -> Path:
-    workdir.mkdir()
-    model = write_mlp(workdir / "m.onnx", inputs=128, hidden=256)
+    (workdir / "input").mkdir(parents=True)  # as the runner lays it out
+    model = write_mlp(workdir / "input" / "m.onnx", inputs=128, hidden=256)
     spec = workdir / "spec.json"
     spec.write_text(json.dumps({
         "workdir": str(workdir), "model_path": str(model), "dataset_path": None,
@@ -50,3 +50,18 @@ def test_the_caller_stops_it(tmp_path: Path) -> None:
     outcome, _, _ = _run(tmp_path / "w", lambda s, f: False)
     assert outcome == {"stopped": True}
 
+
+
+def test_output_is_bounded_per_job_not_per_file(tmp_path: Path) -> None:
+    # What one job writes, file by file; then a limit above every file but below their sum:
+    # the same job fails output_too_large.
+    _spec(tmp_path / "a")
+    outcome, _, _ = _run(tmp_path / "a", lambda s, f: True)
+    assert outcome.get("ok") is True, outcome
+    sizes = [p.stat().st_size for p in (tmp_path / "a").rglob("*")
+             if p.is_file() and "input" not in p.relative_to(tmp_path / "a").parts]
+    limit = max(sizes) + 1
+    assert limit < sum(sizes)
+    _spec(tmp_path / "b")
+    outcome, _, _ = _run(tmp_path / "b", lambda s, f: True, job_output_bytes=limit)
+    assert outcome.get("ok") is False and outcome["error"]["code"] == "output_too_large", outcome
