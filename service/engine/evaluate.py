@@ -70,11 +70,17 @@ def dataset_feeds(
 # Sessions and runs
 
 
-def make_session(path: Path, threads: int) -> Any:
-    """An ONNX Runtime CPU session with fixed threads (intra ``threads``, inter 1)."""
+def make_session(path: Path, threads: int, config: dict[str, str] | None = None) -> Any:
+    """An ONNX Runtime CPU session with fixed threads (intra ``threads``, inter 1).
+
+    ``config``: session config entries (``SessionOptions.add_session_config_entry``), e.g.
+    ``{"session.disable_quant_qdq": "1"}`` for a weight-only int8 model (see
+    ``passes.quantize_weight_only.FOLD_AT_LOAD``)."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
+    for key, value in (config or {}).items():
+        opts.add_session_config_entry(key, value)
     opts.intra_op_num_threads = threads
     opts.inter_op_num_threads = 1
     opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL

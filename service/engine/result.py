@@ -52,6 +52,9 @@ class Summary(TypedDict):
     accuracy_after: float | None
     already_quantized: bool
     warnings: list[str]
+    # ONNX Runtime session config entries the reported speed assumes (weight-only int8:
+    # {"session.disable_quant_qdq": "1"}); absent when the default session was measured
+    session_config: NotRequired[dict[str, str]]
     auto: NotRequired[AutoSummary]
 
 

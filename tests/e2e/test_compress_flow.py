@@ -95,3 +95,35 @@ def test_int8_for_a_non_vnni_target_through_the_api(api, tmp_path) -> None:  # t
     assert report["measurement"]["host_is_target"] is same
     warned = any("measured with this host's kernels" in w for w in done["result"]["warnings"])
     assert warned is (not same)
+
+
+def test_auto_weight_only_int8_says_how_to_load_it(api, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """Weight-only int8 is a candidate on every device: on one whose only fast format is fp16
+    it is the smallest. Its speed was measured in both ONNX Runtime sessions; the result says
+    which one the reported speed assumes, and the model loaded that way runs as evaluated."""
+    source = write_mlp(tmp_path / "mlp.onnx", inputs=128, hidden=512)
+    model = api.upload_model(source)
+    job = api.submit(model_id=model["id"], device="apple_m2", recipe="auto",
+                     constraints={"objective": "size", "min_fidelity": 0.999,
+                                  "training": False})
+    done = api.wait(job["id"])
+    assert done["state"] == "succeeded", done.get("error")
+    result = done["result"]
+    assert result["size_ratio"] >= 3.5
+    report = json.loads(api.download(done["id"], "report.json", tmp_path / "r.json").read_text())
+    assert report["auto"]["chosen"]["candidate"] == "int8_weight_only"
+    settings = report["latency"]["session_settings"]
+    assert set(settings) == {"default", "session.disable_quant_qdq=1"}
+    config = result.get("session_config") or {}
+    assert config in ({}, {"session.disable_quant_qdq": "1"})
+    assert any("session.disable_quant_qdq" in w for w in result["warnings"])
+    compressed = api.download(done["id"], "model.onnx", tmp_path / "out.onnx")
+    options = ort.SessionOptions()
+    for key, value in config.items():
+        options.add_session_config_entry(key, value)
+    x = np.random.default_rng(2).standard_normal((4, 128)).astype(np.float32)
+    ref = ort.InferenceSession(str(source), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    out = ort.InferenceSession(str(compressed), options,
+                               providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    cos = float((out * ref).sum() / (np.linalg.norm(out) * np.linalg.norm(ref)))
+    assert cos > 0.999

@@ -11,7 +11,9 @@ or none, on any device that runs ONNX.
 Speed: ONNX Runtime's default session runs the DequantizeLinear nodes at every inference
 (usually a little slower than the float model). Loaded with the session option
 ``session.disable_quant_qdq=1`` they are constant-folded at load instead: the original float
-speed, with the small file. The pass says so in its notes (``load_hint``).
+speed, with the small file. The pass says so in its notes (``load_hint``, and
+``session_config``: the entries that fold them); the recipe job then measures the result under
+both sessions and reports which one its speed assumes.
 
 Shares ``service.engine.int8.weight_only_int8`` with ``quantize_dynamic`` (which uses it for
 GRU and subgraph weights); what this pass adds is using it for every op, as a pass of its own.
@@ -36,6 +38,7 @@ WeightOp = Literal["MatMul", "Gemm", "Conv", "ConvTranspose", "LSTM", "GRU", "RN
 _ALL: tuple[WeightOp, ...] = ("MatMul", "Gemm", "Conv", "ConvTranspose", "LSTM", "GRU", "RNN",
                               "Attention", "Gather")
 
+FOLD_AT_LOAD = {"session.disable_quant_qdq": "1"}  # ONNX Runtime folds constant DQ at load
 LOAD_HINT = ("DequantizeLinear runs at every inference in ONNX Runtime's default session; "
              "create the session with SessionOptions.add_session_config_entry("
              "'session.disable_quant_qdq', '1') to fold the weights at load and run at the "
@@ -94,6 +97,7 @@ class QuantizeWeightOnly(Pass[QuantizeWeightOnlyConfig]):
             "bytes_after": bytes_after,
             "float_weight_bytes_left": float_weight_bytes(work),
             "load_hint": LOAD_HINT,
+            "session_config": dict(FOLD_AT_LOAD),
         })
         if not done:
             raise EngineError(

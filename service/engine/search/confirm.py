@@ -50,7 +50,9 @@ def confirm_latency(
                 "placebo": make_session(original_path, limits.latency_threads)}
     for cand in finalists:
         assert cand.result is not None  # finalists ran
-        sessions[cand.name] = make_session(cand.result.model_path, limits.latency_threads)
+        # measured as its report's speed assumes (weight-only int8: folded at load)
+        sessions[cand.name] = make_session(cand.result.model_path, limits.latency_threads,
+                                           cand.result.report["latency"].get("session_config"))
     measured = measure_latency(sessions, feed, runs=2 * limits.latency_runs,
                                warmup=limits.latency_warmup, check_cancelled=check_cancelled)
     base = measured["original"]["median_ms"]
