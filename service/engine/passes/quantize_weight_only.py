@@ -3,8 +3,9 @@
 The candidate that needs no activation statistics and no int8 kernels: every large float
 weight of the chosen op types (MatMul, Gemm, Conv, ConvTranspose, LSTM, GRU, RNN, Attention,
 embedding tables read by Gather), in the main graph and inside If/Loop/Scan bodies, is stored
-as int8 with one scale per output channel (per row for embedding tables) and a
-``DequantizeLinear`` in front of its reader. The file shrinks about 4x for those weights and
+as int8 with one scale per output channel and a ``DequantizeLinear`` in front of its reader
+(embedding tables of the main graph: int8 rows with one scale per row, dequantized after the
+lookup, ``int8.gather_rows_int8``). The file shrinks about 4x for those weights and
 the arithmetic stays float, so fidelity is that of 8-bit weight rounding alone, with any data
 or none, on any device that runs ONNX.
 
@@ -28,7 +29,7 @@ from pydantic import Field
 
 from service.engine.errors import EngineError
 from service.engine.graph import ensure_opset, float_weight_bytes
-from service.engine.int8 import weight_only_int8
+from service.engine.int8 import gather_rows_int8, weight_only_int8
 from service.engine.normalise import strip_debug_metadata
 from service.engine.registry import SMALLER_RATIO, Pass, PassContext, register
 from service.engine.scope import ScopeConfig, nodes_to_exclude_field, scope_of
@@ -81,12 +82,19 @@ class QuantizeWeightOnly(Pass[QuantizeWeightOnlyConfig]):
         work.CopyFrom(model)
         work = ensure_opset(work)
         bytes_before = model.ByteSize()
-        done, skipped = weight_only_int8(
+        exclude = set(scope_of(config).nodes_to_exclude)
+        done: list[dict] = []
+        skipped: list[dict] = []
+        if "Gather" in config.op_types:  # main-graph tables: only the rows looked up dequantize
+            done, skipped = gather_rows_int8(work, min_elements=config.min_elements,
+                                             exclude=exclude)
+        more, more_skipped = weight_only_int8(
             work, set(config.op_types), min_elements=config.min_elements,
-            exclude=set(scope_of(config).nodes_to_exclude), main_graph=True,
-            subgraphs=config.subgraphs,
+            exclude=exclude, main_graph=True, subgraphs=config.subgraphs,
             per_channel=True, symmetric=True,
+            skip_nodes={name for item in done for name in item["lookups"]},
         )
+        done, skipped = done + more, skipped + more_skipped
         debug_bytes = strip_debug_metadata(work)
         bytes_after = work.ByteSize()
         ctx.notes.update({
