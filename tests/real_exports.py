@@ -178,7 +178,7 @@ def fixed_batch_cnn(classes: int = 10) -> onnx.ModelProto:
     return _model(g)
 
 
-def paddle_classifier(classes: int = 8) -> onnx.ModelProto:
+def paddle_classifier(classes: int = 8, channels: int = 16) -> onnx.ModelProto:
     """A PaddlePaddle-style export: ``-1`` dims on inputs, outputs and value_info, weights in
     ``Constant`` nodes, a Reshape to ``[-1, C]``: x[-1, 3, -1, -1] -> probs[-1, C]."""
     rng = np.random.default_rng(4)
@@ -188,9 +188,9 @@ def paddle_classifier(classes: int = 8) -> onnx.ModelProto:
                            value=nh.from_array(arr, name))
 
     nodes = [
-        const("conv_w", _w(rng, 16, 3, 3, 3)), const("conv_b", _w(rng, 16)),
-        const("fc_w", _w(rng, 16, classes)), const("fc_b", _w(rng, classes)),
-        const("flat_shape", np.array([-1, 16], np.int64)),
+        const("conv_w", _w(rng, channels, 3, 3, 3)), const("conv_b", _w(rng, channels)),
+        const("fc_w", _w(rng, channels, classes)), const("fc_b", _w(rng, classes)),
+        const("flat_shape", np.array([-1, channels], np.int64)),
         h.make_node("Conv", ["x", "conv_w", "conv_b"], ["c"], name="conv2d_0",
                     pads=[1, 1, 1, 1], strides=[2, 2]),
         h.make_node("Relu", ["c"], ["r"], name="relu_0"),
@@ -203,8 +203,8 @@ def paddle_classifier(classes: int = 8) -> onnx.ModelProto:
     g = h.make_graph(nodes, "paddle_classifier",
                      [h.make_tensor_value_info("x", T.FLOAT, [-1, 3, -1, -1])],
                      [h.make_tensor_value_info("probs", T.FLOAT, [-1, classes])],
-                     value_info=[h.make_tensor_value_info("r", T.FLOAT, [-1, 16, -1, -1]),
-                                 h.make_tensor_value_info("f", T.FLOAT, [0, 16])])
+                     value_info=[h.make_tensor_value_info("r", T.FLOAT, [-1, channels, -1, -1]),
+                                 h.make_tensor_value_info("f", T.FLOAT, [0, channels])])
     return _model(g, opset=11)
 
 

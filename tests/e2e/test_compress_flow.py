@@ -3,6 +3,7 @@
 import json
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 import pytest
 import requests
@@ -144,3 +145,25 @@ def test_dynamic_int8_of_a_bert_style_encoder_quantizes_its_embedding_table(api,
     report = json.loads(api.download(done["id"], "report.json", tmp_path / "r.json").read_text())
     rows = [q for q in report["passes"][0]["notes"]["quantized"] if q["op"] == "Gather"]
     assert any(q["tensor"] == "words.weight" and q["scales"] == "per row" for q in rows)
+
+
+def test_static_int8_of_a_paddle_style_detector_with_a_dataset(api, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """-1 dims that ONNX Runtime's quant_pre_process cannot follow: static int8 falls back to
+    plain shape inference, says so, and quantizes on the uploaded samples."""
+    from tests.real_exports import stride_detector
+
+    source = tmp_path / "det.onnx"
+    onnx.save_model(stride_detector("paddle"), str(source))
+    data = tmp_path / "data.npz"
+    np.savez(data, x=np.random.default_rng(4).random((9, 3, 128, 128), dtype=np.float32))
+    model, dataset = api.upload_model(source), api.upload_dataset(data)
+    job = api.submit(model_id=model["id"], dataset_id=dataset["id"], device="host",
+                     recipe=[{"pass": "quantize_static"}])
+    done = api.wait(job["id"])
+    assert done["state"] == "succeeded", done.get("error")
+    assert done["result"]["min_cosine"] >= 0.99 and done["result"]["size_ratio"] >= 1.5
+    report = json.loads(api.download(done["id"], "report.json", tmp_path / "r.json").read_text())
+    notes = report["passes"][0]["notes"]
+    assert notes["pre_process"]["applied"] is False and notes["pre_process"]["reason"]
+    assert notes["quantized_ops"]["Conv"] == 8
+    assert report["calibration"]["source"] == "dataset"

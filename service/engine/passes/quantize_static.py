@@ -1,6 +1,12 @@
 """``quantize_static``: int8 QDQ with calibrated activation ranges (CNNs, CPU and NPU targets).
 
-After shape inference on the normalised model, ONNX Runtime's static quantizer inserts
+The normalised model first goes through ONNX Runtime's own pre-processing,
+``onnxruntime.quantization.shape_inference.quant_pre_process`` (symbolic shape inference, ONNX
+shape inference, ONNX Runtime's basic graph optimisation: Conv+BatchNormalization and
+MatMul+Add fusions, constant folding), as its documentation recommends before quantization;
+when that fails (graphs its symbolic shape inference cannot follow), plain ONNX shape
+inference instead, and the notes say why (``pre_process``). Then ONNX Runtime's static quantizer
+inserts
 QuantizeLinear/DequantizeLinear pairs around the ops it supports, with per-channel int8 weights
 by default. A ``Relu`` after a quantized ``Conv`` is absorbed into the activation range, and ONNX
 Runtime runs each ``DQ -> Conv -> Q`` group as one int8 convolution (VNNI/AMX kernels on x86).
@@ -29,7 +35,7 @@ from onnx import TensorProto
 from pydantic import Field
 
 from service.engine.errors import EngineError
-from service.engine.graph import ensure_opset, iter_graphs
+from service.engine.graph import ensure_opset, iter_graphs, toposort
 from service.engine.int8 import weight_only_int8
 from service.engine.normalise import strip_debug_metadata
 from service.engine.registry import Pass, PassContext, register
@@ -89,6 +95,13 @@ class QuantizeStaticConfig(ScopeConfig):
         "int8_weight_only",
         description="Weights inside If/Loop/Scan bodies: int8 + DequantizeLinear, or float.",
     )
+    pre_process: Literal["auto", "shapes", "off"] = Field(
+        "auto",
+        description="ONNX Runtime's quant_pre_process first: auto = shape inference and its "
+        "basic graph optimisation (fusions; shapes only when nodes_to_exclude or op_types "
+        "name what fusions would rename), shapes = shape inference only, off = plain ONNX "
+        "shape inference. A failure falls back to plain ONNX shape inference.",
+    )
 
 
 def _signature(model: onnx.ModelProto) -> list[tuple[str, int, list[int | str | None]]]:
@@ -138,6 +151,46 @@ def _calibration_feeds(
     return feeds, next(iter(data.values())).shape[0] if data else 0, "dataset"
 
 
+def _pre_process(
+    model: onnx.ModelProto, config: QuantizeStaticConfig, ctx: PassContext
+) -> onnx.ModelProto:
+    """ONNX Runtime's quant_pre_process where it works, else plain ONNX shape inference.
+
+    Its optimisation step fuses MatMul+Add into Gemm and renames fused nodes: with
+    ``nodes_to_exclude`` or ``op_types`` given (names and op types must stay what the caller
+    saw), only its shape inference runs."""
+    names_matter = bool(config.nodes_to_exclude or config.op_types)
+    mode = "shapes" if config.pre_process == "auto" and names_matter else config.pre_process
+    note: dict = {"mode": mode}
+    if mode != "off":
+        from onnxruntime.quantization.shape_inference import quant_pre_process
+
+        src, dst = ctx.workdir / "pre_in.onnx", ctx.workdir / "pre_out.onnx"
+        onnx.save_model(model, str(src))
+        try:
+            with contextlib.redirect_stdout(io.StringIO()):
+                quant_pre_process(str(src), str(dst), skip_optimization=mode == "shapes")
+            processed = onnx.load(str(dst))
+            onnx.checker.check_model(processed)
+        except Exception as exc:  # its failure is not the pass's: quantize without it
+            note.update({"applied": False, "fallback": "onnx shape inference",
+                         "reason": f"{type(exc).__name__}: "
+                                   f"{str(exc).strip().splitlines()[0][:200] if str(exc) else ''}"})
+        else:
+            note.update({"applied": True, "nodes_before": len(model.graph.node),
+                         "nodes_after": len(processed.graph.node),
+                         "optimised": mode == "auto"})
+            ctx.notes["pre_process"] = note
+            return processed
+    else:
+        note["applied"] = False
+    ctx.notes["pre_process"] = note
+    # Shape inference helps the quantizer; a model it cannot infer still quantizes.
+    with contextlib.suppress(Exception):
+        model = onnx.shape_inference.infer_shapes(model)
+    return model
+
+
 class _Reader:
     """CalibrationDataReader over ready feeds, one per call."""
 
@@ -167,7 +220,8 @@ class QuantizeStatic(Pass[QuantizeStaticConfig]):
     scoped = True
     description = (
         "int8 QDQ with per-channel weights and calibrated activation ranges (minmax, entropy, "
-        "percentile) from the uploaded dataset or generated inputs; the fast int8 path for CNNs."
+        "percentile) from the uploaded dataset or generated inputs, after ONNX Runtime's "
+        "quant_pre_process where it works; the fast int8 path for CNNs."
     )
 
     def run(
@@ -181,13 +235,7 @@ class QuantizeStatic(Pass[QuantizeStaticConfig]):
             quantize_static,
         )
 
-        # No ONNX Runtime pre-optimisation here: its basic level already fuses MatMul+Add into
-        # Gemm and renames nodes, which would break op_types and nodes_to_exclude. The pipeline
-        # has normalised the model (constants folded, opset >= 13).
-        work = ensure_opset(model)
-        # Shape inference helps the quantizer; a model it cannot infer still quantizes.
-        with contextlib.suppress(Exception):
-            work = onnx.shape_inference.infer_shapes(work)
+        work = _pre_process(ensure_opset(model), config, ctx)
         # Histogram methods keep every value: feed them a few samples at a time.
         group = 16 if config.calibration_method == "minmax" else 4
         feeds, samples, source = _calibration_feeds(work, config, ctx, group)
@@ -251,6 +299,9 @@ class QuantizeStatic(Pass[QuantizeStaticConfig]):
                 "ONNX Runtime's static quantizer failed: " + str(exc).strip().splitlines()[0][:300],
             ) from None
         out = onnx.load(str(dst))
+        # ONNX Runtime's quantizer appends the QDQ pair of a tensor that an If/Loop body reads
+        # from the outer scope after that node: sort again (bodies' outer reads count).
+        reordered = toposort(out)
         ctx.check_cancelled()
 
         # What was quantized: ops with a dequantized weight, or whose dequantized inputs and
@@ -289,6 +340,7 @@ class QuantizeStatic(Pass[QuantizeStaticConfig]):
             "activation_type": config.activation_type,
             "weight_type": config.weight_type,
             "format": config.quant_format,
+            "nodes_reordered": reordered,
         }
         if config.subgraph_weights == "int8_weight_only" and len(list(iter_graphs(out.graph))) > 1:
             done, skipped = weight_only_int8(
