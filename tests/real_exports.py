@@ -285,3 +285,39 @@ def bert_encoder(path: Path, vocab: int = 8000, width: int = 128, depth: int = 2
     proto = onnx.load(str(path))
     onnx.save_model(proto, str(path), save_as_external_data=False)
     return path
+
+
+def bn_digits_cnn(path: Path, epochs: int = 2) -> tuple[Path, np.ndarray, np.ndarray]:
+    """A small CNN trained briefly on scikit-learn's digits (16x16) and exported with its
+    BatchNormalization layers kept (as PaddlePaddle and training-mode exports leave them):
+    image[batch, 1, 16, 16] -> logits[batch, 10]. Returns (path, train images, test images):
+    the running statistics come from the train images only."""
+    import torch
+    from torch import nn
+
+    from tests.corpus import load_digits_split
+
+    torch.manual_seed(3)
+    x_tr, y_tr, x_te, _ = load_digits_split()
+
+    def block(cin: int, cout: int) -> list[nn.Module]:
+        return [nn.Conv2d(cin, cout, 3, padding=1), nn.BatchNorm2d(cout), nn.ReLU()]
+
+    model = nn.Sequential(*block(1, 32), *block(32, 32), nn.MaxPool2d(2), *block(32, 64),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, 10))
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    xt, yt = torch.from_numpy(x_tr), torch.from_numpy(y_tr)
+    model.train()
+    for _ in range(epochs):
+        for i in range(0, len(xt), 32):
+            opt.zero_grad()
+            nn.functional.cross_entropy(model(xt[i:i + 32]), yt[i:i + 32]).backward()
+            opt.step()
+    model.eval()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.onnx.export(model, (xt[:2],), str(path), dynamo=False, input_names=["image"],
+                      output_names=["logits"], dynamic_axes={"image": {0: "batch"}},
+                      opset_version=17, training=torch.onnx.TrainingMode.PRESERVE,
+                      do_constant_folding=False)
+    return path, x_tr, x_te

@@ -167,3 +167,25 @@ def test_static_int8_of_a_paddle_style_detector_with_a_dataset(api, tmp_path) ->
     assert notes["pre_process"]["applied"] is False and notes["pre_process"]["reason"]
     assert notes["quantized_ops"]["Conv"] == 8
     assert report["calibration"]["source"] == "dataset"
+
+
+@pytest.mark.slow
+def test_static_int8_without_data_calibrates_on_distilled_inputs(api, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """No dataset, a CNN with BatchNorm layers: the job calibrates on ZeroQ's distilled data
+    (the planned static candidates of auto use the same default) and says so."""
+    from tests.real_exports import bn_digits_cnn
+
+    source, _, test_images = bn_digits_cnn(tmp_path / "bn.onnx")
+    model = api.upload_model(source)
+    job = api.submit(model_id=model["id"], device="host", recipe=[{"pass": "quantize_static"}])
+    done = api.wait(job["id"])
+    assert done["state"] == "succeeded", done.get("error")
+    report = json.loads(api.download(done["id"], "report.json", tmp_path / "r.json").read_text())
+    assert report["calibration"]["source"] == "synthesised"
+    assert "ZeroQ" in report["passes"][0]["notes"]["data_free"]["method"]
+    compressed = api.download(done["id"], "model.onnx", tmp_path / "out.onnx")
+    ref = ort.InferenceSession(str(source), providers=["CPUExecutionProvider"]).run(
+        None, {"image": test_images})[0]
+    out = ort.InferenceSession(str(compressed), providers=["CPUExecutionProvider"]).run(
+        None, {"image": test_images})[0]
+    assert float(np.mean(ref.argmax(1) == out.argmax(1))) >= 0.97  # real digits, unseen
