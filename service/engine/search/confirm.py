@@ -19,6 +19,10 @@ CONFIRM_FINALISTS = 4
 
 # A placebo farther off than this says the host was disturbed, not that slower is fine.
 MAX_PLACEBO_BAND = 1.10
+# One placebo pair can land closer than the run-to-run spread of a shared host: measured on a
+# 2-core host, a weight-only model folded at load (the float graph again once loaded) came out
+# at 0.984x against a placebo of 1.01. Below 3 %, "not slower" is not measurable here.
+MIN_PLACEBO_BAND = 1.03
 
 
 def confirm_latency(
@@ -59,7 +63,7 @@ def confirm_latency(
     ctx.original_host_ms = base
     placebo_ms = measured["placebo"]["median_ms"]
     placebo = base / placebo_ms if placebo_ms > 0 else 1.0
-    ctx.placebo_band = min(max(placebo, 1.0 / placebo), MAX_PLACEBO_BAND)
+    ctx.placebo_band = min(max(placebo, 1.0 / placebo, MIN_PLACEBO_BAND), MAX_PLACEBO_BAND)
     out = {"rounds": 2 * limits.latency_runs, "original_ms": round(base, 5),
            "placebo_speedup": round(placebo, 4), "noise_band": round(ctx.placebo_band, 4),
            "not_slower_means": f"speedup >= {1.0 / ctx.placebo_band:.3f} (1 / noise band)",
