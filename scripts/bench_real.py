@@ -36,6 +36,7 @@ anything else prints FAILED and the script exits 1.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import os
 import statistics
@@ -343,8 +344,9 @@ def expert_static(model: RealModel, workdir: Path) -> tuple[Path, dict, str]:
 
     workdir.mkdir(parents=True, exist_ok=True)
     pre = workdir / "pre.onnx"
-    try:
-        quant_pre_process(str(model.path), str(pre))
+    try:  # in workdir: a failed symbolic shape inference writes its model to the cwd
+        with contextlib.chdir(workdir):
+            quant_pre_process(str(model.path), str(pre))
         source, how = pre, "pre_process + QDQ"
     except Exception:  # the expert skips what fails, as the docs suggest
         source, how = model.path, "QDQ (pre_process failed)"

@@ -185,7 +185,10 @@ def _pre_process(
         src, dst = ctx.workdir / "pre_in.onnx", ctx.workdir / "pre_out.onnx"
         onnx.save_model(model, str(src))
         try:
-            with contextlib.redirect_stdout(io.StringIO()):
+            # When its symbolic shape inference gives up, it saves the half-inferred model
+            # into the current directory (sym_shape_infer_temp.onnx and its weights): keep
+            # that inside the pass's workdir (the engine runs one job per process).
+            with contextlib.redirect_stdout(io.StringIO()), contextlib.chdir(ctx.workdir):
                 quant_pre_process(str(src), str(dst), skip_optimization=mode == "shapes")
             processed = onnx.load(str(dst))
             onnx.checker.check_model(processed)

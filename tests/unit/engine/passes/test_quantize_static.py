@@ -184,7 +184,7 @@ def test_generated_calibration_uses_the_resolved_plan_and_its_own_rows(kit) -> N
                              PassContext(workdir=kit.workdir))
 
 
-def test_pre_processing_runs_first_and_falls_back_when_it_fails(kit) -> None:
+def test_pre_processing_runs_first_and_falls_back_when_it_fails(kit, tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
     """ONNX Runtime's quant_pre_process (shape inference + fusions) before quantizing; where
     its symbolic shape inference gives up (-1 dims through Resize/Concat), plain ONNX shape
     inference, and the model still quantizes; named exclusions keep node names (shapes only)."""
@@ -200,11 +200,15 @@ def test_pre_processing_runs_first_and_falls_back_when_it_fails(kit) -> None:
     off = kit.run("quantize_static", mlp, dataset=data, pre_process="off")
     assert off.notes["pre_process"] == {"mode": "off", "applied": False}
 
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
     detector = kit.load(real_exports.stride_detector("paddle"))  # x[-1, 3, -1, -1]
     x = np.random.default_rng(1).random((4, 3, 128, 128), dtype=np.float32)
     run = kit.run("quantize_static", detector, dataset={"x": x})
     note = run.notes["pre_process"]
     assert note["applied"] is False and note["fallback"] == "onnx shape inference"
+    assert not list(cwd.iterdir())  # its debug dump stays in the pass's workdir
     assert note["reason"]
     assert run.notes["quantized_ops"].get("Conv", 0) == 8
     feeds = {"x": x[:2]}
