@@ -9,6 +9,8 @@ fixed batch of 1, and a PaddlePaddle-style graph (``-1`` dims, weights in ``Cons
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import onnx
 from onnx import TensorProto as T
@@ -176,7 +178,7 @@ def fixed_batch_cnn(classes: int = 10) -> onnx.ModelProto:
     return _model(g)
 
 
-def paddle_classifier(classes: int = 8) -> onnx.ModelProto:
+def paddle_classifier(classes: int = 8, channels: int = 16) -> onnx.ModelProto:
     """A PaddlePaddle-style export: ``-1`` dims on inputs, outputs and value_info, weights in
     ``Constant`` nodes, a Reshape to ``[-1, C]``: x[-1, 3, -1, -1] -> probs[-1, C]."""
     rng = np.random.default_rng(4)
@@ -186,9 +188,9 @@ def paddle_classifier(classes: int = 8) -> onnx.ModelProto:
                            value=nh.from_array(arr, name))
 
     nodes = [
-        const("conv_w", _w(rng, 16, 3, 3, 3)), const("conv_b", _w(rng, 16)),
-        const("fc_w", _w(rng, 16, classes)), const("fc_b", _w(rng, classes)),
-        const("flat_shape", np.array([-1, 16], np.int64)),
+        const("conv_w", _w(rng, channels, 3, 3, 3)), const("conv_b", _w(rng, channels)),
+        const("fc_w", _w(rng, channels, classes)), const("fc_b", _w(rng, classes)),
+        const("flat_shape", np.array([-1, channels], np.int64)),
         h.make_node("Conv", ["x", "conv_w", "conv_b"], ["c"], name="conv2d_0",
                     pads=[1, 1, 1, 1], strides=[2, 2]),
         h.make_node("Relu", ["c"], ["r"], name="relu_0"),
@@ -201,8 +203,8 @@ def paddle_classifier(classes: int = 8) -> onnx.ModelProto:
     g = h.make_graph(nodes, "paddle_classifier",
                      [h.make_tensor_value_info("x", T.FLOAT, [-1, 3, -1, -1])],
                      [h.make_tensor_value_info("probs", T.FLOAT, [-1, classes])],
-                     value_info=[h.make_tensor_value_info("r", T.FLOAT, [-1, 16, -1, -1]),
-                                 h.make_tensor_value_info("f", T.FLOAT, [0, 16])])
+                     value_info=[h.make_tensor_value_info("r", T.FLOAT, [-1, channels, -1, -1]),
+                                 h.make_tensor_value_info("f", T.FLOAT, [0, channels])])
     return _model(g, opset=11)
 
 
@@ -217,3 +219,105 @@ def exact_size_only(side: int = 17) -> onnx.ModelProto:
         initializer=[nh.from_array(np.array([1, 3 * side * side], np.int64), "shape"),
                      nh.from_array(np.ones((3 * side * side, 4), np.float32), "w")])
     return _model(g)
+
+
+def bert_encoder(path: Path, vocab: int = 8000, width: int = 128, depth: int = 2,
+                 positions: int = 128) -> Path:
+    """A BERT-style sentence encoder exported from PyTorch to ``path``: word, position and
+    token-type embeddings (LayerNorm), ``depth`` post-norm encoder layers (4 heads, GELU FFN
+    4x wide), masked mean pooling. Inputs ``input_ids``/``attention_mask`` int64 [batch, seq];
+    output ``sentence`` [batch, width]. The word table (``vocab`` x ``width``) holds most of
+    the weight bytes (~70 % at the defaults), as in small sentence-embedding models.
+    """
+    import torch
+    from torch import nn
+
+    torch.manual_seed(7)
+
+    class Layer(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.qkv, self.out = nn.Linear(width, 3 * width), nn.Linear(width, width)
+            self.ff1, self.ff2 = nn.Linear(width, 4 * width), nn.Linear(4 * width, width)
+            self.norm1, self.norm2 = nn.LayerNorm(width), nn.LayerNorm(width)
+
+        def forward(self, x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+            b, t, _ = x.shape
+            q, k, v = (z.reshape(b, t, 4, -1).transpose(1, 2)
+                       for z in self.qkv(x).chunk(3, dim=-1))
+            att = torch.softmax(q @ k.transpose(-1, -2) / (width // 4) ** 0.5 + bias, dim=-1)
+            x = self.norm1(x + self.out((att @ v).transpose(1, 2).reshape(b, t, width)))
+            return self.norm2(x + self.ff2(nn.functional.gelu(self.ff1(x))))
+
+    class Encoder(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.words = nn.Embedding(vocab, width)
+            self.positions = nn.Embedding(positions, width)
+            self.types = nn.Embedding(2, width)
+            self.norm = nn.LayerNorm(width)
+            self.layers = nn.ModuleList(Layer() for _ in range(depth))
+
+        def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+            t = input_ids.shape[1]
+            pos = torch.arange(t, device=input_ids.device).unsqueeze(0)
+            x = self.norm(self.words(input_ids) + self.positions(pos)
+                          + self.types(torch.zeros_like(input_ids)))
+            mask = attention_mask.to(x.dtype)
+            bias = ((1.0 - mask) * -1e4)[:, None, None, :]
+            for layer in self.layers:
+                x = layer(x, bias)
+            return (x * mask[..., None]).sum(1) / mask.sum(1, keepdim=True).clamp(min=1.0)
+
+    module = Encoder().eval()
+    with torch.no_grad():  # BERT-like spread: N(0, 0.02) tables as in its initialisation
+        for emb in (module.words, module.positions, module.types):
+            emb.weight.normal_(0.0, 0.02 * 25)
+    ids = torch.randint(0, vocab, (2, 16))
+    mask = torch.ones_like(ids)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.onnx.export(module, (ids, mask), str(path), dynamo=False,
+                      input_names=["input_ids", "attention_mask"], output_names=["sentence"],
+                      dynamic_axes={"input_ids": {0: "batch", 1: "seq"},
+                                    "attention_mask": {0: "batch", 1: "seq"}},
+                      opset_version=17)
+    proto = onnx.load(str(path))
+    onnx.save_model(proto, str(path), save_as_external_data=False)
+    return path
+
+
+def bn_digits_cnn(path: Path, epochs: int = 2) -> tuple[Path, np.ndarray, np.ndarray]:
+    """A small CNN trained briefly on scikit-learn's digits (16x16) and exported with its
+    BatchNormalization layers kept (as PaddlePaddle and training-mode exports leave them):
+    image[batch, 1, 16, 16] -> logits[batch, 10]. Returns (path, train images, test images):
+    the running statistics come from the train images only."""
+    import torch
+    from torch import nn
+
+    from tests.corpus import load_digits_split
+
+    torch.manual_seed(3)
+    x_tr, y_tr, x_te, _ = load_digits_split()
+
+    def block(cin: int, cout: int) -> list[nn.Module]:
+        return [nn.Conv2d(cin, cout, 3, padding=1), nn.BatchNorm2d(cout), nn.ReLU()]
+
+    model = nn.Sequential(*block(1, 32), *block(32, 32), nn.MaxPool2d(2), *block(32, 64),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, 10))
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    xt, yt = torch.from_numpy(x_tr), torch.from_numpy(y_tr)
+    model.train()
+    for _ in range(epochs):
+        for i in range(0, len(xt), 32):
+            opt.zero_grad()
+            nn.functional.cross_entropy(model(xt[i:i + 32]), yt[i:i + 32]).backward()
+            opt.step()
+    model.eval()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.onnx.export(model, (xt[:2],), str(path), dynamo=False, input_names=["image"],
+                      output_names=["logits"], dynamic_axes={"image": {0: "batch"}},
+                      opset_version=17, training=torch.onnx.TrainingMode.PRESERVE,
+                      do_constant_folding=False)
+    return path, x_tr, x_te

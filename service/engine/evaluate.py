@@ -73,11 +73,17 @@ def dataset_feeds(
 # Sessions and runs
 
 
-def make_session(path: Path, threads: int) -> Any:
-    """An ONNX Runtime CPU session with fixed threads (intra ``threads``, inter 1)."""
+def make_session(path: Path, threads: int, config: dict[str, str] | None = None) -> Any:
+    """An ONNX Runtime CPU session with fixed threads (intra ``threads``, inter 1).
+
+    ``config``: session config entries (``SessionOptions.add_session_config_entry``), e.g.
+    ``{"session.disable_quant_qdq": "1"}`` for a weight-only int8 model (see
+    ``passes.quantize_weight_only.FOLD_AT_LOAD``)."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
+    for key, value in (config or {}).items():
+        opts.add_session_config_entry(key, value)
     opts.intra_op_num_threads = threads
     opts.inter_op_num_threads = 1
     opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
@@ -182,6 +188,7 @@ def compare_latency(
     limits: EngineLimits, threads: Sequence[int] | None = None,
     check_cancelled: Callable[[], None] = lambda: None,
     sessions: tuple[Any, Any] | None = None,
+    candidate_config: dict[str, str] | None = None,
 ) -> dict:
     """Interleaved latency of original vs candidate at each thread count, with a placebo.
 
@@ -191,7 +198,8 @@ def compare_latency(
     the noise of this host for this model: ``noise_band`` is (1/p, p) with p = max(r, 1/r),
     and a speedup inside it says nothing. The ``runs`` rounds are split over the counts
     (``rounds_per_count``). ``sessions`` (before, after) are reused at
-    ``limits.latency_threads``.
+    ``limits.latency_threads``; ``candidate_config`` (session config entries, see
+    ``make_session``) is how every other candidate session is made.
 
     The top-level keys are the last count's (the decision's: the target's thread count);
     ``by_threads`` holds one entry per count, in order.
@@ -203,7 +211,8 @@ def compare_latency(
         if sessions is not None and count == limits.latency_threads:
             so, sc = sessions
         else:
-            so, sc = (make_session(original_path, count), make_session(candidate_path, count))
+            so, sc = (make_session(original_path, count),
+                      make_session(candidate_path, count, candidate_config))
         sp = make_session(original_path, count)
         lat = measure_latency({"before": so, "after": sc, "placebo": sp}, feed, runs=per,
                               warmup=limits.latency_warmup, check_cancelled=check_cancelled)

@@ -194,3 +194,78 @@ def choose_per_channel(
                 }
             )
     return bool(evidence), evidence
+
+
+def gather_rows_int8(
+    model: onnx.ModelProto, *, min_elements: int, exclude: set[str]
+) -> tuple[list[dict], list[dict]]:
+    """Embedding tables of the main graph stored int8 with one scale per row, dequantized
+    after the lookup, in place.
+
+    A float initializer read only as the data of ``Gather`` (axis 0) nodes becomes an int8
+    table ``[rows, ...]`` and a scale ``[rows, 1, ...]``; each Gather then reads the int8 rows
+    and their scales with the same indices, and ``Cast`` + ``Mul`` give the float rows. Only
+    the rows looked up are dequantized, at every run (unlike a ``DequantizeLinear`` in front
+    of the Gather, which dequantizes the whole table). ONNX Runtime's dynamic quantizer has a
+    Gather path too, with one scale per tensor; rare tokens' rows are far smaller than the
+    table's largest value, so one scale per row keeps them accurate. Returns (done, skipped);
+    each done item names its new Gather nodes (``lookups``: int8 rows and scales stay as they
+    are, no later pass should quantize them again).
+    """
+    graph = model.graph
+    inits = {t.name: t for t in graph.initializer}
+    uses = tensor_uses(model)
+    done: list[dict] = []
+    skipped: list[dict] = []
+    for name, tensor in list(inits.items()):
+        readers = uses.get(name, [])
+        gathers = [u for u in readers if u.node.op_type == "Gather" and u.index == 0
+                   and u.depth == 0]
+        if not gathers or tensor.data_type != TensorProto.FLOAT or len(tensor.dims) < 1:
+            continue
+        label = {"node": gathers[0].node.name, "op": "Gather", "tensor": name}
+        numel = int(np.prod(tensor.dims))
+        axes = {next((a.i for a in u.node.attribute if a.name == "axis"), 0) for u in gathers}
+        if any(u.node.name in exclude for u in gathers):
+            skipped.append({**label, "reason": EXCLUDED})
+        elif numel < min_elements:
+            skipped.append({**label, "reason": f"{numel} elements < min_elements"})
+        elif len(gathers) != len(readers):
+            others = sorted({u.node.op_type for u in readers if u not in gathers})
+            skipped.append({**label, "reason": f"also read by {', '.join(others)} (kept float)"})
+        elif axes != {0}:
+            skipped.append({**label, "reason": "Gather along an axis other than 0"})
+        else:
+            w = numpy_helper.to_array(tensor).astype(np.float32)
+            amax = np.max(np.abs(w.reshape(w.shape[0], -1)), axis=1)
+            scale = np.where(amax > 0, amax / 127.0, 1.0).astype(np.float32)
+            scale = scale.reshape((w.shape[0],) + (1,) * (w.ndim - 1))
+            q = np.clip(np.rint(w / scale), -127, 127).astype(np.int8)
+            err = float(np.max(np.abs(q * scale - w)) / (np.max(np.abs(w)) or 1.0))
+            q_name, s_name = f"{name}__int8_rows", f"{name}__row_scale"
+            graph.initializer.remove(tensor)
+            graph.initializer.extend([numpy_helper.from_array(q, q_name),
+                                      numpy_helper.from_array(scale, s_name)])
+            lookups: list[str] = []
+            for use in gathers:
+                node, ids, out = use.node, use.node.input[1], use.node.output[0]
+                position = list(graph.node).index(node)
+                stem = node.name or out
+                new = [
+                    helper.make_node("Gather", [q_name, ids], [f"{out}__int8"],
+                                     name=f"{stem}__int8", axis=0),
+                    helper.make_node("Gather", [s_name, ids], [f"{out}__scale"],
+                                     name=f"{stem}__scale", axis=0),
+                    helper.make_node("Cast", [f"{out}__int8"], [f"{out}__float"],
+                                     name=f"{stem}__cast", to=TensorProto.FLOAT),
+                    helper.make_node("Mul", [f"{out}__float", f"{out}__scale"], [out],
+                                     name=f"{stem}__dequantize"),
+                ]
+                lookups += [new[0].name, new[1].name]
+                graph.node.remove(node)
+                for offset, item in enumerate(new):
+                    graph.node.insert(position + offset, item)
+            done.append({**label, "shape": list(w.shape), "axis": 0, "scales": "per row",
+                         "readers": len(gathers), "lookups": lookups,
+                         "max_rel_error": round(err, 5)})
+    return done, skipped

@@ -56,6 +56,9 @@ class Summary(TypedDict):
     accuracy_after: float | None
     already_quantized: bool
     warnings: list[str]
+    # ONNX Runtime session config entries the reported speed assumes (weight-only int8:
+    # {"session.disable_quant_qdq": "1"}); absent when the default session was measured
+    session_config: NotRequired[dict[str, str]]
     auto: NotRequired[AutoSummary]
     # causal decoders: KL divergence, top-1 agreement, perplexity, tokens/s, peak memory
     # (``service.engine.lm.SUMMARY_KEYS``)

@@ -3,6 +3,7 @@
 import json
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 import pytest
 import requests
@@ -109,3 +110,96 @@ def test_int8_for_a_non_vnni_target_through_the_api(api, tmp_path) -> None:  # t
     assert report["measurement"]["host_is_target"] is same
     warned = any("measured with this host's kernels" in w for w in done["result"]["warnings"])
     assert warned is (not same)
+
+
+def test_auto_weight_only_int8_says_how_to_load_it(api, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """Weight-only int8 is a candidate on every device: on one whose only fast format is fp16
+    it is the smallest. Its speed was measured in both ONNX Runtime sessions; the result says
+    which one the reported speed assumes, and the model loaded that way runs as evaluated."""
+    source = write_mlp(tmp_path / "mlp.onnx", inputs=128, hidden=512)
+    model = api.upload_model(source)
+    job = api.submit(model_id=model["id"], device="apple_m2", recipe="auto",
+                     constraints={"objective": "size", "min_fidelity": 0.999,
+                                  "training": False})
+    done = api.wait(job["id"])
+    assert done["state"] == "succeeded", done.get("error")
+    result = done["result"]
+    assert result["size_ratio"] >= 3.5
+    report = json.loads(api.download(done["id"], "report.json", tmp_path / "r.json").read_text())
+    assert report["auto"]["chosen"]["candidate"] == "int8_weight_only"
+    settings = report["latency"]["session_settings"]
+    assert set(settings) == {"default", "session.disable_quant_qdq=1"}
+    config = result.get("session_config") or {}
+    assert config in ({}, {"session.disable_quant_qdq": "1"})
+    assert any("session.disable_quant_qdq" in w for w in result["warnings"])
+    compressed = api.download(done["id"], "model.onnx", tmp_path / "out.onnx")
+    options = ort.SessionOptions()
+    for key, value in config.items():
+        options.add_session_config_entry(key, value)
+    x = np.random.default_rng(2).standard_normal((4, 128)).astype(np.float32)
+    ref = ort.InferenceSession(str(source), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    out = ort.InferenceSession(str(compressed), options,
+                               providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    cos = float((out * ref).sum() / (np.linalg.norm(out) * np.linalg.norm(ref)))
+    assert cos > 0.999
+
+
+def test_dynamic_int8_of_a_bert_style_encoder_quantizes_its_embedding_table(api, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """The word table holds most of the bytes: dynamic int8 stores it as int8 rows with per-row
+    scales, so the encoder comes back near 4x smaller (1.5x when the table stayed float)."""
+    from tests.real_exports import bert_encoder
+
+    source = bert_encoder(tmp_path / "bert.onnx")
+    model = api.upload_model(source)
+    job = api.submit(model_id=model["id"], device="host", recipe=[{"pass": "quantize_dynamic"}])
+    done = api.wait(job["id"])
+    assert done["state"] == "succeeded", done.get("error")
+    assert done["result"]["size_ratio"] >= 3.5
+    assert done["result"]["min_cosine"] >= 0.999
+    report = json.loads(api.download(done["id"], "report.json", tmp_path / "r.json").read_text())
+    rows = [q for q in report["passes"][0]["notes"]["quantized"] if q["op"] == "Gather"]
+    assert any(q["tensor"] == "words.weight" and q["scales"] == "per row" for q in rows)
+
+
+def test_static_int8_of_a_paddle_style_detector_with_a_dataset(api, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """-1 dims that ONNX Runtime's quant_pre_process cannot follow: static int8 falls back to
+    plain shape inference, says so, and quantizes on the uploaded samples."""
+    from tests.real_exports import stride_detector
+
+    source = tmp_path / "det.onnx"
+    onnx.save_model(stride_detector("paddle"), str(source))
+    data = tmp_path / "data.npz"
+    np.savez(data, x=np.random.default_rng(4).random((9, 3, 128, 128), dtype=np.float32))
+    model, dataset = api.upload_model(source), api.upload_dataset(data)
+    job = api.submit(model_id=model["id"], dataset_id=dataset["id"], device="host",
+                     recipe=[{"pass": "quantize_static"}])
+    done = api.wait(job["id"])
+    assert done["state"] == "succeeded", done.get("error")
+    assert done["result"]["min_cosine"] >= 0.99 and done["result"]["size_ratio"] >= 1.5
+    report = json.loads(api.download(done["id"], "report.json", tmp_path / "r.json").read_text())
+    notes = report["passes"][0]["notes"]
+    assert notes["pre_process"]["applied"] is False and notes["pre_process"]["reason"]
+    assert notes["quantized_ops"]["Conv"] == 8
+    assert report["calibration"]["source"] == "dataset"
+
+
+@pytest.mark.slow
+def test_static_int8_without_data_calibrates_on_distilled_inputs(api, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """No dataset, a CNN with BatchNorm layers: the job calibrates on ZeroQ's distilled data
+    (the planned static candidates of auto use the same default) and says so."""
+    from tests.real_exports import bn_digits_cnn
+
+    source, _, test_images = bn_digits_cnn(tmp_path / "bn.onnx")
+    model = api.upload_model(source)
+    job = api.submit(model_id=model["id"], device="host", recipe=[{"pass": "quantize_static"}])
+    done = api.wait(job["id"])
+    assert done["state"] == "succeeded", done.get("error")
+    report = json.loads(api.download(done["id"], "report.json", tmp_path / "r.json").read_text())
+    assert report["calibration"]["source"] == "synthesised"
+    assert "ZeroQ" in report["passes"][0]["notes"]["data_free"]["method"]
+    compressed = api.download(done["id"], "model.onnx", tmp_path / "out.onnx")
+    ref = ort.InferenceSession(str(source), providers=["CPUExecutionProvider"]).run(
+        None, {"image": test_images})[0]
+    out = ort.InferenceSession(str(compressed), providers=["CPUExecutionProvider"]).run(
+        None, {"image": test_images})[0]
+    assert float(np.mean(ref.argmax(1) == out.argmax(1))) >= 0.97  # real digits, unseen

@@ -191,3 +191,18 @@ def test_a_precise_refusal_does_not_fail_a_bar_over_every_technique(scripts: Any
     assert bench.exit_code(bench.check_bars([refused], named)) == 1
     broken = bench.Row("digits_cnn", "fp16", error="pass_failed: boom")
     assert bench.exit_code(bench.check_bars([broken, good], wildcard)) == 1
+
+
+def test_bench_real_inputs_are_real_and_disjoint(scripts: Any) -> None:
+    """bench_real's evaluation inputs never repeat its calibration inputs: different
+    sentences, different photos, different files; images are rendered, not noise."""
+    bench = scripts("bench_real")
+    assert not set(bench.SENTENCES_CAL) & set(bench.SENTENCES_EVAL)
+    lines = bench.text_lines(bench.SENTENCES_CAL[:2], 48, 192, 0)
+    assert lines.shape == (2, 48, 192, 3) and lines.dtype == np.uint8
+    assert (lines < 100).mean() > 0.01  # dark text on a light background
+    china = bench.photo_crops("china.jpg", 2, 64, 0)
+    flower = bench.photo_crops("flower.jpg", 2, 64, 0)
+    assert china.shape == (2, 64, 64, 3) and not np.array_equal(china, flower)
+    ids, mask = bench.token_ids(["a b c", "a"], 100, 4)
+    assert ids[0, 0] == ids[1, 0] != 0 and mask.tolist() == [[1, 1, 1, 0], [1, 0, 0, 0]]

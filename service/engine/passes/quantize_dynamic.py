@@ -15,6 +15,9 @@ What it does better than the plain one-call ``onnxruntime.quantization.quantize_
   bodies (ONNX Runtime's quantizer does not descend into subgraphs unless asked, and then only
   for the ops it knows), are stored as int8 with a ``DequantizeLinear`` in front: the file
   shrinks 4x for those weights and the op keeps computing in float ("weight-only int8").
+- Embedding tables (the data of ``Gather``) are stored int8 with one scale per row and
+  dequantized after the lookup (``int8.gather_rows_int8``): in a BERT-style encoder they hold
+  most of the bytes. ONNX Runtime's own Gather path uses one scale for the whole table.
 - Tensors smaller than ``min_elements`` stay float (their scale would cost more than it saves),
   and a result that is not smaller than its input is refused (``no_effect``).
 
@@ -39,16 +42,22 @@ from service.engine.graph import (
     iter_graphs,
     tensor_uses,
 )
-from service.engine.int8 import WEIGHT_INPUTS, choose_per_channel, weight_only_int8
+from service.engine.int8 import (
+    WEIGHT_INPUTS,
+    choose_per_channel,
+    gather_rows_int8,
+    weight_only_int8,
+)
 from service.engine.normalise import strip_debug_metadata
 from service.engine.registry import SMALLER_RATIO, Pass, PassContext, register
 from service.engine.scope import EXCLUDED, ScopeConfig, nodes_to_exclude_field, scope_of
 
 DynamicOp = Literal["MatMul", "Gemm", "LSTM", "GRU", "Attention", "Conv", "Gather"]
-_DEFAULT_DYNAMIC_OPS: tuple[DynamicOp, ...] = ("MatMul", "Gemm", "LSTM", "GRU", "Attention")
+_DEFAULT_DYNAMIC_OPS: tuple[DynamicOp, ...] = ("MatMul", "Gemm", "LSTM", "GRU", "Attention",
+                                                "Gather")
 
-# Ops ONNX Runtime's dynamic quantizer turns into integer kernels.
-_ORT_DYNAMIC = {"MatMul", "Attention", "LSTM", "Conv", "Gather"}
+# Ops ONNX Runtime's dynamic quantizer turns into integer kernels (Gather is done here, per row).
+_ORT_DYNAMIC = {"MatMul", "Attention", "LSTM", "Conv"}
 
 
 class QuantizeDynamicConfig(ScopeConfig):
@@ -56,8 +65,9 @@ class QuantizeDynamicConfig(ScopeConfig):
 
     op_types: list[DynamicOp] = Field(
         default_factory=lambda: list(_DEFAULT_DYNAMIC_OPS),
-        description="Op types to quantize. Conv is excluded by default: dynamic int8 "
-        "convolutions are several times slower than float on CPU; use quantize_static for CNNs.",
+        description="Op types to quantize (Gather: embedding tables, int8 with one scale per "
+        "row). Conv is excluded by default: dynamic int8 convolutions are several times slower "
+        "than float on CPU; use quantize_static for CNNs.",
     )
     per_channel: bool | Literal["auto"] = Field(
         "auto",
@@ -120,7 +130,8 @@ class QuantizeDynamic(Pass[QuantizeDynamicConfig]):
     scoped = True
     description = (
         "int8 weights with activations quantized at run time: MatMul/Gemm/LSTM/Attention use "
-        "ONNX Runtime's integer kernels, GRU and subgraph weights are stored int8 (weight-only)."
+        "ONNX Runtime's integer kernels, embedding tables are int8 rows with per-row scales, "
+        "GRU and subgraph weights are stored int8 (weight-only)."
     )
 
     def run(
@@ -221,9 +232,18 @@ class QuantizeDynamic(Pass[QuantizeDynamicConfig]):
                     )
         ctx.check_cancelled()
 
-        # 3. Weight-only int8 where ONNX Runtime has no dynamic kernel (GRU, leftover Gemm) and
+        # 3. Embedding tables: int8 rows, one scale per row, dequantized after the lookup.
+        if "Gather" in wanted:
+            done_rows, skipped_rows = gather_rows_int8(
+                work, min_elements=config.min_elements, exclude=exclude)
+            for item in done_rows:
+                item["kernel"] = "int8 embedding rows (per-row scales, dequantized after Gather)"
+            notes["quantized"].extend(done_rows)
+            notes["skipped"].extend(skipped_rows)
+
+        # 4. Weight-only int8 where ONNX Runtime has no dynamic kernel (GRU, leftover Gemm) and
         #    inside subgraphs, which its quantizer does not visit.
-        leftovers = wanted - _ORT_DYNAMIC
+        leftovers = wanted - _ORT_DYNAMIC - {"Gather"}
         done_main, skipped_main = weight_only_int8(
             work,
             leftovers,

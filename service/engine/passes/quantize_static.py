@@ -1,6 +1,12 @@
 """``quantize_static``: int8 QDQ with calibrated activation ranges (CNNs, CPU and NPU targets).
 
-After shape inference on the normalised model, ONNX Runtime's static quantizer inserts
+The normalised model first goes through ONNX Runtime's own pre-processing,
+``onnxruntime.quantization.shape_inference.quant_pre_process`` (symbolic shape inference, ONNX
+shape inference, ONNX Runtime's basic graph optimisation: Conv+BatchNormalization and
+MatMul+Add fusions, constant folding), as its documentation recommends before quantization;
+when that fails (graphs its symbolic shape inference cannot follow), plain ONNX shape
+inference instead, and the notes say why (``pre_process``). Then ONNX Runtime's static quantizer
+inserts
 QuantizeLinear/DequantizeLinear pairs around the ops it supports, with per-channel int8 weights
 by default. A ``Relu`` after a quantized ``Conv`` is absorbed into the activation range, and ONNX
 Runtime runs each ``DQ -> Conv -> Q`` group as one int8 convolution (VNNI/AMX kernels on x86).
@@ -8,9 +14,12 @@ Runtime runs each ``DQ -> Conv -> Q`` group as one int8 convolution (VNNI/AMX ke
 Calibration data comes from ``ctx.dataset`` (the user's ``.npz``, fed in the model's own batch:
 one sample at a time where the batch is fixed) or, when none was given, is generated with a
 seed of its own (never the evaluation rows) from the pipeline's resolved input plan
-(``ctx.inputs``: the shapes the model runs on), else from the input signature. Generated data
-only gives rough activation ranges: the report says which one was used
-(``ctx.notes["calibration"]``).
+(``ctx.inputs``: the shapes the model runs on), else from the input signature. Without a
+dataset, a graph with BatchNormalization layers is calibrated on ZeroQ's distilled data (Cai
+et al., CVPR 2020; ``training.distilled_data``): the generated inputs optimised until every
+BatchNorm layer sees the statistics it stores; a graph without (BatchNorm folded at export) on
+the generated inputs as they are, which give only rough ranges. The report says which one was
+used (``ctx.notes["calibration"]``, ``ctx.notes["data_free"]``).
 
 Weights inside If/Loop/Scan bodies, which ONNX Runtime's static quantizer does not visit, are
 stored as int8 + DequantizeLinear (``subgraph_weights``).
@@ -29,7 +38,7 @@ from onnx import TensorProto
 from pydantic import Field
 
 from service.engine.errors import EngineError
-from service.engine.graph import ensure_opset, iter_graphs
+from service.engine.graph import ensure_opset, iter_graphs, toposort
 from service.engine.int8 import weight_only_int8
 from service.engine.normalise import strip_debug_metadata
 from service.engine.registry import Pass, PassContext, register
@@ -89,6 +98,22 @@ class QuantizeStaticConfig(ScopeConfig):
         "int8_weight_only",
         description="Weights inside If/Loop/Scan bodies: int8 + DequantizeLinear, or float.",
     )
+    data_free: Literal["bn_statistics", "noise"] = Field(
+        "bn_statistics",
+        description="Without a dataset: bn_statistics = calibration inputs optimised to match "
+        "the BatchNorm statistics the model stores (ZeroQ, Cai et al., CVPR 2020; noise when "
+        "the graph has no BatchNorm), noise = generated inputs as they are.",
+    )
+    data_free_seconds: float = Field(
+        30.0, gt=0.0, le=600.0, description="Time bound of the BatchNorm-statistics synthesis."
+    )
+    pre_process: Literal["auto", "shapes", "off"] = Field(
+        "auto",
+        description="ONNX Runtime's quant_pre_process first: auto = shape inference and its "
+        "basic graph optimisation (fusions; shapes only when nodes_to_exclude or op_types "
+        "name what fusions would rename), shapes = shape inference only, off = plain ONNX "
+        "shape inference. A failure falls back to plain ONNX shape inference.",
+    )
 
 
 def _signature(model: onnx.ModelProto) -> list[tuple[str, int, list[int | str | None]]]:
@@ -125,6 +150,11 @@ def _calibration_feeds(
     if ctx.dataset is None:
         plan = ctx.inputs or default_plan(model, dynamic_dim=config.generated_dim)
         feeds = plan.feeds(config.calibration_samples, CALIBRATION_SEED)
+        if config.data_free == "bn_statistics":
+            distilled, note = _distil(model, feeds[:DISTILLED_SAMPLES], config)
+            ctx.notes["data_free"] = note
+            if distilled is not None:
+                return distilled, len(distilled), "synthesised"
         return feeds, len(feeds), "generated"
     missing = [n for n in names if n not in ctx.dataset]
     if missing:
@@ -136,6 +166,68 @@ def _calibration_feeds(
     data = {n: np.asarray(ctx.dataset[n])[: config.calibration_samples] for n in names}
     feeds, _ = split_feeds(model, data, None, config.calibration_samples, group=group)
     return feeds, next(iter(data.values())).shape[0] if data else 0, "dataset"
+
+
+def _pre_process(
+    model: onnx.ModelProto, config: QuantizeStaticConfig, ctx: PassContext
+) -> onnx.ModelProto:
+    """ONNX Runtime's quant_pre_process where it works, else plain ONNX shape inference.
+
+    Its optimisation step fuses MatMul+Add into Gemm and renames fused nodes: with
+    ``nodes_to_exclude`` or ``op_types`` given (names and op types must stay what the caller
+    saw), only its shape inference runs."""
+    names_matter = bool(config.nodes_to_exclude or config.op_types)
+    mode = "shapes" if config.pre_process == "auto" and names_matter else config.pre_process
+    note: dict = {"mode": mode}
+    if mode != "off":
+        from onnxruntime.quantization.shape_inference import quant_pre_process
+
+        src, dst = ctx.workdir / "pre_in.onnx", ctx.workdir / "pre_out.onnx"
+        onnx.save_model(model, str(src))
+        try:
+            # When its symbolic shape inference gives up, it saves the half-inferred model
+            # into the current directory (sym_shape_infer_temp.onnx and its weights): keep
+            # that inside the pass's workdir (the engine runs one job per process).
+            with contextlib.redirect_stdout(io.StringIO()), contextlib.chdir(ctx.workdir):
+                quant_pre_process(str(src), str(dst), skip_optimization=mode == "shapes")
+            processed = onnx.load(str(dst))
+            onnx.checker.check_model(processed)
+        except Exception as exc:  # its failure is not the pass's: quantize without it
+            note.update({"applied": False, "fallback": "onnx shape inference",
+                         "reason": f"{type(exc).__name__}: "
+                                   f"{str(exc).strip().splitlines()[0][:200] if str(exc) else ''}"})
+        else:
+            note.update({"applied": True, "nodes_before": len(model.graph.node),
+                         "nodes_after": len(processed.graph.node),
+                         "optimised": mode == "auto"})
+            ctx.notes["pre_process"] = note
+            return processed
+    else:
+        note["applied"] = False
+    ctx.notes["pre_process"] = note
+    # Shape inference helps the quantizer; a model it cannot infer still quantizes.
+    with contextlib.suppress(Exception):
+        model = onnx.shape_inference.infer_shapes(model)
+    return model
+
+
+DISTILLED_SAMPLES = 32  # ZeroQ's batch of distilled data (16 measured worse on digits)
+
+
+def _distil(
+    model: onnx.ModelProto, template: list[dict[str, np.ndarray]], config: QuantizeStaticConfig
+) -> tuple[list[dict[str, np.ndarray]] | None, dict]:
+    """ZeroQ distilled data (``training.distilled_data``); None with the reason when torch or
+    BatchNorm statistics are not there."""
+    if not any(n.op_type == "BatchNormalization" for n in model.graph.node):
+        return None, {"reason": "the graph has no BatchNormalization layer (folded into the "
+                                "convolutions at export): no statistics to match"}
+    try:
+        from service.engine.training.distilled_data import distil_inputs
+    except ImportError as exc:  # the worker image has torch; a bare engine may not
+        return None, {"reason": f"torch is not installed ({exc.name})"}
+    return distil_inputs(model, template, max_seconds=config.data_free_seconds,
+                         seed=CALIBRATION_SEED)
 
 
 class _Reader:
@@ -167,7 +259,9 @@ class QuantizeStatic(Pass[QuantizeStaticConfig]):
     scoped = True
     description = (
         "int8 QDQ with per-channel weights and calibrated activation ranges (minmax, entropy, "
-        "percentile) from the uploaded dataset or generated inputs; the fast int8 path for CNNs."
+        "percentile) from the uploaded dataset, else from inputs distilled from the model's "
+        "BatchNorm statistics (ZeroQ) or generated, after ONNX Runtime's "
+        "quant_pre_process where it works; the fast int8 path for CNNs."
     )
 
     def run(
@@ -181,16 +275,13 @@ class QuantizeStatic(Pass[QuantizeStaticConfig]):
             quantize_static,
         )
 
-        # No ONNX Runtime pre-optimisation here: its basic level already fuses MatMul+Add into
-        # Gemm and renames nodes, which would break op_types and nodes_to_exclude. The pipeline
-        # has normalised the model (constants folded, opset >= 13).
-        work = ensure_opset(model)
-        # Shape inference helps the quantizer; a model it cannot infer still quantizes.
-        with contextlib.suppress(Exception):
-            work = onnx.shape_inference.infer_shapes(work)
+        base = ensure_opset(model)
         # Histogram methods keep every value: feed them a few samples at a time.
         group = 16 if config.calibration_method == "minmax" else 4
-        feeds, samples, source = _calibration_feeds(work, config, ctx, group)
+        # Before pre-processing: its fusions fold the BatchNorm layers data-free calibration
+        # reads its statistics from (the inputs are the same either way).
+        feeds, samples, source = _calibration_feeds(base, config, ctx, group)
+        work = _pre_process(base, config, ctx)
         ctx.notes["calibration"] = {
             "source": source,
             "samples": int(samples),
@@ -200,6 +291,12 @@ class QuantizeStatic(Pass[QuantizeStaticConfig]):
             ctx.notes["calibration"]["warning"] = (
                 "activation ranges come from random inputs, not real data: upload a dataset "
                 "for accurate static quantization"
+            )
+        elif source == "synthesised":
+            ctx.notes["calibration"]["method_data"] = ctx.notes["data_free"]["method"]
+            ctx.notes["calibration"]["warning"] = (
+                "activation ranges come from inputs synthesised to match the model's BatchNorm "
+                "statistics (no dataset): upload a dataset for the most accurate ranges"
             )
 
         class Reader(_Reader, CalibrationDataReader):
@@ -251,6 +348,9 @@ class QuantizeStatic(Pass[QuantizeStaticConfig]):
                 "ONNX Runtime's static quantizer failed: " + str(exc).strip().splitlines()[0][:300],
             ) from None
         out = onnx.load(str(dst))
+        # ONNX Runtime's quantizer appends the QDQ pair of a tensor that an If/Loop body reads
+        # from the outer scope after that node: sort again (bodies' outer reads count).
+        reordered = toposort(out)
         ctx.check_cancelled()
 
         # What was quantized: ops with a dequantized weight, or whose dequantized inputs and
@@ -289,6 +389,7 @@ class QuantizeStatic(Pass[QuantizeStaticConfig]):
             "activation_type": config.activation_type,
             "weight_type": config.weight_type,
             "format": config.quant_format,
+            "nodes_reordered": reordered,
         }
         if config.subgraph_weights == "int8_weight_only" and len(list(iter_graphs(out.graph))) > 1:
             done, skipped = weight_only_int8(

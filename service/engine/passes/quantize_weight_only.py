@@ -3,15 +3,18 @@
 The candidate that needs no activation statistics and no int8 kernels: every large float
 weight of the chosen op types (MatMul, Gemm, Conv, ConvTranspose, LSTM, GRU, RNN, Attention,
 embedding tables read by Gather), in the main graph and inside If/Loop/Scan bodies, is stored
-as int8 with one scale per output channel (per row for embedding tables) and a
-``DequantizeLinear`` in front of its reader. The file shrinks about 4x for those weights and
+as int8 with one scale per output channel and a ``DequantizeLinear`` in front of its reader
+(embedding tables of the main graph: int8 rows with one scale per row, dequantized after the
+lookup, ``int8.gather_rows_int8``). The file shrinks about 4x for those weights and
 the arithmetic stays float, so fidelity is that of 8-bit weight rounding alone, with any data
 or none, on any device that runs ONNX.
 
 Speed: ONNX Runtime's default session runs the DequantizeLinear nodes at every inference
 (usually a little slower than the float model). Loaded with the session option
 ``session.disable_quant_qdq=1`` they are constant-folded at load instead: the original float
-speed, with the small file. The pass says so in its notes (``load_hint``).
+speed, with the small file. The pass says so in its notes (``load_hint``, and
+``session_config``: the entries that fold them); the recipe job then measures the result under
+both sessions and reports which one its speed assumes.
 
 Shares ``service.engine.int8.weight_only_int8`` with ``quantize_dynamic`` (which uses it for
 GRU and subgraph weights); what this pass adds is using it for every op, as a pass of its own.
@@ -26,7 +29,7 @@ from pydantic import Field
 
 from service.engine.errors import EngineError
 from service.engine.graph import ensure_opset, float_weight_bytes
-from service.engine.int8 import weight_only_int8
+from service.engine.int8 import gather_rows_int8, weight_only_int8
 from service.engine.normalise import strip_debug_metadata
 from service.engine.registry import SMALLER_RATIO, Pass, PassContext, register
 from service.engine.scope import ScopeConfig, nodes_to_exclude_field, scope_of
@@ -36,6 +39,7 @@ WeightOp = Literal["MatMul", "Gemm", "Conv", "ConvTranspose", "LSTM", "GRU", "RN
 _ALL: tuple[WeightOp, ...] = ("MatMul", "Gemm", "Conv", "ConvTranspose", "LSTM", "GRU", "RNN",
                               "Attention", "Gather")
 
+FOLD_AT_LOAD = {"session.disable_quant_qdq": "1"}  # ONNX Runtime folds constant DQ at load
 LOAD_HINT = ("DequantizeLinear runs at every inference in ONNX Runtime's default session; "
              "create the session with SessionOptions.add_session_config_entry("
              "'session.disable_quant_qdq', '1') to fold the weights at load and run at the "
@@ -78,12 +82,19 @@ class QuantizeWeightOnly(Pass[QuantizeWeightOnlyConfig]):
         work.CopyFrom(model)
         work = ensure_opset(work)
         bytes_before = model.ByteSize()
-        done, skipped = weight_only_int8(
+        exclude = set(scope_of(config).nodes_to_exclude)
+        done: list[dict] = []
+        skipped: list[dict] = []
+        if "Gather" in config.op_types:  # main-graph tables: only the rows looked up dequantize
+            done, skipped = gather_rows_int8(work, min_elements=config.min_elements,
+                                             exclude=exclude)
+        more, more_skipped = weight_only_int8(
             work, set(config.op_types), min_elements=config.min_elements,
-            exclude=set(scope_of(config).nodes_to_exclude), main_graph=True,
-            subgraphs=config.subgraphs,
+            exclude=exclude, main_graph=True, subgraphs=config.subgraphs,
             per_channel=True, symmetric=True,
+            skip_nodes={name for item in done for name in item["lookups"]},
         )
+        done, skipped = done + more, skipped + more_skipped
         debug_bytes = strip_debug_metadata(work)
         bytes_after = work.ByteSize()
         ctx.notes.update({
@@ -94,6 +105,7 @@ class QuantizeWeightOnly(Pass[QuantizeWeightOnlyConfig]):
             "bytes_after": bytes_after,
             "float_weight_bytes_left": float_weight_bytes(work),
             "load_hint": LOAD_HINT,
+            "session_config": dict(FOLD_AT_LOAD),
         })
         if not done:
             raise EngineError(

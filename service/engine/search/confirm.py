@@ -18,6 +18,12 @@ from service.engine.search.score import MAX_NOT_SLOWER_BAND, SearchContext, scor
 CONFIRM_FINALISTS = 4
 
 
+# One placebo pair can land closer than the run-to-run spread of a shared host: measured on a
+# 2-core host, a weight-only model folded at load (the float graph again once loaded) came out
+# at 0.984x against a placebo of 1.01. Below 3 %, "not slower" is not measurable here.
+MIN_PLACEBO_BAND = 1.03
+
+
 def confirm_latency(
     cands: list[Candidate], ctx: SearchContext, original_path: Path, model: onnx.ModelProto,
     dataset: dict | None, labels: Any, limits: EngineLimits,
@@ -60,13 +66,15 @@ def confirm_latency(
                     "placebo": make_session(original_path, count)}
         for cand in finalists:
             assert cand.result is not None  # finalists ran
-            sessions[cand.name] = make_session(cand.result.model_path, count)
+            # measured as its report's speed assumes (weight-only int8: folded at load)
+            sessions[cand.name] = make_session(cand.result.model_path, count,
+                                               cand.result.report["latency"].get("session_config"))
         measured = measure_latency(sessions, feed, runs=rounds,
                                    warmup=limits.latency_warmup, check_cancelled=check_cancelled)
         base = measured["original"]["median_ms"]
         placebo_ms = measured["placebo"]["median_ms"]
         placebo = base / placebo_ms if placebo_ms > 0 else 1.0
-        band = min(max(placebo, 1.0 / placebo), MAX_NOT_SLOWER_BAND)
+        band = min(max(placebo, 1.0 / placebo, MIN_PLACEBO_BAND), MAX_NOT_SLOWER_BAND)
         entries.append({
             "threads": count, "rounds": rounds, "original_ms": round(base, 5),
             "placebo_speedup": round(placebo, 4), "noise_band": round(band, 4),

@@ -4,7 +4,8 @@
 profile's order of preference) to add candidates; each builds its recipe from the passes' typed
 configs (validated when planned, so a planner asking for an option a pass lacks fails that
 candidate, not the job). Then pruning levels are combined with the best int8 candidate when a
-dataset allows recovery, and fp16 is the fallback when the device lists nothing buildable.
+dataset allows recovery, fp16 is the fallback when the device lists nothing buildable, and
+weight-only int8 is added for every model on every device (within ``max_candidates``).
 """
 
 from __future__ import annotations
@@ -320,4 +321,21 @@ def plan_candidates(
         plan.add("fp16", lambda: [step("fp16")], ["fp16"],
                  "fallback: the device lists no buildable fast format; fp16 halves the file",
                  0.5, 1.0)
-    return plan.out[:max_candidates], plan.skipped
+    out = plan.out[:max_candidates]
+    safe = _weight_only(plan)
+    if safe is not None:
+        out = [*out[:max(max_candidates - 1, 0)], safe]
+    return out, plan.skipped
+
+
+def _weight_only(plan: Plan) -> Candidate | None:
+    """The safe win every float model gets on every device: int8 weights with float compute
+    need no data, no calibration and no int8 kernels. Its speed is measured both in ONNX
+    Runtime's default session and with the weights folded at load (the recipe job reports the
+    faster, saying which setting it assumes), so it is chosen when the objective allows that
+    speed."""
+    if WEIGHT_ONLY_PASS not in plan.available:
+        return None
+    plan.add(WEIGHT_ONLY, lambda: [step(WEIGHT_ONLY_PASS)], ["int8_weight_only"],
+             "int8 weights with float compute (no data, no int8 kernels, any device)", 0.25, 1.0)
+    return next(c for c in plan.out if c.name == WEIGHT_ONLY)

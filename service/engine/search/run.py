@@ -74,7 +74,7 @@ from service.engine.search.candidate import Candidate, MixedPrecisionRecord
 from service.engine.search.confirm import confirm_latency
 from service.engine.search.holdout import evaluation_note, holdout_metrics, split_holdout
 from service.engine.search.mixed_precision import tune_mixed_precision
-from service.engine.search.plan import WEIGHT_ONLY, WEIGHT_ONLY_PASS, model_family, plan_candidates
+from service.engine.search.plan import WEIGHT_ONLY, model_family, plan_candidates
 from service.engine.search.report import auto_section, chosen_result, fail_unsatisfiable
 from service.engine.search.score import SearchContext, bound, record_metrics, score, violations
 
@@ -341,7 +341,7 @@ class _Search:
                     self.finish(running.pop(fut), fut.result())
 
     def run_extra(self, cand: Candidate) -> None:
-        """A candidate added after planning (mixed precision, the weight-only fallback)."""
+        """A candidate added after planning (mixed precision)."""
         self.cands.append(cand)
         self.total += 1
         self.finish(cand, run_candidate(self.job(cand), self.check_cancelled))
@@ -364,26 +364,13 @@ class _Search:
             self.mixed_precision.append(record)
             if recipe is None:
                 continue
+            best_before = self.best
             self.run_extra(Candidate(
                 f"{cand.name}+mixed_precision", recipe, cand.formats,
                 f"{cand.name} with the {len(record['kept_float'])} most sensitive layers kept "
                 "in float", cand.size_factor, cand.speed_bound, mixed_precision=record))
-            if self.best is not None:
+            if self.best is not best_before:
                 break
-
-    def try_weight_only(self) -> None:
-        """The safe win: weight-only int8 needs no data, no calibration and no int8 kernels,
-        so it is tried whenever nothing else met the constraints; it is chosen when it meets
-        them (its speed under the default session counts: an objective that cares about
-        latency keeps it out unless it is not slower)."""
-        if any(c.name == WEIGHT_ONLY for c in self.cands):
-            return
-        self.check_cancelled()
-        self.progress("search:weight_only", 0.88)
-        self.run_extra(Candidate(
-            WEIGHT_ONLY, [{"pass": WEIGHT_ONLY_PASS}], ["int8_weight_only"],
-            "int8 weights with float compute (no data, no int8 kernels): the fallback when no "
-            "faster format met the constraints", 0.25, 1.0))
 
     def confirm(self) -> dict | None:
         """Head-to-head re-measurement of the finalists on this host (one process,
@@ -464,10 +451,11 @@ def run_auto(
                      profile.model_dump(mode="json"), eval_limits, progress, check_cancelled,
                      job_inputs=ctx.inputs.as_inputs() if ctx.inputs is not None else None)
     search.run_planned()
-    if search.best is None:
+    # Weight-only int8 is planned for every model; where latency counts, a faster candidate
+    # that missed only fidelity may still beat it once its sensitive layers stay float.
+    if search.best is None or (search.best.name == WEIGHT_ONLY
+                               and cons.objective in ("latency", "balanced")):
         search.try_mixed_precision(passes)
-    if search.best is None and WEIGHT_ONLY_PASS in passes:
-        search.try_weight_only()
     confirmation = None
     if measurable and cons.objective in ("latency", "balanced"):
         confirmation = search.confirm()

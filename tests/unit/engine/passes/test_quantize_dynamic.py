@@ -178,3 +178,44 @@ def test_uint8_weights_use_zero_points_in_subgraphs_too(kit) -> None:
     assert {"w_then__zero_point", "w_else__zero_point"} <= names
     x = np.abs(np.random.default_rng(2).normal(0, 1, (4, 64)).astype(np.float32))
     assert kit.min_cosine(kit.outputs(model, {"x": x}), kit.outputs(run.model, {"x": x})) >= 0.99
+
+
+def test_embedding_tables_of_a_bert_style_encoder(kit, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """The word table holds most bytes: int8 rows with per-row scales bring the file near
+    ONNX Runtime's one-call quantize_dynamic (per-tensor table) instead of 1.5x."""
+    from onnxruntime.quantization import quantize_dynamic as ort_quantize_dynamic
+
+    from tests.real_exports import bert_encoder
+
+    path = bert_encoder(tmp_path / "bert.onnx")
+    ort_quantize_dynamic(str(path), str(tmp_path / "ort.onnx"))
+    ort_ratio = path.stat().st_size / (tmp_path / "ort.onnx").stat().st_size
+    model = kit.load(onnx.load(str(path)))
+    run = kit.run("quantize_dynamic", model)
+    rows = [q for q in run.notes["quantized"] if q["op"] == "Gather"]
+    assert {q["tensor"] for q in rows} >= {"words.weight"}
+    assert kit.ratio(model, run.model) >= 0.95 * ort_ratio >= 3.5
+    ops = kit.ops(run.model)
+    assert ops.get("DequantizeLinear", 0) == 0  # rows dequantized after the lookup, not the table
+    rng = np.random.default_rng(0)
+    ids = rng.integers(0, 8000, (4, 24)).astype(np.int64)
+    mask = np.ones_like(ids)
+    mask[:, 18:] = 0
+    feeds = {"input_ids": ids, "attention_mask": mask}
+    assert kit.min_cosine(kit.outputs(model, feeds), kit.outputs(run.model, feeds)) >= 0.999
+
+
+def test_embedding_rows_have_their_own_scales(kit) -> None:  # type: ignore[no-untyped-def]
+    """Rows 1000x smaller than the largest survive (one scale per tensor rounds them to 0)."""
+    rng = np.random.default_rng(1)
+    table = rng.normal(0, 1, (512, 32)).astype(np.float32)
+    table[256:] *= 1e-3
+    g = h.make_graph([h.make_node("Gather", ["table", "ids"], ["y"], name="embed", axis=0)],
+                     "emb", [h.make_tensor_value_info("ids", T.INT64, ["N"])],
+                     [h.make_tensor_value_info("y", T.FLOAT, ["N", 32])],
+                     [nh.from_array(table, "table")])
+    model = kit.load(h.make_model(g, opset_imports=[h.make_opsetid("", 17)], ir_version=8))
+    run = kit.run("quantize_dynamic", model)
+    ids = np.arange(256, 512, dtype=np.int64)
+    (out,) = kit.outputs(run.model, {"ids": ids})
+    np.testing.assert_allclose(out, table[256:], rtol=0.0, atol=float(np.abs(table[256:]).max()) / 200)

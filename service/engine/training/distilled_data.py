@@ -1,0 +1,198 @@
+"""Data-free calibration inputs: "distilled data" matched to the model's BatchNorm statistics.
+
+The method is ZeroQ's (Y. Cai, Z. Yao, Z. Dong, A. Gholami, M. W. Mahoney, K. Keutzer, "ZeroQ:
+A Novel Zero Shot Quantization Framework", CVPR 2020, section 3.2): starting from Gaussian
+noise, the inputs are optimised so that at every ``BatchNormalization`` layer the batch
+statistics of its input (per channel mean and standard deviation) match the running mean and
+variance the layer stores, which were measured on the training data:
+
+    min_x  sum_i  ||mu~_i(x) - mu_i||^2 + ||sigma~_i(x) - sigma_i||^2
+
+The result looks nothing like a photo, but its activations at every normalised layer have the
+ranges real data gave, which is what static int8 calibration needs (Gaussian noise does not:
+its activation ranges are those of noise).
+
+The graph runs as a torch module (``training.bridge.OnnxModule``) restricted to what the
+BatchNorm layers need: BatchNorm layers behind an op the bridge cannot run are left out, and a
+graph without any BatchNorm (exported with BatchNorm folded into the convolutions) has no
+statistics to match: ``distil_inputs`` then returns None with the reason, and the caller
+calibrates on generated inputs (and says so). Imports torch: import it inside a pass.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from collections import OrderedDict
+from typing import Any
+
+import numpy as np
+import onnx
+import torch
+
+from service.engine.training.bridge import SUPPORTED_OPS, OnnxModule
+
+Feed = dict[str, np.ndarray]
+FLOAT_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16}
+CITATION = ("ZeroQ (Cai et al., CVPR 2020): inputs optimised to match the BatchNorm running "
+            "statistics")
+
+
+# Distilled data is a pure function of the model, the template and the settings: mixed
+# precision re-runs the pass once per layer, and each run would otherwise distil again.
+_MEMO: OrderedDict[str, tuple[list[Feed], dict[str, Any]]] = OrderedDict()
+_MEMO_ENTRIES = 4
+
+
+def _memo_key(model: onnx.ModelProto, template: list[Feed], *settings: Any) -> str:
+    digest = hashlib.sha256(model.SerializeToString(deterministic=True))
+    for feed in template:
+        for name in sorted(feed):
+            digest.update(name.encode())
+            digest.update(np.ascontiguousarray(feed[name]).tobytes())
+    digest.update(repr(settings).encode())
+    return digest.hexdigest()
+
+
+def _batchnorms(model: onnx.ModelProto) -> list[tuple[onnx.NodeProto, np.ndarray, np.ndarray]]:
+    """Main-graph BatchNorm nodes with constant statistics: (node, mean, std)."""
+    inits = {t.name: t for t in model.graph.initializer}
+    out = []
+    for node in model.graph.node:
+        if node.op_type != "BatchNormalization" or len(node.input) < 5:
+            continue
+        if node.input[3] in inits and node.input[4] in inits:
+            eps = next((a.f for a in node.attribute if a.name == "epsilon"), 1e-5)
+            mean = onnx.numpy_helper.to_array(inits[node.input[3]]).astype(np.float32)
+            var = onnx.numpy_helper.to_array(inits[node.input[4]]).astype(np.float32)
+            out.append((node, mean, np.sqrt(np.maximum(var, 0.0) + eps)))
+    return out
+
+
+def _ancestors(model: onnx.ModelProto, tensor: str) -> list[int] | None:
+    """Indices of the nodes computing ``tensor``, or None when one is not runnable here."""
+    producer = {o: i for i, n in enumerate(model.graph.node) for o in n.output if o}
+    seen: set[int] = set()
+    stack = [tensor]
+    while stack:
+        name = stack.pop()
+        index = producer.get(name)
+        if index is None or index in seen:
+            continue
+        node = model.graph.node[index]
+        if node.op_type not in SUPPORTED_OPS or node.domain not in ("", "ai.onnx"):
+            return None
+        seen.add(index)
+        stack.extend(i for i in node.input if i)
+    return sorted(seen)
+
+
+def _prefix(model: onnx.ModelProto, nodes: set[int], outputs: list[str]) -> onnx.ModelProto:
+    """The sub-graph of ``nodes`` (in graph order) with ``outputs`` as its outputs."""
+    graph = model.graph
+    kept = [graph.node[i] for i in sorted(nodes)]
+    used = {name for n in kept for name in n.input}
+    sub = onnx.helper.make_graph(
+        kept, "bn_prefix", list(graph.input),
+        [onnx.helper.make_empty_tensor_value_info(name) for name in outputs],
+        [t for t in graph.initializer if t.name in used])
+    out = onnx.helper.make_model(sub, opset_imports=list(model.opset_import))
+    out.ir_version = model.ir_version
+    return out
+
+
+def distil_inputs(
+    model: onnx.ModelProto, template: list[Feed], *, steps: int = 200, max_seconds: float = 30.0,
+    lr: float = 0.1, seed: int = 1,
+) -> tuple[list[Feed] | None, dict[str, Any]]:
+    """Feeds like ``template`` (their shapes, their non-float inputs) whose float inputs are
+    optimised to match the BatchNorm statistics of ``model``; (None, note) when the model has
+    no BatchNorm the bridge can reach or the optimisation fails. ``note`` says what was done:
+    layers matched, steps, seconds, loss at the start and the end (the same call again in
+    this process returns the first result)."""
+    key = _memo_key(model, template, steps, max_seconds, lr, seed)
+    if key in _MEMO:
+        _MEMO.move_to_end(key)
+        feeds, note = _MEMO[key]
+        return [dict(f) for f in feeds], {**note, "reused": True}
+    feeds_out, note = _distil(model, template, steps=steps, max_seconds=max_seconds, lr=lr,
+                              seed=seed)
+    if feeds_out is not None:
+        _MEMO[key] = (feeds_out, note)
+        while len(_MEMO) > _MEMO_ENTRIES:
+            _MEMO.popitem(last=False)
+    return feeds_out, note
+
+
+def _distil(
+    model: onnx.ModelProto, template: list[Feed], *, steps: int, max_seconds: float,
+    lr: float, seed: int,
+) -> tuple[list[Feed] | None, dict[str, Any]]:
+    norms = _batchnorms(model)
+    if not norms:
+        return None, {"reason": "the graph has no BatchNormalization layer (folded into the "
+                                "convolutions at export): no statistics to match"}
+    reachable = []
+    nodes: set[int] = set()
+    for node, mean, std in norms:
+        ancestors = _ancestors(model, node.input[0])
+        if ancestors is not None:
+            reachable.append((node.input[0], mean, std))
+            nodes.update(ancestors)
+    if not reachable:
+        return None, {"reason": "every BatchNormalization layer sits behind an op the torch "
+                                "bridge cannot run"}
+    inits = {t.name for t in model.graph.initializer}
+    types = {i.name: i.type.tensor_type.elem_type for i in model.graph.input if i.name not in inits}
+    floats = [n for n, t in types.items() if t in FLOAT_TYPES]
+    if not floats or not template:
+        return None, {"reason": "no float input to synthesise"}
+    try:
+        module = OnnxModule(_prefix(model, nodes, [t for t, _, _ in reachable])).eval()
+        for p in module.parameters():
+            p.requires_grad_(False)
+        torch.manual_seed(seed)
+        batch = {n: torch.from_numpy(np.concatenate([f[n] for f in template], axis=0)
+                                     ).float().requires_grad_(n in floats)
+                 for n in template[0]}
+        targets = [(t, torch.from_numpy(m), torch.from_numpy(s)) for t, m, s in reachable]
+        optimiser = torch.optim.Adam([batch[n] for n in floats], lr=lr)
+
+        def loss_of() -> torch.Tensor:
+            acts = module({n: batch[n] for n in module.input_names}, capture=[t for t, _, _ in
+                                                                               targets])
+            total = torch.zeros(())
+            for name, mean, std in targets:
+                a = acts[name].transpose(0, 1).reshape(mean.shape[0], -1)
+                total = total + torch.mean((a.mean(1) - mean) ** 2) + torch.mean(
+                    (a.std(1) - std) ** 2)
+            return total / len(targets)
+
+        started, first, done = time.monotonic(), None, 0
+        last = float("nan")
+        while done < steps:
+            done += 1
+            optimiser.zero_grad()
+            loss = loss_of()
+            if first is None:
+                first = float(loss.detach())
+            loss.backward()
+            optimiser.step()
+            last = float(loss.detach())
+            if time.monotonic() - started > max_seconds:
+                break
+    except Exception as exc:  # the bridge is a helper here: calibrate without it, say why
+        return None, {"reason": f"synthesis failed: {type(exc).__name__}: {str(exc)[:200]}"}
+    if not np.isfinite(last):
+        return None, {"reason": "synthesis diverged"}
+    rows = [len(next(iter(f.values()))) if next(iter(f.values())).ndim else 1 for f in template]
+    out: list[Feed] = []
+    start = 0
+    for feed, count in zip(template, rows, strict=True):
+        out.append({n: (batch[n].detach().numpy()[start:start + count].astype(feed[n].dtype)
+                        if n in floats else feed[n]) for n in feed})
+        start += count
+    return out, {"method": CITATION, "batchnorm_layers": len(reachable),
+                 "batchnorm_layers_total": len(norms), "steps": done,
+                 "seconds": round(time.monotonic() - started, 2),
+                 "loss_start": round(first or 0.0, 6), "loss_end": round(last, 6)}
