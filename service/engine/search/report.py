@@ -86,14 +86,39 @@ def why_chosen(chosen: Candidate, cands: list[Candidate], ctx: SearchContext) ->
     return "; ".join(p for p in parts if p)
 
 
+# Words in a library's message that say the inputs' shapes did not fit the graph.
+_SHAPE_WORDS = ("dimension", "shape", "broadcast", "rank", "pad", "exceeds", "mismatch")
+
+
+def failures_message(cands: list[Candidate], ctx: SearchContext) -> str:
+    """Why no candidate could be built, each distinct reason once with the candidates it
+    stopped, the input shapes they were evaluated on, and what the user can give when the
+    reasons are about shapes (input shapes and values, or a dataset)."""
+    groups: dict[str, list[str]] = {}
+    for cand in cands:
+        error = cand.error or {}
+        groups.setdefault(str(error.get("message") or error.get("code") or "failed"),
+                          []).append(cand.name)
+    reasons = "; ".join(f"{', '.join(names)}: {message}" for message, names in groups.items())
+    shapes = ctx.inputs.shapes() if ctx.inputs is not None else ctx.input_shapes
+    text = f"no candidate could be built for {ctx.profile.name}: {reasons[:600]}"
+    if shapes:
+        text += " (evaluated on inputs " + ", ".join(
+            f"{name} {'x'.join(str(d) for d in dims) or 'scalar'}"
+            for name, dims in shapes.items()) + ")"
+    if ctx.inputs is not None and any(w in reasons.lower() for w in _SHAPE_WORDS):
+        text += ("; if these shapes are not what the model takes, give them with the job's "
+                 "inputs (edgepress --input-shape name=1x3x640x640, --input-value name=16000) "
+                 "or upload a dataset of real samples")
+    return text
+
+
 def fail_unsatisfiable(cands: list[Candidate], ctx: SearchContext, auto_section: dict) -> None:
     ran = [c for c in cands if c.status == "ok"]
     if not ran:
         failures = [{"candidate": c.name, "error": c.error} for c in cands]
         raise EngineError(
-            "constraints_unsatisfiable",
-            f"no candidate could be built for {ctx.profile.name}: "
-            + "; ".join(f"{c.name}: {(c.error or {}).get('message', '')}" for c in cands)[:600],
+            "constraints_unsatisfiable", failures_message(cands, ctx),
             {"closest": None, "missed": [], "candidates": failures, "auto": auto_section})
 
     def distance(c: Candidate) -> float:

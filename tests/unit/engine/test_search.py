@@ -608,3 +608,27 @@ def test_parallel_candidates_are_bounded_by_cores_and_share_one_memory_budget() 
     assert workers == 6 and share is not None and share >= MIN_CANDIDATE_BYTES
     assert gib + (workers + 1) * share <= 8 * gib  # this process + candidates within the limit
     assert memory_plan(4, 4, (2 * gib, gib)) == (1, gib // 2)  # too little for two: sequential
+
+
+def test_a_refusal_says_each_reason_once_with_the_shapes_and_what_to_give() -> None:
+    from service.engine.inputs import InputPlan, InputRule
+    from service.engine.search.candidate import Candidate
+    from service.engine.search.report import failures_message
+    from service.engine.search.score import SearchContext
+
+    ctx = SearchContext(get_device("raspberry_pi_5"), parse_constraints({}), measurable=False)
+    ctx.inputs = InputPlan((InputRule("images", np.dtype(np.float32), (1, 3, 64, 64), "normal"),))
+    ort_error = ("the compressed model does not run in ONNX Runtime: Concat: mismatched "
+                 "dimensions 8 and 9")
+    cands = [Candidate(name, [], [], "", 0.25, 4.0, status="failed",
+                       error={"code": "pass_failed", "message": ort_error})
+             for name in ("int8_static", "int8_dynamic", "int8_weight_only")]
+    cands.append(Candidate("fp16", [], [], "", 0.5, 1.0, status="failed",
+                           error={"code": "no_effect", "message": "left the model unchanged"}))
+    text = failures_message(cands, ctx)
+    assert text.count("mismatched dimensions") == 1  # one reason, said once
+    assert f"int8_static, int8_dynamic, int8_weight_only: {ort_error}" in text
+    assert "fp16: left the model unchanged" in text
+    assert "images 1x3x64x64" in text and "--input-shape" in text and "dataset" in text
+    ctx.inputs = None  # a dataset job: the shapes came from the data, nothing to suggest
+    assert "--input-shape" not in failures_message(cands, ctx)
