@@ -218,11 +218,17 @@ def landlock_rules(workdir: str, abi: int) -> list[tuple[str, int]]:
     rules: dict[str, int] = {workdir: everything}
     for paths, access in ((engine_read_paths(), _FS_READ),
                           (_SYSTEM_WRITE, everything & ~_FS_EXECUTE & ~_FS_REFER)):
-        for path in paths:
+        for path in dict.fromkeys(paths):
             real = os.path.realpath(path)
             if os.path.exists(real) and not _covers_or_within(real, scratch):
                 rules[real] = rules.get(real, 0) | access
-    return sorted(rules.items())
+    # A rule below another that grants at least as much adds nothing (rights are inherited).
+    kept: list[tuple[str, int]] = []
+    for path, access in sorted(rules.items()):
+        if not any(path.startswith(parent.rstrip("/") + "/") and access & ~granted == 0
+                   for parent, granted in kept):
+            kept.append((path, access))
+    return kept
 
 
 def confine_files(libc: Any, workdir: str) -> str:
