@@ -189,14 +189,24 @@ def test_a_protected_worker_hides_its_environment_from_an_engine_of_the_same_use
 @pytest.mark.skipif(os.geteuid() != 0 or not _SECCOMP, reason="needs root to become a non-root worker")
 def test_a_non_root_worker_keeps_its_user_and_still_gets_the_filter(scratch: Path) -> None:
     # As in the k8s pods (uid 10001, no CAP_SETUID): no user change, the filter applies, and a
-    # network namespace only where unprivileged user namespaces are allowed.
+    # network namespace only where unprivileged user namespaces are allowed; the source cache
+    # is the engine's own user's, and only Landlock keeps it from the engine.
+    workdir, cache = scratch / "job", scratch / "edgepress-source-cache"
+    for path in (workdir, cache):
+        path.mkdir()
+        os.chown(path, 65534, 65534)
     read, write = os.pipe()
     pid = os.fork()
     if pid == 0:
         try:
             os.setgid(65534)
             os.setuid(65534)  # the "worker" is not root from here on
-            seen = {"applied": isolation.apply(str(scratch), (12345, 12345), [])}
+            (cache / "entry").write_text("another tenant's model")  # the worker caches it
+            seen = {"applied": isolation.apply(str(workdir), (12345, 12345), [])}
+            try:
+                seen["cache"] = (cache / "entry").read_text()
+            except OSError as exc:
+                seen["cache"] = exc.errno
             try:
                 socket.socket(socket.AF_INET).close()
                 seen["inet"] = "allowed"
@@ -212,6 +222,10 @@ def test_a_non_root_worker_keeps_its_user_and_still_gets_the_filter(scratch: Pat
     os.waitpid(pid, 0)
     assert seen["applied"]["user"] == "same (the worker is not root)" and seen["uid"] == 65534
     assert seen["applied"]["network_filter"] == "seccomp" and seen["inet"] == 13
+    if _LANDLOCK:
+        assert seen["applied"]["filesystem"].startswith("landlock abi ") and seen["cache"] == 13
+    else:
+        assert seen["applied"]["filesystem"].startswith("unavailable: ")
     assert seen["applied"]["network_namespace"] in ("userns+netns", "userns+netns (ids unmapped)") \
         or seen["applied"]["network_namespace"].startswith("none (")
 
