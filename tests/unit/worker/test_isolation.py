@@ -14,7 +14,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from multiprocessing import forkserver
 from pathlib import Path
 
@@ -36,13 +36,13 @@ def scratch() -> Iterator[Path]:
     shutil.rmtree(path, ignore_errors=True)
 
 
-def _in_isolated_child(workdir: Path, user: tuple[int, int] | None, probe: Path) -> dict:
-    """Fork, isolate as the engine does, run the probes; what the child saw."""
+def _in_child(run: Callable[[], dict]) -> dict:
+    """Fork, ``run()`` in the child; what it returned (a JSON object)."""
     read, write = os.pipe()
     pid = os.fork()
     if pid == 0:  # the child: no pytest machinery from here on, whatever happens
         try:
-            _probe(workdir, user, probe, write)
+            os.write(write, json.dumps(run()).encode())
         finally:
             os._exit(0)
     os.close(write)
@@ -52,7 +52,12 @@ def _in_isolated_child(workdir: Path, user: tuple[int, int] | None, probe: Path)
     return dict(json.loads(data))
 
 
-def _probe(workdir: Path, user: tuple[int, int] | None, probe: Path, write: int) -> None:
+def _in_isolated_child(workdir: Path, user: tuple[int, int] | None, probe: Path) -> dict:
+    """Fork, isolate as the engine does, run the probes; what the child saw."""
+    return _in_child(lambda: _probe(workdir, user, probe))
+
+
+def _probe(workdir: Path, user: tuple[int, int] | None, probe: Path) -> dict:
     if True:
         seen: dict = {"applied": isolation.apply(str(workdir), user, [])}
         for name, family, kind in (("inet", socket.AF_INET, socket.SOCK_STREAM),
@@ -70,7 +75,7 @@ def _probe(workdir: Path, user: tuple[int, int] | None, probe: Path, write: int)
         except OSError as exc:
             seen["probe"] = exc.errno
         (workdir / "out").write_text("written")  # the job's own directory stays writable
-        os.write(write, json.dumps(seen).encode())
+        return seen
 
 
 @pytest.mark.skipif(not _SECCOMP, reason="the filter is written for Linux x86_64/aarch64")
@@ -195,31 +200,24 @@ def test_a_non_root_worker_keeps_its_user_and_still_gets_the_filter(scratch: Pat
     for path in (workdir, cache):
         path.mkdir()
         os.chown(path, 65534, 65534)
-    read, write = os.pipe()
-    pid = os.fork()
-    if pid == 0:
+    def as_worker_user() -> dict:
+        os.setgid(65534)
+        os.setuid(65534)  # the "worker" is not root from here on
+        (cache / "entry").write_text("another tenant's model")  # the worker caches it
+        seen: dict = {"applied": isolation.apply(str(workdir), (12345, 12345), [])}
         try:
-            os.setgid(65534)
-            os.setuid(65534)  # the "worker" is not root from here on
-            (cache / "entry").write_text("another tenant's model")  # the worker caches it
-            seen = {"applied": isolation.apply(str(workdir), (12345, 12345), [])}
-            try:
-                seen["cache"] = (cache / "entry").read_text()
-            except OSError as exc:
-                seen["cache"] = exc.errno
-            try:
-                socket.socket(socket.AF_INET).close()
-                seen["inet"] = "allowed"
-            except OSError as exc:
-                seen["inet"] = exc.errno
-            seen["uid"] = os.getuid()
-            os.write(write, json.dumps(seen).encode())
-        finally:
-            os._exit(0)
-    os.close(write)
-    with os.fdopen(read) as f:
-        seen = json.loads(f.read())
-    os.waitpid(pid, 0)
+            seen["cache"] = (cache / "entry").read_text()
+        except OSError as exc:
+            seen["cache"] = exc.errno
+        try:
+            socket.socket(socket.AF_INET).close()
+            seen["inet"] = "allowed"
+        except OSError as exc:
+            seen["inet"] = exc.errno
+        seen["uid"] = os.getuid()
+        return seen
+
+    seen = _in_child(as_worker_user)
     assert seen["applied"]["user"] == "same (the worker is not root)" and seen["uid"] == 65534
     assert seen["applied"]["network_filter"] == "seccomp" and seen["inet"] == 13
     if _LANDLOCK:
@@ -322,35 +320,28 @@ def test_no_rule_reaches_the_scratch_directory_whatever_lists_it(
 def test_a_kernel_without_landlock_is_recorded_and_the_rest_still_applies(tmp_path: Path) -> None:
     # As on a kernel built without it: landlock_create_ruleset answers ENOSYS (a seccomp
     # filter of the child's own makes it so).
-    read, write = os.pipe()
-    pid = os.fork()
-    if pid == 0:
-        try:
-            arch = isolation._ARCHES[platform.machine()][0]
-            prog = b"".join([
-                isolation._bpf(0x20, 0, 0, 4), isolation._bpf(0x15, 1, 0, arch),
-                isolation._bpf(0x06, 0, 0, 0x7FFF0000),
-                isolation._bpf(0x20, 0, 0, 0), isolation._bpf(0x15, 0, 1, 444),
-                isolation._bpf(0x06, 0, 0, 0x00050000 | 38), isolation._bpf(0x06, 0, 0, 0x7FFF0000),
-            ])
-            buf = ctypes.create_string_buffer(prog, len(prog))
+    def without_landlock() -> dict:
+        arch = isolation._ARCHES[platform.machine()][0]
+        prog = b"".join([
+            isolation._bpf(0x20, 0, 0, 4), isolation._bpf(0x15, 1, 0, arch),
+            isolation._bpf(0x06, 0, 0, 0x7FFF0000),
+            isolation._bpf(0x20, 0, 0, 0), isolation._bpf(0x15, 0, 1, 444),
+            isolation._bpf(0x06, 0, 0, 0x00050000 | 38), isolation._bpf(0x06, 0, 0, 0x7FFF0000),
+        ])
+        buf = ctypes.create_string_buffer(prog, len(prog))
 
-            class Fprog(ctypes.Structure):
-                _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.c_void_p)]
+        class Fprog(ctypes.Structure):
+            _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.c_void_p)]
 
-            libc = isolation._libc()
-            libc.prctl(38, 1, 0, 0, 0)  # PR_SET_NO_NEW_PRIVS
-            assert libc.prctl(22, 2, ctypes.byref(Fprog(len(prog) // 8, ctypes.addressof(buf))),
-                              0, 0) == 0
-            seen = {"applied": isolation.apply(str(tmp_path), None, [])}
-            (tmp_path / "out").write_text("written")
-            os.write(write, json.dumps(seen).encode())
-        finally:
-            os._exit(0)
-    os.close(write)
-    with os.fdopen(read) as f:
-        seen = json.loads(f.read())
-    os.waitpid(pid, 0)
+        libc = isolation._libc()
+        libc.prctl(38, 1, 0, 0, 0)  # PR_SET_NO_NEW_PRIVS
+        if libc.prctl(22, 2, ctypes.byref(Fprog(len(prog) // 8, ctypes.addressof(buf))), 0, 0):
+            return {"applied": {"filesystem": "our filter was refused"}}
+        seen = {"applied": isolation.apply(str(tmp_path), None, [])}
+        (tmp_path / "out").write_text("written")
+        return seen
+
+    seen = _in_child(without_landlock)
     assert seen["applied"]["filesystem"] == "unavailable: Function not implemented"
     assert seen["applied"]["network_filter"] == "seccomp"
     assert (tmp_path / "out").read_text() == "written"
