@@ -19,7 +19,7 @@ Protocol, over a pipe: progress as ``{"stage": ..., "fraction": ...}``, an artif
 is final as ``{"artifact": name, "path": ...}`` (the worker may store it early); the outcome as
 ``result.json`` in the spec's workdir: ``{"ok": true, "summary", "artifacts", "report"}`` or
 ``{"ok": false, "error": {code, message, details}}``, with ``isolation``: what
-``service.worker.isolation`` could apply (environment, network, user). Other models the recipe
+``service.worker.isolation`` could apply (environment, network, user, files). Other models the recipe
 reads (students, teachers) were fetched by the worker into ``workdir/refs`` before the engine
 started: ``resolve_model`` only looks there, the engine has no object store client.
 """

@@ -239,6 +239,7 @@ def test_auto_asking_for_64_workers_gets_the_cores_and_one_memory_budget(api, tm
     # The engine ran isolated (this host has seccomp; where it lacks it the field says why).
     assert done["result"]["isolation"]["environment"] == "allow-list"
     assert done["result"]["isolation"]["network_filter"] == "seccomp"
+    assert done["result"]["isolation"]["filesystem"].startswith("landlock abi ")  # kernel 6.18
     report = json.loads(api.download(job["id"], "report.json", tmp_path / "r.json").read_text())
     assert "memory_per_worker_bytes" in report["auto"], sorted(report["auto"])
     workers, share = report["auto"]["workers"], report["auto"]["memory_per_worker_bytes"]

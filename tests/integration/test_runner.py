@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import os
 from pathlib import Path
 
 import pytest
@@ -222,6 +223,12 @@ def test_referenced_models_are_fetched_by_the_worker_and_the_engine_holds_no_sec
     isolation = final.result["isolation"]
     assert isolation["environment"] == "allow-list"
     assert isolation["network_filter"] == "seccomp" and isolation["network_namespace"] != ""
+    # Landlock where the kernel has it (this training pass imports torch after the restriction).
+    from service.worker.isolation import _libc, landlock_abi
+
+    abi = landlock_abi(_libc())
+    assert isolation["filesystem"] == (f"landlock abi {abi}" if abi >= 1 else
+                                       f"unavailable: {os.strerror(-abi)}")
     final = runner.run(distill_job(theirs.id).id)
     assert final is not None and final.state is JobState.failed
     assert final.error is not None and final.error.code in ("model_not_found", "invalid_recipe")

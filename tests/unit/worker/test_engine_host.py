@@ -1,14 +1,20 @@
 """The engine process under supervision: run to its outcome, with progress, stage ends and
 announced artifacts reported on the way, or stopped by its caller (time limits, crashes and
-memory exhaustion: tests/e2e/test_faults.py)."""
+memory exhaustion: tests/e2e/test_faults.py); the engine reads no file of the worker's source cache."""
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import os
+import shutil
+import tempfile
 from pathlib import Path
 
+import pytest
+
 from service.config import Settings, limits_for
+from service.worker import isolation
 from service.worker.engine_host import run_engine
 from tests.models import write_mlp
 
@@ -65,3 +71,30 @@ def test_output_is_bounded_per_job_not_per_file(tmp_path: Path) -> None:
     _spec(tmp_path / "b")
     outcome, _, _ = _run(tmp_path / "b", lambda s, f: True, job_output_bytes=limit)
     assert outcome.get("ok") is False and outcome["error"]["code"] == "output_too_large", outcome
+
+
+@pytest.mark.skipif(isolation.landlock_abi(isolation._libc()) < 1, reason="no Landlock here")
+def test_the_engine_cannot_read_the_source_cache_next_to_its_workdir() -> None:
+    # Laid out as JobRunner lays out its scratch dir; the engine keeps this process's user (as
+    # in the k8s pods), so only its Landlock ruleset stands between it and the cache entry.
+    scratch = Path(tempfile.mkdtemp(prefix="edgepress-scratch-"))
+    try:
+        cache = scratch / "edgepress-source-cache"
+        cache.mkdir()
+        entry = write_mlp(cache / ("0" * 64), inputs=128, hidden=256)  # another tenant's model
+        spec = _spec(scratch / "mine")
+        own = json.loads(spec.read_text())
+        shutil.copy(entry, own["model_path"])  # the same bytes, copied in: readable
+        outcome, _, _ = _run(scratch / "mine", lambda s, f: True)
+        assert outcome.get("ok") is True, outcome
+        assert outcome["isolation"]["filesystem"].startswith("landlock abi ")
+
+        spec = _spec(scratch / "probe")
+        spec.write_text(json.dumps({**json.loads(spec.read_text()), "model_path": str(entry)}))
+        outcome, _, _ = _run(scratch / "probe", lambda s, f: True)
+        assert outcome.get("ok") is False and outcome["error"]["code"] == "internal_error"
+        stderr = (scratch / "probe" / "engine.stderr").read_text()
+        assert f"PermissionError: [Errno 13] Permission denied: '{entry}'" in stderr
+        assert os.access(entry, os.R_OK)  # to this process's user: only the ruleset refused it
+    finally:
+        shutil.rmtree(scratch)
