@@ -510,6 +510,12 @@ def _model_rows(models: Sequence[Any]) -> list[list[Any]]:
             for m in models]
 
 
+def _dataset_rows(datasets: Sequence[Any]) -> list[list[Any]]:
+    return [[d.id, d.filename, _mb(d.bytes), d.samples, ", ".join(d.arrays),
+             "yes" if d.has_labels else "no", d.created_at.strftime("%Y-%m-%d %H:%M")]
+            for d in datasets]
+
+
 def _print_model(out: Output, record: Any) -> None:
     if out.as_json:
         out.json(record.model_dump(mode="json"))
@@ -697,24 +703,18 @@ def cmd_list(args: argparse.Namespace, out: Output) -> int:
     import itertools
 
     client = _client(args)
-    if args.models:
-        models = list(itertools.islice(client.list_models(), args.limit))
-        if out.as_json:
-            out.json([m.model_dump(mode="json") for m in models])
-        else:
-            out.table(["id", "file", "size", "params", "opset", "quantized", "created"],
-                      _model_rows(models))
-        return EXIT_OK
-    if args.datasets:
-        datasets = list(itertools.islice(client.list_datasets(), args.limit))
-        if out.as_json:
-            out.json([d.model_dump(mode="json") for d in datasets])
-        else:
-            out.table(["id", "file", "size", "samples", "inputs", "labels", "created"],
-                      [[d.id, d.filename, _mb(d.bytes), d.samples, ", ".join(d.arrays),
-                        "yes" if d.has_labels else "no",
-                        d.created_at.strftime("%Y-%m-%d %H:%M")] for d in datasets])
-        return EXIT_OK
+    uploads = (("models", client.list_models, _model_rows,
+                ["id", "file", "size", "params", "opset", "quantized", "created"]),
+               ("datasets", client.list_datasets, _dataset_rows,
+                ["id", "file", "size", "samples", "inputs", "labels", "created"]))
+    for flag, lister, rows_of, columns in uploads:
+        if getattr(args, flag):
+            records = list(itertools.islice(lister(), args.limit))
+            if out.as_json:
+                out.json([r.model_dump(mode="json") for r in records])
+            else:
+                out.table(columns, rows_of(records))
+            return EXIT_OK
     jobs = list(itertools.islice(client.list_jobs(state=args.state), args.limit))
     if out.as_json:
         out.json([j.public() for j in jobs])
