@@ -194,6 +194,16 @@ def _plan_static(plan: Plan, fmt: str) -> None:
     else:
         label = fmt.replace("_static_qdq", "") + ("_reduce_range" if rr else "")
     speed = max(plan.int8_speed, BW_SPEED)
+    if not plan.has_dataset and not plan.family.get("op_types", {}).get("BatchNormalization"):
+        # Activation ranges need data: without a dataset only BatchNorm statistics can stand
+        # in for it (ZeroQ, quantize_static's data_free); calibrating on generated noise would
+        # claim a fidelity real inputs do not have. The data-free candidates stay.
+        plan.skip(fmt, "no dataset, and no BatchNormalization statistics to synthesise "
+                  "calibration inputs from: static int8 would be calibrated on generated noise "
+                  "(upload a calibration dataset)")
+        if rr and (plan.has_mm or plan.has_rnn):
+            plan.add_dynamic(seven_bit=True)
+        return
     if (plan.has_rnn and (plan.has_conv or plan.has_mm) and plan.cpu
             and plan.profile.runs_fast("int8_dynamic")):
         # static QDQ does not cover LSTM/GRU: mix static (conv/matmul) + dynamic (rnn)

@@ -30,7 +30,9 @@ from service.engine.search.plan import step as plan_step
 
 AVAILABLE = set(registered_passes())
 FAMILIES = {
-    "cnn": {"family": "cnn", "weight_share": {"conv": 0.9, "matmul": 0.1, "recurrent": 0.0, "other": 0.0}},
+    # BatchNorm statistics: static int8 can be calibrated without data (ZeroQ)
+    "cnn": {"family": "cnn", "weight_share": {"conv": 0.9, "matmul": 0.1, "recurrent": 0.0, "other": 0.0},
+            "op_types": {"Conv": 4, "BatchNormalization": 4}},
     "transformer": {"family": "transformer", "weight_share": {"conv": 0.0, "matmul": 0.99, "recurrent": 0.0, "other": 0.01}},
     "recurrent": {"family": "recurrent", "weight_share": {"conv": 0.0, "matmul": 0.2, "recurrent": 0.8, "other": 0.0}},
 }
@@ -133,10 +135,16 @@ def test_candidates_follow_the_device_formats() -> None:
 def test_candidates_follow_the_model() -> None:
     cnn = [c.name for c in _plan("x86_xeon_spr_vnni_amx", "cnn")]
     assert "int8_dynamic" in cnn  # the 10 % of MatMul weights
-    rnn = [c.name for c in _plan("x86_xeon_spr_vnni_amx", "recurrent")]
+    # with a dataset to calibrate on: static where it can, dynamic for the recurrent layers
+    rnn = [c.name for c in _plan("x86_xeon_spr_vnni_amx", "recurrent", dataset=True)]
     assert rnn[0] == "int8_u8s8+dynamic_rnn" and "int8_dynamic" in rnn
-    mixed = _plan("x86_xeon_spr_vnni_amx", "recurrent")[0]
+    mixed = _plan("x86_xeon_spr_vnni_amx", "recurrent", dataset=True)[0]
     assert [s["pass"] for s in mixed.recipe] == ["quantize_static", "quantize_dynamic"]
+    # without one (and no BatchNorm statistics to synthesise inputs from), no static int8:
+    # it would be calibrated on noise
+    bare = _plan("x86_xeon_spr_vnni_amx", "recurrent")
+    assert bare[0].name == "int8_dynamic" and not any(
+        s["pass"] == "quantize_static" for c in bare for s in c.recipe)
     tf = [c.name for c in _plan("raspberry_pi_5", "transformer")]
     assert "int4_weight_only" in tf and "fp16" in tf
     assert "int4_hqq" in tf and "int4_gptq" not in tf  # GPTQ/AWQ calibrate on a dataset
@@ -398,7 +406,11 @@ def test_mixed_precision_keeps_the_sensitive_layer_float(
     # latency counts (and static int8 is the faster, as the scripted clock says), the static
     # candidate gets its sensitive layers kept float.
     monkeypatch.setattr(evaluate, "measure_latency", _clock_by_model_kind)
-    result = compress(path, "auto", tmp_path / "work", device="host",
+    # A calibration set (static int8 is not planned without data for a graph with no BatchNorm
+    # statistics): 96 samples, every third held out for judging.
+    data = tmp_path / "data.npz"
+    np.savez(data, x=np.random.default_rng(7).standard_normal((96, 3, 16, 16)).astype(np.float32))
+    result = compress(path, "auto", tmp_path / "work", device="host", dataset_path=data,
                           constraints={"min_fidelity": 0.9998, "objective": "latency",
                                        "training": False})
     # 0.9998 sits between plain int8 and int8 with conv1 float for both weight encodings the
