@@ -18,6 +18,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TextIO
 
+from service.engine.devices.host import usable_cores
+
 ROOT = Path(__file__).resolve().parents[1]
 
 # The flags that decide which kernels ONNX Runtime runs (the rest of /proc/cpuinfo is noise).
@@ -39,13 +41,6 @@ def _cpu() -> tuple[str, list[str]]:
             or platform.machine())
     flags = set((fields.get("flags") or fields.get("features") or "").split())
     return name, [f for f in KERNEL_FLAGS if f in flags]
-
-
-def _usable_cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 1
 
 
 def _commit() -> str:
@@ -74,7 +69,7 @@ def machine_header(script: str, argv: list[str], threads: str,
         f"date: {when}",
         f"commit: {_commit()}",
         f"cpu: {name} ({platform.machine()}); kernel flags: {' '.join(flags) or 'none listed'}",
-        f"cores: {_usable_cores()} usable (os.cpu_count {os.cpu_count()})",
+        f"cores: {usable_cores()} usable (os.cpu_count {os.cpu_count()})",
         f"threads: {threads}",
         f"python: {platform.python_version()}",
     ]

@@ -55,6 +55,7 @@ SLOWER_SPEEDUP = 0.95  # below this, the result is reported as slower than the o
 ZSTD_KEEP_RATIO = 0.90
 ZSTD_LEVEL = 9
 
+
 def run_recipe(
     model_path: Path,
     recipe: list[dict],

@@ -53,7 +53,8 @@ def _cpuinfo_fields(text: str) -> dict[str, str]:
     return fields
 
 
-def _usable_cores() -> int:
+def usable_cores() -> int:
+    """CPUs this process may run on (its affinity mask), at least 1."""
     try:
         return max(1, len(os.sched_getaffinity(0)))
     except (AttributeError, OSError):
@@ -167,6 +168,6 @@ def host_profile() -> DeviceProfile:
     from service.engine.devices.cpuid import x86_features
 
     return profile_from_cpuinfo(
-        _read("/proc/cpuinfo"), _read("/proc/meminfo"), platform.machine(), _usable_cores(),
+        _read("/proc/cpuinfo"), _read("/proc/meminfo"), platform.machine(), usable_cores(),
         cpuid_features=x86_features(),
     )

@@ -62,6 +62,7 @@ import onnx
 from service.engine import cost_model
 from service.engine.constraints import AutoConstraints, parse_constraints
 from service.engine.devices import host_profile, parse_device
+from service.engine.devices.host import usable_cores
 from service.engine.errors import EngineError
 from service.engine.inputs import InputPlan, resolve_inputs
 from service.engine.limits import EngineLimits
@@ -151,13 +152,6 @@ def _limit_candidate(share: int | None) -> None:
 
     if share is not None:
         resource.setrlimit(resource.RLIMIT_AS, (share, share))
-
-
-def _usable_cores() -> int:
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except (AttributeError, OSError):
-        return max(1, os.cpu_count() or 1)
 
 
 @dataclass
@@ -284,8 +278,8 @@ class _Search:
         """Every planned candidate, most promising first, in parallel processes when the host
         has the cores, until one meets the constraints and none left can beat it."""
         runnable = [c for c in self.cands if c.status == "pending"]
-        requested = self.ctx.constraints.workers or max(1, _usable_cores() // 4)
-        workers, share = memory_plan(min(requested, len(runnable)) or 1, _usable_cores(),
+        requested = self.ctx.constraints.workers or max(1, usable_cores() // 4)
+        workers, share = memory_plan(min(requested, len(runnable)) or 1, usable_cores(),
                                      _address_space())
         self.workers = workers
         self.memory_share = share
