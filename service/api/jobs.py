@@ -28,7 +28,7 @@ from service.jobs import lifecycle
 from service.jobs.record import Job, JobState, new_job_id, utcnow
 from service.jobs.store import artifact_key, bare_etag
 from service.schemas import JobCreate
-from service.uploads.store import DatasetRecord, ModelRecord
+from service.uploads.records import DATASET, MODEL, DatasetRecord, ModelRecord
 from service.webhooks import check_callback_url
 
 log = logging.getLogger(__name__)
@@ -41,8 +41,8 @@ bp = Blueprint("jobs", __name__, url_prefix="/v1/jobs")
 def create_job() -> tuple[Response, int, dict[str, str]]:
     svc = services()
     spec = parse_body(JobCreate)
-    model = space().uploads.get_model(spec.model_id)
-    dataset = space().uploads.get_dataset(spec.dataset_id) if spec.dataset_id else None
+    model = space().uploads.get(MODEL, spec.model_id)
+    dataset = space().uploads.get(DATASET, spec.dataset_id) if spec.dataset_id else None
     if dataset is not None:
         _check_dataset_matches(dataset, model)
     if spec.inputs:

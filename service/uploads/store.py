@@ -15,24 +15,7 @@ from typing import Any
 from service.errors import NotFound, PreconditionFailed
 from service.jobs.record import utcnow
 from service.storage.s3 import ObjectStore
-from service.uploads.records import (
-    DATASET,
-    MODEL,
-    DatasetRecord,
-    ModelRecord,
-    RecordT,
-    UploadKind,
-    dataset_id_for,
-    model_id_for,
-)
-
-
-def model_source_key(model_id: str) -> str:
-    return MODEL.blob_key(model_id)
-
-
-def dataset_data_key(dataset_id: str) -> str:
-    return DATASET.blob_key(dataset_id)
+from service.uploads.records import RecordT, UploadKind
 
 
 class UploadStore:
@@ -108,26 +91,5 @@ class UploadStore:
         self.get(kind, ident)
         self._store.delete_prefix(f"{kind.folder}/{ident}/")
 
-    # -- the names the job API, the worker and its tests call ------------------------------
-    def get_model(self, model_id: str) -> ModelRecord:
-        return self.get(MODEL, model_id)
 
-    def get_dataset(self, dataset_id: str) -> DatasetRecord:
-        return self.get(DATASET, dataset_id)
-
-    def save_model(self, path: Path, **fields: Any) -> tuple[ModelRecord, bool]:
-        return self.save(MODEL, path, **fields)
-
-    def delete_model(self, model_id: str) -> None:
-        self.delete(MODEL, model_id)
-
-
-__all__ = [
-    "DatasetRecord",
-    "ModelRecord",
-    "UploadStore",
-    "dataset_data_key",
-    "dataset_id_for",
-    "model_id_for",
-    "model_source_key",
-]
+__all__ = ["UploadStore"]

@@ -31,7 +31,8 @@ from service.jobs.record import Job, JobState
 from service.jobs.store import JobStore
 from service.metrics import ServiceMetrics
 from service.storage.s3 import S3ObjectStore
-from service.uploads.store import UploadStore, dataset_data_key, model_source_key
+from service.uploads.records import DATASET, MODEL
+from service.uploads.store import UploadStore
 from service.worker.artifacts import JobArtifacts
 from service.worker.engine_host import run_engine
 from service.worker.source_cache import SourceCache
@@ -108,21 +109,21 @@ class JobRunner:
         workdir = Path(tempfile.mkdtemp(prefix=f"{job.id}-", dir=self.scratch))
         artifacts = JobArtifacts(self.store, job.id, workdir)
         try:
-            model = self.uploads.get_model(job.model_id)
+            model = self.uploads.get(MODEL, job.model_id)
             suffix = _source_suffix(model.format, model.filename)
             model_path = workdir / "input" / f"model{suffix}"
             model_path.parent.mkdir()
             timings: dict[str, float] = {}
             clock = time.monotonic()
             hits = [self.sources.fetch(model.sha256, model.bytes, model_path,
-                                lambda p: self.store.download_file(model_source_key(model.id), p))]
+                                lambda p: self.store.download_file(MODEL.blob_key(model.id), p))]
             dataset_path = None
             if job.dataset_id:
-                dataset = self.uploads.get_dataset(job.dataset_id)
+                dataset = self.uploads.get(DATASET, job.dataset_id)
                 dataset_path = workdir / "input" / "data.npz"
                 hits.append(self.sources.fetch(
                     dataset.sha256, dataset.bytes, dataset_path,
-                    lambda p: self.store.download_file(dataset_data_key(dataset.id), p)))
+                    lambda p: self.store.download_file(DATASET.blob_key(dataset.id), p)))
             refs = self._fetch_referenced(job, workdir / "refs", hits)
             device = parse_device(job.device).model_dump(mode="json")
             spec = {
@@ -191,12 +192,12 @@ class JobRunner:
         refs: dict[str, str] = {}
         for model_id in referenced_models(job.recipe):
             try:
-                record = self.uploads.get_model(model_id)
+                record = self.uploads.get(MODEL, model_id)
             except NotFound:
                 continue
             directory.mkdir(exist_ok=True)
             target = directory / f"{record.id}.onnx"
-            key = model_source_key(record.id)
+            key = MODEL.blob_key(record.id)
             hits.append(self.sources.fetch(record.sha256, record.bytes, target,
                                            functools.partial(self.store.download_file, key)))
             refs[model_id] = str(target)

@@ -13,6 +13,7 @@ from service.jobs.store import JobStore, artifact_key
 from service.metrics import ServiceMetrics
 from service.storage.s3 import make_store
 from service.tenants import DEFAULT_TENANT, tenant_prefix
+from service.uploads.records import MODEL
 from service.uploads.store import UploadStore
 from service.worker.artifacts import JobArtifacts, artifact_path
 from service.worker.runner import JobRunner
@@ -26,8 +27,8 @@ def _setup(settings, tmp_path: Path):  # type: ignore[no-untyped-def]
     store = make_store(settings).scoped(tenant_prefix(DEFAULT_TENANT))
     path = write_mlp(tmp_path / "m.onnx", inputs=128, hidden=256)
     data = path.read_bytes()
-    record, _ = UploadStore(store).save_model(
-        path, sha256=hashlib.sha256(data).hexdigest(), size=len(data), filename="m.onnx",
+    record, _ = UploadStore(store).save(
+        MODEL, path, sha256=hashlib.sha256(data).hexdigest(), size=len(data), filename="m.onnx",
         description={"format": "onnx"},
     )
     jobs = JobStore(store)
@@ -61,7 +62,7 @@ def test_the_engine_gets_the_operators_limits(isolated_settings, tmp_path) -> No
 
 def test_deleted_model_fails_precisely(isolated_settings, tmp_path) -> None:  # type: ignore[no-untyped-def]
     store, jobs, job, runner, record = _setup(isolated_settings, tmp_path)
-    UploadStore(store).delete_model(record.id)
+    UploadStore(store).delete(MODEL, record.id)
     final = runner.run(job.id)
     assert final is not None and final.state is JobState.failed
     assert final.error is not None and final.error.code == "model_not_found"
@@ -194,8 +195,8 @@ def test_referenced_models_are_fetched_by_the_worker_and_the_engine_holds_no_sec
     other = make_store(isolated_settings).scoped(tenant_prefix("other"))
     their_path = write_mlp(tmp_path / "theirs.onnx", inputs=128, hidden=256, seed=1)
     their_bytes = their_path.read_bytes()
-    theirs, _ = UploadStore(other).save_model(
-        their_path, sha256=hashlib.sha256(their_bytes).hexdigest(), size=len(their_bytes),
+    theirs, _ = UploadStore(other).save(
+        MODEL, their_path, sha256=hashlib.sha256(their_bytes).hexdigest(), size=len(their_bytes),
         filename="theirs.onnx", description={"format": "onnx"})
 
     import numpy as np

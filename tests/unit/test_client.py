@@ -27,7 +27,7 @@ from service.client import EdgePressClient, EdgePressError, _retry_after
 from service.devstack import free_port
 from service.engine.devices.profile import DeviceProfile
 from service.jobs.record import Job, JobState
-from service.uploads.store import ModelRecord
+from service.uploads.records import ModelRecord
 
 Reply = tuple[int, dict[str, str], bytes]
 

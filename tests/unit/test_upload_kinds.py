@@ -25,7 +25,7 @@ from service.uploads.records import (
     dataset_id_for,
     model_id_for,
 )
-from service.uploads.store import UploadStore, dataset_data_key, model_source_key
+from service.uploads.store import UploadStore
 from tests.models import mlp
 
 SHA = "0123456789abcdef" * 4
@@ -67,8 +67,8 @@ def test_the_table_holds_both_kinds() -> None:
     # client computes locally come from the table.
     assert model_id_for(SHA) == MODEL.id_for(SHA) == "mdl_" + SHA[:32]
     assert dataset_id_for(SHA) == DATASET.id_for(SHA) == "ds_" + SHA[:32]
-    assert model_source_key("mdl_1") == MODEL.blob_key("mdl_1") == "models/mdl_1/source"
-    assert dataset_data_key("ds_1") == DATASET.blob_key("ds_1") == "datasets/ds_1/data.npz"
+    assert MODEL.blob_key("mdl_1") == "models/mdl_1/source"
+    assert DATASET.blob_key("ds_1") == "datasets/ds_1/data.npz"
     assert (MODEL.invalid_code, DATASET.invalid_code) == ("invalid_model", "invalid_dataset")
     assert (MODEL.not_found_code, DATASET.not_found_code) == ("model_not_found", "dataset_not_found")
     assert (MODEL.out_of_memory_code, DATASET.out_of_memory_code) == ("model_too_large", "invalid_dataset")
