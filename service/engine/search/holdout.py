@@ -4,6 +4,7 @@ and the constraints are judged on those samples.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -42,22 +43,38 @@ def split_holdout(
     return train, train_labels, hold, hold_labels, paths[0], paths[1], record
 
 
-def holdout_metrics(
-    cand: Candidate, original_path: Path, model: onnx.ModelProto, holdout: dict,
-    labels: Any, limits: EngineLimits,
-) -> None:
+@dataclass
+class HoldoutReference:
+    """The held-out feeds and the original's outputs on them: computed once per search, every
+    candidate is compared with the same reference."""
+
+    feeds: list[dict[str, Any]]
+    label_chunks: Any
+    outputs: dict[str, list[Any]]
+
+
+def holdout_reference(
+    original_path: Path, model: onnx.ModelProto, holdout: dict, labels: Any,
+    limits: EngineLimits,
+) -> HoldoutReference:
+    from service.engine.evaluate import dataset_feeds, make_session, run_all
+
+    feeds, label_chunks = dataset_feeds(model, holdout, labels, limits.eval_samples)
+    return HoldoutReference(feeds, label_chunks,
+                            run_all(make_session(original_path, limits.latency_threads), feeds))
+
+
+def holdout_metrics(cand: Candidate, reference: HoldoutReference, limits: EngineLimits) -> None:
     """Fidelity and accuracy of ``cand`` on the held-out samples (what the constraints use)."""
     from service.engine.evaluate import (
         accuracy,
         compare_output,
-        dataset_feeds,
         is_classifier_like,
         make_session,
         run_all,
     )
 
-    feeds, label_chunks = dataset_feeds(model, holdout, labels, limits.eval_samples)
-    ref = run_all(make_session(original_path, limits.latency_threads), feeds)
+    feeds, label_chunks, ref = reference.feeds, reference.label_chunks, reference.outputs
     assert cand.result is not None
     out = run_all(make_session(cand.result.model_path, limits.latency_threads), feeds)
     fidelity = {k: compare_output(ref[k], out[k]) for k in ref if k in out}

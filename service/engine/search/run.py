@@ -64,6 +64,7 @@ from service.engine.constraints import AutoConstraints, parse_constraints
 from service.engine.devices import host_profile, parse_device
 from service.engine.devices.host import usable_cores
 from service.engine.errors import EngineError
+from service.engine.ingest import IngestedModel
 from service.engine.inputs import InputPlan, resolve_inputs
 from service.engine.limits import EngineLimits
 from service.engine.normalise import normalise
@@ -73,7 +74,13 @@ from service.engine.registry import registered_passes
 from service.engine.result import PipelineResult
 from service.engine.search.candidate import Candidate, MixedPrecisionRecord
 from service.engine.search.confirm import confirm_latency
-from service.engine.search.holdout import evaluation_note, holdout_metrics, split_holdout
+from service.engine.search.holdout import (
+    HoldoutReference,
+    evaluation_note,
+    holdout_metrics,
+    holdout_reference,
+    split_holdout,
+)
 from service.engine.search.mixed_precision import tune_mixed_precision
 from service.engine.search.plan import WEIGHT_ONLY, model_family, plan_candidates
 from service.engine.search.report import auto_section, chosen_result, fail_unsatisfiable
@@ -158,7 +165,7 @@ def _limit_candidate(share: int | None) -> None:
 class Prepared:
     """The model every candidate starts from, and the data split they share."""
 
-    ingested: Any  # IngestedModel: the upload as ingested (held-out metrics run on it)
+    ingested: IngestedModel  # the upload as ingested (held-out metrics run on it)
     model: onnx.ModelProto  # normalised
     original_path: Path  # the normalised model on disk
     given: dict[str, Any]
@@ -225,6 +232,7 @@ class _Search:
     workers: int = 1
     memory_share: int | None = None  # address space of each parallel candidate process
     mixed_precision: list[MixedPrecisionRecord] = field(default_factory=list)
+    holdout_ref: HoldoutReference | None = None  # the original on the held-out samples
 
     def job(self, cand: Candidate) -> dict:
         p = self.prepared
@@ -254,8 +262,10 @@ class _Search:
                                                         input_shapes=shapes)
         record_metrics(cand, result, ctx)
         if p.holdout is not None:
-            holdout_metrics(cand, p.original_path, p.ingested.model, p.holdout,
-                            p.holdout_labels, self.limits)
+            if self.holdout_ref is None:
+                self.holdout_ref = holdout_reference(p.original_path, p.ingested.model,
+                                                     p.holdout, p.holdout_labels, self.limits)
+            holdout_metrics(cand, self.holdout_ref, self.limits)
         cand.metrics["build_seconds"] = round(outcome["seconds"], 2)
         cand.status = "ok"
         cand.violations = violations(cand, ctx)
