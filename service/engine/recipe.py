@@ -298,6 +298,8 @@ def run_recipe(
              "bytes_after_zstd": size["bytes_after_zstd"], "speedup": round(speedup, 3),
              "noise_band": latency["noise_band"]},
         )
+    if latency.get("decision_note"):
+        warnings.append(latency["decision_note"])
     if speedup < min(SLOWER_SPEEDUP, low):
         warnings.append(f"compressed model is {describe_speedup(speedup, (low, high))} than "
                         f"the original on this host ({latency['threads']} thread(s))")

@@ -13,15 +13,10 @@ import onnx
 
 from service.engine.limits import EngineLimits
 from service.engine.search.candidate import Candidate
-from service.engine.search.score import MAX_NOT_SLOWER_BAND, SearchContext, score
+from service.engine.search.score import SearchContext, gate_band, score
+from service.engine.wording import noise_band
 
 CONFIRM_FINALISTS = 4
-
-
-# One placebo pair can land closer than the run-to-run spread of a shared host: measured on a
-# 2-core host, a weight-only model folded at load (the float graph again once loaded) came out
-# at 0.984x against a placebo of 1.01. Below 3 %, "not slower" is not measurable here.
-MIN_PLACEBO_BAND = 1.03
 
 
 def confirm_latency(
@@ -37,10 +32,12 @@ def confirm_latency(
     """
     from service.engine.evaluate import (
         dataset_feeds,
+        decide,
         generate_feeds,
         latency_thread_counts,
         make_session,
         measure_latency,
+        paired_speedup,
         rounds_per_count,
     )
 
@@ -59,9 +56,8 @@ def confirm_latency(
     # runs of the very same model differ here bounds what "not slower" can claim.
     counts = latency_thread_counts(limits, ctx.profile)
     rounds = rounds_per_count(2 * limits.latency_runs, len(counts))
-    entries: list[dict[str, Any]] = []
-    measured: dict[str, dict] = {}
-    for count in counts:
+
+    def measure(count: int) -> dict[str, Any]:
         sessions = {"original": make_session(original_path, count),
                     "placebo": make_session(original_path, count)}
         for cand in finalists:
@@ -71,33 +67,38 @@ def confirm_latency(
                                                cand.result.report["latency"].get("session_config"))
         measured = measure_latency(sessions, feed, runs=rounds,
                                    warmup=limits.latency_warmup, check_cancelled=check_cancelled)
-        base = measured["original"]["median_ms"]
-        placebo_ms = measured["placebo"]["median_ms"]
-        placebo = base / placebo_ms if placebo_ms > 0 else 1.0
-        band = min(max(placebo, 1.0 / placebo), MAX_NOT_SLOWER_BAND)
-        entries.append({
-            "threads": count, "rounds": rounds, "original_ms": round(base, 5),
-            "placebo_speedup": round(placebo, 4), "noise_band": round(band, 4),
-            "candidates": {c.name: _ratio(base, measured[c.name]["median_ms"])
-                           for c in finalists}})
-    decision = entries[-1]
-    ctx.original_host_ms = base
+        base = measured["original"]["samples_ms"]
+        # paired medians over the interleaved rounds, as compare_latency (recipe jobs) does
+        placebo, _ = paired_speedup(base, measured["placebo"]["samples_ms"])
+        band = noise_band(placebo)
+        return {
+            "threads": count, "rounds": rounds,
+            "original_ms": round(measured["original"]["median_ms"], 5),
+            "placebo_speedup": round(placebo, 4),
+            "noise_band": round(band[1], 4) if band else 1.0,
+            "candidates": {c.name: {
+                "ms": round(measured[c.name]["median_ms"], 5),
+                "speedup": round(paired_speedup(base, measured[c.name]["samples_ms"])[0], 4)}
+                for c in finalists}}
+
+    entries = [measure(count) for count in counts]
+    decision, note = decide(entries, lambda: measure(counts[-1]))
+    band = float(decision["noise_band"])
+    ctx.original_host_ms = decision["original_ms"]
     # The gate allows the measured band, and never less than MIN_PLACEBO_BAND (the report keeps
     # the measured band; "not_slower_means" says what the gate used).
-    ctx.placebo_band = max(decision["noise_band"], MIN_PLACEBO_BAND)
-    out = {"rounds": rounds * len(counts), "threads": decision["threads"],
+    ctx.placebo_band = gate_band(band)
+    out = {"rounds": sum(e["rounds"] for e in entries), "threads": decision["threads"],
            "thread_counts": counts, "original_ms": decision["original_ms"],
-           "placebo_speedup": decision["placebo_speedup"], "noise_band": decision["noise_band"],
+           "placebo_speedup": decision["placebo_speedup"], "noise_band": round(band, 4),
            "not_slower_means": f"speedup >= {1.0 / ctx.placebo_band:.3f} (1 / noise band)",
            "candidates": decision["candidates"], "by_threads": entries}
+    if note:
+        out["decision_note"] = note
     for cand in finalists:
-        ms = measured[cand.name]["median_ms"]
+        got = decision["candidates"][cand.name]
         m = cand.metrics
         m["host_latency_ms_first"], m["host_speedup_first"] = m["host_latency_ms"], m["host_speedup"]
-        m["host_latency_ms"], m["host_latency_ms_original"] = ms, base
-        m["host_speedup"] = base / ms if ms > 0 else None
+        m["host_latency_ms"], m["host_latency_ms_original"] = got["ms"], decision["original_ms"]
+        m["host_speedup"] = got["speedup"] if got["ms"] > 0 else None
     return out
-
-
-def _ratio(base_ms: float, ms: float) -> dict[str, float | None]:
-    return {"ms": round(ms, 5), "speedup": round(base_ms / ms, 4) if ms > 0 else None}

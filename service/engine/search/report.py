@@ -277,7 +277,7 @@ def chosen_result(
         summary["latency_threads"] = [e["threads"] for e in by]
         summary["speedup_1_thread"] = (one["candidates"][chosen.name]["speedup"]
                                        if one else None)
-        summary["speedup_threads"] = summary["speedup"]
+        summary["speedup_threads"] = by[-1]["candidates"][chosen.name]["speedup"]
         band = confirmation["noise_band"]
         summary["placebo_band"] = [round(1.0 / band, 4), band]
     summary["auto"] = {"candidate": chosen.name, "device": profile.name,
@@ -286,6 +286,8 @@ def chosen_result(
     warnings = list(summary.get("warnings", []))
     if not ctx.measurable:
         warnings.append(f"latency on {profile.name} is estimated by the cost model, not measured")
+    if confirmation is not None and confirmation.get("decision_note"):
+        warnings.append(confirmation["decision_note"])
     summary["warnings"] = warnings
     report = dict(result.report)
     if ctx.inputs is not None:  # the candidates were given what the search resolved

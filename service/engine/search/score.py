@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from service.engine import cost_model
 from service.engine.constraints import AutoConstraints
 from service.engine.devices import DeviceProfile
+from service.engine.evaluate import DISTURBED_BAND
 from service.engine.inputs import InputPlan
 from service.engine.result import PipelineResult, Summary
 from service.engine.search.candidate import Candidate
@@ -19,7 +20,17 @@ DEFAULT_MIN_FIDELITY = 0.99  # cosine, when the job gives no accuracy or fidelit
 # nats; a causal decoder's default instead of the cosine (RTN int4 of the test LM: ~0.003)
 DEFAULT_MAX_KL_DIVERGENCE = 0.02
 # A placebo farther off than this says the host was disturbed, not that slower is fine.
-MAX_NOT_SLOWER_BAND = 1.10
+MAX_NOT_SLOWER_BAND = DISTURBED_BAND
+# One placebo pair can land closer than the run-to-run spread of a shared host: measured on a
+# 2-core host, a weight-only model folded at load (the float graph again once loaded) came out
+# at 0.984x against a placebo of 1.01. Below 3 %, "not slower" is not measurable here.
+MIN_PLACEBO_BAND = 1.03
+
+
+def gate_band(measured: float) -> float:
+    """The band the not-slower gate allows for a measured placebo band (its upper end): never
+    less than ``MIN_PLACEBO_BAND``, never more than ``MAX_NOT_SLOWER_BAND``."""
+    return min(max(measured, MIN_PLACEBO_BAND), MAX_NOT_SLOWER_BAND)
 
 
 def fidelity_value(summary: Summary, metric: str) -> float | None:
@@ -156,7 +167,7 @@ def violations(cand: Candidate, ctx: SearchContext) -> list[dict]:
     band = None
     if rule == "not_slower_on_host":
         own = m.get("host_noise_band")
-        band = ctx.placebo_band or (min(float(own[1]), MAX_NOT_SLOWER_BAND) if own else None)
+        band = ctx.placebo_band or (gate_band(float(own[1])) if own else None)
     limit = 1.0 / band if band else 1.0
     if rule is not None and speed is not None and speed < limit:
         miss = {"constraint": rule, "limit": round(limit, 4),
