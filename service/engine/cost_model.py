@@ -21,8 +21,11 @@ Dynamic dimensions are fixed for the estimate: the first axis of every input (ba
 (a sequence length); callers may pass ``input_shapes``. Subgraphs of If/Loop/Scan are counted
 once (the larger branch of an If; one iteration of a Loop).
 
-The efficiency constants (``Constants``) are the module defaults, each marked FITTED, SOURCED or
-ASSUMPTION in its comment; for CPUs that run the kernels of the machine
+The efficiency constants (``Constants``) are the module defaults per device kind, each marked
+FITTED, SOURCED or ASSUMPTION in its comment and listed with its derivation and sources in
+``service/engine/devices/cost_sources.json``; a profile's own ``cost_constants`` (fitted to
+published latencies by ``scripts/source_cost_constants.py``) replace them for that device
+(``constants`` says ``sourced``); for CPUs that run the kernels of the machine
 ``scripts/check_cost_model.py`` was run on, the values it fitted (least squares over the test
 corpus, stored with their fit error in ``service/engine/devices/cost_fit.json``) replace the
 CPU defaults (``constants_for``; an estimate says which in ``constants`` and its fit error in
