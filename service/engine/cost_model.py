@@ -21,8 +21,11 @@ Dynamic dimensions are fixed for the estimate: the first axis of every input (ba
 (a sequence length); callers may pass ``input_shapes``. Subgraphs of If/Loop/Scan are counted
 once (the larger branch of an If; one iteration of a Loop).
 
-The efficiency constants (``Constants``) are the module defaults, each marked FITTED, SOURCED or
-ASSUMPTION in its comment; for CPUs that run the kernels of the machine
+The efficiency constants (``Constants``) are the module defaults per device kind, each marked
+FITTED, SOURCED or ASSUMPTION in its comment and listed with its derivation and sources in
+``service/engine/devices/cost_sources.json``; a profile's own ``cost_constants`` (fitted to
+published latencies by ``scripts/source_cost_constants.py``) replace them for that device
+(``constants`` says ``sourced``); for CPUs that run the kernels of the machine
 ``scripts/check_cost_model.py`` was run on, the values it fitted (least squares over the test
 corpus, stored with their fit error in ``service/engine/devices/cost_fit.json``) replace the
 CPU defaults (``constants_for``; an estimate says which in ``constants`` and its fit error in
@@ -48,48 +51,55 @@ from onnx import TensorProto, helper
 
 from service.engine.devices import DeviceProfile, host_profile
 
+# CONVENTION: estimates are for one inference (batch 1) with other symbolic axes at 128.
 DEFAULT_BATCH = 1
 DEFAULT_DYNAMIC_DIM = 128
 
-# The constants below are of three kinds, each saying which:
+# Every constant below carries a label, and service/engine/devices/cost_sources.json holds one
+# row per constant and key with its value, derivation and sources (a test keeps the two equal):
 # - FITTED: on CPU targets that run this host's kernels, ``constants_for`` replaces the CPU
 #   values by the ones ``scripts/check_cost_model.py`` fitted (least squares on ONNX Runtime
 #   latencies of the test corpus measured on that machine; stored with their fit error in
 #   ``service/engine/devices/cost_fit.json``, the run's output in docs/bench/cost_model.txt).
 #   The CPU values here are the fallback for other CPUs.
-# - SOURCED: a public measurement or vendor document, cited.
-# - ASSUMPTION: no public source found and no such device here to fit on; said as such.
+# - SOURCED: derived from published figures (a vendor page, a paper, a benchmark table), each
+#   quoted with its URL in cost_sources.json. The GPU / NPU ones are fitted by
+#   ``scripts/source_cost_constants.py`` to published batch-1 latencies of standard networks
+#   (output in docs/bench/cost_sources.txt); a device with values of its own carries them in
+#   its profile's ``cost_constants``, which replace the kind defaults here.
+# - ASSUMPTION: no citable figure found (cost_sources.json lists the searches) and no such
+#   device here to fit on.
+# - EXACT / CONVENTION: follows from definitions / a stated choice.
 #
 # The latency model is the roofline (Williams, Waterman, Patterson, "Roofline: an insightful
 # visual performance model for multicore architectures", CACM 52(4), 2009,
 # https://doi.org/10.1145/1498765.1498785) per node, plus a dispatch overhead per node.
 #
 # Fraction of the datasheet peak that small-batch inference kernels reach.
-# cpu: FITTED on hosts with the same kernels (fallback 0.35: ASSUMPTION). gpu, npu: ASSUMPTION
-# (batch-1 inference is far from peak; no GPU or NPU here to fit on).
+# cpu: FITTED on hosts with the same kernels (fallback 0.35). gpu: SOURCED: the T4 fit to 6
+# published TensorRT latencies gives 0.317 (the A100's own value, 0.0776, is in its profile).
+# npu: ASSUMPTION (the Apple M2's single published latency gives 0.144, kept in its profile).
 COMPUTE_EFFICIENCY = {"cpu": 0.35, "gpu": 0.30, "npu": 0.30}
 # Fraction of the datasheet memory bandwidth reached.
-# cpu: FITTED (fallback 0.60). gpu: SOURCED as a ceiling: STREAM-type kernels reach 80-90 % of
-# datasheet bandwidth on NVIDIA GPUs (Deakin et al., "Evaluating attainable memory bandwidth of
-# parallel programming models via BabelStream", IJCSE 17(3), 2018,
-# http://uob-hpc.github.io/BabelStream/); 0.70 allows for inference's shorter, strided
-# accesses (ASSUMPTION below that ceiling). npu: ASSUMPTION.
+# cpu: FITTED (fallback 0.60). gpu: ASSUMPTION below a SOURCED ceiling: STREAM-type kernels reach
+# 80-90 % of datasheet bandwidth on NVIDIA GPUs (BabelStream, Deakin et al., IJCSE 17(3), 2018);
+# 0.70 allows for inference's shorter, strided accesses. npu: ASSUMPTION.
 MEMORY_EFFICIENCY = {"cpu": 0.60, "gpu": 0.70, "npu": 0.60}
 # Activation traffic is served mostly from caches: bandwidth relative to DRAM / HBM.
 # ASSUMPTION everywhere (cpu 4x: L2 vs DRAM per core; gpu, npu: L2 vs HBM/LPDDR, about 2x); on
 # CPUs not separable from the fitted memory efficiency (see ``fit_cpu_constants``).
 CACHE_BANDWIDTH_FACTOR = {"cpu": 4.0, "gpu": 2.0, "npu": 2.0}
 # Integer ops that ONNX Runtime runs with a reference kernel (im2col + integer GEMM, no fusion):
-# their rate relative to the fp32 peak. FITTED (ConvInteger is in the corpus's dynamic int8
-# digits CNN); fallback 0.2, measured on x86 with that CNN (ConvInteger ~6x slower than the
-# fp32 Conv).
+# their rate relative to the fp32 peak. ASSUMPTION: fitted by check_cost_model.py only when a
+# corpus sample runs such a kernel, which none does today; 0.2 stands for ConvInteger about 6x
+# slower than the fp32 Conv on x86 (a measurement with no committed script or output).
 REFERENCE_KERNEL_RATE = {"ConvInteger": 0.2}
 # Fixed cost per node (kernel dispatch / launch), seconds.
-# cpu: FITTED (fallback 1.5 us). gpu: SOURCED: a CUDA kernel launch costs about 4-6 us
-# (NVIDIA, "Getting Started with CUDA Graphs", https://developer.nvidia.com/blog/cuda-graphs/;
-# measured 4-6 us on an RTX 5070 Ti, https://github.com/xiaguan/cuda-kernel-launch-lab).
-# npu: ASSUMPTION (a delegate call per fused kernel, slower than a CUDA launch).
+# cpu: FITTED (fallback 1.5 us). gpu: SOURCED: the A100 fit to NVIDIA's published TensorRT
+# latencies gives 4.9 us per kernel, in line with a CUDA launch (4-6 us). npu: ASSUMPTION (a
+# delegate call per fused kernel, slower than a CUDA launch).
 NODE_OVERHEAD_S = {"cpu": 1.5e-6, "gpu": 5e-6, "npu": 8e-6}
+COST_SOURCES_FILE = "cost_sources.json"
 # Where the fitted CPU constants live (package data next to the device profiles).
 COST_FIT_FILE = "cost_fit.json"
 
@@ -97,7 +107,8 @@ COST_FIT_FILE = "cost_fit.json"
 @dataclass(frozen=True)
 class Constants:
     """The efficiency constants one estimate uses (see the module comments) and where they
-    came from: ``source`` is ``"defaults"`` or ``"fitted"`` (with ``fit`` the stored record)."""
+    came from: ``source`` is ``"defaults"`` (the kind's), ``"sourced"`` (the profile's own
+    ``cost_constants`` replace some) or ``"fitted"`` (with ``fit`` the stored record)."""
 
     compute_efficiency: float
     memory_efficiency: float
@@ -113,6 +124,19 @@ class Constants:
                    CACHE_BANDWIDTH_FACTOR[kind], NODE_OVERHEAD_S[kind],
                    dict(REFERENCE_KERNEL_RATE))
 
+    @classmethod
+    def for_profile(cls, profile: DeviceProfile) -> Constants:
+        """The kind defaults with the profile's own ``cost_constants`` in their place."""
+        base = cls.defaults(profile.kind)
+        if not profile.cost_constants:
+            return base
+        own = profile.cost_constants
+        return cls(own.get("compute_efficiency", base.compute_efficiency),
+                   own.get("memory_efficiency", base.memory_efficiency),
+                   own.get("cache_bandwidth_factor", base.cache_bandwidth_factor),
+                   own.get("node_overhead_s", base.node_overhead_s),
+                   base.reference_kernel_rate, source="sourced")
+
 
 # Ops that get a kernel of their own. On GPUs and NPUs the graph compiler (TensorRT, QNN,
 # CoreML, OpenVINO) fuses the other, elementwise-like ops into a neighbouring kernel's epilogue:
@@ -125,7 +149,7 @@ _KERNEL_OPS = {"Conv", "ConvTranspose", "ConvInteger", "QLinearConv", "MatMul", 
                "QLinearGlobalAveragePool", "QLinearAveragePool", "Resize", "Gather",
                "Concat", "Transpose", "ReduceMean", "TopK", "NonMaxSuppression"}
 # A low-precision node on a target without a fast path for it reads a float copy of its weights:
-# the ratio of item sizes (fp32 4 bytes vs int8 1, int16 2, int4 0.5, fp16/bf16 2), exact.
+# the ratio of item sizes (fp32 4 bytes vs int8 1, int16 2, int4 0.5, fp16/bf16 2): EXACT.
 _DEQUANT_GROWTH = {"int8": 4.0, "int16": 2.0, "int4": 8.0, "fp16": 2.0, "bf16": 2.0}
 _VIEW_OPS = {"Reshape", "Flatten", "Squeeze", "Unsqueeze", "Identity", "Shape", "Size",
              "Constant", "ConstantOfShape", "Dropout"}
@@ -148,6 +172,7 @@ _QDQ_FORMATS: dict[tuple[int, int], str] = {
     (TensorProto.UINT16, TensorProto.INT8): "int16_static_qdq_u16u8",
     (TensorProto.INT16, TensorProto.INT8): "int16_static_qdq_u16u8",
 }
+# Bytes per element numpy has no dtype for (EXACT: int4 half a byte; a string one pointer).
 _ITEMSIZE_OVERRIDE: dict[int, float] = {TensorProto.INT4: 0.5, TensorProto.UINT4: 0.5, TensorProto.STRING: 8.0}
 
 
@@ -206,7 +231,7 @@ class Estimate:
     unsupported: list[str]
     assumptions: list[str]
     calibrated: bool = False
-    constants: str = "defaults"  # or "fitted": this CPU's kernels, see ``constants_for``
+    constants: str = "defaults"  # "sourced" (the profile's own) or "fitted": ``constants_for``
     fit_error_pct: float | None = None  # the fit's median |error| (leave-one-model-out), %
 
     def to_dict(self) -> dict:
@@ -659,6 +684,22 @@ def load_cost_fit() -> dict[str, Any] | None:
     return fit if isinstance(fit, dict) and "constants" in fit and "machine" in fit else None
 
 
+@cache
+def load_cost_sources() -> dict[str, Any]:
+    """Where each constant comes from (``service/engine/devices/cost_sources.json``), read once;
+    an empty dict when the file is missing or unreadable."""
+    import json
+    from importlib import resources
+
+    try:
+        text = resources.files("service.engine.devices").joinpath(COST_SOURCES_FILE).read_text(
+            encoding="utf-8")
+        sources = json.loads(text)
+    except (OSError, ValueError):
+        return {}
+    return sources if isinstance(sources, dict) else {}
+
+
 def _fit_applies(fit: dict[str, Any], profile: DeviceProfile) -> bool:
     """A fit stands for CPUs that run the fitted machine's kernels (same architecture and
     kernel-selecting ISA features, as ``DeviceProfile.same_kernels_as``)."""
@@ -672,10 +713,11 @@ def _fit_applies(fit: dict[str, Any], profile: DeviceProfile) -> bool:
 
 def constants_for(profile: DeviceProfile, fit: dict[str, Any] | None = None) -> Constants:
     """The constants an estimate on ``profile`` uses: the stored fit (``load_cost_fit``, or
-    ``fit``) for CPUs with the fitted machine's kernels, else the module defaults."""
+    ``fit``) for CPUs with the fitted machine's kernels, else the module defaults for the kind
+    with the profile's own ``cost_constants`` in their place."""
     fit = fit if fit is not None else load_cost_fit()
     if fit is None or not _fit_applies(fit, profile):
-        return Constants.defaults(profile.kind)
+        return Constants.for_profile(profile)
     c = fit["constants"]
     return Constants(float(c["compute_efficiency"]), float(c["memory_efficiency"]),
                      float(c["cache_bandwidth_factor"]), float(c["node_overhead_s"]),
@@ -785,6 +827,13 @@ def estimate(
             "median |error| "
             f"{error.get('median_abs_pct')} % in-sample, {error.get('loo_median_abs_pct')} % "
             f"leave-one-model-out, over {error.get('samples')} corpus measurements")
+    if constants.source == "sourced" and calibration is None:
+        fit = (load_cost_sources().get("fits") or {}).get(profile.name) or {}
+        fit_error = fit.get("median_abs_error_pct")
+        assumptions.append(
+            f"efficiency constants of {profile.name} ({', '.join(sorted(profile.cost_constants))}"
+            f") fitted to {fit.get('samples', 'some')} published batch-1 latencies: median "
+            f"|error| {fit_error} % (service/engine/devices/{COST_SOURCES_FILE})")
     latency_ms = seconds * 1e3
     for bucket in split.values():
         bucket["ms"] = round(bucket["ms"], 5)

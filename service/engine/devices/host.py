@@ -28,9 +28,13 @@ _CPUID_OWNED = frozenset({
     "avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx_vnni",
     "avx512_bf16", "avx512_fp16", "amx_tile", "amx_int8", "amx_bf16",
 })
-# Assumptions for what the OS does not tell (documented in the profile's sources).
+# What the OS does not tell (documented in the profile's sources; derivations in
+# service/engine/devices/cost_sources.json). Bandwidth per core: ASSUMPTION (a datasheet share
+# per core, 4.8-9.4 GB/s for the CPU profiles, undercounts what a few cores of a server draw;
+# the host's fitted memory efficiency absorbs the error). Power per core: SOURCED, the median
+# TDP / cores of the x86 profiles' vendor pages (EPYC 9654 3.75, Xeon 8480+ 6.25, i7-8565U 3.75).
 _GBPS_PER_CORE = 8.0
-_WATTS_PER_CORE = 10.0
+_WATTS_PER_CORE = 3.75
 
 
 def _read(path: str) -> str:
@@ -156,7 +160,7 @@ def profile_from_cpuinfo(
             "peak_gops.int4": "no native int4 compute (MatMulNBits dequantizes to fp32)",
             **({"peak_gops.fp16": "2x fp32 (fp16 arithmetic flags)"} if fp16_fast else {}),
             "memory_bandwidth_gbps": f"estimate: {_GBPS_PER_CORE:g} GB/s per usable core (not readable from the OS)",
-            "typical_power_w": f"estimate: {_WATTS_PER_CORE:g} W per usable core (not readable from the OS)",
+            "typical_power_w": f"estimate: {_WATTS_PER_CORE:g} W per usable core (not readable from the OS; median TDP per core of the x86 profiles, service/engine/devices/cost_sources.json)",
         },
         notes="Built at run time from /proc/cpuinfo; the cost model's host calibration corrects the estimates.",
     )

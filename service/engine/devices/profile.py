@@ -45,6 +45,9 @@ QuantFormat = Literal[
 
 # Fields whose values are numbers from a datasheet; catalogue profiles must source each one.
 NUMERIC_FIELDS = ("memory_mb", "storage_budget_mb", "memory_bandwidth_gbps", "typical_power_w")
+# The cost model's efficiency constants a profile may set for itself (``cost_constants``).
+COST_CONSTANTS = ("compute_efficiency", "memory_efficiency", "cache_bandwidth_factor",
+                  "node_overhead_s")
 
 
 class DeviceProfile(BaseModel):
@@ -97,6 +100,13 @@ class DeviceProfile(BaseModel):
     )
     memory_bandwidth_gbps: float = Field(gt=0, description="Peak memory bandwidth, GB/s.")
     typical_power_w: float = Field(gt=0, description="Typical power under inference load, W.")
+    cost_constants: dict[str, float] = Field(
+        default_factory=dict,
+        description="This device's values of the cost model's efficiency constants "
+        "(compute_efficiency, memory_efficiency, cache_bandwidth_factor, node_overhead_s), "
+        "replacing the defaults for its kind; each sourced like the other numbers (catalogue "
+        "profiles: derived in service/engine/devices/cost_sources.json).",
+    )
     sources: dict[str, str] = Field(
         default_factory=dict,
         description="Public source (URL or document) per numeric field, keyed by field path.",
@@ -113,6 +123,17 @@ class DeviceProfile(BaseModel):
                 raise ValueError(f"peak_gops[{precision}] must be > 0")
         return value
 
+    @field_validator("cost_constants")
+    @classmethod
+    def _known_constants(cls, value: dict[str, float]) -> dict[str, float]:
+        for name, number in value.items():
+            if name not in COST_CONSTANTS:
+                raise ValueError(f"cost_constants: unknown constant {name!r} "
+                                 f"(known: {', '.join(COST_CONSTANTS)})")
+            if not number > 0:
+                raise ValueError(f"cost_constants[{name}] must be > 0")
+        return value
+
     @model_validator(mode="after")
     def _consistent(self) -> DeviceProfile:
         missing = [p for p in self.precisions if p not in self.peak_gops]
@@ -122,7 +143,8 @@ class DeviceProfile(BaseModel):
 
     def missing_sources(self) -> list[str]:
         """Numeric field paths that have no entry in ``sources`` (catalogue profiles need none)."""
-        wanted = list(NUMERIC_FIELDS) + [f"peak_gops.{p}" for p in self.peak_gops]
+        wanted = (list(NUMERIC_FIELDS) + [f"peak_gops.{p}" for p in self.peak_gops]
+                  + [f"cost_constants.{c}" for c in self.cost_constants])
         return [key for key in wanted if not self.sources.get(key)]
 
     def peak(self, precision: str) -> float:

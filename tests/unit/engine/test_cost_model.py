@@ -223,7 +223,43 @@ def test_the_fit_is_used_only_for_cpus_with_the_fitted_machines_kernels() -> Non
         "fitted", 0.1, 0.5)
     other = host.model_copy(update={"isa_features": ("sse4_2",)})
     assert cost_model.constants_for(other, fit) == cost_model.Constants.defaults("cpu")
-    assert cost_model.constants_for(get_device("nvidia_t4"), fit).source == "defaults"
+    # a GPU never takes a CPU fit: it gets its kind defaults, with its profile's own values
+    assert cost_model.constants_for(get_device("nvidia_t4"), fit).source == "sourced"
+    assert cost_model.constants_for(get_device("nvidia_l4"), fit) == \
+        cost_model.Constants.defaults("gpu")
+
+
+def test_a_profiles_cost_constants_replace_the_kind_defaults_and_are_stated() -> None:
+    a100 = get_device("nvidia_a100")
+    k = cost_model.constants_for(a100)
+    gpu = cost_model.Constants.defaults("gpu")
+    assert k.source == "sourced"
+    assert (k.compute_efficiency, k.node_overhead_s) == (
+        a100.cost_constants["compute_efficiency"], a100.cost_constants["node_overhead_s"])
+    assert (k.memory_efficiency, k.cache_bandwidth_factor) == (
+        gpu.memory_efficiency, gpu.cache_bandwidth_factor)  # not set by the profile
+    model = _conv_model(64, 64, 56)
+    est = cost_model.estimate(model, a100)
+    assert est.latency_ms == pytest.approx(_law(cost_model.analyse(model), a100, k))
+    # a lower compute efficiency than the default makes this compute-bound conv slower
+    plain = a100.model_copy(update={"cost_constants": {}})
+    assert cost_model.constants_for(plain) == gpu
+    assert est.latency_ms > cost_model.estimate(model, plain).latency_ms
+    fits = cost_model.load_cost_sources()["fits"]
+    assert est.constants == "sourced"
+    assert est.fit_error_pct == fits["nvidia_a100"]["median_abs_error_pct"]
+    assert any("published batch-1 latencies" in a for a in est.assumptions)
+    assert cost_model.estimate(model, plain).constants == "defaults"
+
+
+def test_profiles_reject_unknown_or_non_positive_cost_constants() -> None:
+    a100 = get_device("nvidia_a100").model_dump()
+    with pytest.raises(ValueError, match="unknown constant"):
+        type(get_device("nvidia_a100")).model_validate(
+            {**a100, "cost_constants": {"compute_eff": 0.3}})
+    with pytest.raises(ValueError, match="must be > 0"):
+        type(get_device("nvidia_a100")).model_validate(
+            {**a100, "cost_constants": {"node_overhead_s": 0}})
 
 
 def test_estimates_on_the_host_state_the_committed_fit_and_its_error() -> None:

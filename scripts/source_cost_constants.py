@@ -1,0 +1,408 @@
+"""Derive the cost model's GPU / NPU constants from published latencies and print the fit.
+
+No GPU or NPU is at hand to measure on, so the constants of those targets are fitted to
+latencies that vendors and third parties published for standard networks at batch 1 (each with
+its URL and the figure as it appears, in ``service/engine/devices/cost_sources.json`` under
+``measurements``). For every measurement this script builds the network's graph in ONNX
+(architecture only: ResNet-50/101 v1.5, ResNeXt-50 32x4d, MobileNet v1 and v2 at 224x224, in
+float32, float16 or int8 QDQ; the weights are zeros, which the cost model never reads), runs the
+cost model's own ``analyse`` and roofline on the device's profile, and fits per device
+
+- ``compute_efficiency`` (log grid, then a finer one), and
+- ``node_overhead_s`` in closed form (least squares, non-negative) where the device has at least
+  three measurements; with fewer it keeps the kind default (an ASSUMPTION); ``fit`` in the
+  sources file may name other parameters for a device, or none (listed, not fitted),
+
+minimising the squared relative error; memory efficiency and the cache factor keep their kind
+defaults (the published numbers are end-to-end latencies of compute-heavy CNNs and do not
+separate the memory term). It prints per measurement the model's FLOPs, the naive achieved
+efficiency (FLOPs x throughput / datasheet peak, overheads included), the estimate with the
+module defaults and with the fitted constants, and the fit error per device.
+
+    .venv/bin/python scripts/source_cost_constants.py --out docs/bench/cost_sources.txt
+
+``--check`` compares the fitted values with the ones stored in ``cost_sources.json`` and the
+profiles and exits non-zero when they drift (to within the stored rounding).
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import math
+import statistics
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "scripts"))
+
+from bench_output import machine_header, tee_to  # noqa: E402
+
+from service.engine import cost_model  # noqa: E402
+from service.engine.devices import DeviceProfile, get_device  # noqa: E402
+
+SOURCES = ROOT / "service" / "engine" / "devices" / "cost_sources.json"
+
+
+class GraphBuilder:
+    """Accumulates the nodes and initializers of one CNN in one of three numeric formats.
+
+    ``fmt``: ``fp32``; ``fp16`` (every tensor half precision); ``int8`` (QDQ: every Conv / Gemm
+    reads its activation through QuantizeLinear -> DequantizeLinear and an int8 weight through
+    DequantizeLinear, s8s8 as TensorRT's explicit quantization wants); ``int8_u8s8`` (the same
+    with uint8 activations, as QNN's HTP runs them).
+    """
+
+    def __init__(self, fmt: str) -> None:
+        self.fmt = fmt
+        self.nodes: list[onnx.NodeProto] = []
+        self.inits: list[onnx.TensorProto] = []
+        self.count = 0
+        self.dequantized: set[str] = set()
+        self.elem = TensorProto.FLOAT16 if fmt == "fp16" else TensorProto.FLOAT
+        self.np_float = np.float16 if fmt == "fp16" else np.float32
+
+    def _name(self, prefix: str) -> str:
+        self.count += 1
+        return f"{prefix}{self.count}"
+
+    def _weight(self, shape: tuple[int, ...]) -> str:
+        name = self._name("w")
+        if self.fmt.startswith("int8"):
+            self.inits.append(numpy_helper.from_array(np.zeros(shape, np.int8), name + "_q"))
+            self._scales(name)
+            self.nodes.append(helper.make_node("DequantizeLinear",
+                                               [name + "_q", name + "_s", name + "_z"], [name]))
+        else:
+            self.inits.append(numpy_helper.from_array(np.zeros(shape, self.np_float), name))
+        return name
+
+    def _scales(self, name: str, activation: bool = False) -> None:
+        zero = np.uint8(128) if activation and self.fmt == "int8_u8s8" else np.int8(0)
+        self.inits.append(numpy_helper.from_array(np.array(0.01, np.float32), name + "_s"))
+        self.inits.append(numpy_helper.from_array(np.array(zero), name + "_z"))
+
+    def _bias(self, size: int) -> str:
+        """A float bias, or (int8) an int32 bias through DequantizeLinear, as ONNX Runtime's
+        static quantization writes it."""
+        name = self._name("b")
+        if not self.fmt.startswith("int8"):
+            self.inits.append(numpy_helper.from_array(np.zeros((size,), self.np_float), name))
+            return name
+        self.inits.append(numpy_helper.from_array(np.zeros((size,), np.int32), name + "_q"))
+        self.inits.append(numpy_helper.from_array(np.array(1e-4, np.float32), name + "_s"))
+        self.inits.append(numpy_helper.from_array(np.array(0, np.int32), name + "_z"))
+        self.nodes.append(helper.make_node("DequantizeLinear",
+                                           [name + "_q", name + "_s", name + "_z"], [name]))
+        return name
+
+    def _activation(self, x: str) -> str:
+        """``x`` as the int8 kernels read it: through Q -> DQ (once per tensor)."""
+        if not self.fmt.startswith("int8") or x in self.dequantized:
+            return x
+        name = self._name("a")
+        self.dequantized.add(name)
+        self._scales(name, activation=True)
+        self.nodes.append(helper.make_node("QuantizeLinear", [x, name + "_s", name + "_z"],
+                                           [name + "_q"]))
+        self.nodes.append(helper.make_node("DequantizeLinear",
+                                           [name + "_q", name + "_s", name + "_z"], [name]))
+        return name
+
+    def conv(self, x: str, cin: int, cout: int, k: int, stride: int = 1, group: int = 1,
+             act: str | None = "Relu") -> str:
+        w = self._weight((cout, cin // group, k, k))
+        bias = self._bias(cout)
+        y = self._name("conv")
+        self.nodes.append(helper.make_node(
+            "Conv", [self._activation(x), w, bias], [y], kernel_shape=[k, k],
+            strides=[stride, stride], pads=[k // 2] * 4, group=group))
+        if self.fmt.startswith("int8"):
+            # ONNX Runtime's QDQ quantizer folds a Relu / Clip after a Conv into the output's
+            # quantization range: Conv -> Q -> DQ
+            return self._activation(y)
+        if act == "Relu":
+            out = self._name("relu")
+            self.nodes.append(helper.make_node("Relu", [y], [out]))
+            return out
+        if act == "Relu6":
+            lo, hi = self._name("lo"), self._name("hi")
+            self.inits.append(numpy_helper.from_array(np.array(0.0, self.np_float), lo))
+            self.inits.append(numpy_helper.from_array(np.array(6.0, self.np_float), hi))
+            out = self._name("relu6")
+            self.nodes.append(helper.make_node("Clip", [y, lo, hi], [out]))
+            return out
+        return y
+
+    def add(self, a: str, b: str, relu: bool) -> str:
+        y = self._name("add")
+        self.nodes.append(helper.make_node("Add", [a, b], [y]))
+        if self.fmt.startswith("int8"):
+            return self._activation(y)
+        if not relu:
+            return y
+        out = self._name("relu")
+        self.nodes.append(helper.make_node("Relu", [y], [out]))
+        return out
+
+    def maxpool(self, x: str) -> str:
+        y = self._name("pool")
+        self.nodes.append(helper.make_node("MaxPool", [x], [y], kernel_shape=[3, 3],
+                                           strides=[2, 2], pads=[1, 1, 1, 1]))
+        return self._activation(y)
+
+    def head(self, x: str, channels: int, classes: int = 1000) -> str:
+        pooled, flat = self._name("gap"), self._name("flat")
+        self.nodes.append(helper.make_node("GlobalAveragePool", [x], [pooled]))
+        pooled_q = self._activation(pooled)
+        self.nodes.append(helper.make_node("Flatten", [pooled_q], [flat]))
+        w = self._weight((classes, channels))
+        bias = self._bias(classes)
+        y = "logits"
+        self.nodes.append(helper.make_node("Gemm", [self._activation(flat), w, bias], [y],
+                                           transB=1))
+        return y
+
+    def model(self, name: str) -> onnx.ModelProto:
+        graph = helper.make_graph(
+            self.nodes, name, [helper.make_tensor_value_info("x", self.elem, [1, 3, 224, 224])],
+            [helper.make_tensor_value_info("logits", self.elem, [1, 1000])], self.inits)
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+        model.ir_version = 8
+        return model
+
+
+def _bottleneck_net(blocks: list[int], groups: int = 1, width_per_group: int = 64) -> Callable[[str], onnx.ModelProto]:
+    """ResNet v1.5 (stride on the 3x3) / ResNeXt with bottleneck blocks, no BatchNorm (folded)."""
+
+    def build(fmt: str) -> onnx.ModelProto:
+        g = GraphBuilder(fmt)
+        x = g.maxpool(g.conv("x", 3, 64, 7, stride=2))
+        cin = 64
+        for stage, count in enumerate(blocks):
+            planes = 64 * 2 ** stage
+            width = int(planes * width_per_group / 64) * groups
+            cout = planes * 4
+            for index in range(count):
+                stride = 2 if index == 0 and stage > 0 else 1
+                h = g.conv(x, cin, width, 1)
+                h = g.conv(h, width, width, 3, stride=stride, group=groups)
+                h = g.conv(h, width, cout, 1, act=None)
+                short = g.conv(x, cin, cout, 1, stride=stride, act=None) if index == 0 else x
+                x = g.add(h, short, relu=True)
+                cin = cout
+        g.head(x, cin)
+        return g.model("resnet")
+
+    return build
+
+
+def _mobilenet_v1(fmt: str) -> onnx.ModelProto:
+    g = GraphBuilder(fmt)
+    x = g.conv("x", 3, 32, 3, stride=2)
+    cin = 32
+    for cout, stride in [(64, 1), (128, 2), (128, 1), (256, 2), (256, 1), (512, 2)] + \
+            [(512, 1)] * 5 + [(1024, 2), (1024, 1)]:
+        x = g.conv(x, cin, cin, 3, stride=stride, group=cin)
+        x = g.conv(x, cin, cout, 1)
+        cin = cout
+    g.head(x, cin)
+    return g.model("mobilenet_v1")
+
+
+def _mobilenet_v2(fmt: str) -> onnx.ModelProto:
+    g = GraphBuilder(fmt)
+    x = g.conv("x", 3, 32, 3, stride=2, act="Relu6")
+    cin = 32
+    for t, c, n, s in [(1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2),
+                       (6, 96, 3, 1), (6, 160, 3, 2), (6, 320, 1, 1)]:
+        for index in range(n):
+            stride = s if index == 0 else 1
+            hidden = cin * t
+            h = g.conv(x, cin, hidden, 1, act="Relu6") if t != 1 else x
+            h = g.conv(h, hidden, hidden, 3, stride=stride, group=hidden, act="Relu6")
+            h = g.conv(h, hidden, c, 1, act=None)
+            x = g.add(h, x, relu=False) if stride == 1 and cin == c else h
+            cin = c
+    x = g.conv(x, cin, 1280, 1, act="Relu6")
+    g.head(x, 1280)
+    return g.model("mobilenet_v2")
+
+
+NETWORKS: dict[str, Callable[[str], onnx.ModelProto]] = {
+    "resnet50": _bottleneck_net([3, 4, 6, 3]),
+    "resnet101": _bottleneck_net([3, 4, 23, 3]),
+    "resnext50_32x4d": _bottleneck_net([3, 4, 6, 3], groups=32, width_per_group=4),
+    "mobilenet_v1": _mobilenet_v1,
+    "mobilenet_v2": _mobilenet_v2,
+}
+
+
+def load_sources() -> dict:
+    return json.loads(SOURCES.read_text(encoding="utf-8"))
+
+
+GRID_PARAMS = ("compute_efficiency", "memory_efficiency", "cache_bandwidth_factor")
+GRID_RANGE = {"compute_efficiency": (0.003, 1.0), "memory_efficiency": (0.05, 1.0),
+              "cache_bandwidth_factor": (1.0, 32.0)}
+
+
+def _constants(profile: DeviceProfile, values: dict[str, float]) -> cost_model.Constants:
+    base = cost_model.Constants.defaults(profile.kind)
+    return cost_model.Constants(
+        values.get("compute_efficiency", base.compute_efficiency),
+        values.get("memory_efficiency", base.memory_efficiency),
+        values.get("cache_bandwidth_factor", base.cache_bandwidth_factor),
+        values.get("node_overhead_s", base.node_overhead_s), base.reference_kernel_rate)
+
+
+def _seconds(cost: cost_model.ModelCost, profile: DeviceProfile, values: dict[str, float]) -> float:
+    """The estimate in seconds with the kind defaults, ``values`` replacing some."""
+    k = _constants(profile, values)
+    roof, nodes, *_ = cost_model._roofline(cost, profile, k)
+    return roof + k.node_overhead_s * nodes
+
+
+def fit_device(costs: list[cost_model.ModelCost], measured_s: np.ndarray,
+               profile: DeviceProfile, params: list[str]) -> tuple[dict[str, float], np.ndarray]:
+    """The ``params`` minimising the squared relative error (log grids, then two finer ones;
+    ``node_overhead_s`` in closed form, non-negative); the others keep the kind defaults."""
+    grid_params = [p for p in GRID_PARAMS if p in params]
+    fit_overhead = "node_overhead_s" in params
+
+    def solve(point: tuple[float, ...]) -> tuple[float, float, np.ndarray]:
+        values = dict(zip(grid_params, point, strict=True))
+        k = _constants(profile, values)
+        roof, nodes = np.zeros(len(costs)), np.zeros(len(costs))
+        for i, cost in enumerate(costs):
+            roof[i], nodes[i], *_ = cost_model._roofline(cost, profile, k)
+        overhead = k.node_overhead_s
+        if fit_overhead:
+            a, b = nodes / measured_s, 1.0 - roof / measured_s
+            overhead = max(0.0, float(a @ b / (a @ a)))
+        pred = roof + overhead * nodes
+        return float(np.sum(((pred - measured_s) / measured_s) ** 2)), overhead, pred
+
+    def search(axes: list[np.ndarray]) -> tuple[float, ...]:
+        best: tuple[float, tuple[float, ...]] = (math.inf, ())
+        for point in itertools.product(*axes):
+            loss = solve(tuple(float(v) for v in point))[0]
+            if loss < best[0]:
+                best = (loss, tuple(float(v) for v in point))
+        return best[1]
+
+    steps = 40 if len(grid_params) == 1 else 16
+    point = search([np.geomspace(*GRID_RANGE[p], steps) for p in grid_params])
+    for width in (1.3, 1.05):
+        point = search([np.clip(v * np.geomspace(1 / width, width, 9), *GRID_RANGE[p])
+                        for p, v in zip(grid_params, point, strict=True)])
+    _, overhead, pred = solve(point)
+    values = dict(zip(grid_params, point, strict=True))
+    if fit_overhead:
+        values["node_overhead_s"] = overhead
+    return values, pred
+
+
+def run(out_json: dict | None = None) -> dict[str, dict]:
+    sources = load_sources()
+    built: dict[tuple[str, str], cost_model.ModelCost] = {}
+    by_device: dict[str, list[dict]] = {}
+    for row in sources["measurements"]:
+        by_device.setdefault(row["device"], []).append(row)
+    results: dict[str, dict] = {}
+    print(f"{'device':20s} {'model':16s} {'prec':5s} {'GFLOP':>6s} {'meas ms':>8s} "
+          f"{'naive eff':>9s} {'default ms':>10s} {'fit ms':>7s} {'err%':>6s}")
+    print("(naive eff: FLOPs x throughput / datasheet peak; default ms: the estimate with the "
+          "kind defaults; fit ms: with the fitted constants)")
+    for device, rows in by_device.items():
+        profile = get_device(device)
+        costs = []
+        for row in rows:
+            key = (row["model"], row["precision"])
+            if key not in built:
+                built[key] = cost_model.analyse(NETWORKS[row["model"]](row["precision"]))
+            costs.append(built[key])
+        measured = np.array([float(r["latency_ms"]) for r in rows]) * 1e-3
+        params = sources["fit"][device] if device in sources["fit"] else (
+            ["compute_efficiency", "node_overhead_s"] if len(rows) >= 3 else ["compute_efficiency"])
+        defaults = [_seconds(c, profile, {}) * 1e3 for c in costs]
+        if params:
+            values, pred = fit_device(costs, measured, profile, params)
+        else:  # listed for the record, not fitted (``not_fitted`` says why)
+            values, pred = {}, np.array(defaults) * 1e-3
+        errors = []
+        for row, cost, p, d in zip(rows, costs, pred, defaults, strict=True):
+            precision = "int8" if row["precision"].startswith("int8") else row["precision"]
+            peak = profile.peak(precision if precision in profile.precisions else "fp32") * 1e9
+            naive = cost.flops / (float(row["latency_ms"]) * 1e-3) / peak
+            err = 100.0 * (p * 1e3 - row["latency_ms"]) / row["latency_ms"]
+            errors.append(abs(err))
+            print(f"{device:20s} {row['model']:16s} {row['precision']:5s} "
+                  f"{cost.flops / 1e9:6.2f} {row['latency_ms']:8.3f} {naive:9.4f} "
+                  f"{d:10.3f} {p * 1e3:7.3f} {err:6.1f}")
+        results[device] = {
+            "kind": profile.kind,
+            "fitted": {k: float(f"{v:.3g}") for k, v in values.items()},
+            "samples": len(rows),
+            "median_abs_error_pct": round(statistics.median(errors), 1),
+            "max_abs_error_pct": round(max(errors), 1),
+        }
+    print()
+    for device, r in results.items():
+        if not r["fitted"]:
+            print(f"{device}: not fitted (its rows show the estimate with the defaults): "
+                  f"{sources['not_fitted'][device]}")
+            continue
+        fitted = ", ".join(f"{k} {v:.3g}" for k, v in r["fitted"].items())
+        exact = " (as many parameters as latencies: no residual to judge it by)" \
+            if len(r["fitted"]) >= r["samples"] else ""
+        print(f"{device}: {fitted}; median |error| {r['median_abs_error_pct']} % (max "
+              f"{r['max_abs_error_pct']} %) over {r['samples']} published latencies{exact}")
+    return results
+
+
+def check(results: dict[str, dict]) -> list[str]:
+    """Where the stored per-device values differ from this fit (beyond 3 % relative)."""
+    problems = []
+    stored = {(r["key"], r["constant"].lower()): r for r in load_sources()["constants"]}
+    for device, r in results.items():
+        profile_values = get_device(device).cost_constants
+        for constant, value in r["fitted"].items():
+            row = stored.get((device, constant))
+            if row is None:
+                problems.append(f"{device}.{constant}: no row in {SOURCES.name}")
+                continue
+            if not math.isclose(row["value"], value, rel_tol=0.03):
+                problems.append(f"{device}.{constant}: stored {row['value']}, fit {value}")
+            if profile_values.get(constant) != row["value"]:
+                problems.append(f"{device}.{constant}: profile and {SOURCES.name} disagree")
+    return problems
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, help="also write the printed table here")
+    parser.add_argument("--check", action="store_true",
+                        help="fail when the stored values differ from the fit")
+    args = parser.parse_args()
+    header = machine_header("scripts/source_cost_constants.py", sys.argv[1:],
+                            "none (no inference is run: the cost model's arithmetic only)")
+    with tee_to(args.out, header):
+        results = run()
+        problems = check(results) if args.check else []
+        for problem in problems:
+            print("DRIFT:", problem)
+    return 1 if problems else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

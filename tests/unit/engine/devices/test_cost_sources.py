@@ -1,0 +1,208 @@
+"""Every constant of the cost model carries a label, and every SOURCED one its sources.
+
+``service/engine/devices/cost_sources.json`` has one row per constant and key (a device kind,
+a device profile, an op, or ``*`` for a whole table). The numeric module-level constants of
+``cost_model`` and ``devices.host`` are found by reading the code, so a new constant without a
+row, a row whose value drifted from the code, a SOURCED row without a URL and a quote, or a
+profile's ``cost_constants`` entry without its row all fail here.
+"""
+
+from __future__ import annotations
+
+import ast
+import importlib
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from service.engine import cost_model
+from service.engine.devices import host, list_devices
+
+ROOT = Path(__file__).resolve().parents[4]
+SOURCES = ROOT / "service" / "engine" / "devices" / "cost_sources.json"
+MODULES = (cost_model, host)
+LABELS = {"FITTED", "SOURCED", "ASSUMPTION", "EXACT", "CONVENTION"}
+
+
+def _numeric(node: ast.AST) -> bool:
+    """A number literal, or a dict / tuple / list holding one (strings and names are not)."""
+    if isinstance(node, ast.Constant):
+        return isinstance(node.value, (int, float)) and not isinstance(node.value, bool)
+    if isinstance(node, ast.UnaryOp):
+        return _numeric(node.operand)
+    if isinstance(node, ast.Dict):
+        return any(_numeric(v) for v in node.values if v is not None)
+    if isinstance(node, (ast.Tuple, ast.List)):
+        return any(_numeric(e) for e in node.elts)
+    return False
+
+
+def numeric_constants(module: Any) -> dict[str, int]:
+    """Module-level names bound to a numeric literal (or a table of them): name -> line."""
+    tree = ast.parse(Path(module.__file__).read_text(encoding="utf-8"))
+    found: dict[str, int] = {}
+    for stmt in tree.body:
+        targets: list[ast.expr] = []
+        if isinstance(stmt, ast.Assign):
+            targets, value = stmt.targets, stmt.value
+        elif isinstance(stmt, ast.AnnAssign) and stmt.value is not None:
+            targets, value = [stmt.target], stmt.value
+        else:
+            continue
+        if _numeric(value):
+            found.update({t.id: stmt.lineno for t in targets if isinstance(t, ast.Name)})
+    return found
+
+
+def _comment_above(module: Any, line: int) -> str:
+    """The comment block above a constant, across neighbouring constant assignments."""
+    lines = Path(module.__file__).read_text(encoding="utf-8").splitlines()
+    text, index = [], line - 2
+    while index >= 0 and (lines[index].startswith("#")
+                          or re.match(r"^_?[A-Z][A-Z0-9_]* = ", lines[index])):
+        if lines[index].startswith("#"):
+            text.append(lines[index])
+        index -= 1
+    return "\n".join(text)
+
+
+@pytest.fixture(scope="module")
+def sources() -> dict[str, Any]:
+    return json.loads(SOURCES.read_text(encoding="utf-8"))
+
+
+def _rows(sources: dict[str, Any], constant: str) -> dict[str, dict[str, Any]]:
+    return {r["key"]: r for r in sources["constants"] if r["constant"] == constant}
+
+
+def test_the_code_finds_the_constants_it_should() -> None:
+    # the scan itself: it sees the efficiency tables and the host guesses, not string tables
+    found = {name for m in MODULES for name in numeric_constants(m)}
+    assert {"COMPUTE_EFFICIENCY", "MEMORY_EFFICIENCY", "CACHE_BANDWIDTH_FACTOR",
+            "NODE_OVERHEAD_S", "REFERENCE_KERNEL_RATE", "_GBPS_PER_CORE",
+            "_WATTS_PER_CORE"} <= found
+    assert "_QDQ_FORMATS" not in found and "COST_FIT_FILE" not in found
+
+
+def test_every_numeric_constant_has_a_labelled_row_with_the_codes_value(sources) -> None:  # type: ignore[no-untyped-def]
+    profiles = {p.name for p in list_devices()}
+    for module in MODULES:
+        for name, line in numeric_constants(module).items():
+            rows = _rows(sources, name)
+            assert rows, f"{module.__name__}.{name} has no row in {SOURCES.name}"
+            for key, row in rows.items():
+                assert row["label"] in LABELS, f"{name}[{key}]: label {row['label']!r}"
+                assert row["derivation"].strip(), f"{name}[{key}]: no derivation"
+            # the comment above the constant names every label its rows carry
+            comment = _comment_above(module, line)
+            for label in {r["label"] for r in rows.values() if r["key"] not in profiles}:
+                assert label in comment, f"{module.__name__}.{name}: comment lacks {label}"
+            value = getattr(module, name)
+            if "*" in rows:
+                assert len(rows) == 1, f"{name}: a '*' row stands alone"
+                if rows["*"]["value"] is not None:
+                    assert rows["*"]["value"] == value, f"{name}: code {value}"
+                continue
+            if isinstance(value, dict):
+                own = {k: r for k, r in rows.items() if k not in profiles}
+                assert set(own) == set(value), f"{name}: rows {sorted(own)} vs keys {sorted(value)}"
+                for key, row in own.items():
+                    assert row["value"] == value[key], f"{name}[{key}]: code {value[key]}"
+            else:
+                assert len(rows) == 1, f"{name}: one row for a scalar"
+                (row,) = rows.values()
+                assert row["value"] == value, f"{name}: code {value}, row {row['value']}"
+
+
+def test_every_row_names_a_constant_of_the_code(sources) -> None:  # type: ignore[no-untyped-def]
+    names = {name for m in MODULES for name in numeric_constants(m)}
+    stale = {r["constant"] for r in sources["constants"]} - names
+    assert not stale, f"rows for constants the code no longer has: {sorted(stale)}"
+
+
+def test_every_sourced_row_cites_a_url_and_the_figure(sources) -> None:  # type: ignore[no-untyped-def]
+    for row in sources["constants"]:
+        if row["label"] != "SOURCED":
+            continue
+        assert row.get("sources"), f"{row['constant']}[{row['key']}]: SOURCED without sources"
+        for source in row["sources"]:
+            url = source["url"]
+            assert url.startswith(("https://", "http://")) or (ROOT / url).is_file(), url
+            assert source["quote"].strip(), f"{row['constant']}[{row['key']}]: empty quote"
+
+
+def test_assumptions_say_what_was_looked_for_or_why_none_applies(sources) -> None:  # type: ignore[no-untyped-def]
+    for row in sources["constants"]:
+        if row["label"] == "ASSUMPTION":
+            assert row.get("searched") or len(row["derivation"]) > 40, row["constant"]
+
+
+def test_profile_cost_constants_and_their_rows_agree(sources) -> None:  # type: ignore[no-untyped-def]
+    by_key = {(r["key"], r["constant"].lower()): r for r in sources["constants"]}
+    seen = set()
+    for profile in list_devices():
+        for constant, value in profile.cost_constants.items():
+            row = by_key.get((profile.name, constant))
+            assert row is not None, f"{profile.name}.cost_constants.{constant} has no row"
+            assert row["label"] == "SOURCED" and row["value"] == value, (profile.name, constant)
+            # the profile's own sources entry points at the derivation
+            assert SOURCES.name in profile.sources[f"cost_constants.{constant}"]
+            # and the figures it was fitted to are listed as measurements of this device
+            urls = {m["url"] for m in sources["measurements"] if m["device"] == profile.name}
+            assert urls and urls <= {s["url"] for s in row["sources"]}
+            seen.add((profile.name, constant))
+    profiles = {p.name for p in list_devices()}
+    per_profile = {k for k in by_key if k[0] in profiles}
+    assert per_profile == seen, f"rows for values no profile carries: {per_profile - seen}"
+
+
+def test_measurements_are_quoted_and_fit_error_is_recorded(sources) -> None:  # type: ignore[no-untyped-def]
+    profiles = {p.name for p in list_devices()}
+    for m in sources["measurements"]:
+        assert m["device"] in profiles and m["latency_ms"] > 0 and m["batch"] == 1
+        assert m["url"].startswith("https://") and m["quote"].strip()
+        # the quoted figure is the one stored
+        assert f"{m['latency_ms']:g}" in m["quote"], m
+    fitted = {p.name for p in list_devices() if p.cost_constants}
+    assert fitted <= set(sources["fits"])
+    assert set(sources["not_fitted"]).isdisjoint(fitted)
+
+
+@pytest.fixture
+def script(monkeypatch: pytest.MonkeyPatch) -> Any:
+    monkeypatch.syspath_prepend(str(ROOT / "scripts"))
+    return importlib.import_module("source_cost_constants")
+
+
+def test_the_fit_recovers_known_gpu_constants(script) -> None:  # type: ignore[no-untyped-def]
+    # latencies made by known constants on a GPU profile (not published numbers): the fit of
+    # compute efficiency and per-kernel overhead must find them again
+    from service.engine.devices import get_device
+
+    t4 = get_device("nvidia_t4").model_copy(update={"cost_constants": {}})
+    costs = [cost_model.analyse(script.NETWORKS[name](fmt))
+             for name, fmt in [("mobilenet_v1", "fp16"), ("mobilenet_v2", "fp32"),
+                               ("mobilenet_v1", "int8"), ("mobilenet_v2", "fp16")]]
+    truth = {"compute_efficiency": 0.2, "node_overhead_s": 9e-6}
+    measured = np.array([script._seconds(c, t4, truth) for c in costs])
+    values, pred = script.fit_device(costs, measured, t4,
+                                     ["compute_efficiency", "node_overhead_s"])
+    assert values["compute_efficiency"] == pytest.approx(0.2, rel=0.03)
+    assert values["node_overhead_s"] == pytest.approx(9e-6, rel=0.05)
+    assert np.allclose(pred, measured, rtol=0.02)
+
+
+def test_the_reference_networks_have_their_published_size(script) -> None:  # type: ignore[no-untyped-def]
+    # FLOPs (2 per multiply-add) at 224x224 within a few % of the papers' multiply-adds:
+    # ResNet-50 4.1 G, MobileNet v1 569 M, MobileNet v2 300 M; int8 QDQ is detected as int8
+    for name, gmacs in [("resnet50", 4.1), ("mobilenet_v1", 0.569), ("mobilenet_v2", 0.300)]:
+        cost = cost_model.analyse(script.NETWORKS[name]("fp32"))
+        assert cost.flops / 2e9 == pytest.approx(gmacs, rel=0.06), name
+    cost = cost_model.analyse(script.NETWORKS["mobilenet_v1"]("int8"))
+    convs = [n for n in cost.nodes if n.op_type == "Conv"]
+    assert convs and all(n.precision == "int8" and n.qdq_format == "int8_static_qdq_s8s8"
+                         for n in convs)
