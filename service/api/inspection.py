@@ -15,7 +15,6 @@ service.api.inspect_child`` is our code; the stranger's file is read only after)
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -24,6 +23,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
+from service.child_env import child_environment
 from service.config import Settings, limits_for
 from service.engine.errors import EngineError
 from service.engine.limits import EngineLimits
@@ -38,8 +38,7 @@ SCRATCH_RESERVE_BYTES = 256 * 1024 * 1024
 def _child_env(scratch: str) -> dict[str, str]:
     """The parser of a stranger's file gets no credentials: only what Python needs to run;
     its temporary files (an archive's expansion) go to the scratch space measured."""
-    keep = ("PATH", "PYTHONPATH", "VIRTUAL_ENV", "LANG", "LC_ALL", "HOME")
-    env = {k: v for k, v in os.environ.items() if k in keep}
+    env = child_environment()
     env["TMPDIR"] = scratch
     return env
 

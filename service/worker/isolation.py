@@ -41,19 +41,19 @@ import os
 import platform
 import struct
 import sys
+from collections.abc import Mapping
 from typing import Any
 
+from service.child_env import CHILD_ENV_ALLOW, child_environment
+
 # Variables an engine process keeps; everything else (credentials above all) is dropped.
-ENGINE_ENV_ALLOW = (
-    "PATH", "LANG", "LC_ALL", "LC_CTYPE", "TZ", "HOME", "TMPDIR", "PYTHONPATH",
-    "PYTHONHASHSEED", "VIRTUAL_ENV", "OMP_NUM_THREADS", "MKL_NUM_THREADS",
-    "OPENBLAS_NUM_THREADS", "GLIBC_TUNABLES",
-)
+# The engine's environment: the one allow-list of every child that reads a stranger's file.
+ENGINE_ENV_ALLOW = CHILD_ENV_ALLOW
 
 
-def engine_environment(environ: dict[str, str] | os._Environ[str]) -> dict[str, str]:
+def engine_environment(environ: Mapping[str, str]) -> dict[str, str]:
     """The engine's environment: ``environ`` cut to ``ENGINE_ENV_ALLOW``."""
-    return {k: v for k, v in environ.items() if k in ENGINE_ENV_ALLOW}
+    return child_environment(environ)
 
 
 _CLONE_NEWNET = 0x40000000

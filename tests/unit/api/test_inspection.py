@@ -1,5 +1,6 @@
 """Uploads are parsed in a child process that holds no credentials and has resource limits."""
 
+import os
 from pathlib import Path
 
 import pytest
@@ -15,9 +16,25 @@ from tests.models import mlp
 def test_child_gets_no_credentials(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("EDGEPRESS_S3_SECRET_KEY", "s3cret")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "s3cret")
+    monkeypatch.setenv("OPENBLAS_CORETYPE", "Haswell")  # kept: numpy needs it on some CPUs
     env = _child_env("/scratch")
     assert "s3cret" not in env.values()
     assert "PATH" in env and env["TMPDIR"] == "/scratch"
+    assert env["OPENBLAS_CORETYPE"] == "Haswell"
+
+
+def test_the_inspection_child_and_the_engine_share_one_allow_list(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from service.worker.isolation import engine_environment
+
+    for name in ("PATH", "LANG", "OMP_NUM_THREADS", "EDGEPRESS_WEBHOOK_SECRET",
+                 "EDGEPRESS_REDIS_URL", "OPENBLAS_CORETYPE"):
+        monkeypatch.setenv(name, "x")
+    inspection = {k: v for k, v in _child_env("/scratch").items() if k != "TMPDIR"}
+    engine = {k: v for k, v in engine_environment(dict(os.environ)).items() if k != "TMPDIR"}
+    assert inspection == engine
+    assert "EDGEPRESS_WEBHOOK_SECRET" not in engine and "EDGEPRESS_REDIS_URL" not in engine
 
 
 def test_describes_a_model(tmp_path: Path) -> None:
