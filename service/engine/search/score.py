@@ -21,10 +21,12 @@ DEFAULT_MIN_FIDELITY = 0.99  # cosine, when the job gives no accuracy or fidelit
 DEFAULT_MAX_KL_DIVERGENCE = 0.02
 # A placebo farther off than this says the host was disturbed, not that slower is fine.
 MAX_NOT_SLOWER_BAND = DISTURBED_BAND
-# One placebo pair can land closer than the run-to-run spread of a shared host: measured on a
-# 2-core host, a weight-only model folded at load (the float graph again once loaded) came out
-# at 0.984x against a placebo of 1.01. Below 3 %, "not slower" is not measurable here.
-MIN_PLACEBO_BAND = 1.03
+# One placebo pair can land closer than the spread between sessions of one model: two sessions
+# of the very same model differ steadily by 5-7 % on this 2-core host (where their buffers
+# landed in memory; recipe.py's speed-only rule), and weight-only models folded at load (the
+# float graph again once loaded) measured 0.984x against a placebo of 1.01 and 0.941x against
+# 0.977 (the PP-OCRv5 detector, 1 thread). Below that spread "not slower" is not measurable.
+MIN_PLACEBO_BAND = 1.07
 
 
 def gate_band(measured: float) -> float:
