@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import onnx
@@ -58,18 +59,30 @@ def _bodies(model: onnx.ModelProto) -> Iterator[_Body]:
             yield _Body(list(g.initializer), list(g.sparse_initializer), list(g.node))
 
 
+# (single, repeated) attribute types and their fields, for dense and sparse tensors
+_DENSE = (onnx.AttributeProto.TENSOR, "t", onnx.AttributeProto.TENSORS, "tensors")
+_SPARSE = (onnx.AttributeProto.SPARSE_TENSOR, "sparse_tensor",
+           onnx.AttributeProto.SPARSE_TENSORS, "sparse_tensors")
+
+
+def _attribute_tensors(nodes: list[onnx.NodeProto], kind: tuple) -> Iterator[Any]:
+    """The tensors of one ``kind`` (``_DENSE`` or ``_SPARSE``) held in ``nodes``' attributes."""
+    one, one_field, many, many_field = kind
+    for node in nodes:
+        for attr in node.attribute:
+            if attr.type == one:
+                yield getattr(attr, one_field)
+            elif attr.type == many:
+                yield from getattr(attr, many_field)
+
+
 def _all_sparse(model: onnx.ModelProto) -> Iterator[tuple[onnx.SparseTensorProto, str]]:
     """Every sparse tensor: sparse initializers and sparse Constant/attribute values."""
     for body in _bodies(model):
         for s in body.sparse_initializers:
             yield s, "sparse_initializer"
-        for node in body.nodes:
-            for attr in node.attribute:
-                if attr.type == onnx.AttributeProto.SPARSE_TENSOR:
-                    yield attr.sparse_tensor, "attribute"
-                elif attr.type == onnx.AttributeProto.SPARSE_TENSORS:
-                    for s in attr.sparse_tensors:
-                        yield s, "attribute"
+        for s in _attribute_tensors(body.nodes, _SPARSE):
+            yield s, "attribute"
 
 
 def _all_tensors(model: onnx.ModelProto) -> Iterator[tuple[TensorProto, str]]:
@@ -78,13 +91,8 @@ def _all_tensors(model: onnx.ModelProto) -> Iterator[tuple[TensorProto, str]]:
     for body in _bodies(model):
         for t in body.initializers:
             yield t, "initializer"
-        for node in body.nodes:
-            for attr in node.attribute:
-                if attr.type == onnx.AttributeProto.TENSOR:
-                    yield attr.t, "attribute"
-                elif attr.type == onnx.AttributeProto.TENSORS:
-                    for t in attr.tensors:
-                        yield t, "attribute"
+        for t in _attribute_tensors(body.nodes, _DENSE):
+            yield t, "attribute"
     for s, where in _all_sparse(model):
         yield s.values, f"{where} values"
         yield s.indices, f"{where} indices"
