@@ -160,6 +160,7 @@ _NORMS = {"LayerNormalization", "SkipLayerNormalization", "SimplifiedLayerNormal
           "BatchNormalization", "InstanceNormalization", "GroupNormalization",
           "LpNormalization", "Softmax", "LogSoftmax"}
 _QDQ = {"QuantizeLinear", "DequantizeLinear"}
+_FLOAT_TYPES = (TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.BFLOAT16)
 _INT_COMPUTE = {"QLinearConv", "QLinearMatMul", "ConvInteger", "MatMulInteger",
                 "DynamicQuantizeLSTM", "QGemm", "QLinearAdd", "QLinearMul",
                 "QLinearGlobalAveragePool", "QLinearSigmoid", "QLinearLeakyRelu",
@@ -476,6 +477,35 @@ def analyse(
         node = producers.get(name)
         return node if node is not None and node.op_type == "DequantizeLinear" else None
 
+    def fuses_qdq(node: onnx.NodeProto) -> bool:
+        # QDQ pattern: every float input comes from a DQ, so the runtime fuses DQ -> op (-> Q)
+        # into an integer kernel (QLinearConv, QLinearMatMul, ...)
+        if (node.op_type in _QDQ or node.op_type in _VIEW_OPS or node.op_type in _INT_COMPUTE
+                or node.op_type == "MatMulNBits"):
+            return False
+        floats = [i for i in node.input if i and elem(i) in _FLOAT_TYPES]
+        return bool(floats) and all(dq_source(i) is not None for i in floats)
+
+    fused_kernels = {id(n) for n in graph.node if fuses_qdq(n)}
+    graph_outputs = {o.name for o in graph.output}
+
+    def folded_dq(node: onnx.NodeProto) -> bool:
+        # A DQ folds into the kernels it feeds only when every reader is such a kernel; one
+        # that also feeds a float op (or is a graph output) runs and writes its float tensor
+        # (ONNX Runtime gives the fused kernel a copy of its own), so it costs what it moves.
+        users = [c for o in node.output for c in consumers.get(o, [])]
+        return (bool(users) and all(id(c) in fused_kernels for c in users)
+                and not any(o in graph_outputs for o in node.output))
+
+    def written_bytes(node: onnx.NodeProto, name: str) -> float:
+        # A fused int8 kernel whose output only feeds the Q nodes folded into it writes their
+        # quantized tensor (its stored element size), not the float one the graph shows.
+        users = consumers.get(name, [])
+        if (id(node) in fused_kernels and users and name not in graph_outputs
+                and all(c.op_type == "QuantizeLinear" for c in users)):
+            return sum(tensor_bytes(o) for c in users for o in c.output[:1] if o)
+        return tensor_bytes(name)
+
     costs: list[NodeCost] = []
     fused_nodes: set[int] = set()
     node_ids = {id(n): (n.name or f"{n.op_type}_{i}") for i, n in enumerate(graph.node)}
@@ -497,17 +527,16 @@ def analyse(
         elif op == "MatMulNBits":
             precision, fmt = "int4", "int4_weight_only"
         elif op not in _QDQ and op not in _VIEW_OPS:
-            float_inputs = [i for i in inputs if elem(i) in (TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.BFLOAT16)]
+            float_inputs = [i for i in inputs if elem(i) in _FLOAT_TYPES]
             dqs = [dq_source(i) for i in float_inputs]
-            if float_inputs and all(d is not None for d in dqs):
-                # QDQ pattern: the runtime fuses DQ -> op (-> Q) into an integer kernel
+            if id(node) in fused_kernels:
                 act = [d for d in dqs if d is not None and d.input[0] not in initializers]
                 wts = [d for d in dqs if d is not None and d.input[0] in initializers]
                 act_t = elem(act[0].input[0]) if act else TensorProto.UINT8
                 w_t = elem(wts[0].input[0]) if wts else act_t
                 fmt = _QDQ_FORMATS.get((act_t, w_t), "int8_static_qdq_u8s8")
                 precision = "int16" if act_t in (TensorProto.UINT16, TensorProto.INT16) else "int8"
-                fused_nodes.update(id(d) for d in dqs if d is not None)
+                fused_nodes.update(id(d) for d in dqs if d is not None and folded_dq(d))
                 for outp in node.output:
                     for c in consumers.get(outp, []):
                         if c.op_type == "QuantizeLinear":
@@ -524,7 +553,7 @@ def analyse(
             read += tensor_bytes(source)
             if source in initializers:
                 weights_read += tensor_bytes(source)
-        written = sum(tensor_bytes(o) for o in node.output if o)
+        written = sum(written_bytes(node, o) for o in node.output if o)
         steps = 1
         if op in ("LSTM", "GRU", "RNN", "DynamicQuantizeLSTM") and len(inputs) > 2:
             # the recurrent weights R are read again at every time step (from cache), and
