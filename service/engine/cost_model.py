@@ -77,8 +77,9 @@ DEFAULT_DYNAMIC_DIM = 128
 #
 # Fraction of the datasheet peak that small-batch inference kernels reach.
 # cpu: FITTED on hosts with the same kernels (fallback 0.35). gpu: SOURCED: the T4 fit to 6
-# published TensorRT latencies gives 0.317 (the A100's own value, 0.0776, is in its profile).
-# npu: ASSUMPTION (the Apple M2's single published latency gives 0.144, kept in its profile).
+# published TensorRT latencies gives 0.317 (the A100's own value, 0.0805, is in its profile).
+# npu: ASSUMPTION (the Snapdragon 8 Gen 3's two published latencies give 0.487, the Apple M2's
+# single one 0.144, each kept in its profile).
 COMPUTE_EFFICIENCY = {"cpu": 0.35, "gpu": 0.30, "npu": 0.30}
 # Fraction of the datasheet memory bandwidth reached.
 # cpu: FITTED (fallback 0.60). gpu: ASSUMPTION below a SOURCED ceiling: STREAM-type kernels reach
@@ -96,8 +97,9 @@ CACHE_BANDWIDTH_FACTOR = {"cpu": 4.0, "gpu": 2.0, "npu": 2.0}
 REFERENCE_KERNEL_RATE = {"ConvInteger": 0.2}
 # Fixed cost per node (kernel dispatch / launch), seconds.
 # cpu: FITTED (fallback 1.5 us). gpu: SOURCED: the A100 fit to NVIDIA's published TensorRT
-# latencies gives 4.9 us per kernel, in line with a CUDA launch (4-6 us). npu: ASSUMPTION (a
-# delegate call per fused kernel, slower than a CUDA launch).
+# latencies gives 5.0 us per kernel, in line with a CUDA launch (4-6 us). npu: ASSUMPTION (a
+# delegate call per fused kernel, slower than a CUDA launch; the Snapdragon 8 Gen 3's own fit,
+# 0.38 us, is in its profile).
 NODE_OVERHEAD_S = {"cpu": 1.5e-6, "gpu": 5e-6, "npu": 8e-6}
 COST_SOURCES_FILE = "cost_sources.json"
 # Where the fitted CPU constants live (package data next to the device profiles).
