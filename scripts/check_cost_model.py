@@ -4,7 +4,7 @@ For every corpus model (tests/corpus.py) and a few variants built by the engine'
 (float after normalisation, dynamic int8, static int8 QDQ, fp16, int4 weight-only; a variant a
 pass refuses is left out), it measures ONNX Runtime latency on this CPU (batch 1, at the
 host's thread count: its usable cores, how a job on this host runs; all variants of one model
-interleaved, medians, the lowest of 3 passes) and fits ``cost_model.fit_cpu_constants`` (least squares on relative
+interleaved, medians, the lowest of 3 passes, ``--passes``) and fits ``cost_model.fit_cpu_constants`` (least squares on relative
 error: compute and memory efficiency, reference-kernel rate when a sample runs one, per-node
 overhead; the cache bandwidth factor keeps its default). It prints per sample:
 
@@ -75,17 +75,18 @@ def build_variants(model: corpus.CorpusModel, workdir: Path) -> dict[str, Path]:
     return out
 
 
-PASSES = 3  # measurement passes per model; the least disturbed (lowest median) counts
+PASSES = 3  # measurement passes per model (--passes); the least disturbed (lowest median) counts
 
 
-def measure(paths: dict[str, Path], feed: dict, threads: int) -> dict[str, tuple[float, float]]:
-    """(median ms, spread) per variant, interleaved, the lowest of ``PASSES`` passes: on a
-    shared host other processes only ever add time, so the least disturbed pass is the
+def measure(paths: dict[str, Path], feed: dict, threads: int,
+            passes_count: int = PASSES) -> dict[str, tuple[float, float]]:
+    """(median ms, spread) per variant, interleaved, the lowest of ``passes_count`` passes: on
+    a shared host other processes only ever add time, so the least disturbed pass is the
     closest; the spread (slowest / fastest pass) says how disturbed the host was."""
     from service.engine.evaluate import make_session, measure_latency
 
     sessions = {k: make_session(p, threads) for k, p in paths.items()}
-    passes = [measure_latency(sessions, feed, runs=15, warmup=3) for _ in range(PASSES)]
+    passes = [measure_latency(sessions, feed, runs=15, warmup=3) for _ in range(passes_count)]
     out = {}
     for k in sessions:
         medians = [r[k]["median_ms"] for r in passes]
@@ -124,6 +125,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=None, help="also write the output here")
     parser.add_argument("--threads", type=int, default=None,
                         help="intra-op threads (default: the host's usable cores, as jobs run)")
+    parser.add_argument("--passes", type=int, default=PASSES,
+                        help="interleaved measurement passes per model, each a median of 15 runs; "
+                             "the lowest counts (more passes on a busy shared host)")
     args = parser.parse_args(argv)
 
     from service.engine import cost_model
@@ -154,7 +158,7 @@ def _run(args, cost_model, host, threads, kernel_features) -> int:  # type: igno
             paths = build_variants(model, Path(tmp) / name)
             feed = {k: v[:1] for k, v in model.inputs.items()}
             shapes = {k: list(v.shape) for k, v in feed.items()}
-            for variant, (ms, spread) in measure(paths, feed, threads).items():
+            for variant, (ms, spread) in measure(paths, feed, threads, args.passes).items():
                 cost = cost_model.analyse(onnx.load(str(paths[variant])), shapes)
                 samples.append((name, variant, cost, ms))
                 spreads.append(spread)
@@ -187,7 +191,7 @@ def _run(args, cost_model, host, threads, kernel_features) -> int:  # type: igno
               f"{r['pass_spread']:8.2f}{r['defaults_ms']:10.3f}{e_def:7.0f}{r['fit_ms']:9.3f}{e_fit:7.0f}{loo}")
     error: dict[str, object] = {"samples": len(rows), "models": sorted({r["model"] for r in rows}),
                                 "median_pass_spread": round(statistics.median(spreads), 3)}
-    print(f"(spread: slowest / fastest of {PASSES} passes; median {statistics.median(spreads):.2f})")
+    print(f"(spread: slowest / fastest of {args.passes} passes; median {statistics.median(spreads):.2f})")
     for key in ("defaults", "fit", "loo"):
         errs = [e for r in rows if (e := _err(r[f"{key}_ms"], r["measured_ms"])) is not None]
         if errs:

@@ -77,8 +77,9 @@ DEFAULT_DYNAMIC_DIM = 128
 #
 # Fraction of the datasheet peak that small-batch inference kernels reach.
 # cpu: FITTED on hosts with the same kernels (fallback 0.35). gpu: SOURCED: the T4 fit to 6
-# published TensorRT latencies gives 0.317 (the A100's own value, 0.0776, is in its profile).
-# npu: ASSUMPTION (the Apple M2's single published latency gives 0.144, kept in its profile).
+# published TensorRT latencies gives 0.317 (the A100's own value, 0.0805, is in its profile).
+# npu: ASSUMPTION (the Snapdragon 8 Gen 3's two published latencies give 0.487, the Apple M2's
+# single one 0.144, each kept in its profile).
 COMPUTE_EFFICIENCY = {"cpu": 0.35, "gpu": 0.30, "npu": 0.30}
 # Fraction of the datasheet memory bandwidth reached.
 # cpu: FITTED (fallback 0.60). gpu: ASSUMPTION below a SOURCED ceiling: STREAM-type kernels reach
@@ -96,8 +97,9 @@ CACHE_BANDWIDTH_FACTOR = {"cpu": 4.0, "gpu": 2.0, "npu": 2.0}
 REFERENCE_KERNEL_RATE = {"ConvInteger": 0.2}
 # Fixed cost per node (kernel dispatch / launch), seconds.
 # cpu: FITTED (fallback 1.5 us). gpu: SOURCED: the A100 fit to NVIDIA's published TensorRT
-# latencies gives 4.9 us per kernel, in line with a CUDA launch (4-6 us). npu: ASSUMPTION (a
-# delegate call per fused kernel, slower than a CUDA launch).
+# latencies gives 5.0 us per kernel, in line with a CUDA launch (4-6 us). npu: ASSUMPTION (a
+# delegate call per fused kernel, slower than a CUDA launch; the Snapdragon 8 Gen 3's own fit,
+# 0.38 us, is in its profile).
 NODE_OVERHEAD_S = {"cpu": 1.5e-6, "gpu": 5e-6, "npu": 8e-6}
 COST_SOURCES_FILE = "cost_sources.json"
 # Where the fitted CPU constants live (package data next to the device profiles).
@@ -160,6 +162,7 @@ _NORMS = {"LayerNormalization", "SkipLayerNormalization", "SimplifiedLayerNormal
           "BatchNormalization", "InstanceNormalization", "GroupNormalization",
           "LpNormalization", "Softmax", "LogSoftmax"}
 _QDQ = {"QuantizeLinear", "DequantizeLinear"}
+_FLOAT_TYPES = (TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.BFLOAT16)
 _INT_COMPUTE = {"QLinearConv", "QLinearMatMul", "ConvInteger", "MatMulInteger",
                 "DynamicQuantizeLSTM", "QGemm", "QLinearAdd", "QLinearMul",
                 "QLinearGlobalAveragePool", "QLinearSigmoid", "QLinearLeakyRelu",
@@ -476,6 +479,35 @@ def analyse(
         node = producers.get(name)
         return node if node is not None and node.op_type == "DequantizeLinear" else None
 
+    def fuses_qdq(node: onnx.NodeProto) -> bool:
+        # QDQ pattern: every float input comes from a DQ, so the runtime fuses DQ -> op (-> Q)
+        # into an integer kernel (QLinearConv, QLinearMatMul, ...)
+        if (node.op_type in _QDQ or node.op_type in _VIEW_OPS or node.op_type in _INT_COMPUTE
+                or node.op_type == "MatMulNBits"):
+            return False
+        floats = [i for i in node.input if i and elem(i) in _FLOAT_TYPES]
+        return bool(floats) and all(dq_source(i) is not None for i in floats)
+
+    fused_kernels = {id(n) for n in graph.node if fuses_qdq(n)}
+    graph_outputs = {o.name for o in graph.output}
+
+    def folded_dq(node: onnx.NodeProto) -> bool:
+        # A DQ folds into the kernels it feeds only when every reader is such a kernel; one
+        # that also feeds a float op (or is a graph output) runs and writes its float tensor
+        # (ONNX Runtime gives the fused kernel a copy of its own), so it costs what it moves.
+        users = [c for o in node.output for c in consumers.get(o, [])]
+        return (bool(users) and all(id(c) in fused_kernels for c in users)
+                and not any(o in graph_outputs for o in node.output))
+
+    def written_bytes(node: onnx.NodeProto, name: str) -> float:
+        # A fused int8 kernel whose output only feeds the Q nodes folded into it writes their
+        # quantized tensor (its stored element size), not the float one the graph shows.
+        users = consumers.get(name, [])
+        if (id(node) in fused_kernels and users and name not in graph_outputs
+                and all(c.op_type == "QuantizeLinear" for c in users)):
+            return sum(tensor_bytes(o) for c in users for o in c.output[:1] if o)
+        return tensor_bytes(name)
+
     costs: list[NodeCost] = []
     fused_nodes: set[int] = set()
     node_ids = {id(n): (n.name or f"{n.op_type}_{i}") for i, n in enumerate(graph.node)}
@@ -497,17 +529,16 @@ def analyse(
         elif op == "MatMulNBits":
             precision, fmt = "int4", "int4_weight_only"
         elif op not in _QDQ and op not in _VIEW_OPS:
-            float_inputs = [i for i in inputs if elem(i) in (TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.BFLOAT16)]
+            float_inputs = [i for i in inputs if elem(i) in _FLOAT_TYPES]
             dqs = [dq_source(i) for i in float_inputs]
-            if float_inputs and all(d is not None for d in dqs):
-                # QDQ pattern: the runtime fuses DQ -> op (-> Q) into an integer kernel
+            if id(node) in fused_kernels:
                 act = [d for d in dqs if d is not None and d.input[0] not in initializers]
                 wts = [d for d in dqs if d is not None and d.input[0] in initializers]
                 act_t = elem(act[0].input[0]) if act else TensorProto.UINT8
                 w_t = elem(wts[0].input[0]) if wts else act_t
                 fmt = _QDQ_FORMATS.get((act_t, w_t), "int8_static_qdq_u8s8")
                 precision = "int16" if act_t in (TensorProto.UINT16, TensorProto.INT16) else "int8"
-                fused_nodes.update(id(d) for d in dqs if d is not None)
+                fused_nodes.update(id(d) for d in dqs if d is not None and folded_dq(d))
                 for outp in node.output:
                     for c in consumers.get(outp, []):
                         if c.op_type == "QuantizeLinear":
@@ -524,7 +555,7 @@ def analyse(
             read += tensor_bytes(source)
             if source in initializers:
                 weights_read += tensor_bytes(source)
-        written = sum(tensor_bytes(o) for o in node.output if o)
+        written = sum(written_bytes(node, o) for o in node.output if o)
         steps = 1
         if op in ("LSTM", "GRU", "RNN", "DynamicQuantizeLSTM") and len(inputs) > 2:
             # the recurrent weights R are read again at every time step (from cache), and

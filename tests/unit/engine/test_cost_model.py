@@ -282,3 +282,68 @@ def test_estimates_on_the_host_state_the_committed_fit_and_its_error() -> None:
         assert any("fitted on" in a for a in est.assumptions)
     else:
         assert est.constants == "defaults" and est.fit_error_pct is None
+
+
+def _qdq_conv_chain(extra_float_user: bool = False) -> onnx.ModelProto:
+    """x -> Q -> DQ -> Conv1 (DQ weight) -> Q -> DQ -> Conv2 (DQ weight) -> Q -> DQ -> y: the
+    two Convs are what ONNX Runtime fuses into QLinearConv. With ``extra_float_user`` the DQ
+    between the Convs also feeds an Add with a plain float input (not fusable)."""
+    c, hw = 8, 16
+    inits = [
+        numpy_helper.from_array(np.ones((c, c, 3, 3), np.int8), "w1q"),
+        numpy_helper.from_array(np.ones((c, c, 3, 3), np.int8), "w2q"),
+        numpy_helper.from_array(np.array(0.01, np.float32), "ws"),
+        numpy_helper.from_array(np.array(0, np.int8), "wz"),
+        numpy_helper.from_array(np.array(0.02, np.float32), "s"),
+        numpy_helper.from_array(np.array(128, np.uint8), "z"),
+    ]
+    nodes = [
+        helper.make_node("QuantizeLinear", ["x", "s", "z"], ["xq"], name="q_x"),
+        helper.make_node("DequantizeLinear", ["xq", "s", "z"], ["xd"], name="dq_x"),
+        helper.make_node("DequantizeLinear", ["w1q", "ws", "wz"], ["w1"], name="dq_w1"),
+        helper.make_node("Conv", ["xd", "w1"], ["h1"], pads=[1, 1, 1, 1], name="conv1"),
+        helper.make_node("QuantizeLinear", ["h1", "s", "z"], ["h1q"], name="q_h1"),
+        helper.make_node("DequantizeLinear", ["h1q", "s", "z"], ["h1d"], name="dq_h1"),
+        helper.make_node("DequantizeLinear", ["w2q", "ws", "wz"], ["w2"], name="dq_w2"),
+        helper.make_node("Conv", ["h1d", "w2"], ["h2"], pads=[1, 1, 1, 1], name="conv2"),
+        helper.make_node("QuantizeLinear", ["h2", "s", "z"], ["h2q"], name="q_h2"),
+        helper.make_node("DequantizeLinear", ["h2q", "s", "z"], ["y"], name="dq_y"),
+    ]
+    outputs = [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)]
+    inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, c, hw, hw])]
+    if extra_float_user:
+        nodes.append(helper.make_node("Add", ["h1d", "r"], ["side"], name="add"))
+        inputs.append(helper.make_tensor_value_info("r", TensorProto.FLOAT, [1, c, hw, hw]))
+        outputs.append(helper.make_tensor_value_info("side", TensorProto.FLOAT, None))
+    return _model(nodes, inputs, outputs, inits)
+
+
+def test_a_fused_int8_kernel_reads_and_writes_int8() -> None:
+    # DQ -> Conv -> Q runs as one QLinearConv: it reads the int8 activation and weight and
+    # writes the int8 activation the next kernel reads; the float tensors in between exist only
+    # in the graph. Counting the Conv's float output overstated int8 traffic 4x.
+    act, weight = 1 * 8 * 16 * 16, 8 * 8 * 3 * 3  # elements; int8: one byte each
+    cost = cost_model.analyse(_qdq_conv_chain())
+    nodes = {n.name: n for n in cost.nodes}
+    for conv in ("conv1", "conv2"):
+        assert nodes[conv].precision == "int8"
+        assert nodes[conv].weight_bytes == weight
+        assert nodes[conv].bytes == act + weight + act  # int8 in, int8 weight, int8 out
+    # every Q/DQ is folded except the graph's own boundary: the input Q and the output DQ
+    # materialise (float in, float out) and cost what they move (with a 4-byte scale and a
+    # 1-byte zero point)
+    folded = {n.name for n in cost.nodes if n.fused}
+    assert folded == {"dq_x", "dq_w1", "q_h1", "dq_h1", "dq_w2", "q_h2"}
+    assert nodes["q_x"].bytes == act * 4 + 5 + act and nodes["dq_y"].bytes == act + 5 + act * 4
+
+
+def test_a_dequantize_with_a_float_consumer_materialises_float() -> None:
+    # The DQ between the Convs also feeds an Add that reads float: ONNX Runtime gives the
+    # fused kernel its own copy of the DQ and runs this one, which writes the float tensor.
+    act, weight = 1 * 8 * 16 * 16, 8 * 8 * 3 * 3
+    cost = cost_model.analyse(_qdq_conv_chain(extra_float_user=True))
+    nodes = {n.name: n for n in cost.nodes}
+    assert not nodes["dq_h1"].fused and nodes["dq_h1"].bytes == act + 5 + act * 4
+    assert nodes["add"].precision == "fp32" and nodes["add"].bytes == 3 * act * 4
+    # the fused Conv still reads the int8 tensor
+    assert nodes["conv2"].bytes == act + weight + act
