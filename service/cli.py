@@ -265,7 +265,7 @@ def unmet_constraints(job: Any) -> list[str]:
 
     Checked from the job's own result: size, host latency (a target latency cannot be checked
     without the auto search's estimate, and is skipped), fidelity, accuracy drop, and a
-    decoder's KL divergence and perplexity increase.
+    decoder's KL divergence, perplexity increase and decode tokens/s.
     """
     c, r = job.constraints or {}, job.result or {}
     if not c or not r:
@@ -296,6 +296,12 @@ def unmet_constraints(job: Any) -> list[str]:
             misses.append(f"{key}: not measured (not a decoder LLM)")
         elif value > c[key]:
             misses.append(f"{key}: {value:.5f} > {c[key]}")
+    tokens, floor = lm.get("decode_tokens_per_s_after"), c.get("min_decode_tokens_per_s")
+    if floor is not None:
+        if tokens is None:
+            misses.append("min_decode_tokens_per_s: not measured (not a decoder LLM)")
+        elif tokens < floor:
+            misses.append(f"min_decode_tokens_per_s: {tokens:.1f} < {floor}")
     return misses
 
 
@@ -576,7 +582,8 @@ def _constraints(args: argparse.Namespace) -> dict[str, Any]:
               "max_memory_mb": args.max_memory_mb, "objective": args.objective,
               "latency_on": args.latency_on,
               "max_kl_divergence": args.max_kl_divergence,
-              "max_perplexity_increase": args.max_perplexity_increase}
+              "max_perplexity_increase": args.max_perplexity_increase,
+              "min_decode_tokens_per_s": args.min_decode_tokens_per_s}
     return {k: v for k, v in fields.items() if v is not None}
 
 
@@ -953,6 +960,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="decoder LLMs: next-token KL divergence in nats, e.g. 0.01")
     p.add_argument("--max-perplexity-increase", type=float,
                    help="decoder LLMs: relative perplexity increase, e.g. 0.05")
+    p.add_argument("--min-decode-tokens-per-s", type=float,
+                   help="decoder LLMs: decode tokens/s measured on the worker")
     p.add_argument("--objective", choices=["size", "latency", "balanced"])
     p.add_argument("--callback-url")
     p.add_argument("--wait", action="store_true", help="wait for the job (exit code as wait)")

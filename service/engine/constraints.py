@@ -31,6 +31,8 @@ class AutoConstraints(BaseModel):
       ``max_kl_divergence`` = 0.02 (not the cosine default).
     - ``max_perplexity_increase``: causal decoders: relative perplexity increase on the held-out
       sequences (0.05 = perplexity at most 5 % above the original's).
+    - ``min_decode_tokens_per_s``: causal decoders: decode tokens/s with the KV cache, measured
+      on the worker (ONNX Runtime CPU, the job's threads), one token per step.
     - ``objective``: ``size``, ``latency`` or ``balanced`` (geometric mean of both ratios).
     """
 
@@ -49,6 +51,9 @@ class AutoConstraints(BaseModel):
     max_perplexity_increase: float | None = Field(
         None, ge=0, description="Decoders: relative perplexity increase on held-out token "
         "sequences (0.05 = 5 %).")
+    min_decode_tokens_per_s: float | None = Field(
+        None, gt=0, description="Decoders: decode tokens/s with the KV cache, measured on the "
+        "worker.")
     objective: Literal["size", "latency", "balanced"] = "balanced"
     max_candidates: int = Field(10, ge=1, le=40, description="Most candidates to build.")
     training: bool = Field(

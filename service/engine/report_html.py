@@ -458,6 +458,19 @@ def _pareto(auto: dict) -> str:
                          chosen=(auto.get("chosen") or {}).get("candidate"),
                          x_label="model size (MB)", y_label="latency (ms)")
     names = ", ".join(_e(n) for n in front.get("front") or [])
+    if "decode_tokens_per_s" in points[0]:  # a decoder: its front is in tokens/s and KLD
+        on = sorted((p for p in points if p.get("on_front")), key=lambda p: p["size_mb"])
+        table = _table(["Candidate", "Size", "Decode tokens/s", "KL divergence",
+                        "Perplexity change"],
+                       [[_e(p["candidate"]), _bytes((p.get("size_mb") or 0) * 1e6),
+                         _num(p.get("decode_tokens_per_s"), 1),
+                         _num(p.get("kl_divergence"), 5),
+                         (f"{p['perplexity_increase'] * 100:+.2f} %"
+                          if p.get("perplexity_increase") is not None else "–")]
+                        for p in on])
+        return (f"<p>Non-dominated in size, decode tokens/s (measured on this host) and "
+                f"next-token KL divergence:</p>{table}<p>Size against latency "
+                f"({_e(where)}); colour is fidelity (min cosine to the original).</p>{chart}")
     return (f"<p>Size against latency ({_e(where)}); colour is fidelity (min cosine to the "
             f"original). Non-dominated: {names or '–'}.</p>{chart}")
 

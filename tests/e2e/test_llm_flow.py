@@ -54,7 +54,7 @@ def test_int4_recipe_reports_language_model_metrics(api, uploaded, tmp_path) -> 
     assert "Language model" in html and "decode tokens/s" in html
 
 
-def test_auto_for_a_raspberry_pi_judges_the_decoder_by_kl_divergence(api, uploaded) -> None:  # type: ignore[no-untyped-def]
+def test_auto_for_a_raspberry_pi_judges_the_decoder_by_kl_divergence(api, uploaded, tmp_path) -> None:  # type: ignore[no-untyped-def]
     model, dataset = uploaded
     job = api.submit(model_id=model["id"], dataset_id=dataset["id"], recipe="auto",
                      device="raspberry_pi_5", constraints={"objective": "size"})
@@ -64,3 +64,16 @@ def test_auto_for_a_raspberry_pi_judges_the_decoder_by_kl_divergence(api, upload
     assert result["auto"]["candidate"].startswith("int4")
     assert 0.0 < result["lm"]["kl_divergence"] < 0.02  # the decoder's default budget
     assert result["size_ratio"] > 3
+    report = json.loads(api.download(done["id"], "report.json", tmp_path / "a.json").read_text())
+    # with a dataset: calibration-aware int4 at block 128 and the embedding table int8, closer
+    # to float than round-to-nearest at block 32 (KLD ~0.001 on this model) and smaller
+    step = report["auto"]["chosen"]["recipe"][0]
+    assert step.get("method") in ("gptq", "awq"), step
+    assert step["block_size"] == 128 and step["embedding"] == "int8"
+    assert result["lm"]["kl_divergence"] < 0.001 and result["size_ratio"] > 5
+    # the Pareto front in size, decode tokens/s and KLD, each point measured
+    front = report["auto"]["pareto_front"]
+    assert front["axes"]["front"] == "size_mb, decode_tokens_per_s, kl_divergence"
+    assert all(p["decode_tokens_per_s"] > 0 and p["kl_divergence"] is not None
+                        for p in front["points"] if p["on_front"])
+    assert report["auto"]["chosen"]["candidate"] in front["front"]

@@ -232,10 +232,67 @@ def _plan_dynamic(plan: Plan, fmt: str) -> None:
                   "float in ONNX Runtime)")
 
 
+def int4_size_factor(mm: float, block_size: int, *, zero_points: bool = False,
+                     int8_share: float = 0.0, tables_int8: bool = False) -> float:
+    """Expected file bytes over float32 bytes for int4 MatMul weights (``mm`` of the weights):
+    4 bits + a 32-bit scale per block (+ 32 bits per block for HQQ's float zero points, kept as
+    a correction term), ``int8_share`` of them at 8 bits; the rest float, or 8 bits + a scale
+    per 128 where the embedding tables go int8."""
+    bits = 4 + 32 / block_size + (32 / block_size if zero_points else 0.0)
+    bits += int8_share * 4
+    rest = (8 + 32 / 128) / 32 if tables_int8 else 1.0
+    return mm * bits / 32 + (1 - mm) * rest
+
+
+# Mixed int4/int8 for decoders: this share of the MatMul weights (elements) may stay 8-bit,
+# picked by measured sensitivity (``int4_weight_only``'s ``int8_share``): ~+0.4 bit per weight.
+DECODER_INT8_SHARE = 0.1
+DECODER_BLOCK = 128  # calibration-aware int4 at block 128 reaches block-32 RTN quality
+
+
+def _plan_int4_decoder(plan: Plan, mm: float) -> None:
+    """A causal decoder LLM (``model_family`` "decoder"): the embedding table int8 in every
+    candidate (float it would be the largest tensor left: 1/15 of an int4 Llama-3-8B), block
+    128 for the calibration-aware methods, and mixed int4/int8 by measured layer sensitivity;
+    no dynamic int8 for the rest (what remains float is norms and activations)."""
+    def add(name: str, why: str, block: int, method: str = "rtn", share: float = 0.0) -> None:
+        options: dict[str, Any] = {"embedding": "int8"}
+        if method != "rtn":
+            options["method"] = method
+        if block != 64:
+            options["block_size"] = block
+        if share:
+            options["int8_share"] = share
+        plan.add(name, lambda: [step("int4_weight_only", **options)], ["int4_weight_only"],
+                 f"decoder: {why}; embedding table int8",
+                 int4_size_factor(mm, block, zero_points=method == "hqq", int8_share=share,
+                                  tables_int8=True), 8.0)
+
+    b = DECODER_BLOCK
+    if plan.has_dataset:
+        add(f"int4_gptq_b{b}", f"int4 GPTQ (error compensation from the dataset), block {b}", b,
+            "gptq")
+        add(f"int4_gptq_b{b}_int8_{int(DECODER_INT8_SHARE * 100)}",
+            f"int4 GPTQ block {b}, the most sensitive MatMuls (up to "
+            f"{DECODER_INT8_SHARE:.0%} of the weights, measured on the dataset) at int8", b,
+            "gptq", DECODER_INT8_SHARE)
+        add(f"int4_awq_b{b}", f"int4 AWQ-style activation-aware scales, block {b}", b, "awq")
+    add(f"int4_hqq_b{b}", f"int4 HQQ (data-free fitted scales), block {b}", b, "hqq")
+    add(f"int4_rtn_b{b}_int8_{int(DECODER_INT8_SHARE * 100)}",
+        f"int4 round-to-nearest block {b}, the most sensitive MatMuls (up to "
+        f"{DECODER_INT8_SHARE:.0%} of the weights, measured on "
+        f"{'the dataset' if plan.has_dataset else 'generated token ids'}) at int8", b,
+        "rtn", DECODER_INT8_SHARE)
+    add("int4_rtn_b32", "int4 round-to-nearest, block 32 (the quality baseline)", 32)
+
+
 def _plan_int4(plan: Plan, fmt: str) -> None:
     mm = plan.share["matmul"]
     if mm < 0.3:
         plan.skip(fmt, "MatMul weights are a small share of the model")
+        return
+    if plan.family.get("family") == "decoder":
+        _plan_int4_decoder(plan, mm)
         return
     plan.add("int4_weight_only", lambda: [step("int4_weight_only")], ["int4_weight_only"],
              "int4 block-wise weights for MatMul (memory-bound MatMul-heavy model)",

@@ -22,7 +22,17 @@ log = logging.getLogger(__name__)
 
 
 def pareto_front(cands: list[Candidate], ctx: SearchContext, original: dict) -> dict:
-    """Plot-ready points (size MB, latency ms, fidelity) and the non-dominated set."""
+    """Plot-ready points (size MB, latency ms, fidelity) and the non-dominated set.
+
+    A causal decoder's points also carry its language-model numbers (decode tokens/s, KL
+    divergence, perplexity increase) and its front is non-dominated in size, decode tokens/s
+    and KL divergence (``axes.front``); the original's decode tokens/s is the median of what
+    the candidates' interleaved rounds measured for it."""
+    if ctx.decoder:
+        speeds = sorted(v for c in cands if c.status in ("ok", "rejected")
+                        if (v := c.metrics.get("decode_tokens_per_s_original")) is not None)
+        original = {**original, "kl_divergence": 0.0, "perplexity_increase": 0.0,
+                    "decode_tokens_per_s": speeds[len(speeds) // 2] if speeds else None}
     points = [original]
     for cand in cands:
         if cand.status != "ok" and cand.status != "rejected":
@@ -39,8 +49,16 @@ def pareto_front(cands: list[Candidate], ctx: SearchContext, original: dict) -> 
             "meets_constraints": not cand.violations,
             "formats": cand.formats,
         })
+        if ctx.decoder:
+            points[-1].update(kl_divergence=m.get("kl_divergence"),
+                              perplexity_increase=m.get("perplexity_increase"),
+                              decode_tokens_per_s=m.get("decode_tokens_per_s"))
 
     def key(p: dict) -> tuple[float, float, float]:
+        if ctx.decoder:  # unmeasured counts as worst
+            tokens, kld = p.get("decode_tokens_per_s"), p.get("kl_divergence")
+            return (p["size_mb"], -(tokens if tokens is not None else 0.0),
+                    kld if kld is not None else float("inf"))
         fid = p["fidelity"] if p["fidelity"] is not None else -1.0
         return (p["size_mb"], p["latency_ms"], -fid)
 
@@ -53,8 +71,11 @@ def pareto_front(cands: list[Candidate], ctx: SearchContext, original: dict) -> 
         p["on_front"] = not dominated
         if not dominated:
             front.append(p["candidate"])
+    axes = {"x": "size_mb", "y": "latency_ms", "color": "fidelity"}
+    if ctx.decoder:
+        axes["front"] = "size_mb, decode_tokens_per_s, kl_divergence"
     return {
-        "axes": {"x": "size_mb", "y": "latency_ms", "color": "fidelity"},
+        "axes": axes,
         "latency_source": "host_measured" if ctx.measurable else "target_estimate",
         "points": points,
         "front": sorted(front, key=lambda n: next(p["size_mb"] for p in points if p["candidate"] == n)),

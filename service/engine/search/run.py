@@ -9,9 +9,10 @@
    profile's order of preference) and what the model is made of: static int8 QDQ in the
    device's flavour (u8s8, s8s8 symmetric for TensorRT, u8u8 / u16u8 for QNN, reduce-range for
    x86 without VNNI), dynamic int8 for MatMul/recurrent layers on CPUs, int4 weight-only for
-   MatMul-heavy models, fp16 where it is native, mixes (static convolutions + dynamic
-   recurrent layers, int4 MatMul + int8 rest), and channel pruning levels combined with int8
-   when a dataset allows recovery;
+   MatMul-heavy models (for decoder LLMs: GPTQ/AWQ/HQQ at block 128, mixed int4/int8 by
+   measured layer sensitivity, the embedding table int8), fp16 where it is native, mixes
+   (static convolutions + dynamic recurrent layers, int4 MatMul + int8 rest), and channel
+   pruning levels combined with int8 when a dataset allows recovery;
 3. runs each candidate as a recipe job (``service.engine.recipe``) (measured on this host: size, latency against
    the original, fidelity, accuracy) and estimates it on the target with the cost model
    (latency, peak memory, energy); candidates run in parallel processes when the host has the

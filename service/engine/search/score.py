@@ -145,11 +145,15 @@ def violations(cand: Candidate, ctx: SearchContext) -> list[dict]:
         if c.max_perplexity_increase is not None:
             out.append(_miss("max_perplexity_increase", c.max_perplexity_increase,
                              m.get("perplexity_increase")))
-    elif max_kld is not None or c.max_perplexity_increase is not None:
-        out.append(_miss("max_kl_divergence" if max_kld is not None
-                         else "max_perplexity_increase",
-                         max_kld if max_kld is not None else c.max_perplexity_increase or 0.0,
-                         None))  # not a decoder: not measurable
+        if c.min_decode_tokens_per_s is not None:
+            out.append(_miss("min_decode_tokens_per_s", c.min_decode_tokens_per_s,
+                             m.get("decode_tokens_per_s"), higher_is_worse=False))
+    else:  # not a decoder: the language-model constraints are not measurable
+        for name, limit in (("max_kl_divergence", max_kld),
+                            ("max_perplexity_increase", c.max_perplexity_increase),
+                            ("min_decode_tokens_per_s", c.min_decode_tokens_per_s)):
+            if limit is not None:
+                out.append(_miss(name, limit, None))
     min_fid = c.min_fidelity
     if min_fid is None and c.max_accuracy_drop is None and not ctx.decoder:
         min_fid = DEFAULT_MIN_FIDELITY

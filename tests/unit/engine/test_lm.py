@@ -142,6 +142,86 @@ def test_decoders_are_judged_by_kl_divergence_not_cosine() -> None:
     # other models keep the cosine default, and cannot meet a KLD budget
     assert _judged({}, good, decoder=False) == ["min_fidelity(cosine)"]
     assert "max_kl_divergence" in _judged({"max_kl_divergence": 0.1}, good, decoder=False)
+    # decode speed: a floor on the measured tokens/s, not measurable for other models
+    fast = {**good, "decode_tokens_per_s": 900.0}
+    assert _judged({"min_decode_tokens_per_s": 500}, fast, decoder=True) == []
+    assert _judged({"min_decode_tokens_per_s": 1000}, fast, decoder=True) == [
+        "min_decode_tokens_per_s"]
+    assert "min_decode_tokens_per_s" in _judged({"min_decode_tokens_per_s": 1}, fast,
+                                                decoder=False)
+
+
+DECODER_FAMILY = {"family": "decoder", "weight_share": {"conv": 0.0, "matmul": 0.95,
+                                                        "recurrent": 0.0, "other": 0.05}}
+
+
+def test_auto_plans_block_128_calibrated_and_mixed_int4_for_decoders() -> None:
+    from service.engine.devices import get_device
+    from service.engine.registry import registered_passes
+    from service.engine.search.plan import int4_size_factor, plan_candidates
+
+    def plan(dataset: bool) -> dict[str, list[dict]]:
+        cands, _ = plan_candidates(get_device("raspberry_pi_5"), DECODER_FAMILY,
+                                   has_dataset=dataset, available=set(registered_passes()))
+        return {c.name: c.recipe for c in cands}
+
+    with_data, bare = plan(True), plan(False)
+    assert with_data["int4_gptq_b128"] == [{"pass": "int4_weight_only", "embedding": "int8",
+                                            "method": "gptq", "block_size": 128}]
+    assert with_data["int4_gptq_b128_int8_10"][0]["int8_share"] == 0.1
+    assert "int4_awq_b128" in with_data and "int4_hqq_b128" in with_data
+    # no dynamic int8 mix for a decoder: the int4 pass takes the embedding table itself
+    assert not any("int8_dynamic" in n for n in with_data if n.startswith("int4"))
+    assert all(s.get("embedding") == "int8" for n, r in with_data.items()
+               if n.startswith("int4") for s in r)
+    # without a dataset: data-free methods only; the mixed candidate measures on generated ids
+    assert not any("gptq" in n or "awq" in n for n in bare)
+    assert {"int4_hqq_b128", "int4_rtn_b128_int8_10", "int4_rtn_b32"} <= set(bare)
+    # size estimates: 4 bits + a 32-bit scale per block, int8 layers +4 bits, HQQ's zero points
+    assert int4_size_factor(1.0, 128) == pytest.approx(4.25 / 32)
+    assert int4_size_factor(1.0, 32) == pytest.approx(5 / 32)
+    assert int4_size_factor(1.0, 128, int8_share=0.1) == pytest.approx(4.65 / 32)
+    assert int4_size_factor(1.0, 128, zero_points=True) == pytest.approx(4.5 / 32)
+    assert int4_size_factor(0.5, 128, tables_int8=True) == pytest.approx(
+        0.5 * 4.25 / 32 + 0.5 * 8.25 / 32)
+
+
+def test_a_decoders_pareto_front_is_in_size_decode_speed_and_kld() -> None:
+    from service.engine.constraints import parse_constraints
+    from service.engine.devices import get_device
+    from service.engine.search.candidate import Candidate
+    from service.engine.search.report import pareto_front
+    from service.engine.search.score import SearchContext
+
+    def cand(name: str, mb: float, tokens: float, kld: float) -> Candidate:
+        c = Candidate(name, [], ["int4_weight_only"], "", 0.2, 8.0)
+        c.status = "ok"
+        c.metrics = {"size_mb": mb, "host_latency_ms": 1.0, "target_latency_ms": 1.0,
+                     "min_cosine": 0.99, "accuracy_after": None, "kl_divergence": kld,
+                     "perplexity_increase": 0.001, "decode_tokens_per_s": tokens,
+                     "decode_tokens_per_s_original": {"a": 90.0, "b": 100.0}.get(name, 110.0)}
+        return c
+
+    cands = [cand("a", 0.5, 200.0, 0.001),   # smallest
+             cand("b", 0.6, 250.0, 0.0001),  # faster and closer
+             cand("c", 0.6, 240.0, 0.0002),  # dominated by b
+             cand("d", 0.7, 260.0, 0.0003)]  # fastest
+    ctx = SearchContext(get_device("raspberry_pi_5"), parse_constraints({}), False,
+                        decoder=True)
+    original = {"candidate": "original", "size_mb": 2.8, "latency_ms": 2.0,
+                "fidelity": 1.0, "accuracy": None}
+    front = pareto_front(cands, ctx, original)
+    assert front["axes"]["front"] == "size_mb, decode_tokens_per_s, kl_divergence"
+    assert front["front"] == ["a", "b", "d", "original"]
+    points = {p["candidate"]: p for p in front["points"]}
+    assert points["c"]["on_front"] is False and points["b"]["kl_divergence"] == 0.0001
+    assert points["original"]["decode_tokens_per_s"] == 110.0  # the median of the rounds
+    assert points["original"]["kl_divergence"] == 0.0
+    from service.engine.report_html import render_report_html
+
+    page = render_report_html({"auto": {"pareto_front": front}})
+    assert "Decode tokens/s" in page and "<td>250</td><td>0.0001</td>" in page
+    assert "<td>c</td>" not in page.split("Decode tokens/s")[1].split("</table>")[0]
 
 
 def test_a_decoder_is_recognised_by_its_group_query_attention_cache() -> None:
@@ -216,3 +296,39 @@ def test_without_a_dataset_the_decoder_runs_on_the_given_prompt_length(byte_lm, 
     lm = result.report["lm"]
     assert lm["source"] == "generated" and lm["sequence_length"] == 24
     assert lm["kl_divergence"] > 0 and lm["perplexity_after"] is None  # random ids: no text
+
+
+def test_mixed_int4_int8_keeps_the_layers_that_move_the_logits_most(byte_lm, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """On the trained decoder, sensitivity is each MatMul's effect on the next-token KLD: the
+    LM head carries most of int4's KLD here (its relative output error is the smallest of all
+    layers), so at a 10 % budget it goes int8 first, and the mix is closer to float than int4
+    alone at the same block size."""
+    from service.engine.registry import PassContext, get_pass
+
+    model = onnx.load(str(byte_lm.path))
+    spec = decoder_spec(model)
+    np.savez(tmp_path / "tokens.npz", input_ids=byte_lm.heldout[:16])
+    dataset, _ = load_dataset(tmp_path / "tokens.npz", model)
+    cls = get_pass("int4_weight_only")
+    kld = {}
+    for share in (0.0, 0.1):
+        ctx = PassContext(workdir=tmp_path, dataset=dataset)
+        out = cls().run(model, cls.config_model(block_size=128, int8_share=share,
+                                                accuracy_level=4), ctx)
+        path = tmp_path / f"mixed_{share}.onnx"
+        onnx.save(out, str(path))
+        kld[share] = evaluate_lm(byte_lm.path, path, spec, byte_lm.heldout[-8:], rounds=1,
+                                 decode_tokens=1, memory=False)["kl_divergence"]
+        notes = ctx.notes["mixed_int8"]
+    assert notes["metric"] == "kl_divergence" and notes["int8_nodes"][0] == "/model/lm_head/MatMul"
+    assert max(notes["sensitivity"], key=notes["sensitivity"].__getitem__) == notes["int8_nodes"][0]
+    assert 0 < notes["share_kept"] <= 0.1
+    assert kld[0.1] < 0.5 * kld[0.0], kld
+    # without a dataset it measures on the generated token ids the job resolved
+    from service.engine.recipe import run_recipe
+
+    result = run_recipe(byte_lm.path, [{"pass": "int4_weight_only", "block_size": 128,
+                                        "int8_share": 0.1}], tmp_path / "job",
+                        inputs={"input_ids": {"shape": [1, 24]}})
+    mixed = result.report["passes"][0]["notes"]["mixed_int8"]
+    assert "generated inputs" in mixed["measured_on"] and mixed["sensitivity"]

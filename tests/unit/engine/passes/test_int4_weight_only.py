@@ -194,3 +194,65 @@ def test_hqq_zero_points_are_rewritten_exactly_for_the_fast_kernel(kit) -> None:
     x = {"x": np.random.default_rng(0).normal(size=(5, 64)).astype(np.float32)}
     expected = kit.outputs(quantizer.model.model, x)[0]
     assert np.abs(kit.outputs(run.model, x)[0] - expected).max() <= 1e-4 * np.abs(expected).max()
+
+
+def test_layer_sensitivity_is_the_output_change_of_each_layer_alone(kit, digits) -> None:
+    """The gated probe (one session, one gate per layer) measures what quantizing that layer
+    alone does to the output: checked against a model with that one weight replaced."""
+    from service.engine.passes.int4_weight_only import layer_sensitivity, rtn_int4
+
+    model, x_cal, _ = digits
+    model = kit.load(model)
+    layers = [(n.name, n.input[1]) for n in model.graph.node if n.op_type == "MatMul"]
+    feeds = [{"x": x_cal[:64]}, {"x": x_cal[64:128]}]
+    sens, metric = layer_sensitivity(model, layers, feeds, 32, True)
+    assert metric == "relative_squared_error" and set(sens) == {n for n, _ in layers}
+    for name, weight in layers:
+        one = onnx.ModelProto()
+        one.CopyFrom(model)
+        for t in one.graph.initializer:
+            if t.name == weight:
+                t.CopyFrom(nh.from_array(rtn_int4(nh.to_array(t), 32, True), weight))
+        expected = 0.0
+        for feed in feeds:
+            a, b = kit.outputs(model, feed)[0], kit.outputs(one, feed)[0]
+            expected += float(np.sum((b - a) ** 2) / np.sum(a ** 2)) / len(feeds)
+        assert sens[name] == pytest.approx(expected, rel=1e-3, abs=1e-12), name
+
+
+def test_int8_share_keeps_the_most_sensitive_layers_at_8_bits(kit, digits) -> None:
+    model, x_cal, x_test = digits
+    model = kit.load(model)
+    reference = kit.outputs(model, {"x": x_test})[0]
+    options = {"dataset": {"x": x_cal}, "block_size": 128, "min_elements": 1024,
+               "accuracy_level": 4}
+    plain = kit.run("int4_weight_only", model, **options)
+    sizes = {n.input[1]: int(np.prod(next(t.dims for t in model.graph.initializer
+                                          if t.name == n.input[1])))
+             for n in model.graph.node if n.op_type == "MatMul"}
+    share = 0.5
+    mixed = kit.run("int4_weight_only", model, int8_share=share, **options)
+    notes = mixed.notes["mixed_int8"]
+    eight = [n for n in mixed.model.graph.node if n.op_type == "MatMulNBits"
+             and next(a.i for a in n.attribute if a.name == "bits") == 8]
+    assert sorted(n.name for n in eight) == sorted(f"{m}_Q8" for m in notes["int8_nodes"])
+    assert eight
+    assert mixed.notes["quantized"] == plain.notes["quantized"] == 3
+    assert 0 < notes["share_kept"] <= share and notes["metric"] == "relative_squared_error"
+    # the greedy order is sensitivity per weight: the first one kept is the densest
+    weights = {n.name: sizes[n.input[1]] for n in model.graph.node if n.op_type == "MatMul"}
+    density = {k: v / weights[k] for k, v in notes["sensitivity"].items()}
+    assert notes["int8_nodes"][0] == max(density, key=density.__getitem__)
+    kld = {name: _kld(reference, kit.outputs(run.model, {"x": x_test})[0])
+           for name, run in (("int4", plain), ("mixed", mixed))}
+    assert kld["mixed"] < kld["int4"], kld
+    assert plain.model.ByteSize() < mixed.model.ByteSize() < model.ByteSize()
+    # without int8 compute the 8-bit kernel is slow: the same layers stay float instead
+    slow = kit.run("int4_weight_only", model, int8_share=share, **{**options,
+                                                                   "accuracy_level": 1})
+    assert slow.notes["mixed_int8"]["float_nodes"] == notes["int8_nodes"]
+    assert kit.ops(slow.model)["com.microsoft.MatMulNBits"] == 3 - len(notes["int8_nodes"])
+    assert get_pass("int4_weight_only").calibrates_with(Int4WeightOnlyConfig(int8_share=0.1))
+    with pytest.raises(EngineError) as info:
+        kit.run("int4_weight_only", model, int8_share=share, min_elements=1024)
+    assert info.value.code == "invalid_dataset"
