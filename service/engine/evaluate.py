@@ -326,8 +326,13 @@ def evaluate_candidate(
     limits = limits or EngineLimits()
     original_model = original_model or onnx.load(str(original_path))
     candidate_model = candidate_model or onnx.load(str(candidate_path))
-    bytes_before = Path(original_path).stat().st_size
-    bytes_after = Path(candidate_path).stat().st_size
+    from service.engine.external import has_external, saved_bytes
+
+    # A model saved with external data is its file and its data files.
+    bytes_before = (saved_bytes(Path(original_path)) if has_external(original_model)
+                    else Path(original_path).stat().st_size)
+    bytes_after = (saved_bytes(Path(candidate_path)) if has_external(candidate_model)
+                   else Path(candidate_path).stat().st_size)
     warnings: list[str] = []
 
     so = make_session(original_path, limits.latency_threads)
