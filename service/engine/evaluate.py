@@ -73,15 +73,28 @@ def dataset_feeds(
 # Sessions and runs
 
 
+NO_PREPACKING = ("session.disable_prepacking", "1")
+
+
 def make_session(path: Path, threads: int, config: dict[str, str] | None = None) -> Any:
-    """An ONNX Runtime CPU session with fixed threads (intra ``threads``, inter 1).
+    """An ONNX Runtime CPU session with fixed threads (intra ``threads``, inter 1), loaded
+    from ``path`` (external data beside it). A model whose float MatMul/Gemm weights stay in
+    external data (``external.float_weights_on_disk``) loads without weight prepacking
+    (``NO_PREPACKING``), so that its weights are not copied into memory.
 
     ``config``: session config entries (``SessionOptions.add_session_config_entry``), e.g.
     ``{"session.disable_quant_qdq": "1"}`` for a weight-only int8 model (see
     ``passes.quantize_weight_only.FOLD_AT_LOAD``)."""
     import onnxruntime as ort
 
+    from service.engine.external import float_weights_on_disk
+
     opts = ort.SessionOptions()
+    if float_weights_on_disk(Path(path)):
+        # ONNX Runtime maps external initializers, but prepacking copies every float
+        # MatMul/Gemm weight into memory: the whole float model per session. Without it the
+        # weights are read from the mapped files (page cache), at some cost in speed.
+        opts.add_session_config_entry(NO_PREPACKING[0], NO_PREPACKING[1])
     for key, value in (config or {}).items():
         opts.add_session_config_entry(key, value)
     opts.intra_op_num_threads = threads

@@ -204,6 +204,24 @@ def _copy(src: object, dst: object, length: int) -> None:
         left -= len(chunk)
 
 
+GRAPH_ONLY_BYTES = 64 << 20  # a saved .onnx this small can be parsed to look at its weights
+
+
+def float_weights_on_disk(path: Path) -> bool:
+    """Whether the model saved at ``path`` reads float MatMul/Gemm weights from external data
+    files (a file past ``GRAPH_ONLY_BYTES`` holds its weights itself and is not parsed)."""
+    try:
+        if Path(path).stat().st_size > GRAPH_ONLY_BYTES:
+            return False
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception:  # not ours to judge here: the session reports it
+        return False
+    external = {t.name for t in model.graph.initializer
+                if is_external(t) and t.data_type == TensorProto.FLOAT}
+    return any(n.op_type in ("MatMul", "Gemm") and len(n.input) > 1 and n.input[1] in external
+               for n in model.graph.node)
+
+
 def saved_bytes(path: Path) -> int:
     """Bytes of a saved model: its file and every external data file it names."""
     model = onnx.load(str(path), load_external_data=False)

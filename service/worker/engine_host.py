@@ -440,10 +440,15 @@ class PeakMemory:
     def __init__(self, interval: float = 0.2) -> None:
         self.interval = interval
         self.peak: dict[str, int] = {"RssAnon": 0, "RssFile": 0}
+        self.start: dict[str, int] = {}
+        self.current = "start"
+        # the largest VmRSS / RssAnon / RssFile sampled while each stage ran (progress stages)
+        self.by_stage: dict[str, dict[str, int]] = {}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._sample, name="peak-memory", daemon=True)
 
     def __enter__(self) -> PeakMemory:
+        self.start = self.status()
         self._thread.start()
         return self
 
@@ -462,11 +467,22 @@ class PeakMemory:
                     out[key] = int(value.split()[0])
         return out
 
+    def stage(self, name: str) -> None:
+        """The job entered progress stage ``name`` (what ``by_stage`` files samples under)."""
+        if name != self.current:
+            self._record(self.status())  # the stage that ends gets its last sample
+            self.current = name
+
+    def _record(self, now: dict[str, int]) -> None:
+        for key in self.peak:
+            self.peak[key] = max(self.peak[key], now.get(key, 0))
+        seen = self.by_stage.setdefault(self.current, {"VmRSS": 0, "RssAnon": 0, "RssFile": 0})
+        for key in seen:
+            seen[key] = max(seen[key], now.get(key, 0))
+
     def _sample(self) -> None:
         while True:
-            now = self.status()
-            for key in self.peak:
-                self.peak[key] = max(self.peak[key], now.get(key, 0))
+            self._record(self.status())
             if self._stop.wait(self.interval):
                 return
 
@@ -475,8 +491,7 @@ class PeakMemory:
         import resource
 
         now = self.status()
-        for key in self.peak:
-            self.peak[key] = max(self.peak[key], now.get(key, 0))
+        self._record(now)
         children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss  # kB on Linux
         mb = 1024.0
         return {
@@ -484,10 +499,19 @@ class PeakMemory:
             "peak_rss_anon_mb": round(self.peak["RssAnon"] / mb, 1) if now else None,
             "peak_rss_file_mb": round(self.peak["RssFile"] / mb, 1) if now else None,
             "children_max_rss_mb": round(children / mb, 1),
+            # what the process held before the job (the preloaded libraries): the job's own
+            # growth is the peak less this
+            "start_rss_mb": round(self.start.get("VmRSS", 0) / mb, 1),
+            "start_rss_anon_mb": round(self.start.get("RssAnon", 0) / mb, 1),
+            "by_stage_mb": {stage: {"rss": round(v["VmRSS"] / mb, 1),
+                                    "anon": round(v["RssAnon"] / mb, 1),
+                                    "file": round(v["RssFile"] / mb, 1)}
+                            for stage, v in self.by_stage.items()},
             "measured": "engine process: VmHWM (peak resident set, anonymous and file-backed "
                         f"pages together); RssAnon and RssFile peaks sampled every "
                         f"{self.interval} s (file-backed: mapped weight files, reclaimable); "
-                        "children: the largest peak of the fresh-process probes",
+                        "children: the largest peak of the fresh-process probes; by stage: the "
+                        "largest sampled while each progress stage ran",
         }
 
 
@@ -499,7 +523,10 @@ def main(
     """Run the job in ``spec_path``; progress and final artifacts go out through ``send``;
     ``isolation`` (what the process runs under) goes into the outcome."""
 
+    memory = PeakMemory()
+
     def emit(stage: str, fraction: float) -> None:
+        memory.stage(stage)
         send({"stage": stage, "fraction": round(float(fraction), 4)})
 
     def announce(name: str, path: Path) -> None:
@@ -530,7 +557,6 @@ def main(
             return Path(path)
 
         limits = EngineLimits(**spec.get("limits", {}))
-        memory = PeakMemory()
         with memory:
             result = compress(
                 Path(spec["model_path"]),
