@@ -82,8 +82,11 @@ def run(args: argparse.Namespace) -> int:
     stack = None
     try:
         started = time.perf_counter()
-        model = random_llama(work / "src", config)
+        model = work / "src" / "model.onnx"
         data = model.with_name("model.onnx.data")
+        reused = model.exists() and data.exists()  # --keep'd from an earlier run
+        if not reused:
+            random_llama(work / "src", config)
         fp32 = data.stat().st_size + model.stat().st_size
         archive = work / "decoder.tar"
         with tarfile.open(archive, "w") as tf:
@@ -92,8 +95,8 @@ def run(args: argparse.Namespace) -> int:
         built = time.perf_counter() - started
         print(f"model: Llama {config['num_hidden_layers']} layers, hidden "
               f"{config['hidden_size']}, vocab {config['vocab_size']}: {_mb(fp32)} float32 "
-              f"(model.onnx {_mb(model.stat().st_size)} + model.onnx.data), built and "
-              f"exported in {built:.0f} s")
+              f"(model.onnx {_mb(model.stat().st_size)} + model.onnx.data), "
+              + ("reused from --workdir" if reused else f"built and exported in {built:.0f} s"))
 
         stack = LocalStack(
             work / "stack", api_port=free_port(), worker_metrics_port=free_port(),
@@ -113,7 +116,14 @@ def run(args: argparse.Namespace) -> int:
         (work / "scratch").mkdir(exist_ok=True)
         api = Api(stack.up().api_url)
         t0 = time.perf_counter()
-        uploaded = api.upload_model(archive)
+        with open(archive, "rb") as fh:  # streamed; the answer comes after inspection
+            resp = api.request("POST", "/v1/models?filename=decoder.tar", data=fh,
+                               headers={"Content-Type": "application/octet-stream"},
+                               timeout=1200)
+        if resp.status_code not in (200, 201):
+            print(f"upload refused: {resp.status_code} {resp.text[:500]}")
+            return 1
+        uploaded = resp.json()
         upload_s = time.perf_counter() - t0
         t0 = time.perf_counter()
         inputs = {"input_ids": {"shape": [1, PROMPT]}, "attention_mask": {"shape": [1, PROMPT]}}

@@ -702,20 +702,23 @@ class EdgePressClient:
                 attempt += 1
         try:
             self._verify(name, tmp, size, md5, resp, job, check_onnx)
-            model = dest.with_name("model.onnx")
-            if name == "model.onnx.data" and dest.name == name and model.is_file():
-                self._verify_model(model, model.stat().st_size + size, job, check_onnx, tmp)
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise
         tmp.replace(dest)
+        model = dest.with_name("model.onnx")
+        if name == "model.onnx.data" and dest.name == name and model.is_file():
+            try:  # the pair, once the data file is where the model reads it from
+                self._verify_model(model, model.stat().st_size + size, job, check_onnx)
+            except BaseException:
+                dest.unlink(missing_ok=True)
+                raise
         return dest
 
     @staticmethod
-    def _verify_model(model: Path, size: int, job: Job | None, check_onnx: bool,
-                      data: Path) -> None:
-        """``model.onnx`` with its data file (``data``, not yet in place): the two files'
-        bytes against ``bytes_after``, and with ``check_onnx`` the checker with its data."""
+    def _verify_model(model: Path, size: int, job: Job | None, check_onnx: bool) -> None:
+        """``model.onnx`` with ``model.onnx.data`` beside it: the two files' bytes against
+        ``bytes_after``, and with ``check_onnx`` the checker on the model with its data."""
         def fail(why: str) -> EdgePressError:
             return EdgePressError(None, "checksum_mismatch", f"model.onnx.data: {why}")
 
@@ -724,18 +727,12 @@ class EdgePressClient:
             raise fail(f"model.onnx and model.onnx.data hold {size} bytes, the job's result "
                        f"says {expected}")
         if check_onnx:
-            import shutil
-            import tempfile
-
             import onnx
 
-            with tempfile.TemporaryDirectory(dir=model.parent) as tmp:
-                shutil.copyfile(model, Path(tmp) / "model.onnx")
-                os.link(data, Path(tmp) / "model.onnx.data")
-                try:
-                    onnx.checker.check_model(str(Path(tmp) / "model.onnx"))
-                except Exception as exc:  # noqa: BLE001 - any checker failure: a bad file
-                    raise fail(f"not a valid ONNX model ({type(exc).__name__})") from None
+            try:
+                onnx.checker.check_model(str(model))
+            except Exception as exc:  # noqa: BLE001 - any checker failure: a bad file
+                raise fail(f"not a valid ONNX model ({type(exc).__name__})") from None
 
     def _stream_to(self, url: str, path: Path) -> tuple[str, str, int, requests.Response]:
         # A plain session: the presigned URL must not carry our Authorization header.

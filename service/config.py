@@ -76,11 +76,13 @@ class Settings(BaseSettings):
         "(EDGEPRESS_MAX_MODEL_BYTES).",
     )
     external_data_inline_bytes: int = Field(
-        default=1024**3,
+        default=512 * 1024**2,
         ge=0,
         description="An archive whose external data holds more bytes than this keeps its "
-        "weights on disk (read tensor by tensor, streaming weight-only quantization) instead "
-        "of loading them into memory; above 2 GiB always.",
+        "weights on disk (read tensor by tensor; only the streaming passes int4_weight_only "
+        "rtn and quantize_weight_only apply) instead of loading them into memory (a recipe "
+        "job holds a few copies: keep it below EDGEPRESS_JOB_MEMORY_LIMIT_MB / 6); above "
+        "2 GiB always.",
     )
     max_dataset_bytes: int = Field(
         default=512 * 1024**2, ge=1024, description="Largest accepted dataset upload."

@@ -94,7 +94,7 @@ def make_session(path: Path, threads: int, config: dict[str, str] | None = None)
         # ONNX Runtime maps external initializers, but prepacking copies every float
         # MatMul/Gemm weight into memory: the whole float model per session. Without it the
         # weights are read from the mapped files (page cache), at some cost in speed.
-        opts.add_session_config_entry(NO_PREPACKING[0], NO_PREPACKING[1])
+        opts.add_session_config_entry(*NO_PREPACKING)
     for key, value in (config or {}).items():
         opts.add_session_config_entry(key, value)
     opts.intra_op_num_threads = threads

@@ -22,7 +22,7 @@ class EngineLimits(BaseModel):
         "2 GiB (what one protobuf holds) is only taken as an archive with external data.",
     )
     external_data_inline_bytes: int = Field(
-        default=1 << 30,
+        default=512 << 20,
         ge=0,
         description="An archive's external data up to this many bytes is read into the model "
         "(the whole model in memory); beyond it, and always beyond 2 GiB, the weights stay in "

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tarfile
 import uuid
 from collections.abc import Iterator
@@ -22,6 +23,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 
+from service.client import EdgePressClient, EdgePressError
 from service.devstack import DEFAULT_ACCESS_KEY, DEFAULT_SECRET_KEY, LocalStack, free_port
 from tests.e2e.client import Api
 from tests.llm import random_llama
@@ -108,11 +110,23 @@ def test_streamed_int4_through_the_api(big_stack: Api, decoder: tuple[Path, Path
     assert notes["streamed"] is True and notes["quantized"] == 4 * 7 + 1  # every MatMul
     assert report["input"]["external_data_kept_bytes"] == fp32_bytes
 
-    # The output keeps its weights external: the two files, side by side, as a user saves them.
+    # The output keeps its weights external: the two files, side by side, as a user saves them
+    # (the client checks the pair against bytes_after and runs the checker on both).
     out = tmp_path / "out"
     out.mkdir()
-    big_stack.download(done["id"], "model.onnx", out / "model.onnx")
-    big_stack.download(done["id"], "model.onnx.data", out / "model.onnx.data")
+    client = EdgePressClient(big_stack.base)
+    finished = client.get_job(done["id"])
+    for name in ("model.onnx", "model.onnx.data"):
+        client.download_artifact(done["id"], name, out, job=finished, check_onnx=True)
+    liar = finished.model_copy(update={"result": {**(finished.result or {}),
+                                                  "bytes_after": 12345}})
+    elsewhere = tmp_path / "liar"
+    elsewhere.mkdir()
+    shutil.copyfile(out / "model.onnx", elsewhere / "model.onnx")
+    with pytest.raises(EdgePressError) as refused:
+        client.download_artifact(done["id"], "model.onnx.data", elsewhere, job=liar)
+    assert refused.value.code == "checksum_mismatch"
+    assert not (elsewhere / "model.onnx.data").exists()  # a refused pair leaves no data file
     graph = onnx.load(str(out / "model.onnx"), load_external_data=False)
     locations = {e.value for t in graph.graph.initializer for e in t.external_data
                  if e.key == "location"}

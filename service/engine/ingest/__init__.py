@@ -91,7 +91,10 @@ def inspect_upload(
     model_too_large or unsupported_model.
     """
     with tempfile.TemporaryDirectory(prefix="edgepress-inspect-") as tmp:
-        ingested = load_model(Path(path), Path(tmp), filename=filename, limits=limits)
+        # Never inlined here: the checks read external weights one tensor at a time, so the
+        # API's inspection memory does not grow with the model.
+        ingested = load_model(Path(path), Path(tmp), filename=filename, limits=limits,
+                              inline=False)
     return ingested.description
 
 
@@ -101,6 +104,7 @@ def load_model(
     *,
     filename: str | None = None,
     limits: EngineLimits | None = None,
+    inline: bool = True,
 ) -> IngestedModel:
     """Read, check and validate an upload; archives are extracted under ``workdir``.
 
@@ -109,7 +113,8 @@ def load_model(
     (and 2 GiB) it is inlined: the model holds all its weights in memory. Beyond, the graphs'
     initializers stay in those verified files, pointed at by the engine's own entries
     (``IngestedModel.external_bytes``); either way later stages never follow a path the upload
-    wrote.
+    wrote. ``inline=False`` keeps every such weight on disk whatever its size
+    (``description["external_data_kept_bytes"]`` still says what a job will keep).
     """
     limits = limits or EngineLimits()
     path = Path(path)
@@ -138,7 +143,8 @@ def load_model(
     base = onnx_file.parent if fmt == "onnx_archive" else None
     spans = verify_external_data(model, base, limits)
     kept_bytes = 0
-    if base is not None and must_keep_external(spans, limits):
+    will_keep = base is not None and must_keep_external(spans, limits)
+    if base is not None and (will_keep or not inline):
         # Only main-graph initializers stay on disk (what streaming passes, ``save`` and the
         # checker's view ``external.checkable`` handle); tensors of subgraphs, Constant
         # attributes, sparse tensors and function bodies are inlined.
@@ -146,9 +152,10 @@ def load_model(
         kept = [span for span in spans if id(span[0]) in graph_inits]
         inline_spans([span for span in spans if id(span[0]) not in graph_inits])
         keep_external_data(kept, base)
-        kept_bytes = sum(length for *_, length in kept)
-        notes.append(f"{kept_bytes} bytes of weights kept in external data (read one tensor "
-                     "at a time)")
+        if will_keep:
+            kept_bytes = sum(length for *_, length in kept)
+            notes.append(f"{kept_bytes} bytes of weights kept in external data (read one "
+                         "tensor at a time)")
     else:
         inline_spans(spans)
     external = bool(spans)

@@ -201,3 +201,13 @@ def test_a_recipe_job_on_a_model_kept_external(tmp_path: Path, step: dict) -> No
     assert size["bytes_after"] < 0.4 * size["bytes_before"]
     assert result.summary["min_cosine"] > 0.99
     assert result.report["input"]["external_data_kept_bytes"] == fp32
+
+
+def test_inspection_says_what_a_job_will_keep(tmp_path: Path) -> None:
+    archive = crafted.external_data_archive(tmp_path)
+    fp32 = sum(onnx.numpy_helper.to_array(t).nbytes for t in crafted.mlp().graph.initializer)
+    assert inspect_upload(archive)["external_data_kept_bytes"] == 0  # small: a job inlines it
+    assert inspect_upload(archive, limits=KEEP)["external_data_kept_bytes"] == fp32
+    # Inspection itself never inlines (its memory does not grow with the weights).
+    seen = load_model(archive, tmp_path / "w", inline=False)
+    assert has_external(seen.model) and seen.external_bytes == 0

@@ -63,13 +63,18 @@ def test_peak_memory_tells_heap_from_mapped_files(tmp_path: Path) -> None:
 
     data = tmp_path / "weights.bin"
     np.ones(64 * 2**20 // 4, np.float32).tofile(data)
+    import mmap
+
     with PeakMemory(interval=0.01) as memory:
         base = memory.status()
-        heap = np.ones(96 * 2**20 // 8)  # 96 MiB touched: anonymous
+        # 96 MiB of fresh anonymous pages, touched (not malloc's: it may reuse freed memory)
+        heap = mmap.mmap(-1, 96 * 2**20, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        np.frombuffer(heap, np.uint8)[:] = 1
         mapped = np.memmap(data, np.float32, mode="r")
         assert float(mapped.sum()) == mapped.size  # 64 MiB read through the mapping: file
         peak = memory.report()  # reads the current status too: both are resident now
-        del heap, mapped
+        del mapped
+        heap.close()
     assert peak["peak_rss_anon_mb"] - base["RssAnon"] / 1024 >= 80
     assert peak["peak_rss_file_mb"] - base["RssFile"] / 1024 >= 50
     assert peak["peak_rss_mb"] >= peak["peak_rss_anon_mb"]
