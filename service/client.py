@@ -673,12 +673,18 @@ class EdgePressClient:
         ``model.onnx`` the size against the job's ``result.bytes_after`` and, with
         ``check_onnx``, the ONNX checker. A failed check raises ``checksum_mismatch`` and
         leaves no file behind.
+
+        A model kept in external data (past 2 GiB, or past the server's inline limit) is two
+        artifacts, ``model.onnx`` and ``model.onnx.data``, to be saved side by side (the
+        model names its data file ``model.onnx.data``, relative to itself): those checks then
+        run once ``model.onnx.data`` lands beside ``model.onnx`` (the two files' bytes
+        against ``bytes_after``, the checker on ``model.onnx`` with its data).
         """
         dest = Path(target)
         if dest.is_dir():
             dest = dest / safe_artifact_name(name)
         dest.parent.mkdir(parents=True, exist_ok=True)
-        if name == "model.onnx" and job is None:
+        if name in ("model.onnx", "model.onnx.data") and job is None:
             job = self.get_job(job_id)
         tmp = dest.with_name(f".{dest.name}.{uuid.uuid4().hex[:8]}.part")
         attempt = 0
@@ -700,7 +706,33 @@ class EdgePressClient:
             tmp.unlink(missing_ok=True)
             raise
         tmp.replace(dest)
+        model = dest.with_name("model.onnx")
+        if name == "model.onnx.data" and dest.name == name and model.is_file():
+            try:  # the pair, once the data file is where the model reads it from
+                self._verify_model(model, model.stat().st_size + size, job, check_onnx)
+            except BaseException:
+                dest.unlink(missing_ok=True)
+                raise
         return dest
+
+    @staticmethod
+    def _verify_model(model: Path, size: int, job: Job | None, check_onnx: bool) -> None:
+        """``model.onnx`` with ``model.onnx.data`` beside it: the two files' bytes against
+        ``bytes_after``, and with ``check_onnx`` the checker on the model with its data."""
+        def fail(why: str) -> EdgePressError:
+            return EdgePressError(None, "checksum_mismatch", f"model.onnx.data: {why}")
+
+        expected = (job.result or {}).get("bytes_after") if job is not None else None
+        if expected is not None and int(expected) != size:
+            raise fail(f"model.onnx and model.onnx.data hold {size} bytes, the job's result "
+                       f"says {expected}")
+        if check_onnx:
+            import onnx
+
+            try:
+                onnx.checker.check_model(str(model))
+            except Exception as exc:  # noqa: BLE001 - any checker failure: a bad file
+                raise fail(f"not a valid ONNX model ({type(exc).__name__})") from None
 
     def _stream_to(self, url: str, path: Path) -> tuple[str, str, int, requests.Response]:
         # A plain session: the presigned URL must not carry our Authorization header.
@@ -728,11 +760,13 @@ class EdgePressClient:
         etag = resp.headers.get("ETag", "").strip('"')
         if len(etag) == 32 and all(c in "0123456789abcdef" for c in etag) and etag != md5:
             raise fail(f"MD5 {md5} differs from the store's ETag {etag}")
-        if name == "model.onnx" and job is not None and job.result:
+        # Weights in model.onnx.data: checked with it (``_verify_model``).
+        external = job is not None and "model.onnx.data" in (job.artifacts or [])
+        if name == "model.onnx" and job is not None and job.result and not external:
             expected = job.result.get("bytes_after")
             if expected is not None and int(expected) != size:
                 raise fail(f"{size} bytes, the job's result says {expected}")
-        if name == "model.onnx" and check_onnx:
+        if name == "model.onnx" and check_onnx and not external:
             import onnx
 
             try:

@@ -17,6 +17,21 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from service.engine.limits import EngineLimits
 
+# The disk a model needs on a worker, in multiples of its size: the upload (source cache), the
+# archive extracted, the compressed output and the scratch files of evaluation.
+MODEL_DISK_FACTOR = 4
+_ARCHIVE_SLACK = 64 * 1024 * 1024  # an archive's headers and graph on top of the weights
+
+
+def disk_sized_model_bytes(directory: str | None) -> int:
+    """The default largest model: the free space of ``directory`` (default: the temporary
+    directory) over ``MODEL_DISK_FACTOR``."""
+    import shutil
+    import tempfile
+
+    free = shutil.disk_usage(directory or tempfile.gettempdir()).free
+    return max(1024, free // MODEL_DISK_FACTOR)
+
 
 class Settings(BaseSettings):
     """EdgePress settings, read from ``EDGEPRESS_<FIELD>`` environment variables."""
@@ -47,8 +62,27 @@ class Settings(BaseSettings):
     queue_name: str = Field(default="edgepress.jobs", description="Celery queue for jobs.")
 
     # Requests and limits.
-    max_upload_bytes: int = Field(
-        default=2 * 1024**3, ge=1024, description="Largest accepted upload (413 beyond)."
+    max_model_bytes: int | None = Field(
+        default=None,
+        ge=1024,
+        description="Largest model the service takes (graph + weights, external data "
+        "included). Empty: sized by the worker's disk, the free space of the scratch directory "
+        "divided by 4 (room for the upload, its extracted copy, the output and scratch files).",
+    )
+    max_upload_bytes: int | None = Field(
+        default=None,
+        ge=1024,
+        description="Largest accepted model upload (413 beyond). Empty: the largest model "
+        "(EDGEPRESS_MAX_MODEL_BYTES).",
+    )
+    external_data_inline_bytes: int = Field(
+        default=512 * 1024**2,
+        ge=0,
+        description="An archive whose external data holds more bytes than this keeps its "
+        "weights on disk (read tensor by tensor; only the streaming passes int4_weight_only "
+        "rtn and quantize_weight_only apply) instead of loading them into memory (a recipe "
+        "job holds a few copies: keep it below EDGEPRESS_JOB_MEMORY_LIMIT_MB / 6); above "
+        "2 GiB always.",
     )
     max_dataset_bytes: int = Field(
         default=512 * 1024**2, ge=1024, description="Largest accepted dataset upload."
@@ -252,13 +286,20 @@ def limits_for(settings: Settings, cpus: int | None = None) -> Limits:
     limit, which counts every thread of the process)."""
     mib = 1024 * 1024
     cpu_seconds = settings.job_time_limit * max(1, cpus or os.cpu_count() or 1)
+    model_bytes = settings.max_model_bytes or disk_sized_model_bytes(settings.scratch_dir)
+    upload_bytes = settings.max_upload_bytes or model_bytes
+    defaults = EngineLimits()
     return Limits(
         engine=EngineLimits(
-            max_model_bytes=min(settings.max_upload_bytes, EngineLimits().max_model_bytes),
+            max_model_bytes=model_bytes,
+            # An archive expands to its model, plus headers: never less than the model limit.
+            max_uncompressed_bytes=max(defaults.max_uncompressed_bytes,
+                                       model_bytes + _ARCHIVE_SLACK),
             max_dataset_bytes=settings.max_dataset_bytes,
+            external_data_inline_bytes=settings.external_data_inline_bytes,
         ),
-        upload_bytes={"model": settings.max_upload_bytes, "dataset": settings.max_dataset_bytes},
-        request_bytes=max(settings.max_upload_bytes, settings.max_dataset_bytes) + mib,
+        upload_bytes={"model": upload_bytes, "dataset": settings.max_dataset_bytes},
+        request_bytes=max(upload_bytes, settings.max_dataset_bytes) + mib,
         form_memory_bytes=mib,
         inspect_rlimits={
             "RLIMIT_AS": (settings.inspect_memory_limit_mb * mib,) * 2,

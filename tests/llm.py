@@ -180,3 +180,53 @@ def byte_llama(cache_dir: Path) -> LLM:
             "input_names": input_names, "output_names": output_names}
     path.with_suffix(".json").write_text(json.dumps(info, indent=2))
     return LLM(path, heldout)
+
+
+def random_llama(directory: Path, config: dict[str, Any], name: str = "model.onnx",
+                 seed: int = SEED) -> Path:
+    """A Llama-architecture decoder with random weights from ``config`` (``transformers``
+    ``LlamaConfig`` fields), exported without a KV cache (``input_ids`` [batch, sequence],
+    ``attention_mask`` → ``logits``) and saved as ``directory/name`` with every weight in
+    ``name + ".data"`` (external data, one file). Built in torch, exported by the legacy
+    exporter (which writes external data itself past 2 GiB), then gathered into one data file
+    by onnx without loading the weights twice over: the big-model path's test material."""
+    import shutil
+    import tempfile
+
+    import onnx
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+
+    class Logits(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = LlamaForCausalLM(LlamaConfig(**config, attn_implementation="eager"))
+
+        def forward(self, input_ids, attention_mask):  # type: ignore[no-untyped-def]
+            return self.model(input_ids=input_ids, attention_mask=attention_mask,
+                              use_cache=False).logits
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    ids = torch.zeros(1, 8, dtype=torch.int64)
+    with tempfile.TemporaryDirectory(dir=directory) as tmp:
+        raw = Path(tmp) / "export.onnx"
+        with warnings.catch_warnings(), torch.no_grad():
+            warnings.simplefilter("ignore")
+            wrapper = Logits().eval()
+            torch.onnx.export(wrapper, (ids, torch.ones_like(ids)), str(raw),
+                              dynamo=False, input_names=["input_ids", "attention_mask"],
+                              output_names=["logits"], opset_version=18,
+                              dynamic_axes={"input_ids": {0: "batch", 1: "sequence"},
+                                            "attention_mask": {0: "batch", 1: "sequence"},
+                                            "logits": {0: "batch", 1: "sequence"}})
+        del wrapper  # the float weights once, not twice, while onnx gathers them
+        proto = onnx.load(str(raw), load_external_data=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        path = directory / name
+        onnx.save_model(proto, str(path), save_as_external_data=True,
+                        all_tensors_to_one_file=True, location=name + ".data",
+                        size_threshold=1024)
+    return path

@@ -77,15 +77,28 @@ def dataset_feeds(
 # Sessions and runs
 
 
+NO_PREPACKING = ("session.disable_prepacking", "1")
+
+
 def make_session(path: Path, threads: int, config: dict[str, str] | None = None) -> Any:
-    """An ONNX Runtime CPU session with fixed threads (intra ``threads``, inter 1).
+    """An ONNX Runtime CPU session with fixed threads (intra ``threads``, inter 1), loaded
+    from ``path`` (external data beside it). A model whose float MatMul/Gemm weights stay in
+    external data (``external.float_weights_on_disk``) loads without weight prepacking
+    (``NO_PREPACKING``), so that its weights are not copied into memory.
 
     ``config``: session config entries (``SessionOptions.add_session_config_entry``), e.g.
     ``{"session.disable_quant_qdq": "1"}`` for a weight-only int8 model (see
     ``passes.quantize_weight_only.FOLD_AT_LOAD``)."""
     import onnxruntime as ort
 
+    from service.engine.external import float_weights_on_disk
+
     opts = ort.SessionOptions()
+    if float_weights_on_disk(Path(path)):
+        # ONNX Runtime maps external initializers, but prepacking copies every float
+        # MatMul/Gemm weight into memory: the whole float model per session. Without it the
+        # weights are read from the mapped files (page cache), at some cost in speed.
+        opts.add_session_config_entry(*NO_PREPACKING)
     for key, value in (config or {}).items():
         opts.add_session_config_entry(key, value)
     opts.intra_op_num_threads = threads
@@ -394,8 +407,13 @@ def evaluate_candidate(
     limits = limits or EngineLimits()
     original_model = original_model or onnx.load(str(original_path))
     candidate_model = candidate_model or onnx.load(str(candidate_path))
-    bytes_before = Path(original_path).stat().st_size
-    bytes_after = Path(candidate_path).stat().st_size
+    from service.engine.external import has_external, saved_bytes
+
+    # A model saved with external data is its file and its data files.
+    bytes_before = (saved_bytes(Path(original_path)) if has_external(original_model)
+                    else Path(original_path).stat().st_size)
+    bytes_after = (saved_bytes(Path(candidate_path)) if has_external(candidate_model)
+                   else Path(candidate_path).stat().st_size)
     warnings: list[str] = []
 
     so = make_session(original_path, limits.latency_threads)

@@ -17,8 +17,16 @@ class EngineLimits(BaseModel):
     max_model_bytes: int = Field(
         default=2_000_000_000,
         gt=0,
-        description="Largest model (graph + weights, external data included), in bytes. "
-        "Protobuf cannot serialise a single ModelProto beyond 2 GiB.",
+        description="Largest model (graph + weights, external data included), in bytes. The "
+        "service sizes it by the worker's disk (``service.config.limits_for``); a model past "
+        "2 GiB (what one protobuf holds) is only taken as an archive with external data.",
+    )
+    external_data_inline_bytes: int = Field(
+        default=512 << 20,
+        ge=0,
+        description="An archive's external data up to this many bytes is read into the model "
+        "(the whole model in memory); beyond it, and always beyond 2 GiB, the weights stay in "
+        "their verified files and are read one tensor at a time.",
     )
     max_archive_members: int = Field(default=256, gt=0, description="Most members in an uploaded archive.")
     max_uncompressed_bytes: int = Field(

@@ -29,6 +29,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from service.engine.errors import EngineError
+from service.engine.external import checkable
 from service.engine.graph import iter_graphs
 from service.engine.ingest import _subgraph_free_names, unknown_dynamic_dims
 from service.engine.limits import EngineLimits
@@ -159,7 +160,7 @@ def normalise(
     if renamed:
         notes.append(f"{renamed} nodes named or renamed to make node names unique")
     try:
-        onnx.checker.check_model(out)
+        onnx.checker.check_model(checkable(out))
     except onnx.checker.ValidationError as exc:  # a bug here, not the user's fault
         raise EngineError(
             "unsupported_model",
@@ -301,6 +302,9 @@ def _fold_constants(model: onnx.ModelProto, limits: EngineLimits) -> int:
                 and node.domain in ("", "ai.onnx")
                 and node.input
                 and all(i in consts for i in node.input if i)
+                # weights kept in external data stay there (folding would read them whole)
+                and not any(consts[i].data_location == TensorProto.EXTERNAL
+                            for i in node.input if i)
                 and len(node.output) == 1
                 and node.output[0] not in graph_outputs
             ):

@@ -4,7 +4,9 @@
 inputs against its signature; ``refuse_requantizing`` refuses to quantize an already quantized
 model; ``apply_steps`` runs registered passes in order, each inside the same guard: a library
 exception becomes ``pass_failed`` naming the pass and step, and every output is checked (an ONNX
-model, valid, under 2 GiB). The recipe path (``service.engine.recipe``) and every candidate and
+model, valid, its graph under 2 GiB). A model whose weights stay in external data
+(``IngestedModel.external_bytes``) only goes through passes that stream (``Pass.streams``), and
+``save`` writes it with its external data files. The recipe path (``service.engine.recipe``) and every candidate and
 mixed-precision probe of the search (``service.engine.search``) go through these, so a pass
 never runs a second way. Heavy libraries (onnxruntime) are imported where used.
 """
@@ -22,6 +24,7 @@ from typing import Any
 import onnx
 
 from service.engine.errors import EngineError
+from service.engine.external import checkable
 from service.engine.ingest import IngestedModel, load_model
 from service.engine.inputs import check_inputs, input_signature, parse_inputs
 from service.engine.limits import EngineLimits
@@ -42,13 +45,24 @@ def scrub(text: str, *roots: Path) -> str:
     return text[:400]
 
 
-def save(model: onnx.ModelProto, path: Path) -> None:
-    """Write ``model`` to ``path``; ``model_too_large`` above what one ONNX file holds."""
+def save(model: onnx.ModelProto, path: Path) -> list[Path]:
+    """Write ``model`` to ``path``; returns the files that make the saved model (``path``, and
+    its external data files when its weights stay in them: ``service.engine.external.save``;
+    those outside ``path``'s folder are copied into ``<name>.data`` beside it).
+    ``model_too_large`` when the graph alone is above what one ONNX file holds."""
+    from service.engine import external
+
+    if external.has_external(model):
+        if model.ByteSize() > PROTOBUF_LIMIT:
+            raise EngineError("model_too_large", "the model's graph is larger than 2 GiB "
+                              "without its weights, the most an ONNX file can hold")
+        return external.save(model, path)
     if model.ByteSize() > PROTOBUF_LIMIT:
         raise EngineError("model_too_large", "the model is larger than 2 GiB, the most a single "
                           "ONNX file can hold")
     path.parent.mkdir(parents=True, exist_ok=True)
     onnx.save_model(model, str(path))
+    return [path]
 
 
 def ingest(
@@ -105,10 +119,20 @@ def apply_steps(
     with the context ``context(i, pass class, step dir)`` builds; returns the last model and
     what each step did. ``pass_failed`` / ``model_too_large`` name the pass and step; their
     messages show no path under ``scrub_root`` (default ``workdir``)."""
+    from service.engine.external import has_external
+
     root = scrub_root or workdir
     applied: list[AppliedStep] = []
     for index, (cls, config) in enumerate(steps):
         check_cancelled()
+        if not cls.streams and has_external(model):
+            raise EngineError(
+                "model_too_large",
+                f"pass {cls.name!r} needs the whole model in memory, and this model's weights "
+                "are kept in external data (past the inline limit); passes that read them one "
+                f"tensor at a time: {', '.join(streaming_passes())}",
+                {"pass": cls.name, "step": index},
+            )
         step_dir = workdir / f"{index:02d}_{cls.name}"
         step_dir.mkdir(parents=True, exist_ok=True)
         ctx = context(index, cls, step_dir)
@@ -134,12 +158,19 @@ def apply_steps(
     return model, applied
 
 
+def streaming_passes() -> list[str]:
+    """Names of the registered passes that run on a model kept in external data."""
+    from service.engine.registry import registered_passes
+
+    return sorted(name for name, cls in registered_passes().items() if cls.streams)
+
+
 def _check_pass_output(model: onnx.ModelProto, name: str, index: int, workdir: Path) -> None:
     if model.ByteSize() > PROTOBUF_LIMIT:
         raise EngineError("model_too_large", f"pass {name!r} produced a model above 2 GiB",
                           {"pass": name, "step": index})
     try:
-        onnx.checker.check_model(model)
+        onnx.checker.check_model(checkable(model))
     except onnx.checker.ValidationError as exc:
         raise EngineError(
             "pass_failed",

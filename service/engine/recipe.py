@@ -221,10 +221,15 @@ def run_recipe(
     check_cancelled()
     progress("evaluate", 0.75)
     output_path = workdir / "output" / "model.onnx"
-    save(model, output_path)
+    output_files = save(model, output_path)
+    # Weights kept in external data: the output is model.onnx and model.onnx.data beside it.
+    external = bool(ingested.external_bytes)
+    data_path = output_path.with_name(output_path.name + ".data")
     thread_counts = latency_thread_counts(limits, profile)
     if artifact_ready is not None:
         artifact_ready("model.onnx", output_path)  # not written again from here on
+        if data_path in output_files:
+            artifact_ready("model.onnx.data", data_path)
     try:
         evaluation = evaluate_candidate(
             original_path, output_path, feeds,
@@ -253,14 +258,22 @@ def run_recipe(
 
     size, latency = evaluation["size"], evaluation["latency"]
     # Sparse or clustered weights shrink only under compression: the zstd artifact counts.
-    zst = _maybe_zstd(output_path)
+    # (Not for weights kept in external data: streamed int4/int8 codes are what shrinks, and
+    # zstd over gigabytes of them would cost minutes for a few percent.)
+    zst = _maybe_zstd(output_path) if not external else None
     size["bytes_after_zstd"] = zst.stat().st_size if zst is not None else None
     stored = min(size["bytes_after"], size["bytes_after_zstd"] or size["bytes_after"])
     # Like for like: zstd also shrinks the float original a little (7-10 %), so a result
     # counts as smaller only against the original under the same treatment.
-    size["bytes_before_zstd"] = _zstd_size(original_path)
-    baseline = min(size["bytes_before"], size["bytes_before_zstd"],
-                   baseline_path.stat().st_size, _zstd_size(baseline_path))
+    if external:
+        from service.engine.external import saved_bytes
+
+        size["bytes_before_zstd"] = None
+        baseline = min(size["bytes_before"], saved_bytes(baseline_path))
+    else:
+        size["bytes_before_zstd"] = _zstd_size(original_path)
+        baseline = min(size["bytes_before"], size["bytes_before_zstd"],
+                       baseline_path.stat().st_size, _zstd_size(baseline_path))
     smaller = stored <= SMALLER_RATIO * baseline
     # Every speed decision is judged against the placebo's noise band (the original against a
     # second session of itself, measured in the same rounds): "faster" and "slower" only
@@ -322,6 +335,8 @@ def run_recipe(
     # ---- report
     progress("report", 0.95)
     artifacts = {"model.onnx": output_path}
+    if data_path in output_files:
+        artifacts["model.onnx.data"] = data_path
     if zst is not None:
         artifacts["model.onnx.zst"] = zst
     fidelity = evaluation["fidelity"]

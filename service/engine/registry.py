@@ -116,6 +116,10 @@ class Pass(Generic[ConfigT]):
       recovery rounds).
     - ``scoped``: its config derives from ``service.engine.scope.ScopeConfig`` (op types, nodes
       to exclude...); ``register`` checks that the two agree.
+    - ``streams``: it also runs on a model whose weights stay in external data files
+      (``service.engine.external``): it reads them one tensor at a time and writes its own
+      under ``ctx.workdir``, never the whole model in memory. Other passes are refused on such
+      a model.
     """
 
     name: ClassVar[str]
@@ -125,6 +129,7 @@ class Pass(Generic[ConfigT]):
     calibrates: ClassVar[bool] = False
     trains: ClassVar[bool] = False
     scoped: ClassVar[bool] = False
+    streams: ClassVar[bool] = False
 
     @classmethod
     def calibrates_with(cls, config: PassConfig) -> bool:

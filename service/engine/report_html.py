@@ -54,6 +54,11 @@ def op_type_latency(
         opts.inter_op_num_threads = 1
         opts.enable_profiling = True
         opts.profile_file_prefix = str(Path(tmp) / "profile")
+        from service.engine.evaluate import NO_PREPACKING
+        from service.engine.external import float_weights_on_disk
+
+        if float_weights_on_disk(Path(model_path)):  # as ``evaluate.make_session`` loads it
+            opts.add_session_config_entry(*NO_PREPACKING)
         session = ort.InferenceSession(str(model_path), opts,
                                        providers=["CPUExecutionProvider"])
         feed = _adapt(session, inputs)

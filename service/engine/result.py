@@ -63,12 +63,17 @@ class Summary(TypedDict):
     # causal decoders: KL divergence, top-1 agreement, perplexity, tokens/s, peak memory
     # (``service.engine.lm.SUMMARY_KEYS``)
     lm: NotRequired[dict[str, float | None]]
+    # the engine process's peak resident set (MB), and how it was measured (the worker's
+    # ``engine_host.PeakMemory``: VmHWM, sampled RssAnon / RssFile peaks, probes' peak)
+    peak_rss_mb: NotRequired[float | None]
+    memory: NotRequired[dict[str, Any]]
 
 
 @dataclass
 class PipelineResult:
-    """What a job produced. ``artifacts`` always holds ``model.onnx``; ``model.onnx.zst`` when
-    zstd helps; the worker writes ``report.json`` from ``report``."""
+    """What a job produced. ``artifacts`` always holds ``model.onnx``; ``model.onnx.data``
+    when its weights are kept in external data (the file ``model.onnx`` names, beside it);
+    ``model.onnx.zst`` when zstd helps; the worker writes ``report.json`` from ``report``."""
 
     model_path: Path
     report: dict[str, Any]

@@ -38,6 +38,9 @@ class ModelRecord(BaseModel):
     parameter_count: int = 0
     node_count: int | None = None
     external_data: bool = False
+    # weights kept in external data files (past the engine's inline limit): the job streams
+    # them, and its model comes as model.onnx + model.onnx.data
+    external_data_kept_bytes: int = 0
     already_quantized: bool = False
     quantization: list[str] = Field(default_factory=list)
     op_types: dict[str, int] = Field(default_factory=dict)

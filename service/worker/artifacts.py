@@ -28,6 +28,8 @@ log = logging.getLogger(__name__)
 
 ARTIFACT_TYPES = {
     "model.onnx": "application/octet-stream",
+    # the weights of a model kept in external data: saved beside model.onnx under this name
+    "model.onnx.data": "application/octet-stream",
     "model.onnx.zst": "application/zstd",
     "report.json": "application/json",
     "report.html": "text/html; charset=utf-8",

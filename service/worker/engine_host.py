@@ -426,6 +426,95 @@ def run_forked(
     os._exit(code)  # no atexit handlers inherited from the forkserver
 
 
+class PeakMemory:
+    """The engine process's peak memory, measured from inside it: the kernel's high-water mark
+    of its resident set (``VmHWM`` in /proc/self/status: anonymous and file-backed pages
+    together), and, sampled every ``interval`` seconds by a thread (the kernel keeps no peak
+    per kind), the largest ``RssAnon`` (heap, arrays, ONNX Runtime's own buffers) and
+    ``RssFile`` (pages of mapped files: weights read through ``np.memmap`` and external
+    initializers ONNX Runtime maps; the kernel can drop these under pressure, they are not
+    the job's heap) seen. ``children_max_rss_mb``: the largest peak of the processes the
+    engine started and waited for (``RUSAGE_CHILDREN``: the fresh-process probes of
+    ``service.engine.lm``)."""
+
+    def __init__(self, interval: float = 0.2) -> None:
+        self.interval = interval
+        self.peak: dict[str, int] = {"RssAnon": 0, "RssFile": 0}
+        self.start: dict[str, int] = {}
+        self.current = "start"
+        # the largest VmRSS / RssAnon / RssFile sampled while each stage ran (progress stages)
+        self.by_stage: dict[str, dict[str, int]] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, name="peak-memory", daemon=True)
+
+    def __enter__(self) -> PeakMemory:
+        self.start = self.status()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=2.0)
+
+    @staticmethod
+    def status() -> dict[str, int]:
+        """The kB fields of /proc/self/status ({} where there is none)."""
+        out: dict[str, int] = {}
+        with contextlib.suppress(OSError):
+            for line in Path("/proc/self/status").read_text().splitlines():
+                key, _, value = line.partition(":")
+                if value.strip().endswith("kB"):
+                    out[key] = int(value.split()[0])
+        return out
+
+    def stage(self, name: str) -> None:
+        """The job entered progress stage ``name`` (what ``by_stage`` files samples under)."""
+        if name != self.current:
+            self._record(self.status())  # the stage that ends gets its last sample
+            self.current = name
+
+    def _record(self, now: dict[str, int]) -> None:
+        for key in self.peak:
+            self.peak[key] = max(self.peak[key], now.get(key, 0))
+        seen = self.by_stage.setdefault(self.current, {"VmRSS": 0, "RssAnon": 0, "RssFile": 0})
+        for key in seen:
+            seen[key] = max(seen[key], now.get(key, 0))
+
+    def _sample(self) -> None:
+        while True:
+            self._record(self.status())
+            if self._stop.wait(self.interval):
+                return
+
+    def report(self) -> dict[str, Any]:
+        """``peak_rss_mb`` and how it was measured."""
+        import resource
+
+        now = self.status()
+        self._record(now)
+        children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss  # kB on Linux
+        mb = 1024.0
+        return {
+            "peak_rss_mb": round(now.get("VmHWM", 0) / mb, 1) if now else None,
+            "peak_rss_anon_mb": round(self.peak["RssAnon"] / mb, 1) if now else None,
+            "peak_rss_file_mb": round(self.peak["RssFile"] / mb, 1) if now else None,
+            "children_max_rss_mb": round(children / mb, 1),
+            # what the process held before the job (the preloaded libraries): the job's own
+            # growth is the peak less this
+            "start_rss_mb": round(self.start.get("VmRSS", 0) / mb, 1),
+            "start_rss_anon_mb": round(self.start.get("RssAnon", 0) / mb, 1),
+            "by_stage_mb": {stage: {"rss": round(v["VmRSS"] / mb, 1),
+                                    "anon": round(v["RssAnon"] / mb, 1),
+                                    "file": round(v["RssFile"] / mb, 1)}
+                            for stage, v in self.by_stage.items()},
+            "measured": "engine process: VmHWM (peak resident set, anonymous and file-backed "
+                        f"pages together); RssAnon and RssFile peaks sampled every "
+                        f"{self.interval} s (file-backed: mapped weight files, reclaimable); "
+                        "children: the largest peak of the fresh-process probes; by stage: the "
+                        "largest sampled while each progress stage ran",
+        }
+
+
 def main(
     spec_path: str,
     send: Callable[[dict[str, Any]], None] = _print_message,
@@ -434,7 +523,10 @@ def main(
     """Run the job in ``spec_path``; progress and final artifacts go out through ``send``;
     ``isolation`` (what the process runs under) goes into the outcome."""
 
+    memory = PeakMemory()
+
     def emit(stage: str, fraction: float) -> None:
+        memory.stage(stage)
         send({"stage": stage, "fraction": round(float(fraction), 4)})
 
     def announce(name: str, path: Path) -> None:
@@ -465,19 +557,24 @@ def main(
             return Path(path)
 
         limits = EngineLimits(**spec.get("limits", {}))
-        result = compress(
-            Path(spec["model_path"]),
-            spec["recipe"],
-            workdir / "engine",
-            dataset_path=Path(spec["dataset_path"]) if spec.get("dataset_path") else None,
-            device=spec.get("device"),
-            constraints=spec.get("constraints") or {},
-            inputs=spec.get("inputs") or None,
-            progress=emit,
-            resolve_model=resolve_model,
-            limits=limits,
-            artifact_ready=announce,
-        )
+        with memory:
+            result = compress(
+                Path(spec["model_path"]),
+                spec["recipe"],
+                workdir / "engine",
+                dataset_path=Path(spec["dataset_path"]) if spec.get("dataset_path") else None,
+                device=spec.get("device"),
+                constraints=spec.get("constraints") or {},
+                inputs=spec.get("inputs") or None,
+                progress=emit,
+                resolve_model=resolve_model,
+                limits=limits,
+                artifact_ready=announce,
+            )
+        peak = memory.report()
+        result.summary["memory"] = peak
+        result.summary["peak_rss_mb"] = peak["peak_rss_mb"]
+        result.report["memory"] = peak
         report_path = workdir / "report.json"
         report_path.write_text(json.dumps(result.report, indent=2, default=str))
         artifacts = {name: str(path) for name, path in result.artifacts.items()}

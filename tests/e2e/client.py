@@ -52,7 +52,11 @@ class Api:
         deadline = time.monotonic() + timeout
         seen: list[tuple[str, str]] = []
         while time.monotonic() < deadline:
-            job = self.request("GET", f"/v1/jobs/{job_id}").json()
+            resp = self.request("GET", f"/v1/jobs/{job_id}")
+            if resp.status_code in (429, 503):  # a busy stack (big uploads): ask again
+                time.sleep(0.5)
+                continue
+            job = resp.json()
             if not seen or seen[-1] != (job["state"], job["stage"]):
                 seen.append((job["state"], job["stage"]))
             if job["state"] in states:

@@ -33,7 +33,7 @@ def test_limits_come_from_the_settings() -> None:
     settings = Settings(max_upload_bytes=4096, max_dataset_bytes=2048, job_time_limit=100,
                         job_memory_limit_mb=512, inspect_timeout_seconds=7)
     limits = limits_for(settings, cpus=4)
-    assert limits.engine.max_model_bytes == 4096 and limits.engine.max_dataset_bytes == 2048
+    assert limits.engine.max_dataset_bytes == 2048
     assert limits.upload_bytes == {"model": 4096, "dataset": 2048}
     assert limits.request_bytes == 4096 + 1024 * 1024
     assert limits.job_rlimits["RLIMIT_AS"] == (512 * 1024 * 1024,) * 2
@@ -41,9 +41,31 @@ def test_limits_come_from_the_settings() -> None:
     assert limits.inspect_rlimits["RLIMIT_CPU"] == (7, 9) and limits.inspect_seconds == 12
     assert (limits.task_soft_seconds, limits.task_hard_seconds) == (220, 280)
     assert limits.redelivery_seconds > limits.task_hard_seconds > limits.job_hard_seconds
-    # The engine never takes a model protobuf cannot serialise, whatever the upload limit.
-    big = limits_for(Settings(max_upload_bytes=8 * 1024**3)).engine
-    assert big.max_model_bytes == 2_000_000_000
+
+
+def test_model_limit_is_a_setting_past_2_gib() -> None:
+    from service.config import limits_for
+
+    limits = limits_for(Settings(max_model_bytes=8 * 1024**3))
+    assert limits.engine.max_model_bytes == 8 * 1024**3  # not capped by protobuf's 2 GiB
+    assert limits.upload_bytes["model"] == 8 * 1024**3  # the upload limit follows it
+    assert limits.engine.max_uncompressed_bytes >= 8 * 1024**3  # an archive may hold it all
+    assert limits.request_bytes > 8 * 1024**3
+    both = limits_for(Settings(max_model_bytes=8 * 1024**3, max_upload_bytes=4096))
+    assert both.upload_bytes["model"] == 4096 and both.engine.max_model_bytes == 8 * 1024**3
+    assert limits_for(Settings(external_data_inline_bytes=123)).engine.external_data_inline_bytes == 123
+
+
+def test_model_limit_defaults_to_the_disk(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    import shutil
+
+    from service.config import MODEL_DISK_FACTOR, limits_for
+
+    limits = limits_for(Settings(scratch_dir=str(tmp_path)))
+    free = shutil.disk_usage(tmp_path).free
+    # Free space moves as others write: within 5 % of a quarter of it.
+    assert abs(limits.engine.max_model_bytes - free / MODEL_DISK_FACTOR) < 0.05 * free
+    assert limits.upload_bytes["model"] == limits.engine.max_model_bytes
 
 
 def test_gunicorn_reads_its_settings(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:  # type: ignore[no-untyped-def]

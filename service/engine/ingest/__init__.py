@@ -46,7 +46,12 @@ from service.engine.ingest.describe import (
     graph_inputs,
     parameter_count,
 )
-from service.engine.ingest.external_data import _inline_external_data
+from service.engine.ingest.external_data import (
+    inline_spans,
+    keep_external_data,
+    must_keep_external,
+    verify_external_data,
+)
 from service.engine.ingest.sniff import EXPORT_HINT, _parse_onnx, sniff
 from service.engine.ingest.validate import (
     MAX_OPSET,
@@ -63,13 +68,16 @@ from service.engine.limits import EngineLimits
 
 @dataclass
 class IngestedModel:
-    """A validated model with its external data inlined (a self-contained ``ModelProto``)."""
+    """A validated model: self-contained (external data inlined), or, when ``external_bytes``
+    is not 0, its graph with its large weights kept in the upload's verified files (read one
+    tensor at a time, ``service.engine.external``)."""
 
     model: onnx.ModelProto
     description: dict
     format: str  # "onnx" | "onnx_archive"
     upload_bytes: int
     notes: list[str] = field(default_factory=list)
+    external_bytes: int = 0  # weights bytes kept on disk (0: everything in ``model``)
 
 
 def inspect_upload(
@@ -83,7 +91,10 @@ def inspect_upload(
     model_too_large or unsupported_model.
     """
     with tempfile.TemporaryDirectory(prefix="edgepress-inspect-") as tmp:
-        ingested = load_model(Path(path), Path(tmp), filename=filename, limits=limits)
+        # Never inlined here: the checks read external weights one tensor at a time, so the
+        # API's inspection memory does not grow with the model.
+        ingested = load_model(Path(path), Path(tmp), filename=filename, limits=limits,
+                              inline=False)
     return ingested.description
 
 
@@ -93,11 +104,17 @@ def load_model(
     *,
     filename: str | None = None,
     limits: EngineLimits | None = None,
+    inline: bool = True,
 ) -> IngestedModel:
     """Read, check and validate an upload; archives are extracted under ``workdir``.
 
-    The returned model holds all its weights in memory (external data read, confined to the
-    upload's directory, and inlined), so later stages never follow a path from the upload.
+    External data is read only from files confined to the upload's directory and checked
+    (``external_data.verify_external_data``). Up to ``limits.external_data_inline_bytes``
+    (and 2 GiB) it is inlined: the model holds all its weights in memory. Beyond, the graphs'
+    initializers stay in those verified files, pointed at by the engine's own entries
+    (``IngestedModel.external_bytes``); either way later stages never follow a path the upload
+    wrote. ``inline=False`` keeps every such weight on disk whatever its size
+    (``description["external_data_kept_bytes"]`` still says what a job will keep).
     """
     limits = limits or EngineLimits()
     path = Path(path)
@@ -123,9 +140,25 @@ def load_model(
     notes: list[str] = []
     # A lone .onnx upload has no data files of its own: whatever sits next to it on the server
     # is not the user's, so external data is only read from inside an uploaded archive.
-    external = _inline_external_data(
-        model, onnx_file.parent if fmt == "onnx_archive" else None, limits
-    )
+    base = onnx_file.parent if fmt == "onnx_archive" else None
+    spans = verify_external_data(model, base, limits)
+    kept_bytes = 0
+    will_keep = base is not None and must_keep_external(spans, limits)
+    if base is not None and (will_keep or not inline):
+        # Only main-graph initializers stay on disk (what streaming passes, ``save`` and the
+        # checker's view ``external.checkable`` handle); tensors of subgraphs, Constant
+        # attributes, sparse tensors and function bodies are inlined.
+        graph_inits = {id(t) for t in model.graph.initializer}
+        kept = [span for span in spans if id(span[0]) in graph_inits]
+        inline_spans([span for span in spans if id(span[0]) not in graph_inits])
+        keep_external_data(kept, base)
+        if will_keep:
+            kept_bytes = sum(length for *_, length in kept)
+            notes.append(f"{kept_bytes} bytes of weights kept in external data (read one "
+                         "tensor at a time)")
+    else:
+        inline_spans(spans)
+    external = bool(spans)
     dynamic = sum(unknown_dynamic_dims(g) for g, _ in iter_graphs(model.graph))
     if dynamic:
         notes.append(f"{dynamic} dims declared as -1 or 0 read as dynamic dims")
@@ -134,8 +167,10 @@ def load_model(
     description["format"] = fmt
     description["external_data"] = external
     description["upload_bytes"] = size
+    description["external_data_kept_bytes"] = kept_bytes
     return IngestedModel(
-        model=model, description=description, format=fmt, upload_bytes=size, notes=notes
+        model=model, description=description, format=fmt, upload_bytes=size, notes=notes,
+        external_bytes=kept_bytes,
     )
 
 

@@ -1,11 +1,16 @@
-"""External data: the weights a model keeps outside its ``.onnx`` file, read and inlined.
+"""External data: the weights a model keeps outside its ``.onnx`` file, verified, then inlined
+or kept on disk.
 
 Only an archive upload may carry external data (a lone ``.onnx`` file has no data files of its
 own). Every location is confined to the extracted archive by our own rules (relative, no ``..``,
 no absolute or drive path, no link anywhere on the way), every offset and length must lie inside
-its file and match what the tensor's dims and dtype need, and the total is bounded; the bytes
-are then inlined, so later stages never follow a path from the upload. Depends on ``walk``
-and on ``archive`` (the path rule it shares with member names).
+its file and match what the tensor's dims and dtype need, and the total is bounded
+(``verify_external_data``). Then either the bytes are inlined (``_inline_external_data``), or,
+for weights past ``EngineLimits.external_data_inline_bytes`` (``keep_external_data``), each
+tensor's entries are rewritten from what was verified (the upload's own keys dropped) with the
+engine's ``basepath`` (``service.engine.external``): later stages read them one tensor at a
+time and never follow a path the upload wrote. Depends on ``walk`` and on ``archive`` (the path
+rule it shares with member names).
 """
 
 from __future__ import annotations
@@ -17,13 +22,60 @@ import onnx
 from onnx import TensorProto
 
 from service.engine.errors import EngineError
+from service.engine.external import point_at
 from service.engine.ingest.archive import _relative_path
 from service.engine.ingest.walk import _all_tensors, _expected_nbytes
 from service.engine.limits import EngineLimits
 
+PROTOBUF_BYTES = 2**31 - 1  # what one serialised ONNX file can hold: beyond, always kept
+
 
 def _inline_external_data(model: onnx.ModelProto, base: Path | None, limits: EngineLimits) -> bool:
-    """Read every external tensor from files confined to ``base`` and inline it.
+    """Read every external tensor from files confined to ``base`` and inline it."""
+    spans = verify_external_data(model, base, limits)
+    inline_spans(spans)
+    return bool(spans)
+
+
+def inline_spans(spans: list[tuple[TensorProto, Path, int, int]]) -> None:
+    """Read each verified span (``verify_external_data``) into its tensor."""
+    handles: dict[Path, int] = {}
+    try:
+        for t, resolved, offset, length in spans:
+            if resolved not in handles:
+                handles[resolved] = os.open(resolved, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+            t.raw_data = os.pread(handles[resolved], length, offset)
+            del t.external_data[:]
+            t.data_location = TensorProto.DEFAULT
+    finally:
+        for fd in handles.values():
+            os.close(fd)
+
+
+def keep_external_data(
+    spans: list[tuple[TensorProto, Path, int, int]], base: Path
+) -> None:
+    """Point every verified external tensor (``verify_external_data``'s ``spans``) at its
+    file under ``base`` with the engine's entries only (location, offset, length, basepath)."""
+    base = base.resolve()
+    for t, resolved, offset, length in spans:
+        point_at(t, base, resolved.relative_to(base).as_posix(), offset, length)
+
+
+def must_keep_external(spans: list[tuple[TensorProto, Path, int, int]],
+                       limits: EngineLimits) -> bool:
+    """Whether verified external data is too large to inline (past the inline limit, or past
+    what one protobuf file holds)."""
+    total = sum(length for *_, length in spans)
+    return bool(spans) and (total > limits.external_data_inline_bytes
+                            or total > PROTOBUF_BYTES)
+
+
+def verify_external_data(
+    model: onnx.ModelProto, base: Path | None, limits: EngineLimits
+) -> list[tuple[TensorProto, Path, int, int]]:
+    """Every external tensor of ``model`` as (tensor, resolved file, offset, length), each
+    checked; nothing is read.
 
     Location rules (ONNX >= 1.21 semantics, enforced here ourselves): relative path, no ``..``,
     no absolute or drive path, no symlink anywhere on the way, resolved inside ``base``;
@@ -37,15 +89,13 @@ def _inline_external_data(model: onnx.ModelProto, base: Path | None, limits: Eng
                 "send the .onnx file and its data files together in a .zip or "
                 ".tar archive",
             )
-        return False
+        return []
     base = base.resolve()
-    found = False
     total = 0
-    handles: dict[Path, int] = {}
+    spans: list[tuple[TensorProto, Path, int, int]] = []
     for t, _ in _all_tensors(model):
         if t.data_location != TensorProto.EXTERNAL:
             continue
-        found = True
         info = {e.key: e.value for e in t.external_data}
         loc = info.get("location", "")
         name = t.name or "<unnamed>"
@@ -106,12 +156,5 @@ def _inline_external_data(model: onnx.ModelProto, base: Path | None, limits: Eng
                 "the model's weights exceed the size limit",
                 {"limit": limits.max_model_bytes},
             )
-        if resolved not in handles:
-            handles[resolved] = os.open(resolved, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
-        data = os.pread(handles[resolved], length, offset)
-        t.raw_data = data
-        del t.external_data[:]
-        t.data_location = TensorProto.DEFAULT
-    for fd in handles.values():
-        os.close(fd)
-    return found
+        spans.append((t, resolved, offset, length))
+    return spans

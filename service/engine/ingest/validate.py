@@ -17,12 +17,14 @@ import math
 import re
 from collections import Counter, deque
 from collections.abc import Iterable, Iterator
+from typing import Any
 
 import numpy as np
 import onnx
 from onnx import TensorProto
 
 from service.engine.errors import EngineError
+from service.engine.external import checkable
 from service.engine.ingest.walk import (
     _all_sparse,
     _all_tensors,
@@ -147,7 +149,7 @@ def validate(model: onnx.ModelProto, limits: EngineLimits | None = None) -> None
     _check_sparse(model, limits)
     _check_declared_shapes(model, limits)
     try:
-        onnx.checker.check_model(model, full_check=False)
+        onnx.checker.check_model(checkable(model), full_check=False)
     except onnx.checker.ValidationError as exc:
         raise EngineError(
             "invalid_model", "the ONNX checker refused the model: " + _clean_message(str(exc))
@@ -479,12 +481,12 @@ def _check_tensors(model: onnx.ModelProto, limits: EngineLimits) -> None:
         ):
             arr = _to_array(t)
             if arr is not None:
-                if np.isnan(arr).any():
+                if _any_chunked(arr, np.isnan):
                     raise EngineError(
                         "invalid_model",
                         f"tensor {t.name!r} contains NaN values; the exported weights are broken",
                     )
-                if t.name in weight_inits and where == "initializer" and np.isinf(arr).any():
+                if t.name in weight_inits and where == "initializer" and _any_chunked(arr, np.isinf):
                     raise EngineError(
                         "invalid_model",
                         f"weight {t.name!r} contains infinite "
@@ -574,8 +576,19 @@ def _typed_field_len(t: TensorProto) -> int | None:
     return 0
 
 
+def _any_chunked(arr: np.ndarray, test: Any, chunk: int = 1 << 22) -> bool:
+    """``test(arr).any()`` a few million values at a time (a tensor mapped from external data
+    is never materialised whole)."""
+    flat = arr.reshape(-1)
+    return any(bool(test(flat[i:i + chunk]).any()) for i in range(0, flat.size, chunk))
+
+
 def _to_array(t: TensorProto) -> np.ndarray | None:
     try:
+        if t.data_location == TensorProto.EXTERNAL:  # kept on disk by ingest: mapped, not read
+            from service.engine.external import read_tensor
+
+            return read_tensor(t)
         return onnx.numpy_helper.to_array(t)
     except Exception:  # malformed typed fields; the checker reports them precisely
         return None

@@ -62,6 +62,11 @@ dot product MatMulNBits uses (x86 VNNI/AMX/AVX-512, arm64 dotprod/i8mm), ONNX Ru
 (float32 compute) elsewhere. Measured on an AMD EPYC with AVX-512 VNNI (6 x 1024x1024 MatMuls,
 block 32, batch 1, 1 thread): fp32 0.54 ms, int4 default 0.36 ms, int4 level 4 0.15 ms.
 
+A model whose weights stay in external data (past the engine's inline limit, or 2 GiB) is
+quantized one weight at a time (``service.engine.weight_stream.int4_rtn``: ONNX Runtime's C++
+RTN block quantizer on each weight mapped from disk, written to the pass's own data file):
+method rtn only, main-graph MatMuls, embedding tables float, Gemm layers stay float.
+
 Size: 4 bits per weight + 32/block_size bits of scale (+4/block_size of zero point): ~6.4x
 smaller than float32 at block 32, ~7x at block 64 (the default), when MatMul weights dominate.
 Convolutions and recurrent layers stay float. The result needs ONNX Runtime (contrib ops).
@@ -804,6 +809,7 @@ class Int4WeightOnly(Pass[Int4WeightOnlyConfig]):
     calibrates = False
     trains = False
     scoped = True
+    streams = True
     description = (
         "4-bit blockwise weights for MatMul/Gemm layers (ONNX Runtime MatMulNBits; RTN, HQQ, "
         "or GPTQ/AWQ from a dataset), optional int8/int4 embeddings and LM head: ~6x smaller "
@@ -818,6 +824,10 @@ class Int4WeightOnly(Pass[Int4WeightOnlyConfig]):
     def run(
         self, model: onnx.ModelProto, config: Int4WeightOnlyConfig, ctx: PassContext
     ) -> onnx.ModelProto:
+        from service.engine.external import has_external
+
+        if has_external(model):
+            return _run_streaming(model, config, ctx)
         work = onnx.ModelProto()
         work.CopyFrom(model)
         work = ensure_opset(work, 13)
@@ -909,3 +919,43 @@ class Int4WeightOnly(Pass[Int4WeightOnlyConfig]):
                 f"{bytes_after} bytes)",
             )
         return out
+
+
+def _run_streaming(
+    model: onnx.ModelProto, config: Int4WeightOnlyConfig, ctx: PassContext
+) -> onnx.ModelProto:
+    """The pass on a model kept in external data: RTN one weight at a time."""
+    from service.engine.weight_stream import int4_rtn
+
+    if config.method != "rtn":
+        raise EngineError(
+            "invalid_recipe",
+            f"int4 {config.method} needs the whole model in memory; this model's weights are "
+            "kept in external data (past the inline limit): use method rtn",
+            {"method": config.method})
+    if config.embedding != "float":
+        raise EngineError(
+            "invalid_recipe",
+            "embedding tables stay float on a model kept in external data: set embedding to "
+            "float (or quantize them with quantize_weight_only op_types [\"Gather\"])")
+    work = ensure_opset(model, 13)
+    scope = scope_of(config)
+    exclude = {n.name for n in work.graph.node if scope.excludes(n.name)}
+    level, level_reason = choose_accuracy_level(config, ctx)
+    result = int4_rtn(work, ctx.workdir, block_size=config.block_size,
+                      symmetric=config.symmetric, accuracy_level=level,
+                      min_elements=config.min_elements, exclude=exclude,
+                      heads=lm_heads(work.graph), lm_head=config.lm_head,
+                      check_cancelled=ctx.check_cancelled, progress=ctx.progress)
+    ctx.notes.update({**result.notes(), "method": "rtn", "block_size": config.block_size,
+                      "symmetric": config.symmetric, "accuracy_level": level,
+                      "accuracy_level_reason": level_reason,
+                      "lm_head": {"precision": config.lm_head},
+                      "embedding": {"precision": "float", "nodes": []}})
+    if not result.quantized or result.bytes_after >= result.bytes_before:
+        raise EngineError(
+            "no_effect",
+            f"int4 quantization changed nothing ({len(result.quantized)} MatMulNBits, "
+            f"{result.bytes_before} -> {result.bytes_after} bytes)",
+            {"skipped": result.skipped[:50]})
+    return result.model

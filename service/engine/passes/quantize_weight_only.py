@@ -16,6 +16,10 @@ speed, with the small file. The pass says so in its notes (``load_hint``, and
 ``session_config``: the entries that fold them); the recipe job then measures the result under
 both sessions and reports which one its speed assumes.
 
+A model whose weights stay in external data (past the engine's inline limit, or 2 GiB) is
+quantized one weight at a time (``service.engine.weight_stream.int8_weight_only``): MatMul,
+Gemm and main-graph Gather tables; the other op types stay float on that path.
+
 Shares ``service.engine.int8.weight_only_int8`` with ``quantize_dynamic`` (which uses it for
 GRU and subgraph weights); what this pass adds is using it for every op, as a pass of its own.
 """
@@ -70,6 +74,7 @@ class QuantizeWeightOnly(Pass[QuantizeWeightOnlyConfig]):
     calibrates = False
     trains = False
     scoped = True
+    streams = True
     description = (
         "int8 weights with a DequantizeLinear in front, float compute: ~4x smaller weights "
         "with no data and no int8 kernels (also inside If/Loop bodies and embedding tables)"
@@ -78,6 +83,10 @@ class QuantizeWeightOnly(Pass[QuantizeWeightOnlyConfig]):
     def run(
         self, model: onnx.ModelProto, config: QuantizeWeightOnlyConfig, ctx: PassContext
     ) -> onnx.ModelProto:
+        from service.engine.external import has_external
+
+        if has_external(model):
+            return _run_streaming(model, config, ctx)
         work = onnx.ModelProto()
         work.CopyFrom(model)
         work = ensure_opset(work)
@@ -123,3 +132,30 @@ class QuantizeWeightOnly(Pass[QuantizeWeightOnlyConfig]):
             )
         ctx.progress(1.0, f"{len(done)} weights stored int8")
         return work
+
+
+def _run_streaming(
+    model: onnx.ModelProto, config: QuantizeWeightOnlyConfig, ctx: PassContext
+) -> onnx.ModelProto:
+    """The pass on a model kept in external data: int8 one weight at a time."""
+    from service.engine.weight_stream import int8_weight_only
+
+    work = ensure_opset(model)
+    scope = scope_of(config)
+    exclude = {n.name for n in work.graph.node if scope.excludes(n.name)}
+    result = int8_weight_only(work, ctx.workdir, op_types=set(config.op_types),
+                              min_elements=config.min_elements, exclude=exclude,
+                              check_cancelled=ctx.check_cancelled, progress=ctx.progress)
+    ctx.notes.update({**result.notes(), "op_types": sorted(config.op_types),
+                      "load_hint": LOAD_HINT, "session_config": dict(FOLD_AT_LOAD)})
+    if not result.quantized:
+        raise EngineError("no_effect", "no float weight of at least "
+                          f"{config.min_elements} elements in MatMul, Gemm or Gather nodes",
+                          {"skipped": result.skipped[:50]})
+    if result.bytes_after > SMALLER_RATIO * result.bytes_before:
+        raise EngineError(
+            "no_effect",
+            f"weight-only int8 barely changed the model ({result.bytes_before} -> "
+            f"{result.bytes_after} bytes): its bytes are not in weights of the chosen ops",
+            {"bytes_before": result.bytes_before, "bytes_after": result.bytes_after})
+    return result.model

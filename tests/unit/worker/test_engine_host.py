@@ -49,6 +49,35 @@ def test_runs_to_its_outcome_reporting_progress(tmp_path: Path) -> None:
     assert outcome.get("ok") is True, outcome
     assert set(outcome["artifacts"]) >= {"model.onnx", "report.json", "report.html"}
     assert "model.onnx" in announced and len(stages) >= 2 and ticks
+    memory = outcome["summary"]["memory"]  # the engine process's own peak, as measured
+    assert outcome["summary"]["peak_rss_mb"] == memory["peak_rss_mb"] > 10
+    assert memory["peak_rss_anon_mb"] > 0 and memory["peak_rss_file_mb"] >= 0
+    assert memory["peak_rss_mb"] >= memory["peak_rss_anon_mb"] - 1
+    assert "VmHWM" in memory["measured"]
+
+
+def test_peak_memory_tells_heap_from_mapped_files(tmp_path: Path) -> None:
+    import numpy as np
+
+    from service.worker.engine_host import PeakMemory
+
+    data = tmp_path / "weights.bin"
+    np.ones(64 * 2**20 // 4, np.float32).tofile(data)
+    import mmap
+
+    with PeakMemory(interval=0.01) as memory:
+        base = memory.status()
+        # 96 MiB of fresh anonymous pages, touched (not malloc's: it may reuse freed memory)
+        heap = mmap.mmap(-1, 96 * 2**20, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        np.frombuffer(heap, np.uint8)[:] = 1
+        mapped = np.memmap(data, np.float32, mode="r")
+        assert float(mapped.sum()) == mapped.size  # 64 MiB read through the mapping: file
+        peak = memory.report()  # reads the current status too: both are resident now
+        del mapped
+        heap.close()
+    assert peak["peak_rss_anon_mb"] - base["RssAnon"] / 1024 >= 80
+    assert peak["peak_rss_file_mb"] - base["RssFile"] / 1024 >= 50
+    assert peak["peak_rss_mb"] >= peak["peak_rss_anon_mb"]
 
 
 def test_the_caller_stops_it(tmp_path: Path) -> None:

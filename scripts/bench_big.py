@@ -1,0 +1,196 @@
+#!/usr/bin/env python3
+"""A decoder past 2 GiB through the HTTP API: streamed int4, the job's peak memory and time.
+
+Builds a Llama-architecture decoder with random weights from a ``transformers`` config
+(``tests.llm.random_llama``; default ~2.3 GB of float32, past what one protobuf holds), saved
+as ``model.onnx`` + ``model.onnx.data``, packs both into a tar, starts a local stack of its own
+(SeaweedFS S3, Redis, gunicorn API, Celery worker; ``service.devstack``), uploads the archive
+with ``POST /v1/models``, runs ``int4_weight_only`` (rtn) on it, downloads the result
+(``model.onnx`` + ``model.onnx.data``) and prints: the fp32 and output sizes, the job's wall
+time by stage, and the engine process's peak memory as the worker measured it (``VmHWM``;
+``RssAnon`` / ``RssFile`` peaks, overall and per stage). The issue's bar: peak worker RSS
+below half the float model's size; the script says whether it holds, and prints what it
+measured either way.
+
+Evaluation runs on 16-token prompts (the job's ``inputs``) so that the float model's forward
+passes stay a fraction of a second on a small host. The engine's address-space limit is
+raised (``EDGEPRESS_JOB_MEMORY_LIMIT_MB``): ONNX Runtime maps the float model's data file once
+per session, and mappings count against RLIMIT_AS even where their pages are not resident.
+
+Files go under ``--workdir`` (default: a temporary directory under the scratch disk, removed
+at the end); it needs about 6x the model's size free.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tarfile
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from bench_output import machine_header, tee_to  # noqa: E402
+
+# ~582 M parameters: 2.33 GB of float32 (2 GiB is 2.147 GB)
+CONFIG = {"vocab_size": 32000, "hidden_size": 2048, "intermediate_size": 5632,
+          "num_hidden_layers": 10, "num_attention_heads": 16, "num_key_value_heads": 4,
+          "max_position_embeddings": 2048, "tie_word_embeddings": False}
+PROMPT = 16
+
+
+def _mb(n: float) -> str:
+    return f"{n / 2**20:,.0f} MB"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--layers", type=int, default=CONFIG["num_hidden_layers"])
+    parser.add_argument("--block-size", type=int, default=32)
+    parser.add_argument("--workdir", type=Path, default=None)
+    parser.add_argument("--keep", action="store_true", help="keep the files")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="also write the table here after the machine header")
+    args = parser.parse_args(argv)
+    header = machine_header(
+        "scripts/bench_big.py", sys.argv[1:] if argv is None else argv,
+        threads="the engine's defaults (latency at 1 thread and the host's count), prompts of "
+        f"{PROMPT} tokens, batch 1")
+    with tee_to(args.out, header):
+        return run(args)
+
+
+def run(args: argparse.Namespace) -> int:
+    import numpy as np
+    import onnxruntime as ort
+
+    from service.devstack import DEFAULT_ACCESS_KEY, DEFAULT_SECRET_KEY, LocalStack, free_port
+    from tests.e2e.client import Api
+    from tests.llm import random_llama
+
+    work = args.workdir or Path(tempfile.mkdtemp(prefix="bench-big-"))
+    work.mkdir(parents=True, exist_ok=True)
+    config = {**CONFIG, "num_hidden_layers": args.layers}
+    stack = None
+    try:
+        started = time.perf_counter()
+        model = work / "src" / "model.onnx"
+        data = model.with_name("model.onnx.data")
+        reused = model.exists() and data.exists()  # --keep'd from an earlier run
+        if not reused:
+            random_llama(work / "src", config)
+        fp32 = data.stat().st_size + model.stat().st_size
+        archive = work / "decoder.tar"
+        with tarfile.open(archive, "w") as tf:
+            tf.add(model, "model.onnx")
+            tf.add(data, "model.onnx.data")
+        built = time.perf_counter() - started
+        print(f"model: Llama {config['num_hidden_layers']} layers, hidden "
+              f"{config['hidden_size']}, vocab {config['vocab_size']}: {_mb(fp32)} float32 "
+              f"(model.onnx {_mb(model.stat().st_size)} + model.onnx.data), "
+              + ("reused from --workdir" if reused else f"built and exported in {built:.0f} s"))
+
+        stack = LocalStack(
+            work / "stack", api_port=free_port(), worker_metrics_port=free_port(),
+            bucket="edgepress-bench", prefix=f"big-{uuid.uuid4().hex[:12]}", own_redis=True,
+            extra_env={
+                "EDGEPRESS_AUTH": "open",
+                "EDGEPRESS_SCRATCH_DIR": str(work / "scratch"),
+                "EDGEPRESS_JOB_MEMORY_LIMIT_MB": "24000",
+                "EDGEPRESS_JOB_MAX_OUTPUT_MB": str(int(3 * fp32 / 2**20)),
+                "EDGEPRESS_WORKER_SOURCE_CACHE_MB": str(int(2 * fp32 / 2**20)),
+                "EDGEPRESS_S3_ACCESS_KEY": os.environ.get("EDGEPRESS_S3_ACCESS_KEY",
+                                                          DEFAULT_ACCESS_KEY),
+                "EDGEPRESS_S3_SECRET_KEY": os.environ.get("EDGEPRESS_S3_SECRET_KEY",
+                                                          DEFAULT_SECRET_KEY),
+            },
+        )
+        (work / "scratch").mkdir(exist_ok=True)
+        api = Api(stack.up().api_url)
+        t0 = time.perf_counter()
+        with open(archive, "rb") as fh:  # streamed; the answer comes after inspection
+            resp = api.request("POST", "/v1/models?filename=decoder.tar", data=fh,
+                               headers={"Content-Type": "application/octet-stream"},
+                               timeout=1200)
+        if resp.status_code not in (200, 201):
+            print(f"upload refused: {resp.status_code} {resp.text[:500]}")
+            return 1
+        uploaded = resp.json()
+        upload_s = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        inputs = {"input_ids": {"shape": [1, PROMPT]}, "attention_mask": {"shape": [1, PROMPT]}}
+        job = api.submit(model_id=uploaded["id"], device="host", inputs=inputs,
+                         recipe=[{"pass": "int4_weight_only", "block_size": args.block_size}])
+        done = api.wait(job["id"], timeout=1800)
+        job_s = time.perf_counter() - t0
+        if done["state"] != "succeeded":
+            print(f"job {done['state']}: {json.dumps(done.get('error'))}")
+            return 1
+        result = done["result"]
+        out = work / "out"
+        out.mkdir(exist_ok=True)
+        for name in ("model.onnx", "model.onnx.data"):
+            api.download(done["id"], name, out / name)
+        after = sum((out / n).stat().st_size for n in ("model.onnx", "model.onnx.data"))
+        ids = np.random.default_rng(0).integers(0, config["vocab_size"], (1, PROMPT))
+        feed = {"input_ids": ids.astype(np.int64), "attention_mask": np.ones((1, PROMPT),
+                                                                              np.int64)}
+        got = ort.InferenceSession(str(out / "model.onnx"),
+                                   providers=["CPUExecutionProvider"]).run(None, feed)[0]
+
+        memory = result["memory"]
+        print()
+        print("| what | value |")
+        print("| --- | --- |")
+        print(f"| float32 model (model.onnx + model.onnx.data) | {_mb(fp32)} |")
+        print(f"| uploaded archive kept external (inspection) | "
+              f"{_mb(uploaded['external_data_kept_bytes'])} |")
+        print(f"| int4 output (model.onnx + model.onnx.data, downloaded) | {_mb(after)} "
+              f"({fp32 / after:.2f}x smaller) |")
+        print(f"| output runs in ONNX Runtime from the files | logits {list(got.shape)}, "
+              f"finite: {bool(np.isfinite(got).all())} |")
+        print(f"| job's min cosine vs float (generated prompts) | {result['min_cosine']:.4f} |")
+        print(f"| upload (POST /v1/models, with inspection) | {upload_s:.0f} s |")
+        print(f"| job, submit to succeeded | {job_s:.0f} s |")
+        timings = result.get("timings_s") or {}
+        print(f"| worker timings | {', '.join(f'{k} {v:.0f} s' for k, v in timings.items())} |")
+        print(f"| engine peak RSS (VmHWM) | {memory['peak_rss_mb']:,.0f} MB |")
+        print(f"| engine peak RssAnon (sampled) | {memory['peak_rss_anon_mb']:,.0f} MB |")
+        print(f"| engine peak RssFile (sampled; mapped weight files) | "
+              f"{memory['peak_rss_file_mb']:,.0f} MB |")
+        print(f"| engine RSS at start (preloaded libraries) | {memory['start_rss_mb']:,.0f} MB |")
+        print()
+        print("| stage | peak RSS | RssAnon | RssFile |")
+        print("| --- | --- | --- | --- |")
+        for stage, v in memory["by_stage_mb"].items():
+            print(f"| {stage} | {v['rss']:,.0f} MB | {v['anon']:,.0f} MB | {v['file']:,.0f} MB |")
+        half = fp32 / 2 / 2**20
+        print()
+        print(f"bar: peak worker RSS below half the float model ({half:,.0f} MB): "
+              f"VmHWM {memory['peak_rss_mb']:,.0f} MB -> "
+              f"{'holds' if memory['peak_rss_mb'] < half else 'does NOT hold'}; "
+              f"RssAnon {memory['peak_rss_anon_mb']:,.0f} MB -> "
+              f"{'holds' if memory['peak_rss_anon_mb'] < half else 'does NOT hold'}")
+        stream = memory["by_stage_mb"].get("pass:int4_weight_only")
+        if stream:
+            print(f"while the pass streamed: peak RSS {stream['rss']:,.0f} MB, RssAnon "
+                  f"{stream['anon']:,.0f} MB ({stream['anon'] / (fp32 / 2**20):.2f}x the float "
+                  "model)")
+        return 0
+    finally:
+        if stack is not None:
+            stack.stop_started()
+        if not args.keep:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,234 @@
+"""Weights kept in external data files: read one tensor at a time, written appended, saved.
+
+A model past what the engine inlines (``EngineLimits.external_data_inline_bytes``, and always
+past 2 GiB, the most one protobuf holds) is held in memory as its graph only: each large
+initializer is ``data_location = EXTERNAL`` with ``location`` (relative), ``offset``,
+``length`` and ``basepath``, the absolute folder ``location`` is read from. ``basepath`` is
+only ever set by the engine itself: ingest sets it after it has verified the upload's files
+(``service.engine.ingest.external_data``: confined, no links, offsets and lengths checked) and
+drops whatever the upload said; a pass that streams writes its tensors with an
+``ExternalWriter`` under its own workdir. onnx's checker accepts the key, and ``save`` writes
+a model whose files ONNX Runtime opens from the path (``basepath`` removed, every location
+relative to the saved file).
+
+``read_tensor`` maps a tensor's bytes (``np.memmap``, read only): the page cache holds them,
+not the process's heap, and one tensor at a time is what a streaming pass keeps alive.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+BASEPATH = "basepath"
+ALIGN = 4096  # tensors start on a page: ONNX Runtime can map them in place
+
+
+def is_external(t: TensorProto) -> bool:
+    return t.data_location == TensorProto.EXTERNAL
+
+
+def external_source(t: TensorProto) -> tuple[Path, int, int]:
+    """(file, offset, length) of an external tensor the engine set up (``basepath`` known)."""
+    info = {e.key: e.value for e in t.external_data}
+    if BASEPATH not in info:
+        raise ValueError(f"tensor {t.name!r} has external data the engine did not verify")
+    return (Path(info[BASEPATH]) / info["location"], int(info.get("offset", "0")),
+            int(info["length"]))
+
+
+def initializers(model: onnx.ModelProto) -> Iterator[TensorProto]:
+    """Every initializer of the main graph and of If/Loop/Scan bodies (ingest keeps only the
+    main graph's external; a pass may write any)."""
+    from service.engine.graph import iter_graphs
+
+    for graph, _ in iter_graphs(model.graph):
+        yield from graph.initializer
+
+
+def has_external(model: onnx.ModelProto) -> bool:
+    """Whether some weight of ``model`` stays in an external data file."""
+    return any(is_external(t) for t in initializers(model))
+
+
+def checkable(model: onnx.ModelProto) -> onnx.ModelProto:
+    """``model`` as onnx's checker can take it in memory: the checker looks for an external
+    tensor's file relative to the process's working directory (it ignores ``basepath``), so
+    the copy declares each external main-graph initializer as a graph input of the same type
+    and shape instead. Their storage was verified by ingest or written by the engine."""
+    if not any(is_external(t) for t in model.graph.initializer):
+        return model
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    kept = [t for t in out.graph.initializer if not is_external(t)]
+    moved = [t for t in out.graph.initializer if is_external(t)]
+    declared = {i.name for i in out.graph.input}
+    del out.graph.initializer[:]
+    out.graph.initializer.extend(kept)
+    out.graph.input.extend(helper.make_tensor_value_info(t.name, t.data_type, list(t.dims))
+                           for t in moved if t.name not in declared)
+    return out
+
+
+def read_tensor(t: TensorProto) -> np.ndarray:
+    """The values of ``t``: mapped read-only from its file when external, else decoded."""
+    if not is_external(t):
+        return numpy_helper.to_array(t)
+    path, offset, length = external_source(t)
+    dtype = np.dtype(helper.tensor_dtype_to_np_dtype(t.data_type))
+    shape = tuple(int(d) for d in t.dims)
+    if length == 0:
+        return np.zeros(shape, dtype)
+    return np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=shape)
+
+
+def external_bytes(model: onnx.ModelProto) -> int:
+    """Bytes of ``model``'s weights held in external files."""
+    return sum(external_source(t)[2] for t in initializers(model) if is_external(t))
+
+
+def point_at(t: TensorProto, folder: Path, location: str, offset: int, length: int) -> None:
+    """Make ``t`` an external tensor read from ``folder / location`` at ``offset``."""
+    t.ClearField("raw_data")
+    for name in ("float_data", "int32_data", "int64_data", "double_data", "uint64_data",
+                 "string_data"):
+        t.ClearField(name)  # type: ignore[arg-type]
+    del t.external_data[:]
+    t.data_location = TensorProto.EXTERNAL
+    for key, value in (("location", location), ("offset", str(offset)),
+                       ("length", str(length)), (BASEPATH, str(folder))):
+        entry = t.external_data.add()
+        entry.key, entry.value = key, value
+
+
+class ExternalWriter:
+    """Appends tensors to one data file (``path``); each ``add`` returns an external tensor
+    that reads its bytes from there. Open it as a context manager."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self._file = open(self.path, "xb")  # noqa: SIM115 - closed by close()/__exit__
+        self.bytes = 0
+
+    def __enter__(self) -> ExternalWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if not self._file.closed:
+            self._file.close()
+
+    def add(self, array: np.ndarray, name: str, data_type: int | None = None) -> TensorProto:
+        """``array`` appended (page-aligned), as tensor ``name`` (``data_type``: the ONNX type
+        when it is not the array's own, e.g. UINT4 codes already packed two to a byte)."""
+        array = np.ascontiguousarray(array)
+        offset = -(-self.bytes // ALIGN) * ALIGN
+        if offset > self.bytes:
+            self._file.write(b"\0" * (offset - self.bytes))
+        data = array.tobytes()
+        self._file.write(data)
+        self.bytes = offset + len(data)
+        t = TensorProto(name=name, data_type=data_type or helper.np_dtype_to_tensor_dtype(
+            array.dtype), dims=list(array.shape))
+        point_at(t, self.path.parent, self.path.name, offset, len(data))
+        return t
+
+
+def save(model: onnx.ModelProto, path: Path) -> list[Path]:
+    """Write ``model`` (with external tensors) to ``path``; returns the files written or
+    referenced. A tensor whose file lies below ``path``'s folder is referenced where it is;
+    any other is copied into ``<name>.data`` next to ``path``. ``model`` is left as it was."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    folder = path.parent.resolve()
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    external = [t for t in initializers(out) if is_external(t)]
+    kept = {external_source(t)[0].resolve() for t in external}
+    kept = {f for f in kept if f.is_relative_to(folder)}
+    data_path = path.with_name(path.name + ".data")
+    while data_path.resolve() in kept:  # never overwrite a file the model reads from
+        data_path = data_path.with_name(data_path.name + "_")
+    files: set[Path] = {path}
+    written = 0
+    sink = None
+    try:
+        for t in external:
+            source, offset, length = external_source(t)
+            source = source.resolve()
+            if source in kept:
+                location = source.relative_to(folder).as_posix()
+                files.add(source)
+                del t.external_data[:]
+                _entries(t, location, offset, length)
+                continue
+            if sink is None:
+                data_path.unlink(missing_ok=True)
+                sink = open(data_path, "wb")  # noqa: SIM115 - closed below
+            start = -(-written // ALIGN) * ALIGN
+            sink.write(b"\0" * (start - written))
+            with open(source, "rb") as src:
+                src.seek(offset)
+                _copy(src, sink, length)
+            written = start + length
+            del t.external_data[:]
+            _entries(t, data_path.name, start, length)
+            files.add(data_path)
+    finally:
+        if sink is not None:
+            sink.close()
+    onnx.save_model(out, str(path))
+    return sorted(files)
+
+
+def _entries(t: TensorProto, location: str, offset: int, length: int) -> None:
+    for key, value in (("location", location), ("offset", str(offset)),
+                       ("length", str(length))):
+        entry = t.external_data.add()
+        entry.key, entry.value = key, value
+
+
+def _copy(src: object, dst: object, length: int) -> None:
+    left = length
+    while left > 0:
+        chunk = src.read(min(left, 16 << 20))  # type: ignore[attr-defined]
+        if not chunk:
+            raise OSError("external data file ended early")
+        dst.write(chunk)  # type: ignore[attr-defined]
+        left -= len(chunk)
+
+
+GRAPH_ONLY_BYTES = 64 << 20  # a saved .onnx this small can be parsed to look at its weights
+
+
+def float_weights_on_disk(path: Path) -> bool:
+    """Whether the model saved at ``path`` reads float MatMul/Gemm weights from external data
+    files (a file past ``GRAPH_ONLY_BYTES`` holds its weights itself and is not parsed)."""
+    try:
+        if Path(path).stat().st_size > GRAPH_ONLY_BYTES:
+            return False
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception:  # not ours to judge here: the session reports it
+        return False
+    external = {t.name for t in model.graph.initializer
+                if is_external(t) and t.data_type == TensorProto.FLOAT}
+    return any(n.op_type in ("MatMul", "Gemm") and len(n.input) > 1 and n.input[1] in external
+               for n in model.graph.node)
+
+
+def saved_bytes(path: Path) -> int:
+    """Bytes of a saved model: its file and every external data file it names."""
+    model = onnx.load(str(path), load_external_data=False)
+    folder = Path(path).parent
+    files = {Path(path).resolve()}
+    for t in initializers(model):
+        if is_external(t):
+            info = {e.key: e.value for e in t.external_data}
+            files.add((folder / info["location"]).resolve())
+    return sum(f.stat().st_size for f in files)

@@ -1,0 +1,270 @@
+"""Weight-only quantization one tensor at a time, for models whose weights stay on disk.
+
+What ``int4_weight_only`` (method rtn) and ``quantize_weight_only`` run on a model kept in
+external data (``service.engine.external``, ``IngestedModel.external_bytes``): for each weight
+they quantize, the float tensor is mapped from its verified file (``read_tensor``), quantized,
+its result appended to the pass's own data file (``ExternalWriter``) and dropped before the
+next one; the float tensor leaves the graph. Nothing holds the whole model in memory: the
+process keeps one float weight's pages mapped and its quantized form at a time.
+
+- int4: ONNX Runtime's own C++ block quantizer (``quantize_matmul_4bits``, what
+  ``MatMulNBitsQuantizer`` runs for RTN), the same codes, scales and zero points as the
+  in-memory RTN path, written as ``MatMulNBits``. The LM head can stay float or go int8.
+- int8: one symmetric scale per output channel (``max |w| / 127``), int8 codes and a
+  ``DequantizeLinear`` in front of the MatMul/Gemm (written here: the in-memory pass's
+  ``int8.weight_only_int8`` needs the model in memory); embedding tables (``Gather`` of a
+  constant 2-D table, main graph) as int8 rows with one scale per row, dequantized after the
+  lookup (``Gather`` of codes and of scales, ``Mul``), so only the rows looked up turn float.
+
+Main graph only: weights inside If/Loop/Scan bodies stay float (noted). Other op types (Conv,
+recurrent layers) stay float on this path (noted).
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper
+
+from service.engine.external import ExternalWriter, external_bytes, read_tensor
+
+ROWS = 4096  # rows of a weight quantized at once by the int8 path (bounded temporaries)
+
+
+@dataclass
+class StreamResult:
+    """The rewritten model and what was done (for the pass's notes)."""
+
+    model: onnx.ModelProto
+    quantized: list[str] = field(default_factory=list)
+    skipped: list[dict[str, Any]] = field(default_factory=list)
+    bytes_before: int = 0
+    bytes_after: int = 0
+
+    def notes(self) -> dict[str, Any]:
+        return {"streamed": True, "quantized": len(self.quantized),
+                "quantized_nodes": self.quantized[:200], "skipped": self.skipped[:200],
+                "bytes_before": self.bytes_before, "bytes_after": self.bytes_after,
+                "note": "weights read one tensor at a time from external data and written to "
+                        "the output's external data; main graph only"}
+
+
+def model_bytes(model: onnx.ModelProto) -> int:
+    """The graph's own bytes plus its weights in external files."""
+    return model.ByteSize() + external_bytes(model)
+
+
+def _float_2d(t: TensorProto | None) -> bool:
+    return t is not None and t.data_type == TensorProto.FLOAT and len(t.dims) == 2
+
+
+def _drop_unused(graph: onnx.GraphProto) -> None:
+    used = {i for n in graph.node for i in n.input}
+    keep = [t for t in graph.initializer if t.name in used]
+    del graph.initializer[:]
+    graph.initializer.extend(keep)
+
+
+def _copy(model: onnx.ModelProto) -> onnx.ModelProto:
+    out = onnx.ModelProto()
+    out.CopyFrom(model)  # the graph only: external weights are references
+    return out
+
+
+def int4_rtn(
+    model: onnx.ModelProto, workdir: Path, *, block_size: int, symmetric: bool,
+    accuracy_level: int | None, min_elements: int, exclude: set[str], heads: set[str],
+    lm_head: str, check_cancelled: Callable[[], None] = lambda: None,
+    progress: Callable[[float, str], None] = lambda fraction, message: None,
+) -> StreamResult:
+    """Main-graph MatMuls with a constant 2-D float B as int4 ``MatMulNBits`` (ONNX Runtime's
+    RTN block quantizer), one weight at a time; ``heads`` (the LM heads) go int4, int8 or stay
+    float as ``lm_head`` says."""
+    from onnxruntime.capi._pybind_state import quantize_matmul_4bits
+
+    out = _copy(model)
+    graph = out.graph
+    result = StreamResult(out, bytes_before=model_bytes(model))
+    inits = {t.name: t for t in graph.initializer}
+    readers = Counter(i for n in graph.node for i in n.input)
+    nodes: list[onnx.NodeProto] = []
+    todo = sum(1 for n in graph.node if n.op_type == "MatMul")
+    with ExternalWriter(workdir / "int4.data") as writer:
+        for index, node in enumerate(list(graph.node)):
+            w_t = inits.get(node.input[1]) if node.op_type == "MatMul" and len(
+                node.input) > 1 else None
+            if node.op_type != "MatMul" or w_t is None or not _float_2d(w_t):
+                nodes.append(node)
+                continue
+            k, n = (int(d) for d in w_t.dims)
+            reason = None
+            if node.name in exclude:
+                reason = "excluded"
+            elif k * n < min_elements:
+                reason = f"{k * n} elements < min_elements"
+            elif readers[w_t.name] > 1:
+                reason = "weight shared with another node"
+            elif node.name in heads and lm_head == "float":
+                reason = "LM head kept float"
+            if reason is not None:
+                result.skipped.append({"node": node.name, "reason": reason})
+                nodes.append(node)
+                continue
+            check_cancelled()
+            if node.name in heads and lm_head == "int8":
+                nodes.extend(_int8_matmul(node, w_t, writer, graph))
+                result.quantized.append(node.name)
+                continue
+            w = np.asarray(read_tensor(w_t), np.float32)
+            blocks = -(-k // block_size)
+            if blocks * block_size != k:
+                w = np.pad(w, ((0, blocks * block_size - k), (0, 0)))
+            packed = np.zeros((n, blocks, block_size // 2), np.uint8)
+            scales = np.zeros((n, blocks), np.float32)
+            zero = np.zeros((n, (blocks + 1) // 2), np.uint8)
+            quantize_matmul_4bits(packed, np.ascontiguousarray(w), scales, zero, block_size,
+                                  n, k, symmetric)
+            del w
+            base = w_t.name
+            tensors = [writer.add(packed, base + "_Q4"), writer.add(scales, base + "_scales")]
+            if not symmetric:
+                tensors.append(writer.add(zero, base + "_zero_points"))
+            graph.initializer.extend(tensors)
+            attrs: dict[str, Any] = {"K": k, "N": n, "bits": 4, "block_size": block_size}
+            if accuracy_level:
+                attrs["accuracy_level"] = accuracy_level
+            nodes.append(helper.make_node(
+                "MatMulNBits", [node.input[0], *(t.name for t in tensors)], list(node.output),
+                name=node.name + "_Q4", domain="com.microsoft", **attrs))
+            result.quantized.append(node.name)
+            progress((index + 1) / max(todo, 1), f"int4 {node.name}")
+    del graph.node[:]
+    graph.node.extend(nodes)
+    _drop_unused(graph)
+    if not any(o.domain == "com.microsoft" for o in out.opset_import):
+        out.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+    result.bytes_after = model_bytes(out)
+    return result
+
+
+def int8_weight_only(
+    model: onnx.ModelProto, workdir: Path, *, op_types: set[str], min_elements: int,
+    exclude: set[str], check_cancelled: Callable[[], None] = lambda: None,
+    progress: Callable[[float, str], None] = lambda fraction, message: None,
+) -> StreamResult:
+    """Main-graph MatMul/Gemm weights as int8 + DequantizeLinear (a scale per output channel)
+    and Gather tables as int8 rows (a scale per row), one weight at a time."""
+    out = _copy(model)
+    graph = out.graph
+    result = StreamResult(out, bytes_before=model_bytes(model))
+    inits = {t.name: t for t in graph.initializer}
+    readers = Counter(i for n in graph.node for i in n.input)
+    nodes: list[onnx.NodeProto] = []
+    with ExternalWriter(workdir / "int8.data") as writer:
+        for index, node in enumerate(list(graph.node)):
+            slot = {"MatMul": 1, "Gemm": 1, "Gather": 0}.get(node.op_type)
+            w_t = inits.get(node.input[slot]) if slot is not None and len(
+                node.input) > slot else None
+            if node.op_type not in op_types or w_t is None or not _float_2d(w_t):
+                if (node.op_type in op_types and node.op_type not in ("MatMul", "Gemm",
+                                                                      "Gather")
+                        and any(i in inits for i in node.input[1:])):
+                    result.skipped.append({"node": node.name, "reason": f"{node.op_type} "
+                                           "weights stay float on the streaming path"})
+                nodes.append(node)
+                continue
+            numel = int(np.prod(w_t.dims))
+            reason = None
+            if node.name in exclude:
+                reason = "excluded"
+            elif numel < min_elements:
+                reason = f"{numel} elements < min_elements"
+            elif readers[w_t.name] > 1:
+                reason = "weight shared with another node"
+            elif node.op_type == "Gather" and _attr(node, "axis", 0) != 0:
+                reason = "Gather not along the table's rows"
+            if reason is not None:
+                result.skipped.append({"node": node.name, "reason": reason})
+                nodes.append(node)
+                continue
+            check_cancelled()
+            if node.op_type == "Gather":
+                nodes.extend(_int8_gather(node, w_t, writer, graph))
+            else:
+                nodes.extend(_int8_matmul(node, w_t, writer, graph))
+            result.quantized.append(node.name)
+            progress((index + 1) / max(len(graph.node), 1), f"int8 {node.name}")
+    del graph.node[:]
+    graph.node.extend(nodes)
+    _drop_unused(graph)
+    result.bytes_after = model_bytes(out)
+    return result
+
+
+def _attr(node: onnx.NodeProto, name: str, default: int) -> int:
+    for a in node.attribute:
+        if a.name == name:
+            return int(helper.get_attribute_value(a))
+    return default
+
+
+def _int8_rows(w: np.ndarray, axis: int) -> tuple[np.ndarray, np.ndarray]:
+    """Symmetric int8 codes of ``w`` (2-D) with one scale per index of ``axis``, computed a
+    block of rows at a time."""
+    k = w.shape[0]
+    if axis == 1:  # a scale per column: the largest magnitude over every row
+        peak = np.zeros(w.shape[1], np.float32)
+        for i in range(0, k, ROWS):
+            peak = np.maximum(peak, np.abs(w[i:i + ROWS]).max(axis=0))
+    else:
+        peak = np.concatenate([np.abs(w[i:i + ROWS]).max(axis=1) for i in range(0, k, ROWS)])
+    scale = np.where(peak > 0, peak / 127.0, 1.0).astype(np.float32)
+    codes = np.empty(w.shape, np.int8)
+    for i in range(0, k, ROWS):
+        part = w[i:i + ROWS] / (scale if axis == 1 else scale[i:i + ROWS, None])
+        codes[i:i + ROWS] = np.clip(np.round(part), -127, 127)
+    return codes, scale
+
+
+def _int8_matmul(node: onnx.NodeProto, w_t: TensorProto, writer: ExternalWriter,
+                 graph: onnx.GraphProto) -> list[onnx.NodeProto]:
+    """``node`` reading its weight through DequantizeLinear from int8 codes (per channel)."""
+    axis = 0 if node.op_type == "Gemm" and _attr(node, "transB", 0) else 1
+    codes, scale = _int8_rows(np.asarray(read_tensor(w_t), np.float32), axis)
+    base = w_t.name
+    q = writer.add(codes, base + "_int8")
+    s = writer.add(scale, base + "_int8_scale")
+    zp = helper.make_tensor(base + "_int8_zero", TensorProto.INT8, [len(scale)],
+                            np.zeros(len(scale), np.int8).tobytes(), raw=True)
+    graph.initializer.extend([q, s, zp])
+    dq = helper.make_node("DequantizeLinear", [q.name, s.name, zp.name], [base + "_dq"],
+                          name=base + "_dq", axis=axis)
+    rewritten = onnx.NodeProto()
+    rewritten.CopyFrom(node)
+    rewritten.input[1] = dq.output[0]
+    return [dq, rewritten]
+
+
+def _int8_gather(node: onnx.NodeProto, w_t: TensorProto, writer: ExternalWriter,
+                 graph: onnx.GraphProto) -> list[onnx.NodeProto]:
+    """An embedding lookup on int8 rows: Gather codes and row scales, Cast, Mul."""
+    codes, scale = _int8_rows(np.asarray(read_tensor(w_t), np.float32), 0)
+    base = w_t.name
+    q = writer.add(codes, base + "_int8")
+    s = writer.add(scale.reshape(-1, 1), base + "_int8_scale")
+    graph.initializer.extend([q, s])
+    ids = node.input[1]
+    out = node.output[0]
+    return [
+        helper.make_node("Gather", [q.name, ids], [out + "_q"], name=node.name + "_q", axis=0),
+        helper.make_node("Gather", [s.name, ids], [out + "_s"], name=node.name + "_s", axis=0),
+        helper.make_node("Cast", [out + "_q"], [out + "_f"], name=node.name + "_cast",
+                         to=TensorProto.FLOAT),
+        helper.make_node("Mul", [out + "_f", out + "_s"], [out], name=node.name + "_mul"),
+    ]

@@ -1,0 +1,213 @@
+"""Models kept in external data: ingest keeps the verified files, passes stream, save writes
+model.onnx + model.onnx.data that ONNX Runtime loads from the path."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto as T
+
+from service.engine.errors import EngineError
+from service.engine.external import (
+    BASEPATH,
+    external_source,
+    has_external,
+    initializers,
+    read_tensor,
+    saved_bytes,
+)
+from service.engine.ingest import inspect_upload, load_model
+from service.engine.limits import EngineLimits
+from service.engine.pipeline import apply_steps, save
+from service.engine.registry import PassContext, parse_recipe
+from tests import crafted
+from tests.unit.engine.test_ingest import HOSTILE_NAMES
+
+KEEP = EngineLimits(external_data_inline_bytes=0)  # every external weight stays on disk
+
+
+def _x(n: int = 8) -> np.ndarray:
+    return np.random.default_rng(3).standard_normal((n, 64)).astype(np.float32)
+
+
+def _run(path: Path, x: np.ndarray) -> np.ndarray:
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return session.run(None, {"x": x})[0]
+
+
+@pytest.fixture(scope="module")
+def hostile(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path, str]]:
+    return crafted.write_hostile_files(tmp_path_factory.mktemp("hostile"))
+
+
+@pytest.mark.parametrize("name", HOSTILE_NAMES)
+def test_every_check_holds_when_weights_stay_external(
+    hostile: dict[str, tuple[Path, str]], name: str
+) -> None:
+    path, code = hostile[name]
+    with pytest.raises(EngineError) as info:
+        inspect_upload(path, limits=KEEP)
+    assert info.value.code == code, info.value.message
+
+
+@pytest.mark.parametrize("kind", ["zip", "tar"])
+def test_large_external_data_is_kept_on_disk_and_read_per_tensor(tmp_path: Path,
+                                                                 kind: str) -> None:
+    archive = crafted.external_data_archive(tmp_path, kind)
+    ingested = load_model(archive, tmp_path / "work", limits=KEEP)
+    reference = {t.name: onnx.numpy_helper.to_array(t) for t in crafted.mlp().graph.initializer}
+    assert ingested.external_bytes == sum(a.nbytes for a in reference.values())
+    assert ingested.description["external_data_kept_bytes"] == ingested.external_bytes
+    work = (tmp_path / "work").resolve()
+    for t in ingested.model.graph.initializer:
+        assert t.data_location == T.EXTERNAL
+        # Only the engine's own entries, pointing inside the extracted archive.
+        assert {e.key for e in t.external_data} == {"location", "offset", "length", BASEPATH}
+        assert external_source(t)[0].resolve().is_relative_to(work)
+        np.testing.assert_array_equal(read_tensor(t), reference[t.name])
+    # Under the default limit the same archive is inlined as before.
+    small = load_model(archive, tmp_path / "inline")
+    assert small.external_bytes == 0 and not has_external(small.model)
+
+
+def test_upload_entries_are_replaced_by_the_verified_ones(tmp_path: Path) -> None:
+    src = crafted.write_external_data_model(tmp_path / "src")
+    model = onnx.load(str(src), load_external_data=False)
+    for t in model.graph.initializer:  # a basepath of its own must not survive ingest
+        entry = t.external_data.add()
+        entry.key, entry.value = BASEPATH, "/etc"
+    (tmp_path / "src" / "model.onnx").write_bytes(model.SerializeToString())
+    archive = crafted.build_archive({"model.onnx": src, "model.onnx.data":
+                                     src.with_name("model.onnx.data")}, tmp_path / "m.zip")
+    ingested = load_model(archive, tmp_path / "work", limits=KEEP)
+    for t in ingested.model.graph.initializer:
+        assert not str(external_source(t)[0]).startswith("/etc")
+
+
+def test_nan_weights_are_refused_from_external_data(tmp_path: Path) -> None:
+    m = crafted.mlp()
+    w = onnx.numpy_helper.to_array(m.graph.initializer[2]).copy()
+    w[3, 4] = np.nan
+    m.graph.initializer[2].CopyFrom(onnx.numpy_helper.from_array(w, "w2"))
+    (tmp_path / "src").mkdir()
+    onnx.save_model(m, tmp_path / "src" / "model.onnx", save_as_external_data=True,
+                    location="model.onnx.data", size_threshold=0)
+    archive = crafted.build_archive(
+        {"model.onnx": tmp_path / "src" / "model.onnx",
+         "model.onnx.data": tmp_path / "src" / "model.onnx.data"}, tmp_path / "m.zip")
+    with pytest.raises(EngineError) as info:
+        load_model(archive, tmp_path / "work", limits=KEEP)
+    assert info.value.code == "invalid_model" and "NaN" in info.value.message
+
+
+def test_save_references_or_copies_and_runs_from_the_path(tmp_path: Path) -> None:
+    archive = crafted.external_data_archive(tmp_path)
+    ingested = load_model(archive, tmp_path / "work", limits=KEEP)
+    x = _x()
+    expected = _run(crafted.write_external_data_model(tmp_path / "plain"), x)
+    # Below the archive's folder: the data file is referenced where it is, not copied.
+    beside = save(ingested.model, tmp_path / "work" / "original.onnx")
+    assert not (tmp_path / "work" / "original.onnx.data").exists()
+    assert len(beside) == 2
+    np.testing.assert_allclose(_run(tmp_path / "work" / "original.onnx", x), expected,
+                               rtol=1e-6)
+    # Elsewhere: copied into model.onnx.data beside it.
+    files = save(ingested.model, tmp_path / "out" / "model.onnx")
+    assert files == sorted([tmp_path / "out" / "model.onnx", tmp_path / "out" / "model.onnx.data"])
+    saved = onnx.load(str(tmp_path / "out" / "model.onnx"), load_external_data=False)
+    for t in initializers(saved):
+        assert {e.key for e in t.external_data} == {"location", "offset", "length"}
+    np.testing.assert_allclose(_run(tmp_path / "out" / "model.onnx", x), expected, rtol=1e-6)
+    assert saved_bytes(tmp_path / "out" / "model.onnx") == sum(
+        p.stat().st_size for p in files)
+    assert has_external(ingested.model)  # the caller's model is left as it was
+
+
+def _apply(model: onnx.ModelProto, recipe: list[dict], workdir: Path) -> onnx.ModelProto:
+    out, _ = apply_steps(model, parse_recipe(recipe), workdir,
+                         lambda i, cls, step_dir: PassContext(workdir=step_dir))
+    return out
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_streaming_int4_matches_the_in_memory_rtn(tmp_path: Path, symmetric: bool) -> None:
+    archive = crafted.external_data_archive(tmp_path)
+    kept = load_model(archive, tmp_path / "kept", limits=KEEP)
+    inline = load_model(archive, tmp_path / "inline")
+    recipe = [{"pass": "int4_weight_only", "block_size": 32, "symmetric": symmetric,
+               "accuracy_level": 1}]
+    streamed = _apply(kept.model, recipe, tmp_path / "s")
+    in_memory = _apply(inline.model, recipe, tmp_path / "m")
+    assert has_external(streamed)
+    assert [n.op_type for n in streamed.graph.node].count("MatMulNBits") == 3
+    files = save(streamed, tmp_path / "out" / "model.onnx")
+    assert (tmp_path / "out" / "model.onnx.data") in files
+    save(in_memory, tmp_path / "mem.onnx")
+    x = _x()
+    # The same C++ quantizer on the same weights: the same codes, the same outputs.
+    np.testing.assert_allclose(_run(tmp_path / "out" / "model.onnx", x),
+                               _run(tmp_path / "mem.onnx", x), rtol=1e-5, atol=1e-6)
+    assert saved_bytes(tmp_path / "out" / "model.onnx") < 0.25 * kept.external_bytes
+
+
+def test_streaming_int8_weight_only_keeps_fidelity(tmp_path: Path) -> None:
+    archive = crafted.external_data_archive(tmp_path)
+    kept = load_model(archive, tmp_path / "kept", limits=KEEP)
+    streamed = _apply(kept.model, [{"pass": "quantize_weight_only"}], tmp_path / "s")
+    assert "DequantizeLinear" in {n.op_type for n in streamed.graph.node}
+    save(streamed, tmp_path / "out" / "model.onnx")
+    x = _x()
+    ref = _run(crafted.write_external_data_model(tmp_path / "plain"), x)
+    got = _run(tmp_path / "out" / "model.onnx", x)
+    cosine = float((ref * got).sum() / np.linalg.norm(ref) / np.linalg.norm(got))
+    assert cosine > 0.999
+    assert not np.array_equal(ref, got)  # it did quantize
+    assert saved_bytes(tmp_path / "out" / "model.onnx") < 0.35 * kept.external_bytes
+
+
+def test_a_pass_that_needs_the_whole_model_is_refused(tmp_path: Path) -> None:
+    kept = load_model(crafted.external_data_archive(tmp_path), tmp_path / "kept", limits=KEEP)
+    with pytest.raises(EngineError) as info:
+        _apply(kept.model, [{"pass": "fp16"}], tmp_path / "s")
+    assert info.value.code == "model_too_large"
+    assert "int4_weight_only" in info.value.message
+    with pytest.raises(EngineError) as info:
+        _apply(kept.model, [{"pass": "int4_weight_only", "method": "hqq"}], tmp_path / "h")
+    assert info.value.code == "invalid_recipe"
+
+
+@pytest.mark.parametrize("step", [{"pass": "int4_weight_only", "block_size": 32},
+                                  {"pass": "quantize_weight_only"}])
+def test_a_recipe_job_on_a_model_kept_external(tmp_path: Path, step: dict) -> None:
+    from service.engine.recipe import run_recipe
+
+    announced: list[str] = []
+    archive = crafted.external_data_archive(tmp_path)
+    result = run_recipe(archive, [step], tmp_path / "job",
+                        limits=KEEP.model_copy(update={"latency_runs": 3, "eval_samples": 4}),
+                        artifact_ready=lambda name, path: announced.append(name))
+    assert set(result.artifacts) == {"model.onnx", "model.onnx.data"}
+    assert announced == ["model.onnx", "model.onnx.data"]
+    data = result.artifacts["model.onnx.data"]
+    assert data.parent == result.model_path.parent  # the user downloads both side by side
+    size = result.report["size"]
+    fp32 = sum(onnx.numpy_helper.to_array(t).nbytes for t in crafted.mlp().graph.initializer)
+    assert size["bytes_before"] > fp32  # the original is its graph and its data file
+    assert size["bytes_after"] == result.model_path.stat().st_size + data.stat().st_size
+    assert size["bytes_after"] < 0.4 * size["bytes_before"]
+    assert result.summary["min_cosine"] > 0.99
+    assert result.report["input"]["external_data_kept_bytes"] == fp32
+
+
+def test_inspection_says_what_a_job_will_keep(tmp_path: Path) -> None:
+    archive = crafted.external_data_archive(tmp_path)
+    fp32 = sum(onnx.numpy_helper.to_array(t).nbytes for t in crafted.mlp().graph.initializer)
+    assert inspect_upload(archive)["external_data_kept_bytes"] == 0  # small: a job inlines it
+    assert inspect_upload(archive, limits=KEEP)["external_data_kept_bytes"] == fp32
+    # Inspection itself never inlines (its memory does not grow with the weights).
+    seen = load_model(archive, tmp_path / "w", inline=False)
+    assert has_external(seen.model) and seen.external_bytes == 0
