@@ -137,6 +137,12 @@ class Pass(Generic[ConfigT]):
         ``int4_weight_only`` does only for its data-driven methods)."""
         return cls.calibrates
 
+    @classmethod
+    def cannot_stream(cls, config: PassConfig) -> str | None:
+        """Why a step with ``config`` cannot run on a model kept in external data, or None
+        (default: ``streams`` says; ``int4_weight_only`` streams only some of its options)."""
+        return None if cls.streams else f"pass {cls.name!r} needs the whole model in memory"
+
     def run(self, model: onnx.ModelProto, config: ConfigT, ctx: PassContext) -> onnx.ModelProto:
         raise NotImplementedError
 

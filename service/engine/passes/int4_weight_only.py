@@ -821,6 +821,12 @@ class Int4WeightOnly(Pass[Int4WeightOnlyConfig]):
         return isinstance(config, Int4WeightOnlyConfig) and (
             config.method in DATA_METHODS or config.int8_share > 0)
 
+    @classmethod
+    def cannot_stream(cls, config: PassConfig) -> str | None:
+        if not isinstance(config, Int4WeightOnlyConfig):
+            return super().cannot_stream(config)
+        return streaming_refusal(config)
+
     def run(
         self, model: onnx.ModelProto, config: Int4WeightOnlyConfig, ctx: PassContext
     ) -> onnx.ModelProto:
@@ -921,23 +927,30 @@ class Int4WeightOnly(Pass[Int4WeightOnlyConfig]):
         return out
 
 
+def streaming_refusal(config: Int4WeightOnlyConfig) -> str | None:
+    """Why ``config`` cannot run on a model kept in external data (RTN one weight at a time,
+    embedding tables float, no int8 share), or None."""
+    if config.method != "rtn":
+        return (f"int4 {config.method} needs the whole model in memory; this model's weights "
+                "are kept in external data (past the inline limit): use method rtn")
+    if config.embedding != "float":
+        return ("embedding tables stay float on a model kept in external data: set embedding "
+                "to float (or quantize them with quantize_weight_only op_types [\"Gather\"])")
+    if config.int8_share > 0:
+        return ("int8_share measures each layer's sensitivity with the whole model in memory; "
+                "on a model kept in external data set it to 0")
+    return None
+
+
 def _run_streaming(
     model: onnx.ModelProto, config: Int4WeightOnlyConfig, ctx: PassContext
 ) -> onnx.ModelProto:
     """The pass on a model kept in external data: RTN one weight at a time."""
     from service.engine.weight_stream import int4_rtn
 
-    if config.method != "rtn":
-        raise EngineError(
-            "invalid_recipe",
-            f"int4 {config.method} needs the whole model in memory; this model's weights are "
-            "kept in external data (past the inline limit): use method rtn",
-            {"method": config.method})
-    if config.embedding != "float":
-        raise EngineError(
-            "invalid_recipe",
-            "embedding tables stay float on a model kept in external data: set embedding to "
-            "float (or quantize them with quantize_weight_only op_types [\"Gather\"])")
+    reason = streaming_refusal(config)
+    if reason is not None:
+        raise EngineError("invalid_recipe", reason, {"method": config.method})
     work = ensure_opset(model, 13)
     scope = scope_of(config)
     exclude = {n.name for n in work.graph.node if scope.excludes(n.name)}

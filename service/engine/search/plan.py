@@ -370,12 +370,13 @@ def _plan_pruning(plan: Plan) -> None:
 
 def plan_candidates(
     profile: DeviceProfile, family: dict, *, has_dataset: bool, available: set[str],
-    max_candidates: int = 10, training: bool = True,
+    max_candidates: int = 10, training: bool = True, external: bool = False,
 ) -> tuple[list[Candidate], list[dict]]:
     """Candidates for ``profile`` and a model of ``family``, most promising first.
 
     Returns (candidates, skipped) where ``skipped`` says which fast formats of the device have
-    no candidate and why (no pass for it, or nothing in the model it would help).
+    no candidate and why (no pass for it, or nothing in the model it would help). ``external``:
+    the model's weights are kept in external data, so only candidates that stream are planned.
     """
     plan = Plan(profile, family, has_dataset, available, training)
     for fmt in profile.quant_formats:
@@ -388,11 +389,39 @@ def plan_candidates(
         plan.add("fp16", lambda: [step("fp16")], ["fp16"],
                  "fallback: the device lists no buildable fast format; fp16 halves the file",
                  0.5, 1.0)
+    if external:  # weights kept on disk: only steps that read them one tensor at a time
+        _plan_streaming(plan)
     out = plan.out[:max_candidates]
     safe = _weight_only(plan)
     if safe is not None:
         out = [*out[:max(max_candidates - 1, 0)], safe]
     return out, plan.skipped
+
+
+def _plan_streaming(plan: Plan) -> None:
+    """Keep the candidates whose every step streams (``Pass.cannot_stream``); RTN int4 where the
+    device has int4 but only calibration-aware int4 was planned; the rest are skipped with
+    their reason."""
+    from service.engine.registry import parse_recipe
+
+    kept = []
+    for cand in plan.out:
+        reasons = []
+        if cand.status != "failed":
+            reasons = [r for cls, cfg in parse_recipe(cand.recipe)
+                       if (r := cls.cannot_stream(cfg)) is not None]
+        if reasons or cand.status == "failed":
+            plan.skipped.append({"candidate": cand.name, "formats": cand.formats,
+                                 "reason": "; ".join(reasons) or "its recipe is invalid"})
+        else:
+            kept.append(cand)
+    plan.out = kept
+    if ("int4_weight_only" in plan.profile.quant_formats and plan.has_mm
+            and not any("int4" in c.name for c in kept) and "int4_weight_only" in plan.available):
+        plan.add("int4_weight_only", lambda: [step("int4_weight_only", method="rtn",
+                                                   embedding="float", int8_share=0.0)],
+                 ["int4_weight_only"], "int4 block-wise MatMul weights, one tensor at a time "
+                 "(the model's weights are kept in external data)", 0.15, 1.0)
 
 
 def _weight_only(plan: Plan) -> Candidate | None:

@@ -65,6 +65,7 @@ from service.engine.constraints import AutoConstraints, parse_constraints
 from service.engine.devices import host_profile, parse_device
 from service.engine.devices.host import usable_cores
 from service.engine.errors import EngineError
+from service.engine.external import has_external
 from service.engine.ingest import IngestedModel
 from service.engine.inputs import InputPlan, resolve_inputs
 from service.engine.limits import EngineLimits
@@ -438,7 +439,8 @@ def run_auto(
     passes = registered_passes()
     cands, skipped = plan_candidates(
         profile, family, has_dataset=prepared.dataset is not None, available=set(passes),
-        max_candidates=cons.max_candidates, training=cons.training)
+        max_candidates=cons.max_candidates, training=cons.training,
+        external=has_external(prepared.model))
     if not cands:
         raise EngineError(
             "constraints_unsatisfiable",

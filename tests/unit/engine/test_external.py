@@ -211,3 +211,22 @@ def test_inspection_says_what_a_job_will_keep(tmp_path: Path) -> None:
     # Inspection itself never inlines (its memory does not grow with the weights).
     seen = load_model(archive, tmp_path / "w", inline=False)
     assert has_external(seen.model) and seen.external_bytes == 0
+
+
+def test_auto_on_a_model_kept_external_plans_only_what_streams(tmp_path: Path) -> None:
+    from service.engine.compress import compress
+
+    archive = crafted.external_data_archive(tmp_path)
+    limits = KEEP.model_copy(update={"latency_runs": 3, "eval_samples": 4})
+    result = compress(archive, "auto", tmp_path / "job", limits=limits, device="host",
+                      constraints={"training": False, "workers": 1, "objective": "size"})
+    auto = result.report["auto"]
+    planned = {c["name"] for c in auto["candidates"]}
+    assert planned and planned <= {"int4_weight_only", "int8_weight_only"}, planned
+    assert all(c["status"] != "failed" for c in auto["candidates"]), auto["candidates"]
+    # what needs the whole model in memory is skipped, saying so
+    skipped = {s.get("candidate"): s["reason"] for s in auto["skipped_formats"]}
+    assert "needs the whole model in memory" in skipped["int8_dynamic"]
+    assert "use method rtn" in skipped["int4_hqq"]
+    assert set(result.artifacts) == {"model.onnx", "model.onnx.data"}
+    assert result.summary["min_cosine"] > 0.99 and result.summary["size_ratio"] > 2.5
