@@ -59,6 +59,7 @@ from tests.real_inputs import (  # noqa: E402
     SENTENCES_EVAL,
     Feed,
     RealModel,
+    cosines,
     rows,
     token_ids,
     wheel_models,
@@ -122,19 +123,6 @@ def speedup(original: Path, compressed: Path, feed: Feed, threads: int,
             times[key] = time.perf_counter() - t0
         ratios.append(times["a"] / max(times["b"], 1e-9))
     return statistics.median(ratios)
-
-
-def cosines(original: Path, compressed: Path, feeds: list[Feed],
-            config: dict[str, str] | None) -> tuple[float, float]:
-    """(min, mean) cosine over evaluation samples and outputs."""
-    a, b = session(original, 1), session(compressed, 1, config)
-    values = []
-    for feed in feeds:
-        for x, y in zip(a.run(None, feed), b.run(None, feed), strict=True):
-            x64, y64 = np.asarray(x, np.float64).ravel(), np.asarray(y, np.float64).ravel()
-            nx, ny = np.linalg.norm(x64), np.linalg.norm(y64)
-            values.append(1.0 if nx == ny == 0 else float(x64 @ y64 / (nx * ny or 1.0)))
-    return min(values), float(np.mean(values))
 
 
 # --------------------------------------------------------------------------- the four rows
@@ -216,7 +204,8 @@ def bench_model(model: RealModel, workdir: Path, threads: int) -> list[list[str]
             feed = model.evaluation[0]
             s1 = speedup(model.path, path, feed, 1, config)
             sn = speedup(model.path, path, feed, threads, config)
-            lo, mean = cosines(model.path, path, model.evaluation, config)
+            values = cosines(model.path, path, model.evaluation, config)
+            lo, mean = min(values), float(np.mean(values))
             load = " (disable_quant_qdq=1)" if config else ""
             table.append([label, f"{ratio:.2f}x", f"{s1:.2f}x", f"{sn:.2f}x", f"{lo:.4f}",
                           f"{mean:.4f}", f"{how}{load}",

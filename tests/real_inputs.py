@@ -225,3 +225,23 @@ def wheel_models(models_dir: Path | None = None,
                                "file-type classifier (magika 1.0.3); first 2048 bytes of "
                                "service/*.py (calibration) vs tests/*.py, docs/*.md"))
     return found, missing
+
+
+def cosines(original: Path, compressed: Path, feeds: list[Feed],
+            config: dict[str, str] | None = None) -> list[float]:
+    """Cosine of the compressed model's outputs to the original's, per evaluation sample and
+    output (the compressed one loaded with the session config its report names)."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    for key, value in (config or {}).items():
+        opts.add_session_config_entry(key, value)
+    a = ort.InferenceSession(str(original), providers=["CPUExecutionProvider"])
+    b = ort.InferenceSession(str(compressed), opts, providers=["CPUExecutionProvider"])
+    values = []
+    for feed in feeds:
+        for x, y in zip(a.run(None, feed), b.run(None, feed), strict=True):
+            x64, y64 = np.asarray(x, np.float64).ravel(), np.asarray(y, np.float64).ravel()
+            nx, ny = np.linalg.norm(x64), np.linalg.norm(y64)
+            values.append(1.0 if nx == ny == 0 else float(x64 @ y64 / (nx * ny or 1.0)))
+    return values

@@ -103,15 +103,8 @@ def int4_rtn(
                 nodes.append(node)
                 continue
             k, n = (int(d) for d in w_t.dims)
-            reason = None
-            if node.name in exclude:
-                reason = "excluded"
-            elif k * n < min_elements:
-                reason = f"{k * n} elements < min_elements"
-            elif readers[w_t.name] > 1:
-                reason = "weight shared with another node"
-            elif node.name in heads and lm_head == "float":
-                reason = "LM head kept float"
+            reason = _skip_reason(node, w_t, exclude, min_elements, readers) or (
+                "LM head kept float" if node.name in heads and lm_head == "float" else None)
             if reason is not None:
                 result.skipped.append({"node": node.name, "reason": reason})
                 nodes.append(node)
@@ -179,16 +172,9 @@ def int8_weight_only(
                                            "weights stay float on the streaming path"})
                 nodes.append(node)
                 continue
-            numel = int(np.prod(w_t.dims))
-            reason = None
-            if node.name in exclude:
-                reason = "excluded"
-            elif numel < min_elements:
-                reason = f"{numel} elements < min_elements"
-            elif readers[w_t.name] > 1:
-                reason = "weight shared with another node"
-            elif node.op_type == "Gather" and _attr(node, "axis", 0) != 0:
-                reason = "Gather not along the table's rows"
+            reason = _skip_reason(node, w_t, exclude, min_elements, readers) or (
+                "Gather not along the table's rows"
+                if node.op_type == "Gather" and _attr(node, "axis", 0) != 0 else None)
             if reason is not None:
                 result.skipped.append({"node": node.name, "reason": reason})
                 nodes.append(node)
@@ -205,6 +191,19 @@ def int8_weight_only(
     _drop_unused(graph)
     result.bytes_after = model_bytes(out)
     return result
+
+
+def _skip_reason(node: onnx.NodeProto, w_t: TensorProto, exclude: set[str], min_elements: int,
+                 readers: Counter) -> str | None:
+    """Why a weight both streaming passes could rewrite stays as it is, or None."""
+    numel = int(np.prod(w_t.dims))
+    if node.name in exclude:
+        return "excluded"
+    if numel < min_elements:
+        return f"{numel} elements < min_elements"
+    if readers[w_t.name] > 1:
+        return "weight shared with another node"
+    return None
 
 
 def _attr(node: onnx.NodeProto, name: str, default: int) -> int:

@@ -16,11 +16,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import onnxruntime as ort
 import pytest
 
 from tests.e2e.client import Api
-from tests.real_inputs import RealModel, wheel_models
+from tests.real_inputs import RealModel, cosines, wheel_models
 
 pytestmark = [pytest.mark.stack, pytest.mark.slow]
 
@@ -40,22 +39,6 @@ def models() -> dict[str, RealModel]:
     found, missing = wheel_models(only=MODELS)
     assert not missing, f"dev dependencies not installed: {missing}"
     return {m.name: m for m in found}
-
-
-def _cosines(original: Path, compressed: Path, feeds: list[dict[str, np.ndarray]],
-             config: dict[str, str]) -> list[float]:
-    opts = ort.SessionOptions()
-    for key, value in config.items():
-        opts.add_session_config_entry(key, value)
-    a = ort.InferenceSession(str(original), providers=["CPUExecutionProvider"])
-    b = ort.InferenceSession(str(compressed), opts, providers=["CPUExecutionProvider"])
-    out = []
-    for feed in feeds:
-        for x, y in zip(a.run(None, feed), b.run(None, feed), strict=True):
-            x64, y64 = np.asarray(x, np.float64).ravel(), np.asarray(y, np.float64).ravel()
-            nx, ny = np.linalg.norm(x64), np.linalg.norm(y64)
-            out.append(1.0 if nx == ny == 0 else float(x64 @ y64 / (nx * ny or 1.0)))
-    return out
 
 
 @pytest.mark.parametrize(("name", "with_data"), CASES,
@@ -84,7 +67,7 @@ def test_a_wheel_model_is_compressed_and_holds_on_real_inputs_or_refused_precise
     out = api.download(done["id"], "model.onnx", tmp_path / "out.onnx")
     report = json.loads(api.download(done["id"], "report.json", tmp_path / "r.json").read_text())
     config = dict(result.get("session_config") or {})
-    values = _cosines(model.path, out, model.evaluation, config)
+    values = cosines(model.path, out, model.evaluation, config)
     assert min(values) >= 0.99, (result["auto"]["candidate"], min(values))
     assert result["size_ratio"] > 1.5
     evidence = report["summary"]["eval_inputs"]
