@@ -135,6 +135,7 @@ def run_recipe(
     original_path = workdir / "input" / "original.onnx"
     save(ingested.model, original_path)
     from service.engine.evaluate import (
+        NO_PREPACKING,
         compare_latency,
         dataset_feeds,
         evaluate_candidate,
@@ -313,6 +314,13 @@ def run_recipe(
         )
     if latency.get("decision_note"):
         warnings.append(latency["decision_note"])
+    from service.engine.external import float_weights_on_disk
+
+    if float_weights_on_disk(original_path) and not float_weights_on_disk(output_path):
+        latency["original_session_config"] = dict([NO_PREPACKING])
+        warnings.append("the original was timed without weight prepacking (its float weights "
+                        "stay in external data, and prepacking would copy them all into "
+                        "memory): the speedup may favour the compressed model")
     if speedup < min(SLOWER_SPEEDUP, low):
         warnings.append(f"compressed model is {describe_speedup(speedup, (low, high))} than "
                         f"the original on this host ({latency['threads']} thread(s))")

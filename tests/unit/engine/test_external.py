@@ -201,6 +201,10 @@ def test_a_recipe_job_on_a_model_kept_external(tmp_path: Path, step: dict) -> No
     assert size["bytes_after"] < 0.4 * size["bytes_before"]
     assert result.summary["min_cosine"] > 0.99
     assert result.report["input"]["external_data_kept_bytes"] == fp32
+    # the float original was timed without prepacking, and the job says so
+    assert result.report["latency"]["original_session_config"] == {
+        "session.disable_prepacking": "1"}
+    assert any("without weight prepacking" in w for w in result.summary["warnings"])
 
 
 def test_inspection_says_what_a_job_will_keep(tmp_path: Path) -> None:
