@@ -51,8 +51,9 @@ def test_runs_a_job_once(isolated_settings, tmp_path) -> None:  # type: ignore[n
 
 def test_the_engine_gets_the_operators_limits(isolated_settings, tmp_path) -> None:  # type: ignore[no-untyped-def]
     # A ~140 KB model under an operator's 64 KiB model limit: the engine itself refuses it
-    # (with EngineLimits' defaults, as before the spec carried limits, it would succeed).
-    tight = isolated_settings.model_copy(update={"max_upload_bytes": 64 * 1024})
+    # (with EngineLimits' defaults, as before the spec carried limits, it would succeed). The
+    # model limit is its own setting (the upload limit follows it, not the other way round).
+    tight = isolated_settings.model_copy(update={"max_model_bytes": 64 * 1024})
     _, _, job, _, _ = _setup(tight, tmp_path)
     final = JobRunner(tight, make_store(tight).scoped(tenant_prefix(DEFAULT_TENANT)),
                       ServiceMetrics(), name="tight-runner").run(job.id)

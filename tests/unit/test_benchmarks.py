@@ -196,7 +196,9 @@ def test_a_precise_refusal_does_not_fail_a_bar_over_every_technique(scripts: Any
 def test_bench_real_inputs_are_real_and_disjoint(scripts: Any) -> None:
     """bench_real's evaluation inputs never repeat its calibration inputs: different
     sentences, different photos, different files; images are rendered, not noise."""
-    bench = scripts("bench_real")
+    from tests import real_inputs as bench  # the inputs bench_real and the wheel tests share
+
+    assert scripts("bench_real").wheel_models is bench.wheel_models
     assert not set(bench.SENTENCES_CAL) & set(bench.SENTENCES_EVAL)
     lines = bench.text_lines(bench.SENTENCES_CAL[:2], 48, 192, 0)
     assert lines.shape == (2, 48, 192, 3) and lines.dtype == np.uint8
