@@ -88,11 +88,8 @@ def int4_rtn(
     float as ``lm_head`` says."""
     from onnxruntime.capi._pybind_state import quantize_matmul_4bits
 
-    out = _copy(model)
+    out, result, inits, readers = _begin(model)
     graph = out.graph
-    result = StreamResult(out, bytes_before=model_bytes(model))
-    inits = {t.name: t for t in graph.initializer}
-    readers = Counter(i for n in graph.node for i in n.input)
     nodes: list[onnx.NodeProto] = []
     todo = sum(1 for n in graph.node if n.op_type == "MatMul")
     with ExternalWriter(workdir / "int4.data") as writer:
@@ -137,13 +134,9 @@ def int4_rtn(
                 name=node.name + "_Q4", domain="com.microsoft", **attrs))
             result.quantized.append(node.name)
             progress((index + 1) / max(todo, 1), f"int4 {node.name}")
-    del graph.node[:]
-    graph.node.extend(nodes)
-    _drop_unused(graph)
     if not any(o.domain == "com.microsoft" for o in out.opset_import):
         out.opset_import.append(helper.make_opsetid("com.microsoft", 1))
-    result.bytes_after = model_bytes(out)
-    return result
+    return _finish(out, nodes, result)
 
 
 def int8_weight_only(
@@ -153,11 +146,8 @@ def int8_weight_only(
 ) -> StreamResult:
     """Main-graph MatMul/Gemm weights as int8 + DequantizeLinear (a scale per output channel)
     and Gather tables as int8 rows (a scale per row), one weight at a time."""
-    out = _copy(model)
+    out, result, inits, readers = _begin(model)
     graph = out.graph
-    result = StreamResult(out, bytes_before=model_bytes(model))
-    inits = {t.name: t for t in graph.initializer}
-    readers = Counter(i for n in graph.node for i in n.input)
     nodes: list[onnx.NodeProto] = []
     with ExternalWriter(workdir / "int8.data") as writer:
         for index, node in enumerate(list(graph.node)):
@@ -186,9 +176,25 @@ def int8_weight_only(
                 nodes.extend(_int8_matmul(node, w_t, writer, graph))
             result.quantized.append(node.name)
             progress((index + 1) / max(len(graph.node), 1), f"int8 {node.name}")
-    del graph.node[:]
-    graph.node.extend(nodes)
-    _drop_unused(graph)
+    return _finish(out, nodes, result)
+
+
+def _begin(model: onnx.ModelProto) -> tuple[
+        onnx.ModelProto, StreamResult, dict[str, TensorProto], Counter]:
+    """A copy of ``model`` to rewrite, its result, its initializers by name and how many node
+    inputs read each value."""
+    out = _copy(model)
+    inits = {t.name: t for t in out.graph.initializer}
+    readers = Counter(i for n in out.graph.node for i in n.input)
+    return out, StreamResult(out, bytes_before=model_bytes(model)), inits, readers
+
+
+def _finish(out: onnx.ModelProto, nodes: list[onnx.NodeProto],
+            result: StreamResult) -> StreamResult:
+    """``out``'s graph with ``nodes`` in place of its own, unused initializers dropped."""
+    del out.graph.node[:]
+    out.graph.node.extend(nodes)
+    _drop_unused(out.graph)
     result.bytes_after = model_bytes(out)
     return result
 
