@@ -17,6 +17,7 @@ not the process's heap, and one tensor at a time is what a streaming pass keeps 
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -209,11 +210,25 @@ GRAPH_ONLY_BYTES = 64 << 20  # a saved .onnx this small can be parsed to look at
 
 def float_weights_on_disk(path: Path) -> bool:
     """Whether the model saved at ``path`` reads float MatMul/Gemm weights from external data
-    files (a file past ``GRAPH_ONLY_BYTES`` holds its weights itself and is not parsed)."""
+    files (a file past ``GRAPH_ONLY_BYTES`` holds its weights itself and is not parsed).
+
+    Every ONNX Runtime session the engine makes asks this (``evaluate.make_session``), an auto
+    job dozens of times for the same few files: the answer is kept per file and version (size,
+    modification time), so each file is parsed once, not once per session."""
     try:
-        if Path(path).stat().st_size > GRAPH_ONLY_BYTES:
-            return False
-        model = onnx.load(str(path), load_external_data=False)
+        stat = Path(path).stat()
+    except OSError:  # not ours to judge here: the session reports it
+        return False
+    if stat.st_size > GRAPH_ONLY_BYTES:
+        return False
+    return _float_weights_on_disk(str(path), stat.st_size, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=64)
+def _float_weights_on_disk(path: str, size: int, mtime_ns: int) -> bool:
+    """``float_weights_on_disk`` for one version of a file (``size``, ``mtime_ns``: the key)."""
+    try:
+        model = onnx.load(path, load_external_data=False)
     except Exception:  # not ours to judge here: the session reports it
         return False
     external = {t.name for t in model.graph.initializer
