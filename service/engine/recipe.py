@@ -29,6 +29,7 @@ import onnx
 from service.engine.dataset import load_dataset, samples_layout, split_for_evaluation
 from service.engine.decoder import decoder_spec
 from service.engine.errors import EngineError
+from service.engine.external import float_weights_on_disk, saved_bytes
 from service.engine.ingest import fit_ir_version
 from service.engine.inputs import InputPlan, resolve_inputs
 from service.engine.limits import EngineLimits
@@ -267,8 +268,6 @@ def run_recipe(
     # Like for like: zstd also shrinks the float original a little (7-10 %), so a result
     # counts as smaller only against the original under the same treatment.
     if external:
-        from service.engine.external import saved_bytes
-
         size["bytes_before_zstd"] = None
         baseline = min(size["bytes_before"], saved_bytes(baseline_path))
     else:
@@ -314,8 +313,6 @@ def run_recipe(
         )
     if latency.get("decision_note"):
         warnings.append(latency["decision_note"])
-    from service.engine.external import float_weights_on_disk
-
     if float_weights_on_disk(original_path) and not float_weights_on_disk(output_path):
         latency["original_session_config"] = dict([NO_PREPACKING])
         warnings.append("the original was timed without weight prepacking (its float weights "

@@ -406,13 +406,10 @@ def _plan_streaming(plan: Plan) -> None:
 
     kept = []
     for cand in plan.out:
-        reasons = []
-        if cand.status != "failed":
-            reasons = [r for cls, cfg in parse_recipe(cand.recipe)
-                       if (r := cls.cannot_stream(cfg)) is not None]
-        if reasons or cand.status == "failed":
-            plan.skipped.append({"candidate": cand.name, "formats": cand.formats,
-                                 "reason": "; ".join(reasons) or "its recipe is invalid"})
+        why = "its recipe is invalid" if cand.status == "failed" else "; ".join(
+            r for cls, cfg in parse_recipe(cand.recipe) if (r := cls.cannot_stream(cfg)))
+        if why:
+            plan.skipped.append({"candidate": cand.name, "formats": cand.formats, "reason": why})
         else:
             kept.append(cand)
     plan.out = kept
@@ -421,7 +418,8 @@ def _plan_streaming(plan: Plan) -> None:
         plan.add("int4_weight_only", lambda: [step("int4_weight_only", method="rtn",
                                                    embedding="float", int8_share=0.0)],
                  ["int4_weight_only"], "int4 block-wise MatMul weights, one tensor at a time "
-                 "(the model's weights are kept in external data)", 0.15, 1.0)
+                 "(the model's weights are kept in external data)",
+                 int4_size_factor(plan.share["matmul"], 64), 1.0)
 
 
 def _weight_only(plan: Plan) -> Candidate | None:
