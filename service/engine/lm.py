@@ -146,11 +146,12 @@ def _status_mb(field: str) -> float:
 
     ``VmHWM`` belongs to this process's address space, started at exec; ``ru_maxrss`` is not
     used, as Linux carries the parent's peak over into it across fork and exec."""
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024 / 1e6
-    raise OSError(f"no {field} in /proc/self/status")
+    from service.engine.devices.host import process_memory_kb
+
+    kb = process_memory_kb().get(field)
+    if kb is None:
+        raise OSError(f"no {field} in /proc/self/status")
+    return kb * 1024 / 1e6
 
 
 def _probe_main(arg: str) -> None:

@@ -459,13 +459,9 @@ class PeakMemory:
     @staticmethod
     def status() -> dict[str, int]:
         """The kB fields of /proc/self/status ({} where there is none)."""
-        out: dict[str, int] = {}
-        with contextlib.suppress(OSError):
-            for line in Path("/proc/self/status").read_text().splitlines():
-                key, _, value = line.partition(":")
-                if value.strip().endswith("kB"):
-                    out[key] = int(value.split()[0])
-        return out
+        from service.engine.devices.host import process_memory_kb
+
+        return process_memory_kb()
 
     def stage(self, name: str) -> None:
         """The job entered progress stage ``name`` (what ``by_stage`` files samples under)."""

@@ -175,3 +175,18 @@ def host_profile() -> DeviceProfile:
         _read("/proc/cpuinfo"), _read("/proc/meminfo"), platform.machine(), usable_cores(),
         cpuid_features=x86_features(),
     )
+
+
+def process_memory_kb() -> dict[str, int]:
+    """This process's memory lines of ``/proc/self/status`` in kB (``VmRSS`` now, ``VmHWM`` its
+    peak since exec, ``RssAnon``, ``RssFile`` ...); {} where there is no such file."""
+    out: dict[str, int] = {}
+    try:
+        text = Path("/proc/self/status").read_text()
+    except OSError:
+        return out
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if value.strip().endswith("kB"):
+            out[key] = int(value.split()[0])
+    return out
