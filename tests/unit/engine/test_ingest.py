@@ -37,13 +37,17 @@ HOSTILE_NAMES = sorted([
 ])
 
 
+@pytest.mark.parametrize("keep", [False, True], ids=["inlined", "kept-external"])
 @pytest.mark.parametrize("name", HOSTILE_NAMES)
 def test_hostile_upload_is_refused_with_its_code(
-    hostile: dict[str, tuple[Path, str]], name: str
+    hostile: dict[str, tuple[Path, str]], name: str, keep: bool
 ) -> None:
+    # kept-external: every external weight stays on disk (no inline limit), and every check
+    # must hold all the same
     path, code = hostile[name]
+    limits = EngineLimits(external_data_inline_bytes=0) if keep else EngineLimits()
     with pytest.raises(EngineError) as info:
-        inspect_upload(path)
+        inspect_upload(path, limits=limits)
     assert info.value.code == code, info.value.message
     # Messages are for the client: no server paths.
     assert str(path.parent) not in info.value.message
