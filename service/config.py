@@ -98,8 +98,9 @@ class Settings(BaseSettings):
     inspect_memory_limit_mb: int = Field(
         default=3072,
         ge=128,
-        description="Address-space limit of a process inspecting an upload (API processes x "
-        "EDGEPRESS_INSPECT_CONCURRENCY of them stay below the API pod's memory limit).",
+        description="Memory limit (private writable memory, RLIMIT_DATA) of a process "
+        "inspecting an upload (API processes x EDGEPRESS_INSPECT_CONCURRENCY of them stay "
+        "below the API pod's memory limit).",
     )
     inspect_concurrency: int = Field(
         default=1,
@@ -127,8 +128,10 @@ class Settings(BaseSettings):
     job_memory_limit_mb: int = Field(
         default=4096,
         ge=256,
-        description="Address space of all of a job's engine processes together (auto's "
-        "parallel candidates share it); below the worker pod's memory limit.",
+        description="Memory of all of a job's engine processes together (auto's parallel "
+        "candidates share it): their private writable memory (RLIMIT_DATA: heap, anonymous "
+        "and private mappings, stacks); weights read from shared read-only mappings of model "
+        "files (page cache) are not counted. Below the worker pod's memory limit.",
     )
     job_max_output_mb: int = Field(
         default=4096,
@@ -302,13 +305,16 @@ def limits_for(settings: Settings, cpus: int | None = None) -> Limits:
         request_bytes=max(upload_bytes, settings.max_dataset_bytes) + mib,
         form_memory_bytes=mib,
         inspect_rlimits={
-            "RLIMIT_AS": (settings.inspect_memory_limit_mb * mib,) * 2,
+            "RLIMIT_DATA": (settings.inspect_memory_limit_mb * mib,) * 2,
             "RLIMIT_CPU": (settings.inspect_timeout_seconds, settings.inspect_timeout_seconds + 2),
             "RLIMIT_CORE": (0, 0),
         },
         inspect_seconds=settings.inspect_timeout_seconds + 5,
         job_rlimits={
-            "RLIMIT_AS": (settings.job_memory_limit_mb * mib,) * 2,
+            # Private writable memory, not address space: a big model's weights are read
+            # from shared read-only mappings of its files (page cache), which count against
+            # RLIMIT_AS whether resident or not (``devices.host.memory_limit``).
+            "RLIMIT_DATA": (settings.job_memory_limit_mb * mib,) * 2,
             # The hard limit a little later: SIGXCPU at the soft one, SIGKILL if ignored.
             "RLIMIT_CPU": (cpu_seconds, cpu_seconds + 5),
             "RLIMIT_FSIZE": (settings.job_max_output_mb * mib,) * 2,

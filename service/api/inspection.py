@@ -1,6 +1,6 @@
 """Inspect uploads in a child process with resource limits (see ``inspect_child``).
 
-Bounded three ways: the child's own limits (address space and CPU from the settings, below the
+Bounded three ways: the child's own limits (memory, RLIMIT_DATA, and CPU from the settings, below the
 API pod's memory; a file-size limit; no core dumps), the archive expansion it may do (the
 operator's ``max_uncompressed_bytes``, and never more than the scratch space free *now*, less a
 reserve: several uploads share that disk, so it is measured per request), and how many run at

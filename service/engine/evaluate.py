@@ -80,18 +80,22 @@ def dataset_feeds(
 NO_PREPACKING = ("session.disable_prepacking", "1")
 
 
-def make_session(path: Path, threads: int, config: dict[str, str] | None = None) -> Any:
+def make_session(path: Path, threads: int, config: dict[str, str] | None = None, *,
+                 profile_prefix: str | None = None) -> Any:
     """An ONNX Runtime CPU session with fixed threads (intra ``threads``, inter 1), loaded
     from ``path`` (external data beside it). A model whose float MatMul/Gemm weights stay in
     external data (``external.float_weights_on_disk``) loads without weight prepacking
-    (``NO_PREPACKING``), so that its weights are not copied into memory.
+    (``NO_PREPACKING``), so that its weights are not copied into memory; the weights of any
+    model kept in external data are read from one shared read-only mapping per file
+    (``external.shared_initializers``), not from a private copy per session.
 
     ``config``: session config entries (``SessionOptions.add_session_config_entry``), e.g.
     ``{"session.disable_quant_qdq": "1"}`` for a weight-only int8 model (see
-    ``passes.quantize_weight_only.FOLD_AT_LOAD``)."""
+    ``passes.quantize_weight_only.FOLD_AT_LOAD``). ``profile_prefix``: ONNX Runtime's
+    profiler on, its file under that prefix (``report_html``)."""
     import onnxruntime as ort
 
-    from service.engine.external import float_weights_on_disk
+    from service.engine.external import float_weights_on_disk, shared_initializers
 
     opts = ort.SessionOptions()
     if float_weights_on_disk(Path(path)):
@@ -101,12 +105,21 @@ def make_session(path: Path, threads: int, config: dict[str, str] | None = None)
         opts.add_session_config_entry(*NO_PREPACKING)
     for key, value in (config or {}).items():
         opts.add_session_config_entry(key, value)
+    shared = shared_initializers(Path(path))
+    for name, value in shared:
+        opts.add_initializer(name, value)
     opts.intra_op_num_threads = threads
     opts.inter_op_num_threads = 1
     opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     opts.log_severity_level = 3
-    return ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
+    if profile_prefix is not None:
+        opts.enable_profiling = True
+        opts.profile_file_prefix = profile_prefix
+    session = ort.InferenceSession(str(path), sess_options=opts,
+                                   providers=["CPUExecutionProvider"])
+    session._edgepress_shared = shared  # the mapping lives as long as the session
+    return session
 
 
 def run_all(session: Any, feeds: Sequence[Feed]) -> dict[str, list[np.ndarray]]:
@@ -226,7 +239,7 @@ def compare_latency(
     original_path: Path, candidate_path: Path, feed: Feed, *, runs: int,
     limits: EngineLimits, threads: Sequence[int] | None = None,
     check_cancelled: Callable[[], None] = lambda: None,
-    sessions: tuple[Any, Any] | None = None,
+    sessions: list[Any] | None = None,
     candidate_config: dict[str, str] | None = None,
 ) -> dict:
     """Interleaved latency of original vs candidate at each thread count, with a placebo.
@@ -236,19 +249,26 @@ def compare_latency(
     session of the original ("placebo"). The placebo's paired ratio against the original is
     the noise of this host for this model: ``noise_band`` is (1/p, p) with p = max(r, 1/r),
     and a speedup inside it says nothing. The ``runs`` rounds are split over the counts
-    (``rounds_per_count``). ``sessions`` (before, after) are reused at
-    ``limits.latency_threads``; ``candidate_config`` (session config entries, see
-    ``make_session``) is how every other candidate session is made.
+    (``rounds_per_count``). ``sessions`` ([before, after]) are reused at
+    ``limits.latency_threads`` and handed over: the list is emptied, so that once their count is
+    measured nothing holds them (one count's sessions are alive at a time: a candidate session
+    holds its prepacked weights, a big model's several would not fit its memory limit);
+    ``candidate_config`` (session config entries, see ``make_session``) is how every other
+    candidate session is made.
 
     The top-level keys are the deciding count's (``decide``: the target's thread count unless
     the host was too busy to measure it); ``by_threads`` holds one entry per count, in order.
     """
     counts = list(threads or [limits.latency_threads])
     per = rounds_per_count(runs, len(counts))
+    reused = list(sessions or []) if limits.latency_threads in counts else []
+    if sessions is not None:
+        sessions.clear()
 
     def measure(count: int) -> dict:
-        if sessions is not None and count == limits.latency_threads:
-            so, sc = sessions
+        if reused and count == limits.latency_threads:
+            so, sc = reused
+            reused.clear()
         else:
             so, sc = (make_session(original_path, count),
                       make_session(candidate_path, count, candidate_config))
@@ -448,9 +468,11 @@ def evaluate_candidate(
                        len(np.asarray(lbl).ravel()) for lbl in labels)}
 
     check_cancelled()
+    handed = [so, sc]
+    del so, sc  # compare_latency lets them go once measured
     latency = compare_latency(original_path, candidate_path, feeds[0], runs=limits.latency_runs,
                               limits=limits, threads=threads, check_cancelled=check_cancelled,
-                              sessions=(so, sc))
+                              sessions=handed)
     return {
         "size": {"bytes_before": bytes_before, "bytes_after": bytes_after,
                  "ratio": bytes_before / bytes_after if bytes_after else None},

@@ -18,6 +18,7 @@ not the process's heap, and one tensor at a time is what a streaming pass keeps 
 from __future__ import annotations
 
 import functools
+import weakref
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -247,3 +248,80 @@ def saved_bytes(path: Path) -> int:
             info = {e.key: e.value for e in t.external_data}
             files.add((folder / info["location"]).resolve())
     return sum(f.stat().st_size for f in files)
+
+
+# One read-only mapping per external data file (and version) in this process, shared by every
+# session that reads it; gone when the last session holding a view of it is.
+_MAPPED: weakref.WeakValueDictionary[tuple[str, int, int], np.memmap] = (
+    weakref.WeakValueDictionary())
+SHARE_ALIGN = 64  # a shared tensor starts on a cache line (our files align to ALIGN)
+
+
+def shared_initializers(path: Path) -> list[tuple[str, object]]:
+    """(name, ``OrtValue``) for each main-graph initializer the saved model at ``path`` reads
+    from an external data file, viewing one read-only mapping of that file: to hand to every
+    ONNX Runtime session of the model (``SessionOptions.add_initializer``).
+
+    ONNX Runtime maps a model's external data once per session, privately and writable: a
+    job's few sessions of one model (fidelity, placebo, one per thread count) held as many
+    copies in its resident set, each charged to its data limit (``RLIMIT_DATA``) whether
+    touched or not. A shared, read-only mapping is held once and is page cache, which the
+    kernel can reclaim. Tensors numpy cannot view (4-bit, bfloat16, float8 types, an offset off
+    ``SHARE_ALIGN``) and If/Loop/Scan body weights are left to ONNX Runtime. Empty when the
+    model keeps no weight outside its file (or a file a larger model would not be parsed).
+    The caller keeps the returned values alive as long as its session (they hold the
+    mapping)."""
+    try:
+        stat = Path(path).stat()
+    except OSError:
+        return []
+    if stat.st_size > GRAPH_ONLY_BYTES:
+        return []
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception:  # not ours to judge here: the session reports it
+        return []
+    import onnxruntime as ort
+
+    folder = Path(path).parent.resolve()
+    out: list[tuple[str, object]] = []
+    for t in model.graph.initializer:
+        if not is_external(t):
+            continue
+        info = {e.key: e.value for e in t.external_data}
+        file = (folder / info.get("location", "")).resolve()
+        if not file.is_relative_to(folder) or file == folder:  # as ONNX Runtime confines it
+            continue
+        try:
+            dtype = np.dtype(helper.tensor_dtype_to_np_dtype(t.data_type))
+        except (KeyError, TypeError, ValueError):
+            continue
+        offset, length = int(info.get("offset", "0")), int(info.get("length", "-1"))
+        shape = tuple(int(d) for d in t.dims)
+        count = int(np.prod(shape, dtype=np.int64))
+        if (dtype.kind not in "fiub" or dtype.itemsize not in (1, 2, 4, 8) or offset % SHARE_ALIGN
+                or length != count * dtype.itemsize or count == 0):
+            continue
+        mapped = _mapping(file)
+        if mapped is None or offset + length > mapped.size:
+            continue
+        view = mapped[offset:offset + length].view(dtype).reshape(shape)
+        out.append((t.name, ort.OrtValue.ortvalue_from_numpy(view)))
+    return out
+
+
+def _mapping(file: Path) -> np.memmap | None:
+    """This process's read-only mapping of ``file`` (one per file version), None when the file
+    cannot be mapped."""
+    try:
+        stat = file.stat()
+    except OSError:
+        return None
+    key = (str(file), stat.st_size, stat.st_mtime_ns)
+    mapped = _MAPPED.get(key)
+    if mapped is None:
+        if stat.st_size == 0:
+            return None
+        mapped = np.memmap(file, dtype=np.uint8, mode="r")
+        _MAPPED[key] = mapped
+    return mapped

@@ -45,22 +45,12 @@ def op_type_latency(
     are ONNX Runtime's (after its graph optimisations, e.g. ``FusedMatMul``,
     ``DynamicQuantizeMatMul``), which is what actually ran. Sorted by time, largest first.
     """
-    import onnxruntime as ort
+    from service.engine.evaluate import make_session  # as every measurement loads it
 
     runs = max(1, int(runs))
     with tempfile.TemporaryDirectory(prefix="ep-prof-") as tmp:
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads = threads
-        opts.inter_op_num_threads = 1
-        opts.enable_profiling = True
-        opts.profile_file_prefix = str(Path(tmp) / "profile")
-        from service.engine.evaluate import NO_PREPACKING
-        from service.engine.external import float_weights_on_disk
-
-        if float_weights_on_disk(Path(model_path)):  # as ``evaluate.make_session`` loads it
-            opts.add_session_config_entry(*NO_PREPACKING)
-        session = ort.InferenceSession(str(model_path), opts,
-                                       providers=["CPUExecutionProvider"])
+        session = make_session(Path(model_path), threads,
+                               profile_prefix=str(Path(tmp) / "profile"))
         feed = _adapt(session, inputs)
         for _ in range(max(0, warmup) + runs):
             session.run(None, feed)

@@ -2,7 +2,7 @@
 (``run_engine``); in it, one job's compression runs (``run_forked``, ``main``).
 
 Each job's compression runs in its own process, not in the Celery worker, under resource
-limits (address space, CPU time, file size, no core dumps: ``Limits.job_rlimits``): a model
+limits (memory, CPU time, file size, no core dumps: ``Limits.job_rlimits``): a model
 that exhausts memory or crashes ONNX Runtime ends this process only, and the worker fails that
 job with a precise code. The process is forked from a multiprocessing forkserver that has
 already imported numpy, onnx, ONNX Runtime and the engine (``PRELOAD``), so a job does not
@@ -164,7 +164,7 @@ def run_engine(
         c, m = _SIGNAL_CODES[signal.Signals(-code)]
         return {"ok": False, "error": {"code": c, "message": m}}
     if code == -signal.SIGKILL or "MemoryError" in tail or "bad_alloc" in tail:
-        memory_mb = limits.job_rlimits["RLIMIT_AS"][0] // (1024 * 1024)
+        memory_mb = limits.job_rlimits["RLIMIT_DATA"][0] // (1024 * 1024)
         return {
             "ok": False,
             "error": {
@@ -370,7 +370,7 @@ PRELOAD = [
 # escapes this because glibc raises both thresholds as it frees large blocks; a forked child
 # starts with the defaults, and on a 17 MB model measured 160k page faults and ~0.45 s of
 # system time against 53k and ~0.2 s with these. The memory stays within the job's
-# address-space limit either way (freed blocks are reused, not added to).
+# memory limit either way (freed blocks are reused, not added to).
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
 _MALLOPT = {_M_MMAP_THRESHOLD: 32 * 1024 * 1024, _M_TRIM_THRESHOLD: 1024 * 1024 * 1024}
@@ -433,13 +433,14 @@ class PeakMemory:
     per kind), the largest ``RssAnon`` (heap, arrays, ONNX Runtime's own buffers) and
     ``RssFile`` (pages of mapped files: weights read through ``np.memmap`` and external
     initializers ONNX Runtime maps; the kernel can drop these under pressure, they are not
-    the job's heap) seen. ``children_max_rss_mb``: the largest peak of the processes the
+    the job's heap) seen, and the largest ``VmData`` (private writable memory, mapped or
+    not: what the job's memory limit, ``RLIMIT_DATA``, counts). ``children_max_rss_mb``: the largest peak of the processes the
     engine started and waited for (``RUSAGE_CHILDREN``: the fresh-process probes of
     ``service.engine.lm``)."""
 
     def __init__(self, interval: float = 0.2) -> None:
         self.interval = interval
-        self.peak: dict[str, int] = {"RssAnon": 0, "RssFile": 0}
+        self.peak: dict[str, int] = {"RssAnon": 0, "RssFile": 0, "VmData": 0}
         self.start: dict[str, int] = {}
         self.current = "start"
         # the largest VmRSS / RssAnon / RssFile sampled while each stage ran (progress stages)
@@ -472,7 +473,8 @@ class PeakMemory:
     def _record(self, now: dict[str, int]) -> None:
         for key in self.peak:
             self.peak[key] = max(self.peak[key], now.get(key, 0))
-        seen = self.by_stage.setdefault(self.current, {"VmRSS": 0, "RssAnon": 0, "RssFile": 0})
+        seen = self.by_stage.setdefault(self.current,
+                                        {"VmRSS": 0, "RssAnon": 0, "RssFile": 0, "VmData": 0})
         for key in seen:
             seen[key] = max(seen[key], now.get(key, 0))
 
@@ -494,18 +496,23 @@ class PeakMemory:
             "peak_rss_mb": round(now.get("VmHWM", 0) / mb, 1) if now else None,
             "peak_rss_anon_mb": round(self.peak["RssAnon"] / mb, 1) if now else None,
             "peak_rss_file_mb": round(self.peak["RssFile"] / mb, 1) if now else None,
+            "peak_vm_data_mb": round(self.peak["VmData"] / mb, 1) if now else None,
             "children_max_rss_mb": round(children / mb, 1),
             # what the process held before the job (the preloaded libraries): the job's own
             # growth is the peak less this
             "start_rss_mb": round(self.start.get("VmRSS", 0) / mb, 1),
             "start_rss_anon_mb": round(self.start.get("RssAnon", 0) / mb, 1),
+            "start_vm_data_mb": round(self.start.get("VmData", 0) / mb, 1),
             "by_stage_mb": {stage: {"rss": round(v["VmRSS"] / mb, 1),
                                     "anon": round(v["RssAnon"] / mb, 1),
-                                    "file": round(v["RssFile"] / mb, 1)}
+                                    "file": round(v["RssFile"] / mb, 1),
+                                    "data": round(v["VmData"] / mb, 1)}
                             for stage, v in self.by_stage.items()},
             "measured": "engine process: VmHWM (peak resident set, anonymous and file-backed "
                         f"pages together); RssAnon and RssFile peaks sampled every "
                         f"{self.interval} s (file-backed: mapped weight files, reclaimable); "
+                        "VmData (private writable memory, what the job's memory limit "
+                        "RLIMIT_DATA counts) sampled alike; "
                         "children: the largest peak of the fresh-process probes; by stage: the "
                         "largest sampled while each progress stage ran",
         }

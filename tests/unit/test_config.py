@@ -36,7 +36,7 @@ def test_limits_come_from_the_settings() -> None:
     assert limits.engine.max_dataset_bytes == 2048
     assert limits.upload_bytes == {"model": 4096, "dataset": 2048}
     assert limits.request_bytes == 4096 + 1024 * 1024
-    assert limits.job_rlimits["RLIMIT_AS"] == (512 * 1024 * 1024,) * 2
+    assert limits.job_rlimits["RLIMIT_DATA"] == (512 * 1024 * 1024,) * 2
     assert limits.job_rlimits["RLIMIT_CPU"] == (400, 405)
     assert limits.inspect_rlimits["RLIMIT_CPU"] == (7, 9) and limits.inspect_seconds == 12
     assert (limits.task_soft_seconds, limits.task_hard_seconds) == (220, 280)

@@ -190,3 +190,18 @@ def process_memory_kb() -> dict[str, int]:
         if value.strip().endswith("kB"):
             out[key] = int(value.split()[0])
     return out
+
+
+def memory_limit() -> tuple[int, int] | None:
+    """(limit, used) in bytes: this process's memory limit, ``RLIMIT_DATA`` (its private
+    writable memory: heap, anonymous and private writable mappings, thread stacks), and what
+    counts against it now (``VmData``); None without a limit. The worker limits jobs this way,
+    not by address space: read-only mappings of a model's weight files (page cache, shared,
+    reclaimable) would count against an address-space limit whether resident or not."""
+    import resource
+
+    soft, _ = resource.getrlimit(resource.RLIMIT_DATA)
+    if soft == resource.RLIM_INFINITY:
+        return None
+    used = process_memory_kb().get("VmData")
+    return (soft, used * 1024) if used is not None else None

@@ -166,24 +166,18 @@ _CODE_SUFFIXES = (".pt", ".pth", ".pt2", ".ckpt", ".pkl", ".pickle", ".jit", ".j
 
 
 def _ensure_memory_headroom(needed: int) -> None:
-    """Raise MemoryError when the process's address-space limit cannot fit ``needed`` more bytes.
+    """Raise MemoryError when the process's memory limit (``devices.host.memory_limit``) cannot
+    fit ``needed`` more bytes.
 
     Under a memory limit, protobuf reports a failed allocation as a parse error: without this
     check a model too big for the limit would be refused as "not ONNX" instead of as too big.
     """
-    import resource
+    from service.engine.devices.host import memory_limit
 
-    soft, _ = resource.getrlimit(resource.RLIMIT_AS)
-    if soft == resource.RLIM_INFINITY:
+    space = memory_limit()
+    if space is None:
         return
-    try:
-        status = Path("/proc/self/status").read_text()
-        used = (
-            int(next(line for line in status.splitlines() if line.startswith("VmSize:")).split()[1])
-            * 1024
-        )
-    except (OSError, StopIteration, ValueError):
-        return
+    soft, used = space
     if used + needed > soft:
         raise MemoryError(f"{needed} bytes needed, {max(0, soft - used)} left under the limit")
 

@@ -63,7 +63,7 @@ import onnx
 from service.engine import cost_model
 from service.engine.constraints import AutoConstraints, parse_constraints
 from service.engine.devices import host_profile, parse_device
-from service.engine.devices.host import usable_cores
+from service.engine.devices.host import memory_limit, usable_cores
 from service.engine.errors import EngineError
 from service.engine.external import has_external
 from service.engine.ingest import IngestedModel
@@ -121,28 +121,15 @@ def run_candidate(job: dict, check_cancelled: Callable[[], None] | None = None) 
     return {"ok": True, "result": result, "seconds": time.perf_counter() - started}
 
 
-# The least address space a parallel candidate process gets (it imports numpy, onnx and ONNX
-# Runtime, ~230 MB of address space on this host, then builds sessions): fewer processes run
-# rather than each with less.
+# The least memory a parallel candidate process gets (it imports numpy, onnx and ONNX
+# Runtime, then builds sessions): fewer processes run rather than each with less.
 MIN_CANDIDATE_BYTES = 1 << 30
-
-
-def _address_space() -> tuple[int, int] | None:
-    """This process's address-space limit (soft) and its current size, in bytes; None when
-    unlimited (a caller that set no limit: nothing to divide)."""
-    import resource
-
-    soft, _ = resource.getrlimit(resource.RLIMIT_AS)
-    if soft == resource.RLIM_INFINITY:
-        return None
-    with open("/proc/self/statm") as f:
-        size = int(f.read().split()[0]) * os.sysconf("SC_PAGE_SIZE")
-    return soft, size
 
 
 def memory_plan(requested: int, cores: int, space: tuple[int, int] | None) -> tuple[int, int | None]:
     """(processes, bytes each) for a parallel search: at most ``cores`` processes, and one
-    memory budget for the whole job. The job's address-space limit, less what this process
+    memory budget for the whole job (``space``: ``devices.host.memory_limit()``). The job's
+    memory limit, less what this process
     already uses, is split evenly between this process and the candidates (so their sum stays
     within the limit the worker set for the job); fewer processes if a share would be below
     ``MIN_CANDIDATE_BYTES``. Bytes is None without a limit."""
@@ -160,7 +147,7 @@ def _limit_candidate(share: int | None) -> None:
     import resource
 
     if share is not None:
-        resource.setrlimit(resource.RLIMIT_AS, (share, share))
+        resource.setrlimit(resource.RLIMIT_DATA, (share, share))
 
 
 @dataclass
@@ -232,7 +219,7 @@ class _Search:
     total: int = 0
     done_count: int = 0
     workers: int = 1
-    memory_share: int | None = None  # address space of each parallel candidate process
+    memory_share: int | None = None  # memory (RLIMIT_DATA) of each parallel candidate process
     mixed_precision: list[MixedPrecisionRecord] = field(default_factory=list)
     holdout_ref: HoldoutReference | None = None  # the original on the held-out samples
 
@@ -292,7 +279,7 @@ class _Search:
         runnable = [c for c in self.cands if c.status == "pending"]
         requested = self.ctx.constraints.workers or max(1, usable_cores() // 4)
         workers, share = memory_plan(min(requested, len(runnable)) or 1, usable_cores(),
-                                     _address_space())
+                                     memory_limit())
         self.workers = workers
         self.memory_share = share
         self.total = len(runnable)
@@ -309,16 +296,17 @@ class _Search:
         else:
             import resource
 
-            saved = resource.getrlimit(resource.RLIMIT_AS)
-            space = _address_space()
+            saved = resource.getrlimit(resource.RLIMIT_DATA)
+            space = memory_limit()
             if share is not None and space is not None:
                 # Meanwhile this process keeps what it has plus one share: it and the
                 # candidates together stay within the job's limit.
-                resource.setrlimit(resource.RLIMIT_AS, (min(saved[0], space[1] + share), saved[1]))
+                resource.setrlimit(resource.RLIMIT_DATA,
+                                   (min(saved[0], space[1] + share), saved[1]))
             try:
                 self._run_parallel(pending, share)
             finally:
-                resource.setrlimit(resource.RLIMIT_AS, saved)
+                resource.setrlimit(resource.RLIMIT_DATA, saved)
         for cand in self.cands:
             if cand.status == "pending":
                 cand.status = "not_run"

@@ -218,3 +218,88 @@ def test_auto_on_a_model_kept_external_plans_only_what_streams(tmp_path: Path) -
     assert "use method rtn" in skipped["int4_hqq"]
     assert set(result.artifacts) == {"model.onnx", "model.onnx.data"}
     assert result.summary["min_cosine"] > 0.99 and result.summary["size_ratio"] > 2.5
+
+
+def _wide_external(directory: Path, rows: int = 2048, cols: int = 4096) -> Path:
+    """x [1, rows] @ w [rows, cols] with w (32 MB) in model.onnx.data, page-aligned."""
+    from service.engine.external import ExternalWriter
+    from service.engine.external import save as save_external
+
+    directory.mkdir(parents=True, exist_ok=True)
+    w = np.random.default_rng(5).standard_normal((rows, cols)).astype(np.float32)
+    with ExternalWriter(directory / "w.bin") as writer:
+        weight = writer.add(w, "w")
+    graph = onnx.helper.make_graph(
+        [onnx.helper.make_node("MatMul", ["x", "w"], ["y"])], "g",
+        [onnx.helper.make_tensor_value_info("x", T.FLOAT, [1, rows])],
+        [onnx.helper.make_tensor_value_info("y", T.FLOAT, [1, cols])], [weight])
+    model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)],
+                                   ir_version=9)
+    path = directory / "model.onnx"
+    save_external(model, path)
+    return path
+
+
+def test_sessions_of_a_model_kept_external_share_one_read_only_mapping(tmp_path: Path) -> None:
+    """ONNX Runtime maps external data privately and writable, once per session: each
+    session of a 32 MB model adds 32 MB to VmData (what RLIMIT_DATA, the job's memory limit,
+    counts) and, once run, to the resident set. ``make_session`` hands every session views of
+    one shared read-only mapping instead: same outputs, and three sessions cost less VmData
+    than one of ONNX Runtime's own copies."""
+    from service.engine import external
+    from service.engine.devices.host import process_memory_kb
+    from service.engine.evaluate import make_session
+
+    path = _wide_external(tmp_path)
+    data_mb = 2048 * 4096 * 4 / 2**20
+    x = np.random.default_rng(6).standard_normal((1, 2048)).astype(np.float32)
+    names = [name for name, _ in external.shared_initializers(path)]
+    assert names == ["w"]
+
+    def vm_data_mb() -> float:
+        return process_memory_kb()["VmData"] / 1024
+
+    before = vm_data_mb()
+    plain = [ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+             for _ in range(2)]
+    own_copies = vm_data_mb() - before
+    expected = plain[0].run(None, {"x": x})[0]
+    del plain
+    assert own_copies >= 1.5 * data_mb  # what sharing saves: without it, a copy per session
+
+    before = vm_data_mb()
+    shared = [make_session(path, 1) for _ in range(3)]
+    grown = vm_data_mb() - before
+    for session in shared:
+        np.testing.assert_allclose(session.run(None, {"x": x})[0], expected, rtol=1e-5,
+                                   atol=1e-4)
+    assert grown < 0.5 * data_mb, f"3 sessions grew VmData by {grown:.0f} MB"
+    mapped = [k for k in external._MAPPED if k[0] == str((tmp_path / "w.bin").resolve())]
+    assert len(mapped) == 1
+    del shared, session
+    import gc
+
+    gc.collect()
+    assert not [k for k in external._MAPPED if k[0] == str((tmp_path / "w.bin").resolve())]
+
+
+def test_shared_initializers_leave_what_they_cannot_view_to_onnx_runtime(tmp_path: Path) -> None:
+    """A location outside the model's folder, an offset off a cache line and a length that is
+    not the tensor's are never viewed (ONNX Runtime loads or refuses those itself)."""
+    from service.engine import external
+
+    path = _wide_external(tmp_path / "m", rows=64, cols=64)
+    model = onnx.load(str(path), load_external_data=False)
+    (tmp_path / "outside.bin").write_bytes(b"\0" * 64 * 64 * 4)
+    for entries in ({"location": "../outside.bin"}, {"offset": "4"},
+                    {"length": str(64 * 64 * 4 - 4)}):
+        bad = onnx.ModelProto()
+        bad.CopyFrom(model)
+        t = bad.graph.initializer[0]
+        info = {e.key: e.value for e in t.external_data} | entries
+        del t.external_data[:]
+        for key, value in info.items():
+            e = t.external_data.add()
+            e.key, e.value = key, value
+        onnx.save_model(bad, str(path))
+        assert external.shared_initializers(path) == [], entries

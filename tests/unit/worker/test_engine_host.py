@@ -53,7 +53,10 @@ def test_runs_to_its_outcome_reporting_progress(tmp_path: Path) -> None:
     assert outcome["summary"]["peak_rss_mb"] == memory["peak_rss_mb"] > 10
     assert memory["peak_rss_anon_mb"] > 0 and memory["peak_rss_file_mb"] >= 0
     assert memory["peak_rss_mb"] >= memory["peak_rss_anon_mb"] - 1
-    assert "VmHWM" in memory["measured"]
+    # VmData counts private writable memory whether resident or not: RssAnon less the stack
+    assert memory["peak_vm_data_mb"] >= memory["peak_rss_anon_mb"] - 16  # less the stack
+    assert all("data" in v for v in memory["by_stage_mb"].values())
+    assert "VmHWM" in memory["measured"] and "RLIMIT_DATA" in memory["measured"]
 
 
 def test_peak_memory_tells_heap_from_mapped_files(tmp_path: Path) -> None:
