@@ -4,8 +4,8 @@ Three constants of ``service/engine/devices/host.py`` and ``service/engine/cost_
 measured here with ONNX Runtime's own CPU kernels (the ones the cost model predicts), each as
 the model uses it:
 
-- ``_GBPS_PER_CORE``: DRAM bandwidth one core draws. A chain of ``Add`` nodes over float32
-  tensors far larger than the last-level cache (3 x 64 MB per node), run at 1 intra-op thread;
+- ``_GBPS_PER_CORE``: DRAM bandwidth one core draws. An ``Add`` node over float32 tensors far
+  larger than the last-level cache (two 64 MB inputs, a 64 MB output), 1 intra-op thread;
   bytes are counted as the cost model counts them (both inputs read, the output written once:
   ``NodeCost.bytes``; the write-allocate read the hardware adds is not counted, as in STREAM).
   The same at 2 threads shows how it scales per core. ``numpy.add`` and ``numpy.copyto`` over
@@ -21,14 +21,17 @@ the model uses it:
   the same shape. Single-node graphs, batch 1, 3x3 and 1x1 shapes of ResNet/MobileNet-like
   sizes, sessions built by the engine's ``make_session`` (1 intra-op thread, all graph
   optimisations, as the corpus fit measures), interleaved by the engine's ``measure_latency``;
-  the constant is the median over shapes. ``QLinearConv`` (the static int8 path, which the
-  cost model runs at the int8 peak) is timed beside them for context.
+  the constant is the median over shapes of the per-shape rate. ``QLinearConv`` (the static
+  int8 path, which the cost model runs at the int8 peak) is timed beside them for context.
 
-Each chain is timed at two lengths and the time per node is the slope, so the session's fixed
-cost drops out; the per-node dispatch cost (the slope on 16-element tensors) is subtracted from
-the cache-resident figures, because the cost model charges it separately (``node_overhead_s``).
-Values are medians over ``--reps`` interleaved samples; the spread is the lowest and highest
-sample. On a shared host other processes only add time, so the spread shows the disturbance.
+Each chain (of 65 nodes for L2, 17 for L3, 1 for DRAM, so that one run is long enough to time
+and as short as possible) is timed against the same chain on 16-element tensors and the
+difference is the memory time: the session's fixed cost and the per-node dispatch, which the
+cost model charges separately (``node_overhead_s``), drop out.
+Each figure is taken from the fastest of ``--reps`` interleaved samples (STREAM's convention,
+its "best rate": on a shared host other processes only ever add time, and the fastest samples
+agree from run to run where the medians do not); the median and range over interleaved
+samples are printed beside it and show how disturbed the host was.
 
     .venv/bin/python scripts/measure_cpu_constants.py --out docs/bench/cpu_constants.txt
 """
@@ -60,7 +63,8 @@ from bench_output import machine_header, tee_to  # noqa: E402
 OPSET = 17
 IR_VERSION = 8  # what every ONNX Runtime this project supports loads
 DRAM_ELEMENTS = 16 * 1024 * 1024  # float32: 64 MB per tensor, twice a 32 MB L3 each
-SAMPLE_SECONDS = 0.02  # one timed sample: enough runs of a chain to last about this long
+SAMPLE_SECONDS = 0.003  # one timed sample: enough runs to last about this long (at least one);
+# short, so that on a shared host some samples fall between two time slices of other processes
 # (kernel, output channels, input channels, height = width, stride): ResNet-50 stage shapes
 # (3x3 and 1x1 at 56, 28, 14, 7) and a narrow MobileNet-like 1x1.
 CONV_SHAPES: tuple[tuple[int, int, int, int, int], ...] = (
@@ -171,30 +175,34 @@ def _sample(fn: Callable[[], object], runs: int) -> float:
     return (time.perf_counter() - t0) / runs
 
 
-def per_node_seconds(elements: int, threads: int, reps: int,
-                     lengths: tuple[int, int]) -> list[float]:
-    """Seconds per Add node, one value per interleaved sample pair: (t(long) - t(short)) /
-    (long - short), so the fixed cost of a session run cancels."""
-    short, long = (ChainRun(elements, n, threads) for n in lengths)
-    bursts = (_burst(short), _burst(long))
-    out = []
-    for r in range(reps):
-        order = (0, 1) if r % 2 == 0 else (1, 0)  # neither length always goes first
-        times = {}
-        for i in order:
-            times[i] = _sample((short, long)[i], bursts[i])
-        out.append((times[1] - times[0]) / (lengths[1] - lengths[0]))
-    return out
-
-
 @dataclass
 class Bandwidth:
-    """Counted GB/s per sample (median first) of one kernel, size and thread count."""
+    """One kernel, working set and thread count: interleaved samples of the time per run of
+    ``nodes`` nodes (or calls) on 16 elements (``base_s``) and on the measured size
+    (``run_s``); their difference is memory time only (the fixed cost of a run and the
+    per-node dispatch are the same in both). Bytes are counted as the cost model does."""
 
     label: str
     working_set_bytes: int
     threads: int
-    samples: list[float]
+    counted_bytes: int  # per node
+    nodes: int
+    base_s: list[float]
+    run_s: list[float]
+
+    def _gbps(self, base: float, run: float) -> float:
+        return self.counted_bytes / max((run - base) / self.nodes, 1e-12) / 1e9
+
+    @property
+    def best(self) -> float:
+        """From the fastest sample of each: other processes only ever add time."""
+        return self._gbps(min(self.base_s), min(self.run_s))
+
+    @property
+    def samples(self) -> list[float]:
+        """One figure per interleaved pair of samples (a pair whose base sample was slowed
+        more than the run itself says nothing and is left out)."""
+        return [self._gbps(b, r) for b, r in zip(self.base_s, self.run_s, strict=True) if r > b]
 
     @property
     def median(self) -> float:
@@ -202,37 +210,56 @@ class Bandwidth:
 
     def row(self) -> str:
         return (f"{self.label:<34}{self.working_set_bytes / 2**20:>10.2f}{self.threads:>8d}"
-                f"{self.median:>10.1f}{min(self.samples):>9.1f}{max(self.samples):>9.1f}")
+                f"{self.nodes:>6d}{self.best:>9.1f}{self.median:>9.1f}{min(self.samples):>9.1f}"
+                f"{max(self.samples):>9.1f}")
+
+
+def interleaved(first: Callable[[], object], second: Callable[[], object],
+                reps: int) -> tuple[list[float], list[float]]:
+    """Seconds per call of each, ``reps`` samples of about ``SAMPLE_SECONDS`` each, the two
+    alternating (and alternating which goes first)."""
+    calls = (first, second)
+    bursts = (_burst(first), _burst(second))
+    times: tuple[list[float], list[float]] = ([], [])
+    for r in range(reps):
+        for i in ((0, 1) if r % 2 == 0 else (1, 0)):
+            times[i].append(_sample(calls[i], bursts[i]))
+    return times
+
+
+def dispatch_seconds(threads: int, reps: int) -> float:
+    """Per-node cost of an Add on 16 elements (no memory time): the slope from a 1-node to a
+    129-node chain, fastest samples."""
+    short, long = interleaved(ChainRun(16, 1, threads), ChainRun(16, 129, threads), reps)
+    return (min(long) - min(short)) / 128
 
 
 def ort_add_bandwidth(label: str, elements: int, threads: int, reps: int,
-                      dispatch_s: float, lengths: tuple[int, int]) -> Bandwidth:
-    counted = 3 * 4 * elements  # two float32 inputs read, one output written
-    per_node = per_node_seconds(elements, threads, reps, lengths)
-    gbps = [counted / max(t - dispatch_s, 1e-12) / 1e9 for t in per_node]
-    # input, addend, output and the two intermediates ONNX Runtime's planner alternates between
-    return Bandwidth(label, 5 * 4 * elements, threads, gbps)
+                      length: int) -> Bandwidth:
+    """An Add chain of ``length`` nodes on ``elements`` floats against the same chain on 16."""
+    base, run = interleaved(ChainRun(16, length, threads), ChainRun(elements, length, threads),
+                            reps)
+    # the working set: input, addend, output and (in a chain of 3 or more) the two
+    # intermediates ONNX Runtime's planner alternates between; counted per node: two float32
+    # inputs read, one output written
+    tensors = min(length + 2, 5)
+    return Bandwidth(label, tensors * 4 * elements, threads, 3 * 4 * elements, length, base,
+                     run)
 
 
 def numpy_bandwidth(label: str, elements: int, reps: int, kind: str) -> Bandwidth:
     """``numpy.add(a, b, out=c)`` (3 arrays counted) or ``numpy.copyto(c, a)`` (2), one
-    thread; the per-call cost measured on 16 elements is subtracted."""
-    def make(n: int) -> tuple[Callable[[], object], int]:
+    thread; the per-call cost (the same call on 16 elements) is subtracted."""
+    def make(n: int) -> Callable[[], object]:
         rng = np.random.default_rng(1)
         a, b, c = (rng.random(n, dtype=np.float32) for _ in range(3))
         if kind == "add":
-            return (lambda: np.add(a, b, out=c)), 3 * 4 * n
-        return (lambda: np.copyto(c, a)), 2 * 4 * n
+            return lambda: np.add(a, b, out=c)
+        return lambda: np.copyto(c, a)
 
-    tiny, _ = make(16)
-    big, counted = make(elements)
-    bursts = (_burst(tiny), _burst(big))
-    samples = []
-    for _ in range(reps):
-        call = _sample(tiny, bursts[0])
-        samples.append(counted / max(_sample(big, bursts[1]) - call, 1e-12) / 1e9)
+    base, run = interleaved(make(16), make(elements), reps)
     arrays = 3 if kind == "add" else 2
-    return Bandwidth(label, arrays * 4 * elements, 1, samples)
+    return Bandwidth(label, arrays * 4 * elements, 1, arrays * 4 * elements, 1, base, run)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -280,12 +307,17 @@ def _conv_model(kind: str, k: int, cout: int, cin: int, hw: int, stride: int) ->
 class ConvRow:
     shape: tuple[int, int, int, int, int]
     gflop: float
-    ms: dict[str, float]
+    best_ms: dict[str, float]  # fastest sample per kind
+    median_ms: dict[str, float]
     rate_samples: list[float]  # fp32 / ConvInteger per interleaved round
 
     @property
     def rate(self) -> float:
-        return self.ms["fp32"] / self.ms["ConvInteger"]
+        return self.best_ms["fp32"] / self.best_ms["ConvInteger"]
+
+    @property
+    def median_rate(self) -> float:
+        return self.median_ms["fp32"] / self.median_ms["ConvInteger"]
 
 
 def measure_convs(reps: int, workdir: Path) -> list[ConvRow]:
@@ -305,8 +337,8 @@ def measure_convs(reps: int, workdir: Path) -> list[ConvRow]:
         gflop = 2.0 * cout * cin * k * k * out_hw * out_hw / 1e9
         rate_samples = [f / c for f, c in zip(result["fp32"]["samples_ms"],
                                               result["ConvInteger"]["samples_ms"], strict=True)]
-        rows.append(ConvRow(shape, gflop, {k_: v["median_ms"] for k_, v in result.items()},
-                            rate_samples))
+        rows.append(ConvRow(shape, gflop, {k_: v["min_ms"] for k_, v in result.items()},
+                            {k_: v["median_ms"] for k_, v in result.items()}, rate_samples))
     return rows
 
 
@@ -321,8 +353,9 @@ def two_digits(value: float) -> float:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=None, help="also write the output here")
-    parser.add_argument("--reps", type=int, default=21,
-                        help="interleaved samples per measurement (median and range reported)")
+    parser.add_argument("--reps", type=int, default=61,
+                        help="interleaved samples per measurement (best, median and range "
+                             "reported)")
     args = parser.parse_args(argv)
     header = machine_header(
         "scripts/measure_cpu_constants.py", argv if argv is not None else sys.argv[1:],
@@ -346,71 +379,64 @@ def _run(args: argparse.Namespace, caches: dict[int, int]) -> int:
     l3_elements = l3 // 3 // (5 * 4)  # 5 chain tensors in a third of L3, far past L2
     if 2 * l3 > DRAM_ELEMENTS * 4:
         print(f"warning: a {DRAM_ELEMENTS * 4 >> 20} MB tensor is not far past this L3")
-    print(f"onnxruntime {ort.__version__}, numpy {np.__version__}; {args.reps} samples per "
-          f"measurement, each about {SAMPLE_SECONDS * 1e3:.0f} ms of runs\n")
+    print(f"onnxruntime {ort.__version__}, numpy {np.__version__}; {args.reps} interleaved "
+          f"samples per measurement, each about {SAMPLE_SECONDS * 1e3:.0f} ms of runs")
+    print("best: from the fastest samples (STREAM's convention: on a shared host other "
+          "processes only add time); median and range: over interleaved sample pairs\n")
 
-    # dispatch cost per Add node (16 elements: no memory time), subtracted below
-    dispatch = {t: statistics.median(per_node_seconds(16, t, args.reps, (1, 129)))
-                for t in (1, 2)}
-    print("per-node dispatch (Add chain slope on 16-element tensors): "
+    dispatch = {t: dispatch_seconds(t, args.reps) for t in (1, 2)}
+    print("per-node dispatch, for context (Add chain slope on 16-element tensors): "
           + ", ".join(f"{t} thread(s) {s * 1e6:.2f} us" for t, s in dispatch.items()) + "\n")
 
-    bw_l2 = ort_add_bandwidth("ORT Add chain, L2-resident", l2_elements, 1, args.reps,
-                              dispatch[1], (1, 65))
-    bw_l3 = ort_add_bandwidth("ORT Add chain, L3-resident", l3_elements, 1, args.reps,
-                              dispatch[1], (1, 17))
-    bw_dram = ort_add_bandwidth("ORT Add chain, DRAM", DRAM_ELEMENTS, 1, args.reps,
-                                dispatch[1], (1, 5))
-    bw_dram2 = ort_add_bandwidth("ORT Add chain, DRAM", DRAM_ELEMENTS, 2, args.reps,
-                                 dispatch[2], (1, 5))
+    bw_l2 = ort_add_bandwidth("ORT Add chain, L2-resident", l2_elements, 1, args.reps, 65)
+    bw_l3 = ort_add_bandwidth("ORT Add chain, L3-resident", l3_elements, 1, args.reps, 17)
+    bw_dram = ort_add_bandwidth("ORT Add, DRAM", DRAM_ELEMENTS, 1, args.reps, 1)
+    bw_dram2 = ort_add_bandwidth("ORT Add, DRAM", DRAM_ELEMENTS, 2, args.reps, 1)
+    np_add_l2 = numpy_bandwidth("numpy.add(a, b, out=c), L2", l2 // 2 // 12, args.reps, "add")
     np_add = numpy_bandwidth("numpy.add(a, b, out=c), DRAM", DRAM_ELEMENTS, args.reps, "add")
     np_copy = numpy_bandwidth("numpy.copyto(c, a), DRAM", DRAM_ELEMENTS, args.reps, "copy")
-    np_add_l2 = numpy_bandwidth("numpy.add(a, b, out=c), L2", l2 // 2 // 12, args.reps, "add")
-    print("bandwidth as the cost model counts it (bytes read + written once, per node):")
-    print(f"{'kernel, working set':<34}{'set MiB':>10}{'threads':>8}{'GB/s':>10}{'min':>9}"
-          f"{'max':>9}")
+    print("bandwidth in GB/s as the cost model counts it (bytes read + written once, per node):")
+    print(f"{'kernel, working set':<34}{'set MiB':>10}{'threads':>8}{'nodes':>6}{'best':>9}"
+          f"{'median':>9}"
+          f"{'min':>9}{'max':>9}")
     for bw in (bw_l2, bw_l3, bw_dram, bw_dram2, np_add_l2, np_add, np_copy):
         print(bw.row())
-    scaling = bw_dram2.median / bw_dram.median
-    print(f"2 threads / 1 thread on DRAM: {scaling:.2f}x ({bw_dram2.median / 2:.1f} GB/s per "
-          "core at 2 threads)\n")
+    print(f"2 threads / 1 thread on DRAM: {bw_dram2.best / bw_dram.best:.2f}x best, "
+          f"{bw_dram2.median / bw_dram.median:.2f}x median ({bw_dram2.best / 2:.1f} GB/s per "
+          "core at 2 threads, best)\n")
 
     with tempfile.TemporaryDirectory(prefix="measure_cpu_constants_") as tmp:
         convs = measure_convs(args.reps, Path(tmp))
-    print("convolutions, batch 1, 1 intra-op thread (engine's make_session), medians of "
-          "interleaved samples:")
+    print("convolutions, batch 1, 1 intra-op thread (engine's make_session), fastest of "
+          "interleaved samples (median-based ratio beside it):")
     print(f"{'k':>2}{'cout':>6}{'cin':>6}{'hw':>5}{'GFLOP':>8}{'fp32 ms':>10}{'ConvInt ms':>12}"
-          f"{'QLinear ms':>12}{'fp32/CI':>9}{'min':>7}{'max':>7}{'fp32/QL':>9}")
+          f"{'QLinear ms':>12}{'fp32/CI':>9}{'median':>8}{'min':>7}{'max':>7}{'fp32/QL':>9}")
     for c in convs:
         k, cout, cin, hw, _ = c.shape
-        print(f"{k:>2}{cout:>6}{cin:>6}{hw:>5}{c.gflop:>8.3f}{c.ms['fp32']:>10.3f}"
-              f"{c.ms['ConvInteger']:>12.3f}{c.ms['QLinearConv']:>12.3f}{c.rate:>9.3f}"
-              f"{min(c.rate_samples):>7.3f}{max(c.rate_samples):>7.3f}"
-              f"{c.ms['fp32'] / c.ms['QLinearConv']:>9.2f}")
+        print(f"{k:>2}{cout:>6}{cin:>6}{hw:>5}{c.gflop:>8.3f}{c.best_ms['fp32']:>10.3f}"
+              f"{c.best_ms['ConvInteger']:>12.3f}{c.best_ms['QLinearConv']:>12.3f}{c.rate:>9.3f}"
+              f"{c.median_rate:>8.3f}{min(c.rate_samples):>7.3f}{max(c.rate_samples):>7.3f}"
+              f"{c.best_ms['fp32'] / c.best_ms['QLinearConv']:>9.2f}")
     rates = [c.rate for c in convs]
-    fp32_gflops = statistics.median(c.gflop / c.ms["fp32"] * 1e3 for c in convs)
+    fp32_gflops = statistics.median(c.gflop / c.best_ms["fp32"] * 1e3 for c in convs)
     print(f"fp32 Conv median {fp32_gflops:.1f} GFLOP/s; QLinearConv / fp32 speed median "
-          f"{statistics.median(c.ms['fp32'] / c.ms['QLinearConv'] for c in convs):.2f}x\n")
+          f"{statistics.median(c.best_ms['fp32'] / c.best_ms['QLinearConv'] for c in convs):.2f}x"
+          "\n")
 
-    gbps = two_digits(bw_dram.median)
-    factor = two_digits(bw_l2.median / bw_dram.median)
-    factor_lo = min(bw_l2.samples) / max(bw_dram.samples)
-    factor_hi = max(bw_l2.samples) / min(bw_dram.samples)
-    rate = two_digits(statistics.median(rates))
-    print("measured constants (the value as the code takes it, two significant digits; spread: "
-          "lowest - highest sample, or over shapes):")
-    print(f"_GBPS_PER_CORE = {gbps:g} GB/s (median {bw_dram.median:.1f}, spread "
-          f"{min(bw_dram.samples):.1f} - {max(bw_dram.samples):.1f}): ORT Add chain, 1 thread, "
-          f"{bw_dram.working_set_bytes >> 20} MiB working set; 2 threads "
-          f"{bw_dram2.median / 2:.1f} per core")
-    print(f"CACHE_BANDWIDTH_FACTOR[cpu] = {factor:g} (median ratio "
-          f"{bw_l2.median / bw_dram.median:.2f}, spread {factor_lo:.2f} - "
-          f"{factor_hi:.2f}): ORT Add chain, 1 thread, L2-resident "
-          f"{bw_l2.median:.1f} GB/s / DRAM {bw_dram.median:.1f} GB/s")
-    print(f"REFERENCE_KERNEL_RATE[ConvInteger] = {rate:g} (median "
-          f"{statistics.median(rates):.3f}, over shapes {min(rates):.3f} - "
-          f"{max(rates):.3f}): fp32 Conv time / ConvInteger time, median of "
-          f"{len(convs)} shapes, 1 thread")
+    ratio = bw_l2.best / bw_dram.best
+    print("measured constants (the value as the code takes it, two significant digits):")
+    print(f"_GBPS_PER_CORE = {two_digits(bw_dram.best):g} GB/s (best {bw_dram.best:.1f}, median "
+          f"{bw_dram.median:.1f}, samples {min(bw_dram.samples):.1f} - "
+          f"{max(bw_dram.samples):.1f}): ORT Add, 1 thread, "
+          f"{bw_dram.working_set_bytes >> 20} MiB working set; at 2 threads "
+          f"{bw_dram2.best / 2:.1f} per core")
+    print(f"CACHE_BANDWIDTH_FACTOR[cpu] = {two_digits(ratio):g} (best {ratio:.2f}, median "
+          f"{bw_l2.median / bw_dram.median:.2f}): ORT Add chain, 1 thread, L2-resident "
+          f"{bw_l2.best:.1f} GB/s / DRAM {bw_dram.best:.1f} GB/s")
+    print(f"REFERENCE_KERNEL_RATE[ConvInteger] = {two_digits(statistics.median(rates)):g} "
+          f"(median over shapes {statistics.median(rates):.3f}, range {min(rates):.3f} - "
+          f"{max(rates):.3f}; from medians {statistics.median(c.median_rate for c in convs):.3f})"
+          f": fp32 Conv time / ConvInteger time, {len(convs)} shapes, 1 thread")
     print(f"\nelapsed {time.perf_counter() - started:.0f} s")
     return 0
 
