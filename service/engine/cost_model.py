@@ -67,6 +67,9 @@ DEFAULT_DYNAMIC_DIM = 128
 #   ``scripts/source_cost_constants.py`` to published batch-1 latencies of standard networks
 #   (output in docs/bench/cost_sources.txt); a device with values of its own carries them in
 #   its profile's ``cost_constants``, which replace the kind defaults here.
+# - MEASURED: measured on the machine the CPU fit was made on by a committed script, whose
+#   committed output holds the quoted figure (scripts/measure_cpu_constants.py,
+#   docs/bench/cpu_constants.txt).
 # - ASSUMPTION: no citable figure found (cost_sources.json lists the searches) and no such
 #   device here to fit on.
 # - EXACT / CONVENTION: follows from definitions / a stated choice.
@@ -87,14 +90,15 @@ COMPUTE_EFFICIENCY = {"cpu": 0.35, "gpu": 0.30, "npu": 0.30}
 # 0.70 allows for inference's shorter, strided accesses. npu: ASSUMPTION.
 MEMORY_EFFICIENCY = {"cpu": 0.60, "gpu": 0.70, "npu": 0.60}
 # Activation traffic is served mostly from caches: bandwidth relative to DRAM / HBM.
-# ASSUMPTION everywhere (cpu 4x: L2 vs DRAM per core; gpu, npu: L2 vs HBM/LPDDR, about 2x); on
-# CPUs not separable from the fitted memory efficiency (see ``fit_cpu_constants``).
-CACHE_BANDWIDTH_FACTOR = {"cpu": 4.0, "gpu": 2.0, "npu": 2.0}
+# cpu: MEASURED, L2-resident vs DRAM bandwidth of one core through ONNX Runtime's Add kernel
+# (3.8x on the fitted host; not separable from the fitted memory efficiency, so
+# ``fit_cpu_constants`` keeps it). gpu, npu: ASSUMPTION (L2 vs HBM/LPDDR, about 2x).
+CACHE_BANDWIDTH_FACTOR = {"cpu": 3.8, "gpu": 2.0, "npu": 2.0}
 # Integer ops that ONNX Runtime runs with a reference kernel (im2col + integer GEMM, no fusion):
-# their rate relative to the fp32 peak. ASSUMPTION: fitted by check_cost_model.py only when a
-# corpus sample runs such a kernel, which none does today; 0.2 stands for ConvInteger about 6x
-# slower than the fp32 Conv on x86 (a measurement with no committed script or output).
-REFERENCE_KERNEL_RATE = {"ConvInteger": 0.2}
+# their rate relative to the fp32 peak. MEASURED: ConvInteger (u8 x s8) takes 1 / 0.19 of the
+# time of the fp32 Conv of the same shape (median of 8 ResNet/MobileNet shapes, 1 thread);
+# check_cost_model.py would fit it only when a corpus sample runs such a kernel, none does.
+REFERENCE_KERNEL_RATE = {"ConvInteger": 0.19}
 # Fixed cost per node (kernel dispatch / launch), seconds.
 # cpu: FITTED (fallback 1.5 us). gpu: SOURCED: the A100 fit to NVIDIA's published TensorRT
 # latencies gives 5.0 us per kernel, in line with a CUDA launch (4-6 us). npu: ASSUMPTION (a
@@ -805,7 +809,8 @@ def fit_cpu_constants(
     rates = np.geomspace(0.02, 1.0, 6) if ref.any() else np.array([default_rate])
     # The cache factor is not fitted: with memory efficiency it only scales the memory term
     # (weights vs activations), and two fits of the corpus on this 2-core host put it at 15.8
-    # and 1.4 for the same error: it keeps its default (an ASSUMPTION).
+    # and 1.4 for the same error: it keeps its default (MEASURED on this host by
+    # scripts/measure_cpu_constants.py).
     cache = np.array([CACHE_BANDWIDTH_FACTOR["cpu"]])
     _, point = search([np.geomspace(0.01, 2.0, 24), np.geomspace(0.02, 4.0, 24), cache, rates])
     for width in (1.25, 1.08):  # two finer grids around the best point

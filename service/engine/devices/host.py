@@ -1,8 +1,8 @@
 """The ``host`` profile: this machine's CPU, read from ``/proc/cpuinfo`` and ``/proc/meminfo``.
 
 Peak throughput is derived from the cores this process may use, the clock and the widest vector
-unit the flags show; memory bandwidth and power are not readable from the OS, so they are
-documented estimates (``sources`` says so). ``service.engine.cost_model.calibrate_host`` fits an
+unit the flags show; memory bandwidth and power are not readable from the OS: bandwidth is a
+per-core figure measured on one machine, power a documented estimate (``sources`` says so). ``service.engine.cost_model.calibrate_host`` fits an
 efficiency factor against measured ONNX Runtime latency, which absorbs the error of these guesses.
 """
 
@@ -29,11 +29,15 @@ _CPUID_OWNED = frozenset({
     "avx512_bf16", "avx512_fp16", "amx_tile", "amx_int8", "amx_bf16",
 })
 # What the OS does not tell (documented in the profile's sources; derivations in
-# service/engine/devices/cost_sources.json). Bandwidth per core: ASSUMPTION (a datasheet share
-# per core, 4.8-9.4 GB/s for the CPU profiles, undercounts what a few cores of a server draw;
-# the host's fitted memory efficiency absorbs the error). Power per core: SOURCED, the median
-# TDP / cores of the x86 profiles' vendor pages (EPYC 9654 3.75, Xeon 8480+ 6.25, i7-8565U 3.75).
-_GBPS_PER_CORE = 8.0
+# service/engine/devices/cost_sources.json). Bandwidth per core: MEASURED on the machine the
+# CPU fit was made on (an AMD EPYC, Zen 5, under KVM): the DRAM bandwidth one core draws
+# through ONNX Runtime's Add kernel, bytes counted as the cost model counts them
+# (scripts/measure_cpu_constants.py, output docs/bench/cpu_constants.txt). It is a constant,
+# not measured at run time (a measurement is neither cheap nor repeatable on a shared host):
+# other CPUs get this machine's figure per core, and the fitted memory efficiency absorbs the
+# difference. Power per core: SOURCED, the median TDP / cores of the x86 profiles' vendor
+# pages (EPYC 9654 3.75, Xeon 8480+ 6.25, i7-8565U 3.75).
+_GBPS_PER_CORE = 40.0
 _WATTS_PER_CORE = 3.75
 
 
@@ -159,7 +163,7 @@ def profile_from_cpuinfo(
             "peak_gops.int8": f"{int8_factor:g}x fp32 ({'dot-product instructions' if vnni else 'no dot-product instructions'} in the cpuinfo flags)",
             "peak_gops.int4": "no native int4 compute (MatMulNBits dequantizes to fp32)",
             **({"peak_gops.fp16": "2x fp32 (fp16 arithmetic flags)"} if fp16_fast else {}),
-            "memory_bandwidth_gbps": f"estimate: {_GBPS_PER_CORE:g} GB/s per usable core (not readable from the OS)",
+            "memory_bandwidth_gbps": f"{_GBPS_PER_CORE:g} GB/s per usable core: the DRAM bandwidth one core drew through ONNX Runtime on the AMD EPYC the CPU fit was made on (scripts/measure_cpu_constants.py, docs/bench/cpu_constants.txt); not readable from the OS",
             "typical_power_w": f"estimate: {_WATTS_PER_CORE:g} W per usable core (not readable from the OS; median TDP per core of the x86 profiles, service/engine/devices/cost_sources.json)",
         },
         notes="Built at run time from /proc/cpuinfo; the cost model's host calibration corrects the estimates.",

@@ -3,8 +3,9 @@
 ``service/engine/devices/cost_sources.json`` has one row per constant and key (a device kind,
 a device profile, an op, or ``*`` for a whole table). The numeric module-level constants of
 ``cost_model`` and ``devices.host`` are found by reading the code, so a new constant without a
-row, a row whose value drifted from the code, a SOURCED row without a URL and a quote, or a
-profile's ``cost_constants`` entry without its row all fail here.
+row, a row whose value drifted from the code, a SOURCED row without a URL and a quote, a MEASURED row
+whose quote (naming the constant and the code's value) is not in the committed output of its
+script, or a profile's ``cost_constants`` entry without its row all fail here.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from service.engine.devices import host, list_devices
 ROOT = Path(__file__).resolve().parents[4]
 SOURCES = ROOT / "service" / "engine" / "devices" / "cost_sources.json"
 MODULES = (cost_model, host)
-LABELS = {"FITTED", "SOURCED", "ASSUMPTION", "EXACT", "CONVENTION"}
+LABELS = {"FITTED", "SOURCED", "MEASURED", "ASSUMPTION", "EXACT", "CONVENTION"}
 
 
 def _numeric(node: ast.AST) -> bool:
@@ -133,6 +134,62 @@ def test_every_sourced_row_cites_a_url_and_the_figure(sources) -> None:  # type:
             url = source["url"]
             assert url.startswith(("https://", "http://")) or (ROOT / url).is_file(), url
             assert source["quote"].strip(), f"{row['constant']}[{row['key']}]: empty quote"
+
+
+def measured_row_problems(row: dict[str, Any], root: Path = ROOT) -> list[str]:
+    """Why a MEASURED row is not backed by its committed output ([] when it is): its script
+    must exist, and every source must be an output under docs/bench/ that this script wrote
+    (its header's command) and that holds the quote verbatim; the quote must start with
+    ``NAME = VALUE`` (``NAME[key]`` for a table), VALUE the row's value."""
+    where = f"{row['constant']}[{row['key']}]"
+    problems = []
+    script = row.get("script", "")
+    if not script or not (root / script).is_file():
+        problems.append(f"{where}: script {script!r} is not a committed file")
+    if not row.get("sources"):
+        problems.append(f"{where}: MEASURED without its output as a source")
+    name = row["constant"] if row["key"] == "*" else where
+    for source in row.get("sources", []):
+        url, quote = source["url"], source["quote"]
+        path = root / url
+        if not url.startswith("docs/bench/") or not path.is_file():
+            problems.append(f"{where}: {url} is not a committed output under docs/bench/")
+            continue
+        text = path.read_text(encoding="utf-8")
+        if not text.startswith(f"# command: {script}"):
+            problems.append(f"{where}: {url} was not written by {script}")
+        if not quote.strip() or quote not in text:
+            problems.append(f"{where}: quote not in {url}: {quote!r}")
+        value = f"{row['value']:g}"
+        if not re.match(rf"{re.escape(name)} = {re.escape(value)}(?![0-9.])", quote):
+            problems.append(f"{where}: quote does not state {name} = {value}")
+    return problems
+
+
+def test_every_measured_row_quotes_its_scripts_committed_output(sources) -> None:  # type: ignore[no-untyped-def]
+    measured = [r for r in sources["constants"] if r["label"] == "MEASURED"]
+    assert measured
+    for row in measured:
+        assert not measured_row_problems(row), measured_row_problems(row)
+
+
+def test_a_measured_row_whose_figure_is_not_in_its_output_fails(sources, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    # the check itself: a copy of a real row against an output that lost, or changed, the line
+    row = next(r for r in sources["constants"] if r["label"] == "MEASURED")
+    (tmp_path / row["script"]).parent.mkdir(parents=True)
+    (tmp_path / row["script"]).write_text("")
+    output = tmp_path / row["sources"][0]["url"]
+    output.parent.mkdir(parents=True)
+    text = (ROOT / row["sources"][0]["url"]).read_text(encoding="utf-8")
+    output.write_text(text, encoding="utf-8")
+    assert measured_row_problems(row, tmp_path) == []
+    output.write_text(text.replace(row["sources"][0]["quote"], ""), encoding="utf-8")
+    assert any("quote not in" in p for p in measured_row_problems(row, tmp_path))
+    output.write_text(text, encoding="utf-8")
+    assert any("does not state" in p
+               for p in measured_row_problems({**row, "value": row["value"] * 2}, tmp_path))
+    output.write_text(text.replace("# command: ", "# command: scripts/other.py ", 1))
+    assert any("not written by" in p for p in measured_row_problems(row, tmp_path))
 
 
 def test_assumptions_say_what_was_looked_for_or_why_none_applies(sources) -> None:  # type: ignore[no-untyped-def]
