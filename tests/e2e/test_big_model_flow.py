@@ -156,6 +156,10 @@ def test_streamed_int4_through_the_api(big_stack: Api, decoder: tuple[Path, Path
     fp32_mb = fp32_bytes / 2**20
     streaming = memory["by_stage_mb"]["pass:int4_weight_only"]
     assert streaming["anon"] - memory["start_rss_anon_mb"] < fp32_mb, memory
+    # Every session of the float model (fidelity, placebo, one per thread count) reads one
+    # shared mapping of its data file: mapped pages peak near one float model plus the
+    # output's, not one float model per session.
+    assert memory["peak_rss_file_mb"] < 1.5 * fp32_mb + 64, memory
 
     # Today's path for the same weights in one .onnx file: the whole model in memory, and
     # copies of it. The streamed job's heap peaks lower by more than twice the model.
