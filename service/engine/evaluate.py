@@ -356,27 +356,39 @@ def is_classifier_like(arrays: Sequence[np.ndarray]) -> bool:
 
 
 def compare_output(ref: Sequence[np.ndarray], cand: Sequence[np.ndarray]) -> dict:
-    """Fidelity of one output over all evaluation feeds."""
-    r = np.concatenate([np.asarray(a, np.float64).ravel() for a in ref])
-    c = np.concatenate([np.asarray(a, np.float64).ravel() for a in cand])
+    """Fidelity of one output over all evaluation feeds, accumulated feed by feed in float64
+    (never one float64 copy of every feed's output: a language model's logits over a large
+    vocabulary are hundreds of MB per feed)."""
     out: dict[str, Any] = {"cosine": None, "sqnr_db": None, "max_abs_error": None,
-                           "top1_agreement": None, "finite": bool(np.isfinite(c).all())}
-    if r.shape != c.shape:
+                           "top1_agreement": None,
+                           "finite": all(bool(np.isfinite(np.asarray(c)).all()) for c in cand)}
+    if len(ref) != len(cand) or any(np.asarray(a).size != np.asarray(b).size
+                                    for a, b in zip(ref, cand, strict=False)):
         out["shape_mismatch"] = True
         return out
     if not out["finite"]:
         return out
-    nr, nc = float(np.linalg.norm(r)), float(np.linalg.norm(c))
+    dot = sig = cand_sq = err = 0.0
+    max_err = 0.0
+    for a, b in zip(ref, cand, strict=True):
+        r = np.asarray(a, np.float64).ravel()
+        c = np.asarray(b, np.float64).ravel()
+        d = r - c
+        dot += float(np.dot(r, c))
+        sig += float(np.dot(r, r))
+        cand_sq += float(np.dot(c, c))
+        err += float(np.dot(d, d))
+        if d.size:
+            max_err = max(max_err, float(np.max(np.abs(d))))
+    nr, nc = math.sqrt(sig), math.sqrt(cand_sq)
     if nr == 0.0 and nc == 0.0:
         cos = 1.0
     elif nr == 0.0 or nc == 0.0:
         cos = 0.0
     else:
-        cos = max(-1.0, min(1.0, float(np.dot(r, c) / (nr * nc))))
-    err = float(np.sum((r - c) ** 2))
+        cos = max(-1.0, min(1.0, dot / (nr * nc)))
     if err == 0.0:
         cos = 1.0  # identical outputs; the dot product above can round to 0.9999999999999999
-    sig = float(np.sum(r**2))
     if err == 0.0:
         sqnr = SQNR_CAP_DB
     elif sig == 0.0:
@@ -385,7 +397,7 @@ def compare_output(ref: Sequence[np.ndarray], cand: Sequence[np.ndarray]) -> dic
         sqnr = min(SQNR_CAP_DB, 10.0 * math.log10(sig / err))
     out["cosine"] = _finite_or_none(cos)
     out["sqnr_db"] = _finite_or_none(sqnr)
-    out["max_abs_error"] = _finite_or_none(float(np.max(np.abs(r - c))) if r.size else 0.0)
+    out["max_abs_error"] = _finite_or_none(max_err)
     if is_classifier_like(ref):
         agree = [np.argmax(a, axis=-1) == np.argmax(b, axis=-1) for a, b in
                  zip(ref, cand, strict=True)]
