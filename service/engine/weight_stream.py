@@ -9,7 +9,9 @@ process keeps one float weight's pages mapped and its quantized form at a time.
 
 - int4: ONNX Runtime's own C++ block quantizer (``quantize_matmul_4bits``, what
   ``MatMulNBitsQuantizer`` runs for RTN), the same codes, scales and zero points as the
-  in-memory RTN path, written as ``MatMulNBits``. The LM head can stay float or go int8.
+  in-memory RTN path, written as ``MatMulNBits``; or a ``Rounding`` of the pass's (GPTQ's
+  codes, AWQ's per-channel scales before RTN) fed with activations captured a few layers at
+  a time (``int4_weight_only.StreamingCapture``). The LM head can stay float or go int8.
 - int8: one symmetric scale per output channel (``max |w| / 127``), int8 codes and a
   ``DequantizeLinear`` in front of the MatMul/Gemm (written here: the in-memory pass's
   ``int8.weight_only_int8`` needs the model in memory); embedding tables (``Gather`` of a
@@ -77,17 +79,35 @@ def _copy(model: onnx.ModelProto) -> onnx.ModelProto:
     return out
 
 
-def int4_rtn(
+class Rounding:
+    """How ``int4_stream`` rounds one weight: ``quantize(node, w)`` returns (int4 codes
+    [K, N] 0..15, scales and zero points [blocks, N] (zero points None: symmetric, the
+    implicit 8), and per-input-channel scales ``s`` or None): the weight quantized is
+    ``diag(s) w`` and the MatMul reads ``x / s``. ``None`` for the whole result: RTN (ONNX
+    Runtime's C++ quantizer)."""
+
+    name = "rtn"
+
+    def quantize(self, node: onnx.NodeProto, w: np.ndarray) -> tuple[
+            np.ndarray, np.ndarray, np.ndarray | None, np.ndarray | None] | None:
+        return None
+
+
+def int4_stream(
     model: onnx.ModelProto, workdir: Path, *, block_size: int, symmetric: bool,
     accuracy_level: int | None, min_elements: int, exclude: set[str], heads: set[str],
-    lm_head: str, check_cancelled: Callable[[], None] = lambda: None,
+    lm_head: str, rounding: Rounding | None = None,
+    check_cancelled: Callable[[], None] = lambda: None,
     progress: Callable[[float, str], None] = lambda fraction, message: None,
 ) -> StreamResult:
-    """Main-graph MatMuls with a constant 2-D float B as int4 ``MatMulNBits`` (ONNX Runtime's
-    RTN block quantizer), one weight at a time; ``heads`` (the LM heads) go int4, int8 or stay
-    float as ``lm_head`` says."""
+    """Main-graph MatMuls with a constant 2-D float B as int4 ``MatMulNBits``, one weight at a
+    time: ONNX Runtime's RTN block quantizer, or ``rounding``'s (GPTQ, AWQ's scaled RTN);
+    ``heads`` (the LM heads) go int4, int8 or stay float as ``lm_head`` says."""
     from onnxruntime.capi._pybind_state import quantize_matmul_4bits
 
+    from service.engine.passes.int4_weight_only import pack_nbits
+
+    rounding = rounding or Rounding()
     out, result, inits, readers = _begin(model)
     graph = out.graph
     nodes: list[onnx.NodeProto] = []
@@ -112,28 +132,47 @@ def int4_rtn(
                 result.quantized.append(node.name)
                 continue
             w = np.asarray(read_tensor(w_t), np.float32)
-            blocks = -(-k // block_size)
-            if blocks * block_size != k:
-                w = np.pad(w, ((0, blocks * block_size - k), (0, 0)))
-            packed = np.zeros((n, blocks, block_size // 2), np.uint8)
-            scales = np.zeros((n, blocks), np.float32)
-            zero = np.zeros((n, (blocks + 1) // 2), np.uint8)
-            quantize_matmul_4bits(packed, np.ascontiguousarray(w), scales, zero, block_size,
-                                  n, k, symmetric)
+            rounded = rounding.quantize(node, w)
+            channel_scale = None
+            if rounded is not None and rounded[0] is not None:
+                codes, scales_kn, zeros_kn, channel_scale = rounded
+                packed, scales, zero = pack_nbits(codes, scales_kn, zeros_kn, block_size)
+            else:
+                if rounded is not None:  # scaled RTN (AWQ): RTN of diag(s) w
+                    channel_scale = rounded[3]
+                    w = w * channel_scale[:, None]
+                blocks = -(-k // block_size)
+                if blocks * block_size != k:
+                    w = np.pad(w, ((0, blocks * block_size - k), (0, 0)))
+                packed = np.zeros((n, blocks, block_size // 2), np.uint8)
+                scales = np.zeros((n, blocks), np.float32)
+                zero = np.zeros((n, (blocks + 1) // 2), np.uint8)
+                quantize_matmul_4bits(packed, np.ascontiguousarray(w), scales, zero,
+                                      block_size, n, k, symmetric)
+                if symmetric:
+                    zero = None
             del w
             base = w_t.name
             tensors = [writer.add(packed, base + "_Q4"), writer.add(scales, base + "_scales")]
-            if not symmetric:
+            if zero is not None:
                 tensors.append(writer.add(zero, base + "_zero_points"))
             graph.initializer.extend(tensors)
+            source = node.input[0]
+            if channel_scale is not None:
+                inverse = writer.add((1.0 / channel_scale).astype(np.float32),
+                                     base + "_awq_inv_scale")
+                graph.initializer.append(inverse)
+                source = f"{node.input[0]}_awq_{index}"
+                nodes.append(helper.make_node("Mul", [node.input[0], inverse.name], [source],
+                                              name=f"{node.name}_awq_scale"))
             attrs: dict[str, Any] = {"K": k, "N": n, "bits": 4, "block_size": block_size}
             if accuracy_level:
                 attrs["accuracy_level"] = accuracy_level
             nodes.append(helper.make_node(
-                "MatMulNBits", [node.input[0], *(t.name for t in tensors)], list(node.output),
+                "MatMulNBits", [source, *(t.name for t in tensors)], list(node.output),
                 name=node.name + "_Q4", domain="com.microsoft", **attrs))
             result.quantized.append(node.name)
-            progress((index + 1) / max(todo, 1), f"int4 {node.name}")
+            progress((index + 1) / max(todo, 1), f"int4 {rounding.name} {node.name}")
     if not any(o.domain == "com.microsoft" for o in out.opset_import):
         out.opset_import.append(helper.make_opsetid("com.microsoft", 1))
     return _finish(out, nodes, result)

@@ -63,9 +63,13 @@ dot product MatMulNBits uses (x86 VNNI/AMX/AVX-512, arm64 dotprod/i8mm), ONNX Ru
 block 32, batch 1, 1 thread): fp32 0.54 ms, int4 default 0.36 ms, int4 level 4 0.15 ms.
 
 A model whose weights stay in external data (past the engine's inline limit, or 2 GiB) is
-quantized one weight at a time (``service.engine.weight_stream.int4_rtn``: ONNX Runtime's C++
-RTN block quantizer on each weight mapped from disk, written to the pass's own data file):
-method rtn only, main-graph MatMuls, embedding tables float, Gemm layers stay float.
+quantized one weight at a time (``service.engine.weight_stream.int4_stream``, each weight
+mapped from disk, its result written to the pass's own data file): RTN (ONNX Runtime's C++
+block quantizer), or GPTQ / AWQ (this module's, as above) on activations of the float model
+captured a group of layers at a time (``StreamingCapture``: one run of the model over the
+calibration feeds per group, at most ``STREAM_CAPTURE_BYTES`` held); main-graph MatMuls,
+embedding tables int8 (a scale per row) or float, Gemm layers float; HQQ (ONNX Runtime's
+quantizer takes the whole model), int4 tables and ``int8_share`` are refused there.
 
 Size: 4 bits per weight + 32/block_size bits of scale (+4/block_size of zero point): ~6.4x
 smaller than float32 at block 32, ~7x at block 64 (the default), when MatMul weights dominate.
@@ -77,7 +81,8 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Literal
+from pathlib import Path
+from typing import Any, Literal
 
 import numpy as np
 import onnx
@@ -96,6 +101,7 @@ from service.engine.graph import (
 from service.engine.normalise import strip_debug_metadata
 from service.engine.registry import Pass, PassConfig, PassContext, register
 from service.engine.scope import EXCLUDED, ScopeConfig, nodes_to_exclude_field, require, scope_of
+from service.engine.weight_stream import Rounding
 
 Method = Literal["rtn", "hqq", "gptq", "awq"]
 TablePrecision = Literal["float", "int8", "int4"]
@@ -695,25 +701,37 @@ def gptq_int4(x: np.ndarray, w: np.ndarray, block_size: int, symmetric: bool,
     return codes, scales.astype(np.float32), None if symmetric else zeros.astype(np.uint8)
 
 
-def matmul_nbits(node: onnx.NodeProto, codes: np.ndarray, scales: np.ndarray,
-                 zeros: np.ndarray | None, block_size: int,
-                 index: int) -> tuple[onnx.NodeProto, list[TensorProto]]:
-    """A MatMulNBits node (and its tensors) for int4 ``codes`` [K, N], ``scales``/``zeros``
-    [K/block_size, N], in the layout of ONNX Runtime's contrib op: B [N, blocks, block/2]
-    (low nibble first), scales [N, blocks], zero points [N, ceil(blocks/2)] per column."""
+def pack_nbits(codes: np.ndarray, scales: np.ndarray, zeros: np.ndarray | None,
+               block_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """int4 ``codes`` [K, N], ``scales``/``zeros`` [K/block_size, N] in the layout of ONNX
+    Runtime's MatMulNBits: B [N, blocks, block/2] (low nibble first), scales [N, blocks],
+    zero points [N, ceil(blocks/2)] per column (None: symmetric, the implicit 8)."""
     k, n = codes.shape
     blocks = scales.shape[0]
     padded = np.zeros((blocks * block_size, n), np.uint8)
     padded[:k] = codes
     per_column = padded.T.reshape(n, blocks, block_size)
-    packed = per_column[..., ::2] | (per_column[..., 1::2] << 4)
-    base = f"{node.input[1]}_gptq_{index}"
-    tensors = [numpy_helper.from_array(np.ascontiguousarray(packed), base + "_q4"),
-               numpy_helper.from_array(np.ascontiguousarray(scales.T), base + "_scales")]
+    packed = np.ascontiguousarray(per_column[..., ::2] | (per_column[..., 1::2] << 4))
+    zp = None
     if zeros is not None:
-        zp = np.full((n, blocks + blocks % 2), 8, np.uint8)
-        zp[:, :blocks] = zeros.T
-        tensors.append(numpy_helper.from_array(zp[:, ::2] | (zp[:, 1::2] << 4), base + "_zp"))
+        full = np.full((n, blocks + blocks % 2), 8, np.uint8)
+        full[:, :blocks] = zeros.T
+        zp = np.ascontiguousarray(full[:, ::2] | (full[:, 1::2] << 4))
+    return packed, np.ascontiguousarray(scales.T.astype(np.float32)), zp
+
+
+def matmul_nbits(node: onnx.NodeProto, codes: np.ndarray, scales: np.ndarray,
+                 zeros: np.ndarray | None, block_size: int,
+                 index: int) -> tuple[onnx.NodeProto, list[TensorProto]]:
+    """A MatMulNBits node (and its tensors) for int4 ``codes`` [K, N], ``scales``/``zeros``
+    [K/block_size, N] (``pack_nbits``' layout)."""
+    k, n = codes.shape
+    packed, scale_t, zp = pack_nbits(codes, scales, zeros, block_size)
+    base = f"{node.input[1]}_gptq_{index}"
+    tensors = [numpy_helper.from_array(packed, base + "_q4"),
+               numpy_helper.from_array(scale_t, base + "_scales")]
+    if zp is not None:
+        tensors.append(numpy_helper.from_array(zp, base + "_zp"))
     new = helper.make_node("MatMulNBits", [node.input[0], *(t.name for t in tensors)],
                            list(node.output), name=node.name + "_Q4", domain="com.microsoft",
                            K=k, N=n, bits=4, block_size=block_size)
@@ -928,25 +946,163 @@ class Int4WeightOnly(Pass[Int4WeightOnlyConfig]):
 
 
 def streaming_refusal(config: Int4WeightOnlyConfig) -> str | None:
-    """Why ``config`` cannot run on a model kept in external data (RTN one weight at a time,
-    embedding tables float, no int8 share), or None."""
-    if config.method != "rtn":
-        return (f"int4 {config.method} needs the whole model in memory; this model's weights "
-                "are kept in external data (past the inline limit): use method rtn")
-    if config.embedding != "float":
-        return ("embedding tables stay float on a model kept in external data: set embedding "
-                "to float (or quantize them with quantize_weight_only op_types [\"Gather\"])")
+    """Why ``config`` cannot run on a model kept in external data (RTN, GPTQ or AWQ one weight
+    at a time, embedding tables float or int8, no int8 share), or None."""
+    if config.method == "hqq":
+        return ("int4 hqq runs ONNX Runtime's HQQ quantizer on the whole model in memory; this "
+                "model's weights are kept in external data (past the inline limit): use method "
+                "rtn, or gptq / awq with a dataset")
+    if config.embedding == "int4":
+        return ("int4 embedding tables (GatherBlockQuantized) need the whole model in memory; "
+                "on a model kept in external data set embedding to int8 or float")
     if config.int8_share > 0:
         return ("int8_share measures each layer's sensitivity with the whole model in memory; "
                 "on a model kept in external data set it to 0")
     return None
 
 
+STREAM_CAPTURE_BYTES = 256 << 20  # captured activations held at once on the streaming path
+
+
+class StreamingCapture:
+    """Activations for GPTQ / AWQ on a model kept in external data, a few layers at a time.
+
+    ``rows(name)`` returns the captured rows ([rows, K], at most ``max_rows``, an even
+    subsample) of tensor ``name``, which must be asked for in graph order: on a name not yet
+    captured it drops what it holds and runs the float model over the calibration feeds once,
+    capturing that name and the next ones while their rows fit ``STREAM_CAPTURE_BYTES``. Each
+    run is an ONNX Runtime session of the model as it is on disk (a probe written beside hard
+    links to its data files, so nothing is copied; ``evaluate.make_session``: one shared
+    read-only mapping, no prepacking), so the process holds the graph, one group of
+    activations and the weight being rounded. Activations come from the float model for every
+    layer (as the in-memory path captures them), not from already quantized layers."""
+
+    def __init__(self, model: onnx.ModelProto, names: list[str], feeds: list[dict[str, Any]],
+                 max_rows: int, workdir: Path, check_cancelled: Callable[[], None]) -> None:
+        self.model, self.names, self.feeds = model, names, feeds
+        self.max_rows, self.workdir = max_rows, workdir
+        self.check_cancelled = check_cancelled
+        self.held: dict[str, np.ndarray] = {}
+        self.runs = 0
+        self._probe: Path | None = None
+        widths = {t.name: int(t.dims[0]) for t in model.graph.initializer if len(t.dims) == 2}
+        readers = {n.input[0]: widths.get(n.input[1], 1) for n in model.graph.node
+                   if n.op_type == "MatMul" and len(n.input) > 1}
+        self.width = {name: readers.get(name, 1) for name in names}
+
+    def rows(self, name: str) -> np.ndarray:
+        if name not in self.held:
+            start = self.names.index(name)
+            group, budget = [], 0
+            for other in self.names[start:]:
+                cost = self.max_rows * self.width[other] * 4
+                if group and budget + cost > STREAM_CAPTURE_BYTES:
+                    break
+                group.append(other)
+                budget += cost
+            self.held = {}
+            self.held = self._capture(group)
+        return self.held[name]
+
+    def _capture(self, names: list[str]) -> dict[str, np.ndarray]:
+        from service.engine.evaluate import make_session
+
+        self.check_cancelled()
+        probe = self._probe_path()
+        graph_only = onnx.load(str(probe), load_external_data=False)
+        outputs = {o.name for o in graph_only.graph.output}
+        graph_only.graph.output.extend(onnx.ValueInfoProto(name=n) for n in names
+                                       if n not in outputs)
+        run_path = probe.with_name(f"probe_{self.runs}.onnx")
+        onnx.save_model(graph_only, str(run_path))
+        try:
+            session = make_session(run_path, 1)
+            parts: dict[str, list[np.ndarray]] = {n: [] for n in names}
+            for feed in self.feeds:
+                self.check_cancelled()
+                for n, value in zip(names, session.run(names, feed), strict=True):
+                    parts[n].append(np.asarray(value, np.float32).reshape(-1, value.shape[-1]))
+            del session
+        finally:
+            run_path.unlink(missing_ok=True)
+        self.runs += 1
+        out = {}
+        for n, chunks in parts.items():
+            x = np.concatenate(chunks)
+            out[n] = (x[np.linspace(0, len(x) - 1, self.max_rows).astype(int)]
+                      if len(x) > self.max_rows else x)
+        return out
+
+    def _probe_path(self) -> Path:
+        """The model's graph saved in ``workdir`` with its external tensors read from hard
+        links (copies where the filesystem cannot link) to their files, once."""
+        import os
+        import shutil
+
+        from service.engine.external import external_source, initializers, is_external
+
+        if self._probe is not None:
+            return self._probe
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        probe = onnx.ModelProto()
+        probe.CopyFrom(self.model)
+        linked: dict[Path, str] = {}
+        for t in initializers(probe):
+            if not is_external(t):
+                continue
+            source, offset, length = external_source(t)
+            source = source.resolve()
+            if source not in linked:
+                target = self.workdir / f"probe_{len(linked)}.data"
+                target.unlink(missing_ok=True)
+                try:
+                    os.link(source, target)
+                except OSError:
+                    shutil.copyfile(source, target)
+                linked[source] = target.name
+            del t.external_data[:]
+            for key, value in (("location", linked[source]), ("offset", str(offset)),
+                               ("length", str(length))):
+                entry = t.external_data.add()
+                entry.key, entry.value = key, value
+        self._probe = self.workdir / "probe.onnx"
+        onnx.save_model(probe, str(self._probe))
+        return self._probe
+
+
+class _GptqRounding(Rounding):
+    name = "gptq"
+
+    def __init__(self, capture: StreamingCapture, block_size: int, symmetric: bool) -> None:
+        self.capture, self.block_size, self.symmetric = capture, block_size, symmetric
+
+    def quantize(self, node: onnx.NodeProto, w: np.ndarray) -> Any:
+        codes, scales, zeros = gptq_int4(self.capture.rows(node.input[0]), w, self.block_size,
+                                         self.symmetric)
+        return codes, scales, zeros, None
+
+
+class _AwqRounding(Rounding):
+    name = "awq"
+
+    def __init__(self, capture: StreamingCapture, block_size: int, symmetric: bool) -> None:
+        self.capture, self.block_size, self.symmetric = capture, block_size, symmetric
+        self.alphas: dict[str, float] = {}
+
+    def quantize(self, node: onnx.NodeProto, w: np.ndarray) -> Any:
+        alpha, scale = awq_search(self.capture.rows(node.input[0]), w, self.block_size,
+                                  self.symmetric)
+        self.alphas[node.name] = alpha
+        return None if alpha == 0.0 else (None, None, None, scale)
+
+
 def _run_streaming(
     model: onnx.ModelProto, config: Int4WeightOnlyConfig, ctx: PassContext
 ) -> onnx.ModelProto:
-    """The pass on a model kept in external data: RTN one weight at a time."""
-    from service.engine.weight_stream import int4_rtn
+    """The pass on a model kept in external data: one weight at a time, RTN or (with the
+    job's dataset) GPTQ / AWQ on activations captured a few layers at a time; embedding
+    tables int8 (a scale per row) or float."""
+    from service.engine.weight_stream import int4_stream, int8_weight_only
 
     reason = streaming_refusal(config)
     if reason is not None:
@@ -955,20 +1111,57 @@ def _run_streaming(
     scope = scope_of(config)
     exclude = {n.name for n in work.graph.node if scope.excludes(n.name)}
     level, level_reason = choose_accuracy_level(config, ctx)
-    result = int4_rtn(work, ctx.workdir, block_size=config.block_size,
-                      symmetric=config.symmetric, accuracy_level=level,
-                      min_elements=config.min_elements, exclude=exclude,
-                      heads=lm_heads(work.graph), lm_head=config.lm_head,
-                      check_cancelled=ctx.check_cancelled, progress=ctx.progress)
-    ctx.notes.update({**result.notes(), "method": "rtn", "block_size": config.block_size,
+    heads = lm_heads(work.graph)
+    rounding: Rounding | None = None
+    capture = None
+    if config.method in ("gptq", "awq"):
+        feeds = _calibration(work, config, ctx)
+        inits = {t.name for t in work.graph.initializer}
+        order = list(dict.fromkeys(
+            n.input[0] for n in work.graph.node
+            if n.op_type == "MatMul" and len(n.input) > 1 and n.input[1] in inits))
+        capture = StreamingCapture(work, order, feeds,
+                                   GPTQ_ROWS if config.method == "gptq" else AWQ_ROWS,
+                                   ctx.workdir / "capture", ctx.check_cancelled)
+        rounding = (_GptqRounding if config.method == "gptq" else _AwqRounding)(
+            capture, config.block_size, config.symmetric)
+    result = int4_stream(work, ctx.workdir, block_size=config.block_size,
+                         symmetric=config.symmetric, accuracy_level=level,
+                         min_elements=config.min_elements, exclude=exclude,
+                         heads=heads, lm_head=config.lm_head, rounding=rounding,
+                         check_cancelled=ctx.check_cancelled, progress=ctx.progress)
+    if capture is not None:
+        import shutil
+
+        shutil.rmtree(ctx.workdir / "capture", ignore_errors=True)  # the hard links
+    embedding_nodes: list[str] = []
+    out = result.model
+    if config.embedding == "int8":
+        tables = int8_weight_only(out, ctx.workdir, op_types={"Gather"},
+                                  min_elements=config.min_elements, exclude=exclude,
+                                  check_cancelled=ctx.check_cancelled)
+        embedding_nodes = tables.quantized
+        out = tables.model
+        result.bytes_after = tables.bytes_after
+    ctx.notes.update({**result.notes(), "method": config.method,
+                      "block_size": config.block_size,
                       "symmetric": config.symmetric, "accuracy_level": level,
                       "accuracy_level_reason": level_reason,
                       "lm_head": {"precision": config.lm_head},
-                      "embedding": {"precision": "float", "nodes": []}})
+                      "embedding": {"precision": config.embedding if embedding_nodes
+                                    else "float", "nodes": embedding_nodes}})
+    if capture is not None:
+        ctx.notes["streaming_capture"] = {
+            "runs": capture.runs, "rows_per_input": capture.max_rows,
+            "group_bytes": STREAM_CAPTURE_BYTES,
+            "note": "activations of the float model, captured a group of layers at a time "
+                    "(one pass of the float model over the calibration feeds per group)"}
+    if isinstance(rounding, _AwqRounding):
+        ctx.notes["awq_alpha"] = rounding.alphas
     if not result.quantized or result.bytes_after >= result.bytes_before:
         raise EngineError(
             "no_effect",
             f"int4 quantization changed nothing ({len(result.quantized)} MatMulNBits, "
             f"{result.bytes_before} -> {result.bytes_after} bytes)",
             {"skipped": result.skipped[:50]})
-    return result.model
+    return out

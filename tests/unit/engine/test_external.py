@@ -303,3 +303,58 @@ def test_shared_initializers_leave_what_they_cannot_view_to_onnx_runtime(tmp_pat
             e.key, e.value = key, value
         onnx.save_model(bad, str(path))
         assert external.shared_initializers(path) == [], entries
+
+
+@pytest.mark.parametrize("method", ["gptq", "awq"])
+def test_streaming_calibration_aware_int4_matches_the_in_memory_pass(
+        tmp_path: Path, method: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """GPTQ / AWQ on a model kept external: activations captured a group of layers at a time
+    (here one layer a group), weights rounded one at a time; the same codes as the in-memory
+    pass, which captures every layer at once."""
+    from service.engine.passes import int4_weight_only as int4
+
+    archive = crafted.external_data_archive(tmp_path)
+    kept = load_model(archive, tmp_path / "kept", limits=KEEP)
+    inline = load_model(archive, tmp_path / "inline")
+    dataset = {"x": np.random.default_rng(8).standard_normal((64, 64)).astype(np.float32)}
+    recipe = parse_recipe([{"pass": "int4_weight_only", "method": method, "block_size": 32,
+                            "accuracy_level": 1, "calibration_samples": 64}])
+
+    def apply(model: onnx.ModelProto, workdir: Path) -> tuple[onnx.ModelProto, dict]:
+        out, applied = apply_steps(model, recipe, workdir, lambda i, cls, step_dir: PassContext(
+            workdir=step_dir, dataset=dataset))
+        return out, applied[0].notes
+
+    monkeypatch.setattr(int4, "STREAM_CAPTURE_BYTES", 1)  # one input name per capture run
+    streamed, notes = apply(kept.model, tmp_path / "s")
+    in_memory, _ = apply(inline.model, tmp_path / "m")
+    assert has_external(streamed)
+    assert [n.op_type for n in streamed.graph.node].count("MatMulNBits") == 3
+    assert notes["streamed"] and notes["method"] == method
+    assert notes["streaming_capture"]["runs"] == 3  # x, r1, r2: a run each
+    save(streamed, tmp_path / "out" / "model.onnx")
+    save(in_memory, tmp_path / "mem.onnx")
+    x = _x()
+    np.testing.assert_allclose(_run(tmp_path / "out" / "model.onnx", x),
+                               _run(tmp_path / "mem.onnx", x), rtol=1e-4, atol=1e-5)
+    assert not list((tmp_path / "s").glob("**/probe*"))  # the hard links are gone
+
+
+def test_streaming_embedding_tables_go_int8(tmp_path: Path) -> None:
+    from tests.llm import random_llama
+
+    src = random_llama(tmp_path / "src", {"vocab_size": 512, "hidden_size": 64,
+                                          "intermediate_size": 128, "num_hidden_layers": 1,
+                                          "num_attention_heads": 2, "num_key_value_heads": 1,
+                                          "max_position_embeddings": 64,
+                                          "tie_word_embeddings": False})
+    archive = crafted.build_archive({"model.onnx": src,
+                                     "model.onnx.data": src.with_name("model.onnx.data")},
+                                    tmp_path / "m.tar", "tar")
+    kept = load_model(archive, tmp_path / "kept", limits=KEEP)
+    streamed = _apply(kept.model, [{"pass": "int4_weight_only", "embedding": "int8",
+                                    "min_elements": 1024}], tmp_path / "s")
+    ops = [n.op_type for n in streamed.graph.node]
+    assert "MatMulNBits" in ops and ops.count("Cast") >= 1
+    gathers = [n for n in streamed.graph.node if n.op_type == "Gather"]
+    assert any(g.input[0].endswith("_int8") for g in gathers)
