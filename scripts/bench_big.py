@@ -57,6 +57,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--layers", type=int, default=CONFIG["num_hidden_layers"])
     parser.add_argument("--block-size", type=int, default=32)
+    parser.add_argument("--method", choices=["rtn", "gptq", "awq"], default="rtn",
+                        help="int4 rounding; gptq/awq calibrate on a dataset of random token "
+                        "sequences uploaded with the job (random weights: a memory and time "
+                        "test, not a quality one)")
+    parser.add_argument("--calibration-samples", type=int, default=16)
     parser.add_argument("--memory-limit-mb", type=int, default=None,
                         help="the job's memory limit (default: half the float model's size)")
     parser.add_argument("--workdir", type=Path, default=None)
@@ -134,8 +139,18 @@ def run(args: argparse.Namespace) -> int:
         upload_s = time.perf_counter() - t0
         t0 = time.perf_counter()
         inputs = {"input_ids": {"shape": [1, PROMPT]}, "attention_mask": {"shape": [1, PROMPT]}}
+        step = {"pass": "int4_weight_only", "block_size": args.block_size,
+                "method": args.method}
+        extra: dict = {}
+        if args.method != "rtn":
+            n = args.calibration_samples
+            ids = np.random.default_rng(1).integers(0, config["vocab_size"], (n, PROMPT))
+            np.savez(work / "calibration.npz", input_ids=ids.astype(np.int64),
+                     attention_mask=np.ones((n, PROMPT), np.int64))
+            extra["dataset_id"] = api.upload_dataset(work / "calibration.npz")["id"]
+            step["calibration_samples"] = n
         job = api.submit(model_id=uploaded["id"], device="host", inputs=inputs,
-                         recipe=[{"pass": "int4_weight_only", "block_size": args.block_size}])
+                         recipe=[step], **extra)
         done = api.wait(job["id"], timeout=1800)
         job_s = time.perf_counter() - t0
         if done["state"] != "succeeded":
@@ -198,6 +213,11 @@ def run(args: argparse.Namespace) -> int:
               "of the float and int4 weight files mapped read-only and shared by the job's "
               "sessions (page cache; the kernel reclaims them under pressure and reads them "
               "again)")
+        notes = next((p["notes"] for p in done["result"].get("passes", []) or []
+                      if p.get("pass") == "int4_weight_only"), None)
+        if notes and notes.get("streaming_capture"):
+            print(f"{args.method}: activations captured in {notes['streaming_capture']['runs']} "
+                  "runs of the float model")
         stream = memory["by_stage_mb"].get("pass:int4_weight_only")
         if stream:
             print(f"while the pass streamed: peak RSS {stream['rss']:,.0f} MB, RssAnon "

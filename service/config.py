@@ -80,7 +80,7 @@ class Settings(BaseSettings):
         ge=0,
         description="An archive whose external data holds more bytes than this keeps its "
         "weights on disk (read tensor by tensor; only the streaming passes int4_weight_only "
-        "rtn and quantize_weight_only apply) instead of loading them into memory (a recipe "
+        "rtn/gptq/awq and quantize_weight_only apply) instead of loading them into memory (a recipe "
         "job holds a few copies: keep it below EDGEPRESS_JOB_MEMORY_LIMIT_MB / 6); above "
         "2 GiB always.",
     )

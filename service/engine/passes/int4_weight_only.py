@@ -671,13 +671,18 @@ def gptq_int4(x: np.ndarray, w: np.ndarray, block_size: int, symmetric: bool,
     codes [K, N] (0..15), scales and zero points [K/block_size, N] (zero points None when
     symmetric: MatMulNBits' implicit 8)."""
     k, n = w.shape
-    h = x.T.astype(np.float64) @ x.astype(np.float64) / max(len(x), 1)
-    weights = w.astype(np.float64).copy()
+    x64 = x.astype(np.float64)
+    h = x64.T @ x64 / max(len(x), 1)
+    del x64
+    weights = w.astype(np.float64)  # a copy
     dead = np.diag(h) == 0
     h[dead, dead] = 1.0
     weights[dead] = 0.0
     h[np.diag_indices(k)] += percdamp * np.mean(np.diag(h))
-    hinv = np.linalg.cholesky(np.linalg.inv(h)).T  # upper: inv(h) = hinv^T hinv
+    inverse = np.linalg.inv(h)
+    del h  # K x K float64 each: one fewer alive while the factor is taken (K = 11008: 1 GB)
+    hinv = np.linalg.cholesky(inverse).T  # upper: inv(h) = hinv^T hinv
+    del inverse
     blocks = -(-k // block_size)
     codes = np.zeros((k, n), np.uint8)
     scales = np.zeros((blocks, n))
