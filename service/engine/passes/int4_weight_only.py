@@ -667,26 +667,27 @@ def gptq_int4(x: np.ndarray, w: np.ndarray, block_size: int, symmetric: bool,
     """GPTQ (Frantar et al. 2022) of ``w`` [K, N] for inputs ``x`` [rows, K]: rows of W are
     rounded in order, each rounding error spread over the rows not yet rounded through the
     inverse Hessian's Cholesky factor (``H = x^T x``, damped by ``percdamp`` of its mean
-    diagonal); block scales are fitted to the already compensated weights. Returns int4
+    diagonal); block scales are fitted to the already compensated weights. In float32, as the
+    reference implementation computes it: the K x K Hessian, its inverse and their factor, and
+    a copy of the weights, are what a layer costs (K = 5632: 127 MB each). Returns int4
     codes [K, N] (0..15), scales and zero points [K/block_size, N] (zero points None when
     symmetric: MatMulNBits' implicit 8)."""
     k, n = w.shape
-    x64 = x.astype(np.float64)
-    h = x64.T @ x64 / max(len(x), 1)
-    del x64
-    weights = w.astype(np.float64)  # a copy
+    x32 = np.asarray(x, np.float32)
+    h = x32.T @ x32 / max(len(x), 1)
+    weights = w.astype(np.float32)  # a copy
     dead = np.diag(h) == 0
     h[dead, dead] = 1.0
     weights[dead] = 0.0
     h[np.diag_indices(k)] += percdamp * np.mean(np.diag(h))
     inverse = np.linalg.inv(h)
-    del h  # K x K float64 each: one fewer alive while the factor is taken (K = 11008: 1 GB)
+    del h  # K x K each: one fewer alive while the factor is taken
     hinv = np.linalg.cholesky(inverse).T  # upper: inv(h) = hinv^T hinv
     del inverse
     blocks = -(-k // block_size)
     codes = np.zeros((k, n), np.uint8)
-    scales = np.zeros((blocks, n))
-    zeros = np.zeros((blocks, n))
+    scales = np.zeros((blocks, n), np.float32)
+    zeros = np.zeros((blocks, n), np.float32)
     lazy = max(128, block_size)  # a multiple of block_size: groups start inside a lazy batch
     for i1 in range(0, k, lazy):
         i2 = min(i1 + lazy, k)
