@@ -1,7 +1,9 @@
 """Benchmark int4 on a small decoder LLM, side by side, judged as a language model.
 
 The byte-level Llama decoder of ``tests/llm.py`` (trained here on the Python standard
-library's sources, exported with its KV cache). Rows, in one run: fp32; ONNX Runtime's
+library's sources, exported with its KV cache): ``--model small`` (the default, the tests'
+2.76 MB model) or ``--model wide`` (38.8 MB, the size of the issue's example LM; trained on
+first use, 5-10 minutes on 2 cores, then cached). Rows, in one run: fp32; ONNX Runtime's
 ``MatMulNBitsQuantizer`` as is (round-to-nearest int4, block 32 and 128); EdgePress's
 ``int4_weight_only`` pass (its default, block 32 and block 128, and each ``method`` its config
 accepts: "not available in this build" when it has none); and ``recipe: "auto"`` for
@@ -14,6 +16,7 @@ top-1 agreement, prefill and decode tokens/s (KV cache on the host, interleaved 
 medians), peak RSS of a process running only that model.
 
     .venv/bin/python scripts/bench_llm.py --out docs/bench/llm.txt
+    .venv/bin/python scripts/bench_llm.py --model wide --rounds 5 --out docs/bench/llm_wide.txt
 
 Exits 1 when a row errored.
 """
@@ -155,7 +158,8 @@ def _fronts(size0: int) -> None:
                   + ("  (chosen)" if p.get("chosen") else ""))
 
 
-def _bars(results: dict[str, dict], size0: int, tensors0: int, graph0: int) -> None:
+def _bars(results: dict[str, dict], size0: int, tensors0: int, graph0: int,
+          nodes0: int) -> None:
     """The issue's bar for auto: >= 6.5x smaller with KLD at or below ORT RTN block 32's,
     perplexity within 5 % of fp32, decode faster than fp32."""
     rtn32 = results.get("ORT RTN int4 block 32")
@@ -176,7 +180,7 @@ def _bars(results: dict[str, dict], size0: int, tensors0: int, graph0: int) -> N
     if results.get("auto raspberry_pi_5 size"):
         r = results["auto raspberry_pi_5 size"]
         print(f"  where the bytes go: fp32 = {tensors0} tensor bytes + {graph0} graph bytes "
-              f"({100 * graph0 / size0:.1f} % of the file: 800 nodes, their names and shapes); "
+              f"({100 * graph0 / size0:.1f} % of the file: {nodes0} nodes, their names and shapes); "
               f"auto's file = {r['tensors']} tensor + {r['graph']} graph bytes. 6.5x needs "
               f"<= {size0 / 6.5:.0f} bytes; the graph alone leaves {size0 / 6.5 - r['graph']:.0f}"
               f" for the weights, {8 * (size0 / 6.5 - r['graph']) / (tensors0 / 4):.2f} bits "
@@ -188,6 +192,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--cache-dir", type=Path,
                         default=Path(tempfile.gettempdir()) / "edgepress_llm")
+    parser.add_argument("--model", choices=sorted(llm.SIZES), default="small",
+                        help="which tests/llm.py byte-level Llama (tests.llm.SIZES)")
     parser.add_argument("--eval", type=int, default=16, help="held-out sequences evaluated")
     parser.add_argument("--rounds", type=int, default=ROUNDS,
                         help="interleaved speed rounds per row (medians)")
@@ -207,19 +213,31 @@ def run(args: argparse.Namespace) -> int:
     from service.engine.lm import evaluate_lm
 
     logging.getLogger("onnxruntime").setLevel(logging.WARNING)
-    model = llm.byte_llama(args.cache_dir)
+    model = llm.byte_llama(args.cache_dir, size=args.model)
     info = model.info
     import onnx
 
-    spec = decoder_spec(onnx.load(str(model.path)))
+    proto = onnx.load(str(model.path))
+    spec = decoder_spec(proto)
+    nodes0 = len(proto.graph.node)
+    params = sum(int(np.prod(t.dims)) for t in proto.graph.initializer)
+    del proto
     assert spec is not None
     held = model.heldout
     eval_ids, job_ids = held[-args.eval:], held[:-args.eval]
     size0 = model.path.stat().st_size
-    print(f"model: byte-level Llama ({info['config']['num_hidden_layers']} layers, hidden "
-          f"{info['config']['hidden_size']}, {size0 / 1e6:.2f} MB fp32), {info['steps']} "
-          f"training steps ({info['train_seconds']} s) on {info['train_bytes']} bytes of "
-          "stdlib sources")
+    cfg = info["config"]
+    print(f"model: {args.model!r}: byte-level Llama ({cfg['num_hidden_layers']} layers, hidden "
+          f"{cfg['hidden_size']}, intermediate {cfg['intermediate_size']}, "
+          f"{cfg['num_attention_heads']} heads / {cfg['num_key_value_heads']} KV heads, "
+          f"{params / 1e6:.2f} M parameters, {size0 / 1e6:.2f} MB fp32), {info['steps']} "
+          f"training steps of batch {info['batch']} ({info['train_seconds']} s) on "
+          f"{info['train_bytes']} bytes of stdlib sources")
+    if "first_train_loss" in info:
+        print(f"training: loss {info['first_train_loss']:.3f} -> {info['last_train_loss']:.3f} "
+              "nats/byte (first step; mean of the last 10); held-out loss "
+              f"{info['heldout_loss']:.3f} (perplexity {info['heldout_perplexity']:.2f}; "
+              f"untrained: ln 256 = {np.log(256):.2f}) on the first 16 held-out sequences")
     print(f"evaluation: {len(eval_ids)} held-out sequences of {eval_ids.shape[1]} tokens "
           f"(files never trained on, sequences no job saw); jobs' dataset: {len(job_ids)} "
           "other held-out sequences\n")
@@ -266,7 +284,7 @@ def run(args: argparse.Namespace) -> int:
               "interleaved rounds; the host's 2 cores were shared with other jobs during this "
               "run, so read tokens/s ratios within that band")
     _fronts(size0)
-    _bars(results, size0, tensors0, graph0)
+    _bars(results, size0, tensors0, graph0, nodes0)
     print("\nsize: fp32 file bytes / variant file bytes. wts: fp32 tensor (initializer) bytes / "
           "the variant's (the file less its graph: nodes, names, shapes). ppl: perplexity of "
           "the held-out bytes "
