@@ -23,7 +23,8 @@ Two sizes (``SIZES``), each cached under its own name:
   intermediate 384, 4 attention / 2 KV heads; 160 steps of batch 16; 2.76 MB float32.
 - ``"wide"`` (``byte_llama_wide.onnx``, for ``scripts/bench_llm.py --model wide``; the
   issue's example LM was 39 MB): 4 layers, hidden 512, intermediate 1024, 8 attention / 4 KV
-  heads; 300 steps of batch 16; 9.70 M parameters, 38.8 MB float32. Not built by the suite.
+  heads; 300 steps of batch 16; 9.70 M parameters, 38.8 MB float32 (a 39.0 MB file). Not
+  built by the suite.
 """
 
 from __future__ import annotations

@@ -237,5 +237,5 @@ def test_bench_llm_wide_model_has_the_documented_dims(scripts: Any) -> None:
 
     assert round(parameters(wide.config) / 1e6, 2) == 9.70
     assert round(parameters(wide.config) * 4 / 1e6, 1) == 38.8
-    assert "9.70 M parameters, 38.8 MB float32" in (llm.__doc__ or "")
+    assert "9.70 M parameters, 38.8 MB float32 (a 39.0 MB file)" in (llm.__doc__ or "")
     assert round(parameters(small.config) * 4 / 1e6, 2) == 2.63  # + graph: the 2.76 MB file
