@@ -16,6 +16,15 @@ It returns an ``LLM`` with the model's path, held-out token sequences (``heldout
 int64, from files the model never trained on) and ``info`` (config dims, steps, seconds,
 exporter, the float model's held-out loss). A second call with the same directory reuses the
 files (the tests' cache, like ``tests.corpus``). torch and transformers are imported inside.
+
+Two sizes (``SIZES``), each cached under its own name:
+
+- ``"small"`` (the default, the tests' model, ``byte_llama.onnx``): 3 layers, hidden 128,
+  intermediate 384, 4 attention / 2 KV heads; 160 steps of batch 16; 2.76 MB float32.
+- ``"wide"`` (``byte_llama_wide.onnx``, for ``scripts/bench_llm.py --model wide``; the
+  issue's example LM was 39 MB): 4 layers, hidden 512, intermediate 1024, 8 attention / 4 KV
+  heads; 300 steps of batch 16; 9.70 M parameters, 38.8 MB float32 (a 39.0 MB file). Not
+  built by the suite.
 """
 
 from __future__ import annotations
@@ -40,6 +49,28 @@ TRAIN_SECONDS = 300.0  # a stall guard only: steps bound the training (same mode
 SEQ = 128
 BATCH = 16
 HELDOUT_SEQUENCES = 64
+LEARNING_RATE = 3e-3
+
+
+class Size(NamedTuple):
+    """One trained configuration: its cache name, ``LlamaConfig`` fields and training."""
+    name: str
+    config: dict[str, Any]
+    steps: int
+    batch: int
+    learning_rate: float
+    stall_seconds: float  # a guard only: steps bound the training
+
+
+SIZES: dict[str, Size] = {
+    "small": Size(NAME, CONFIG, TRAIN_STEPS, BATCH, LEARNING_RATE, TRAIN_SECONDS),
+    # ~0.9 s a step alone on 2 cores of an AMD EPYC (torch, batch 16 x 128 tokens); 300 steps
+    # took 600 s with the host shared: loss 5.71 -> 1.83, held-out 1.79 (ln 256 = 5.55).
+    "wide": Size(f"{NAME}_wide",
+                 {**CONFIG, "hidden_size": 512, "intermediate_size": 1024,
+                  "num_hidden_layers": 4, "num_attention_heads": 8, "num_key_value_heads": 4},
+                 300, 16, 2e-3, 1200.0),
+}
 
 
 class LLM(NamedTuple):
@@ -98,10 +129,13 @@ class _WithCache:
         return Wrapper().eval()
 
 
-def byte_llama(cache_dir: Path) -> LLM:
-    """The trained byte-level Llama decoder with its KV cache (module docstring)."""
+def byte_llama(cache_dir: Path, size: str = "small") -> LLM:
+    """The trained byte-level Llama decoder with its KV cache, of one of ``SIZES`` (module
+    docstring)."""
     cache_dir = Path(cache_dir)
-    path = cache_dir / f"{NAME}.onnx"
+    chosen = SIZES[size]
+    name = chosen.name
+    path = cache_dir / f"{name}.onnx"
     held_path = path.with_suffix(".npz")
     if path.exists() and held_path.exists() and path.with_suffix(".json").exists():
         with np.load(held_path, allow_pickle=False) as data:
@@ -112,23 +146,26 @@ def byte_llama(cache_dir: Path) -> LLM:
     torch.manual_seed(SEED)
     rng = np.random.default_rng(SEED)
     train_text, held_text = stdlib_bytes()
-    config = LlamaConfig(**CONFIG, attn_implementation="eager")
+    config = LlamaConfig(**chosen.config, attn_implementation="eager")
     model = LlamaForCausalLM(config)
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.01)
-    warm = max(1, TRAIN_STEPS // 10)
+    opt = torch.optim.AdamW(model.parameters(), lr=chosen.learning_rate,
+                            weight_decay=0.01)
+    warm = max(1, chosen.steps // 10)
     sched = torch.optim.lr_scheduler.LambdaLR(  # linear warm-up, then linear decay to 10 %
-        opt, lambda k: min((k + 1) / warm, 1.0 - 0.9 * k / TRAIN_STEPS))
+        opt, lambda k: min((k + 1) / warm, 1.0 - 0.9 * k / chosen.steps))
     started = time.perf_counter()
     steps = 0
+    losses: list[float] = []
     model.train()
-    while steps < TRAIN_STEPS and time.perf_counter() - started < TRAIN_SECONDS:
-        batch = torch.from_numpy(_sequences(train_text, BATCH, SEQ + 1, rng))
+    while steps < chosen.steps and time.perf_counter() - started < chosen.stall_seconds:
+        batch = torch.from_numpy(_sequences(train_text, chosen.batch, SEQ + 1, rng))
         loss = model(input_ids=batch[:, :-1], labels=batch[:, :-1]).loss
         opt.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         sched.step()
+        losses.append(float(loss.detach()))
         steps += 1
     seconds = time.perf_counter() - started
     model.eval()
@@ -159,7 +196,7 @@ def byte_llama(cache_dir: Path) -> LLM:
                "logits": {0: "batch", 1: "sequence"},
                **{n: {0: "batch", 2: "total_sequence"} for n in present_names}}
     cache_dir.mkdir(parents=True, exist_ok=True)
-    tmp = cache_dir / f".{NAME}.tmp.onnx"
+    tmp = cache_dir / f".{name}.tmp.onnx"
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
         # The legacy (TorchScript) exporter: it traces the cache wrapper with a past length
@@ -170,11 +207,15 @@ def byte_llama(cache_dir: Path) -> LLM:
 
     proto = onnx.load(str(tmp), load_external_data=True)
     onnx.save_model(proto, str(path), save_as_external_data=False)
-    for stray in cache_dir.glob(f".{NAME}.tmp.onnx*"):
+    for stray in cache_dir.glob(f".{name}.tmp.onnx*"):
         stray.unlink()
     np.savez(held_path, heldout=heldout)
-    info = {"config": CONFIG, "steps": steps, "train_seconds": round(seconds, 1),
-            "sequence": SEQ, "batch": BATCH, "heldout_loss": held_loss,
+    info = {"size": size, "config": chosen.config, "steps": steps,
+            "train_seconds": round(seconds, 1), "sequence": SEQ, "batch": chosen.batch,
+            "learning_rate": chosen.learning_rate,
+            # training-batch loss of the untrained model (step 1) and mean of the last 10 steps
+            "first_train_loss": losses[0], "last_train_loss": float(np.mean(losses[-10:])),
+            "heldout_loss": held_loss,
             "heldout_perplexity": float(np.exp(held_loss)), "exporter": "torchscript",
             "train_bytes": len(train_text), "heldout_bytes": len(held_text),
             "input_names": input_names, "output_names": output_names}

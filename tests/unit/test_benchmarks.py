@@ -208,3 +208,34 @@ def test_bench_real_inputs_are_real_and_disjoint(scripts: Any) -> None:
     assert china.shape == (2, 64, 64, 3) and not np.array_equal(china, flower)
     ids, mask = bench.token_ids(["a b c", "a"], 100, 4)
     assert ids[0, 0] == ids[1, 0] != 0 and mask.tolist() == [[1, 1, 1, 0], [1, 0, 0, 0]]
+
+
+def test_bench_llm_wide_model_has_the_documented_dims(scripts: Any) -> None:
+    """bench_llm's ``--model wide`` (tests.llm.SIZES) is the LM its docstring describes: 4
+    layers, hidden 512, intermediate 1024, 8 / 4 KV heads, 9.70 M parameters (38.8 MB float32),
+    cached under its own name; the tests' small model is unchanged. Counted on torch's meta
+    device: nothing is allocated or trained."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from tests import llm
+
+    assert scripts("bench_llm").llm is llm
+    wide, small = llm.SIZES["wide"], llm.SIZES["small"]
+    assert {k: wide.config[k] for k in ("num_hidden_layers", "hidden_size", "intermediate_size",
+                                        "num_attention_heads", "num_key_value_heads")} == {
+        "num_hidden_layers": 4, "hidden_size": 512, "intermediate_size": 1024,
+        "num_attention_heads": 8, "num_key_value_heads": 4}
+    assert small.config is llm.CONFIG and small.name == llm.NAME == "byte_llama"
+    assert (small.steps, small.batch, small.learning_rate) == (160, 16, 3e-3)
+    assert wide.name != small.name and (wide.steps, wide.batch) == (300, 16)
+
+    def parameters(config: dict[str, Any]) -> int:
+        with torch.device("meta"):
+            model = LlamaForCausalLM(LlamaConfig(**config))
+        return sum(p.numel() for p in model.parameters())
+
+    assert round(parameters(wide.config) / 1e6, 2) == 9.70
+    assert round(parameters(wide.config) * 4 / 1e6, 1) == 38.8
+    assert "9.70 M parameters, 38.8 MB float32 (a 39.0 MB file)" in (llm.__doc__ or "")
+    assert round(parameters(small.config) * 4 / 1e6, 2) == 2.63  # + graph: the 2.76 MB file
