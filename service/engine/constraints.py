@@ -33,7 +33,9 @@ class AutoConstraints(BaseModel):
       sequences (0.05 = perplexity at most 5 % above the original's).
     - ``min_decode_tokens_per_s``: causal decoders: decode tokens/s with the KV cache, measured
       on the worker (ONNX Runtime CPU, the job's threads), one token per step.
-    - ``objective``: ``size``, ``latency`` or ``balanced`` (geometric mean of both ratios).
+    - ``objective``: ``size``, ``latency`` or ``balanced`` (geometric mean of both ratios);
+      candidates within 1 % of each other on it count as level and the more faithful wins
+      (``search.score.better``).
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid")

@@ -50,7 +50,6 @@ violations, objective), ``mixed_precision``, ``holdout``, ``confirm`` (head-to-h
 from __future__ import annotations
 
 import logging
-import os
 import time
 from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
@@ -86,7 +85,14 @@ from service.engine.search.holdout import (
 from service.engine.search.mixed_precision import tune_mixed_precision
 from service.engine.search.plan import WEIGHT_ONLY, model_family, plan_candidates
 from service.engine.search.report import auto_section, chosen_result, fail_unsatisfiable
-from service.engine.search.score import SearchContext, bound, record_metrics, score, violations
+from service.engine.search.score import (
+    SearchContext,
+    better,
+    bound,
+    record_metrics,
+    score,
+    violations,
+)
 
 log = logging.getLogger(__name__)
 
@@ -258,8 +264,7 @@ class _Search:
         cand.metrics["build_seconds"] = round(outcome["seconds"], 2)
         cand.status = "ok"
         cand.violations = violations(cand, ctx)
-        if not cand.violations and (self.best is None
-                                    or score(cand, ctx) < score(self.best, ctx)):
+        if not cand.violations and (self.best is None or better(cand, self.best, ctx)):
             self.best = cand
 
     def unbeatable(self, pending: list[Candidate]) -> bool:
@@ -381,8 +386,7 @@ class _Search:
                 if cand.status == "ok":
                     cand.violations = violations(cand, self.ctx)
                     if not cand.violations and (self.best is None
-                                                or score(cand, self.ctx) < score(self.best,
-                                                                                  self.ctx)):
+                                                or better(cand, self.best, self.ctx)):
                         self.best = cand
         return confirmation
 

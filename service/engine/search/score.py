@@ -204,6 +204,33 @@ def score(cand: Candidate, ctx: SearchContext) -> tuple[float, float]:
     return math.sqrt(size * lat), size
 
 
+TIE = 0.01  # primary scores this close are one: the more faithful candidate wins
+
+
+def fidelity_loss(cand: Candidate) -> float:
+    """Lower is more faithful: next-token KL divergence for a causal decoder, else one less
+    the minimum cosine (held-out where the search holds samples out); unmeasured: worst."""
+    m = cand.metrics
+    if m.get("kl_divergence") is not None:
+        return float(m["kl_divergence"])
+    return 1.0 - float(m["min_cosine"]) if m.get("min_cosine") is not None else math.inf
+
+
+def better(a: Candidate, b: Candidate, ctx: SearchContext) -> bool:
+    """Whether ``a`` beats ``b`` for the objective: a lower primary score (``score``), except
+    that scores within ``TIE`` of each other count as level and then the more faithful wins
+    (``fidelity_loss``), then the tie-break. Measured on the wide byte-level LM (39 MB): by
+    stored bytes AWQ block 128 was 0.4 % smaller than GPTQ block 128 at 11x its KL divergence
+    (0.00171 vs 0.00015); a size objective should not buy 0.4 % with that."""
+    pa, pb = score(a, ctx), score(b, ctx)
+    if abs(pa[0] - pb[0]) <= TIE * max(pa[0], pb[0]):
+        fa, fb = fidelity_loss(a), fidelity_loss(b)
+        if fa != fb:
+            return fa < fb
+        return pa[1] < pb[1]
+    return pa[0] < pb[0]
+
+
 def bound(cand: Candidate, ctx: SearchContext) -> float:
     """The best primary score ``cand`` could reach (optimistic; for early stopping)."""
     size = cand.size_factor * 0.9

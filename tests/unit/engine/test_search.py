@@ -651,3 +651,34 @@ def test_a_refusal_says_each_reason_once_with_the_shapes_and_what_to_give() -> N
     assert "images 1x3x64x64" in text and "--input-shape" in text and "dataset" in text
     ctx.inputs = None  # a dataset job: the shapes came from the data, nothing to suggest
     assert "--input-shape" not in failures_message(cands, ctx)
+
+
+@pytest.mark.parametrize("objective", ["size", "latency", "balanced"])
+def test_a_near_tie_goes_to_the_more_faithful_candidate(objective: str) -> None:
+    """Scores within 1 % are level: the lower KL divergence (or higher cosine) wins; past
+    that the score decides whatever the fidelity. The figures: the wide byte-level LM's GPTQ
+    and AWQ block 128 (stored bytes 4,742,216 vs 4,722,548; KLD 0.00015 vs 0.00171)."""
+    from service.engine.search.candidate import Candidate
+    from service.engine.search.score import SearchContext, better
+
+    ctx = SearchContext(get_device("host"), parse_constraints({"objective": objective}),
+                        measurable=True)
+    ctx.original_bytes, ctx.original_host_ms = 38_800_000, 10.0
+
+    def cand(name: str, stored: int, ms: float, kld: float | None,
+             cosine: float | None = None) -> Candidate:
+        c = Candidate(name, [], [], "", 0.15, 2.0, status="ok")
+        c.metrics = {"bytes_stored": stored, "host_latency_ms": ms, "target_latency_ms": ms,
+                     "kl_divergence": kld, "min_cosine": cosine}
+        return c
+
+    gptq = cand("gptq", 4_742_216, 3.00, 0.00015)
+    awq = cand("awq", 4_722_548, 2.99, 0.00171)
+    assert better(gptq, awq, ctx) and not better(awq, gptq, ctx)
+    smaller = cand("smaller", 4_000_000, 2.50, 0.00171)  # 16 % smaller and faster
+    assert better(smaller, gptq, ctx) and not better(gptq, smaller, ctx)
+    # without a language-model metric the minimum cosine judges
+    a, b = cand("a", 1000, 1.0, None, 0.9990), cand("b", 995, 0.995, None, 0.9999)
+    assert better(b, a, ctx)
+    a.metrics["min_cosine"] = 0.99999
+    assert better(a, b, ctx)
