@@ -124,8 +124,13 @@ def _speed(sessions: dict[str, Any], spec: DecoderSpec, prompt: np.ndarray, step
             for k, (p, d) in times.items()}
 
 
+PROBE_PEAKS_MB: list[float] = []  # each probe's own VmHWM in this process's lifetime
+
+
 def peak_memory(path: Path, prompt: Sequence[int], steps: int, threads: int) -> dict[str, Any]:
-    """Peak RSS of a fresh process that loads ``path`` and generates (module docstring)."""
+    """Peak RSS of a fresh process that loads ``path`` and generates (module docstring); the
+    figure is also kept in ``PROBE_PEAKS_MB`` (the engine reports the largest beside its own
+    peak)."""
     arg = json.dumps({"path": str(path), "prompt": list(prompt), "steps": steps,
                       "threads": threads})
     try:
@@ -138,6 +143,8 @@ def peak_memory(path: Path, prompt: Sequence[int], steps: int, threads: int) -> 
         result = None
     if result is None:
         return {"peak_rss_mb": None, "growth_mb": None, "error": "the memory probe failed"}
+    if isinstance(result.get("peak_rss_mb"), int | float):
+        PROBE_PEAKS_MB.append(float(result["peak_rss_mb"]))
     return result
 
 

@@ -434,9 +434,11 @@ class PeakMemory:
     ``RssFile`` (pages of mapped files: weights read through ``np.memmap`` and external
     initializers ONNX Runtime maps; the kernel can drop these under pressure, they are not
     the job's heap) seen, and the largest ``VmData`` (private writable memory, mapped or
-    not: what the job's memory limit, ``RLIMIT_DATA``, counts). ``children_max_rss_mb``: the largest peak of the processes the
-    engine started and waited for (``RUSAGE_CHILDREN``: the fresh-process probes of
-    ``service.engine.lm``)."""
+    not: what the job's memory limit, ``RLIMIT_DATA``, counts). ``children_max_rss_mb``: the largest peak of the
+    fresh-process memory probes of ``service.engine.lm``, as each measured its own ``VmHWM``;
+    ``children_rusage_max_rss_mb``: ``RUSAGE_CHILDREN``'s largest, over every process the
+    engine started and waited for (auto's parallel candidates too), which Linux starts from
+    the engine's resident set at the fork: an upper bound, not a child's own peak."""
 
     def __init__(self, interval: float = 0.2) -> None:
         self.interval = interval
@@ -490,6 +492,8 @@ class PeakMemory:
 
         now = self.status()
         self._record(now)
+        from service.engine.lm import PROBE_PEAKS_MB
+
         children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss  # kB on Linux
         mb = 1024.0
         return {
@@ -497,7 +501,8 @@ class PeakMemory:
             "peak_rss_anon_mb": round(self.peak["RssAnon"] / mb, 1) if now else None,
             "peak_rss_file_mb": round(self.peak["RssFile"] / mb, 1) if now else None,
             "peak_vm_data_mb": round(self.peak["VmData"] / mb, 1) if now else None,
-            "children_max_rss_mb": round(children / mb, 1),
+            "children_max_rss_mb": round(max(PROBE_PEAKS_MB, default=0.0), 1),
+            "children_rusage_max_rss_mb": round(children / mb, 1),
             # what the process held before the job (the preloaded libraries): the job's own
             # growth is the peak less this
             "start_rss_mb": round(self.start.get("VmRSS", 0) / mb, 1),
@@ -513,7 +518,9 @@ class PeakMemory:
                         f"{self.interval} s (file-backed: mapped weight files, reclaimable); "
                         "VmData (private writable memory, what the job's memory limit "
                         "RLIMIT_DATA counts) sampled alike; "
-                        "children: the largest peak of the fresh-process probes; by stage: the "
+                        "children: the largest VmHWM the fresh-process memory probes measured "
+                        "of themselves (children_rusage: RUSAGE_CHILDREN, which starts from the "
+                        "engine's resident set at each fork, an upper bound); by stage: the "
                         "largest sampled while each progress stage ran",
         }
 

@@ -56,6 +56,8 @@ def test_runs_to_its_outcome_reporting_progress(tmp_path: Path) -> None:
     # VmData counts private writable memory whether resident or not: RssAnon less the stack
     assert memory["peak_vm_data_mb"] >= memory["peak_rss_anon_mb"] - 16  # less the stack
     assert all("data" in v for v in memory["by_stage_mb"].values())
+    # no language-model probe ran: no child peak is claimed (RUSAGE_CHILDREN's is apart)
+    assert memory["children_max_rss_mb"] == 0.0 and "children_rusage_max_rss_mb" in memory
     assert "VmHWM" in memory["measured"] and "RLIMIT_DATA" in memory["measured"]
 
 
