@@ -201,6 +201,7 @@ def run_recipe(
     session_config: dict[str, str] | None = None
     for step in applied:
         notes = step.notes
+        warnings.extend(f"{step.name}: {w}" for w in notes.get("warnings", []))
         encoding = notes.get("encoding")
         if isinstance(encoding, dict) and encoding.get("warning"):
             warnings.append(str(encoding["warning"]))

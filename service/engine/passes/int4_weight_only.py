@@ -503,6 +503,8 @@ def _gptq(model: onnx.ModelProto, config: Int4WeightOnlyConfig, targets: list[st
     positions = [i for i, n in enumerate(model.graph.node) if n.name in chosen]
     nodes = [model.graph.node[i] for i in positions]
     captured = capture_inputs(model, sorted({n.input[0] for n in nodes}), feeds, GPTQ_ROWS)
+    note_calibration_rows(ctx, min(len(x) for x in captured.values()),
+                          [int(x.shape[1]) for x in captured.values()])
     replaced: dict[int, onnx.NodeProto] = {}
     for index, (position, node) in enumerate(zip(positions, nodes, strict=True)):
         ctx.check_cancelled()
@@ -660,6 +662,20 @@ def _int4_params(block: np.ndarray, symmetric: bool) -> tuple[np.ndarray, np.nda
         scale = (hi - lo) / 15.0
         zero = np.clip(np.round(-lo / np.where(scale == 0, 1.0, scale)), 0, 15)
     return np.where(scale == 0, 1.0, scale), zero
+
+
+def note_calibration_rows(ctx: PassContext, rows: int, widths: list[int]) -> None:
+    """GPTQ's Hessian of a layer with K inputs has rank at most the rows it saw: with fewer
+    rows than K its damping, not the data, decides the directions the data never spans, and
+    the rounding can come out worse than round-to-nearest. Noted, and a warning past that."""
+    widest = max(widths, default=0)
+    ctx.notes["calibration_rows"] = {"rows": int(rows), "widest_input": int(widest)}
+    if rows < widest:
+        ctx.notes.setdefault("warnings", []).append(
+            f"GPTQ calibrated on {rows} rows (tokens or samples) for layers with up to {widest} "
+            "inputs: fewer rows than inputs leave its Hessian rank-deficient, and it can round "
+            "worse than RTN; give at least as many calibration tokens as the widest layer "
+            "has inputs")
 
 
 def _inverse_cholesky(h: np.ndarray) -> np.ndarray:
@@ -1002,6 +1018,7 @@ class StreamingCapture:
         self.max_rows, self.workdir = max_rows, workdir
         self.check_cancelled = check_cancelled
         self.held: dict[str, np.ndarray] = {}
+        self.rows_seen: dict[str, int] = {}  # rows captured per tensor name
         self.runs = 0
         self._probe: Path | None = None
         widths = {t.name: int(t.dims[0]) for t in model.graph.initializer if len(t.dims) == 2}
@@ -1050,6 +1067,7 @@ class StreamingCapture:
             x = np.concatenate(chunks)
             out[n] = (x[np.linspace(0, len(x) - 1, self.max_rows).astype(int)]
                       if len(x) > self.max_rows else x)
+            self.rows_seen[n] = len(out[n])
         return out
 
     def _probe_path(self) -> Path:
@@ -1169,6 +1187,9 @@ def _run_streaming(
                       "lm_head": {"precision": config.lm_head},
                       "embedding": {"precision": config.embedding if embedding_nodes
                                     else "float", "nodes": embedding_nodes}})
+    if capture is not None and capture.rows_seen and config.method == "gptq":
+        note_calibration_rows(ctx, min(capture.rows_seen.values()),
+                              [capture.width[n] for n in capture.rows_seen])
     if capture is not None:
         ctx.notes["streaming_capture"] = {
             "runs": capture.runs, "rows_per_input": capture.max_rows,

@@ -327,7 +327,11 @@ def test_streaming_calibration_aware_int4_matches_the_in_memory_pass(
 
     monkeypatch.setattr(int4, "STREAM_CAPTURE_BYTES", 1)  # one input name per capture run
     streamed, notes = apply(kept.model, tmp_path / "s")
-    in_memory, _ = apply(inline.model, tmp_path / "m")
+    in_memory, memory_notes = apply(inline.model, tmp_path / "m")
+    if method == "gptq":  # 64 calibration rows for 512-wide layers: said, both ways
+        for n in (notes, memory_notes):
+            assert n["calibration_rows"] == {"rows": 64, "widest_input": 512}
+            assert any("rank-deficient" in w for w in n["warnings"])
     assert has_external(streamed)
     assert [n.op_type for n in streamed.graph.node].count("MatMulNBits") == 3
     assert notes["streamed"] and notes["method"] == method
