@@ -106,8 +106,8 @@ def make_session(path: Path, threads: int, config: dict[str, str] | None = None,
     for key, value in (config or {}).items():
         opts.add_session_config_entry(key, value)
     shared = shared_initializers(Path(path))
-    for name, value in shared:
-        opts.add_initializer(name, value)
+    for name, ortvalue in shared:
+        opts.add_initializer(name, ortvalue)
     opts.intra_op_num_threads = threads
     opts.inter_op_num_threads = 1
     opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL

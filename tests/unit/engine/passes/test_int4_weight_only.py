@@ -256,3 +256,27 @@ def test_int8_share_keeps_the_most_sensitive_layers_at_8_bits(kit, digits) -> No
     with pytest.raises(EngineError) as info:
         kit.run("int4_weight_only", model, int8_share=share, min_elements=1024)
     assert info.value.code == "invalid_dataset"
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_awq_clipping_never_rounds_worse_than_rtn_on_its_rows(symmetric: bool) -> None:
+    """Ratio 1.0 (plain RTN) is on the clipping grid: on the rows it searched, every block's
+    output error (``x_b (w_b - Q(w_b))``, per output column) is at most RTN's; blocks with an
+    outlier weight get a shrunk range, and the error summed over blocks falls."""
+    from service.engine.passes.int4_weight_only import clipped_int4, pack_nbits, rtn_int4
+
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal((256, 128)).astype(np.float32)
+    w = rng.standard_normal((128, 48)).astype(np.float32)
+    w[5, :8] = 12.0  # outliers the RTN range stretches to
+    codes, scales, zeros, mean_ratio = clipped_int4(x, w, 32, symmetric)
+    zero = np.repeat(zeros if zeros is not None else np.full_like(scales, 8.0), 32, axis=0)
+    dequant = (codes.astype(np.float32) - zero[:128]) * np.repeat(scales, 32, axis=0)[:128]
+    rtn = rtn_int4(w, 32, symmetric)
+    blocks = [slice(b, b + 32) for b in range(0, 128, 32)]
+    clipped_err = np.array([((x[:, b] @ (w[b] - dequant[b])) ** 2).sum(axis=0) for b in blocks])
+    rtn_err = np.array([((x[:, b] @ (w[b] - rtn[b])) ** 2).sum(axis=0) for b in blocks])
+    assert np.all(clipped_err <= rtn_err * (1 + 1e-4) + 1e-3)
+    assert clipped_err.sum() < 0.97 * rtn_err.sum() and mean_ratio < 1.0
+    packed, _, zp = pack_nbits(codes, scales, zeros, 32)  # packs as MatMulNBits reads it
+    assert packed.shape == (48, 4, 16) and (zp is None) == symmetric
