@@ -79,6 +79,25 @@ def _copy(model: onnx.ModelProto) -> onnx.ModelProto:
     return out
 
 
+def pack_nbits(codes: np.ndarray, scales: np.ndarray, zeros: np.ndarray | None,
+               block_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """int4 ``codes`` [K, N], ``scales``/``zeros`` [K/block_size, N] in the layout of ONNX
+    Runtime's MatMulNBits: B [N, blocks, block/2] (low nibble first), scales [N, blocks],
+    zero points [N, ceil(blocks/2)] per column (None: symmetric, the implicit 8)."""
+    k, n = codes.shape
+    blocks = scales.shape[0]
+    padded = np.zeros((blocks * block_size, n), np.uint8)
+    padded[:k] = codes
+    per_column = padded.T.reshape(n, blocks, block_size)
+    packed = np.ascontiguousarray(per_column[..., ::2] | (per_column[..., 1::2] << 4))
+    zp = None
+    if zeros is not None:
+        full = np.full((n, blocks + blocks % 2), 8, np.uint8)
+        full[:, :blocks] = zeros.T
+        zp = np.ascontiguousarray(full[:, ::2] | (full[:, 1::2] << 4))
+    return packed, np.ascontiguousarray(scales.T.astype(np.float32)), zp
+
+
 class Rounding:
     """How ``int4_stream`` rounds one weight: ``quantize(node, w)`` returns (int4 codes
     [K, N] 0..15, scales and zero points [blocks, N] (zero points None: symmetric, the
@@ -104,8 +123,6 @@ def int4_stream(
     time: ONNX Runtime's RTN block quantizer, or ``rounding``'s (GPTQ, AWQ's scaled RTN);
     ``heads`` (the LM heads) go int4, int8 or stay float as ``lm_head`` says."""
     from onnxruntime.capi._pybind_state import quantize_matmul_4bits
-
-    from service.engine.passes.int4_weight_only import pack_nbits
 
     rounding = rounding or Rounding()
     out, result, inits, readers = _begin(model)

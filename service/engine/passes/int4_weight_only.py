@@ -106,7 +106,7 @@ from service.engine.graph import (
 from service.engine.normalise import strip_debug_metadata
 from service.engine.registry import Pass, PassConfig, PassContext, register
 from service.engine.scope import EXCLUDED, ScopeConfig, nodes_to_exclude_field, require, scope_of
-from service.engine.weight_stream import Rounding
+from service.engine.weight_stream import Rounding, pack_nbits
 
 Method = Literal["rtn", "hqq", "gptq", "awq"]
 TablePrecision = Literal["float", "int8", "int4"]
@@ -798,25 +798,6 @@ def gptq_int4(x: np.ndarray, w: np.ndarray, block_size: int, symmetric: bool,
         for r in range(i2, k, lazy):  # in slices: no (K - i2) x N temporary
             weights[r:r + lazy] -= hinv[i1:i2, r:r + lazy].T @ err
     return codes, scales.astype(np.float32), None if symmetric else zeros.astype(np.uint8)
-
-
-def pack_nbits(codes: np.ndarray, scales: np.ndarray, zeros: np.ndarray | None,
-               block_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
-    """int4 ``codes`` [K, N], ``scales``/``zeros`` [K/block_size, N] in the layout of ONNX
-    Runtime's MatMulNBits: B [N, blocks, block/2] (low nibble first), scales [N, blocks],
-    zero points [N, ceil(blocks/2)] per column (None: symmetric, the implicit 8)."""
-    k, n = codes.shape
-    blocks = scales.shape[0]
-    padded = np.zeros((blocks * block_size, n), np.uint8)
-    padded[:k] = codes
-    per_column = padded.T.reshape(n, blocks, block_size)
-    packed = np.ascontiguousarray(per_column[..., ::2] | (per_column[..., 1::2] << 4))
-    zp = None
-    if zeros is not None:
-        full = np.full((n, blocks + blocks % 2), 8, np.uint8)
-        full[:, :blocks] = zeros.T
-        zp = np.ascontiguousarray(full[:, ::2] | (full[:, 1::2] << 4))
-    return packed, np.ascontiguousarray(scales.T.astype(np.float32)), zp
 
 
 def matmul_nbits(node: onnx.NodeProto, codes: np.ndarray, scales: np.ndarray,

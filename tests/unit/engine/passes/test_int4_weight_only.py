@@ -263,7 +263,8 @@ def test_awq_clipping_never_rounds_worse_than_rtn_on_its_rows(symmetric: bool) -
     """Ratio 1.0 (plain RTN) is on the clipping grid: on the rows it searched, every block's
     output error (``x_b (w_b - Q(w_b))``, per output column) is at most RTN's; blocks with an
     outlier weight get a shrunk range, and the error summed over blocks falls."""
-    from service.engine.passes.int4_weight_only import clipped_int4, pack_nbits, rtn_int4
+    from service.engine.passes.int4_weight_only import clipped_int4, rtn_int4
+    from service.engine.weight_stream import pack_nbits
 
     rng = np.random.default_rng(4)
     x = rng.standard_normal((256, 128)).astype(np.float32)
