@@ -21,6 +21,7 @@ import functools
 import weakref
 from collections.abc import Iterator
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import onnx
@@ -207,35 +208,73 @@ def _copy(src: object, dst: object, length: int) -> None:
 
 
 GRAPH_ONLY_BYTES = 64 << 20  # a saved .onnx this small can be parsed to look at its weights
+SHARE_ALIGN = 64  # a shared tensor starts on a cache line (our files align to ALIGN)
+
+
+class _Layout(NamedTuple):
+    """What ``make_session`` asks of a saved model's external weights (``_layout``)."""
+
+    float_weights_on_disk: bool
+    # (name, data file, offset, dtype, shape) of each main-graph external tensor that can be
+    # viewed from a shared mapping (``shared_initializers``)
+    views: tuple[tuple[str, Path, int, np.dtype, tuple[int, ...]], ...]
+
+
+_NO_LAYOUT = _Layout(False, ())
+
+
+def _layout_of(path: Path) -> _Layout:
+    """``_layout`` of the saved model at ``path``, parsed once per file version (path, size,
+    modification time): every ONNX Runtime session the engine makes asks, an auto job dozens
+    of times for the same few files. A file past ``GRAPH_ONLY_BYTES`` holds its weights
+    itself and is not parsed."""
+    try:
+        stat = Path(path).stat()
+    except OSError:  # not ours to judge here: the session reports it
+        return _NO_LAYOUT
+    if stat.st_size > GRAPH_ONLY_BYTES:
+        return _NO_LAYOUT
+    return _layout(str(path), stat.st_size, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=64)
+def _layout(path: str, size: int, mtime_ns: int) -> _Layout:
+    """``_layout_of`` for one version of a file (``size``, ``mtime_ns``: the key)."""
+    try:
+        model = onnx.load(path, load_external_data=False)
+    except Exception:  # not ours to judge here: the session reports it
+        return _NO_LAYOUT
+    external = {t.name for t in model.graph.initializer
+                if is_external(t) and t.data_type == TensorProto.FLOAT}
+    on_disk = any(n.op_type in ("MatMul", "Gemm") and len(n.input) > 1 and n.input[1] in external
+                  for n in model.graph.node)
+    folder = Path(path).parent.resolve()
+    views = []
+    for t in model.graph.initializer:
+        if not is_external(t):
+            continue
+        info = {e.key: e.value for e in t.external_data}
+        file = (folder / info.get("location", "")).resolve()
+        if not file.is_relative_to(folder) or file == folder:  # as ONNX Runtime confines it
+            continue
+        try:
+            dtype = np.dtype(helper.tensor_dtype_to_np_dtype(t.data_type))
+        except (KeyError, TypeError, ValueError):
+            continue
+        offset, length = int(info.get("offset", "0")), int(info.get("length", "-1"))
+        shape = tuple(int(d) for d in t.dims)
+        count = int(np.prod(shape, dtype=np.int64))
+        if (dtype.kind not in "fiub" or dtype.itemsize not in (1, 2, 4, 8) or offset % SHARE_ALIGN
+                or length != count * dtype.itemsize or count == 0):
+            continue
+        views.append((t.name, file, offset, dtype, shape))
+    return _Layout(on_disk, tuple(views))
 
 
 def float_weights_on_disk(path: Path) -> bool:
     """Whether the model saved at ``path`` reads float MatMul/Gemm weights from external data
-    files (a file past ``GRAPH_ONLY_BYTES`` holds its weights itself and is not parsed).
-
-    Every ONNX Runtime session the engine makes asks this (``evaluate.make_session``), an auto
-    job dozens of times for the same few files: the answer is kept per file and version (size,
-    modification time), so each file is parsed once, not once per session."""
-    try:
-        stat = Path(path).stat()
-    except OSError:  # not ours to judge here: the session reports it
-        return False
-    if stat.st_size > GRAPH_ONLY_BYTES:
-        return False
-    return _float_weights_on_disk(str(path), stat.st_size, stat.st_mtime_ns)
-
-
-@functools.lru_cache(maxsize=64)
-def _float_weights_on_disk(path: str, size: int, mtime_ns: int) -> bool:
-    """``float_weights_on_disk`` for one version of a file (``size``, ``mtime_ns``: the key)."""
-    try:
-        model = onnx.load(path, load_external_data=False)
-    except Exception:  # not ours to judge here: the session reports it
-        return False
-    external = {t.name for t in model.graph.initializer
-                if is_external(t) and t.data_type == TensorProto.FLOAT}
-    return any(n.op_type in ("MatMul", "Gemm") and len(n.input) > 1 and n.input[1] in external
-               for n in model.graph.node)
+    files (parsed once per file version, ``_layout_of``)."""
+    return _layout_of(path).float_weights_on_disk
 
 
 def saved_bytes(path: Path) -> int:
@@ -254,7 +293,6 @@ def saved_bytes(path: Path) -> int:
 # session that reads it; gone when the last session holding a view of it is.
 _MAPPED: weakref.WeakValueDictionary[tuple[str, int, int], np.memmap] = (
     weakref.WeakValueDictionary())
-SHARE_ALIGN = 64  # a shared tensor starts on a cache line (our files align to ALIGN)
 
 
 def shared_initializers(path: Path) -> list[tuple[str, object]]:
@@ -271,42 +309,19 @@ def shared_initializers(path: Path) -> list[tuple[str, object]]:
     model keeps no weight outside its file (or a file a larger model would not be parsed).
     The caller keeps the returned values alive as long as its session (they hold the
     mapping)."""
-    try:
-        stat = Path(path).stat()
-    except OSError:
-        return []
-    if stat.st_size > GRAPH_ONLY_BYTES:
-        return []
-    try:
-        model = onnx.load(str(path), load_external_data=False)
-    except Exception:  # not ours to judge here: the session reports it
+    views = _layout_of(path).views
+    if not views:
         return []
     import onnxruntime as ort
 
-    folder = Path(path).parent.resolve()
     out: list[tuple[str, object]] = []
-    for t in model.graph.initializer:
-        if not is_external(t):
-            continue
-        info = {e.key: e.value for e in t.external_data}
-        file = (folder / info.get("location", "")).resolve()
-        if not file.is_relative_to(folder) or file == folder:  # as ONNX Runtime confines it
-            continue
-        try:
-            dtype = np.dtype(helper.tensor_dtype_to_np_dtype(t.data_type))
-        except (KeyError, TypeError, ValueError):
-            continue
-        offset, length = int(info.get("offset", "0")), int(info.get("length", "-1"))
-        shape = tuple(int(d) for d in t.dims)
-        count = int(np.prod(shape, dtype=np.int64))
-        if (dtype.kind not in "fiub" or dtype.itemsize not in (1, 2, 4, 8) or offset % SHARE_ALIGN
-                or length != count * dtype.itemsize or count == 0):
-            continue
+    for name, file, offset, dtype, shape in views:
+        length = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
         mapped = _mapping(file)
         if mapped is None or offset + length > mapped.size:
             continue
         view = mapped[offset:offset + length].view(dtype).reshape(shape)
-        out.append((t.name, ort.OrtValue.ortvalue_from_numpy(view)))
+        out.append((name, ort.OrtValue.ortvalue_from_numpy(view)))
     return out
 
 
