@@ -10,8 +10,8 @@ process keeps one float weight's pages mapped and its quantized form at a time.
 - int4: ONNX Runtime's own C++ block quantizer (``quantize_matmul_4bits``, what
   ``MatMulNBitsQuantizer`` runs for RTN), the same codes, scales and zero points as the
   in-memory RTN path, written as ``MatMulNBits``; or a ``Rounding`` of the pass's (GPTQ's
-  codes, AWQ's per-channel scales before RTN) fed with activations captured a few layers at
-  a time (``int4_weight_only.StreamingCapture``). The LM head can stay float or go int8.
+  codes, AWQ's codes of its scaled weights) fed with activations captured a few layers at a
+  time (``int4_weight_only.StreamingCapture``). The LM head can stay float or go int8.
 - int8: one symmetric scale per output channel (``max |w| / 127``), int8 codes and a
   ``DequantizeLinear`` in front of the MatMul/Gemm (written here: the in-memory pass's
   ``int8.weight_only_int8`` needs the model in memory); embedding tables (``Gather`` of a
@@ -101,9 +101,8 @@ def pack_nbits(codes: np.ndarray, scales: np.ndarray, zeros: np.ndarray | None,
 class Rounding:
     """How ``int4_stream`` rounds one weight: ``quantize(node, w)`` returns (int4 codes
     [K, N] 0..15, scales and zero points [blocks, N] (zero points None: symmetric, the
-    implicit 8), and per-input-channel scales ``s`` or None): the weight quantized is
-    ``diag(s) w`` and the MatMul reads ``x / s``. ``None`` for the whole result: RTN (ONNX
-    Runtime's C++ quantizer)."""
+    implicit 8), and per-input-channel scales ``s`` or None: the codes are of ``diag(s) w``
+    and the MatMul reads ``x / s``), or None: RTN (ONNX Runtime's C++ quantizer)."""
 
     name = "rtn"
 
@@ -120,7 +119,7 @@ def int4_stream(
     progress: Callable[[float, str], None] = lambda fraction, message: None,
 ) -> StreamResult:
     """Main-graph MatMuls with a constant 2-D float B as int4 ``MatMulNBits``, one weight at a
-    time: ONNX Runtime's RTN block quantizer, or ``rounding``'s (GPTQ, AWQ's scaled RTN);
+    time: ONNX Runtime's RTN block quantizer, or ``rounding``'s (GPTQ, AWQ);
     ``heads`` (the LM heads) go int4, int8 or stay float as ``lm_head`` says."""
     from onnxruntime.capi._pybind_state import quantize_matmul_4bits
 
@@ -151,13 +150,10 @@ def int4_stream(
             w = np.asarray(read_tensor(w_t), np.float32)
             rounded = rounding.quantize(node, w)
             channel_scale = None
-            if rounded is not None and rounded[0] is not None:
+            if rounded is not None:
                 codes, scales_kn, zeros_kn, channel_scale = rounded
                 packed, scales, zero = pack_nbits(codes, scales_kn, zeros_kn, block_size)
             else:
-                if rounded is not None:  # scaled RTN (AWQ): RTN of diag(s) w
-                    channel_scale = rounded[3]
-                    w = w * channel_scale[:, None]
                 blocks = -(-k // block_size)
                 if blocks * block_size != k:
                     w = np.pad(w, ((0, blocks * block_size - k), (0, 0)))

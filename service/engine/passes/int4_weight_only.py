@@ -547,21 +547,17 @@ def _awq(model: onnx.ModelProto, config: Int4WeightOnlyConfig, targets: list[str
     replaced: dict[int, list[onnx.NodeProto]] = {}
     for index, (position, node) in enumerate(zip(positions, nodes, strict=True)):
         ctx.check_cancelled()
-        x = captured[node.input[0]]
         w = numpy_helper.to_array(inits[node.input[1]]).astype(np.float32)
-        alpha, scale = awq_search(x, w, config.block_size, config.symmetric)
-        alphas[node.name] = alpha
+        codes, scales, zeros, scale, alphas[node.name], clips[node.name] = awq_int4(
+            captured[node.input[0]], w, config.block_size, config.symmetric)
         before: list[onnx.NodeProto] = []
-        if alpha != 0.0:
-            w, x = w * scale[:, None], x / scale
+        if scale is not None:
             inverse = numpy_helper.from_array((1.0 / scale).astype(np.float32),
                                               f"{node.input[1]}_awq_inv_scale_{index}")
             model.graph.initializer.append(inverse)
             scaled_input = f"{node.input[0]}_awq_{index}"
             before.append(helper.make_node("Mul", [node.input[0], inverse.name],
                                            [scaled_input], name=f"{node.name}_awq_scale_{index}"))
-        codes, scales, zeros, clips[node.name] = clipped_int4(x, w, config.block_size,
-                                                               config.symmetric)
         new, tensors = matmul_nbits(node, codes, scales, zeros, config.block_size, index)
         if before:
             new.input[0] = before[0].output[0]
@@ -624,15 +620,20 @@ def capture_inputs(model: onnx.ModelProto, names: list[str],
     outputs = {o.name for o in probe.graph.output}
     probe.graph.output.extend(onnx.ValueInfoProto(name=n) for n in names if n not in outputs)
     session = ort.InferenceSession(probe.SerializeToString(), providers=["CPUExecutionProvider"])
+    return captured_rows(session, names, feeds, max_rows)
+
+
+def captured_rows(session: Any, names: list[str], feeds: list[dict[str, np.ndarray]],
+                  max_rows: int, check_cancelled: Callable[[], None] = lambda: None,
+                  ) -> dict[str, np.ndarray]:
+    """``session``'s outputs ``names`` over ``feeds``, each as rows of its last axis, at most
+    ``max_rows`` of them (``even_rows``)."""
     rows: dict[str, list[np.ndarray]] = {n: [] for n in names}
     for feed in feeds:
+        check_cancelled()
         for name, value in zip(names, session.run(names, feed), strict=True):
             rows[name].append(np.asarray(value, np.float32).reshape(-1, value.shape[-1]))
-    out = {}
-    for name, parts in rows.items():
-        x = np.concatenate(parts)
-        out[name] = x[np.linspace(0, len(x) - 1, max_rows).astype(int)] if len(x) > max_rows else x
-    return out
+    return {name: even_rows(np.concatenate(parts), max_rows) for name, parts in rows.items()}
 
 
 def rtn_int4(w: np.ndarray, block_size: int, symmetric: bool) -> np.ndarray:
@@ -674,6 +675,24 @@ def awq_search(x: np.ndarray, w: np.ndarray, block_size: int,
     return best[1], best[2]
 
 
+def awq_int4(x: np.ndarray, w: np.ndarray, block_size: int, symmetric: bool) -> tuple[
+        np.ndarray, np.ndarray, np.ndarray | None, np.ndarray | None, float, float]:
+    """AWQ of ``w`` [K, N] for inputs ``x`` [rows, K]: the scale search (``awq_search``), then
+    the clipping search on the scaled weights (``clipped_int4``). Returns codes, scales, zero
+    points (``clipped_int4``'s), the per-input-channel scales ``s`` (None where alpha is 0:
+    no ``Mul`` needed), alpha and the mean clip ratio."""
+    alpha, scale = awq_search(x, w, block_size, symmetric)
+    if alpha != 0.0:
+        w, x = w * scale[:, None], x / scale
+    codes, scales, zeros, clip = clipped_int4(x, w, block_size, symmetric)
+    return codes, scales, zeros, None if alpha == 0.0 else scale, alpha, clip
+
+
+def even_rows(x: np.ndarray, max_rows: int) -> np.ndarray:
+    """At most ``max_rows`` rows of ``x``, an even subsample (all of them when fewer)."""
+    return x[np.linspace(0, len(x) - 1, max_rows).astype(int)] if len(x) > max_rows else x
+
+
 def clipped_int4(x: np.ndarray, w: np.ndarray, block_size: int,
                  symmetric: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, float]:
     """AWQ's weight clipping (Lin et al. 2024, ``auto_clip``): per block of ``block_size``
@@ -684,8 +703,7 @@ def clipped_int4(x: np.ndarray, w: np.ndarray, block_size: int,
     Returns codes [K, N] (0..15), scales and zero points [blocks, N] (None: symmetric) and the
     mean ratio chosen."""
     k, n = w.shape
-    rows = x[np.linspace(0, len(x) - 1, CLIP_ROWS).astype(int)] if len(x) > CLIP_ROWS else x
-    rows = np.asarray(rows, np.float32)
+    rows = np.asarray(even_rows(x, CLIP_ROWS), np.float32)
     blocks = -(-k // block_size)
     codes = np.zeros((k, n), np.uint8)
     scales = np.zeros((blocks, n), np.float32)
@@ -1065,7 +1083,7 @@ class StreamingCapture:
         self.held: dict[str, np.ndarray] = {}
         self.rows_seen: dict[str, int] = {}  # rows captured per tensor name
         self.runs = 0
-        self._probe: Path | None = None
+        self._probe: onnx.ModelProto | None = None
         widths = {t.name: int(t.dims[0]) for t in model.graph.initializer if len(t.dims) == 2}
         readers = {n.input[0]: widths.get(n.input[1], 1) for n in model.graph.node
                    if n.op_type == "MatMul" and len(n.input) > 1}
@@ -1082,7 +1100,7 @@ class StreamingCapture:
                     break
                 group.append(other)
                 budget += cost
-            self.held = {}
+            self.held = {}  # the last group's rows go before the next run
             self.held = self._capture(group)
         return self.held[name]
 
@@ -1090,35 +1108,27 @@ class StreamingCapture:
         from service.engine.evaluate import make_session
 
         self.check_cancelled()
-        probe = self._probe_path()
-        graph_only = onnx.load(str(probe), load_external_data=False)
-        outputs = {o.name for o in graph_only.graph.output}
-        graph_only.graph.output.extend(onnx.ValueInfoProto(name=n) for n in names
-                                       if n not in outputs)
-        run_path = probe.with_name(f"probe_{self.runs}.onnx")
-        onnx.save_model(graph_only, str(run_path))
+        probe = onnx.ModelProto()
+        probe.CopyFrom(self._probe_model())
+        outputs = {o.name for o in probe.graph.output}
+        probe.graph.output.extend(onnx.ValueInfoProto(name=n) for n in names
+                                  if n not in outputs)
+        run_path = self.workdir / f"probe_{self.runs}.onnx"  # beside the hard links
+        onnx.save_model(probe, str(run_path))
         try:
             session = make_session(run_path, 1)
-            parts: dict[str, list[np.ndarray]] = {n: [] for n in names}
-            for feed in self.feeds:
-                self.check_cancelled()
-                for n, value in zip(names, session.run(names, feed), strict=True):
-                    parts[n].append(np.asarray(value, np.float32).reshape(-1, value.shape[-1]))
+            out = captured_rows(session, names, self.feeds, self.max_rows,
+                                self.check_cancelled)
             del session
         finally:
             run_path.unlink(missing_ok=True)
         self.runs += 1
-        out = {}
-        for n, chunks in parts.items():
-            x = np.concatenate(chunks)
-            out[n] = (x[np.linspace(0, len(x) - 1, self.max_rows).astype(int)]
-                      if len(x) > self.max_rows else x)
-            self.rows_seen[n] = len(out[n])
+        self.rows_seen.update({n: len(x) for n, x in out.items()})
         return out
 
-    def _probe_path(self) -> Path:
-        """The model's graph saved in ``workdir`` with its external tensors read from hard
-        links (copies where the filesystem cannot link) to their files, once."""
+    def _probe_model(self) -> onnx.ModelProto:
+        """The model's graph with its external tensors read from hard links in ``workdir``
+        (copies where the filesystem cannot link) to their files, made once."""
         import os
         import shutil
 
@@ -1148,9 +1158,8 @@ class StreamingCapture:
                                ("length", str(length))):
                 entry = t.external_data.add()
                 entry.key, entry.value = key, value
-        self._probe = self.workdir / "probe.onnx"
-        onnx.save_model(probe, str(self._probe))
-        return self._probe
+        self._probe = probe
+        return probe
 
 
 class _GptqRounding(Rounding):
@@ -1174,14 +1183,9 @@ class _AwqRounding(Rounding):
         self.clips: dict[str, float] = {}
 
     def quantize(self, node: onnx.NodeProto, w: np.ndarray) -> Any:
-        x = self.capture.rows(node.input[0])
-        alpha, scale = awq_search(x, w, self.block_size, self.symmetric)
-        self.alphas[node.name] = alpha
-        if alpha != 0.0:
-            w, x = w * scale[:, None], x / scale
-        codes, scales, zeros, self.clips[node.name] = clipped_int4(x, w, self.block_size,
-                                                                    self.symmetric)
-        return codes, scales, zeros, None if alpha == 0.0 else scale
+        codes, scales, zeros, scale, self.alphas[node.name], self.clips[node.name] = awq_int4(
+            self.capture.rows(node.input[0]), w, self.block_size, self.symmetric)
+        return codes, scales, zeros, scale
 
 
 def _run_streaming(
@@ -1222,6 +1226,14 @@ def _run_streaming(
         import shutil
 
         shutil.rmtree(ctx.workdir / "capture", ignore_errors=True)  # the hard links
+        ctx.notes["streaming_capture"] = {
+            "runs": capture.runs, "rows_per_input": capture.max_rows,
+            "group_bytes": STREAM_CAPTURE_BYTES,
+            "note": "activations of the float model, captured a group of layers at a time "
+                    "(one pass of the float model over the calibration feeds per group)"}
+        if config.method == "gptq" and capture.rows_seen:
+            note_calibration_rows(ctx, min(capture.rows_seen.values()),
+                                  [capture.width[n] for n in capture.rows_seen])
     embedding_nodes: list[str] = []
     out = result.model
     if config.embedding == "int8":
@@ -1238,15 +1250,6 @@ def _run_streaming(
                       "lm_head": {"precision": config.lm_head},
                       "embedding": {"precision": config.embedding if embedding_nodes
                                     else "float", "nodes": embedding_nodes}})
-    if capture is not None and capture.rows_seen and config.method == "gptq":
-        note_calibration_rows(ctx, min(capture.rows_seen.values()),
-                              [capture.width[n] for n in capture.rows_seen])
-    if capture is not None:
-        ctx.notes["streaming_capture"] = {
-            "runs": capture.runs, "rows_per_input": capture.max_rows,
-            "group_bytes": STREAM_CAPTURE_BYTES,
-            "note": "activations of the float model, captured a group of layers at a time "
-                    "(one pass of the float model over the calibration feeds per group)"}
     if isinstance(rounding, _AwqRounding):
         ctx.notes["awq_alpha"] = rounding.alphas
         ctx.notes["awq_clip_ratio"] = rounding.clips
