@@ -505,47 +505,57 @@ def _zero_point_corrections(graph: onnx.GraphProto) -> int:
     return done
 
 
+def _calibrated_targets(model: onnx.ModelProto, config: Int4WeightOnlyConfig,
+                        targets: list[str], ctx: PassContext, max_rows: int) -> tuple[
+        dict[str, TensorProto], list[tuple[int, onnx.NodeProto]], dict[str, np.ndarray]]:
+    """For GPTQ / AWQ in memory: the initializers by name, the target MatMuls with their
+    positions in the graph, and their inputs captured on the calibration feeds."""
+    feeds = _calibration(model, config, ctx)
+    chosen = set(targets)
+    nodes = [(i, n) for i, n in enumerate(model.graph.node) if n.name in chosen]
+    captured = capture_inputs(model, sorted({n.input[0] for _, n in nodes}), feeds, max_rows)
+    return {t.name: t for t in model.graph.initializer}, nodes, captured
+
+
+def _splice(model: onnx.ModelProto, replaced: dict[int, list[onnx.NodeProto]],
+            config: Int4WeightOnlyConfig, exclude: set[str]) -> onnx.ModelProto:
+    """``model`` with the nodes at each position of ``replaced`` swapped for their
+    MatMulNBits (and what goes before it); MatMuls left in If/Loop/Scan bodies get RTN."""
+    chosen = {model.graph.node[i].name for i in replaced}
+    kept = [m for i, n in enumerate(model.graph.node) for m in replaced.get(i, [n])]
+    del model.graph.node[:]
+    model.graph.node.extend(kept)
+    _drop_unused_initializers(model.graph)
+    if not any(o.domain == "com.microsoft" for o in model.opset_import):
+        model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+    return _ort_rtn(model, config, exclude | chosen)
+
+
 def _gptq(model: onnx.ModelProto, config: Int4WeightOnlyConfig, targets: list[str],
           exclude: set[str], ctx: PassContext) -> onnx.ModelProto:
-    feeds = _calibration(model, config, ctx)
-    inits = {t.name: t for t in model.graph.initializer}
-    chosen = set(targets)
-    positions = [i for i, n in enumerate(model.graph.node) if n.name in chosen]
-    nodes = [model.graph.node[i] for i in positions]
-    captured = capture_inputs(model, sorted({n.input[0] for n in nodes}), feeds, GPTQ_ROWS)
+    inits, nodes, captured = _calibrated_targets(model, config, targets, ctx, GPTQ_ROWS)
     note_calibration_rows(ctx, min(len(x) for x in captured.values()),
                           [int(x.shape[1]) for x in captured.values()])
-    replaced: dict[int, onnx.NodeProto] = {}
-    for index, (position, node) in enumerate(zip(positions, nodes, strict=True)):
+    replaced: dict[int, list[onnx.NodeProto]] = {}
+    for index, (position, node) in enumerate(nodes):
         ctx.check_cancelled()
         w = numpy_helper.to_array(inits[node.input[1]]).astype(np.float32)
         codes, scales, zeros = gptq_int4(captured[node.input[0]], w, config.block_size,
                                          config.symmetric)
         new, tensors = matmul_nbits(node, codes, scales, zeros, config.block_size, index)
         model.graph.initializer.extend(tensors)
-        replaced[position] = new
+        replaced[position] = [new]
         ctx.progress(0.2 + 0.5 * (index + 1) / len(nodes), f"gptq for {node.name}")
-    kept = [replaced.get(i, n) for i, n in enumerate(model.graph.node)]
-    del model.graph.node[:]
-    model.graph.node.extend(kept)
-    _drop_unused_initializers(model.graph)
-    if not any(o.domain == "com.microsoft" for o in model.opset_import):
-        model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
-    return _ort_rtn(model, config, exclude | chosen)  # what is left: MatMuls in subgraphs
+    return _splice(model, replaced, config, exclude)
 
 
 def _awq(model: onnx.ModelProto, config: Int4WeightOnlyConfig, targets: list[str],
          exclude: set[str], ctx: PassContext) -> onnx.ModelProto:
-    feeds = _calibration(model, config, ctx)
-    inits = {t.name: t for t in model.graph.initializer}
-    chosen = set(targets)
-    positions = [i for i, n in enumerate(model.graph.node) if n.name in chosen]
-    nodes = [model.graph.node[i] for i in positions]
-    captured = capture_inputs(model, sorted({n.input[0] for n in nodes}), feeds, AWQ_ROWS)
+    inits, nodes, captured = _calibrated_targets(model, config, targets, ctx, AWQ_ROWS)
     alphas: dict[str, float] = {}
     clips: dict[str, float] = {}
     replaced: dict[int, list[onnx.NodeProto]] = {}
-    for index, (position, node) in enumerate(zip(positions, nodes, strict=True)):
+    for index, (position, node) in enumerate(nodes):
         ctx.check_cancelled()
         w = numpy_helper.to_array(inits[node.input[1]]).astype(np.float32)
         codes, scales, zeros, scale, alphas[node.name], clips[node.name] = awq_int4(
@@ -564,15 +574,9 @@ def _awq(model: onnx.ModelProto, config: Int4WeightOnlyConfig, targets: list[str
         model.graph.initializer.extend(tensors)
         replaced[position] = [*before, new]
         ctx.progress(0.2 + 0.5 * (index + 1) / len(nodes), f"awq for {node.name}")
-    kept = [m for i, n in enumerate(model.graph.node) for m in replaced.get(i, [n])]
-    del model.graph.node[:]
-    model.graph.node.extend(kept)
-    _drop_unused_initializers(model.graph)
-    if not any(o.domain == "com.microsoft" for o in model.opset_import):
-        model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
     ctx.notes["awq_alpha"] = alphas
     ctx.notes["awq_clip_ratio"] = clips
-    return _ort_rtn(model, config, exclude | chosen)  # what is left: MatMuls in subgraphs
+    return _splice(model, replaced, config, exclude)
 
 
 METHODS: dict[str, Callable[..., onnx.ModelProto]] = {
