@@ -434,8 +434,8 @@ class PeakMemory:
     ``RssFile`` (pages of mapped files: weights read through ``np.memmap`` and external
     initializers ONNX Runtime maps; the kernel can drop these under pressure, they are not
     the job's heap) seen, and the largest ``VmData`` (private writable memory, mapped or
-    not: what the job's memory limit, ``RLIMIT_DATA``, counts). ``children_max_rss_mb``: the largest peak of the
-    fresh-process memory probes of ``service.engine.lm``, as each measured its own ``VmHWM``;
+    not: what the job's memory limit, ``RLIMIT_DATA``, counts). ``children_max_rss_mb``: the
+    largest peak of the fresh-process memory probes of ``service.engine.lm``, as each measured its own ``VmHWM``;
     ``children_rusage_max_rss_mb``: ``RUSAGE_CHILDREN``'s largest, over every process the
     engine started and waited for (auto's parallel candidates too), which Linux starts from
     the engine's resident set at the fork: an upper bound, not a child's own peak."""
@@ -445,7 +445,7 @@ class PeakMemory:
         self.peak: dict[str, int] = {"RssAnon": 0, "RssFile": 0, "VmData": 0}
         self.start: dict[str, int] = {}
         self.current = "start"
-        # the largest VmRSS / RssAnon / RssFile sampled while each stage ran (progress stages)
+        # the largest VmRSS / RssAnon / RssFile / VmData sampled while each stage ran
         self.by_stage: dict[str, dict[str, int]] = {}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._sample, name="peak-memory", daemon=True)
