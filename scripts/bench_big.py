@@ -62,6 +62,9 @@ def main(argv: list[str] | None = None) -> int:
                         "sequences uploaded with the job (random weights: a memory and time "
                         "test, not a quality one)")
     parser.add_argument("--calibration-samples", type=int, default=16)
+    parser.add_argument("--no-kv-cache", dest="kv_cache", action="store_false",
+                        help="export without the KV cache (input_ids, attention_mask -> logits; "
+                        "not evaluated as a language model)")
     parser.add_argument("--memory-limit-mb", type=int, default=None,
                         help="the job's memory limit (default: half the float model's size)")
     parser.add_argument("--workdir", type=Path, default=None)
@@ -94,8 +97,12 @@ def run(args: argparse.Namespace) -> int:
         model = work / "src" / "model.onnx"
         data = model.with_name("model.onnx.data")
         reused = model.exists() and data.exists()  # --keep'd from an earlier run
+        marker = work / "src" / "kv_cache.json"
+        reused = reused and marker.exists() and json.loads(marker.read_text()) == args.kv_cache
         if not reused:
-            random_llama(work / "src", config)
+            shutil.rmtree(work / "src", ignore_errors=True)
+            random_llama(work / "src", config, kv_cache=args.kv_cache)
+            marker.write_text(json.dumps(args.kv_cache))
         fp32 = data.stat().st_size + model.stat().st_size
         archive = work / "decoder.tar"
         with tarfile.open(archive, "w") as tf:
@@ -103,8 +110,9 @@ def run(args: argparse.Namespace) -> int:
             tf.add(data, "model.onnx.data")
         built = time.perf_counter() - started
         print(f"model: Llama {config['num_hidden_layers']} layers, hidden "
-              f"{config['hidden_size']}, vocab {config['vocab_size']}: {_mb(fp32)} float32 "
-              f"(model.onnx {_mb(model.stat().st_size)} + model.onnx.data), "
+              f"{config['hidden_size']}, vocab {config['vocab_size']}, "
+              + ("exported with its KV cache" if args.kv_cache else "no KV cache") + "; "
+              f"{_mb(fp32)} float32 (model.onnx {_mb(model.stat().st_size)} + model.onnx.data), "
               + ("reused from --workdir" if reused else f"built and exported in {built:.0f} s"))
 
         limit_mb = args.memory_limit_mb or int(fp32 / 2 / 2**20)
@@ -138,7 +146,9 @@ def run(args: argparse.Namespace) -> int:
         uploaded = resp.json()
         upload_s = time.perf_counter() - t0
         t0 = time.perf_counter()
-        inputs = {"input_ids": {"shape": [1, PROMPT]}, "attention_mask": {"shape": [1, PROMPT]}}
+        inputs: dict = {"input_ids": {"shape": [1, PROMPT]}}
+        if not args.kv_cache:
+            inputs["attention_mask"] = {"shape": [1, PROMPT]}
         step = {"pass": "int4_weight_only", "block_size": args.block_size,
                 "method": args.method}
         extra: dict = {}
@@ -162,11 +172,17 @@ def run(args: argparse.Namespace) -> int:
         for name in ("model.onnx", "model.onnx.data"):
             api.download(done["id"], name, out / name)
         after = sum((out / n).stat().st_size for n in ("model.onnx", "model.onnx.data"))
+        import onnx
+
+        from service.engine.decoder import decoder_spec, prefill_feed
+
         ids = np.random.default_rng(0).integers(0, config["vocab_size"], (1, PROMPT))
-        feed = {"input_ids": ids.astype(np.int64), "attention_mask": np.ones((1, PROMPT),
-                                                                              np.int64)}
+        spec = decoder_spec(onnx.load(str(out / "model.onnx"), load_external_data=False))
+        feed = (prefill_feed(spec, ids.astype(np.int64)) if spec is not None else
+                {"input_ids": ids.astype(np.int64),
+                 "attention_mask": np.ones((1, PROMPT), np.int64)})
         got = ort.InferenceSession(str(out / "model.onnx"),
-                                   providers=["CPUExecutionProvider"]).run(None, feed)[0]
+                                   providers=["CPUExecutionProvider"]).run(["logits"], feed)[0]
 
         memory = result["memory"]
         print()
@@ -190,6 +206,8 @@ def run(args: argparse.Namespace) -> int:
               f"{memory['peak_rss_file_mb']:,.0f} MB |")
         print(f"| engine peak VmData (sampled; what RLIMIT_DATA counts) | "
               f"{memory['peak_vm_data_mb']:,.0f} MB |")
+        print(f"| memory probes (child processes, own VmHWM: the output loaded alone) | "
+              f"{memory['children_max_rss_mb']:,.0f} MB |")
         print(f"| engine RSS / VmData at start (preloaded libraries) | "
               f"{memory['start_rss_mb']:,.0f} MB / {memory['start_vm_data_mb']:,.0f} MB |")
         print()
@@ -213,6 +231,25 @@ def run(args: argparse.Namespace) -> int:
               "of the float and int4 weight files mapped read-only and shared by the job's "
               "sessions (page cache; the kernel reclaims them under pressure and reads them "
               "again)")
+        report = json.loads(api.download(done["id"], "report.json",
+                                         work / "report.json").read_text())
+        latency = report["latency"]
+        if latency.get("original_measured"):
+            seg = latency.get("original_segments") or {}
+            print(f"float original evaluated in {seg.get('count')} segments of at most "
+                  f"{_mb(seg.get('budget_bytes') or 0)} of weights (largest "
+                  f"{_mb(seg.get('largest_weight_bytes') or 0)}), one resident at a time; its "
+                  f"latency {latency['before_ms']:.1f} ms is the sum of its segments' (int4 "
+                  f"{latency['after_ms']:.1f} ms whole, {latency['threads']} thread(s))")
+        lm = report.get("lm")
+        if lm and not lm.get("error"):
+            print(f"language model (generated token ids, {lm['sequences']} x "
+                  f"{lm['sequence_length']}): KLD {lm['kl_divergence']:.4f}, top-1 agreement "
+                  f"{lm['top1_agreement']:.3f}; int4 prefill "
+                  f"{lm['prefill_tokens_per_s_after']:.0f} tok/s, decode "
+                  f"{lm['decode_tokens_per_s_after']:.1f} tok/s (KV cache on the host), its "
+                  f"process peak {lm.get('peak_memory_mb_after') or 0:,.0f} MB; "
+                  + (lm.get("original_unmeasured") or ""))
         notes = next((p["notes"] for p in done["result"].get("passes", []) or []
                       if p.get("pass") == "int4_weight_only"), None)
         if notes and notes.get("streaming_capture"):

@@ -84,6 +84,14 @@ class Settings(BaseSettings):
         "job holds a few copies: keep it below EDGEPRESS_JOB_MEMORY_LIMIT_MB / 6); above "
         "2 GiB always.",
     )
+    segment_weight_bytes: int | None = Field(
+        default=None,
+        ge=1,
+        description="A job's float original whose external weights pass this many bytes is "
+        "evaluated segment by segment (consecutive parts of its graph, each holding at most "
+        "this many bytes of weights, one resident at a time). Empty: decided by "
+        "EDGEPRESS_JOB_MEMORY_LIMIT_MB (segments of a fifth of it when the weights pass half).",
+    )
     max_dataset_bytes: int = Field(
         default=512 * 1024**2, ge=1024, description="Largest accepted dataset upload."
     )
@@ -300,6 +308,7 @@ def limits_for(settings: Settings, cpus: int | None = None) -> Limits:
                                        model_bytes + _ARCHIVE_SLACK),
             max_dataset_bytes=settings.max_dataset_bytes,
             external_data_inline_bytes=settings.external_data_inline_bytes,
+            segment_weight_bytes=settings.segment_weight_bytes,
         ),
         upload_bytes={"model": upload_bytes, "dataset": settings.max_dataset_bytes},
         request_bytes=max(upload_bytes, settings.max_dataset_bytes) + mib,

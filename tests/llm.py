@@ -129,6 +129,36 @@ class _WithCache:
         return Wrapper().eval()
 
 
+def _cache_export(model: Any, config: Any, ids: Any) -> tuple[Any, tuple, list[str], list[str],
+                                                               dict]:
+    """(wrapper, example inputs, input names, output names, dynamic axes) to export ``model``
+    with its KV cache: ``input_ids``, ``attention_mask`` [batch, total_sequence],
+    ``position_ids``, ``past_key_values.{i}.key/value`` in; ``logits``, ``present.{i}.*`` out.
+    ``ids``: [1, S] example token ids."""
+    import torch
+
+    layers = config.num_hidden_layers
+    head_dim = config.hidden_size // config.num_attention_heads
+    kv = config.num_key_value_heads
+    wrapper = _WithCache.make(model, layers)
+    past_len, seq = 3, int(ids.shape[1])
+    past = []
+    for _ in range(layers):
+        past += [torch.randn(1, kv, past_len, head_dim), torch.randn(1, kv, past_len, head_dim)]
+    example = (ids, torch.ones(1, past_len + seq, dtype=torch.int64),
+               torch.arange(past_len, past_len + seq).unsqueeze(0), *past)
+    past_names = [f"past_key_values.{i}.{kind}" for i in range(layers) for kind in ("key", "value")]
+    present_names = [f"present.{i}.{kind}" for i in range(layers) for kind in ("key", "value")]
+    dynamic = {"input_ids": {0: "batch", 1: "sequence"},
+               "attention_mask": {0: "batch", 1: "total_sequence"},
+               "position_ids": {0: "batch", 1: "sequence"},
+               **{n: {0: "batch", 2: "past_sequence"} for n in past_names},
+               "logits": {0: "batch", 1: "sequence"},
+               **{n: {0: "batch", 2: "total_sequence"} for n in present_names}}
+    return (wrapper, example, ["input_ids", "attention_mask", "position_ids", *past_names],
+            ["logits", *present_names], dynamic)
+
+
 def byte_llama(cache_dir: Path, size: str = "small") -> LLM:
     """The trained byte-level Llama decoder with its KV cache, of one of ``SIZES`` (module
     docstring)."""
@@ -174,27 +204,8 @@ def byte_llama(cache_dir: Path, size: str = "small") -> LLM:
         held_loss = float(model(input_ids=torch.from_numpy(heldout[:16]),
                                 labels=torch.from_numpy(heldout[:16])).loss)
 
-    layers = config.num_hidden_layers
-    head_dim = config.hidden_size // config.num_attention_heads
-    kv = config.num_key_value_heads
-    wrapper = _WithCache.make(model, layers)
-    past_len, seq = 3, 5
-    past = []
-    for _ in range(layers):
-        past += [torch.randn(1, kv, past_len, head_dim), torch.randn(1, kv, past_len, head_dim)]
-    ids = torch.from_numpy(heldout[:1, :seq])
-    example = (ids, torch.ones(1, past_len + seq, dtype=torch.int64),
-               torch.arange(past_len, past_len + seq).unsqueeze(0), *past)
-    past_names = [f"past_key_values.{i}.{kind}" for i in range(layers) for kind in ("key", "value")]
-    present_names = [f"present.{i}.{kind}" for i in range(layers) for kind in ("key", "value")]
-    input_names = ["input_ids", "attention_mask", "position_ids", *past_names]
-    output_names = ["logits", *present_names]
-    dynamic = {"input_ids": {0: "batch", 1: "sequence"},
-               "attention_mask": {0: "batch", 1: "total_sequence"},
-               "position_ids": {0: "batch", 1: "sequence"},
-               **{n: {0: "batch", 2: "past_sequence"} for n in past_names},
-               "logits": {0: "batch", 1: "sequence"},
-               **{n: {0: "batch", 2: "total_sequence"} for n in present_names}}
+    wrapper, example, input_names, output_names, dynamic = _cache_export(
+        model, config, torch.from_numpy(heldout[:1, :5]))
     cache_dir.mkdir(parents=True, exist_ok=True)
     tmp = cache_dir / f".{name}.tmp.onnx"
     with warnings.catch_warnings(), torch.no_grad():
@@ -224,10 +235,11 @@ def byte_llama(cache_dir: Path, size: str = "small") -> LLM:
 
 
 def random_llama(directory: Path, config: dict[str, Any], name: str = "model.onnx",
-                 seed: int = SEED) -> Path:
+                 seed: int = SEED, kv_cache: bool = False) -> Path:
     """A Llama-architecture decoder with random weights from ``config`` (``transformers``
     ``LlamaConfig`` fields), exported without a KV cache (``input_ids`` [batch, sequence],
-    ``attention_mask`` → ``logits``) and saved as ``directory/name`` with every weight in
+    ``attention_mask`` → ``logits``), or with it (``kv_cache``: the inputs and outputs of
+    ``byte_llama``'s export), and saved as ``directory/name`` with every weight in
     ``name + ".data"`` (external data, one file). Built in torch, exported by the legacy
     exporter (which writes external data itself past 2 GiB), then gathered into one data file
     by onnx without loading the weights twice over: the big-model path's test material."""
@@ -256,13 +268,21 @@ def random_llama(directory: Path, config: dict[str, Any], name: str = "model.onn
         raw = Path(tmp) / "export.onnx"
         with warnings.catch_warnings(), torch.no_grad():
             warnings.simplefilter("ignore")
-            wrapper = Logits().eval()
-            torch.onnx.export(wrapper, (ids, torch.ones_like(ids)), str(raw),
-                              dynamo=False, input_names=["input_ids", "attention_mask"],
-                              output_names=["logits"], opset_version=18,
-                              dynamic_axes={"input_ids": {0: "batch", 1: "sequence"},
-                                            "attention_mask": {0: "batch", 1: "sequence"},
-                                            "logits": {0: "batch", 1: "sequence"}})
+            if kv_cache:
+                decoder = LlamaForCausalLM(LlamaConfig(**config, attn_implementation="eager"))
+                wrapper, example, input_names, output_names, dynamic = _cache_export(
+                    decoder.eval(), decoder.config, ids)
+                del decoder
+            else:
+                wrapper = Logits().eval()
+                example = (ids, torch.ones_like(ids))
+                input_names, output_names = ["input_ids", "attention_mask"], ["logits"]
+                dynamic = {"input_ids": {0: "batch", 1: "sequence"},
+                           "attention_mask": {0: "batch", 1: "sequence"},
+                           "logits": {0: "batch", 1: "sequence"}}
+            torch.onnx.export(wrapper, example, str(raw), dynamo=False,
+                              input_names=input_names, output_names=output_names,
+                              opset_version=18, dynamic_axes=dynamic)
         del wrapper  # the float weights once, not twice, while onnx gathers them
         proto = onnx.load(str(raw), load_external_data=True)
         shutil.rmtree(tmp, ignore_errors=True)

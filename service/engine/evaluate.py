@@ -35,6 +35,7 @@ import numpy as np
 import onnx
 
 from service.engine.dataset import split_feeds
+from service.engine.external import NO_PREPACKING
 from service.engine.ingest import parameter_count
 from service.engine.inputs import InputPlan, adapt_feed, default_plan
 from service.engine.limits import EngineLimits
@@ -77,7 +78,6 @@ def dataset_feeds(
 # Sessions and runs
 
 
-NO_PREPACKING = ("session.disable_prepacking", "1")
 
 
 def make_session(path: Path, threads: int, config: dict[str, str] | None = None, *,
@@ -87,7 +87,9 @@ def make_session(path: Path, threads: int, config: dict[str, str] | None = None,
     external data (``external.float_weights_on_disk``) loads without weight prepacking
     (``NO_PREPACKING``), so that its weights are not copied into memory; the weights of any
     model kept in external data are read from one shared read-only mapping per file
-    (``external.shared_initializers``), not from a private copy per session.
+    (``external.shared_initializers``), not from a private copy per session; once a session
+    with prepacking is made, the pages of the mapping it has copied are let go
+    (``external.drop_resident_pages``).
 
     ``config``: session config entries (``SessionOptions.add_session_config_entry``), e.g.
     ``{"session.disable_quant_qdq": "1"}`` for a weight-only int8 model (see
@@ -95,10 +97,15 @@ def make_session(path: Path, threads: int, config: dict[str, str] | None = None,
     profiler on, its file under that prefix (``report_html``)."""
     import onnxruntime as ort
 
-    from service.engine.external import float_weights_on_disk, shared_initializers
+    from service.engine.external import (
+        drop_resident_pages,
+        float_weights_on_disk,
+        shared_initializers,
+    )
 
     opts = ort.SessionOptions()
-    if float_weights_on_disk(Path(path)):
+    prepacking = not float_weights_on_disk(Path(path))
+    if not prepacking:
         # ONNX Runtime maps external initializers, but prepacking copies every float
         # MatMul/Gemm weight into memory: the whole float model per session. Without it the
         # weights are read from the mapped files (page cache), at some cost in speed.
@@ -119,13 +126,33 @@ def make_session(path: Path, threads: int, config: dict[str, str] | None = None,
     session = ort.InferenceSession(str(path), sess_options=opts,
                                    providers=["CPUExecutionProvider"])
     session._edgepress_shared = shared  # the mapping lives as long as the session
+    if shared and prepacking:  # what it prepacked is copied: its file pages need not stay
+        drop_resident_pages(Path(path))
     return session
 
 
+def original_session(path: Path, threads: int, limits: EngineLimits) -> Any:
+    """A session of a job's original at ``path``: whole (``make_session``), or a
+    ``segments.SegmentedSession`` where its weights pass the share of the job's memory it may
+    hold at once (``segments.segment_budget``)."""
+    from service.engine.segments import SegmentedSession, segment_budget
+
+    budget = segment_budget(Path(path), limits)
+    if budget is None:
+        return make_session(path, threads)
+    return SegmentedSession(Path(path), budget, threads)
+
+
 def run_all(session: Any, feeds: Sequence[Feed]) -> dict[str, list[np.ndarray]]:
-    """Outputs per output name, one array per feed."""
+    """Outputs per output name, one array per feed (a ``SegmentedSession`` runs them all
+    through each segment in turn)."""
     names = [o.name for o in session.get_outputs()]
     out: dict[str, list[np.ndarray]] = {n: [] for n in names}
+    if hasattr(session, "run_many"):
+        for result in session.run_many([adapt_feed(session, f) for f in feeds], names):
+            for name in names:
+                out[name].append(result[name])
+        return out
     for feed in feeds:
         for name, value in zip(names, session.run(names, adapt_feed(session, feed)), strict=True):
             out[name].append(np.asarray(value))
@@ -135,6 +162,7 @@ def run_all(session: Any, feeds: Sequence[Feed]) -> dict[str, list[np.ndarray]]:
 def measure_latency(
     sessions: dict[str, Any], feed: Feed, *, runs: int, warmup: int,
     check_cancelled: Callable[[], None] = lambda: None,
+    feeds_by_key: dict[str, Feed] | None = None,
 ) -> dict[str, dict]:
     """Median milliseconds per run for each session, measured interleaved in this process.
 
@@ -143,7 +171,7 @@ def measure_latency(
     nor the thread pool the previous session leaves spinning (multi-threaded sessions) favours
     one of them. Each timed burst starts after one untimed run that wakes its own pool.
     """
-    feeds = {k: adapt_feed(s, feed) for k, s in sessions.items()}
+    feeds = {k: adapt_feed(s, (feeds_by_key or {}).get(k, feed)) for k, s in sessions.items()}
     burst: dict[str, int] = {}
     for key, s in sessions.items():
         for _ in range(max(warmup, 1)):
@@ -259,22 +287,31 @@ def compare_latency(
     The top-level keys are the deciding count's (``decide``: the target's thread count unless
     the host was too busy to measure it); ``by_threads`` holds one entry per count, in order.
     """
+    from service.engine.segments import segment_budget
+
     counts = list(threads or [limits.latency_threads])
     per = rounds_per_count(runs, len(counts))
     reused = list(sessions or []) if limits.latency_threads in counts else []
     if sessions is not None:
         sessions.clear()
+    budget = segment_budget(Path(original_path), limits)
 
     def measure(count: int) -> dict:
         if reused and count == limits.latency_threads:
             so, sc = reused
             reused.clear()
         else:
-            so, sc = (make_session(original_path, count),
-                      make_session(candidate_path, count, candidate_config))
-        sp = make_session(original_path, count)
-        lat = measure_latency({"before": so, "after": sc, "placebo": sp}, feed, runs=per,
-                              warmup=limits.latency_warmup, check_cancelled=check_cancelled)
+            so = None if budget is not None else make_session(original_path, count)
+            sc = make_session(candidate_path, count, candidate_config)
+        if budget is not None:
+            del so
+            lat = _segmented_latency(original_path, budget, count, sc, feed, runs=per,
+                                     warmup=limits.latency_warmup,
+                                     check_cancelled=check_cancelled)
+        else:
+            sp = make_session(original_path, count)
+            lat = measure_latency({"before": so, "after": sc, "placebo": sp}, feed, runs=per,
+                                  warmup=limits.latency_warmup, check_cancelled=check_cancelled)
         speedup, wins = paired_speedup(lat["before"]["samples_ms"], lat["after"]["samples_ms"])
         placebo, _ = paired_speedup(lat["before"]["samples_ms"], lat["placebo"]["samples_ms"])
         band = noise_band(placebo)
@@ -285,6 +322,7 @@ def compare_latency(
             "speedup": speedup, "win_fraction": wins, "placebo_speedup": placebo,
             "noise_band": [round(band[0], 4), round(band[1], 4)] if band else None,
             "detail": lat,
+            **({"original_segments": lat["segments"]} if "segments" in lat else {}),
         }
 
     entries = [measure(count) for count in counts]
@@ -299,7 +337,59 @@ def compare_latency(
             "warmup": limits.latency_warmup, "provider": "CPUExecutionProvider",
             "by_threads": [{k: v for k, v in e.items() if k != "detail"} for e in entries],
             "detail": decision["detail"],
-            "input_shapes": {k: list(v.shape) for k, v in feed.items()}, **extra}
+            "input_shapes": {k: list(v.shape) for k, v in feed.items()}, **extra,
+            **({"original_measured": SEGMENTED_LATENCY, "original_segments":
+                decision.get("original_segments")} if budget is not None else {})}
+
+
+SEGMENTED_LATENCY = (
+    "segment by segment: the original's weights pass what the job may hold at once, so its "
+    "time is the sum of its segments' (each loaded once, timed in rounds interleaved with the "
+    "candidate, which runs whole; the placebo is a second session of each segment); kernels "
+    "fused across a cut are not, so the original may read a little slower than whole")
+
+
+def _segmented_latency(
+    original_path: Path, budget: int, threads: int, candidate: Any, feed: Feed, *, runs: int,
+    warmup: int, check_cancelled: Callable[[], None],
+) -> dict[str, dict]:
+    """``measure_latency``'s result for an original run segment by segment
+    (``segments.SegmentedSession``): for each segment in turn, two sessions of it (before,
+    placebo; one mapping of its weights) and the whole candidate are timed in ``runs``
+    interleaved rounds on that segment's own inputs for ``feed``; round ``r``'s original time
+    is the sum over segments of their round-``r`` times (likewise the placebo's), the
+    candidate's the mean of its round-``r`` times."""
+    from service.engine.segments import SegmentedSession
+
+    original = SegmentedSession(Path(original_path), budget, threads)
+    inputs = original.segment_feeds(feed)
+    before = [0.0] * runs
+    placebo = [0.0] * runs
+    after: list[list[float]] = [[] for _ in range(runs)]
+    bursts = {"before": 0, "placebo": 0, "after": 0}
+    for k, seg_feed in enumerate(inputs):
+        views = original.views(k)
+        s1, s2 = original.session(k, threads, views), original.session(k, threads, views)
+        lat = measure_latency({"before": s1, "after": candidate, "placebo": s2}, feed,
+                              runs=runs, warmup=warmup, check_cancelled=check_cancelled,
+                              feeds_by_key={"before": seg_feed, "placebo": seg_feed})
+        del s1, s2, views
+        for r in range(runs):
+            before[r] += lat["before"]["samples_ms"][r]
+            placebo[r] += lat["placebo"]["samples_ms"][r]
+            after[r].append(lat["after"]["samples_ms"][r])
+        for key in bursts:
+            bursts[key] += lat[key]["runs_per_sample"]
+    series = {"before": before, "placebo": placebo,
+              "after": [statistics.fmean(a) for a in after]}
+    out: dict[str, dict] = {
+        k: {"median_ms": statistics.median(v), "min_ms": min(v), "max_ms": max(v),
+            "runs": len(v), "runs_per_sample": max(1, bursts[k] // len(inputs)),
+            "samples_ms": v}
+        for k, v in series.items()}
+    out["segments"] = {"count": len(original.segments), "budget_bytes": budget,  # type: ignore[assignment]
+                       "largest_weight_bytes": original.peak_weight_bytes}
+    return out
 
 
 def decide(entries: list[dict], again: Callable[[], dict]) -> tuple[dict, str | None]:
@@ -448,10 +538,16 @@ def evaluate_candidate(
                    else Path(candidate_path).stat().st_size)
     warnings: list[str] = []
 
-    so = make_session(original_path, limits.latency_threads)
-    sc = make_session(candidate_path, limits.latency_threads)
+    so = original_session(original_path, limits.latency_threads, limits)
     check_cancelled()
     ref = run_all(so, feeds)
+    if hasattr(so, "segments"):
+        from service.engine.segments import resident_note
+
+        warnings.append(resident_note(so))
+        del so
+        so = None  # its segments are made again where they are timed
+    sc = make_session(candidate_path, limits.latency_threads)
     cand = run_all(sc, feeds)
     fidelity: dict[str, dict] = {}
     for name in ref:
@@ -480,7 +576,7 @@ def evaluate_candidate(
                        len(np.asarray(lbl).ravel()) for lbl in labels)}
 
     check_cancelled()
-    handed = [so, sc]
+    handed: list[Any] = [so, sc]
     del so, sc  # compare_latency lets them go once measured
     latency = compare_latency(original_path, candidate_path, feeds[0], runs=limits.latency_runs,
                               limits=limits, threads=threads, check_cancelled=check_cancelled,

@@ -17,6 +17,7 @@ not the process's heap, and one tensor at a time is what a streaming pass keeps 
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import weakref
 from collections.abc import Iterator
@@ -207,6 +208,9 @@ def _copy(src: object, dst: object, length: int) -> None:
         left -= len(chunk)
 
 
+# The session setting for a model whose float MatMul/Gemm weights stay in external data
+# (``float_weights_on_disk``): prepacking would copy them all into memory.
+NO_PREPACKING = ("session.disable_prepacking", "1")
 GRAPH_ONLY_BYTES = 64 << 20  # a saved .onnx this small can be parsed to look at its weights
 SHARE_ALIGN = 64  # a shared tensor starts on a cache line (our files align to ALIGN)
 
@@ -322,6 +326,46 @@ def shared_initializers(path: Path) -> list[tuple[str, object]]:
             continue
         view = mapped[offset:offset + length].view(dtype).reshape(shape)
         out.append((name, ort.OrtValue.ortvalue_from_numpy(view)))
+    return out
+
+
+def drop_resident_pages(path: Path) -> None:
+    """Let go of this process's resident pages of the shared mappings the saved model at
+    ``path`` reads its weights from (``madvise(MADV_DONTNEED)``): called once a session has
+    copied what it prepacks (int4/int8 MatMul weights, repacked at load), whose file pages it
+    then no longer reads. Clean file pages only: whatever a session still reads is faulted in
+    again from the page cache, the same bytes."""
+    import mmap
+
+    for file in {view[1] for view in _layout_of(path).views}:
+        try:
+            stat = file.stat()
+        except OSError:
+            continue
+        mapped = _MAPPED.get((str(file), stat.st_size, stat.st_mtime_ns))
+        raw = getattr(mapped, "_mmap", None)
+        if raw is not None and hasattr(mmap, "MADV_DONTNEED"):
+            with contextlib.suppress(OSError, ValueError):  # advice only
+                raw.madvise(mmap.MADV_DONTNEED)
+
+
+def tensor_views(path: Path, names: set[str]) -> list[tuple[str, object]]:
+    """(name, ``OrtValue``) for the tensors ``names`` of the saved model at ``path`` that
+    ``shared_initializers`` would view, each from a read-only mapping of its own bytes only:
+    held, and let go, with the values (``segments.SegmentedSession``: one segment's weights
+    resident at a time)."""
+    views = [v for v in _layout_of(path).views if v[0] in names]
+    if not views:
+        return []
+    import onnxruntime as ort
+
+    out: list[tuple[str, object]] = []
+    for name, file, offset, dtype, shape in views:
+        try:
+            mapped = np.memmap(file, dtype=dtype, mode="r", offset=offset, shape=shape)
+        except (OSError, ValueError):  # left to ONNX Runtime to read, or to report
+            continue
+        out.append((name, ort.OrtValue.ortvalue_from_numpy(mapped)))
     return out
 
 

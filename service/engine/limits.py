@@ -66,6 +66,14 @@ class EngineLimits(BaseModel):
     eval_samples: int = Field(
         default=16, gt=0, description="Evaluation inputs: generated ones, or the first N dataset samples."
     )
+    segment_weight_bytes: int | None = Field(
+        default=None,
+        gt=0,
+        description="Run the float original segment by segment, each segment holding at most "
+        "this many bytes of its weights, when its external weights pass it "
+        "(``service.engine.segments``). None: decided by the job's memory limit (segments of "
+        "a fifth of it when the weights pass half of it; whole without a limit).",
+    )
     latency_runs: int = Field(
         default=15, gt=0, description="Timed runs per model (interleaved original/candidate; median)."
     )

@@ -30,7 +30,7 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +40,7 @@ import onnx
 from service.engine.decoder import DecoderSpec, decode_feed, decoder_spec, prefill_feed
 from service.engine.errors import EngineError
 from service.engine.inputs import adapt_feed
+from service.engine.limits import EngineLimits
 
 log = logging.getLogger(__name__)
 
@@ -106,7 +107,7 @@ def generate(session: Any, spec: DecoderSpec, prompt: np.ndarray, steps: int) ->
 
 
 def _speed(sessions: dict[str, Any], spec: DecoderSpec, prompt: np.ndarray, steps: int,
-           rounds: int, check_cancelled: Callable[[], None]) -> dict[str, dict[str, float]]:
+           rounds: int, check_cancelled: Callable[[], None]) -> dict[str, dict[str, float | None]]:
     for s in sessions.values():  # warm-up
         generate(s, spec, prompt, 2)
     times: dict[str, tuple[list[float], list[float]]] = {k: ([], []) for k in sessions}
@@ -122,6 +123,22 @@ def _speed(sessions: dict[str, Any], spec: DecoderSpec, prompt: np.ndarray, step
     return {k: {"prefill_tokens_per_s": prompt.shape[1] / max(statistics.median(p), 1e-9),
                 "decode_tokens_per_s": (steps - 1) / max(statistics.median(d), 1e-9)}
             for k, (p, d) in times.items()}
+
+
+CHUNK_LOGITS_BYTES = 64 << 20  # an original run in segments: logits held per chunk, at most
+
+
+def _chunked_logits(session: Any, spec: DecoderSpec, sequences: np.ndarray) -> Iterator[
+        np.ndarray]:
+    """The logits of each sequence (prefill, past 0) from a ``SegmentedSession``, computed a
+    chunk of sequences at a time (each segment loaded once per chunk)."""
+    per = int(sequences.shape[1]) * max(int(spec.vocab or 1), 1) * 4
+    chunk = max(1, CHUNK_LOGITS_BYTES // max(per, 1))
+    for start in range(0, len(sequences), chunk):
+        feeds = [adapt_feed(session, prefill_feed(spec, sequences[i:i + 1]))
+                 for i in range(start, min(start + chunk, len(sequences)))]
+        for result in session.run_many(feeds, [spec.logits]):
+            yield result[spec.logits]
 
 
 PROBE_PEAKS_MB: list[float] = []  # each probe's own VmHWM in this process's lifetime
@@ -185,14 +202,24 @@ def evaluate_lm(
     labels: np.ndarray | None = None, *, threads: int = 1, prompt_length: int = PROMPT_LENGTH,
     decode_tokens: int = DECODE_TOKENS, max_sequences: int = LM_SEQUENCES,
     rounds: int = SPEED_ROUNDS, memory: bool = True,
-    check_cancelled: Callable[[], None] = lambda: None,
+    check_cancelled: Callable[[], None] = lambda: None, limits: EngineLimits | None = None,
 ) -> dict[str, Any]:
-    """The candidate against the original as language models (module docstring); JSON-able."""
-    from service.engine.evaluate import make_session
+    """The candidate against the original as language models (module docstring); JSON-able.
+
+    An original too large for the job's memory (``evaluate.original_session``: run segment by
+    segment) gives its logits in chunks of sequences, each segment loaded once per chunk; its
+    prefill/decode speed and memory are then not measured (a decode step segment by segment
+    would time loading, not decoding) and ``original_unmeasured`` says so."""
+    from service.engine.evaluate import make_session, original_session
 
     sequences = np.asarray(sequences, np.int64)[:max_sequences]
     targets = _targets(sequences, None if labels is None else np.asarray(labels)[:max_sequences])
-    so = make_session(Path(original_path), threads)
+    so = original_session(Path(original_path), threads, limits or EngineLimits())
+    segmented = hasattr(so, "run_many")
+    reference = _chunked_logits(so, spec, sequences) if segmented else None
+    if segmented:
+        del so
+        so = None
     sc = make_session(Path(candidate_path), threads)
     kl_sum = agree = positions = 0.0
     nll = {"before": 0.0, "after": 0.0}
@@ -201,7 +228,8 @@ def evaluate_lm(
     for i in range(len(sequences)):
         check_cancelled()
         feed = prefill_feed(spec, sequences[i:i + 1])
-        lp = _log_softmax(_run(so, spec, feed)[spec.logits])
+        lp = _log_softmax(next(reference) if reference is not None
+                          else _run(so, spec, feed)[spec.logits])
         lq = _log_softmax(_run(sc, spec, feed)[spec.logits])
         finite = finite and bool(np.isfinite(lq).all())
         kl_sum += float((np.exp(lp) * (lp - lq)).sum())
@@ -214,8 +242,10 @@ def evaluate_lm(
     perplexity = {k: (math.exp(v / counted) if counted and math.isfinite(v / counted)
                       and v / counted < 700 else None) for k, v in nll.items()}
     prompt = sequences[:1, :min(prompt_length, sequences.shape[1])]
-    speed = _speed({"before": so, "after": sc}, spec, prompt, decode_tokens, rounds,
-                   check_cancelled)
+    speed: dict[str, dict[str, float | None]] = {
+        "before": {"prefill_tokens_per_s": None, "decode_tokens_per_s": None},
+        **_speed({"after": sc} if segmented else {"before": so, "after": sc}, spec, prompt,
+                 decode_tokens, rounds, check_cancelled)}
     del so, sc
     out: dict[str, Any] = {
         "kl_divergence": kld if finite else None,
@@ -235,8 +265,15 @@ def evaluate_lm(
         "rounds": rounds, "threads": threads, "kv_cache": "host (present fed back as past)",
         "decoder": spec.describe(),
     }
+    if segmented:
+        out["original_unmeasured"] = (
+            "the original's prefill and decode speed and its memory were not measured: its "
+            "weights pass what the job may hold at once (it was run segment by segment for "
+            "the KL divergence, agreement and perplexity)")
     if memory:
-        before = peak_memory(Path(original_path), prompt[0].tolist(), decode_tokens, threads)
+        before = ({"peak_rss_mb": None, "skipped": out["original_unmeasured"]} if segmented
+                  else peak_memory(Path(original_path), prompt[0].tolist(), decode_tokens,
+                                   threads))
         after = peak_memory(Path(candidate_path), prompt[0].tolist(), decode_tokens, threads)
         out.update(peak_memory_mb_before=before.get("peak_rss_mb"),
                    peak_memory_mb_after=after.get("peak_rss_mb"),
@@ -251,7 +288,7 @@ def lm_evaluation(
     original_path: Path, candidate_path: Path, model: onnx.ModelProto,
     feeds: Sequence[Feed], eval_set: dict[str, np.ndarray] | None,
     eval_labels: np.ndarray | None, *, threads: int,
-    check_cancelled: Callable[[], None] = lambda: None,
+    check_cancelled: Callable[[], None] = lambda: None, limits: EngineLimits | None = None,
 ) -> dict[str, Any] | None:
     """A job's ``lm`` section when ``model`` is a causal decoder (else None): ``evaluate_lm``
     on the evaluation token sequences (the dataset's evaluation split, never its calibration
@@ -269,7 +306,7 @@ def lm_evaluation(
         source, eval_labels = "generated", None
     try:
         out = evaluate_lm(original_path, candidate_path, spec, sequences, eval_labels,
-                          threads=threads, check_cancelled=check_cancelled)
+                          threads=threads, check_cancelled=check_cancelled, limits=limits)
     except EngineError as exc:
         if exc.code == "cancelled":
             raise

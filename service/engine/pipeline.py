@@ -87,11 +87,17 @@ def refuse_requantizing(description: dict[str, Any], advice: str) -> None:
 
 
 def load_session(path: Path, limits: EngineLimits, workdir: Path) -> Any:
-    """An ONNX Runtime session of ``path``; ``unsupported_model`` if it cannot load."""
-    from service.engine.evaluate import make_session
+    """An ONNX Runtime session of ``path`` (run segment by segment when its weights pass
+    what the job may hold at once: ``evaluate.original_session``); ``unsupported_model`` if
+    it cannot load."""
+    from service.engine.evaluate import original_session
 
     try:
-        return make_session(path, limits.latency_threads)
+        session = original_session(path, limits.latency_threads, limits)
+        if hasattr(session, "segments"):  # each segment loads when it runs: load them now
+            for k in range(len(session.segments)):
+                session.session(k)
+        return session
     except Exception as exc:
         raise EngineError("unsupported_model", "ONNX Runtime cannot load the model: "
                           + scrub(str(exc), workdir)) from None

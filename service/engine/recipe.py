@@ -242,7 +242,8 @@ def run_recipe(
         )
         lm = lm_evaluation(original_path, output_path, ingested.model, feeds,
                            eval_set if dataset is not None else None, eval_labels,
-                           threads=limits.latency_threads, check_cancelled=check_cancelled)
+                           threads=limits.latency_threads, check_cancelled=check_cancelled,
+                           limits=limits)
     except EngineError:
         raise
     except Exception as exc:
@@ -330,10 +331,13 @@ def run_recipe(
     check_cancelled()
     try:  # per-op-type kernel time before/after, for the report's chart
         from service.engine.report_html import op_latency_section
+        from service.engine.segments import segment_budget
 
         latency["by_op_type"] = op_latency_section(
             original_path, output_path, feeds[0], runs=min(10, limits.latency_runs),
-            threads=limits.latency_threads,
+            threads=limits.latency_threads, original_note=(
+                "not profiled: the original's weights pass what the job may hold at once"
+                if segment_budget(original_path, limits) is not None else None),
         )
     except Exception as exc:  # profiling is evidence, not the job: say why it is missing
         latency["by_op_type"] = {"error": f"profiling failed: {type(exc).__name__}"}

@@ -85,15 +85,18 @@ def _adapt(session: Any, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarr
 
 def op_latency_section(
     original_path: str | Path, candidate_path: str | Path, feed: Mapping[str, np.ndarray],
-    runs: int = 20, *, threads: int = 1,
+    runs: int = 20, *, threads: int = 1, original_note: str | None = None,
 ) -> dict[str, Any]:
     """``{"before": {op: ms}, "after": {op: ms}, "runs", "threads", "unit": "ms"}`` for the
-    report (``report["latency"]["by_op_type"]``)."""
+    report (``report["latency"]["by_op_type"]``). ``original_note``: why the original is not
+    profiled (``before`` empty, the note kept)."""
     return {
-        "before": op_type_latency(original_path, feed, runs, threads=threads),
+        "before": ({} if original_note else
+                   op_type_latency(original_path, feed, runs, threads=threads)),
         "after": op_type_latency(candidate_path, feed, runs, threads=threads),
         "runs": runs, "threads": threads, "unit": "ms",
         "source": "ONNX Runtime profiler, kernel time per op type per inference",
+        **({"before_note": original_note} if original_note else {}),
     }
 
 

@@ -479,14 +479,14 @@ def _check_tensors(model: onnx.ModelProto, limits: EngineLimits) -> None:
             in (TensorProto.FLOAT, TensorProto.DOUBLE, TensorProto.FLOAT16, TensorProto.BFLOAT16)
             and n
         ):
-            arr = _to_array(t)
-            if arr is not None:
-                if _any_chunked(arr, np.isnan):
+            found = _nonfinite(t, inf=t.name in weight_inits and where == "initializer")
+            if found is not None:
+                if found == "nan":
                     raise EngineError(
                         "invalid_model",
                         f"tensor {t.name!r} contains NaN values; the exported weights are broken",
                     )
-                if t.name in weight_inits and where == "initializer" and _any_chunked(arr, np.isinf):
+                if found == "inf":
                     raise EngineError(
                         "invalid_model",
                         f"weight {t.name!r} contains infinite "
@@ -576,11 +576,51 @@ def _typed_field_len(t: TensorProto) -> int | None:
     return 0
 
 
-def _any_chunked(arr: np.ndarray, test: Any, chunk: int = 1 << 22) -> bool:
-    """``test(arr).any()`` a few million values at a time (a tensor mapped from external data
-    is never materialised whole)."""
-    flat = arr.reshape(-1)
-    return any(bool(test(flat[i:i + chunk]).any()) for i in range(0, flat.size, chunk))
+SCAN_CHUNK_BYTES = 16 << 20
+
+
+def _nonfinite(t: TensorProto, *, inf: bool) -> str | None:
+    """"nan" when float tensor ``t`` holds a NaN, else "inf" when ``inf`` and it holds an
+    infinity, else None (also when its values cannot be decoded: the checker reports that). A
+    few million values at a time; a tensor kept in external data is read through one buffer of
+    ``SCAN_CHUNK_BYTES``, never mapped: its pages stay the page cache's, not the job's
+    resident set."""
+    nan = False
+    for chunk in _chunks(t):
+        if np.isnan(chunk).any():
+            return "nan"
+        nan = nan or (inf and bool(np.isinf(chunk).any()))
+    return "inf" if nan else None
+
+
+def _chunks(t: TensorProto) -> Any:
+    if t.data_location != TensorProto.EXTERNAL:
+        arr = _to_array(t)
+        if arr is None:
+            return
+        flat = arr.reshape(-1)
+        step = max(1, SCAN_CHUNK_BYTES // max(flat.itemsize, 1))
+        for i in range(0, flat.size, step):
+            yield flat[i:i + step]
+        return
+    from service.engine.external import external_source
+
+    try:
+        path, offset, length = external_source(t)
+        dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(t.data_type))
+    except (KeyError, TypeError, ValueError):
+        return
+    buffer = np.empty(max(1, SCAN_CHUNK_BYTES // dtype.itemsize) * dtype.itemsize, np.uint8)
+    with open(path, "rb") as fh:
+        fh.seek(offset)
+        left = length - length % dtype.itemsize
+        while left > 0:
+            got = fh.readinto(memoryview(buffer.data)[:min(left, buffer.size)])
+            if not got:
+                return
+            got -= got % dtype.itemsize
+            yield buffer[:got].view(dtype)
+            left -= got
 
 
 def _to_array(t: TensorProto) -> np.ndarray | None:
