@@ -2,8 +2,9 @@
 """A decoder past 2 GiB through the HTTP API: streamed int4, the job's peak memory and time.
 
 Builds a Llama-architecture decoder with random weights from a ``transformers`` config
-(``tests.llm.random_llama``; default ~2.3 GB of float32, past what one protobuf holds), saved
-as ``model.onnx`` + ``model.onnx.data``, packs both into a tar, starts a local stack of its own
+(``tests.llm.random_llama``; default ~2.3 GB of float32, past what one protobuf holds; exported
+with its KV cache unless ``--no-kv-cache``), saved as ``model.onnx`` + ``model.onnx.data``, packs
+both into a tar, starts a local stack of its own
 (SeaweedFS S3, Redis, gunicorn API, Celery worker; ``service.devstack``), uploads the archive
 with ``POST /v1/models``, runs ``int4_weight_only`` (rtn) on it, downloads the result
 (``model.onnx`` + ``model.onnx.data``) and prints: the fp32 and output sizes, the job's wall
@@ -11,6 +12,11 @@ time by stage, and the engine process's peak memory as the worker measured it (`
 ``RssAnon`` / ``RssFile`` peaks, overall and per stage). The issue's bar: peak worker RSS
 below half the float model's size; the script says whether it holds, and prints what it
 measured either way.
+
+The job evaluates the float original segment by segment (``service.engine.segments``: its
+weights pass half the job's memory limit), so that it is never resident whole; the script
+prints how, and the language-model metrics the job measured (on generated token ids: random
+weights).
 
 Evaluation runs on 16-token prompts (the job's ``inputs``) so that the float model's forward
 passes stay a fraction of a second on a small host. The job runs under a memory limit

@@ -24,6 +24,7 @@ rows, other integers from {0, 1}; masks are ones; booleans random.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import statistics
 import time
@@ -88,8 +89,8 @@ def make_session(path: Path, threads: int, config: dict[str, str] | None = None,
     (``NO_PREPACKING``), so that its weights are not copied into memory; the weights of any
     model kept in external data are read from one shared read-only mapping per file
     (``external.shared_initializers``), not from a private copy per session; once a session
-    with prepacking is made, the pages of the mapping it has copied are let go
-    (``external.drop_resident_pages``).
+    with prepacking is being made, the pages of the mapping it has copied are let go as it
+    goes (``external.pages_released``).
 
     ``config``: session config entries (``SessionOptions.add_session_config_entry``), e.g.
     ``{"session.disable_quant_qdq": "1"}`` for a weight-only int8 model (see
@@ -97,11 +98,7 @@ def make_session(path: Path, threads: int, config: dict[str, str] | None = None,
     profiler on, its file under that prefix (``report_html``)."""
     import onnxruntime as ort
 
-    from service.engine.external import (
-        drop_resident_pages,
-        float_weights_on_disk,
-        shared_initializers,
-    )
+    from service.engine.external import float_weights_on_disk, pages_released, shared_initializers
 
     opts = ort.SessionOptions()
     prepacking = not float_weights_on_disk(Path(path))
@@ -123,11 +120,12 @@ def make_session(path: Path, threads: int, config: dict[str, str] | None = None,
     if profile_prefix is not None:
         opts.enable_profiling = True
         opts.profile_file_prefix = profile_prefix
-    session = ort.InferenceSession(str(path), sess_options=opts,
-                                   providers=["CPUExecutionProvider"])
+    # A session that prepacks copies what it reads from the shared mapping: those file pages
+    # need not stay resident, during its making or after (``external.pages_released``).
+    with pages_released(Path(path)) if shared and prepacking else contextlib.nullcontext():
+        session = ort.InferenceSession(str(path), sess_options=opts,
+                                       providers=["CPUExecutionProvider"])
     session._edgepress_shared = shared  # the mapping lives as long as the session
-    if shared and prepacking:  # what it prepacked is copied: its file pages need not stay
-        drop_resident_pages(Path(path))
     return session
 
 

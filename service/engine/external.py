@@ -222,6 +222,8 @@ class _Layout(NamedTuple):
     # (name, data file, offset, dtype, shape) of each main-graph external tensor that can be
     # viewed from a shared mapping (``shared_initializers``)
     views: tuple[tuple[str, Path, int, np.dtype, tuple[int, ...]], ...]
+    # bytes of the main graph's weights held in external data files
+    external_bytes: int = 0
 
 
 _NO_LAYOUT = _Layout(False, ())
@@ -254,10 +256,13 @@ def _layout(path: str, size: int, mtime_ns: int) -> _Layout:
                   for n in model.graph.node)
     folder = Path(path).parent.resolve()
     views = []
+    total = 0
     for t in model.graph.initializer:
         if not is_external(t):
             continue
         info = {e.key: e.value for e in t.external_data}
+        with contextlib.suppress(ValueError):
+            total += max(0, int(info.get("length", "0")))
         file = (folder / info.get("location", "")).resolve()
         if not file.is_relative_to(folder) or file == folder:  # as ONNX Runtime confines it
             continue
@@ -272,7 +277,14 @@ def _layout(path: str, size: int, mtime_ns: int) -> _Layout:
                 or length != count * dtype.itemsize or count == 0):
             continue
         views.append((t.name, file, offset, dtype, shape))
-    return _Layout(on_disk, tuple(views))
+    return _Layout(on_disk, tuple(views), total)
+
+
+def external_weight_bytes(path: Path) -> int:
+    """Bytes of the main graph's weights the saved model at ``path`` keeps in external data
+    files, as its entries declare them (parsed once per file version, ``_layout_of``; 0 for a
+    file that holds its weights itself)."""
+    return _layout_of(path).external_bytes
 
 
 def float_weights_on_disk(path: Path) -> bool:
@@ -347,6 +359,31 @@ def drop_resident_pages(path: Path) -> None:
         if raw is not None and hasattr(mmap, "MADV_DONTNEED"):
             with contextlib.suppress(OSError, ValueError):  # advice only
                 raw.madvise(mmap.MADV_DONTNEED)
+
+
+@contextlib.contextmanager
+def pages_released(path: Path, interval: float = 0.02) -> Iterator[None]:
+    """While the block runs, let go of this process's resident pages of the model's shared
+    weight mappings every ``interval`` seconds (``drop_resident_pages``), and once at the end.
+    For making an ONNX Runtime session that prepacks: it reads each weight once to copy it
+    (and releases the GIL meanwhile), so without this the file pages it has read stay
+    resident beside the copies until it returns: the whole int4 model twice at the peak."""
+    import threading
+
+    done = threading.Event()
+
+    def loop() -> None:
+        while not done.wait(interval):
+            drop_resident_pages(path)
+
+    worker = threading.Thread(target=loop, name="edgepress-release-pages", daemon=True)
+    worker.start()
+    try:
+        yield
+    finally:
+        done.set()
+        worker.join()
+        drop_resident_pages(path)
 
 
 def tensor_views(path: Path, names: set[str]) -> list[tuple[str, object]]:

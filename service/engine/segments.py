@@ -49,8 +49,9 @@ def segment_budget(path: Path, limits: EngineLimits) -> int | None:
     pass it; else, under a job memory limit (``devices.host.memory_limit``), ``SEGMENT_SHARE`` of
     that limit when the external weights pass ``WHOLE_SHARE`` of it."""
     from service.engine.devices.host import memory_limit
+    from service.engine.external import external_weight_bytes
 
-    weights = external_weight_bytes(path)
+    weights = external_weight_bytes(Path(path))
     if not weights:
         return None
     if limits.segment_weight_bytes is not None:
@@ -59,16 +60,6 @@ def segment_budget(path: Path, limits: EngineLimits) -> int | None:
     if space is None or weights <= WHOLE_SHARE * space[0]:
         return None
     return max(1, int(SEGMENT_SHARE * space[0]))
-
-
-def external_weight_bytes(path: Path) -> int:
-    """Bytes of the saved model's weights held in its external data files (0: none)."""
-    from service.engine.external import saved_bytes
-
-    try:
-        return max(0, saved_bytes(Path(path)) - Path(path).stat().st_size)
-    except (OSError, KeyError, ValueError, onnx.onnx_cpp2py_export.checker.ValidationError):
-        return 0
 
 
 @dataclass(frozen=True)
@@ -201,7 +192,8 @@ class SegmentedSession:
         self._outputs = [_arg(v) for v in graph.output]
         self._types = _value_types(self.model)
         self.peak_weight_bytes = max((s.weight_bytes for s in self.segments), default=0)
-        self.weight_bytes = external_weight_bytes(self.path)
+        self.weight_bytes = sum(_tensor_bytes(t) for t in graph.initializer
+                                if t.data_location == TensorProto.EXTERNAL)
 
     def get_inputs(self) -> list[_Arg]:
         return list(self._inputs)

@@ -32,7 +32,7 @@ from typing import Any
 
 import numpy as np
 import onnx
-from onnx import TensorProto, helper
+from onnx import TensorProto, helper, numpy_helper
 
 from service.engine.external import ExternalWriter, external_bytes, read_tensor
 
@@ -48,6 +48,7 @@ class StreamResult:
     skipped: list[dict[str, Any]] = field(default_factory=list)
     bytes_before: int = 0
     bytes_after: int = 0
+    zero_point_corrections: int = 0  # float zero points written beside the fast kernel
 
     def notes(self) -> dict[str, Any]:
         return {"streamed": True, "quantized": len(self.quantized),
@@ -98,11 +99,40 @@ def pack_nbits(codes: np.ndarray, scales: np.ndarray, zeros: np.ndarray | None,
     return packed, np.ascontiguousarray(scales.T.astype(np.float32)), zp
 
 
+def zero_point_correction(node_name: str, x: str, nbits_output: str, output: str,
+                          blocks: int, block_size: int, correction: str,
+                          ) -> tuple[list[onnx.NodeProto], list[TensorProto]]:
+    """Nodes (and their two small constant initializers) that add ``blocksum(x) @ C`` to a
+    MatMulNBits output written without zero points (the implicit 8): with
+    ``C[b, n] = (8 - z[b, n]) s[b, n]`` (the initializer ``correction``, [blocks, N]) this
+    makes it exactly the MatMul with float zero points ``z``, ``(q - z) s = (q - 8) s +
+    (8 - z) s``; ONNX Runtime's CPU MatMulNBits has a fast kernel only without float zero
+    points. Needs K = ``blocks * block_size``."""
+    base = f"{node_name}_zp"
+    shape = numpy_helper.from_array(np.array([-1, blocks, block_size], np.int64),
+                                    f"{node_name}_zp_blocks")
+    axes = numpy_helper.from_array(np.array([-1], np.int64), f"{node_name}_zp_axes")
+    nodes = [
+        helper.make_node("Reshape", [x, shape.name], [f"{base}_x"], name=f"{base}_x"),
+        helper.make_node("ReduceSum", [f"{base}_x", axes.name], [f"{base}_sum"], keepdims=0,
+                         name=f"{base}_sum"),
+        helper.make_node("MatMul", [f"{base}_sum", correction], [f"{base}_mm"],
+                         name=f"{base}_mm"),
+        helper.make_node("Shape", [nbits_output], [f"{base}_shape"], name=f"{base}_shape"),
+        helper.make_node("Reshape", [f"{base}_mm", f"{base}_shape"], [f"{base}_y"],
+                         name=f"{base}_y"),
+        helper.make_node("Add", [nbits_output, f"{base}_y"], [output], name=f"{base}_add"),
+    ]
+    return nodes, [shape, axes]
+
+
 class Rounding:
     """How ``int4_stream`` rounds one weight: ``quantize(node, w)`` returns (int4 codes
     [K, N] 0..15, scales and zero points [blocks, N] (zero points None: symmetric, the
-    implicit 8), and per-input-channel scales ``s`` or None: the codes are of ``diag(s) w``
-    and the MatMul reads ``x / s``), or None: RTN (ONNX Runtime's C++ quantizer)."""
+    implicit 8; float zero points, HQQ's: written as a correction beside the fast kernel,
+    ``zero_point_correction``), and per-input-channel scales ``s`` or None: the codes are of
+    ``diag(s) w`` and the MatMul reads ``x / s``), or None: RTN (ONNX Runtime's C++
+    quantizer)."""
 
     name = "rtn"
 
@@ -150,8 +180,11 @@ def int4_stream(
             w = np.asarray(read_tensor(w_t), np.float32)
             rounded = rounding.quantize(node, w)
             channel_scale = None
+            float_zeros = None
             if rounded is not None:
                 codes, scales_kn, zeros_kn, channel_scale = rounded
+                if zeros_kn is not None and zeros_kn.dtype.kind == "f":
+                    float_zeros, zeros_kn = zeros_kn, None
                 packed, scales, zero = pack_nbits(codes, scales_kn, zeros_kn, block_size)
             else:
                 blocks = -(-k // block_size)
@@ -169,6 +202,25 @@ def int4_stream(
             tensors = [writer.add(packed, base + "_Q4"), writer.add(scales, base + "_scales")]
             if zero is not None:
                 tensors.append(writer.add(zero, base + "_zero_points"))
+            outputs = list(node.output)
+            if float_zeros is not None:
+                blocks = scales.shape[1]
+                if blocks * block_size == k:  # exact beside the fast kernel
+                    correction = writer.add(
+                        ((8.0 - float_zeros) * scales.T).astype(np.float32),
+                        base + "_zp_correction")
+                    extra, consts = zero_point_correction(
+                        node.name, node.input[0], f"{node.output[0]}_nbits", node.output[0],
+                        blocks, block_size, correction.name)
+                    graph.initializer.extend([correction, *consts])
+                    outputs[0] = f"{node.output[0]}_nbits"
+                    result.zero_point_corrections += 1
+                else:  # float zero points as they are (ONNX Runtime's slower kernel)
+                    tensors.append(writer.add(np.ascontiguousarray(
+                        float_zeros.T.astype(np.float32)), base + "_zero_points"))
+                    extra = []
+            else:
+                extra = []
             graph.initializer.extend(tensors)
             source = node.input[0]
             if channel_scale is not None:
@@ -182,8 +234,9 @@ def int4_stream(
             if accuracy_level:
                 attrs["accuracy_level"] = accuracy_level
             nodes.append(helper.make_node(
-                "MatMulNBits", [source, *(t.name for t in tensors)], list(node.output),
+                "MatMulNBits", [source, *(t.name for t in tensors)], outputs,
                 name=node.name + "_Q4", domain="com.microsoft", **attrs))
+            nodes.extend(extra)
             result.quantized.append(node.name)
             progress((index + 1) / max(todo, 1), f"int4 {rounding.name} {node.name}")
     if not any(o.domain == "com.microsoft" for o in out.opset_import):

@@ -70,11 +70,13 @@ block 32, batch 1, 1 thread): fp32 0.54 ms, int4 default 0.36 ms, int4 level 4 0
 A model whose weights stay in external data (past the engine's inline limit, or 2 GiB) is
 quantized one weight at a time (``service.engine.weight_stream.int4_stream``, each weight
 mapped from disk, its result written to the pass's own data file): RTN (ONNX Runtime's C++
-block quantizer), or GPTQ / AWQ (this module's, as above) on activations of the float model
+block quantizer), HQQ (ONNX Runtime's HQQ solver, ``quantize_internal``, called per weight:
+its whole-model quantizer takes the model in memory; float zero points written as the same
+exact correction), or GPTQ / AWQ (this module's, as above) on activations of the float model
 captured a group of layers at a time (``StreamingCapture``: one run of the model over the
 calibration feeds per group, at most ``STREAM_CAPTURE_BYTES`` held); main-graph MatMuls,
-embedding tables int8 (a scale per row) or float, Gemm layers float; HQQ (ONNX Runtime's
-quantizer takes the whole model), int4 tables and ``int8_share`` are refused there.
+embedding tables int8 (a scale per row) or float, Gemm layers float; int4 tables and
+``int8_share`` are refused there.
 
 Size: 4 bits per weight + 32/block_size bits of scale (+4/block_size of zero point): ~6.4x
 smaller than float32 at block 32, ~7x at block 64 (the default), when MatMul weights dominate.
@@ -106,7 +108,7 @@ from service.engine.graph import (
 from service.engine.normalise import strip_debug_metadata
 from service.engine.registry import Pass, PassConfig, PassContext, register
 from service.engine.scope import EXCLUDED, ScopeConfig, nodes_to_exclude_field, require, scope_of
-from service.engine.weight_stream import Rounding, pack_nbits
+from service.engine.weight_stream import Rounding, pack_nbits, zero_point_correction
 
 Method = Literal["rtn", "hqq", "gptq", "awq"]
 TablePrecision = Literal["float", "int8", "int4"]
@@ -480,24 +482,13 @@ def _zero_point_corrections(graph: onnx.GraphProto) -> int:
         base = node.name or node.output[0]
         correction = numpy_helper.from_array(((8.0 - zero) * scale).T.astype(np.float32),
                                              f"{base}_zp_correction")
-        shape = numpy_helper.from_array(np.array([-1, blocks, block], np.int64),
-                                        f"{base}_zp_blocks")
-        axes = numpy_helper.from_array(np.array([-1], np.int64), f"{base}_zp_axes")
-        graph.initializer.extend([correction, shape, axes])
         output = node.output[0]
         node.output[0] = f"{output}_nbits"
         del node.input[3:]
-        t = f"{base}_zp"
-        nodes += [
-            helper.make_node("Reshape", [node.input[0], shape.name], [f"{t}_x"], name=f"{t}_x"),
-            helper.make_node("ReduceSum", [f"{t}_x", axes.name], [f"{t}_sum"], keepdims=0,
-                             name=f"{t}_sum"),
-            helper.make_node("MatMul", [f"{t}_sum", correction.name], [f"{t}_mm"],
-                             name=f"{t}_mm"),
-            helper.make_node("Shape", [node.output[0]], [f"{t}_shape"], name=f"{t}_shape"),
-            helper.make_node("Reshape", [f"{t}_mm", f"{t}_shape"], [f"{t}_y"], name=f"{t}_y"),
-            helper.make_node("Add", [node.output[0], f"{t}_y"], [output], name=f"{t}_add"),
-        ]
+        extra, consts = zero_point_correction(base, node.input[0], node.output[0], output,
+                                              blocks, block, correction.name)
+        graph.initializer.extend([correction, *consts])
+        nodes += extra
         done += 1
     del graph.node[:]
     graph.node.extend(nodes)
@@ -1048,12 +1039,8 @@ class Int4WeightOnly(Pass[Int4WeightOnlyConfig]):
 
 
 def streaming_refusal(config: Int4WeightOnlyConfig) -> str | None:
-    """Why ``config`` cannot run on a model kept in external data (RTN, GPTQ or AWQ one weight
-    at a time, embedding tables float or int8, no int8 share), or None."""
-    if config.method == "hqq":
-        return ("int4 hqq runs ONNX Runtime's HQQ quantizer on the whole model in memory; this "
-                "model's weights are kept in external data (past the inline limit): use method "
-                "rtn, or gptq / awq with a dataset")
+    """Why ``config`` cannot run on a model kept in external data (RTN, HQQ, GPTQ or AWQ one
+    weight at a time, embedding tables float or int8, no int8 share), or None."""
     if config.embedding == "int4":
         return ("int4 embedding tables (GatherBlockQuantized) need the whole model in memory; "
                 "on a model kept in external data set embedding to int8 or float")
@@ -1178,6 +1165,34 @@ class _GptqRounding(Rounding):
         return codes, scales, zeros, None
 
 
+class _HqqRounding(Rounding):
+    """HQQ on one weight at a time: ONNX Runtime's HQQ solver (``HQQWeightOnlyQuantizer.
+    quantize_internal``, what its whole-model quantizer runs per weight), its float zero
+    points kept exact beside the fast kernel by ``int4_stream``."""
+
+    name = "hqq"
+
+    def __init__(self, block_size: int) -> None:
+        from onnxruntime.quantization.matmul_nbits_quantizer import (
+            HQQWeightOnlyQuantConfig,
+            HQQWeightOnlyQuantizer,
+        )
+
+        self.block_size = block_size
+        self.solver = HQQWeightOnlyQuantizer(HQQWeightOnlyQuantConfig(block_size=block_size,
+                                                                      bits=4))
+
+    def quantize(self, node: onnx.NodeProto, w: np.ndarray) -> Any:
+        import torch
+
+        k = w.shape[0]
+        codes, scales, zeros = self.solver.quantize_internal(
+            torch.from_numpy(np.array(w, np.float32)).T, bits=4, group_size=self.block_size)
+        # [N, K padded] codes, [N, blocks] scales and zero points -> [K, N] and [blocks, N]
+        return (codes.numpy().T[:k].astype(np.uint8), scales.numpy().T.astype(np.float32),
+                zeros.numpy().T.astype(np.float32), None)
+
+
 class _AwqRounding(Rounding):
     name = "awq"
 
@@ -1221,6 +1236,8 @@ def _run_streaming(
                                    ctx.workdir / "capture", ctx.check_cancelled)
         rounding = (_GptqRounding if config.method == "gptq" else _AwqRounding)(
             capture, config.block_size, config.symmetric)
+    elif config.method == "hqq":
+        rounding = _HqqRounding(config.block_size)
     result = int4_stream(work, ctx.workdir, block_size=config.block_size,
                          symmetric=config.symmetric, accuracy_level=level,
                          min_elements=config.min_elements, exclude=exclude,
@@ -1254,6 +1271,9 @@ def _run_streaming(
                       "lm_head": {"precision": config.lm_head},
                       "embedding": {"precision": config.embedding if embedding_nodes
                                     else "float", "nodes": embedding_nodes}})
+    if isinstance(rounding, _HqqRounding):
+        ctx.notes["symmetric"] = False  # HQQ fits a zero point per block
+        ctx.notes["hqq_zero_point_corrections"] = result.zero_point_corrections
     if isinstance(rounding, _AwqRounding):
         ctx.notes["awq_alpha"] = rounding.alphas
         ctx.notes["awq_clip_ratio"] = rounding.clips

@@ -160,8 +160,8 @@ def test_a_pass_that_needs_the_whole_model_is_refused(tmp_path: Path) -> None:
     assert info.value.code == "model_too_large"
     assert "int4_weight_only" in info.value.message
     with pytest.raises(EngineError) as info:
-        _apply(kept.model, [{"pass": "int4_weight_only", "method": "hqq"}], tmp_path / "h")
-    assert info.value.code == "invalid_recipe"
+        _apply(kept.model, [{"pass": "int4_weight_only", "int8_share": 0.25}], tmp_path / "h")
+    assert info.value.code == "invalid_recipe" and "int8_share" in info.value.message
 
 
 @pytest.mark.parametrize("step", [{"pass": "int4_weight_only", "block_size": 32},
@@ -210,12 +210,11 @@ def test_auto_on_a_model_kept_external_plans_only_what_streams(tmp_path: Path) -
                       constraints={"training": False, "workers": 1, "objective": "size"})
     auto = result.report["auto"]
     planned = {c["name"] for c in auto["candidates"]}
-    assert planned and planned <= {"int4_weight_only", "int8_weight_only"}, planned
+    assert planned and planned <= {"int4_weight_only", "int4_hqq", "int8_weight_only"}, planned
     assert all(c["status"] != "failed" for c in auto["candidates"]), auto["candidates"]
     # what needs the whole model in memory is skipped, saying so
     skipped = {s.get("candidate"): s["reason"] for s in auto["skipped_formats"]}
     assert "needs the whole model in memory" in skipped["int8_dynamic"]
-    assert "use method rtn" in skipped["int4_hqq"]
     assert set(result.artifacts) == {"model.onnx", "model.onnx.data"}
     assert result.summary["min_cosine"] > 0.99 and result.summary["size_ratio"] > 2.5
 
@@ -299,6 +298,39 @@ def test_shared_initializers_leave_what_they_cannot_view_to_onnx_runtime(tmp_pat
             e.key, e.value = key, value
         onnx.save_model(bad, str(path))
         assert external.shared_initializers(path) == [], entries
+
+
+@pytest.mark.parametrize("block_size", [32, 128])
+def test_streaming_hqq_matches_the_in_memory_pass(tmp_path: Path, block_size: int) -> None:
+    """HQQ one weight at a time: ONNX Runtime's solver on each weight, as its whole-model
+    quantizer runs it, so the same codes; float zero points as the exact correction beside
+    the fast kernel where K is a multiple of the block (64 and 512 are of 32; 64 is not of
+    128: that layer keeps its float zero points as inputs)."""
+    archive = crafted.external_data_archive(tmp_path)
+    kept = load_model(archive, tmp_path / "kept", limits=KEEP)
+    inline = load_model(archive, tmp_path / "inline")
+    recipe = [{"pass": "int4_weight_only", "method": "hqq", "block_size": block_size,
+               "accuracy_level": 1}]
+    streamed, applied = apply_steps(kept.model, parse_recipe(recipe), tmp_path / "s",
+                                    lambda i, cls, step_dir: PassContext(workdir=step_dir))
+    in_memory = _apply(inline.model, recipe, tmp_path / "m")
+    notes = applied[0].notes
+    assert notes["streamed"] and notes["method"] == "hqq" and notes["quantized"] == 3
+    assert notes["hqq_zero_point_corrections"] == (3 if block_size == 32 else 2)
+    assert has_external(streamed)
+    nbits = [n for n in streamed.graph.node if n.op_type == "MatMulNBits"]
+    assert len(nbits) == 3
+    kept_zeros = [len(n.input) > 3 for n in nbits]  # float zero points as inputs
+    assert kept_zeros == ([False] * 3 if block_size == 32 else [True, False, False])
+    save(streamed, tmp_path / "out" / "model.onnx")
+    save(in_memory, tmp_path / "mem.onnx")
+    x = _x()
+    np.testing.assert_allclose(_run(tmp_path / "out" / "model.onnx", x),
+                               _run(tmp_path / "mem.onnx", x), rtol=1e-4, atol=1e-5)
+    ref = _run(crafted.write_external_data_model(tmp_path / "plain"), x)
+    got = _run(tmp_path / "out" / "model.onnx", x)
+    assert not np.array_equal(ref, got)
+    assert float((ref * got).sum() / np.linalg.norm(ref) / np.linalg.norm(got)) > 0.99
 
 
 @pytest.mark.parametrize("method", ["gptq", "awq"])

@@ -219,3 +219,42 @@ def test_language_model_metrics_against_a_segmented_original(byte_lm, tmp_path: 
     assert cut["perplexity_before"] == pytest.approx(whole["perplexity_before"], rel=1e-5)
     assert cut["prefill_tokens_per_s_before"] is None and cut["decode_tokens_per_s_after"] > 0
     assert "original_unmeasured" in cut and "original_unmeasured" not in whole
+
+
+def _resident_kb(path: Path) -> int:
+    """This process's resident kB of its mappings of ``path`` (/proc/self/smaps)."""
+    total, inside = 0, False
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        head = line.split()
+        if head and "-" in head[0] and len(head) >= 5 and ":" not in head[0]:
+            inside = line.rstrip().endswith(str(path.resolve()))
+        elif inside and line.startswith("Rss:"):
+            total += int(head[1])
+    return total
+
+
+def test_a_prepacked_session_lets_go_of_the_file_pages_it_copied(tmp_path: Path) -> None:
+    """int4 MatMulNBits weights are repacked when the session is made: the mapped file pages
+    they were read from are let go (page cache, not the job's resident set), and the session
+    still gives the same outputs."""
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    from service.engine.evaluate import make_session
+
+    quantizer = MatMulNBitsQuantizer(crafted.mlp(in_features=256, hidden=1024), block_size=32,
+                                     is_symmetric=True)
+    quantizer.process()
+    path = tmp_path / "q" / "model.onnx"
+    path.parent.mkdir()
+    onnx.save_model(quantizer.model.model, str(path), save_as_external_data=True,
+                    all_tensors_to_one_file=True, location="model.onnx.data", size_threshold=0)
+    data = path.with_name("model.onnx.data")
+    x = np.random.default_rng(0).standard_normal((4, 256)).astype(np.float32)
+    reference = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(
+        None, {"x": x})[0]
+    session = make_session(path, 1)
+    assert _maps(data) >= 1  # the shared mapping is there...
+    assert _resident_kb(data) < data.stat().st_size // 1024 // 4  # ...its copied pages are not
+    for _ in range(3):
+        np.testing.assert_allclose(session.run(None, {"x": x})[0], reference, rtol=1e-5,
+                                   atol=1e-5)
