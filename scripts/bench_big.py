@@ -3,15 +3,15 @@
 
 Builds a Llama-architecture decoder with random weights from a ``transformers`` config
 (``tests.llm.random_llama``; default ~2.3 GB of float32, past what one protobuf holds; exported
-with its KV cache unless ``--no-kv-cache``), saved as ``model.onnx`` + ``model.onnx.data``, packs
-both into a tar, starts a local stack of its own
-(SeaweedFS S3, Redis, gunicorn API, Celery worker; ``service.devstack``), uploads the archive
-with ``POST /v1/models``, runs ``int4_weight_only`` (rtn) on it, downloads the result
-(``model.onnx`` + ``model.onnx.data``) and prints: the fp32 and output sizes, the job's wall
-time by stage, and the engine process's peak memory as the worker measured it (``VmHWM``;
-``RssAnon`` / ``RssFile`` peaks, overall and per stage). The issue's bar: peak worker RSS
-below half the float model's size; the script says whether it holds, and prints what it
-measured either way.
+with its KV cache unless ``--no-kv-cache``), saved as ``model.onnx`` + ``model.onnx.data``,
+packs both into a tar, starts a local stack of its own (SeaweedFS S3, Redis, gunicorn API,
+Celery worker; ``service.devstack``), uploads the archive with ``POST /v1/models``, runs
+``int4_weight_only`` (rtn; embedding table int8 unless ``--embedding float``) on it, downloads
+the result (``model.onnx`` + ``model.onnx.data``) and prints: the fp32 and output sizes, the
+job's wall time by stage, and the engine process's peak memory as the worker measured it
+(``VmHWM``; ``RssAnon`` / ``RssFile`` peaks, overall and per stage). The issue's bar: peak
+worker RSS below half the float model's size; the script says whether it holds, and prints
+what it measured either way.
 
 The job evaluates the float original segment by segment (``service.engine.segments``: its
 weights pass half the job's memory limit), so that it is never resident whole; the script
@@ -68,6 +68,10 @@ def main(argv: list[str] | None = None) -> int:
                         "sequences uploaded with the job (random weights: a memory and time "
                         "test, not a quality one)")
     parser.add_argument("--calibration-samples", type=int, default=16)
+    parser.add_argument("--embedding", choices=["int8", "float"], default="int8",
+                        help="the embedding table's precision (int4 tables do not stream); "
+                        "a float table read through a mapping keeps whole page-cache folios "
+                        "resident per token row looked up")
     parser.add_argument("--no-kv-cache", dest="kv_cache", action="store_false",
                         help="export without the KV cache (input_ids, attention_mask -> logits; "
                         "not evaluated as a language model)")
@@ -156,7 +160,7 @@ def run(args: argparse.Namespace) -> int:
         if not args.kv_cache:
             inputs["attention_mask"] = {"shape": [1, PROMPT]}
         step = {"pass": "int4_weight_only", "block_size": args.block_size,
-                "method": args.method}
+                "method": args.method, "embedding": args.embedding}
         extra: dict = {}
         if args.method != "rtn":
             n = args.calibration_samples

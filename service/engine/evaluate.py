@@ -574,6 +574,7 @@ def evaluate_candidate(
                        len(np.asarray(lbl).ravel()) for lbl in labels)}
 
     check_cancelled()
+    del ref, cand  # every output of every feed: not held while latency is measured
     handed: list[Any] = [so, sc]
     del so, sc  # compare_latency lets them go once measured
     latency = compare_latency(original_path, candidate_path, feeds[0], runs=limits.latency_runs,

@@ -362,7 +362,7 @@ def drop_resident_pages(path: Path) -> None:
 
 
 @contextlib.contextmanager
-def pages_released(path: Path, interval: float = 0.02) -> Iterator[None]:
+def pages_released(path: Path, interval: float = 0.005) -> Iterator[None]:
     """While the block runs, let go of this process's resident pages of the model's shared
     weight mappings every ``interval`` seconds (``drop_resident_pages``), and once at the end.
     For making an ONNX Runtime session that prepacks: it reads each weight once to copy it
