@@ -105,6 +105,7 @@ from service.engine.graph import (
     iter_graphs,
     op_histogram,
 )
+from service.engine.limits import EngineLimits
 from service.engine.normalise import strip_debug_metadata
 from service.engine.registry import Pass, PassConfig, PassContext, register
 from service.engine.scope import EXCLUDED, ScopeConfig, nodes_to_exclude_field, require, scope_of
@@ -624,6 +625,13 @@ def captured_rows(session: Any, names: list[str], feeds: list[dict[str, np.ndarr
     """``session``'s outputs ``names`` over ``feeds``, each as rows of its last axis, at most
     ``max_rows`` of them (``even_rows``)."""
     rows: dict[str, list[np.ndarray]] = {n: [] for n in names}
+    if hasattr(session, "run_many"):  # a model run segment by segment: every feed at once
+        check_cancelled()
+        for result in session.run_many(feeds, names):
+            for name in names:
+                value = result[name]
+                rows[name].append(np.asarray(value, np.float32).reshape(-1, value.shape[-1]))
+        return {name: even_rows(np.concatenate(parts), max_rows) for name, parts in rows.items()}
     for feed in feeds:
         check_cancelled()
         for name, value in zip(names, session.run(names, feed), strict=True):
@@ -1062,9 +1070,14 @@ class StreamingCapture:
     capturing that name and the next ones while their rows fit ``STREAM_CAPTURE_BYTES``. Each
     run is an ONNX Runtime session of the model as it is on disk (a probe written beside hard
     links to its data files, so nothing is copied; ``evaluate.make_session``: one shared
-    read-only mapping, no prepacking), so the process holds the graph, one group of
-    activations and the weight being rounded. Activations come from the float model for every
-    layer (as the in-memory path captures them), not from already quantized layers."""
+    read-only mapping, no prepacking), or, where its weights pass what the job may hold at once
+    (``segments.segment_budget`` under ``limits``), the probe run segment by segment
+    (``evaluate.original_session``), so the process holds the graph, one group of activations,
+    one segment's weights and the weight being rounded. Activations come from the float model
+    for every layer (as the in-memory path captures them), not from already quantized
+    layers."""
+
+    limits = EngineLimits()  # decides whether a capture run goes segment by segment
 
     def __init__(self, model: onnx.ModelProto, names: list[str], feeds: list[dict[str, Any]],
                  max_rows: int, workdir: Path, check_cancelled: Callable[[], None]) -> None:
@@ -1074,6 +1087,7 @@ class StreamingCapture:
         self.held: dict[str, np.ndarray] = {}
         self.rows_seen: dict[str, int] = {}  # rows captured per tensor name
         self.runs = 0
+        self.segmented = False  # some capture run went segment by segment
         self._probe: onnx.ModelProto | None = None
         widths = {t.name: int(t.dims[0]) for t in model.graph.initializer if len(t.dims) == 2}
         readers = {n.input[0]: widths.get(n.input[1], 1) for n in model.graph.node
@@ -1096,7 +1110,7 @@ class StreamingCapture:
         return self.held[name]
 
     def _capture(self, names: list[str]) -> dict[str, np.ndarray]:
-        from service.engine.evaluate import make_session
+        from service.engine.evaluate import original_session
 
         self.check_cancelled()
         probe = onnx.ModelProto()
@@ -1107,7 +1121,8 @@ class StreamingCapture:
         run_path = self.workdir / f"probe_{self.runs}.onnx"  # beside the hard links
         onnx.save_model(probe, str(run_path))
         try:
-            session = make_session(run_path, 1)
+            session = original_session(run_path, 1, self.limits)
+            self.segmented = self.segmented or hasattr(session, "segments")
             out = captured_rows(session, names, self.feeds, self.max_rows,
                                 self.check_cancelled)
             del session
@@ -1249,7 +1264,7 @@ def _run_streaming(
         shutil.rmtree(ctx.workdir / "capture", ignore_errors=True)  # the hard links
         ctx.notes["streaming_capture"] = {
             "runs": capture.runs, "rows_per_input": capture.max_rows,
-            "group_bytes": STREAM_CAPTURE_BYTES,
+            "group_bytes": STREAM_CAPTURE_BYTES, "segmented": capture.segmented,
             "note": "activations of the float model, captured a group of layers at a time "
                     "(one pass of the float model over the calibration feeds per group)"}
         if config.method == "gptq" and capture.rows_seen:

@@ -354,6 +354,9 @@ def test_streaming_calibration_aware_int4_matches_the_in_memory_pass(
         return out, applied[0].notes
 
     monkeypatch.setattr(int4, "STREAM_CAPTURE_BYTES", 1)  # one input name per capture run
+    # and each capture run segment by segment (a float model past what the job may hold)
+    monkeypatch.setattr(int4.StreamingCapture, "limits",
+                        EngineLimits(segment_weight_bytes=300_000))
     streamed, notes = apply(kept.model, tmp_path / "s")
     in_memory, memory_notes = apply(inline.model, tmp_path / "m")
     if method == "gptq":  # 64 calibration rows for 512-wide layers: said, both ways
@@ -364,6 +367,7 @@ def test_streaming_calibration_aware_int4_matches_the_in_memory_pass(
     assert [n.op_type for n in streamed.graph.node].count("MatMulNBits") == 3
     assert notes["streamed"] and notes["method"] == method
     assert notes["streaming_capture"]["runs"] == 3  # x, r1, r2: a run each
+    assert notes["streaming_capture"]["segmented"] is True
     save(streamed, tmp_path / "out" / "model.onnx")
     save(in_memory, tmp_path / "mem.onnx")
     x = _x()
