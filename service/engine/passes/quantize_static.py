@@ -104,6 +104,13 @@ class QuantizeStaticConfig(ScopeConfig):
         "the BatchNorm statistics the model stores (ZeroQ, Cai et al., CVPR 2020; noise when "
         "the graph has no BatchNorm), noise = generated inputs as they are.",
     )
+    data_free_labels: bool = Field(
+        True,
+        description="With bn_statistics, where the output is class scores ([batch, classes] "
+        "from a Gemm/MatMul head): each synthesised input is also optimised towards a target "
+        "class (the BatchNorm statistics say nothing about the layers after the last "
+        "BatchNorm; without it the head's ranges are calibrated on low-confidence scores).",
+    )
     data_free_seconds: float = Field(
         30.0, gt=0.0, le=600.0, description="Time bound of the BatchNorm-statistics synthesis."
     )
@@ -227,7 +234,7 @@ def _distil(
     except ImportError as exc:  # the worker image has torch; a bare engine may not
         return None, {"reason": f"torch is not installed ({exc.name})"}
     return distil_inputs(model, template, max_seconds=config.data_free_seconds,
-                         seed=CALIBRATION_SEED)
+                         seed=CALIBRATION_SEED, labels=config.data_free_labels)
 
 
 class _Reader:

@@ -12,6 +12,20 @@ The result looks nothing like a photo, but its activations at every normalised l
 ranges real data gave, which is what static int8 calibration needs (Gaussian noise does not:
 its activation ranges are those of noise).
 
+The BatchNorm statistics say nothing about the layers after the last BatchNorm: on a
+classifier, inputs matched to them alone give weak, low-confidence class scores (the logits of
+the digits CNN reached 1.6 where real digits reach 7), so the ranges calibrated for the pooled
+features and the logits are too narrow and clip what real inputs produce. Where the graph's
+output is class scores (``[batch, classes]``, produced through Gemm/MatMul, optionally
+Softmax/LogSoftmax), each distilled sample is also given a target class and the loss gains a
+cross-entropy term towards it (the "target labels" of Haroush, Hubara, Hoffer and Soudry, "The
+Knowledge Within: Methods for Data-Free Model Compression", CVPR 2020, and of GDFQ, Xu et al.,
+ECCV 2020), so the distilled inputs drive the head as real, confidently classified inputs do.
+Measured on scikit-learn's digits test images (never seen by training nor calibration), eight
+BN digits CNNs trained from different seeds, static int8 top-1 agreement with the float model:
+BatchNorm term alone 0.73-0.99 (three of eight below Gaussian noise's 0.91-0.98), with the
+label term 0.97-0.997, as good as calibrating on 32 real training images (0.96-0.997).
+
 The graph runs as a torch module (``training.bridge.OnnxModule``) restricted to what the
 BatchNorm layers need: BatchNorm layers behind an op the bridge cannot run are left out, and a
 graph without any BatchNorm (exported with BatchNorm folded into the convolutions) has no
@@ -36,6 +50,12 @@ Feed = dict[str, np.ndarray]
 FLOAT_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16}
 CITATION = ("ZeroQ (Cai et al., CVPR 2020): inputs optimised to match the BatchNorm running "
             "statistics")
+LABEL_CITATION = ("target-class cross-entropy on the class scores (Haroush et al., 'The Knowledge "
+                  "Within', CVPR 2020)")
+# Weight of the label term against the (per-layer averaged) BatchNorm loss: 0.1 and 1.0 both
+# lifted the eight digits CNNs above 0.97; 0.1 was better or equal on six of eight.
+LABEL_WEIGHT = 0.1
+_HEAD_OPS = {"Gemm", "MatMul", "Add", "Flatten", "Reshape", "Squeeze", "Identity"}
 
 
 # Distilled data is a pure function of the model, the template and the settings: mixed
@@ -101,22 +121,54 @@ def _prefix(model: onnx.ModelProto, nodes: set[int], outputs: list[str]) -> onnx
     return out
 
 
+def class_scores(model: onnx.ModelProto) -> tuple[str | None, int, str, str]:
+    """(output, classes, kind, why) where the graph's output looks like class scores: one float
+    output of shape ``[batch, classes]`` (classes static, at least 2) produced by Gemm or
+    MatMul, through Add/Flatten/Reshape and at most one Softmax (kind "probabilities") or
+    LogSoftmax ("log_probabilities"), else "logits"; (None, 0, "", why) otherwise."""
+    outputs = list(model.graph.output)
+    if len(outputs) != 1:
+        return None, 0, "", f"the graph has {len(outputs)} outputs, not one"
+    out = outputs[0]
+    tt = out.type.tensor_type
+    if tt.elem_type not in FLOAT_TYPES:
+        return None, 0, "", "the output is not float"
+    dims = list(tt.shape.dim) if tt.HasField("shape") else []
+    if len(dims) != 2 or not dims[1].HasField("dim_value") or dims[1].dim_value < 2:
+        return None, 0, "", "the output is not [batch, classes] with static classes"
+    producer = {o: n for n in model.graph.node for o in n.output if o}
+    kind, name = "logits", out.name
+    for _ in range(8):
+        node = producer.get(name)
+        if node is None:
+            break
+        if node.op_type in ("Softmax", "LogSoftmax") and kind == "logits" and name == out.name:
+            kind = "probabilities" if node.op_type == "Softmax" else "log_probabilities"
+        elif node.op_type in ("Gemm", "MatMul"):
+            return out.name, int(dims[1].dim_value), kind, ""
+        elif node.op_type not in _HEAD_OPS:
+            break
+        name = node.input[0]
+    return None, 0, "", "the output is not produced by a Gemm/MatMul head"
+
+
 def distil_inputs(
     model: onnx.ModelProto, template: list[Feed], *, steps: int = 200, max_seconds: float = 30.0,
-    lr: float = 0.1, seed: int = 1,
+    lr: float = 0.1, seed: int = 1, labels: bool = True,
 ) -> tuple[list[Feed] | None, dict[str, Any]]:
     """Feeds like ``template`` (their shapes, their non-float inputs) whose float inputs are
-    optimised to match the BatchNorm statistics of ``model``; (None, note) when the model has
-    no BatchNorm the bridge can reach or the optimisation fails. ``note`` says what was done:
-    layers matched, steps, seconds, loss at the start and the end (the same call again in
-    this process returns the first result)."""
-    key = _memo_key(model, template, steps, max_seconds, lr, seed)
+    optimised to match the BatchNorm statistics of ``model`` (and, with ``labels`` where the
+    output is class scores, to be classified as one target class each); (None, note) when the
+    model has no BatchNorm the bridge can reach or the optimisation fails. ``note`` says what
+    was done: layers matched, the label term, steps, seconds, loss at the start and the end
+    (the same call again in this process returns the first result)."""
+    key = _memo_key(model, template, steps, max_seconds, lr, seed, labels)
     if key in _MEMO:
         _MEMO.move_to_end(key)
         feeds, note = _MEMO[key]
         return [dict(f) for f in feeds], {**note, "reused": True}
     feeds_out, note = _distil(model, template, steps=steps, max_seconds=max_seconds, lr=lr,
-                              seed=seed)
+                              seed=seed, labels=labels)
     if feeds_out is not None:
         _MEMO[key] = (feeds_out, note)
         while len(_MEMO) > _MEMO_ENTRIES:
@@ -126,7 +178,7 @@ def distil_inputs(
 
 def _distil(
     model: onnx.ModelProto, template: list[Feed], *, steps: int, max_seconds: float,
-    lr: float, seed: int,
+    lr: float, seed: int, labels: bool,
 ) -> tuple[list[Feed] | None, dict[str, Any]]:
     norms = _batchnorms(model)
     if not norms:
@@ -147,8 +199,20 @@ def _distil(
     floats = [n for n, t in types.items() if t in FLOAT_TYPES]
     if not floats or not template:
         return None, {"reason": "no float input to synthesise"}
+    head, classes, kind, why = class_scores(model) if labels else (None, 0, "", "switched off")
+    if head is not None:
+        head_nodes = _ancestors(model, head)
+        if head_nodes is None:
+            head, why = None, "the class scores sit behind an op the torch bridge cannot run"
+        else:
+            nodes.update(head_nodes)
+    label_note: dict[str, Any] = (
+        {"applied": True, "method": LABEL_CITATION, "output": head, "classes": classes,
+         "scores": kind, "weight": LABEL_WEIGHT} if head is not None
+        else {"applied": False, "reason": why})
     try:
-        module = OnnxModule(_prefix(model, nodes, [t for t, _, _ in reachable])).eval()
+        module = OnnxModule(_prefix(model, nodes, [t for t, _, _ in reachable]
+                                    + ([head] if head is not None else []))).eval()
         for p in module.parameters():
             p.requires_grad_(False)
         torch.manual_seed(seed)
@@ -157,6 +221,11 @@ def _distil(
                  for n in template[0]}
         targets = [(t, torch.from_numpy(m), torch.from_numpy(s)) for t, m, s in reachable]
         optimiser = torch.optim.Adam([batch[n] for n in floats], lr=lr)
+        rows_total = next(iter(batch.values())).shape[0]
+        # Every class as often as the batch allows, in an order of the seed's.
+        order = torch.randperm(max(classes, 1), generator=torch.Generator().manual_seed(seed))
+        if head is not None and rows_total < classes:
+            label_note["classes_targeted"] = rows_total
 
         def loss_of() -> torch.Tensor:
             acts = module({n: batch[n] for n in module.input_names}, capture=[t for t, _, _ in
@@ -166,7 +235,18 @@ def _distil(
                 a = acts[name].transpose(0, 1).reshape(mean.shape[0], -1)
                 total = total + torch.mean((a.mean(1) - mean) ** 2) + torch.mean(
                     (a.std(1) - std) ** 2)
-            return total / len(targets)
+            total = total / len(targets)
+            if head is not None:
+                scores = acts[head].float().reshape(-1, classes)
+                target = order[torch.arange(len(scores)) % classes]
+                if kind == "probabilities":
+                    scores = torch.log(scores.clamp_min(1e-12))
+                if kind == "logits":
+                    ce = torch.nn.functional.cross_entropy(scores, target)
+                else:
+                    ce = torch.nn.functional.nll_loss(scores, target)
+                total = total + LABEL_WEIGHT * ce
+            return total
 
         started, first, done = time.monotonic(), None, 0
         last = float("nan")
@@ -193,6 +273,6 @@ def _distil(
                         if n in floats else feed[n]) for n in feed})
         start += count
     return out, {"method": CITATION, "batchnorm_layers": len(reachable),
-                 "batchnorm_layers_total": len(norms), "steps": done,
+                 "batchnorm_layers_total": len(norms), "label_term": label_note, "steps": done,
                  "seconds": round(time.monotonic() - started, 2),
                  "loss_start": round(first or 0.0, 6), "loss_end": round(last, 6)}

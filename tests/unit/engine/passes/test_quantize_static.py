@@ -237,16 +237,21 @@ def test_paddle_style_graph_and_outer_scope_reads_quantize(kit) -> None:
 @pytest.mark.slow
 def test_data_free_calibration_matches_batchnorm_statistics(kit, tmp_path) -> None:  # type: ignore[no-untyped-def]
     """No dataset, a CNN whose BatchNorm layers hold the statistics of its (digits) training
-    images: ZeroQ's distilled data calibrates it; judged on the digits test images (never
-    seen by training nor calibration), it agrees with the float model more often than the
-    same quantization calibrated on Gaussian noise (measured: top-1 agreement 0.994 vs 0.947,
-    mean cosine 0.9997 vs 0.9987)."""
+    images: ZeroQ's distilled data, with a target class per sample on the logits, calibrates
+    it; judged on the digits test images (never seen by training nor calibration), it agrees
+    with the float model more often than the same quantization calibrated on Gaussian noise.
+    scripts/bench_data_free.py measures the spread over eight CNNs trained from different
+    seeds (docs/bench/data_free.txt): 0.958-0.994 with the label term (noise 0.91-0.98); the
+    BatchNorm term alone fell to 0.73. The bar below is that spread's floor: the trained CNN
+    itself differs from host to host (float kernels)."""
     path, _, test_images = real_exports.bn_digits_cnn(tmp_path / "bn.onnx")
     model = kit.load(onnx.load(str(path)))
     distilled = kit.run("quantize_static", model)
     note = distilled.notes["data_free"]
     assert distilled.notes["calibration"]["source"] == "synthesised"
     assert note["batchnorm_layers"] == 3 and note["loss_end"] < 0.1 * note["loss_start"]
+    assert note["label_term"]["applied"] and note["label_term"]["classes"] == 10
+    assert note["label_term"]["output"] == "logits" and note["label_term"]["scores"] == "logits"
     noise = kit.run("quantize_static", model, data_free="noise")
     assert noise.notes["calibration"]["source"] == "generated"
 
@@ -259,8 +264,44 @@ def test_data_free_calibration_matches_batchnorm_statistics(kit, tmp_path) -> No
 
     top1_distilled, cos_distilled = agreement(distilled.model)
     top1_noise, cos_noise = agreement(noise.model)
-    assert top1_distilled >= 0.98 and top1_distilled > top1_noise
+    assert top1_distilled >= 0.95 and top1_distilled > top1_noise
     assert cos_distilled > cos_noise
+    off = kit.run("quantize_static", model, data_free_labels=False).notes["data_free"]
+    assert off["label_term"] == {"applied": False, "reason": "switched off"}
+
+
+def _head(nodes: list[onnx.NodeProto], out_shape: list[int | str], *outputs: str) -> onnx.ModelProto:
+    from onnx import TensorProto, helper, numpy_helper
+
+    inits = [numpy_helper.from_array(np.ones((8, 10), np.float32), "w"),
+             numpy_helper.from_array(np.ones(10, np.float32), "b")]
+    graph = helper.make_graph(
+        nodes, "head", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 8])],
+        [helper.make_tensor_value_info(o, TensorProto.FLOAT, out_shape) for o in outputs],
+        inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_class_scores_are_recognised_by_their_head() -> None:
+    """The label term of data-free calibration needs class scores: [batch, classes] from a
+    Gemm/MatMul head, possibly through Add and one Softmax/LogSoftmax; nothing else."""
+    from onnx import helper
+
+    from service.engine.training.distilled_data import class_scores
+
+    mm = helper.make_node("MatMul", ["x", "w"], ["m"])
+    add = helper.make_node("Add", ["m", "b"], ["y"])
+    assert class_scores(_head([mm, add], ["n", 10], "y"))[:3] == ("y", 10, "logits")
+    gemm = helper.make_node("Gemm", ["x", "w", "b"], ["g"])
+    soft = helper.make_node("Softmax", ["g"], ["p"], axis=1)
+    assert class_scores(_head([gemm, soft], ["n", 10], "p"))[:3] == ("p", 10, "probabilities")
+    log = helper.make_node("LogSoftmax", ["g"], ["p"], axis=1)
+    assert class_scores(_head([gemm, log], ["n", 10], "p"))[2] == "log_probabilities"
+    relu = helper.make_node("Relu", ["g"], ["r"])
+    assert class_scores(_head([gemm, relu], ["n", 10], "r"))[0] is None
+    assert class_scores(_head([gemm], ["n", "classes"], "g"))[0] is None
+    assert class_scores(_head([gemm, soft], ["n", 10], "g", "p"))[0] is None
+    assert "not one" in class_scores(_head([gemm, soft], ["n", 10], "g", "p"))[3]
 
 
 def test_data_free_calibration_without_batchnorm_says_why(kit) -> None:
