@@ -128,9 +128,11 @@ class ExternalWriter:
         if not self._file.closed:
             self._file.close()
 
-    def add(self, array: np.ndarray, name: str, data_type: int | None = None) -> TensorProto:
+    def add(self, array: np.ndarray, name: str, data_type: int | None = None,
+            dims: list[int] | None = None) -> TensorProto:
         """``array`` appended (page-aligned), as tensor ``name`` (``data_type``: the ONNX type
-        when it is not the array's own, e.g. UINT4 codes already packed two to a byte)."""
+        when it is not the array's own, e.g. UINT4 codes already packed two to a byte, with
+        ``dims`` the tensor's own shape)."""
         array = np.ascontiguousarray(array)
         offset = -(-self.bytes // ALIGN) * ALIGN
         if offset > self.bytes:
@@ -139,7 +141,7 @@ class ExternalWriter:
         self._file.write(data)
         self.bytes = offset + len(data)
         t = TensorProto(name=name, data_type=data_type or helper.np_dtype_to_tensor_dtype(
-            array.dtype), dims=list(array.shape))
+            array.dtype), dims=list(array.shape) if dims is None else list(dims))
         point_at(t, self.path.parent, self.path.name, offset, len(data))
         return t
 

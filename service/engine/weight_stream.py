@@ -17,6 +17,10 @@ process keeps one float weight's pages mapped and its quantized form at a time.
   ``int8.weight_only_int8`` needs the model in memory); embedding tables (``Gather`` of a
   constant 2-D table, main graph) as int8 rows with one scale per row, dequantized after the
   lookup (``Gather`` of codes and of scales, ``Mul``), so only the rows looked up turn float.
+- int4 embedding tables: ONNX Runtime's ``GatherBlockQuantized`` (blocks along the embedding
+  dimension), the codes, scales and zero points of its quantizer's ``quantize_ndarray`` (what
+  the in-memory pass's ``quantize_gather`` runs) computed ``ROWS`` rows of the table at a time,
+  so the same bytes as the in-memory pass.
 
 Main graph only: weights inside If/Loop/Scan bodies stay float (noted). Other op types (Conv,
 recurrent layers) stay float on this path (noted).
@@ -281,6 +285,62 @@ def int8_weight_only(
                 nodes.extend(_int8_matmul(node, w_t, writer, graph))
             result.quantized.append(node.name)
             progress((index + 1) / max(len(graph.node), 1), f"int8 {node.name}")
+    return _finish(out, nodes, result)
+
+
+def int4_tables(
+    model: onnx.ModelProto, workdir: Path, *, block_size: int, symmetric: bool,
+    min_elements: int, exclude: set[str], check_cancelled: Callable[[], None] = lambda: None,
+) -> StreamResult:
+    """Main-graph Gathers along the rows of a constant 2-D float table as int4
+    ``GatherBlockQuantized``, one table at a time and ``ROWS`` rows of it at once."""
+    from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantizer
+
+    out, result, inits, readers = _begin(model)
+    graph = out.graph
+    nodes: list[onnx.NodeProto] = []
+    with ExternalWriter(workdir / "int4_tables.data") as writer:
+        for node in list(graph.node):
+            w_t = inits.get(node.input[0]) if node.op_type == "Gather" else None
+            if w_t is None or not _float_2d(w_t):
+                nodes.append(node)
+                continue
+            reason = _skip_reason(node, w_t, exclude, min_elements, readers) or (
+                "Gather not along the table's rows" if _attr(node, "axis", 0) != 0 else None)
+            if reason is not None:
+                result.skipped.append({"node": node.name, "reason": reason})
+                nodes.append(node)
+                continue
+            check_cancelled()
+            w = read_tensor(w_t)
+            codes, scales, zeros = [], [], []
+            for i in range(0, w.shape[0], ROWS):  # ROWS is even: packed halves stay aligned
+                q, s, z = DefaultWeightOnlyQuantizer.quantize_ndarray(
+                    np.asarray(w[i:i + ROWS], np.float32), 1, block_size, symmetric)
+                codes.append(q)
+                scales.append(s)
+                if z is not None:
+                    zeros.append(z)
+            del w
+            base = w_t.name
+            qtype = TensorProto.INT4 if symmetric else TensorProto.UINT4
+            scale = np.concatenate(scales)
+            tensors = [writer.add(np.concatenate(codes), base + "_Q4", qtype, list(w_t.dims)),
+                       writer.add(scale, base + "_scales")]
+            if zeros:
+                tensors.append(writer.add(np.concatenate(zeros), base + "_zero_points", qtype,
+                                          list(scale.shape)))
+            graph.initializer.extend(tensors)
+            names = [t.name for t in tensors]
+            nodes.append(helper.make_node(
+                "GatherBlockQuantized", [names[0], node.input[1], *names[1:]],
+                [node.output[0]], name=node.name + "_Q4", domain="com.microsoft",
+                gather_axis=0, quantize_axis=1, block_size=block_size))
+            result.quantized.append(node.name)
+    if result.quantized:
+        out.ir_version = max(out.ir_version, 10)  # INT4/UINT4 tensors
+        if not any(o.domain == "com.microsoft" for o in out.opset_import):
+            out.opset_import.append(helper.make_opsetid("com.microsoft", 1))
     return _finish(out, nodes, result)
 
 

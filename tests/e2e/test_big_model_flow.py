@@ -199,12 +199,13 @@ def test_streamed_int4_through_the_api(big_stack: Api, decoder: tuple[Path, Path
 def test_streamed_hqq_through_the_api(big_stack: Api, decoder: tuple[Path, Path],
                                       tmp_path: Path) -> None:
     """Data-free HQQ on the model kept in external data: one weight at a time, every MatMul's
-    float zero points written as the exact correction beside the fast kernel."""
+    float zero points written as the exact correction beside the fast kernel; the embedding
+    table int4 (GatherBlockQuantized), a slice of rows at a time."""
     model, archive = decoder
     uploaded = big_stack.upload_model(archive)
     job = big_stack.submit(model_id=uploaded["id"], device="host",
                            recipe=[{"pass": "int4_weight_only", "method": "hqq",
-                                    "block_size": 32}])
+                                    "block_size": 32, "embedding": "int4"}])
     done = big_stack.wait(job["id"], timeout=300)
     assert done["state"] == "succeeded", done.get("error")
     report = json.loads(big_stack.download(done["id"], "report.json",
@@ -212,11 +213,15 @@ def test_streamed_hqq_through_the_api(big_stack: Api, decoder: tuple[Path, Path]
     notes = report["passes"][0]["notes"]
     assert notes["streamed"] is True and notes["method"] == "hqq"
     assert notes["quantized"] == notes["hqq_zero_point_corrections"] == 4 * 7 + 1
+    assert notes["embedding"]["precision"] == "int4" and len(notes["embedding"]["nodes"]) == 1
     out = tmp_path / "out"
     out.mkdir()
     for name in ("model.onnx", "model.onnx.data"):
         big_stack.download(done["id"], name, out / name)
     ids = np.random.default_rng(1).integers(0, CONFIG["vocab_size"], (1, 16)).astype(np.int64)
+    ops = [n.op_type for n in onnx.load(str(out / "model.onnx"),
+                                        load_external_data=False).graph.node]
+    assert ops.count("GatherBlockQuantized") == 1
     ref, got = _logits(model, ids), _logits(out / "model.onnx", ids)
     assert float((ref * got).sum() / np.linalg.norm(ref) / np.linalg.norm(got)) > 0.9
     assert done["result"]["min_cosine"] > 0.9

@@ -75,8 +75,9 @@ its whole-model quantizer takes the model in memory; float zero points written a
 exact correction), or GPTQ / AWQ (this module's, as above) on activations of the float model
 captured a group of layers at a time (``StreamingCapture``: one run of the model over the
 calibration feeds per group, at most ``STREAM_CAPTURE_BYTES`` held); main-graph MatMuls,
-embedding tables int8 (a scale per row) or float, Gemm layers float; int4 tables and
-``int8_share`` are refused there.
+embedding tables int8 (a scale per row), int4 (``GatherBlockQuantized``, the same bytes as
+the in-memory pass, a slice of rows at a time: ``weight_stream.int4_tables``) or float, Gemm
+layers float; ``int8_share`` is refused there.
 
 Size: 4 bits per weight + 32/block_size bits of scale (+4/block_size of zero point): ~6.4x
 smaller than float32 at block 32, ~7x at block 64 (the default), when MatMul weights dominate.
@@ -1048,10 +1049,7 @@ class Int4WeightOnly(Pass[Int4WeightOnlyConfig]):
 
 def streaming_refusal(config: Int4WeightOnlyConfig) -> str | None:
     """Why ``config`` cannot run on a model kept in external data (RTN, HQQ, GPTQ or AWQ one
-    weight at a time, embedding tables float or int8, no int8 share), or None."""
-    if config.embedding == "int4":
-        return ("int4 embedding tables (GatherBlockQuantized) need the whole model in memory; "
-                "on a model kept in external data set embedding to int8 or float")
+    weight at a time, embedding tables float, int8 or int4, no int8 share), or None."""
     if config.int8_share > 0:
         return ("int8_share measures each layer's sensitivity with the whole model in memory; "
                 "on a model kept in external data set it to 0")
@@ -1227,8 +1225,8 @@ def _run_streaming(
 ) -> onnx.ModelProto:
     """The pass on a model kept in external data: one weight at a time, RTN or (with the
     job's dataset) GPTQ / AWQ on activations captured a few layers at a time; embedding
-    tables int8 (a scale per row) or float."""
-    from service.engine.weight_stream import int4_stream, int8_weight_only
+    tables int8 (a scale per row), int4 (GatherBlockQuantized) or float."""
+    from service.engine.weight_stream import int4_stream, int4_tables, int8_weight_only
 
     reason = streaming_refusal(config)
     if reason is not None:
@@ -1276,6 +1274,13 @@ def _run_streaming(
         tables = int8_weight_only(out, ctx.workdir, op_types={"Gather"},
                                   min_elements=config.min_elements, exclude=exclude,
                                   check_cancelled=ctx.check_cancelled)
+        embedding_nodes = tables.quantized
+        out = tables.model
+        result.bytes_after = tables.bytes_after
+    elif config.embedding == "int4":
+        tables = int4_tables(out, ctx.workdir, block_size=config.block_size,
+                             symmetric=config.symmetric, min_elements=config.min_elements,
+                             exclude=exclude, check_cancelled=ctx.check_cancelled)
         embedding_nodes = tables.quantized
         out = tables.model
         result.bytes_after = tables.bytes_after

@@ -395,3 +395,45 @@ def test_streaming_embedding_tables_go_int8(tmp_path: Path) -> None:
     assert "MatMulNBits" in ops and ops.count("Cast") >= 1
     gathers = [n for n in streamed.graph.node if n.op_type == "Gather"]
     assert any(g.input[0].endswith("_int8") for g in gathers)
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_streaming_embedding_tables_go_int4_as_the_in_memory_pass(
+        tmp_path: Path, symmetric: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """int4 tables on the streaming path: GatherBlockQuantized with the codes, scales and zero
+    points of the in-memory pass (ONNX Runtime's quantize_ndarray), computed a slice of rows
+    at a time (96 here: five slices of the 512-row table, the last one short)."""
+    from service.engine import weight_stream
+    from tests.llm import random_llama
+
+    monkeypatch.setattr(weight_stream, "ROWS", 96)
+    src = random_llama(tmp_path / "src", {"vocab_size": 512, "hidden_size": 64,
+                                          "intermediate_size": 128, "num_hidden_layers": 1,
+                                          "num_attention_heads": 2, "num_key_value_heads": 1,
+                                          "max_position_embeddings": 64,
+                                          "tie_word_embeddings": False})
+    archive = crafted.build_archive({"model.onnx": src,
+                                     "model.onnx.data": src.with_name("model.onnx.data")},
+                                    tmp_path / "m.tar", "tar")
+    kept = load_model(archive, tmp_path / "kept", limits=KEEP)
+    inline = load_model(archive, tmp_path / "inline")
+    recipe = [{"pass": "int4_weight_only", "embedding": "int4", "block_size": 32,
+               "symmetric": symmetric, "min_elements": 1024, "accuracy_level": 1}]
+    streamed, applied = apply_steps(kept.model, parse_recipe(recipe), tmp_path / "s",
+                                    lambda i, cls, step_dir: PassContext(workdir=step_dir))
+    in_memory = _apply(inline.model, recipe, tmp_path / "m")
+    notes = applied[0].notes
+    assert notes["streamed"] and notes["embedding"]["precision"] == "int4"
+    tables = [n for n in streamed.graph.node if n.op_type == "GatherBlockQuantized"]
+    assert len(tables) == 1 and not any(n.op_type == "Gather" and n.input[0] in {
+        t.name for t in streamed.graph.initializer} for n in streamed.graph.node)
+    assert len(tables[0].input) == (3 if symmetric else 4)
+    assert has_external(streamed)
+    save(streamed, tmp_path / "out" / "model.onnx")
+    save(in_memory, tmp_path / "mem.onnx")
+    ids = np.random.default_rng(5).integers(0, 512, (2, 12)).astype(np.int64)
+    feeds = {"input_ids": ids, "attention_mask": np.ones_like(ids)}
+    outs = [ort.InferenceSession(str(p), providers=["CPUExecutionProvider"]).run(None, feeds)[0]
+            for p in (tmp_path / "out" / "model.onnx", tmp_path / "mem.onnx", src)]
+    np.testing.assert_allclose(outs[0], outs[1], rtol=1e-4, atol=1e-5)
+    assert not np.array_equal(outs[0], outs[2])
