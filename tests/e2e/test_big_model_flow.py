@@ -174,13 +174,15 @@ def test_streamed_int4_through_the_api(big_stack: Api, decoder: tuple[Path, Path
     streaming = memory["by_stage_mb"]["pass:int4_weight_only"]
     assert streaming["anon"] - memory["start_rss_anon_mb"] < fp32_mb, memory
     # The float model is never resident whole: its weights are mapped a segment at a time
-    # (ingest reads them through a buffer), so mapped pages peak below the float model
-    # (segment + output + libraries), where a whole session maps all of it.
+    # (ingest scans them through a buffer and loads the original segment by segment; what
+    # building a segment's session touches stays below a segment: under 8 MB on an Intel
+    # host, 10.7 MB on an AMD one), so mapped pages peak below the float model (segment +
+    # output + libraries), where a whole session maps all of it.
     # (Against the libraries mapped by then: the normalise stage maps no weights.)
     stages = memory["by_stage_mb"]
     libraries = stages["normalise"]["file"]
     assert stages["evaluate"]["file"] - libraries < 0.75 * fp32_mb, memory
-    assert stages["ingest"]["file"] < libraries + 8, memory
+    assert stages["ingest"]["file"] < libraries + SEGMENT_BYTES / 2**20, memory
 
     # Today's path for the same weights in one .onnx file: the whole model in memory, and
     # copies of it. The streamed job's heap peaks lower by more than twice the model.

@@ -177,9 +177,12 @@ def host_check(samples: list[tuple[Any, float, str]], host: DeviceProfile,
     for path, measured, label in samples:
         est = cost_model.estimate(path, host, input_shapes=ctx.input_shapes)
         constants, stated = est.constants, est.fit_error_pct
-        points.append({"model": label, "estimated_ms": round(est.latency_ms, 4),
-                       "measured_ms": round(measured, 4),
-                       "error_pct": round(100.0 * (est.latency_ms - measured) / measured, 1)})
+        # Four significant figures (a tiny model runs in microseconds), and the error of the
+        # figures shown, so that a reader recomputing it gets the same.
+        shown_est, shown_measured = float(f"{est.latency_ms:.4g}"), float(f"{measured:.4g}")
+        points.append({"model": label, "estimated_ms": shown_est, "measured_ms": shown_measured,
+                       "error_pct": round(100.0 * (shown_est - shown_measured)
+                                          / shown_measured, 1)})
     return {"constants": constants, "stated_error_pct": stated, "points": points}
 
 
