@@ -377,7 +377,8 @@ def test_streaming_calibration_aware_int4_matches_the_in_memory_pass(
     assert not list((tmp_path / "s").glob("**/probe*"))  # the hard links are gone
 
 
-def test_streaming_embedding_tables_go_int8(tmp_path: Path) -> None:
+def _small_llama_archive(tmp_path: Path) -> tuple[Path, Path]:
+    """(the exported model.onnx, a tar of it and its data): a one-layer decoder, 512 tokens."""
     from tests.llm import random_llama
 
     src = random_llama(tmp_path / "src", {"vocab_size": 512, "hidden_size": 64,
@@ -388,6 +389,11 @@ def test_streaming_embedding_tables_go_int8(tmp_path: Path) -> None:
     archive = crafted.build_archive({"model.onnx": src,
                                      "model.onnx.data": src.with_name("model.onnx.data")},
                                     tmp_path / "m.tar", "tar")
+    return src, archive
+
+
+def test_streaming_embedding_tables_go_int8(tmp_path: Path) -> None:
+    _, archive = _small_llama_archive(tmp_path)
     kept = load_model(archive, tmp_path / "kept", limits=KEEP)
     streamed = _apply(kept.model, [{"pass": "int4_weight_only", "embedding": "int8",
                                     "min_elements": 1024}], tmp_path / "s")
@@ -404,17 +410,9 @@ def test_streaming_embedding_tables_go_int4_as_the_in_memory_pass(
     points of the in-memory pass (ONNX Runtime's quantize_ndarray), computed a slice of rows
     at a time (96 here: five slices of the 512-row table, the last one short)."""
     from service.engine import weight_stream
-    from tests.llm import random_llama
 
     monkeypatch.setattr(weight_stream, "ROWS", 96)
-    src = random_llama(tmp_path / "src", {"vocab_size": 512, "hidden_size": 64,
-                                          "intermediate_size": 128, "num_hidden_layers": 1,
-                                          "num_attention_heads": 2, "num_key_value_heads": 1,
-                                          "max_position_embeddings": 64,
-                                          "tie_word_embeddings": False})
-    archive = crafted.build_archive({"model.onnx": src,
-                                     "model.onnx.data": src.with_name("model.onnx.data")},
-                                    tmp_path / "m.tar", "tar")
+    src, archive = _small_llama_archive(tmp_path)
     kept = load_model(archive, tmp_path / "kept", limits=KEEP)
     inline = load_model(archive, tmp_path / "inline")
     recipe = [{"pass": "int4_weight_only", "embedding": "int4", "block_size": 32,
