@@ -1270,17 +1270,14 @@ def _run_streaming(
                                   [capture.width[n] for n in capture.rows_seen])
     embedding_nodes: list[str] = []
     out = result.model
-    if config.embedding == "int8":
-        tables = int8_weight_only(out, ctx.workdir, op_types={"Gather"},
-                                  min_elements=config.min_elements, exclude=exclude,
-                                  check_cancelled=ctx.check_cancelled)
-        embedding_nodes = tables.quantized
-        out = tables.model
-        result.bytes_after = tables.bytes_after
-    elif config.embedding == "int4":
-        tables = int4_tables(out, ctx.workdir, block_size=config.block_size,
-                             symmetric=config.symmetric, min_elements=config.min_elements,
-                             exclude=exclude, check_cancelled=ctx.check_cancelled)
+    if config.embedding != "float":
+        tables = (int8_weight_only(out, ctx.workdir, op_types={"Gather"},
+                                   min_elements=config.min_elements, exclude=exclude,
+                                   check_cancelled=ctx.check_cancelled)
+                  if config.embedding == "int8" else
+                  int4_tables(out, ctx.workdir, block_size=config.block_size,
+                              symmetric=config.symmetric, min_elements=config.min_elements,
+                              exclude=exclude, check_cancelled=ctx.check_cancelled))
         embedding_nodes = tables.quantized
         out = tables.model
         result.bytes_after = tables.bytes_after
