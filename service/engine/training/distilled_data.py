@@ -202,69 +202,41 @@ def _distil(
     if not floats or not template:
         return None, {"reason": "no float input to synthesise"}
     head, classes, kind, why = class_scores(model) if labels else (None, 0, "", "switched off")
+    head_nodes: set[int] = set()
     if head is not None:
-        head_nodes = _ancestors(model, head)
-        if head_nodes is None:
+        found = _ancestors(model, head)
+        if found is None:
             head, why = None, "the class scores sit behind an op the torch bridge cannot run"
         else:
-            nodes.update(head_nodes)
+            head_nodes = set(found)
     label_note: dict[str, Any] = (
         {"applied": True, "method": LABEL_CITATION, "output": head, "classes": classes,
          "scores": kind, "weight": LABEL_WEIGHT} if head is not None
         else {"applied": False, "reason": why})
+    bn_outputs = [t for t, _, _ in reachable]
+    started = time.monotonic()
     try:
-        module = OnnxModule(_prefix(model, nodes, [t for t, _, _ in reachable]
-                                    + ([head] if head is not None else []))).eval()
-        for p in module.parameters():
-            p.requires_grad_(False)
-        torch.manual_seed(seed)
-        batch = {n: torch.from_numpy(np.concatenate([f[n] for f in template], axis=0)
-                                     ).float().requires_grad_(n in floats)
-                 for n in template[0]}
-        targets = [(t, torch.from_numpy(m), torch.from_numpy(s)) for t, m, s in reachable]
-        optimiser = torch.optim.Adam([batch[n] for n in floats], lr=lr)
-        rows_total = next(iter(batch.values())).shape[0]
-        # Every class as often as the batch allows, in an order of the seed's.
-        order = torch.randperm(max(classes, 1), generator=torch.Generator().manual_seed(seed))
-        if head is not None and rows_total < classes:
-            label_note["classes_targeted"] = rows_total
-
-        def loss_of() -> torch.Tensor:
-            acts = module({n: batch[n] for n in module.input_names}, capture=[t for t, _, _ in
-                                                                               targets])
-            total = torch.zeros(())
-            for name, mean, std in targets:
-                a = acts[name].transpose(0, 1).reshape(mean.shape[0], -1)
-                total = total + torch.mean((a.mean(1) - mean) ** 2) + torch.mean(
-                    (a.std(1) - std) ** 2)
-            total = total / len(targets)
-            if head is not None:
-                scores = acts[head].float().reshape(-1, classes)
-                target = order[torch.arange(len(scores)) % classes]
-                if kind == "probabilities":
-                    scores = torch.log(scores.clamp_min(1e-12))
-                if kind == "logits":
-                    ce = torch.nn.functional.cross_entropy(scores, target)
-                else:
-                    ce = torch.nn.functional.nll_loss(scores, target)
-                total = total + LABEL_WEIGHT * ce
-            return total
-
-        started, first, done = time.monotonic(), None, 0
-        last = float("nan")
-        while done < steps:
-            done += 1
-            optimiser.zero_grad()
-            loss = loss_of()
-            if first is None:
-                first = float(loss.detach())
-            loss.backward()
-            optimiser.step()
-            last = float(loss.detach())
-            if time.monotonic() - started > max_seconds:
-                break
+        batch, done, seconds, first, last = _optimise(
+            _prefix(model, nodes | head_nodes, bn_outputs + ([head] if head else [])),
+            template, floats, reachable, (head, classes, kind), label_note, steps=steps,
+            max_seconds=max_seconds, lr=lr, seed=seed)
+        if head is not None and not np.isfinite(last):
+            raise FloatingPointError("the loss diverged")
     except Exception as exc:  # the bridge is a helper here: calibrate without it, say why
-        return None, {"reason": f"synthesis failed: {type(exc).__name__}: {str(exc)[:200]}"}
+        if head is None:
+            return None, {"reason": f"synthesis failed: {type(exc).__name__}: {str(exc)[:200]}"}
+        # The label term's head failed (an op at the batch the template makes, a divergence):
+        # the BatchNorm term alone still gives calibration data far better than noise.
+        label_note = {"applied": False, "reason": "the label term failed, BatchNorm statistics "
+                      f"alone: {type(exc).__name__}: {str(exc)[:200]}"}
+        try:
+            batch, done, seconds, first, last = _optimise(
+                _prefix(model, nodes, bn_outputs), template, floats, reachable, (None, 0, ""),
+                label_note, steps=steps, lr=lr, seed=seed,
+                max_seconds=max(1.0, max_seconds - (time.monotonic() - started)))
+        except Exception as exc2:
+            return None, {"reason": f"synthesis failed: {type(exc2).__name__}: "
+                                    f"{str(exc2)[:200]}"}
     if not np.isfinite(last):
         return None, {"reason": "synthesis diverged"}
     rows = [len(next(iter(f.values()))) if next(iter(f.values())).ndim else 1 for f in template]
@@ -276,5 +248,66 @@ def _distil(
         start += count
     return out, {"method": CITATION, "batchnorm_layers": len(reachable),
                  "batchnorm_layers_total": len(norms), "label_term": label_note, "steps": done,
-                 "seconds": round(time.monotonic() - started, 2),
+                 "seconds": seconds,
                  "loss_start": round(first or 0.0, 6), "loss_end": round(last, 6)}
+
+
+def _optimise(
+    prefix: onnx.ModelProto, template: list[Feed], floats: list[str],
+    reachable: list[tuple[str, np.ndarray, np.ndarray]], head: tuple[str | None, int, str],
+    label_note: dict[str, Any], *, steps: int, max_seconds: float, lr: float, seed: int,
+) -> tuple[dict[str, torch.Tensor], int, float, float, float]:
+    """Adam on the float inputs of ``template`` (one batch of all its rows) through ``prefix``:
+    the BatchNorm statistics' loss, plus the label term where ``head`` names class scores.
+    Returns (batch, steps done, seconds, first loss, last loss)."""
+    name, classes, kind = head
+    module = OnnxModule(prefix).eval()
+    for p in module.parameters():
+        p.requires_grad_(False)
+    torch.manual_seed(seed)
+    batch = {n: torch.from_numpy(np.concatenate([f[n] for f in template], axis=0)
+                                 ).float().requires_grad_(n in floats)
+             for n in template[0]}
+    targets = [(t, torch.from_numpy(m), torch.from_numpy(s)) for t, m, s in reachable]
+    optimiser = torch.optim.Adam([batch[n] for n in floats], lr=lr)
+    rows_total = next(iter(batch.values())).shape[0]
+    # Every class as often as the batch allows, in an order of the seed's.
+    order = torch.randperm(max(classes, 1), generator=torch.Generator().manual_seed(seed))
+    if name is not None and rows_total < classes:
+        label_note["classes_targeted"] = rows_total
+
+    def loss_of() -> torch.Tensor:
+        acts = module({n: batch[n] for n in module.input_names},
+                      capture=[t for t, _, _ in targets])
+        total = torch.zeros(())
+        for tensor, mean, std in targets:
+            a = acts[tensor].transpose(0, 1).reshape(mean.shape[0], -1)
+            total = total + torch.mean((a.mean(1) - mean) ** 2) + torch.mean(
+                (a.std(1) - std) ** 2)
+        total = total / len(targets)
+        if name is not None:
+            scores = acts[name].float().reshape(-1, classes)
+            target = order[torch.arange(len(scores)) % classes]
+            if kind == "probabilities":
+                scores = torch.log(scores.clamp_min(1e-12))
+            if kind == "logits":
+                ce = torch.nn.functional.cross_entropy(scores, target)
+            else:
+                ce = torch.nn.functional.nll_loss(scores, target)
+            total = total + LABEL_WEIGHT * ce
+        return total
+
+    started, first, done = time.monotonic(), None, 0
+    last = float("nan")
+    while done < steps:
+        done += 1
+        optimiser.zero_grad()
+        loss = loss_of()
+        if first is None:
+            first = float(loss.detach())
+        loss.backward()
+        optimiser.step()
+        last = float(loss.detach())
+        if time.monotonic() - started > max_seconds:
+            break
+    return batch, done, round(time.monotonic() - started, 2), first or 0.0, last

@@ -308,3 +308,44 @@ def test_data_free_calibration_without_batchnorm_says_why(kit) -> None:
     run = kit.run("quantize_static", kit.load(crafted.mlp()))
     assert run.notes["calibration"]["source"] == "generated"
     assert "no BatchNormalization" in run.notes["data_free"]["reason"]
+
+
+def test_label_term_failing_in_the_bridge_falls_back_to_batchnorm_statistics() -> None:
+    """A fixed-batch export whose head reshapes to a hard-coded [1, classes]: the bridge runs
+    the template's rows as one batch, so the head fails there while the convolutions before
+    the BatchNorm run. Synthesis then keeps the BatchNorm term alone (and says why) instead of
+    giving up, which would leave calibration to Gaussian noise."""
+    from onnx import helper, numpy_helper
+
+    from service.engine.training.distilled_data import distil_inputs
+
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.normal(size=(4, 3, 3, 3)).astype(np.float32), "cw"),
+             numpy_helper.from_array(np.ones(4, np.float32), "scale"),
+             numpy_helper.from_array(np.zeros(4, np.float32), "bias"),
+             numpy_helper.from_array(np.array([0.5, -0.2, 0.1, 0.3], np.float32), "mean"),
+             numpy_helper.from_array(np.array([2.0, 1.0, 0.5, 1.5], np.float32), "var"),
+             numpy_helper.from_array(np.array([1, 4], np.int64), "shape"),
+             numpy_helper.from_array(rng.normal(size=(4, 5)).astype(np.float32), "w")]
+    nodes = [helper.make_node("Conv", ["x", "cw"], ["c"], pads=[1, 1, 1, 1]),
+             helper.make_node("BatchNormalization", ["c", "scale", "bias", "mean", "var"], ["b"]),
+             helper.make_node("Relu", ["b"], ["r"]),
+             helper.make_node("GlobalAveragePool", ["r"], ["g"]),
+             helper.make_node("Reshape", ["g", "shape"], ["f"]),
+             helper.make_node("MatMul", ["f", "w"], ["logits"])]
+    graph = helper.make_graph(
+        nodes, "fixed_batch", [helper.make_tensor_value_info("x", T.FLOAT, [1, 3, 8, 8])],
+        [helper.make_tensor_value_info("logits", T.FLOAT, [1, 5])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    onnx.checker.check_model(model)
+    template = [{"x": rng.normal(size=(1, 3, 8, 8)).astype(np.float32)} for _ in range(8)]
+    feeds, note = distil_inputs(model, template, steps=60, seed=5)
+    assert feeds is not None, note
+    assert note["batchnorm_layers"] == 1 and note["loss_end"] < 0.5 * note["loss_start"]
+    assert note["label_term"]["applied"] is False
+    assert note["label_term"]["reason"].startswith("the label term failed")
+    assert len(feeds) == 8 and feeds[0]["x"].shape == (1, 3, 8, 8)
+    # The head alone is what fails: without the label term the same synthesis runs as before.
+    _, plain = distil_inputs(model, template, steps=60, seed=5, labels=False)
+    assert plain["label_term"] == {"applied": False, "reason": "switched off"}
+    assert plain["loss_end"] == note["loss_end"]
