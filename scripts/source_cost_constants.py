@@ -15,7 +15,9 @@ cost model's own ``analyse`` and roofline on the device's profile, and fits per 
 
 minimising the squared relative error; memory efficiency and the cache factor keep their kind
 defaults (the published numbers are end-to-end latencies of compute-heavy CNNs and do not
-separate the memory term). It prints per measurement the model's FLOPs, the naive achieved
+separate the memory term). The GPU kind's two are derived first, from the bandwidth
+microbenchmarks under ``bandwidth`` in the same file: the median STREAM-triad fraction of the
+datasheet bandwidth, and the median L2 / DRAM bandwidth ratio within one run. It prints per measurement the model's FLOPs, the naive achieved
 efficiency (FLOPs x throughput / datasheet peak, overheads included), the estimate with the
 module defaults and with the fitted constants, and the fit error per device.
 
@@ -370,6 +372,60 @@ def run(out_json: dict | None = None) -> dict[str, dict]:
     return results
 
 
+def bandwidth_defaults() -> dict[str, float]:
+    """The GPU kind's memory efficiency and cache factor from the microbenchmarks under
+    ``bandwidth`` in the sources file (median triad / datasheet peak; median L2 / DRAM within
+    one run), printing one row per GPU."""
+    rows = load_sources()["bandwidth"]["gpus"]
+    print(f"{'GPU':22s} {'peak GB/s':>9s} {'triad GB/s':>10s} {'triad/peak':>10s} "
+          f"{'L2 4MB GB/s':>11s} {'DRAM 256MB':>10s} {'L2/DRAM':>7s}")
+    fractions, ratios = [], []
+    for g in rows:
+        fraction = g["triad_gbps"] / g["peak_gbps"] if g.get("triad_gbps") and g.get(
+            "peak_gbps") else None
+        ratio = g["l2_gbps"] / g["dram_gbps"] if g.get("l2_gbps") else None
+        if fraction is not None:
+            fractions.append(fraction)
+        if ratio is not None:
+            ratios.append(ratio)
+
+        def cell(value: float | None, width: int, fmt: str) -> str:
+            return f"{value:{width}{fmt}}" if value is not None else f"{'-':>{width}s}"
+
+        print(f"{g['gpu']:22s} {cell(g.get('peak_gbps'), 9, '.0f')} "
+              f"{cell(g.get('triad_gbps'), 10, '.1f')} {cell(fraction, 10, '.3f')} "
+              f"{cell(g.get('l2_gbps'), 11, '.1f')} {cell(g.get('dram_gbps'), 10, '.1f')} "
+              f"{cell(ratio, 7, '.2f')}")
+    derived = {"memory_efficiency": round(statistics.median(fractions), 2),
+               "cache_bandwidth_factor": round(statistics.median(ratios), 1)}
+    print(f"gpu memory_efficiency: median triad/peak {statistics.median(fractions):.4f} over "
+          f"{len(fractions)} GPUs (range {min(fractions):.3f}-{max(fractions):.3f}) -> "
+          f"{derived['memory_efficiency']}")
+    print(f"gpu cache_bandwidth_factor: median L2/DRAM {statistics.median(ratios):.4f} over "
+          f"{len(ratios)} GPUs (range {min(ratios):.2f}-{max(ratios):.2f}) -> "
+          f"{derived['cache_bandwidth_factor']}")
+    print()
+    return derived
+
+
+def check_bandwidth(derived: dict[str, float]) -> list[str]:
+    """Where the GPU kind defaults in cost_model.py or the sources file differ from
+    ``derived``."""
+    problems = []
+    tables = {"memory_efficiency": cost_model.MEMORY_EFFICIENCY,
+              "cache_bandwidth_factor": cost_model.CACHE_BANDWIDTH_FACTOR}
+    stored = {(r["key"], r["constant"].lower()): r for r in load_sources()["constants"]}
+    for constant, value in derived.items():
+        if not math.isclose(tables[constant]["gpu"], value, rel_tol=0.03):
+            problems.append(f"gpu.{constant}: cost_model.py {tables[constant]['gpu']}, "
+                            f"derived {value}")
+        row = stored.get(("gpu", constant))
+        if row is None or not math.isclose(row["value"], value, rel_tol=0.03):
+            problems.append(f"gpu.{constant}: {SOURCES.name} "
+                            f"{row and row['value']}, derived {value}")
+    return problems
+
+
 def check(results: dict[str, dict]) -> list[str]:
     """Where the stored per-device values differ from this fit (beyond 3 % relative)."""
     problems = []
@@ -397,8 +453,9 @@ def main() -> int:
     header = machine_header("scripts/source_cost_constants.py", sys.argv[1:],
                             "none (no inference is run: the cost model's arithmetic only)")
     with tee_to(args.out, header):
+        derived = bandwidth_defaults()
         results = run()
-        problems = check(results) if args.check else []
+        problems = check(results) + check_bandwidth(derived) if args.check else []
         for problem in problems:
             print("DRIFT:", problem)
     return 1 if problems else 0

@@ -80,20 +80,23 @@ DEFAULT_DYNAMIC_DIM = 128
 #
 # Fraction of the datasheet peak that small-batch inference kernels reach.
 # cpu: FITTED on hosts with the same kernels (fallback 0.35). gpu: SOURCED: the T4 fit to 6
-# published TensorRT latencies gives 0.317 (the A100's own value, 0.0805, is in its profile).
+# published TensorRT latencies gives 0.317 (the A100's own value, 0.0814, is in its profile).
 # npu: ASSUMPTION (the Snapdragon 8 Gen 3's two published latencies give 0.487, the Apple M2's
 # single one 0.144, each kept in its profile).
 COMPUTE_EFFICIENCY = {"cpu": 0.35, "gpu": 0.30, "npu": 0.30}
 # Fraction of the datasheet memory bandwidth reached.
-# cpu: FITTED (fallback 0.60). gpu: ASSUMPTION below a SOURCED ceiling: STREAM-type kernels reach
-# 80-90 % of datasheet bandwidth on NVIDIA GPUs (BabelStream, Deakin et al., IJCSE 17(3), 2018);
-# 0.70 allows for inference's shorter, strided accesses. npu: ASSUMPTION.
-MEMORY_EFFICIENCY = {"cpu": 0.60, "gpu": 0.70, "npu": 0.60}
+# cpu: FITTED (fallback 0.60). gpu: SOURCED: the median STREAM-triad fraction of the datasheet
+# bandwidth over six NVIDIA GPUs (V100 to H200; 0.74-0.94, median 0.90) measured by
+# te42kyfo/gpu-benches, derived by scripts/source_cost_constants.py (cost_sources.json,
+# ``bandwidth``). npu: ASSUMPTION.
+MEMORY_EFFICIENCY = {"cpu": 0.60, "gpu": 0.90, "npu": 0.60}
 # Activation traffic is served mostly from caches: bandwidth relative to DRAM / HBM.
 # cpu: MEASURED, L2-resident vs DRAM bandwidth of one core through ONNX Runtime's Add kernel
 # (3.8x on the fitted host; not separable from the fitted memory efficiency, so
-# ``fit_cpu_constants`` keeps it). gpu, npu: ASSUMPTION (L2 vs HBM/LPDDR, about 2x).
-CACHE_BANDWIDTH_FACTOR = {"cpu": 3.8, "gpu": 2.0, "npu": 2.0}
+# ``fit_cpu_constants`` keeps it). gpu: SOURCED: the median L2 / DRAM ratio within one
+# gpu-l2-cache run (4 MB vs 256 MB) over four NVIDIA GPUs (2.7-6.3, median 3.3), derived by the
+# same script. npu: ASSUMPTION (on-chip SRAM vs LPDDR, about 2x).
+CACHE_BANDWIDTH_FACTOR = {"cpu": 3.8, "gpu": 3.3, "npu": 2.0}
 # Integer ops that ONNX Runtime runs with a reference kernel (im2col + integer GEMM, no fusion):
 # their rate relative to the fp32 peak. MEASURED: ConvInteger (u8 x s8) takes 1 / 0.19 of the
 # time of the fp32 Conv of the same shape (median of 8 ResNet/MobileNet shapes, 1 thread);

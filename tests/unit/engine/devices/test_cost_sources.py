@@ -263,3 +263,23 @@ def test_the_reference_networks_have_their_published_size(script) -> None:  # ty
     convs = [n for n in cost.nodes if n.op_type == "Conv"]
     assert convs and all(n.precision == "int8" and n.qdq_format == "int8_static_qdq_s8s8"
                          for n in convs)
+
+
+def test_gpu_bandwidth_defaults_are_the_medians_of_their_quoted_microbenchmarks(script, sources) -> None:  # type: ignore[no-untyped-def]
+    # every figure the derivation uses appears verbatim in its quote, and the GPU kind's memory
+    # efficiency and cache factor in cost_model.py are what the script derives from them
+    for g in sources["bandwidth"]["gpus"]:
+        if g.get("triad_gbps"):
+            assert f"{g['triad_gbps']:g}" in g["triad_source"]["quote"], g["gpu"]
+        if g.get("peak_gbps"):
+            assert f"{g['peak_gbps']:,}" in g["peak_source"]["quote"] or \
+                f"{g['peak_gbps']:g}" in g["peak_source"]["quote"] or \
+                f"{g['peak_gbps'] / 1000:g} TB/s" in g["peak_source"]["quote"], g["gpu"]
+        if g.get("l2_gbps"):
+            for figure in (g["l2_gbps"], g["dram_gbps"]):
+                assert f"{figure:g} GB/s" in g["l2_source"]["quote"], g["gpu"]
+    derived = script.bandwidth_defaults()
+    assert derived["memory_efficiency"] == cost_model.MEMORY_EFFICIENCY["gpu"]
+    assert derived["cache_bandwidth_factor"] == cost_model.CACHE_BANDWIDTH_FACTOR["gpu"]
+    assert script.check_bandwidth(derived) == []
+    assert script.check_bandwidth({**derived, "memory_efficiency": 0.7})
