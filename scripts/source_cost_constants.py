@@ -17,7 +17,9 @@ minimising the squared relative error; memory efficiency and the cache factor ke
 defaults (the published numbers are end-to-end latencies of compute-heavy CNNs and do not
 separate the memory term). The GPU kind's two are derived first, from the bandwidth
 microbenchmarks under ``bandwidth`` in the same file: the median STREAM-triad fraction of the
-datasheet bandwidth, and the median L2 / DRAM bandwidth ratio within one run. It prints per measurement the model's FLOPs, the naive achieved
+datasheet bandwidth, and the median L2 / DRAM bandwidth ratio within one run. The NPU kind's
+compute efficiency and per-node overhead are derived last, from the NPU profiles' fits (median;
+geometric mean). It prints per measurement the model's FLOPs, the naive achieved
 efficiency (FLOPs x throughput / datasheet peak, overheads included), the estimate with the
 module defaults and with the fitted constants, and the fit error per device.
 
@@ -162,6 +164,21 @@ class GraphBuilder:
                                            strides=[2, 2], pads=[1, 1, 1, 1]))
         return self._activation(y)
 
+    def fc(self, x: str, cin: int, cout: int, out: str | None = None) -> str:
+        """A Gemm layer, ReLU after it unless it is the output (``out``)."""
+        w = self._weight((cout, cin))
+        bias = self._bias(cout)
+        y = out or self._name("fc")
+        self.nodes.append(helper.make_node("Gemm", [self._activation(x), w, bias], [y],
+                                           transB=1))
+        if out is not None:
+            return y
+        if self.fmt.startswith("int8"):
+            return self._activation(y)
+        relu = self._name("relu")
+        self.nodes.append(helper.make_node("Relu", [y], [relu]))
+        return relu
+
     def head(self, x: str, channels: int, classes: int = 1000) -> str:
         pooled, flat = self._name("gap"), self._name("flat")
         self.nodes.append(helper.make_node("GlobalAveragePool", [x], [pooled]))
@@ -221,23 +238,83 @@ def _mobilenet_v1(fmt: str) -> onnx.ModelProto:
     return g.model("mobilenet_v1")
 
 
-def _mobilenet_v2(fmt: str) -> onnx.ModelProto:
-    g = GraphBuilder(fmt)
-    x = g.conv("x", 3, 32, 3, stride=2, act="Relu6")
-    cin = 32
-    for t, c, n, s in [(1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2),
-                       (6, 96, 3, 1), (6, 160, 3, 2), (6, 320, 1, 1)]:
-        for index in range(n):
-            stride = s if index == 0 else 1
-            hidden = cin * t
-            h = g.conv(x, cin, hidden, 1, act="Relu6") if t != 1 else x
-            h = g.conv(h, hidden, hidden, 3, stride=stride, group=hidden, act="Relu6")
-            h = g.conv(h, hidden, c, 1, act=None)
-            x = g.add(h, x, relu=False) if stride == 1 and cin == c else h
-            cin = c
-    x = g.conv(x, cin, 1280, 1, act="Relu6")
-    g.head(x, 1280)
-    return g.model("mobilenet_v2")
+def _basic_net(blocks: list[int]) -> Callable[[str], onnx.ModelProto]:
+    """ResNet-18 / 34: basic blocks (two 3x3 convolutions), no BatchNorm (folded)."""
+
+    def build(fmt: str) -> onnx.ModelProto:
+        g = GraphBuilder(fmt)
+        x = g.maxpool(g.conv("x", 3, 64, 7, stride=2))
+        cin = 64
+        for stage, count in enumerate(blocks):
+            cout = 64 * 2 ** stage
+            for index in range(count):
+                stride = 2 if index == 0 and stage > 0 else 1
+                h = g.conv(x, cin, cout, 3, stride=stride)
+                h = g.conv(h, cout, cout, 3, act=None)
+                short = g.conv(x, cin, cout, 1, stride=stride, act=None) \
+                    if stride != 1 or cin != cout else x
+                x = g.add(h, short, relu=True)
+                cin = cout
+        g.head(x, cin)
+        return g.model("resnet")
+
+    return build
+
+
+def _vgg(layers: list[int | str]) -> Callable[[str], onnx.ModelProto]:
+    """VGG: 3x3 convolutions and 2x pooling, then 512x7x7 -> 4096 -> 4096 -> 1000."""
+
+    def build(fmt: str) -> onnx.ModelProto:
+        g = GraphBuilder(fmt)
+        x, cin = "x", 3
+        for layer in layers:
+            if layer == "M":
+                x = g.maxpool(x)
+            else:
+                x = g.conv(x, cin, int(layer), 3)
+                cin = int(layer)
+        flat = g._name("flat")
+        g.nodes.append(helper.make_node("Flatten", [x], [flat]))
+        x = g.fc(flat, cin * 7 * 7, 4096)
+        x = g.fc(x, 4096, 4096)
+        g.fc(x, 4096, 1000, out="logits")
+        return g.model("vgg")
+
+    return build
+
+
+def _divisible(channels: float, divisor: int = 8) -> int:
+    """MobileNet's channel rounding: to a multiple of ``divisor``, never 10 % below."""
+    rounded = max(divisor, int(channels + divisor / 2) // divisor * divisor)
+    return rounded + divisor if rounded < 0.9 * channels else rounded
+
+
+def _mobilenet_v2_net(multiplier: float = 1.0) -> Callable[[str], onnx.ModelProto]:
+    """MobileNet v2 at a width multiplier (channels rounded to multiples of 8; the last
+    convolution keeps 1280 channels below 1.0, as timm's mobilenetv2_050 does)."""
+
+    def build(fmt: str) -> onnx.ModelProto:
+        g = GraphBuilder(fmt)
+        stem = _divisible(32 * multiplier)
+        x = g.conv("x", 3, stem, 3, stride=2, act="Relu6")
+        cin = stem
+        for t, c, n, s in [(1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2),
+                           (6, 96, 3, 1), (6, 160, 3, 2), (6, 320, 1, 1)]:
+            c = _divisible(c * multiplier)
+            for index in range(n):
+                stride = s if index == 0 else 1
+                hidden = cin * t
+                h = g.conv(x, cin, hidden, 1, act="Relu6") if t != 1 else x
+                h = g.conv(h, hidden, hidden, 3, stride=stride, group=hidden, act="Relu6")
+                h = g.conv(h, hidden, c, 1, act=None)
+                x = g.add(h, x, relu=False) if stride == 1 and cin == c else h
+                cin = c
+        last = max(1280, _divisible(1280 * multiplier))
+        x = g.conv(x, cin, last, 1, act="Relu6")
+        g.head(x, last)
+        return g.model("mobilenet_v2")
+
+    return build
 
 
 NETWORKS: dict[str, Callable[[str], onnx.ModelProto]] = {
@@ -245,7 +322,10 @@ NETWORKS: dict[str, Callable[[str], onnx.ModelProto]] = {
     "resnet101": _bottleneck_net([3, 4, 23, 3]),
     "resnext50_32x4d": _bottleneck_net([3, 4, 6, 3], groups=32, width_per_group=4),
     "mobilenet_v1": _mobilenet_v1,
-    "mobilenet_v2": _mobilenet_v2,
+    "mobilenet_v2": _mobilenet_v2_net(1.0),
+    "mobilenet_v2_050": _mobilenet_v2_net(0.5),
+    "resnet18": _basic_net([2, 2, 2, 2]),
+    "vgg13": _vgg([64, 64, "M", 128, 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M"]),
 }
 
 
@@ -409,19 +489,43 @@ def bandwidth_defaults() -> dict[str, float]:
 
 
 def check_bandwidth(derived: dict[str, float]) -> list[str]:
-    """Where the GPU kind defaults in cost_model.py or the sources file differ from
-    ``derived``."""
+    """Where the GPU kind's memory efficiency and cache factor differ from ``derived``."""
+    return check_kind("gpu", derived)
+
+
+def npu_defaults(results: dict[str, dict]) -> dict[str, float]:
+    """The NPU kind's compute efficiency (median of the NPU profiles' fits) and per-node
+    overhead (geometric mean of the NPU fits that determine it: they span orders of
+    magnitude, as the runtimes differ), printed."""
+    npus = [r["fitted"] for r in results.values() if r["kind"] == "npu" and r["fitted"]]
+    efficiencies = [f["compute_efficiency"] for f in npus if "compute_efficiency" in f]
+    overheads = [f["node_overhead_s"] for f in npus if "node_overhead_s" in f]
+    derived = {"compute_efficiency": float(f"{statistics.median(efficiencies):.3g}"),
+               "node_overhead_s": float(f"{statistics.geometric_mean(overheads):.3g}")}
+    print(f"npu compute_efficiency: median of {len(efficiencies)} NPU fits "
+          f"({', '.join(f'{v:.3g}' for v in sorted(efficiencies))}) -> "
+          f"{derived['compute_efficiency']}")
+    print(f"npu node_overhead_s: geometric mean of {len(overheads)} NPU fits "
+          f"({', '.join(f'{v:.3g}' for v in sorted(overheads))}) -> {derived['node_overhead_s']}")
+    return derived
+
+
+def check_kind(kind: str, derived: dict[str, float]) -> list[str]:
+    """Where the ``kind`` defaults in cost_model.py or the sources file differ from
+    ``derived`` (beyond 3 % relative)."""
     problems = []
     tables = {"memory_efficiency": cost_model.MEMORY_EFFICIENCY,
-              "cache_bandwidth_factor": cost_model.CACHE_BANDWIDTH_FACTOR}
+              "cache_bandwidth_factor": cost_model.CACHE_BANDWIDTH_FACTOR,
+              "compute_efficiency": cost_model.COMPUTE_EFFICIENCY,
+              "node_overhead_s": cost_model.NODE_OVERHEAD_S}
     stored = {(r["key"], r["constant"].lower()): r for r in load_sources()["constants"]}
     for constant, value in derived.items():
-        if not math.isclose(tables[constant]["gpu"], value, rel_tol=0.03):
-            problems.append(f"gpu.{constant}: cost_model.py {tables[constant]['gpu']}, "
+        if not math.isclose(tables[constant][kind], value, rel_tol=0.03):
+            problems.append(f"{kind}.{constant}: cost_model.py {tables[constant][kind]}, "
                             f"derived {value}")
-        row = stored.get(("gpu", constant))
+        row = stored.get((kind, constant))
         if row is None or not math.isclose(row["value"], value, rel_tol=0.03):
-            problems.append(f"gpu.{constant}: {SOURCES.name} "
+            problems.append(f"{kind}.{constant}: {SOURCES.name} "
                             f"{row and row['value']}, derived {value}")
     return problems
 
@@ -455,7 +559,9 @@ def main() -> int:
     with tee_to(args.out, header):
         derived = bandwidth_defaults()
         results = run()
-        problems = check(results) + check_bandwidth(derived) if args.check else []
+        npu = npu_defaults(results)
+        problems = check(results) + check_bandwidth(derived) + check_kind("npu", npu) \
+            if args.check else []
         for problem in problems:
             print("DRIFT:", problem)
     return 1 if problems else 0

@@ -81,8 +81,8 @@ DEFAULT_DYNAMIC_DIM = 128
 # Fraction of the datasheet peak that small-batch inference kernels reach.
 # cpu: FITTED on hosts with the same kernels (fallback 0.35). gpu: SOURCED: the T4 fit to 6
 # published TensorRT latencies gives 0.317 (the A100's own value, 0.0814, is in its profile).
-# npu: ASSUMPTION (the Snapdragon 8 Gen 3's two published latencies give 0.487, the Apple M2's
-# single one 0.144, each kept in its profile).
+# npu: SOURCED: the median of the NPU profiles' own fits (Apple M2 0.116, Intel Core Ultra NPU
+# 0.296, Snapdragon 8 Gen 3 0.487; each kept in its profile).
 COMPUTE_EFFICIENCY = {"cpu": 0.35, "gpu": 0.30, "npu": 0.30}
 # Fraction of the datasheet memory bandwidth reached.
 # cpu: FITTED (fallback 0.60). gpu: SOURCED: the median STREAM-triad fraction of the datasheet
@@ -104,10 +104,10 @@ CACHE_BANDWIDTH_FACTOR = {"cpu": 3.8, "gpu": 3.3, "npu": 2.0}
 REFERENCE_KERNEL_RATE = {"ConvInteger": 0.19}
 # Fixed cost per node (kernel dispatch / launch), seconds.
 # cpu: FITTED (fallback 1.5 us). gpu: SOURCED: the A100 fit to NVIDIA's published TensorRT
-# latencies gives 5.0 us per kernel, in line with a CUDA launch (4-6 us). npu: ASSUMPTION (a
-# delegate call per fused kernel, slower than a CUDA launch; the Snapdragon 8 Gen 3's own fit,
-# 0.38 us, is in its profile).
-NODE_OVERHEAD_S = {"cpu": 1.5e-6, "gpu": 5e-6, "npu": 8e-6}
+# latencies gives 5.1 us per kernel, in line with a CUDA launch (4-6 us). npu: SOURCED: the
+# geometric mean of the NPU fits that determine it (Snapdragon 8 Gen 3 through QNN 0.38 us,
+# Intel Core Ultra NPU through the OpenVINO EP 25.6 us; the runtime sets this cost).
+NODE_OVERHEAD_S = {"cpu": 1.5e-6, "gpu": 5e-6, "npu": 3.11e-6}
 COST_SOURCES_FILE = "cost_sources.json"
 # Where the fitted CPU constants live (package data next to the device profiles).
 COST_FIT_FILE = "cost_fit.json"
@@ -722,6 +722,23 @@ def load_cost_fit() -> dict[str, Any] | None:
     return fit if isinstance(fit, dict) and "constants" in fit and "machine" in fit else None
 
 
+def assumed_constants(profile: DeviceProfile) -> list[str]:
+    """The constants (``name = value``) an estimate for ``profile`` takes from its kind's defaults
+    where cost_sources.json labels that default ASSUMPTION; the profile's own values replace
+    them. Empty for a kind whose defaults are all sourced."""
+    rows = {(r.get("constant"), r.get("key")): r.get("label")
+            for r in load_cost_sources().get("constants", [])}
+    defaults = Constants.defaults(profile.kind)
+    out = []
+    for name in ("compute_efficiency", "memory_efficiency", "cache_bandwidth_factor",
+                 "node_overhead_s"):
+        if name in profile.cost_constants:
+            continue
+        if rows.get((name.upper(), profile.kind)) == "ASSUMPTION":
+            out.append(f"{name} = {getattr(defaults, name):g}")
+    return out
+
+
 @cache
 def load_cost_sources() -> dict[str, Any]:
     """Where each constant comes from (``service/engine/devices/cost_sources.json``), read once;
@@ -866,6 +883,13 @@ def estimate(
             "median |error| "
             f"{error.get('median_abs_pct')} % in-sample, {error.get('loo_median_abs_pct')} % "
             f"leave-one-model-out, over {error.get('samples')} corpus measurements")
+    if calibration is None and constants.fit is None:
+        assumed = assumed_constants(profile)
+        if assumed:
+            assumptions.append(
+                f"{', '.join(assumed)} of {profile.name} rest on no published figure "
+                f"(ASSUMPTION in service/engine/devices/{COST_SOURCES_FILE}, which lists what was "
+                "searched): the estimate is less certain than its fit error says")
     if constants.source == "sourced" and calibration is None:
         fit = (load_cost_sources().get("fits") or {}).get(profile.name) or {}
         fit_error = fit.get("median_abs_error_pct")

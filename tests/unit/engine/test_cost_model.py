@@ -349,3 +349,21 @@ def test_a_dequantize_with_a_float_consumer_materialises_float() -> None:
     assert nodes["add"].precision == "fp32" and nodes["add"].bytes == 3 * act * 4
     # the fused Conv still reads the int8 tensor
     assert nodes["conv2"].bytes == act + weight + act
+
+
+def test_an_estimate_names_the_constants_that_rest_on_no_published_figure() -> None:
+    # the NPU kind's memory efficiency and cache factor are ASSUMPTION in cost_sources.json: an
+    # NPU estimate says so; a GPU's (every default sourced) and a profile's own values do not
+    npu = get_device("intel_core_ultra_npu")
+    assert cost_model.assumed_constants(npu) == [
+        f"memory_efficiency = {cost_model.MEMORY_EFFICIENCY['npu']:g}",
+        f"cache_bandwidth_factor = {cost_model.CACHE_BANDWIDTH_FACTOR['npu']:g}"]
+    model = _conv_model(64, 64, 56)
+    notes = cost_model.estimate(model, npu).assumptions
+    assert any("rest on no published figure" in a and "memory_efficiency" in a for a in notes)
+    assert cost_model.assumed_constants(get_device("nvidia_l4")) == []
+    assert not any("no published figure" in a
+                   for a in cost_model.estimate(model, get_device("nvidia_l4")).assumptions)
+    own = npu.model_copy(update={"cost_constants": {"memory_efficiency": 0.5,
+                                                    "cache_bandwidth_factor": 1.5}})
+    assert cost_model.assumed_constants(own) == []

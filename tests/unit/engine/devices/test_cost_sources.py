@@ -255,8 +255,10 @@ def test_the_fit_recovers_known_gpu_constants(script) -> None:  # type: ignore[n
 
 def test_the_reference_networks_have_their_published_size(script) -> None:  # type: ignore[no-untyped-def]
     # FLOPs (2 per multiply-add) at 224x224 within a few % of the papers' multiply-adds:
-    # ResNet-50 4.1 G, MobileNet v1 569 M, MobileNet v2 300 M; int8 QDQ is detected as int8
-    for name, gmacs in [("resnet50", 4.1), ("mobilenet_v1", 0.569), ("mobilenet_v2", 0.300)]:
+    # ResNet-50 4.1 G, MobileNet v1 569 M, MobileNet v2 300 M (at width 0.5: timm's 0.1 G),
+    # ResNet-18 1.8 G, VGG-13 11.3 G; int8 QDQ is detected as int8
+    for name, gmacs in [("resnet50", 4.1), ("mobilenet_v1", 0.569), ("mobilenet_v2", 0.300),
+                        ("mobilenet_v2_050", 0.1), ("resnet18", 1.82), ("vgg13", 11.31)]:
         cost = cost_model.analyse(script.NETWORKS[name]("fp32"))
         assert cost.flops / 2e9 == pytest.approx(gmacs, rel=0.06), name
     cost = cost_model.analyse(script.NETWORKS["mobilenet_v1"]("int8"))
@@ -283,3 +285,17 @@ def test_gpu_bandwidth_defaults_are_the_medians_of_their_quoted_microbenchmarks(
     assert derived["cache_bandwidth_factor"] == cost_model.CACHE_BANDWIDTH_FACTOR["gpu"]
     assert script.check_bandwidth(derived) == []
     assert script.check_bandwidth({**derived, "memory_efficiency": 0.7})
+
+
+def test_npu_kind_defaults_are_derived_from_the_npu_fits(script) -> None:  # type: ignore[no-untyped-def]
+    # the NPU kind's compute efficiency is the median of the NPU profiles' fits and its
+    # per-node overhead the geometric mean of those that fit it; a drifted default is reported
+    results = {"a": {"kind": "npu", "fitted": {"compute_efficiency": 0.1}},
+               "b": {"kind": "npu", "fitted": {"compute_efficiency": 0.3, "node_overhead_s": 1e-7}},
+               "c": {"kind": "npu", "fitted": {"compute_efficiency": 0.5, "node_overhead_s": 1e-5}},
+               "d": {"kind": "gpu", "fitted": {"compute_efficiency": 0.9, "node_overhead_s": 1.0}}}
+    derived = script.npu_defaults(results)
+    assert derived == {"compute_efficiency": 0.3, "node_overhead_s": pytest.approx(1e-6)}
+    assert script.check_kind("npu", {"compute_efficiency": cost_model.COMPUTE_EFFICIENCY["npu"],
+                                     "node_overhead_s": cost_model.NODE_OVERHEAD_S["npu"]}) == []
+    assert script.check_kind("npu", {"node_overhead_s": 8e-6})
