@@ -200,8 +200,10 @@ class GraphBuilder:
         return model
 
 
-def _bottleneck_net(blocks: list[int], groups: int = 1, width_per_group: int = 64) -> Callable[[str], onnx.ModelProto]:
-    """ResNet v1.5 (stride on the 3x3) / ResNeXt with bottleneck blocks, no BatchNorm (folded)."""
+def _resnet(blocks: list[int], bottleneck: bool = True, groups: int = 1,
+            width_per_group: int = 64) -> Callable[[str], onnx.ModelProto]:
+    """ResNet v1.5 (stride on the 3x3) with bottleneck blocks (ResNeXt with ``groups``) or basic
+    blocks (two 3x3 convolutions: ResNet-18 / 34), no BatchNorm (folded)."""
 
     def build(fmt: str) -> onnx.ModelProto:
         g = GraphBuilder(fmt)
@@ -210,13 +212,18 @@ def _bottleneck_net(blocks: list[int], groups: int = 1, width_per_group: int = 6
         for stage, count in enumerate(blocks):
             planes = 64 * 2 ** stage
             width = int(planes * width_per_group / 64) * groups
-            cout = planes * 4
+            cout = planes * 4 if bottleneck else planes
             for index in range(count):
                 stride = 2 if index == 0 and stage > 0 else 1
-                h = g.conv(x, cin, width, 1)
-                h = g.conv(h, width, width, 3, stride=stride, group=groups)
-                h = g.conv(h, width, cout, 1, act=None)
-                short = g.conv(x, cin, cout, 1, stride=stride, act=None) if index == 0 else x
+                if bottleneck:
+                    h = g.conv(x, cin, width, 1)
+                    h = g.conv(h, width, width, 3, stride=stride, group=groups)
+                    h = g.conv(h, width, cout, 1, act=None)
+                else:
+                    h = g.conv(x, cin, cout, 3, stride=stride)
+                    h = g.conv(h, cout, cout, 3, act=None)
+                short = g.conv(x, cin, cout, 1, stride=stride, act=None) \
+                    if stride != 1 or cin != cout else x
                 x = g.add(h, short, relu=True)
                 cin = cout
         g.head(x, cin)
@@ -236,29 +243,6 @@ def _mobilenet_v1(fmt: str) -> onnx.ModelProto:
         cin = cout
     g.head(x, cin)
     return g.model("mobilenet_v1")
-
-
-def _basic_net(blocks: list[int]) -> Callable[[str], onnx.ModelProto]:
-    """ResNet-18 / 34: basic blocks (two 3x3 convolutions), no BatchNorm (folded)."""
-
-    def build(fmt: str) -> onnx.ModelProto:
-        g = GraphBuilder(fmt)
-        x = g.maxpool(g.conv("x", 3, 64, 7, stride=2))
-        cin = 64
-        for stage, count in enumerate(blocks):
-            cout = 64 * 2 ** stage
-            for index in range(count):
-                stride = 2 if index == 0 and stage > 0 else 1
-                h = g.conv(x, cin, cout, 3, stride=stride)
-                h = g.conv(h, cout, cout, 3, act=None)
-                short = g.conv(x, cin, cout, 1, stride=stride, act=None) \
-                    if stride != 1 or cin != cout else x
-                x = g.add(h, short, relu=True)
-                cin = cout
-        g.head(x, cin)
-        return g.model("resnet")
-
-    return build
 
 
 def _vgg(layers: list[int | str]) -> Callable[[str], onnx.ModelProto]:
@@ -318,13 +302,13 @@ def _mobilenet_v2_net(multiplier: float = 1.0) -> Callable[[str], onnx.ModelProt
 
 
 NETWORKS: dict[str, Callable[[str], onnx.ModelProto]] = {
-    "resnet50": _bottleneck_net([3, 4, 6, 3]),
-    "resnet101": _bottleneck_net([3, 4, 23, 3]),
-    "resnext50_32x4d": _bottleneck_net([3, 4, 6, 3], groups=32, width_per_group=4),
+    "resnet50": _resnet([3, 4, 6, 3]),
+    "resnet101": _resnet([3, 4, 23, 3]),
+    "resnext50_32x4d": _resnet([3, 4, 6, 3], groups=32, width_per_group=4),
     "mobilenet_v1": _mobilenet_v1,
     "mobilenet_v2": _mobilenet_v2_net(1.0),
     "mobilenet_v2_050": _mobilenet_v2_net(0.5),
-    "resnet18": _basic_net([2, 2, 2, 2]),
+    "resnet18": _resnet([2, 2, 2, 2], bottleneck=False),
     "vgg13": _vgg([64, 64, "M", 128, 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M"]),
 }
 
