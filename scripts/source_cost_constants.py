@@ -339,14 +339,16 @@ def _seconds(cost: cost_model.ModelCost, profile: DeviceProfile, values: dict[st
 
 
 def fit_device(costs: list[cost_model.ModelCost], measured_s: np.ndarray,
-               profile: DeviceProfile, params: list[str]) -> tuple[dict[str, float], np.ndarray]:
+               profile: DeviceProfile, params: list[str],
+               fixed: dict[str, float] | None = None) -> tuple[dict[str, float], np.ndarray]:
     """The ``params`` minimising the squared relative error (log grids, then two finer ones;
-    ``node_overhead_s`` in closed form, non-negative); the others keep the kind defaults."""
+    ``node_overhead_s`` in closed form, non-negative); ``fixed`` sets others, the rest keep the
+    kind defaults."""
     grid_params = [p for p in GRID_PARAMS if p in params]
     fit_overhead = "node_overhead_s" in params
 
     def solve(point: tuple[float, ...]) -> tuple[float, float, np.ndarray]:
-        values = dict(zip(grid_params, point, strict=True))
+        values = {**(fixed or {}), **dict(zip(grid_params, point, strict=True))}
         k = _constants(profile, values)
         roof, nodes = np.zeros(len(costs)), np.zeros(len(costs))
         for i, cost in enumerate(costs):
@@ -477,6 +479,36 @@ def check_bandwidth(derived: dict[str, float]) -> list[str]:
     return check_kind("gpu", derived)
 
 
+SENSITIVITY_MEMORY = (0.2, 0.3, 0.45, 0.6, 0.75, 0.9, 1.0)
+SENSITIVITY_CACHE = (1.0, 2.0, 4.0, 8.0)
+
+
+def sensitivity(device: str) -> dict[tuple[float, float], float]:
+    """RMS relative error (%) of ``device``'s fit of compute efficiency and per-node overhead
+    with memory efficiency and the cache factor held at each point of a grid: how far its
+    published latencies determine those two (printed)."""
+    sources = load_sources()
+    rows = [r for r in sources["measurements"] if r["device"] == device]
+    profile = get_device(device)
+    costs = [cost_model.analyse(NETWORKS[r["model"]](r["precision"])) for r in rows]
+    measured = np.array([float(r["latency_ms"]) for r in rows]) * 1e-3
+    table: dict[tuple[float, float], float] = {}
+    for memory in SENSITIVITY_MEMORY:
+        for cache in SENSITIVITY_CACHE:
+            _, pred = fit_device(costs, measured, profile,
+                                 ["compute_efficiency", "node_overhead_s"],
+                                 {"memory_efficiency": memory, "cache_bandwidth_factor": cache})
+            table[(memory, cache)] = float(np.sqrt(np.mean(((pred - measured) / measured) ** 2))
+                                           * 100)
+    print(f"{device}: rms |error| % of the compute-efficiency + overhead fit with memory "
+          "efficiency (rows) and cache factor (columns) held")
+    print(f"{'':>6s}" + "".join(f"{c:>8g}" for c in SENSITIVITY_CACHE))
+    for memory in SENSITIVITY_MEMORY:
+        print(f"{memory:>6g}" + "".join(f"{table[(memory, c)]:8.2f}" for c in SENSITIVITY_CACHE))
+    print()
+    return table
+
+
 def npu_defaults(results: dict[str, dict]) -> dict[str, float]:
     """The NPU kind's compute efficiency (median of the NPU profiles' fits) and per-node
     overhead (geometric mean of the NPU fits that determine it: they span orders of
@@ -544,6 +576,8 @@ def main() -> int:
         derived = bandwidth_defaults()
         results = run()
         npu = npu_defaults(results)
+        print()
+        sensitivity("intel_core_ultra_npu")
         problems = check(results) + check_bandwidth(derived) + check_kind("npu", npu) \
             if args.check else []
         for problem in problems:

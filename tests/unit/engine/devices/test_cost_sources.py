@@ -299,3 +299,16 @@ def test_npu_kind_defaults_are_derived_from_the_npu_fits(script) -> None:  # typ
     assert script.check_kind("npu", {"compute_efficiency": cost_model.COMPUTE_EFFICIENCY["npu"],
                                      "node_overhead_s": cost_model.NODE_OVERHEAD_S["npu"]}) == []
     assert script.check_kind("npu", {"node_overhead_s": 8e-6})
+
+
+def test_the_npu_sensitivity_table_backs_what_the_assumption_rows_say(script) -> None:  # type: ignore[no-untyped-def]
+    # the NPU memory-efficiency row says the Intel NPU's latencies rule out low values and are
+    # flat above 0.6, and the cache-factor row that 1-8 moves the error by under 0.7 points
+    table = script.sensitivity("intel_core_ultra_npu")
+    assert set(table) == {(m, c) for m in script.SENSITIVITY_MEMORY
+                          for c in script.SENSITIVITY_CACHE}
+    flat = [table[(m, 2.0)] for m in (0.6, 0.75, 0.9, 1.0)]
+    assert table[(0.2, 2.0)] > 2 * max(flat) and table[(0.45, 2.0)] > max(flat)
+    for m in script.SENSITIVITY_MEMORY[3:]:
+        row = [table[(m, c)] for c in script.SENSITIVITY_CACHE]
+        assert max(row) - min(row) < 0.7
