@@ -157,6 +157,12 @@ _KERNEL_OPS = {"Conv", "ConvTranspose", "ConvInteger", "QLinearConv", "MatMul", 
                "MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool",
                "QLinearGlobalAveragePool", "QLinearAveragePool", "Resize", "Gather",
                "Concat", "Transpose", "ReduceMean", "TopK", "NonMaxSuppression"}
+# float32 matrix ops that GPUs with TF32 tensor cores (Ampere and later: profiles listing "tf32")
+# run at the TF32 rate: cuBLAS >= 11 and cuDNN >= 8 use TF32 for them by default, and so does
+# TensorRT (its TF32 builder flag is on unless cleared). SOURCED (cost_sources.json, "tf32"): the
+# Jetson Orin Nano's published TensorRT latencies of float32 ResNet-18 / VGG-13 reach 0.79 / 0.96
+# of its CUDA-core fp32 peak, which only tensor cores can.
+_TF32_OPS = {"Conv", "ConvTranspose", "MatMul", "Gemm", "FusedMatMul"}
 # A low-precision node on a target without a fast path for it reads a float copy of its weights:
 # the ratio of item sizes (fp32 4 bytes vs int8 1, int16 2, int4 0.5, fp16/bf16 2): EXACT.
 _DEQUANT_GROWTH = {"int8": 4.0, "int16": 2.0, "int4": 8.0, "fp16": 2.0, "bf16": 2.0}
@@ -664,7 +670,10 @@ def _terms(cost: ModelCost, profile: DeviceProfile) -> tuple[list[_Term], list[s
             # the fallback kernel works on a dequantized float copy of the weights
             weight_bytes *= _DEQUANT_GROWTH[node.precision]
         reference = node.op_type if node.op_type in REFERENCE_KERNEL_RATE else None
-        peak = profile.peak("fp32" if reference or precision == "none" else precision) * 1e9
+        runs_at = "fp32" if reference or precision == "none" else precision
+        if runs_at == "fp32" and node.op_type in _TF32_OPS and "tf32" in profile.precisions:
+            runs_at = "tf32"  # cuBLAS / cuDNN / TensorRT use TF32 tensor cores by default
+        peak = profile.peak(runs_at) * 1e9
         terms.append(_Term(node, node.flops / peak, weight_bytes / bandwidth,
                            (node.bytes - node.weight_bytes) / bandwidth, reference,
                            node.steps if profile.kind == "cpu" else 1))

@@ -367,3 +367,25 @@ def test_an_estimate_names_the_constants_that_rest_on_no_published_figure() -> N
     own = npu.model_copy(update={"cost_constants": {"memory_efficiency": 0.5,
                                                     "cache_bandwidth_factor": 1.5}})
     assert cost_model.assumed_constants(own) == []
+
+
+def test_float32_matrix_ops_run_at_tf32_on_gpus_that_have_it() -> None:
+    # cuBLAS / cuDNN / TensorRT use TF32 tensor cores for float32 convolutions by default on
+    # Ampere and later: a profile listing tf32 prices them at its tf32 peak, one without (the
+    # Turing T4, or the same profile with tf32 removed) at the CUDA-core fp32 peak
+    jetson = get_device("jetson_orin_nano")
+    assert "tf32" in jetson.precisions and jetson.peak("tf32") > jetson.peak("fp32")
+    cost = cost_model.analyse(_conv_model(256, 256, 56))
+    no_tf32 = jetson.model_copy(update={"precisions": tuple(
+        p for p in jetson.precisions if p != "tf32")})
+    terms, unsupported = cost_model._terms(cost, jetson)
+    plain, _ = cost_model._terms(cost, no_tf32)
+    conv = [(a, b) for a, b in zip(terms, plain, strict=True) if a.node.op_type == "Conv"]
+    assert conv and not unsupported
+    for with_tf32, without in conv:
+        assert with_tf32.compute_s == pytest.approx(
+            without.compute_s * jetson.peak("fp32") / jetson.peak("tf32"))
+    fast = cost_model.estimate(_conv_model(256, 256, 56), jetson)
+    assert fast.latency_ms < cost_model.estimate(_conv_model(256, 256, 56), no_tf32).latency_ms
+    assert "fp32" in fast.by_precision  # still reported as the float32 it is
+    assert "tf32" not in get_device("nvidia_t4").precisions
