@@ -32,6 +32,7 @@ profiles and exits non-zero when they drift (to within the stored rounding).
 from __future__ import annotations
 
 import argparse
+import functools
 import itertools
 import json
 import math
@@ -184,12 +185,7 @@ class GraphBuilder:
         self.nodes.append(helper.make_node("GlobalAveragePool", [x], [pooled]))
         pooled_q = self._activation(pooled)
         self.nodes.append(helper.make_node("Flatten", [pooled_q], [flat]))
-        w = self._weight((classes, channels))
-        bias = self._bias(classes)
-        y = "logits"
-        self.nodes.append(helper.make_node("Gemm", [self._activation(flat), w, bias], [y],
-                                           transB=1))
-        return y
+        return self.fc(flat, channels, classes, out="logits")
 
     def model(self, name: str) -> onnx.ModelProto:
         graph = helper.make_graph(
@@ -331,6 +327,13 @@ def _constants(profile: DeviceProfile, values: dict[str, float]) -> cost_model.C
         values.get("node_overhead_s", base.node_overhead_s), base.reference_kernel_rate)
 
 
+@functools.cache
+def network_cost(model: str, precision: str) -> cost_model.ModelCost:
+    """The cost model's analysis of reference network ``model`` built in ``precision`` (built
+    and analysed once per run)."""
+    return cost_model.analyse(NETWORKS[model](precision))
+
+
 def _seconds(cost: cost_model.ModelCost, profile: DeviceProfile, values: dict[str, float]) -> float:
     """The estimate in seconds with the kind defaults, ``values`` replacing some."""
     k = _constants(profile, values)
@@ -382,7 +385,6 @@ def fit_device(costs: list[cost_model.ModelCost], measured_s: np.ndarray,
 
 def run(out_json: dict | None = None) -> dict[str, dict]:
     sources = load_sources()
-    built: dict[tuple[str, str], cost_model.ModelCost] = {}
     by_device: dict[str, list[dict]] = {}
     for row in sources["measurements"]:
         by_device.setdefault(row["device"], []).append(row)
@@ -393,12 +395,7 @@ def run(out_json: dict | None = None) -> dict[str, dict]:
           "kind defaults; fit ms: with the fitted constants)")
     for device, rows in by_device.items():
         profile = get_device(device)
-        costs = []
-        for row in rows:
-            key = (row["model"], row["precision"])
-            if key not in built:
-                built[key] = cost_model.analyse(NETWORKS[row["model"]](row["precision"]))
-            costs.append(built[key])
+        costs = [network_cost(row["model"], row["precision"]) for row in rows]
         measured = np.array([float(r["latency_ms"]) for r in rows]) * 1e-3
         params = sources["fit"][device] if device in sources["fit"] else (
             ["compute_efficiency", "node_overhead_s"] if len(rows) >= 3 else ["compute_efficiency"])
@@ -474,11 +471,6 @@ def bandwidth_defaults() -> dict[str, float]:
     return derived
 
 
-def check_bandwidth(derived: dict[str, float]) -> list[str]:
-    """Where the GPU kind's memory efficiency and cache factor differ from ``derived``."""
-    return check_kind("gpu", derived)
-
-
 SENSITIVITY_MEMORY = (0.2, 0.3, 0.45, 0.6, 0.75, 0.9, 1.0)
 SENSITIVITY_CACHE = (1.0, 2.0, 4.0, 8.0)
 
@@ -490,7 +482,7 @@ def sensitivity(device: str) -> dict[tuple[float, float], float]:
     sources = load_sources()
     rows = [r for r in sources["measurements"] if r["device"] == device]
     profile = get_device(device)
-    costs = [cost_model.analyse(NETWORKS[r["model"]](r["precision"])) for r in rows]
+    costs = [network_cost(r["model"], r["precision"]) for r in rows]
     measured = np.array([float(r["latency_ms"]) for r in rows]) * 1e-3
     table: dict[tuple[float, float], float] = {}
     for memory in SENSITIVITY_MEMORY:
@@ -578,7 +570,7 @@ def main() -> int:
         npu = npu_defaults(results)
         print()
         sensitivity("intel_core_ultra_npu")
-        problems = check(results) + check_bandwidth(derived) + check_kind("npu", npu) \
+        problems = check(results) + check_kind("gpu", derived) + check_kind("npu", npu) \
             if args.check else []
         for problem in problems:
             print("DRIFT:", problem)

@@ -283,8 +283,8 @@ def test_gpu_bandwidth_defaults_are_the_medians_of_their_quoted_microbenchmarks(
     derived = script.bandwidth_defaults()
     assert derived["memory_efficiency"] == cost_model.MEMORY_EFFICIENCY["gpu"]
     assert derived["cache_bandwidth_factor"] == cost_model.CACHE_BANDWIDTH_FACTOR["gpu"]
-    assert script.check_bandwidth(derived) == []
-    assert script.check_bandwidth({**derived, "memory_efficiency": 0.7})
+    assert script.check_kind("gpu", derived) == []
+    assert script.check_kind("gpu", {**derived, "memory_efficiency": 0.7})
 
 
 def test_npu_kind_defaults_are_derived_from_the_npu_fits(script) -> None:  # type: ignore[no-untyped-def]
