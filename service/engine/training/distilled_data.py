@@ -214,29 +214,28 @@ def _distil(
          "scores": kind, "weight": LABEL_WEIGHT} if head is not None
         else {"applied": False, "reason": why})
     bn_outputs = [t for t, _, _ in reachable]
+    # With the label term first; when its head fails in the bridge (an op at the batch the
+    # template makes) or diverges, the BatchNorm term alone still gives calibration data far
+    # better than noise.
+    attempts = [(head, classes, kind, nodes | head_nodes)] + (
+        [(None, 0, "", nodes)] if head is not None else [])
     started = time.monotonic()
-    try:
-        batch, done, seconds, first, last = _optimise(
-            _prefix(model, nodes | head_nodes, bn_outputs + ([head] if head else [])),
-            template, floats, reachable, (head, classes, kind), label_note, steps=steps,
-            max_seconds=max_seconds, lr=lr, seed=seed)
-        if head is not None and not np.isfinite(last):
-            raise FloatingPointError("the loss diverged")
-    except Exception as exc:  # the bridge is a helper here: calibrate without it, say why
-        if head is None:
-            return None, {"reason": f"synthesis failed: {type(exc).__name__}: {str(exc)[:200]}"}
-        # The label term's head failed (an op at the batch the template makes, a divergence):
-        # the BatchNorm term alone still gives calibration data far better than noise.
-        label_note = {"applied": False, "reason": "the label term failed, BatchNorm statistics "
-                      f"alone: {type(exc).__name__}: {str(exc)[:200]}"}
+    for index, (name, n_classes, scores, used) in enumerate(attempts):
+        budget = max_seconds if index == 0 else max(1.0, max_seconds - (time.monotonic() - started))
         try:
             batch, done, seconds, first, last = _optimise(
-                _prefix(model, nodes, bn_outputs), template, floats, reachable, (None, 0, ""),
-                label_note, steps=steps, lr=lr, seed=seed,
-                max_seconds=max(1.0, max_seconds - (time.monotonic() - started)))
-        except Exception as exc2:
-            return None, {"reason": f"synthesis failed: {type(exc2).__name__}: "
-                                    f"{str(exc2)[:200]}"}
+                _prefix(model, used, bn_outputs + ([name] if name is not None else [])),
+                template, floats, reachable, (name, n_classes, scores), label_note, steps=steps,
+                max_seconds=budget, lr=lr, seed=seed)
+            if name is not None and not np.isfinite(last):
+                raise FloatingPointError("the loss diverged")
+            break
+        except Exception as exc:  # the bridge is a helper here: calibrate without it, say why
+            failure = f"{type(exc).__name__}: {str(exc)[:200]}"
+            if name is None:
+                return None, {"reason": f"synthesis failed: {failure}"}
+            label_note = {"applied": False,
+                          "reason": f"the label term failed, BatchNorm statistics alone: {failure}"}
     if not np.isfinite(last):
         return None, {"reason": "synthesis diverged"}
     rows = [len(next(iter(f.values()))) if next(iter(f.values())).ndim else 1 for f in template]
