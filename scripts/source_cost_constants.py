@@ -4,8 +4,9 @@ No GPU or NPU is at hand to measure on, so the constants of those targets are fi
 latencies that vendors and third parties published for standard networks at batch 1 (each with
 its URL and the figure as it appears, in ``service/engine/devices/cost_sources.json`` under
 ``measurements``). For every measurement this script builds the network's graph in ONNX
-(architecture only: ResNet-50/101 v1.5, ResNeXt-50 32x4d, MobileNet v1 and v2 at 224x224, in
-float32, float16 or int8 QDQ; the weights are zeros, which the cost model never reads), runs the
+(architecture only: ResNet-18/50/101, ResNeXt-50 32x4d, MobileNet v1 and v2, VGG-13 at
+224x224, in float32, float16 or int8 QDQ; the weights are zeros, which the cost model never
+reads), runs the
 cost model's own ``analyse`` and roofline on the device's profile, and fits per device
 
 - ``compute_efficiency`` (log grid, then a finer one), and
@@ -18,7 +19,11 @@ defaults (the published numbers are end-to-end latencies of compute-heavy CNNs a
 separate the memory term). The GPU kind's two are derived first, from the bandwidth
 microbenchmarks under ``bandwidth`` in the same file: the median STREAM-triad fraction of the
 datasheet bandwidth, and the median L2 / DRAM bandwidth ratio within one run. The NPU kind's
-compute efficiency and per-node overhead are derived last, from the NPU profiles' fits (median;
+memory efficiency comes from published LLM decode rates (``llm_decode``): per Snapdragon NPU,
+the slope of seconds per token against bytes per token over Llama models of three sizes, over
+the datasheet bandwidth, the median of the devices. Its cache factor is then fitted jointly to
+all NPU latencies (each device's own constants refitted for every candidate), and its compute
+efficiency and per-node overhead are derived last, from the NPU profiles' fits (median;
 geometric mean). It prints per measurement the model's FLOPs, the naive achieved
 efficiency (FLOPs x throughput / datasheet peak, overheads included), the estimate with the
 module defaults and with the fitted constants, and the fit error per device.
@@ -383,6 +388,14 @@ def fit_device(costs: list[cost_model.ModelCost], measured_s: np.ndarray,
     return values, pred
 
 
+def fit_params(sources: dict, device: str, samples: int) -> list[str]:
+    """What is fitted per device: as ``fit`` in the sources file says, else compute efficiency,
+    with the per-node overhead too from three latencies on."""
+    if device in sources["fit"]:
+        return list(sources["fit"][device])
+    return ["compute_efficiency", "node_overhead_s"] if samples >= 3 else ["compute_efficiency"]
+
+
 def run(out_json: dict | None = None) -> dict[str, dict]:
     sources = load_sources()
     by_device: dict[str, list[dict]] = {}
@@ -397,8 +410,7 @@ def run(out_json: dict | None = None) -> dict[str, dict]:
         profile = get_device(device)
         costs = [network_cost(row["model"], row["precision"]) for row in rows]
         measured = np.array([float(r["latency_ms"]) for r in rows]) * 1e-3
-        params = sources["fit"][device] if device in sources["fit"] else (
-            ["compute_efficiency", "node_overhead_s"] if len(rows) >= 3 else ["compute_efficiency"])
+        params = fit_params(sources, device, len(rows))
         defaults = [_seconds(c, profile, {}) * 1e3 for c in costs]
         if params:
             values, pred = fit_device(costs, measured, profile, params)
@@ -471,7 +483,111 @@ def bandwidth_defaults() -> dict[str, float]:
     return derived
 
 
-SENSITIVITY_MEMORY = (0.2, 0.3, 0.45, 0.6, 0.75, 0.9, 1.0)
+def decode_bytes(model: dict, bracket: dict, context: int) -> float:
+    """Bytes one LLM decode step reads: every layer's q, k, v, o and three MLP matrices, the
+    output projection and the K and V caches at ``context`` tokens, at the ``bracket``'s widths
+    (the embedding lookup reads one row and is left out)."""
+    q_dim, kv_dim = model["heads"] * model["head_dim"], model["kv_heads"] * model["head_dim"]
+    per_layer = 2 * model["hidden"] * q_dim + 2 * model["hidden"] * kv_dim \
+        + 3 * model["hidden"] * model["intermediate"]
+    return (model["layers"] * per_layer * bracket["weight_bits"]
+            + model["vocab"] * model["hidden"] * bracket["output_bits"]
+            + model["layers"] * 2 * kv_dim * context * bracket["kv_bits"]) / 8
+
+
+def decode_bandwidth(bytes_per_token: list[float], seconds_per_token: list[float]
+                     ) -> tuple[float, float]:
+    """Least-squares line seconds = fixed + bytes / bandwidth over one device's models:
+    (bandwidth in bytes/s, fixed seconds per token)."""
+    design = np.vstack([np.ones(len(bytes_per_token)), np.array(bytes_per_token)]).T
+    (fixed, slope), *_ = np.linalg.lstsq(design, np.array(seconds_per_token), rcond=None)
+    return 1.0 / float(slope), float(fixed)
+
+
+def npu_memory_efficiency() -> dict[str, float]:
+    """The NPU kind's memory efficiency from published LLM decode rates (``llm_decode`` in the
+    sources file): per device the bandwidth of the bytes-per-token line over its datasheet peak,
+    at both ends of the bytes bracket; the kind default is the median of the devices' midpoints
+    (printed)."""
+    data = load_sources()["llm_decode"]
+    models, brackets, context = data["models"], data["brackets"], data["context_length"]
+    print(f"{'NPU (LLM decode, w4a16)':28s} {'model':13s} {'tok/s':>7s} {'ms/tok':>7s} "
+          + " ".join(f"{'GB ' + b:>8s}" for b in brackets))
+    middles = []
+    for device in data["devices"]:
+        seconds = [1.0 / r["tokens_per_second"] for r in device["rates"]]
+        for r, t in zip(device["rates"], seconds, strict=True):
+            print(f"{device['device']:28s} {r['model']:13s} {r['tokens_per_second']:7.2f} "
+                  f"{t * 1e3:7.2f} " + " ".join(
+                      f"{decode_bytes(models[r['model']], b, context) / 1e9:8.3f}"
+                      for b in brackets.values()))
+        fractions = []
+        for name, bracket in brackets.items():
+            bandwidth, fixed = decode_bandwidth(
+                [decode_bytes(models[r["model"]], bracket, context) for r in device["rates"]],
+                seconds)
+            fractions.append(bandwidth / 1e9 / device["peak_gbps"])
+            print(f"{'':28s} {name}: {bandwidth / 1e9:.1f} GB/s of {device['peak_gbps']:g} "
+                  f"peak = {fractions[-1]:.3f}, fixed {fixed * 1e3:.2f} ms per token")
+        middles.append((min(fractions) + max(fractions)) / 2)
+    derived = {"memory_efficiency": round(statistics.median(middles), 2)}
+    print(f"npu memory_efficiency: median of {len(middles)} devices' bracket midpoints "
+          f"({', '.join(f'{m:.3f}' for m in middles)}) -> {derived['memory_efficiency']}")
+    print()
+    return derived
+
+
+CACHE_GRID = (1.0, 1.1, 1.25, 1.5, 2.0, 3.0, 4.0, 8.0, 16.0, 32.0)
+
+
+def npu_cache_factor(memory_efficiency: float) -> dict[str, float]:
+    """The NPU kind's cache factor, fitted jointly to every NPU's published latencies: for each
+    candidate factor each device's own constants are fitted (as ``run`` fits them, memory
+    efficiency held at ``memory_efficiency``) and the factor with the least summed squared
+    relative error over all latencies wins (grid, then a finer one around the best); the devices'
+    rms errors per candidate are printed."""
+    sources = load_sources()
+    devices: dict[str, list[dict]] = {}
+    for row in sources["measurements"]:
+        if get_device(row["device"]).kind == "npu":
+            devices.setdefault(row["device"], []).append(row)
+
+    def errors(factor: float) -> dict[str, np.ndarray]:
+        out = {}
+        for device, rows in devices.items():
+            profile = get_device(device)
+            measured = np.array([float(r["latency_ms"]) for r in rows]) * 1e-3
+            _, pred = fit_device([network_cost(r["model"], r["precision"]) for r in rows],
+                                 measured, profile, fit_params(sources, device, len(rows)),
+                                 {"memory_efficiency": memory_efficiency,
+                                  "cache_bandwidth_factor": factor})
+            out[device] = (pred - measured) / measured
+        return out
+
+    def loss(factor: float) -> float:
+        return float(sum(np.sum(e ** 2) for e in errors(factor).values()))
+
+    print(f"npu cache_bandwidth_factor: rms |error| % per device with each factor held "
+          f"(memory efficiency {memory_efficiency:g}; each device's own constants refitted)")
+    print(f"{'factor':>7s}" + "".join(f"{d:>22s}" for d in devices) + f"{'all':>8s}")
+    for factor in CACHE_GRID:
+        e = errors(factor)
+        print(f"{factor:7g}" + "".join(f"{np.sqrt(np.mean(v ** 2)) * 100:22.2f}"
+                                       for v in e.values())
+              + f"{np.sqrt(np.mean(np.concatenate(list(e.values())) ** 2)) * 100:8.2f}")
+    best = min(CACHE_GRID, key=loss)
+    fine = np.clip(best * np.geomspace(1 / 1.25, 1.25, 11), 1.0, 32.0)
+    best = min((float(f) for f in fine), key=loss)
+    derived = {"cache_bandwidth_factor": float(f"{best:.3g}")}
+    count = sum(len(r) for r in devices.values())
+    print(f"npu cache_bandwidth_factor: least summed squared error over {count} latencies of "
+          f"{len(devices)} NPUs (rms {math.sqrt(loss(best) / count) * 100:.2f} %) at {best:.3f} -> "
+          f"{derived['cache_bandwidth_factor']}")
+    print()
+    return derived
+
+
+SENSITIVITY_MEMORY = (0.2, 0.3, 0.45, 0.6, 0.72, 0.9, 1.0)
 SENSITIVITY_CACHE = (1.0, 2.0, 4.0, 8.0)
 
 
@@ -566,8 +682,10 @@ def main() -> int:
                             "none (no inference is run: the cost model's arithmetic only)")
     with tee_to(args.out, header):
         derived = bandwidth_defaults()
+        npu_memory = npu_memory_efficiency()
+        npu_cache = npu_cache_factor(npu_memory["memory_efficiency"])
         results = run()
-        npu = npu_defaults(results)
+        npu = {**npu_memory, **npu_cache, **npu_defaults(results)}
         print()
         sensitivity("intel_core_ultra_npu")
         problems = check(results) + check_kind("gpu", derived) + check_kind("npu", npu) \

@@ -63,10 +63,11 @@ DEFAULT_DYNAMIC_DIM = 128
 #   ``service/engine/devices/cost_fit.json``, the run's output in docs/bench/cost_model.txt).
 #   The CPU values here are the fallback for other CPUs.
 # - SOURCED: derived from published figures (a vendor page, a paper, a benchmark table), each
-#   quoted with its URL in cost_sources.json. The GPU / NPU ones are fitted by
-#   ``scripts/source_cost_constants.py`` to published batch-1 latencies of standard networks
-#   (output in docs/bench/cost_sources.txt); a device with values of its own carries them in
-#   its profile's ``cost_constants``, which replace the kind defaults here.
+#   quoted with its URL in cost_sources.json. The GPU / NPU ones are derived by
+#   ``scripts/source_cost_constants.py`` (output in docs/bench/cost_sources.txt): fitted to
+#   published batch-1 latencies of standard networks, or taken from published bandwidth
+#   microbenchmarks (GPUs) and LLM decode rates (NPUs); a device with values of its own carries
+#   them in its profile's ``cost_constants``, which replace the kind defaults here.
 # - MEASURED: measured on the machine the CPU fit was made on by a committed script, whose
 #   committed output holds the quoted figure (scripts/measure_cpu_constants.py,
 #   docs/bench/cpu_constants.txt).
@@ -81,22 +82,27 @@ DEFAULT_DYNAMIC_DIM = 128
 # Fraction of the datasheet peak that small-batch inference kernels reach.
 # cpu: FITTED on hosts with the same kernels (fallback 0.35). gpu: SOURCED: the T4 fit to 6
 # published TensorRT latencies gives 0.317 (the A100's own value, 0.0814, is in its profile).
-# npu: SOURCED: the median of the NPU profiles' own fits (Apple M2 0.116, Intel Core Ultra NPU
-# 0.296, Snapdragon 8 Gen 3 0.487; each kept in its profile).
-COMPUTE_EFFICIENCY = {"cpu": 0.35, "gpu": 0.30, "npu": 0.30}
+# npu: SOURCED: the median of the NPU profiles' own fits (Apple M2 0.137, Intel Core Ultra NPU
+# 0.291, Snapdragon 8 Gen 3 0.326; each kept in its profile).
+COMPUTE_EFFICIENCY = {"cpu": 0.35, "gpu": 0.30, "npu": 0.291}
 # Fraction of the datasheet memory bandwidth reached.
 # cpu: FITTED (fallback 0.60). gpu: SOURCED: the median STREAM-triad fraction of the datasheet
 # bandwidth over six NVIDIA GPUs (V100 to H200; 0.74-0.94, median 0.90) measured by
 # te42kyfo/gpu-benches, derived by scripts/source_cost_constants.py (cost_sources.json,
-# ``bandwidth``). npu: ASSUMPTION.
-MEMORY_EFFICIENCY = {"cpu": 0.60, "gpu": 0.90, "npu": 0.60}
+# ``bandwidth``). npu: SOURCED: the median fraction of the datasheet DRAM bandwidth that three
+# Snapdragon NPUs reach decoding Llama 1B / 3B / 8B at w4a16 (Qualcomm AI Hub's tokens/s; the
+# slope of seconds per token against bytes per token: 0.33-0.82, median 0.72), derived by the
+# same script (``llm_decode``).
+MEMORY_EFFICIENCY = {"cpu": 0.60, "gpu": 0.90, "npu": 0.72}
 # Activation traffic is served mostly from caches: bandwidth relative to DRAM / HBM.
 # cpu: MEASURED, L2-resident vs DRAM bandwidth of one core through ONNX Runtime's Add kernel
 # (3.8x on the fitted host; not separable from the fitted memory efficiency, so
 # ``fit_cpu_constants`` keeps it). gpu: SOURCED: the median L2 / DRAM ratio within one
 # gpu-l2-cache run (4 MB vs 256 MB) over four NVIDIA GPUs (2.7-6.3, median 3.3), derived by the
-# same script. npu: ASSUMPTION (on-chip SRAM vs LPDDR, about 2x).
-CACHE_BANDWIDTH_FACTOR = {"cpu": 3.8, "gpu": 3.3, "npu": 2.0}
+# same script. npu: SOURCED: fitted jointly to the 9 published NPU latencies (each device's own
+# constants refitted per candidate; least summed squared error at 1.57, rms 6.1 %), by the same
+# script.
+CACHE_BANDWIDTH_FACTOR = {"cpu": 3.8, "gpu": 3.3, "npu": 1.57}
 # Integer ops that ONNX Runtime runs with a reference kernel (im2col + integer GEMM, no fusion):
 # their rate relative to the fp32 peak. MEASURED: ConvInteger (u8 x s8) takes 1 / 0.19 of the
 # time of the fp32 Conv of the same shape (median of 8 ResNet/MobileNet shapes, 1 thread);
@@ -105,9 +111,9 @@ REFERENCE_KERNEL_RATE = {"ConvInteger": 0.19}
 # Fixed cost per node (kernel dispatch / launch), seconds.
 # cpu: FITTED (fallback 1.5 us). gpu: SOURCED: the A100 fit to NVIDIA's published TensorRT
 # latencies gives 5.1 us per kernel, in line with a CUDA launch (4-6 us). npu: SOURCED: the
-# geometric mean of the NPU fits that determine it (Snapdragon 8 Gen 3 through QNN 0.38 us,
+# geometric mean of the NPU fits that determine it (Snapdragon 8 Gen 3 through QNN 1.9 us,
 # Intel Core Ultra NPU through the OpenVINO EP 25.6 us; the runtime sets this cost).
-NODE_OVERHEAD_S = {"cpu": 1.5e-6, "gpu": 5e-6, "npu": 3.11e-6}
+NODE_OVERHEAD_S = {"cpu": 1.5e-6, "gpu": 5e-6, "npu": 6.97e-6}
 COST_SOURCES_FILE = "cost_sources.json"
 # Where the fitted CPU constants live (package data next to the device profiles).
 COST_FIT_FILE = "cost_fit.json"
