@@ -61,7 +61,7 @@ DEFAULT_DYNAMIC_DIM = 128
 #   values by the ones ``scripts/check_cost_model.py`` fitted (least squares on ONNX Runtime
 #   latencies of the test corpus measured on that machine; stored with their fit error in
 #   ``service/engine/devices/cost_fit.json``, the run's output in docs/bench/cost_model.txt).
-#   The CPU values here are the fallback for other CPUs.
+#   The CPU values here are the fallback for other CPUs (an ASSUMPTION, see below).
 # - SOURCED: derived from published figures (a vendor page, a paper, a benchmark table), each
 #   quoted with its URL in cost_sources.json. The GPU / NPU ones are derived by
 #   ``scripts/source_cost_constants.py`` (output in docs/bench/cost_sources.txt): fitted to
@@ -80,16 +80,18 @@ DEFAULT_DYNAMIC_DIM = 128
 # https://doi.org/10.1145/1498765.1498785) per node, plus a dispatch overhead per node.
 #
 # Fraction of the datasheet peak that small-batch inference kernels reach.
-# cpu: FITTED on hosts with the same kernels (fallback 0.35). gpu: SOURCED: the T4 fit to 6
-# published TensorRT latencies gives 0.317 (the A100's own value, 0.0814, is in its profile).
+# cpu: FITTED on hosts with the same kernels; the fallback for other CPUs, 0.35, is an
+# ASSUMPTION (no fit or published figure gives it; an estimate that uses it says so).
+# gpu: SOURCED: the T4 fit to 6 published TensorRT latencies gives 0.317 (the A100's own value,
+# 0.0814, is in its profile).
 # npu: SOURCED: the median of the NPU profiles' own fits (Apple M2 0.137, Intel Core Ultra NPU
 # 0.291, Snapdragon 8 Gen 3 0.326; each kept in its profile).
 COMPUTE_EFFICIENCY = {"cpu": 0.35, "gpu": 0.30, "npu": 0.291}
 # Fraction of the datasheet memory bandwidth reached.
-# cpu: FITTED (fallback 0.60). gpu: SOURCED: the median STREAM-triad fraction of the datasheet
-# bandwidth over six NVIDIA GPUs (V100 to H200; 0.74-0.94, median 0.90) measured by
-# te42kyfo/gpu-benches, derived by scripts/source_cost_constants.py (cost_sources.json,
-# ``bandwidth``). npu: SOURCED: the median fraction of the datasheet DRAM bandwidth that three
+# cpu: FITTED (the fallback, 0.60, an ASSUMPTION). gpu: SOURCED: the median STREAM-triad
+# fraction of the datasheet bandwidth over six NVIDIA GPUs (V100 to H200; 0.74-0.94, median
+# 0.90) measured by te42kyfo/gpu-benches, derived by scripts/source_cost_constants.py
+# (cost_sources.json, ``bandwidth``). npu: SOURCED: the median fraction of the datasheet DRAM bandwidth that three
 # Snapdragon NPUs reach decoding Llama 1B / 3B / 8B at w4a16 (Qualcomm AI Hub's tokens/s; the
 # slope of seconds per token against bytes per token: 0.33-0.82, median 0.72), derived by the
 # same script (``llm_decode``).
@@ -109,8 +111,8 @@ CACHE_BANDWIDTH_FACTOR = {"cpu": 3.8, "gpu": 3.3, "npu": 1.57}
 # check_cost_model.py would fit it only when a corpus sample runs such a kernel, none does.
 REFERENCE_KERNEL_RATE = {"ConvInteger": 0.19}
 # Fixed cost per node (kernel dispatch / launch), seconds.
-# cpu: FITTED (fallback 1.5 us). gpu: SOURCED: the A100 fit to NVIDIA's published TensorRT
-# latencies gives 5.1 us per kernel, in line with a CUDA launch (4-6 us). npu: SOURCED: the
+# cpu: FITTED (the fallback, 1.5 us, an ASSUMPTION). gpu: SOURCED: the A100 fit to NVIDIA's
+# published TensorRT latencies gives 5.1 us per kernel, in line with a CUDA launch (4-6 us). npu: SOURCED: the
 # geometric mean of the NPU fits that determine it (Snapdragon 8 Gen 3 through QNN 1.9 us,
 # Intel Core Ultra NPU through the OpenVINO EP 25.6 us; the runtime sets this cost).
 NODE_OVERHEAD_S = {"cpu": 1.5e-6, "gpu": 5e-6, "npu": 6.97e-6}
@@ -904,7 +906,7 @@ def estimate(
             assumptions.append(
                 f"{', '.join(assumed)} of {profile.name} rest on no published figure "
                 f"(ASSUMPTION in service/engine/devices/{COST_SOURCES_FILE}, which lists what was "
-                "searched): the estimate is less certain than its fit error says")
+                "searched and checked): no fit error bounds the estimate")
     if constants.source == "sourced" and calibration is None:
         fit = (load_cost_sources().get("fits") or {}).get(profile.name) or {}
         fit_error = fit.get("median_abs_error_pct")
