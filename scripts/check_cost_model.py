@@ -14,7 +14,10 @@ overhead; the cache bandwidth factor keeps its default). It prints per sample:
 
 ``--write-fit`` stores the constants with their fit error, the machine and the date in
 ``service/engine/devices/cost_fit.json``, which the cost model then uses for CPUs with this
-host's kernels; ``--out`` writes what it prints under ``docs/bench/`` with the machine header.
+host's kernels. The file keeps one fit per kind of machine (architecture and kernel-selecting
+ISA features): a run replaces the fit for its own kernels and keeps the others. ``--out``
+writes what it prints under ``docs/bench/`` with the machine header (one output per fitted
+machine: the record's ``command`` names it).
 
     .venv/bin/python scripts/check_cost_model.py --write-fit --out docs/bench/cost_model.txt
 """
@@ -223,9 +226,30 @@ def _run(args, cost_model, host, threads, kernel_features) -> int:  # type: igno
             "constants": fitted, "error": error, "rows": rows,
         }
         path = ROOT / "service" / "engine" / "devices" / "cost_fit.json"
-        path.write_text(json.dumps(record, indent=2) + "\n")
+        path.write_text(json.dumps({"fits": merge_fits(_read_fits(path), record)}, indent=2)
+                        + "\n")
         print(f"wrote {path.relative_to(ROOT)}")
     return 0
+
+
+def _read_fits(path: Path) -> list[dict]:
+    """The fits already stored at ``path`` (a ``{"fits": [...]}`` file or a single record)."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return []
+    records = data.get("fits") if isinstance(data, dict) and "fits" in data else [data]
+    return [r for r in records or [] if isinstance(r, dict) and "machine" in r]
+
+
+def merge_fits(stored: list[dict], record: dict) -> list[dict]:
+    """``stored`` with ``record`` in place of any fit for the same kernels (architecture and
+    kernel-selecting features): one fit per kind of machine, the newest."""
+    def kernels(r: dict) -> tuple:
+        m = r["machine"]
+        return m.get("architecture"), tuple(sorted(m.get("kernel_features") or ()))
+
+    return [r for r in stored if kernels(r) != kernels(record)] + [record]
 
 
 if __name__ == "__main__":

@@ -25,9 +25,9 @@ The efficiency constants (``Constants``) are the module defaults per device kind
 FITTED, SOURCED or ASSUMPTION in its comment and listed with its derivation and sources in
 ``service/engine/devices/cost_sources.json``; a profile's own ``cost_constants`` (fitted to
 published latencies by ``scripts/source_cost_constants.py``) replace them for that device
-(``constants`` says ``sourced``); for CPUs that run the kernels of the machine
-``scripts/check_cost_model.py`` was run on, the values it fitted (least squares over the test
-corpus, stored with their fit error in ``service/engine/devices/cost_fit.json``) replace the
+(``constants`` says ``sourced``); for CPUs that run the kernels of a machine
+``scripts/check_cost_model.py`` was run on, the values it fitted there (least squares over the
+test corpus, stored with their fit error in ``service/engine/devices/cost_fit.json``) replace the
 CPU defaults (``constants_for``; an estimate says which in ``constants`` and its fit error in
 ``fit_error_pct``).
 
@@ -57,10 +57,11 @@ DEFAULT_DYNAMIC_DIM = 128
 
 # Every constant below carries a label, and service/engine/devices/cost_sources.json holds one
 # row per constant and key with its value, derivation and sources (a test keeps the two equal):
-# - FITTED: on CPU targets that run this host's kernels, ``constants_for`` replaces the CPU
-#   values by the ones ``scripts/check_cost_model.py`` fitted (least squares on ONNX Runtime
-#   latencies of the test corpus measured on that machine; stored with their fit error in
-#   ``service/engine/devices/cost_fit.json``, the run's output in docs/bench/cost_model.txt).
+# - FITTED: on CPU targets that run a fitted machine's kernels, ``constants_for`` replaces the
+#   CPU values by the ones ``scripts/check_cost_model.py`` fitted there (least squares on ONNX
+#   Runtime latencies of the test corpus measured on that machine; stored with their fit error
+#   in ``service/engine/devices/cost_fit.json``, one fit per kind of machine, each run's output
+#   under docs/bench/: cost_model.txt on an AMD EPYC, cost_model_xeon.txt on an Intel Xeon).
 #   The CPU values here are the fallback for other CPUs (an ASSUMPTION, see below).
 # - SOURCED: derived from published figures (a vendor page, a paper, a benchmark table), each
 #   quoted with its URL in cost_sources.json. The GPU / NPU ones are derived by
@@ -68,9 +69,9 @@ DEFAULT_DYNAMIC_DIM = 128
 #   published batch-1 latencies of standard networks, or taken from published bandwidth
 #   microbenchmarks (GPUs) and LLM decode rates (NPUs); a device with values of its own carries
 #   them in its profile's ``cost_constants``, which replace the kind defaults here.
-# - MEASURED: measured on the machine the CPU fit was made on by a committed script, whose
-#   committed output holds the quoted figure (scripts/measure_cpu_constants.py,
-#   docs/bench/cpu_constants.txt).
+# - MEASURED: measured on the machine the first CPU fit was made on (an AMD EPYC) by a
+#   committed script, whose committed output holds the quoted figure
+#   (scripts/measure_cpu_constants.py, docs/bench/cpu_constants.txt).
 # - ASSUMPTION: no citable figure found (cost_sources.json lists the searches) and no such
 #   device here to fit on.
 # - EXACT / CONVENTION: follows from definitions / a stated choice.
@@ -725,18 +726,31 @@ def _roofline(
 
 
 @cache
-def load_cost_fit() -> dict[str, Any] | None:
-    """The stored CPU fit (``service/engine/devices/cost_fit.json``), or None (read once)."""
+def load_cost_fits() -> tuple[dict[str, Any], ...]:
+    """The stored CPU fits (``service/engine/devices/cost_fit.json``: ``{"fits": [...]}``, one
+    record per fitted machine's kernels; a file holding a single record is read as one), read
+    once; empty when the file is missing or unreadable."""
     import json
     from importlib import resources
 
     try:
         text = resources.files("service.engine.devices").joinpath(COST_FIT_FILE).read_text(
             encoding="utf-8")
-        fit = json.loads(text)
+        data = json.loads(text)
     except (OSError, ValueError):
-        return None
-    return fit if isinstance(fit, dict) and "constants" in fit and "machine" in fit else None
+        return ()
+    records = data.get("fits") if isinstance(data, dict) and "fits" in data else [data]
+    return tuple(r for r in records or [] if isinstance(r, dict) and "constants" in r
+                 and "machine" in r)
+
+
+def load_cost_fit(profile: DeviceProfile | None = None) -> dict[str, Any] | None:
+    """The stored fit that stands for ``profile`` (a CPU that runs that machine's kernels), or
+    None; without a profile, the first stored fit."""
+    fits = load_cost_fits()
+    if profile is None:
+        return fits[0] if fits else None
+    return next((f for f in fits if _fit_applies(f, profile)), None)
 
 
 def assumed_constants(profile: DeviceProfile) -> list[str]:
@@ -784,10 +798,10 @@ def _fit_applies(fit: dict[str, Any], profile: DeviceProfile) -> bool:
 
 
 def constants_for(profile: DeviceProfile, fit: dict[str, Any] | None = None) -> Constants:
-    """The constants an estimate on ``profile`` uses: the stored fit (``load_cost_fit``, or
-    ``fit``) for CPUs with the fitted machine's kernels, else the module defaults for the kind
+    """The constants an estimate on ``profile`` uses: the stored fit for a machine with the
+    profile's kernels (``load_cost_fit``, or ``fit``), else the module defaults for the kind
     with the profile's own ``cost_constants`` in their place."""
-    fit = fit if fit is not None else load_cost_fit()
+    fit = fit if fit is not None else load_cost_fit(profile)
     if fit is None or not _fit_applies(fit, profile):
         return Constants.for_profile(profile)
     c = fit["constants"]

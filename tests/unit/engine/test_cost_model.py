@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import onnx
 import pytest
@@ -168,7 +170,7 @@ def test_calibrate_host_recovers_a_known_law() -> None:
 def test_calibrate_host_uses_the_measured_input_shapes(monkeypatch: pytest.MonkeyPatch) -> None:
     # With the default constants (the stored fit may make these tiny models memory-bound, where
     # the sequence length barely matters).
-    monkeypatch.setattr(cost_model, "load_cost_fit", lambda: None)
+    monkeypatch.setattr(cost_model, "load_cost_fit", lambda profile=None: None)
     host = host_profile()
     shapes = {"x": [1, 4, 256]}
     models = [_matmul_model(256, 128 * i) for i in range(1, 4)]
@@ -231,6 +233,41 @@ def test_the_fit_is_used_only_for_cpus_with_the_fitted_machines_kernels() -> Non
         cost_model.Constants.defaults("gpu")
 
 
+def test_of_several_stored_fits_a_cpu_takes_the_one_for_its_kernels(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    # cost_fit.json keeps one fit per kind of machine (check_cost_model.py --write-fit replaces
+    # the one for its own kernels): each CPU takes the fit made on its kernels, others none
+    import importlib
+    import sys
+
+    from service.engine.devices.features import kernel_features
+
+    def record(arch: str, features: tuple[str, ...], ce: float) -> dict:
+        return {"machine": {"architecture": arch, "cpu": f"cpu {ce}", "threads": 1,
+                            "kernel_features": sorted(kernel_features(arch, features))},
+                "constants": {"compute_efficiency": ce, "memory_efficiency": 0.5,
+                              "cache_bandwidth_factor": 3.0, "node_overhead_s": 1e-6},
+                "date": "2026-01-01", "error": {}}
+
+    host = host_profile()
+    mine = record(host.architecture, tuple(host.isa_features), 0.7)
+    other = record("arm64", ("neon", "dotprod"), 0.2)
+    monkeypatch.setattr(cost_model, "load_cost_fits", lambda: (other, mine))
+    assert cost_model.load_cost_fit(host) is mine and cost_model.load_cost_fit() is other
+    assert cost_model.constants_for(host).compute_efficiency == 0.7
+    pi = get_device("raspberry_pi_5")
+    expected = other if cost_model._fit_applies(other, pi) else None
+    assert cost_model.load_cost_fit(pi) is expected
+    assert cost_model.load_cost_fit(get_device("nvidia_t4")) is None
+
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[3] / "scripts"))
+    check = importlib.import_module("check_cost_model")
+    newer = {**mine, "date": "2026-02-02"}
+    merged = check.merge_fits([other, mine], newer)
+    assert merged == [other, newer]
+    assert check.merge_fits([], mine) == [mine]
+    sys.modules.pop("check_cost_model", None)
+
+
 def test_a_profiles_cost_constants_replace_the_kind_defaults_and_are_stated() -> None:
     a100 = get_device("nvidia_a100")
     k = cost_model.constants_for(a100)
@@ -267,20 +304,24 @@ def test_profiles_reject_unknown_or_non_positive_cost_constants() -> None:
 def test_estimates_on_the_host_state_the_committed_fit_and_its_error() -> None:
     # The committed fit (scripts/check_cost_model.py --write-fit) is a real record, and an
     # estimate on a CPU it applies to says so and carries the fit's error.
-    fit = cost_model.load_cost_fit()
-    assert fit is not None, "service/engine/devices/cost_fit.json is committed"
-    assert fit["error"]["samples"] >= 10 and fit["rows"] and fit["date"]
-    assert all(v > 0 for k, v in fit["constants"].items() if k != "reference_kernel_rate")
-    for row in fit["rows"]:
-        assert row["measured_ms"] > 0 and row["fit_ms"] > 0
+    fits = cost_model.load_cost_fits()
+    assert fits, "service/engine/devices/cost_fit.json is committed"
+    for fit in fits:
+        assert fit["error"]["samples"] >= 10 and fit["rows"] and fit["date"]
+        assert all(v > 0 for k, v in fit["constants"].items() if k != "reference_kernel_rate")
+        for row in fit["rows"]:
+            assert row["measured_ms"] > 0 and row["fit_ms"] > 0
+    kernels = [(f["machine"]["architecture"], tuple(f["machine"]["kernel_features"]))
+               for f in fits]
+    assert len(set(kernels)) == len(kernels), "one fit per kind of machine"
     host = host_profile()
     est = cost_model.estimate(_conv_model(8, 16, 16), host)
     k = cost_model.constants_for(host)
     assert est.latency_ms == pytest.approx(_law(cost_model.analyse(_conv_model(8, 16, 16)),
                                                 host, k))
-    if k.source == "fitted":  # this host runs the fitted machine's kernels
-        assert est.constants == "fitted"
-        assert est.fit_error_pct == fit["error"]["loo_median_abs_pct"]
+    if k.source == "fitted":  # this host runs a fitted machine's kernels
+        assert est.constants == "fitted" and k.fit in fits
+        assert est.fit_error_pct == k.fit["error"]["loo_median_abs_pct"]
         assert any("fitted on" in a for a in est.assumptions)
     else:
         assert est.constants == "defaults" and est.fit_error_pct is None
