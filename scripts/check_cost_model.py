@@ -233,13 +233,13 @@ def _run(args, cost_model, host, threads, kernel_features) -> int:  # type: igno
 
 
 def _read_fits(path: Path) -> list[dict]:
-    """The fits already stored at ``path`` (a ``{"fits": [...]}`` file or a single record)."""
+    """The fits already stored at ``path`` (read as the cost model reads them)."""
+    from service.engine.cost_model import fit_records
+
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        return list(fit_records(json.loads(path.read_text(encoding="utf-8"))))
     except (OSError, ValueError):
         return []
-    records = data.get("fits") if isinstance(data, dict) and "fits" in data else [data]
-    return [r for r in records or [] if isinstance(r, dict) and "machine" in r]
 
 
 def merge_fits(stored: list[dict], record: dict) -> list[dict]:

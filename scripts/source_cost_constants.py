@@ -396,6 +396,12 @@ def fit_params(sources: dict, device: str, samples: int) -> list[str]:
     return ["compute_efficiency", "node_overhead_s"] if samples >= 3 else ["compute_efficiency"]
 
 
+def device_measurements(rows: list[dict]) -> tuple[list[cost_model.ModelCost], np.ndarray]:
+    """The cost model's analyses of one device's measured networks and their latencies (s)."""
+    return ([network_cost(r["model"], r["precision"]) for r in rows],
+            np.array([float(r["latency_ms"]) for r in rows]) * 1e-3)
+
+
 def run(out_json: dict | None = None) -> dict[str, dict]:
     sources = load_sources()
     by_device: dict[str, list[dict]] = {}
@@ -408,8 +414,7 @@ def run(out_json: dict | None = None) -> dict[str, dict]:
           "kind defaults; fit ms: with the fitted constants)")
     for device, rows in by_device.items():
         profile = get_device(device)
-        costs = [network_cost(row["model"], row["precision"]) for row in rows]
-        measured = np.array([float(r["latency_ms"]) for r in rows]) * 1e-3
+        costs, measured = device_measurements(rows)
         params = fit_params(sources, device, len(rows))
         defaults = [_seconds(c, profile, {}) * 1e3 for c in costs]
         if params:
@@ -547,42 +552,43 @@ def npu_cache_factor(memory_efficiency: float) -> dict[str, float]:
     relative error over all latencies wins (grid, then a finer one around the best); the devices'
     rms errors per candidate are printed."""
     sources = load_sources()
-    devices: dict[str, list[dict]] = {}
+    by_device: dict[str, list[dict]] = {}
     for row in sources["measurements"]:
         if get_device(row["device"]).kind == "npu":
-            devices.setdefault(row["device"], []).append(row)
+            by_device.setdefault(row["device"], []).append(row)
+    devices = {device: (get_device(device), *device_measurements(rows),
+                        fit_params(sources, device, len(rows)))
+               for device, rows in by_device.items()}
 
     def errors(factor: float) -> dict[str, np.ndarray]:
         out = {}
-        for device, rows in devices.items():
-            profile = get_device(device)
-            measured = np.array([float(r["latency_ms"]) for r in rows]) * 1e-3
-            _, pred = fit_device([network_cost(r["model"], r["precision"]) for r in rows],
-                                 measured, profile, fit_params(sources, device, len(rows)),
+        for device, (profile, costs, measured, params) in devices.items():
+            _, pred = fit_device(costs, measured, profile, params,
                                  {"memory_efficiency": memory_efficiency,
                                   "cache_bandwidth_factor": factor})
             out[device] = (pred - measured) / measured
         return out
 
-    def loss(factor: float) -> float:
-        return float(sum(np.sum(e ** 2) for e in errors(factor).values()))
+    def loss(e: dict[str, np.ndarray]) -> float:
+        return float(sum(np.sum(v ** 2) for v in e.values()))
 
     print(f"npu cache_bandwidth_factor: rms |error| % per device with each factor held "
           f"(memory efficiency {memory_efficiency:g}; each device's own constants refitted)")
     print(f"{'factor':>7s}" + "".join(f"{d:>22s}" for d in devices) + f"{'all':>8s}")
-    for factor in CACHE_GRID:
-        e = errors(factor)
+    grid = {factor: errors(factor) for factor in CACHE_GRID}
+    for factor, e in grid.items():
         print(f"{factor:7g}" + "".join(f"{np.sqrt(np.mean(v ** 2)) * 100:22.2f}"
                                        for v in e.values())
               + f"{np.sqrt(np.mean(np.concatenate(list(e.values())) ** 2)) * 100:8.2f}")
-    best = min(CACHE_GRID, key=loss)
-    fine = np.clip(best * np.geomspace(1 / 1.25, 1.25, 11), 1.0, 32.0)
-    best = min((float(f) for f in fine), key=loss)
+    coarse = min(grid, key=lambda f: loss(grid[f]))
+    fine = {float(f): errors(float(f))
+            for f in np.clip(coarse * np.geomspace(1 / 1.25, 1.25, 11), 1.0, 32.0)}
+    best = min(fine, key=lambda f: loss(fine[f]))
     derived = {"cache_bandwidth_factor": float(f"{best:.3g}")}
-    count = sum(len(r) for r in devices.values())
+    count = sum(len(r) for r in by_device.values())
     print(f"npu cache_bandwidth_factor: least summed squared error over {count} latencies of "
-          f"{len(devices)} NPUs (rms {math.sqrt(loss(best) / count) * 100:.2f} %) at {best:.3f} -> "
-          f"{derived['cache_bandwidth_factor']}")
+          f"{len(devices)} NPUs (rms {math.sqrt(loss(fine[best]) / count) * 100:.2f} %) at "
+          f"{best:.3f} -> {derived['cache_bandwidth_factor']}")
     print()
     return derived
 
@@ -596,10 +602,9 @@ def sensitivity(device: str) -> dict[tuple[float, float], float]:
     with memory efficiency and the cache factor held at each point of a grid: how far its
     published latencies determine those two (printed)."""
     sources = load_sources()
-    rows = [r for r in sources["measurements"] if r["device"] == device]
     profile = get_device(device)
-    costs = [network_cost(r["model"], r["precision"]) for r in rows]
-    measured = np.array([float(r["latency_ms"]) for r in rows]) * 1e-3
+    costs, measured = device_measurements(
+        [r for r in sources["measurements"] if r["device"] == device])
     table: dict[tuple[float, float], float] = {}
     for memory in SENSITIVITY_MEMORY:
         for cache in SENSITIVITY_CACHE:

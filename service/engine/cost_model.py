@@ -113,9 +113,10 @@ CACHE_BANDWIDTH_FACTOR = {"cpu": 3.8, "gpu": 3.3, "npu": 1.57}
 REFERENCE_KERNEL_RATE = {"ConvInteger": 0.19}
 # Fixed cost per node (kernel dispatch / launch), seconds.
 # cpu: FITTED (the fallback, 1.5 us, an ASSUMPTION). gpu: SOURCED: the A100 fit to NVIDIA's
-# published TensorRT latencies gives 5.1 us per kernel, in line with a CUDA launch (4-6 us). npu: SOURCED: the
-# geometric mean of the NPU fits that determine it (Snapdragon 8 Gen 3 through QNN 1.9 us,
-# Intel Core Ultra NPU through the OpenVINO EP 25.6 us; the runtime sets this cost).
+# published TensorRT latencies gives 5.1 us per kernel, in line with a CUDA launch (4-6 us).
+# npu: SOURCED: the geometric mean of the NPU fits that determine it (Snapdragon 8 Gen 3
+# through QNN 1.9 us, Intel Core Ultra NPU through the OpenVINO EP 25.6 us; the runtime sets
+# this cost).
 NODE_OVERHEAD_S = {"cpu": 1.5e-6, "gpu": 5e-6, "npu": 6.97e-6}
 COST_SOURCES_FILE = "cost_sources.json"
 # Where the fitted CPU constants live (package data next to the device profiles).
@@ -727,8 +728,7 @@ def _roofline(
 
 @cache
 def load_cost_fits() -> tuple[dict[str, Any], ...]:
-    """The stored CPU fits (``service/engine/devices/cost_fit.json``: ``{"fits": [...]}``, one
-    record per fitted machine's kernels; a file holding a single record is read as one), read
+    """The stored CPU fits (``service/engine/devices/cost_fit.json``, ``fit_records``), read
     once; empty when the file is missing or unreadable."""
     import json
     from importlib import resources
@@ -736,10 +736,15 @@ def load_cost_fits() -> tuple[dict[str, Any], ...]:
     try:
         text = resources.files("service.engine.devices").joinpath(COST_FIT_FILE).read_text(
             encoding="utf-8")
-        data = json.loads(text)
+        return fit_records(json.loads(text))
     except (OSError, ValueError):
         return ()
-    records = data.get("fits") if isinstance(data, dict) and "fits" in data else [data]
+
+
+def fit_records(data: Any) -> tuple[dict[str, Any], ...]:
+    """The fit records of a parsed cost_fit.json (``{"fits": [...]}``, one record per fitted
+    machine's kernels), each with its ``machine`` and ``constants``."""
+    records = data.get("fits") if isinstance(data, dict) else None
     return tuple(r for r in records or [] if isinstance(r, dict) and "constants" in r
                  and "machine" in r)
 

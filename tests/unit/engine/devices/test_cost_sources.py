@@ -351,9 +351,8 @@ def test_npu_memory_efficiency_is_the_median_of_its_quoted_decode_rates(script, 
             assert f"tokens_per_second: {rate['tokens_per_second']}" in rate["source"]["quote"]
             assert rate["source"]["url"].startswith("https://github.com/quic/ai-hub-models/")
     for model in data["models"].values():
-        for key in ("hidden_size", "intermediate_size", "num_hidden_layers"):
-            field = {"hidden_size": "hidden", "intermediate_size": "intermediate",
-                     "num_hidden_layers": "layers"}[key]
+        for key, field in (("hidden_size", "hidden"), ("intermediate_size", "intermediate"),
+                           ("num_hidden_layers", "layers")):
             assert f'"{key}": {model[field]}' in model["source"]["quote"]
     derived = script.npu_memory_efficiency()
     assert derived["memory_efficiency"] == cost_model.MEMORY_EFFICIENCY["npu"]
