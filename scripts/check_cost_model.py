@@ -8,7 +8,9 @@ interleaved, medians, the lowest of 3 passes, ``--passes``) and fits ``cost_mode
 error: compute and memory efficiency, reference-kernel rate when a sample runs one, per-node
 overhead; the cache bandwidth factor keeps its default). It prints per sample:
 
-- ``defaults``: the estimate with the module's default constants;
+- ``defaults``: the estimate with the module's default constants, the CPU fallback
+  (``scripts/fit_cpu_fallback.py`` fits it over the stored fits: on a machine with no fit yet,
+  this column is the fallback's error on a machine it has not seen);
 - ``fit``: with the constants fitted on all samples (in-sample);
 - ``loo``: leave-one-model-out (fitted on the other models: the honest number).
 
@@ -222,7 +224,8 @@ def _run(args, cost_model, host, threads, kernel_features) -> int:  # type: igno
             "machine": {"cpu": host.title, "architecture": host.architecture,
                         "kernel_features": sorted(kernel_features(host.architecture,
                                                                   host.isa_features)),
-                        "cores": host_profile().cores, "threads": threads},
+                        "cores": host_profile().cores, "threads": threads,
+                        "profile": machine_profile(host, threads, host_profile().cores)},
             "constants": fitted, "error": error, "rows": rows,
         }
         path = ROOT / "service" / "engine" / "devices" / "cost_fit.json"
@@ -230,6 +233,16 @@ def _run(args, cost_model, host, threads, kernel_features) -> int:  # type: igno
                         + "\n")
         print(f"wrote {path.relative_to(ROOT)}")
     return 0
+
+
+def machine_profile(host, threads: int, cores: int | None) -> dict:  # type: ignore[no-untyped-def]
+    """What the fit divided measured time by (the host profile at the fit's threads: peaks,
+    bandwidth and where they came from), so that the record's rows can be estimated again
+    with other constants (scripts/fit_cpu_fallback.py) without the machine."""
+    return {"peak_gops": {k: round(v, 2) for k, v in host.peak_gops.items()},
+            "memory_bandwidth_gbps": round(host.memory_bandwidth_gbps, 2),
+            "source": f"{host.sources.get('peak_gops.fp32', '')}; peaks and bandwidth scaled to "
+                      f"{threads} of {cores} cores (profile_at)"}
 
 
 def _read_fits(path: Path) -> list[dict]:

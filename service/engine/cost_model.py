@@ -61,8 +61,11 @@ DEFAULT_DYNAMIC_DIM = 128
 #   CPU values by the ones ``scripts/check_cost_model.py`` fitted there (least squares on ONNX
 #   Runtime latencies of the test corpus measured on that machine; stored with their fit error
 #   in ``service/engine/devices/cost_fit.json``, one fit per kind of machine, each run's output
-#   under docs/bench/: cost_model.txt on an AMD EPYC, cost_model_xeon.txt on an Intel Xeon).
-#   The CPU values here are the fallback for other CPUs (an ASSUMPTION, see below).
+#   under docs/bench/: cost_model.txt on an AMD EPYC, cost_model_xeon.txt on an Intel Xeon,
+#   cost_model_xeon_amx.txt on an Intel Xeon with AMX). The CPU values here are the fallback
+#   for other CPUs, FITTED too: one least-squares fit over every stored fit's measurements
+#   (``scripts/fit_cpu_fallback.py``, stored as ``fallback`` in cost_fit.json with its error on
+#   a machine left out of the fit, output docs/bench/cost_fallback.txt).
 # - SOURCED: derived from published figures (a vendor page, a paper, a benchmark table), each
 #   quoted with its URL in cost_sources.json. The GPU / NPU ones are derived by
 #   ``scripts/source_cost_constants.py`` (output in docs/bench/cost_sources.txt): fitted to
@@ -73,7 +76,7 @@ DEFAULT_DYNAMIC_DIM = 128
 #   committed script, whose committed output holds the quoted figure
 #   (scripts/measure_cpu_constants.py, docs/bench/cpu_constants.txt).
 # - ASSUMPTION: no citable figure found (cost_sources.json lists the searches) and no such
-#   device here to fit on.
+#   device here to fit on (none left: an estimate that used one would say so).
 # - EXACT / CONVENTION: follows from definitions / a stated choice.
 #
 # The latency model is the roofline (Williams, Waterman, Patterson, "Roofline: an insightful
@@ -81,22 +84,23 @@ DEFAULT_DYNAMIC_DIM = 128
 # https://doi.org/10.1145/1498765.1498785) per node, plus a dispatch overhead per node.
 #
 # Fraction of the datasheet peak that small-batch inference kernels reach.
-# cpu: FITTED on hosts with the same kernels; the fallback for other CPUs, 0.35, is an
-# ASSUMPTION (no fit or published figure gives it; an estimate that uses it says so).
+# cpu: FITTED on hosts with the same kernels; the fallback for other CPUs is FITTED over all
+# those hosts' measurements (scripts/fit_cpu_fallback.py; an estimate that uses it states the
+# machines and the leave-one-machine-out error).
 # gpu: SOURCED: the T4 fit to 6 published TensorRT latencies gives 0.317 (the A100's own value,
 # 0.0814, is in its profile).
 # npu: SOURCED: the median of the NPU profiles' own fits (Apple M2 0.137, Intel Core Ultra NPU
 # 0.291, Snapdragon 8 Gen 3 0.326; each kept in its profile).
-COMPUTE_EFFICIENCY = {"cpu": 0.35, "gpu": 0.30, "npu": 0.291}
+COMPUTE_EFFICIENCY = {"cpu": 1.0281, "gpu": 0.30, "npu": 0.291}
 # Fraction of the datasheet memory bandwidth reached.
-# cpu: FITTED (the fallback, 0.60, an ASSUMPTION). gpu: SOURCED: the median STREAM-triad
+# cpu: FITTED (on the host's kernels; the fallback over every fitted machine). gpu: SOURCED: the median STREAM-triad
 # fraction of the datasheet bandwidth over six NVIDIA GPUs (V100 to H200; 0.74-0.94, median
 # 0.90) measured by te42kyfo/gpu-benches, derived by scripts/source_cost_constants.py
 # (cost_sources.json, ``bandwidth``). npu: SOURCED: the median fraction of the datasheet DRAM bandwidth that three
 # Snapdragon NPUs reach decoding Llama 1B / 3B / 8B at w4a16 (Qualcomm AI Hub's tokens/s; the
 # slope of seconds per token against bytes per token: 0.33-0.82, median 0.72), derived by the
 # same script (``llm_decode``).
-MEMORY_EFFICIENCY = {"cpu": 0.60, "gpu": 0.90, "npu": 0.72}
+MEMORY_EFFICIENCY = {"cpu": 0.6033, "gpu": 0.90, "npu": 0.72}
 # Activation traffic is served mostly from caches: bandwidth relative to DRAM / HBM.
 # cpu: MEASURED, L2-resident vs DRAM bandwidth of one core through ONNX Runtime's Add kernel
 # (3.8x on the fitted host; not separable from the fitted memory efficiency, so
@@ -112,12 +116,12 @@ CACHE_BANDWIDTH_FACTOR = {"cpu": 3.8, "gpu": 3.3, "npu": 1.57}
 # check_cost_model.py would fit it only when a corpus sample runs such a kernel, none does.
 REFERENCE_KERNEL_RATE = {"ConvInteger": 0.19}
 # Fixed cost per node (kernel dispatch / launch), seconds.
-# cpu: FITTED (the fallback, 1.5 us, an ASSUMPTION). gpu: SOURCED: the A100 fit to NVIDIA's
+# cpu: FITTED (on the host's kernels; the fallback over every fitted machine). gpu: SOURCED: the A100 fit to NVIDIA's
 # published TensorRT latencies gives 5.1 us per kernel, in line with a CUDA launch (4-6 us).
 # npu: SOURCED: the geometric mean of the NPU fits that determine it (Snapdragon 8 Gen 3
 # through QNN 1.9 us, Intel Core Ultra NPU through the OpenVINO EP 25.6 us; the runtime sets
 # this cost).
-NODE_OVERHEAD_S = {"cpu": 1.5e-6, "gpu": 5e-6, "npu": 6.97e-6}
+NODE_OVERHEAD_S = {"cpu": 1.163e-06, "gpu": 5e-6, "npu": 6.97e-6}
 COST_SOURCES_FILE = "cost_sources.json"
 # Where the fitted CPU constants live (package data next to the device profiles).
 COST_FIT_FILE = "cost_fit.json"
@@ -727,18 +731,33 @@ def _roofline(
 
 
 @cache
-def load_cost_fits() -> tuple[dict[str, Any], ...]:
-    """The stored CPU fits (``service/engine/devices/cost_fit.json``, ``fit_records``), read
-    once; empty when the file is missing or unreadable."""
+def _cost_fit_data() -> dict[str, Any]:
+    """``service/engine/devices/cost_fit.json`` parsed, read once; {} when missing or
+    unreadable."""
     import json
     from importlib import resources
 
     try:
         text = resources.files("service.engine.devices").joinpath(COST_FIT_FILE).read_text(
             encoding="utf-8")
-        return fit_records(json.loads(text))
+        data = json.loads(text)
     except (OSError, ValueError):
-        return ()
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def load_cost_fits() -> tuple[dict[str, Any], ...]:
+    """The stored CPU fits (``service/engine/devices/cost_fit.json``, ``fit_records``); empty
+    when the file is missing or unreadable."""
+    return fit_records(_cost_fit_data())
+
+
+def load_cpu_fallback() -> dict[str, Any] | None:
+    """The stored fit of the CPU fallback constants over every fitted machine (``fallback`` in
+    cost_fit.json, written by ``scripts/fit_cpu_fallback.py``), with its error on a machine
+    left out of the fit; None when there is none."""
+    record = _cost_fit_data().get("fallback")
+    return record if isinstance(record, dict) and "constants" in record else None
 
 
 def fit_records(data: Any) -> tuple[dict[str, Any], ...]:
@@ -818,19 +837,24 @@ def constants_for(profile: DeviceProfile, fit: dict[str, Any] | None = None) -> 
 
 def fit_cpu_constants(
     samples: Sequence[tuple[ModelCost, float, str]], profile: DeviceProfile,
+    profiles: Sequence[DeviceProfile] | None = None,
 ) -> tuple[Constants, list[dict[str, Any]]]:
     """Least-squares fit of the CPU constants on measured latencies of this machine.
 
     ``samples``: (cost, measured milliseconds, label) measured with ONNX Runtime's CPU EP on
-    the machine ``profile`` describes, at its thread count. Minimises the squared relative
+    the machine ``profile`` describes, at its thread count; ``profiles`` (one per sample)
+    instead, for one fit over several machines' measurements. Minimises the squared relative
     error (small and large models count alike) over compute efficiency, memory efficiency
     and the reference-kernel rate (log-spaced grid, then a finer one
     around the best point), the per-node overhead solved in closed form (non-negative) at each
     point; the reference-kernel rate keeps its default when no sample runs such a kernel.
     Returns the constants and per-sample {model, predicted_ms, measured_ms, error_pct}.
     """
-    rows = [(_terms(cost, profile)[0], float(ms), label) for cost, ms, label in samples
-            if ms > 0]
+    machines = list(profiles) if profiles is not None else [profile] * len(samples)
+    if len(machines) != len(samples):
+        raise ValueError("fit_cpu_constants needs one profile per sample")
+    rows = [(_terms(cost, machine)[0], float(ms), label)
+            for (cost, ms, label), machine in zip(samples, machines, strict=True) if ms > 0]
     if len(rows) < 2:
         raise ValueError("fit_cpu_constants needs at least two positive measured latencies")
     index = np.concatenate([np.full(len(t), i) for i, (t, _, _) in enumerate(rows)])
@@ -919,6 +943,12 @@ def estimate(
             "median |error| "
             f"{error.get('median_abs_pct')} % in-sample, {error.get('loo_median_abs_pct')} % "
             f"leave-one-model-out, over {error.get('samples')} corpus measurements")
+    if calibration is None and constants.fit is None and profile.kind == "cpu":
+        note, fallback_error = _fallback_note(profile)
+        if note:
+            assumptions.append(note)
+            if constants.source == "defaults":
+                fit_error = fallback_error
     if calibration is None and constants.fit is None:
         assumed = assumed_constants(profile)
         if assumed:
@@ -953,6 +983,35 @@ def estimate(
         constants=constants.source,
         fit_error_pct=fit_error,
     )
+
+
+def _fallback_note(profile: DeviceProfile) -> tuple[str | None, float | None]:
+    """What an estimate with the CPU fallback constants says of them (the machines they were
+    fitted on, their error on a machine left out), and that error; (None, None) without a
+    stored fallback fit or where the profile's own ``cost_constants`` replace all three. The
+    error is None where no fitted machine has the profile's architecture."""
+    fallback = load_cpu_fallback()
+    if fallback is None:
+        return None, None
+    taken = [name for name in ("compute_efficiency", "memory_efficiency", "node_overhead_s")
+             if name not in profile.cost_constants]
+    if not taken:
+        return None, None
+    error = fallback.get("error") or {}
+    machines = [m.get("label") or m.get("cpu", "?") for m in error.get("per_machine") or []]
+    loo = error.get("leave_machine_out_median_abs_pct")
+    what = "" if len(taken) == 3 else f" ({', '.join(taken)})"
+    note = (f"CPU constants{what}: the fallback, fitted on {len(machines)} machines' corpus latencies "
+            f"at 1 thread ({'; '.join(machines)}; scripts/fit_cpu_fallback.py, "
+            f"{fallback.get('date')}), none of which runs {profile.name}'s kernels: median "
+            f"|error| {loo} % (max {error.get('leave_machine_out_max_abs_pct')} %) on a machine "
+            "left out of the fit; peaks scale with the profile's cores")
+    architectures = error.get("architectures") or []
+    if profile.architecture not in architectures:
+        note += (f". None of them is {profile.architecture}: that error does not bound this "
+                 f"{profile.architecture} CPU")
+        loo = None
+    return note, loo
 
 
 def calibrate_host(
