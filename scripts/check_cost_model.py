@@ -17,7 +17,8 @@ overhead; the cache bandwidth factor keeps its default). It prints per sample:
 ``--write-fit`` stores the constants with their fit error, the machine and the date in
 ``service/engine/devices/cost_fit.json``, which the cost model then uses for CPUs with this
 host's kernels. The file keeps one fit per kind of machine (architecture and kernel-selecting
-ISA features): a run replaces the fit for its own kernels and keeps the others. ``--out``
+ISA features): a run replaces the fit for its own kernels and keeps the others, and
+``scripts/fit_cpu_fallback.py`` then refits the fallback for other CPUs over all of them. ``--out``
 writes what it prints under ``docs/bench/`` with the machine header (one output per fitted
 machine: the record's ``command`` names it).
 
@@ -231,7 +232,9 @@ def _run(args, cost_model, host, threads, kernel_features) -> int:  # type: igno
         path = ROOT / "service" / "engine" / "devices" / "cost_fit.json"
         path.write_text(json.dumps({"fits": merge_fits(_read_fits(path), record)}, indent=2)
                         + "\n")
-        print(f"wrote {path.relative_to(ROOT)}")
+        print(f"wrote {path.relative_to(ROOT)}; the CPU fallback is fitted over every stored fit: "
+              "refit it (scripts/fit_cpu_fallback.py --write, then its printed values into "
+              "service/engine/cost_model.py; the tests fail until the two agree)")
     return 0
 
 
