@@ -171,16 +171,16 @@ def _run(args, cost_model, host, threads, kernel_features) -> int:  # type: igno
     fit_rows = [(c, ms, f"{n}:{v}") for n, v, c, ms in samples]
     constants, points = cost_model.fit_cpu_constants(fit_rows, host)
     defaults = cost_model.Constants.defaults("cpu")
+    # leave-one-model-out: one fit per model on the other models (it needs two of them)
+    models = {s[0] for s in samples}
+    held_out = {name: cost_model.fit_cpu_constants(
+        [r for r, s in zip(fit_rows, samples, strict=True) if s[0] != name], host)[0]
+        for name in models if len(models - {name}) >= 2}
     rows = []
     for (name, variant, cost, ms), point in zip(samples, points, strict=True):
-        roof, counted, *_ = cost_model._roofline(cost, host, defaults)
-        default_ms = (roof + defaults.node_overhead_s * counted) * 1e3
-        others = [r for r, s in zip(fit_rows, samples, strict=True) if s[0] != name]
-        loo = None
-        if len({s[0] for s in samples if s[0] != name}) >= 2:
-            k, _ = cost_model.fit_cpu_constants(others, host)
-            roof, counted, *_ = cost_model._roofline(cost, host, k)
-            loo = (roof + k.node_overhead_s * counted) * 1e3
+        default_ms = cost_model.latency_s(cost, host, defaults) * 1e3
+        loo = (cost_model.latency_s(cost, host, held_out[name]) * 1e3
+               if name in held_out else None)
         rows.append({"model": name, "variant": variant, "measured_ms": round(ms, 4),
                      "pass_spread": round(spreads[len(rows)], 3),
                      "defaults_ms": round(default_ms, 4), "fit_ms": point["predicted_ms"],

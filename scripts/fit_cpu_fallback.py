@@ -103,17 +103,15 @@ def corpus_costs(models: set[str], cache_dir: Path) -> dict[tuple[str, str], obj
 def estimate_ms(cost, machine, constants) -> float:  # type: ignore[no-untyped-def]
     from service.engine import cost_model
 
-    roof, counted, *_ = cost_model._roofline(cost, machine, constants)
-    return (roof + constants.node_overhead_s * counted) * 1e3
+    return cost_model.latency_s(cost, machine, constants) * 1e3
 
 
-def _constants(values: dict):  # type: ignore[no-untyped-def]
+def code_fallback() -> dict[str, float]:
+    """The fallback constants the code uses (``Constants.defaults("cpu")``)."""
     from service.engine import cost_model
 
-    return cost_model.Constants(
-        float(values["compute_efficiency"]), float(values["memory_efficiency"]),
-        float(values["cache_bandwidth_factor"]), float(values["node_overhead_s"]),
-        {**cost_model.REFERENCE_KERNEL_RATE, **values.get("reference_kernel_rate", {})})
+    defaults = cost_model.Constants.defaults("cpu")
+    return {name: getattr(defaults, name) for name in FITTED}
 
 
 def _abs_stats(errors: list[float]) -> tuple[float, float]:
@@ -130,7 +128,7 @@ def fit_fallback(records: list[dict], costs: dict) -> dict:
     samples = []  # (record index, cost, measured ms, label)
     reproduce = []
     for i, (record, machine) in enumerate(zip(records, machines, strict=True)):
-        own = _constants(record["constants"])
+        own = cost_model.Constants.from_record(record["constants"])
         worst = 0.0
         for row in record["rows"]:
             cost = costs.get((row["model"], row["variant"]))
@@ -201,12 +199,12 @@ def problems(result: dict, code: dict, stored: dict | None) -> list[str]:
            "rerun check_cost_model.py --write-fit on that machine)"
            for m in result["error"]["per_machine"]
            if m["reproduced_within_pct"] > 100 * REPRODUCE_TOLERANCE]
+    places = [("service/engine/cost_model.py", code)]
+    if stored is not None:
+        places.append(("cost_fit.json fallback", stored))
     for name, value in result["constants"].items():
-        for where, have in (("service/engine/cost_model.py", code.get(name)),
-                            ("cost_fit.json fallback", None if stored is None
-                             else stored.get(name, 0.0))):
-            if where.startswith("cost_fit") and stored is None:
-                continue
+        for where, table in places:
+            have = table.get(name)
             if not have or abs(float(have) / value - 1) > DRIFT_TOLERANCE:
                 out.append(f"DRIFT {name}: {where} has {have}, the fit gives {value:g}")
     return out
@@ -266,11 +264,8 @@ def _run(args) -> int:  # type: ignore[no-untyped-def]
         print(f"{name.upper()}[cpu] = {value:g} (the fallback, fitted over {error['machines']} "
               "machines' corpus latencies)")
 
-    code = {"compute_efficiency": cost_model.COMPUTE_EFFICIENCY["cpu"],
-            "memory_efficiency": cost_model.MEMORY_EFFICIENCY["cpu"],
-            "node_overhead_s": cost_model.NODE_OVERHEAD_S["cpu"]}
     stored = None if args.write else (data.get("fallback") or {}).get("constants") or {}
-    failures = problems(result, code, stored)
+    failures = problems(result, code_fallback(), stored)
     if args.write:
         data["fallback"] = {
             "command": " ".join(["scripts/fit_cpu_fallback.py", *sys.argv[1:]]),

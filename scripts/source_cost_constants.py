@@ -341,9 +341,7 @@ def network_cost(model: str, precision: str) -> cost_model.ModelCost:
 
 def _seconds(cost: cost_model.ModelCost, profile: DeviceProfile, values: dict[str, float]) -> float:
     """The estimate in seconds with the kind defaults, ``values`` replacing some."""
-    k = _constants(profile, values)
-    roof, nodes, *_ = cost_model._roofline(cost, profile, k)
-    return roof + k.node_overhead_s * nodes
+    return cost_model.latency_s(cost, profile, _constants(profile, values))
 
 
 def fit_device(costs: list[cost_model.ModelCost], measured_s: np.ndarray,

@@ -93,10 +93,11 @@ DEFAULT_DYNAMIC_DIM = 128
 # 0.291, Snapdragon 8 Gen 3 0.326; each kept in its profile).
 COMPUTE_EFFICIENCY = {"cpu": 1.0281, "gpu": 0.30, "npu": 0.291}
 # Fraction of the datasheet memory bandwidth reached.
-# cpu: FITTED (on the host's kernels; the fallback over every fitted machine). gpu: SOURCED: the median STREAM-triad
-# fraction of the datasheet bandwidth over six NVIDIA GPUs (V100 to H200; 0.74-0.94, median
-# 0.90) measured by te42kyfo/gpu-benches, derived by scripts/source_cost_constants.py
-# (cost_sources.json, ``bandwidth``). npu: SOURCED: the median fraction of the datasheet DRAM bandwidth that three
+# cpu: FITTED (on the host's kernels; the fallback over every fitted machine).
+# gpu: SOURCED: the median STREAM-triad fraction of the datasheet bandwidth over six NVIDIA
+# GPUs (V100 to H200; 0.74-0.94, median 0.90) measured by te42kyfo/gpu-benches, derived by
+# scripts/source_cost_constants.py (cost_sources.json, ``bandwidth``).
+# npu: SOURCED: the median fraction of the datasheet DRAM bandwidth that three
 # Snapdragon NPUs reach decoding Llama 1B / 3B / 8B at w4a16 (Qualcomm AI Hub's tokens/s; the
 # slope of seconds per token against bytes per token: 0.33-0.82, median 0.72), derived by the
 # same script (``llm_decode``).
@@ -116,8 +117,9 @@ CACHE_BANDWIDTH_FACTOR = {"cpu": 3.8, "gpu": 3.3, "npu": 1.57}
 # check_cost_model.py would fit it only when a corpus sample runs such a kernel, none does.
 REFERENCE_KERNEL_RATE = {"ConvInteger": 0.19}
 # Fixed cost per node (kernel dispatch / launch), seconds.
-# cpu: FITTED (on the host's kernels; the fallback over every fitted machine). gpu: SOURCED: the A100 fit to NVIDIA's
-# published TensorRT latencies gives 5.1 us per kernel, in line with a CUDA launch (4-6 us).
+# cpu: FITTED (on the host's kernels; the fallback over every fitted machine).
+# gpu: SOURCED: the A100 fit to NVIDIA's published TensorRT latencies gives 5.1 us per kernel,
+# in line with a CUDA launch (4-6 us).
 # npu: SOURCED: the geometric mean of the NPU fits that determine it (Snapdragon 8 Gen 3
 # through QNN 1.9 us, Intel Core Ultra NPU through the OpenVINO EP 25.6 us; the runtime sets
 # this cost).
@@ -146,6 +148,15 @@ class Constants:
         return cls(COMPUTE_EFFICIENCY[kind], MEMORY_EFFICIENCY[kind],
                    CACHE_BANDWIDTH_FACTOR[kind], NODE_OVERHEAD_S[kind],
                    dict(REFERENCE_KERNEL_RATE))
+
+    @classmethod
+    def from_record(cls, values: dict[str, Any], fit: dict[str, Any] | None = None) -> Constants:
+        """The constants a stored fit holds (``constants`` of a cost_fit.json record), the
+        reference-kernel rates it lacks at their defaults."""
+        return cls(float(values["compute_efficiency"]), float(values["memory_efficiency"]),
+                   float(values["cache_bandwidth_factor"]), float(values["node_overhead_s"]),
+                   {**REFERENCE_KERNEL_RATE, **values.get("reference_kernel_rate", {})},
+                   source="fitted", fit=fit)
 
     @classmethod
     def for_profile(cls, profile: DeviceProfile) -> Constants:
@@ -694,6 +705,13 @@ def _terms(cost: ModelCost, profile: DeviceProfile) -> tuple[list[_Term], list[s
     return terms, sorted(unsupported)
 
 
+def latency_s(cost: ModelCost, profile: DeviceProfile, constants: Constants) -> float:
+    """One inference's seconds on ``profile`` with ``constants``: the roofline plus the
+    per-node overhead for every dispatch (``estimate`` without a host calibration)."""
+    roofline_s, dispatches, *_ = _roofline(cost, profile, constants)
+    return roofline_s + constants.node_overhead_s * dispatches
+
+
 def _roofline(
     cost: ModelCost, profile: DeviceProfile, constants: Constants | None = None,
 ) -> tuple[float, int, dict[str, dict[str, float]], list[str], float]:
@@ -828,11 +846,7 @@ def constants_for(profile: DeviceProfile, fit: dict[str, Any] | None = None) -> 
     fit = fit if fit is not None else load_cost_fit(profile)
     if fit is None or not _fit_applies(fit, profile):
         return Constants.for_profile(profile)
-    c = fit["constants"]
-    return Constants(float(c["compute_efficiency"]), float(c["memory_efficiency"]),
-                     float(c["cache_bandwidth_factor"]), float(c["node_overhead_s"]),
-                     {**REFERENCE_KERNEL_RATE, **c.get("reference_kernel_rate", {})},
-                     source="fitted", fit=fit)
+    return Constants.from_record(fit["constants"], fit=fit)
 
 
 def fit_cpu_constants(
@@ -1001,8 +1015,8 @@ def _fallback_note(profile: DeviceProfile) -> tuple[str | None, float | None]:
     machines = [m.get("label") or m.get("cpu", "?") for m in error.get("per_machine") or []]
     loo = error.get("leave_machine_out_median_abs_pct")
     what = "" if len(taken) == 3 else f" ({', '.join(taken)})"
-    note = (f"CPU constants{what}: the fallback, fitted on {len(machines)} machines' corpus latencies "
-            f"at 1 thread ({'; '.join(machines)}; scripts/fit_cpu_fallback.py, "
+    note = (f"CPU constants{what}: the fallback, fitted on {len(machines)} machines' corpus "
+            f"latencies at 1 thread ({'; '.join(machines)}; scripts/fit_cpu_fallback.py, "
             f"{fallback.get('date')}), none of which runs {profile.name}'s kernels: median "
             f"|error| {loo} % (max {error.get('leave_machine_out_max_abs_pct')} %) on a machine "
             "left out of the fit; peaks scale with the profile's cores")

@@ -69,11 +69,10 @@ def _record(script: Any, cpu: str, fp32: float, gbps: float, truth: dict[str, fl
               "constants": {**truth, "cache_bandwidth_factor": 3.8}, "date": "2026-01-01",
               "error": {"median_abs_pct": 0.0, "loo_median_abs_pct": 0.0}}
     machine = script.machine_of(record)
-    k = script._constants(record["constants"])
-    record["rows"] = [{"model": name, "variant": "float",
-                       "measured_ms": script.estimate_ms(cost, machine, k),
-                       "fit_ms": script.estimate_ms(cost, machine, k)}
-                      for (name, _), cost in costs.items()]
+    k = cost_model.Constants.from_record(record["constants"])
+    record["rows"] = [{"model": name, "variant": "float", "measured_ms": ms, "fit_ms": ms}
+                      for (name, _), cost in costs.items()
+                      for ms in [script.estimate_ms(cost, machine, k)]]
     return record
 
 

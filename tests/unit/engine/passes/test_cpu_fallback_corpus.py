@@ -22,11 +22,8 @@ def test_the_committed_fallback_is_the_fit_of_the_committed_machine_fits(
     records = list(cost_model.load_cost_fits())
     costs = script.corpus_costs({r["model"] for f in records for r in f["rows"]}, corpus_dir)
     result = script.fit_fallback(records, costs)
-    code = {"compute_efficiency": cost_model.COMPUTE_EFFICIENCY["cpu"],
-            "memory_efficiency": cost_model.MEMORY_EFFICIENCY["cpu"],
-            "node_overhead_s": cost_model.NODE_OVERHEAD_S["cpu"]}
     stored = cost_model.load_cpu_fallback()
     assert stored is not None
-    assert script.problems(result, code, stored["constants"]) == []
+    assert script.problems(result, script.code_fallback(), stored["constants"]) == []
     assert result["error"]["leave_machine_out_median_abs_pct"] == \
         stored["error"]["leave_machine_out_median_abs_pct"]
